@@ -1,0 +1,102 @@
+"""The node Envoy's bootstrap: who it is, where its control plane is, and its safety limits.
+
+Everything else reaches Envoy over ADS. The admin interface and the xDS connection are local
+only: unix sockets (mode 0600) or loopback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.extensions.resource_monitors.downstream_connections.v3 import (  # noqa: F401
+    downstream_connections_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from google.protobuf import json_format
+
+from xds.server import ListenAddress
+
+XDS_CLUSTER = "mesh_xds"
+Protocol = Literal["delta", "sotw"]
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    node_id: str
+    xds: ListenAddress
+    admin: ListenAddress
+    node_cluster: str = "mesh"
+    protocol: Protocol = "delta"
+    max_downstream_connections: int = 50_000
+
+
+def _address(addr: ListenAddress) -> dict[str, Any]:
+    if addr.unix_path is not None:
+        return {"pipe": {"path": str(addr.unix_path), "mode": 0o600}}
+    return {"socket_address": {"address": addr.host, "port_value": addr.port}}
+
+
+def _ads_source() -> dict[str, Any]:
+    # 0s: wait for the control plane as long as it takes rather than start with a hole.
+    return {"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "0s"}
+
+
+def bootstrap(cfg: BootstrapConfig) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "node": {"id": cfg.node_id, "cluster": cfg.node_cluster},
+        "admin": {"address": _address(cfg.admin)},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "DELTA_GRPC" if cfg.protocol == "delta" else "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [{
+                    "envoy_grpc": {"cluster_name": XDS_CLUSTER},
+                    # Reconnect quickly when the agent restarts (Envoy's default starts at 0.5s
+                    # and grows to 30s).
+                    "retry_policy": {
+                        "retry_back_off": {"base_interval": "0.05s", "max_interval": "1s"}
+                    },
+                }],
+            },
+            "cds_config": _ads_source(),
+            "lds_config": _ads_source(),
+        },
+        "static_resources": {
+            "clusters": [{
+                "name": XDS_CLUSTER,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": XDS_CLUSTER,
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(cfg.xds)}}]}],
+                },
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/"
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {
+                            "http2_protocol_options": {
+                                "connection_keepalive": {"interval": "30s", "timeout": "5s"}
+                            }
+                        },
+                    }
+                },
+            }],
+        },
+        "overload_manager": {
+            "resource_monitors": [{
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                    "downstream_connections.v3.DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": cfg.max_downstream_connections,
+                },
+            }],
+        },
+    }
+    # Catch a malformed bootstrap here, with a Python traceback, not in Envoy's log.
+    json_format.ParseDict(doc, bootstrap_pb2.Bootstrap())
+    return doc
