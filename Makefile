@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(VENV)/bin/mesh run --resources examples/envoy/demo.yaml --echo 127.0.0.1:18080
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check mesh xds tests benchmarks
+	$(VENV)/bin/ruff check mesh meshxds tests benchmarks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra
 

@@ -7,7 +7,7 @@ import json
 import socket
 from typing import Any
 
-from xds.server import ListenAddress
+from meshxds.server import ListenAddress
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

@@ -24,9 +24,9 @@ from envoy.service.discovery.v3 import discovery_pb2 as pb
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from google.protobuf import timestamp_pb2
 
-from xds.acks import AckState
-from xds.cache import SnapshotCache
-from xds.stream import Stream
+from meshxds.acks import AckState
+from meshxds.cache import SnapshotCache
+from meshxds.stream import Stream
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2  # noqa: F401
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
-from xds import types
+from meshxds import types
 
 
 class ResourceFileError(ValueError):

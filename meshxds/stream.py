@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import discovery_pb2 as pb
 
-from xds import types
-from xds.cache import NodeState, Resource
+from meshxds import types
+from meshxds.cache import NodeState, Resource
 
 log = logging.getLogger(__name__)
 

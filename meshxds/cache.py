@@ -21,8 +21,8 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from xds import types
-from xds.acks import AckState, AckTracker, ResourceStatus
+from meshxds import types
+from meshxds.acks import AckState, AckTracker, ResourceStatus
 
 log = logging.getLogger(__name__)
 
