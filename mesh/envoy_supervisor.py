@@ -161,6 +161,9 @@ class EnvoySupervisor:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=_die_with_parent,
+            # Its own session: a Ctrl-C at the terminal reaches the agent only, which then
+            # stops Envoy itself instead of racing it.
+            start_new_session=True,
         )
         self.starts += 1
         log.info("envoy started", extra={"pid": proc.pid, "start": self.starts})

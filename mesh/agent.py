@@ -1,0 +1,130 @@
+"""The node agent: the xDS server, the node's Envoy, and the input that configures it.
+
+Task ownership: `Agent.run` owns every task it starts (server, supervisor, file watcher) and
+stops them all, in reverse order, when it is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import watchfiles
+
+from mesh.bootstrap import BootstrapConfig, Protocol
+from mesh.envoy_supervisor import EnvoySupervisor
+from meshxds import types
+from meshxds.cache import SnapshotCache
+from meshxds.loader import ResourceFileError, load_resources
+from meshxds.server import ListenAddress, XdsServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_id: str
+    state_dir: Path
+    xds_address: ListenAddress
+    admin_address: ListenAddress
+    protocol: Protocol = "delta"
+    resources_file: Path | None = None
+    envoy_log_level: str = "warning"
+    max_downstream_connections: int = 50_000
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.cache = SnapshotCache()
+        self.server = XdsServer(self.cache, cfg.xds_address)
+        self.supervisor: EnvoySupervisor | None = None
+        self.ready = asyncio.Event()
+
+    def reload(self) -> bool:
+        """Serve the resource file's content. A bad file is logged and changes nothing."""
+        path = self.cfg.resources_file
+        if path is None:
+            self.cache.set_snapshot(self.cfg.node_id, [])
+            return True
+        try:
+            resources = load_resources(path)
+            self.cache.set_snapshot(self.cfg.node_id, resources)
+        except (ResourceFileError, ValueError) as e:
+            log.error("resource file rejected, keeping the last good config",
+                      extra={"file": str(path), "error": str(e)})
+            return False
+        return True
+
+    async def run(self) -> None:
+        started = time.monotonic()
+        await self.server.start()
+        try:
+            # The first full build comes before Envoy starts: it never sees a partial config.
+            self.reload()
+            self.supervisor = EnvoySupervisor(
+                BootstrapConfig(
+                    node_id=self.cfg.node_id,
+                    xds=self.server.address,
+                    admin=self.cfg.admin_address,
+                    protocol=self.cfg.protocol,
+                    max_downstream_connections=self.cfg.max_downstream_connections,
+                ),
+                self.cfg.state_dir,
+                log_level=self.cfg.envoy_log_level,
+            )
+            self.supervisor.start()
+            async with asyncio.TaskGroup() as tg:
+                if self.cfg.resources_file is not None:
+                    target = self.cfg.resources_file.resolve()
+                    tg.create_task(self._watch(target), name="watch-resources")
+                tg.create_task(self._announce_ready(started), name="announce-ready")
+        finally:
+            if self.supervisor is not None:
+                await self.supervisor.stop()
+            await self.server.stop(grace=1.0)
+
+    async def _announce_ready(self, started: float) -> None:
+        assert self.supervisor is not None
+        await self.supervisor.wait_ready(timeout=60)
+        await self.cache.node(self.cfg.node_id).wait_settled()
+        listeners = []
+        for s in self.cache.status(self.cfg.node_id):
+            if s.type_url == types.LISTENER:
+                listeners.append(s.name)
+        log.info(
+            "node ready",
+            extra={
+                "node": self.cfg.node_id,
+                "envoy_pid": self.supervisor.pid,
+                "listeners": listeners,
+                "admin": str(self.cfg.admin_address),
+                "seconds": round(time.monotonic() - started, 2),
+            },
+        )
+        self.ready.set()
+
+    async def _watch(self, target: Path) -> None:
+        # Watch the directory: editors replace a file rather than write it in place.
+        async for changes in watchfiles.awatch(target.parent, debounce=100, step=20,
+                                               recursive=False):
+            if any(p == str(target) for _, p in changes):  # watchfiles gives full paths
+                log.info("resource file changed", extra={"file": str(target)})
+                self.reload()
+
+
+async def run_until_signalled(agent: Agent) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await agent.run()
+    log.info("agent stopped")

@@ -1,0 +1,165 @@
+"""The `mesh` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from mesh import logs
+
+
+def _default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/mesh")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "mesh" if runtime else Path(f"/tmp/mesh-{os.getuid()}")
+
+
+def _address(value: str | None, state_dir: Path, sock: str) -> str:
+    return value or f"unix:{state_dir / sock}"
+
+
+@click.group()
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default="text", show_default=True,
+              type=click.Choice(["text", "json"]))
+def main(log_level: str, log_format: str) -> None:
+    """Sidecarless service mesh: the node agent and its tools."""
+    logs.setup(log_level, log_format)
+
+
+_state_dir_option = click.option(
+    "--state-dir", type=click.Path(path_type=Path), default=_default_state_dir,
+    show_default="/run/mesh as root", help="Sockets, bootstrap and keys (made mode 0700).")
+
+
+@main.command()
+@click.option("--resources", "resources_file", type=click.Path(path_type=Path, exists=True),
+              help="YAML file of Envoy resources to serve (watched for changes).")
+@click.option("--node-id", default=socket.gethostname, show_default="host name")
+@_state_dir_option
+@click.option("--xds-address",
+              help="unix:/path (default: STATE_DIR/xds.sock) or loopback HOST:PORT.")
+@click.option("--admin-address",
+              help="Envoy admin: unix:/path (default: STATE_DIR/envoy-admin.sock) or loopback.")
+@click.option("--protocol", type=click.Choice(["delta", "sotw"]), default="delta",
+              show_default=True, help="ADS flavour Envoy uses: incremental or state-of-the-world.")
+@click.option("--envoy-log-level", default="warning", show_default=True)
+@click.option("--max-connections", default=50_000, show_default=True,
+              help="Envoy's global limit on downstream connections.")
+@click.option("--echo", "echo_address", metavar="HOST:PORT",
+              help="Also run the project's echo backend there (for the demo).")
+def run(resources_file: Path | None, node_id: str, state_dir: Path, xds_address: str | None,
+        admin_address: str | None, protocol: str, envoy_log_level: str, max_connections: int,
+        echo_address: str | None) -> None:
+    """Run the node agent and the node's Envoy."""
+    from mesh.agent import Agent, AgentConfig, run_until_signalled
+    from mesh.echo import EchoServer
+    from meshxds.server import ListenAddress
+
+    try:
+        cfg = AgentConfig(
+            node_id=node_id,
+            state_dir=state_dir,
+            xds_address=ListenAddress.parse(_address(xds_address, state_dir, "xds.sock")),
+            admin_address=ListenAddress.parse(
+                _address(admin_address, state_dir, "envoy-admin.sock")),
+            protocol="delta" if protocol == "delta" else "sotw",
+            resources_file=resources_file,
+            envoy_log_level=envoy_log_level,
+            max_downstream_connections=max_connections,
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    echo = None
+    if echo_address:
+        host, _, port = echo_address.rpartition(":")
+        echo = EchoServer(host, int(port)).start()
+    try:
+        asyncio.run(run_until_signalled(Agent(cfg)))
+    finally:
+        if echo is not None:
+            echo.stop()
+
+
+@main.command("xds-status")
+@_state_dir_option
+@click.option("--xds-address", help="The agent's xDS address (default: STATE_DIR/xds.sock).")
+@click.option("--node-id", default="", help="Only this node.")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table")
+def xds_status(state_dir: Path, xds_address: str | None, node_id: str, output: str) -> None:
+    """What each node's Envoy ACKed or NACKed, per resource (from the agent's CSDS)."""
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
+    from google.protobuf import json_format
+    from rich.console import Console
+    from rich.table import Table
+
+    from meshxds.server import ListenAddress
+
+    target = ListenAddress.parse(_address(xds_address, state_dir, "xds.sock")).grpc_target()
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel)
+            resp = stub.FetchClientStatus(
+                csds_pb2.ClientStatusRequest(node=base_pb2.Node(id=node_id)), timeout=5)
+    except grpc.RpcError as e:
+        raise click.ClickException(f"cannot reach the agent at {target}: {e.details()}") from e
+    if output != "table":
+        doc = json_format.MessageToDict(resp, preserving_proto_field_name=True)
+        click.echo(json.dumps(doc, indent=2) if output == "json" else yaml.safe_dump(doc))
+        return
+    table = Table("NODE", "TYPE", "NAME", "ACKED VERSION", "STATUS", "LAST NACK")
+    for config in resp.config:
+        for x in config.generic_xds_configs:
+            table.add_row(
+                config.node.id,
+                x.type_url.rsplit(".", 1)[-1],
+                x.name,
+                x.version_info or "-",
+                csds_pb2.ConfigStatus.Name(x.config_status),
+                x.error_state.details,
+            )
+    Console(width=200).print(table)
+
+
+@main.command("bootstrap")
+@click.option("--node-id", default=socket.gethostname, show_default="host name")
+@_state_dir_option
+@click.option("--protocol", type=click.Choice(["delta", "sotw"]), default="delta")
+def bootstrap_cmd(node_id: str, state_dir: Path, protocol: str) -> None:
+    """Print the bootstrap the agent gives its Envoy."""
+    from mesh.bootstrap import BootstrapConfig, bootstrap
+    from meshxds.server import ListenAddress
+
+    cfg = BootstrapConfig(
+        node_id=node_id,
+        xds=ListenAddress.parse(f"unix:{state_dir / 'xds.sock'}"),
+        admin=ListenAddress.parse(f"unix:{state_dir / 'envoy-admin.sock'}"),
+        protocol="delta" if protocol == "delta" else "sotw",
+    )
+    yaml.safe_dump(bootstrap(cfg), sys.stdout, sort_keys=False)
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:18080", show_default=True, metavar="HOST:PORT")
+def echo(listen: str) -> None:
+    """Run the echo backend (pod and namespace from POD_NAME and NAMESPACE)."""
+    from mesh.echo import EchoServer
+
+    host, _, port = listen.rpartition(":")
+    server = EchoServer(host, int(port))
+    click.echo(f"echo listening on {host}:{server.port}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
