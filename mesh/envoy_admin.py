@@ -55,12 +55,12 @@ class EnvoyAdmin:
             return False
 
     def stats(self, prefix: str = "") -> dict[str, int]:
-        """Counters and gauges by name (histograms left out)."""
+        """Counters and gauges by name (histograms and text readouts left out)."""
         body = self.get("/stats?format=json" + (f"&filter={prefix}" if prefix else ""))
         out = {}
         for s in json.loads(body).get("stats", []):
-            if "value" in s:
-                out[s["name"]] = int(s["value"])
+            if isinstance(s.get("value"), int):
+                out[s["name"]] = s["value"]
         return out
 
     def config_dump(self, resource: str = "") -> dict[str, Any]:

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from mesh.echo import EchoIdentity, EchoServer
+from tests.harness import Harness
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    h = Harness()
+    h.start_server()
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def echo_v1() -> Iterator[EchoServer]:
+    server = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo-v1", namespace="test")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def echo_v2() -> Iterator[EchoServer]:
+    server = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo-v2", namespace="test")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
