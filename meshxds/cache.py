@@ -145,16 +145,21 @@ class NodeState:
         for s in self.streams:
             s.wake.set()
 
-    def acks_changed(self) -> None:
+    def progressed(self) -> None:
+        """A stream connected, left, or answered: re-check held clusters and wake waiters."""
         self.release_held_clusters_if_safe()
         if self._progress is not None:
             self._progress.set()
             self._progress = None
 
     def settled(self) -> bool:
-        """Every connected stream has ACKed everything it asked for, at the served version."""
+        """Every connected stream has asked for each type we serve something of, and ACKed
+        what it asked for at the served version. (Envoy asks type by type: right after a
+        reconnect it may have asked for clusters only.)"""
+        serving = {t for t, snap in self.served.items() if snap.resources}
         return bool(self.streams) and all(
-            s.settled(t) for s in self.streams for t in s.requested_types()
+            serving <= set(s.requested_types()) and all(s.settled(t) for t in serving)
+            for s in self.streams
         )
 
     async def wait_settled(self) -> None:

@@ -104,8 +104,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         stream = Stream(node, delta=delta, peer=context.peer())
         closed = asyncio.Event()
         handle = stream.handle_delta_request if delta else stream.handle_sotw_request
-        handle(first)
         node.streams.add(stream)
+        handle(first)
         protocol = "delta" if delta else "sotw"
         log.info("envoy connected", extra={"node": node_id, "protocol": protocol})
 
@@ -132,7 +132,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             node.streams.discard(stream)
-            node.acks_changed()
+            node.progressed()
             log.info("envoy disconnected", extra={"node": node_id, "protocol": protocol})
 
 

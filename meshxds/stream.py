@@ -86,6 +86,7 @@ class Stream:
         if not st.requested or names != st.subscribed or wildcard != st.wildcard:
             st.resubscribed = True
         st.requested, st.subscribed, st.wildcard = True, names, wildcard
+        self.node.progressed()
 
     def handle_delta_request(self, req: pb.DeltaDiscoveryRequest) -> None:
         st = self.types.setdefault(req.type_url, TypeState())
@@ -108,11 +109,16 @@ class Stream:
             st.subscribed.add(name)
             if name not in initial:
                 st.sent.pop(name, None)  # an explicit subscription is answered even if known
+        snap = self.node.served.get(req.type_url)
         for name, version in initial.items():
-            # After a reconnect Envoy says what it has; our versions are content hashes, so
-            # identical resources are not sent again.
+            # After a reconnect Envoy says what it runs; our versions are content hashes, so
+            # identical resources are not sent again and count as ACKed.
             st.sent[name] = version
             st.acked[name] = version
+            current = snap is not None and name in snap.resources and (
+                snap.resources[name].hash == version)
+            label = str(snap.version) if snap is not None and current else ""
+            self.node.acks.ack(req.type_url, name, label, version, time.time())
         for name in req.resource_names_unsubscribe:
             if name == "*":
                 st.wildcard = False
@@ -120,6 +126,7 @@ class Stream:
             st.subscribed.discard(name)
             st.sent.pop(name, None)
             st.acked.pop(name, None)
+        self.node.progressed()
 
     def _answer(self, type_url: str, st: TypeState, pending: Pending, nack: str | None) -> None:
         now = time.time()
@@ -159,7 +166,6 @@ class Stream:
                     "error": nack,
                 },
             )
-        self.node.acks_changed()
 
     # -- responses -----------------------------------------------------------------------
 

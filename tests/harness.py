@@ -62,7 +62,8 @@ def http_get(port: int, path: str = "/", host: str = "example.com", timeout: flo
     try:
         conn.request("GET", path, headers={"Host": host})
         resp = conn.getresponse()
-        return Reply(resp.status, resp.read().decode(), {k.lower(): v for k, v in resp.getheaders()})
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        return Reply(resp.status, resp.read().decode(), headers)
     finally:
         conn.close()
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from google.protobuf.message import Message
 
+from mesh.bootstrap import Protocol
 from mesh.echo import EchoServer
+from mesh.envoy_admin import EnvoyAdmin
 from meshxds import resources as r
 from meshxds import types
 from meshxds.acks import AckState
@@ -31,14 +33,14 @@ def pod(port: int, path: str = "/") -> str:
     return str(reply.json()["pod"])
 
 
-def stat(sup_admin, name: str) -> int:  # type: ignore[no-untyped-def]
-    return int(sup_admin.stats().get(name, 0))
+def stat(admin: EnvoyAdmin, name: str) -> int:
+    return admin.stats().get(name, 0)
 
 
 def test_push_config_and_serve(harness: Harness, echo_v1: EchoServer, free_port: int,
-                               protocol: str) -> None:
+                               protocol: Protocol) -> None:
     harness.set_snapshot("node1", config(free_port, {"/": "v1"}, {"v1": echo_v1.port}))
-    harness.start_envoy(protocol=protocol)  # type: ignore[arg-type]
+    harness.start_envoy(protocol=protocol)
     harness.wait_settled()
     assert pod(free_port, "/hello?x=1") == "echo-v1"
     status = harness.status()
@@ -47,10 +49,10 @@ def test_push_config_and_serve(harness: Harness, echo_v1: EchoServer, free_port:
 
 
 def test_route_change_is_seen(harness: Harness, echo_v1: EchoServer, echo_v2: EchoServer,
-                              free_port: int, protocol: str) -> None:
+                              free_port: int, protocol: Protocol) -> None:
     eps = {"v1": echo_v1.port, "v2": echo_v2.port}
     harness.set_snapshot("node1", config(free_port, {"/": "v1"}, eps))
-    sup = harness.start_envoy(protocol=protocol)  # type: ignore[arg-type]
+    sup = harness.start_envoy(protocol=protocol)
     harness.wait_settled()
     assert pod(free_port) == "echo-v1"
     lds_before = stat(sup.admin, "listener_manager.lds.update_success")
@@ -67,10 +69,10 @@ def test_route_change_is_seen(harness: Harness, echo_v1: EchoServer, echo_v2: Ec
 
 
 def test_bad_route_is_nacked_and_old_route_keeps_answering(
-        harness: Harness, echo_v1: EchoServer, free_port: int, protocol: str) -> None:
+        harness: Harness, echo_v1: EchoServer, free_port: int, protocol: Protocol) -> None:
     good = config(free_port, {"/": "v1"}, {"v1": echo_v1.port})
     harness.set_snapshot("node1", good)
-    sup = harness.start_envoy(protocol=protocol)  # type: ignore[arg-type]
+    sup = harness.start_envoy(protocol=protocol)
     harness.wait_settled()
 
     bad = [m for m in good if types.type_url_of(m) != types.ROUTE]
@@ -104,9 +106,9 @@ def test_bad_route_is_nacked_and_old_route_keeps_answering(
 
 def test_endpoint_change_touches_no_listener_or_route(
         harness: Harness, echo_v1: EchoServer, echo_v2: EchoServer, free_port: int,
-        protocol: str) -> None:
+        protocol: Protocol) -> None:
     harness.set_snapshot("node1", config(free_port, {"/": "svc"}, {"svc": echo_v1.port}))
-    sup = harness.start_envoy(protocol=protocol)  # type: ignore[arg-type]
+    sup = harness.start_envoy(protocol=protocol)
     harness.wait_settled()
     assert pod(free_port) == "echo-v1"
     before = sup.admin.stats()
@@ -123,9 +125,9 @@ def test_endpoint_change_touches_no_listener_or_route(
 
 
 def test_cluster_change_resends_endpoints(harness: Harness, echo_v1: EchoServer, free_port: int,
-                                          protocol: str) -> None:
+                                          protocol: Protocol) -> None:
     harness.set_snapshot("node1", config(free_port, {"/": "svc"}, {"svc": echo_v1.port}))
-    sup = harness.start_envoy(protocol=protocol)  # type: ignore[arg-type]
+    sup = harness.start_envoy(protocol=protocol)
     harness.wait_settled()
 
     changed = harness.set_snapshot("node1", [
@@ -145,16 +147,16 @@ def test_cluster_change_resends_endpoints(harness: Harness, echo_v1: EchoServer,
 
 def test_cluster_removed_only_after_routes_moved_away(
         harness: Harness, echo_v1: EchoServer, echo_v2: EchoServer, free_port: int,
-        protocol: str) -> None:
+        protocol: Protocol) -> None:
     harness.set_snapshot("node1", config(free_port, {"/": "old"}, {"old": echo_v1.port}))
-    sup = harness.start_envoy(protocol=protocol)  # type: ignore[arg-type]
+    sup = harness.start_envoy(protocol=protocol)
     harness.wait_settled()
     with SteadyLoad(free_port) as load:
         wait_until(lambda: load.result.ok > 20, what="traffic")
         # One step: the route moves to a new cluster and the old cluster goes away.
         harness.set_snapshot("node1", config(free_port, {"/": "new"}, {"new": echo_v2.port}))
         harness.wait_settled()
-        wait_until(lambda: "old" not in harness.status() and sup.admin.config_dump(
+        wait_until(lambda: (types.CLUSTER, "old") not in harness.status() and sup.admin.config_dump(
             "dynamic_active_clusters")["configs"][0]["cluster"]["name"] == "new",
             what="the old cluster removed")
         n = load.result.ok
@@ -167,13 +169,13 @@ def test_cluster_removed_only_after_routes_moved_away(
 
 
 def test_partial_listener_nack(harness: Harness, echo_v1: EchoServer, free_port: int,
-                               protocol: str) -> None:
+                               protocol: Protocol) -> None:
     good = config(free_port, {"/": "v1"}, {"v1": echo_v1.port})
     bad_listener = r.http_listener("bad", "127.0.0.1", free_port + 1, "rc")
     bad_listener.filter_chains[0].filters[0].typed_config.type_url = (
         "type.googleapis.com/does.not.Exist")
     harness.set_snapshot("node1", [*good, bad_listener])
-    harness.start_envoy(protocol=protocol, wait_ready=False)  # type: ignore[arg-type]
+    harness.start_envoy(protocol=protocol, wait_ready=False)
     status = wait_until(lambda: (s := harness.status())[(types.LISTENER, "bad")].state
                         is AckState.NACKED and s, what="the listener NACK")
     assert status[(types.LISTENER, "http")].state is AckState.ACKED
@@ -182,8 +184,8 @@ def test_partial_listener_nack(harness: Harness, echo_v1: EchoServer, free_port:
 
 
 def test_nothing_served_before_first_build(harness: Harness, echo_v1: EchoServer,
-                                           free_port: int, protocol: str) -> None:
-    sup = harness.start_envoy(protocol=protocol, wait_ready=False)  # type: ignore[arg-type]
+                                           free_port: int, protocol: Protocol) -> None:
+    sup = harness.start_envoy(protocol=protocol, wait_ready=False)
     wait_until(lambda: harness.sync(lambda: bool(harness.cache.node("node1").streams)),
                what="Envoy to connect")
     assert not sup.admin.ready()  # connected, and still waiting for its first config
@@ -194,9 +196,9 @@ def test_nothing_served_before_first_build(harness: Harness, echo_v1: EchoServer
 
 def test_cluster_kept_while_the_route_that_left_it_is_rejected(
         harness: Harness, echo_v1: EchoServer, echo_v2: EchoServer, free_port: int,
-        protocol: str) -> None:
+        protocol: Protocol) -> None:
     harness.set_snapshot("node1", config(free_port, {"/": "old"}, {"old": echo_v1.port}))
-    sup = harness.start_envoy(protocol=protocol)  # type: ignore[arg-type]
+    sup = harness.start_envoy(protocol=protocol)
     harness.wait_settled()
     # The new route, which no longer uses "old", is invalid: Envoy keeps the old route, so
     # removing "old" now would break it.
