@@ -169,6 +169,15 @@ class Stream:
 
     # -- responses -----------------------------------------------------------------------
 
+    def _wait_for_clusters(self, type_url: str) -> bool:
+        """Hold listeners and routes back while a cluster update is unanswered. Envoy ACKs
+        clusters only once they are warm (endpoints received), so a route sent after that
+        ACK never points at a cluster that is not ready yet."""
+        if type_url not in (types.LISTENER, types.ROUTE):
+            return False
+        clusters = self.types.get(types.CLUSTER)
+        return clusters is not None and bool(clusters.pending)
+
     def _nonce(self) -> str:
         return str(next(self._nonces))
 
@@ -185,6 +194,8 @@ class Stream:
             return []
         out = []
         for type_url in types.PUSH_ORDER:
+            if self._wait_for_clusters(type_url):
+                break
             st = self.types.get(type_url)
             if st is None or not st.requested:
                 continue
@@ -217,6 +228,8 @@ class Stream:
             return []
         out = []
         for type_url in types.PUSH_ORDER:
+            if self._wait_for_clusters(type_url):
+                break
             st = self.types.get(type_url)
             if st is None or not st.requested:
                 continue
