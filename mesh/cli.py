@@ -163,3 +163,7 @@ def echo(listen: str) -> None:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+
+
+if __name__ == "__main__":
+    main()

@@ -43,6 +43,7 @@ class TypeState:
     pending: dict[str, Pending] = field(default_factory=dict)
     resubscribed: bool = False
     force: set[str] = field(default_factory=set)  # resend these even if unchanged
+    answered: bool = False  # delta: sent at least one response of this type
 
 
 class Stream:
@@ -244,8 +245,11 @@ class Stream:
             # Tell Envoy once about subscribed names that do not exist, so it stops waiting.
             removed += sorted(n for n in st.subscribed if n not in served and n not in st.sent)
             st.force.clear()
-            if not send and not removed:
+            # A first wildcard request is answered even when there is nothing to send:
+            # Envoy waits for it (initial_fetch_timeout is 0) before it calls itself ready.
+            if not send and not removed and (st.answered or not st.wildcard):
                 continue
+            st.answered = True
             if type_url == types.CLUSTER:
                 self._note_sent_clusters(st, send)
             for r in send:

@@ -223,7 +223,10 @@ def test_delta_reconnect_does_not_resend_what_envoy_has(cache: SnapshotCache) ->
     stream = Stream(cache.node("n"), delta=True)
     cache.node("n").streams.add(stream)
     delta(stream, types.CLUSTER, initial=have)
-    assert stream.delta_responses() == []
+    out = stream.delta_responses()
+    # Answered (Envoy waits for a first answer), with nothing re-sent.
+    assert [(x.type_url, len(x.resources), len(x.removed_resources)) for x in out] == [
+        (types.CLUSTER, 0, 0)]
     assert cache.programmed("n", types.CLUSTER, "a")
 
 
@@ -270,3 +273,13 @@ def test_wait_settled_wakes_on_ack(cache: SnapshotCache) -> None:
             await waiter
 
     asyncio.run(run())
+
+
+def test_delta_first_wildcard_request_is_answered_when_empty(cache: SnapshotCache) -> None:
+    cache.set_snapshot("n", [])
+    stream = Stream(cache.node("n"), delta=True)
+    delta(stream, types.CLUSTER)
+    out = stream.delta_responses()
+    assert [(x.type_url, len(x.resources)) for x in out] == [(types.CLUSTER, 0)]
+    delta(stream, types.CLUSTER, nonce=out[0].nonce)
+    assert stream.delta_responses() == []
