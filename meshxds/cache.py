@@ -86,7 +86,9 @@ class NodeState:
     ready: bool = False  # no stream is answered before the first full snapshot
     streams: set[Subscriber] = field(default_factory=set)
     acks: AckTracker = field(default_factory=AckTracker)
-    connected_at: float = 0.0
+    # What was written to this node's streams, for benchmarks and debugging.
+    bytes_sent: int = 0
+    responses_sent: dict[str, int] = field(default_factory=dict)  # by type URL
     _progress: asyncio.Event | None = None
 
     # -- producer side -------------------------------------------------------------------
@@ -153,14 +155,16 @@ class NodeState:
             self._progress = None
 
     def settled(self) -> bool:
-        """Every connected stream has asked for each type we serve something of, and ACKed
-        what it asked for at the served version. (Envoy asks type by type: right after a
-        reconnect it may have asked for clusters only.)"""
-        serving = {t for t, snap in self.served.items() if snap.resources}
-        return bool(self.streams) and all(
-            serving <= set(s.requested_types()) and all(s.settled(t) for t in serving)
-            for s in self.streams
-        )
+        """Envoy runs exactly what we serve: every resource served is ACKed at its current
+        content, and every connected stream has ACKed what it asked for. (A resource that
+        Envoy never asks for, one no listener or cluster refers to, keeps this false.)"""
+        if not self.streams:
+            return False
+        for type_url, snap in self.served.items():
+            for name, r in snap.resources.items():
+                if self.acks.get(type_url, name).acked_hash != r.hash:
+                    return False
+        return all(s.settled(t) for s in self.streams for t in s.requested_types())
 
     async def wait_settled(self) -> None:
         """Return once settled; callers bound the wait with `asyncio.timeout`."""

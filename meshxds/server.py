@@ -125,6 +125,9 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 out = stream.delta_responses() if delta else stream.sotw_responses()
                 for response in out:
                     await context.write(response)
+                    node.bytes_sent += response.ByteSize()
+                    node.responses_sent[response.type_url] = (
+                        node.responses_sent.get(response.type_url, 0) + 1)
                 if not out:
                     await stream.wake.wait()
         finally:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import pytest
 
 from mesh.echo import EchoIdentity, EchoServer
-from tests.harness import Harness
+from mesh.testbed import Harness
 
 
 @pytest.fixture

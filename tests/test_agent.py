@@ -20,8 +20,8 @@ import yaml
 from mesh.bootstrap import BootstrapConfig, bootstrap
 from mesh.echo import EchoServer
 from mesh.envoy_supervisor import Backoff, EnvoySupervisor
+from mesh.testbed import Harness, http_get, wait_until
 from meshxds.server import ListenAddress
-from tests.harness import Harness, http_get, wait_until
 from tests.test_xds_envoy import config, pod
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,9 +10,9 @@ import pytest
 
 from mesh.bootstrap import Protocol
 from mesh.echo import EchoServer
+from mesh.testbed import Harness, SteadyLoad, http_get, wait_until
 from meshxds.acks import AckState
 from meshxds.cache import SnapshotCache
-from tests.harness import Harness, SteadyLoad, http_get, wait_until
 from tests.test_xds_envoy import config, pod
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
