@@ -110,11 +110,13 @@ class Agent:
 
     async def _watch(self, target: Path) -> None:
         # Watch the directory: editors replace a file rather than write it in place.
-        async for changes in watchfiles.awatch(target.parent, debounce=100, step=20,
-                                               recursive=False):
-            if any(p == str(target) for _, p in changes):  # watchfiles gives full paths
-                log.info("resource file changed", extra={"file": str(target)})
-                self.reload()
+        # watchfiles gives full paths; the filter drops the directory's other files.
+        only_target = lambda _change, path: path == str(target)  # noqa: E731
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)
+        async for _ in watchfiles.awatch(target.parent, watch_filter=only_target,
+                                         debounce=100, step=20, recursive=False):
+            log.info("resource file changed", extra={"file": str(target)})
+            self.reload()
 
 
 async def run_until_signalled(agent: Agent) -> None:

@@ -170,7 +170,7 @@ class EnvoySupervisor:
         try:
             assert proc.stderr is not None
             async for raw in proc.stderr:
-                _forward(raw.decode(errors="replace").rstrip())
+                _forward(raw.decode(errors="replace").rstrip(), quiet=self._stopping)
             return await proc.wait()
         except asyncio.CancelledError:
             if proc.returncode is None:
@@ -179,10 +179,14 @@ class EnvoySupervisor:
             raise
 
 
-def _forward(line: str) -> None:
+def _forward(line: str, quiet: bool) -> None:
     level, sep, rest = line.partition("|")
     if not sep:
         envoy_log.info(line)
         return
     component, _, message = rest.partition("|")
-    envoy_log.log(_LEVELS.get(level, logging.INFO), message, extra={"component": component})
+    severity = _LEVELS.get(level, logging.INFO)
+    if quiet:
+        # While we stop it, Envoy warns about the SIGTERM and its closed xDS stream: expected.
+        severity = min(severity, logging.INFO)
+    envoy_log.log(severity, message, extra={"component": component})
