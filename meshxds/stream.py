@@ -11,7 +11,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import discovery_pb2 as pb
@@ -190,16 +190,21 @@ class Stream:
         if changed and eds is not None:
             eds.force.update(changed)
 
-    def sotw_responses(self) -> list[pb.DiscoveryResponse]:
+    def _types_to_answer(self) -> Iterator[tuple[str, TypeState]]:
+        """The requested types in push order, stopping at listeners and routes while a
+        cluster update is unanswered. Lazy: a cluster response sent during the walk counts."""
         if not self.node.ready:
-            return []
-        out = []
+            return
         for type_url in types.PUSH_ORDER:
             if self._wait_for_clusters(type_url):
-                break
+                return
             st = self.types.get(type_url)
-            if st is None or not st.requested:
-                continue
+            if st is not None and st.requested:
+                yield type_url, st
+
+    def sotw_responses(self) -> list[pb.DiscoveryResponse]:
+        out = []
+        for type_url, st in self._types_to_answer():
             snap = self.node.served[type_url]
             if snap.version == st.sent_version and not st.resubscribed and not st.force:
                 continue
@@ -225,15 +230,8 @@ class Stream:
         return out
 
     def delta_responses(self) -> list[pb.DeltaDiscoveryResponse]:
-        if not self.node.ready:
-            return []
         out = []
-        for type_url in types.PUSH_ORDER:
-            if self._wait_for_clusters(type_url):
-                break
-            st = self.types.get(type_url)
-            if st is None or not st.requested:
-                continue
+        for type_url, st in self._types_to_answer():
             served = self.node.served[type_url].resources
             scope: Iterable[str] = served.keys() if st.wildcard else st.subscribed
             send = [served[n] for n in sorted(scope)
