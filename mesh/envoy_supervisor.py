@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -15,8 +16,6 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 
 from mesh.bootstrap import BootstrapConfig, bootstrap
 from mesh.envoy_admin import EnvoyAdmin
@@ -80,7 +79,8 @@ class EnvoySupervisor:
         self.backoff = backoff or Backoff()
         self.binary = binary or envoy_binary()
         self.admin = EnvoyAdmin(cfg.admin)
-        self.bootstrap_path = state_dir / "envoy-bootstrap.yaml"
+        # JSON, not YAML: Envoy's YAML parser reads a node id like "n" or "on" as a boolean.
+        self.bootstrap_path = state_dir / "envoy-bootstrap.json"
         self.starts = 0
         self.process: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
@@ -93,7 +93,7 @@ class EnvoySupervisor:
     def write_bootstrap(self) -> Path:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.bootstrap_path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(bootstrap(self.cfg), sort_keys=False))
+        tmp.write_text(json.dumps(bootstrap(self.cfg), indent=2))
         os.chmod(tmp, 0o600)
         tmp.replace(self.bootstrap_path)
         return self.bootstrap_path

@@ -209,3 +209,12 @@ def test_mesh_run_serves_follows_and_survives_a_broken_file(tmp_path: Path) -> N
     assert len(envoy_pids) == 1
     with pytest.raises(ProcessLookupError):
         os.kill(int(envoy_pids[0]), 0)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("node_id", ["n", "on", "yes", "0x10", "null"])
+def test_node_ids_that_look_like_other_types(harness: Harness, node_id: str) -> None:
+    harness.set_snapshot(node_id, [])
+    sup = harness.start_envoy(node_id)
+    assert sup.starts == 1
+    assert json.loads(sup.admin.get("/server_info"))["node"]["id"] == node_id

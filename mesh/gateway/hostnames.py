@@ -1,0 +1,37 @@
+"""Hostname matching and intersection as the Gateway API defines them.
+
+A wildcard `*.example.com` matches any name with at least one more label in front
+(`a.example.com`, `a.b.example.com`), never `example.com` itself.
+"""
+
+from __future__ import annotations
+
+
+def matches(wildcard_or_name: str, name: str) -> bool:
+    """Whether `name` (exact or wildcard) falls within `wildcard_or_name`."""
+    if wildcard_or_name == name:
+        return True
+    if wildcard_or_name.startswith("*."):
+        suffix = wildcard_or_name[1:]  # ".example.com"
+        if name.startswith("*."):
+            return name[1:].endswith(suffix) and len(name) > len(wildcard_or_name)
+        return name.endswith(suffix) and len(name) > len(suffix)
+    return False
+
+
+def intersect(listener: str | None, route: tuple[str, ...]) -> tuple[str, ...]:
+    """The hostnames a route serves on a listener; empty when they share none.
+
+    No listener hostname accepts every route hostname; a route without hostnames takes the
+    listener's. Of two overlapping names the more specific one is kept."""
+    if listener is None:
+        return route or ("*",)
+    if not route:
+        return (listener,)
+    out: list[str] = []
+    for h in route:
+        if matches(listener, h):
+            out.append(h)
+        elif matches(h, listener):
+            out.append(listener)
+    return tuple(dict.fromkeys(out))

@@ -1,0 +1,427 @@
+"""Routes to IR: references resolved, filters turned into actions, precedence applied.
+
+`RouteBuilder` is part of the pure translator. It resolves each route's backends (with
+ReferenceGrants and BackendTLSPolicies), turns rules into IR routes, collects them per listener
+and assembles route tables with the Gateway API's precedence order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from mesh import ir
+from mesh.gateway import model
+from mesh.gateway.durations import parse_duration
+from mesh.k8s import GATEWAY_GROUP, KubeObject, ObjectKey, StoreSnapshot
+
+_H2C = "kubernetes.io/h2c"
+_WS = "kubernetes.io/ws"
+_KNOWN_APP_PROTOCOLS = {None, "http", "HTTP", "kubernetes.io/http", _H2C, _WS, "grpc"}
+_DEFAULT_RETRY_ATTEMPTS = 2
+
+
+@dataclass
+class Resolution:
+    """What a route's references resolve to: the ResolvedRefs condition and the IR."""
+
+    ok: bool = True
+    reason: str = "ResolvedRefs"
+    message: str = "all references resolved"
+    routes: list[tuple[tuple[Any, ...], ir.Route]] = field(default_factory=list)
+    tls: list[ir.WeightedBackend] = field(default_factory=list)
+
+    def fail(self, reason: str, message: str) -> None:
+        if self.ok:  # the first problem is the one reported
+            self.ok, self.reason, self.message = False, reason, message
+
+
+@dataclass
+class _TableEntries:
+    by_host: dict[str, list[tuple[tuple[Any, ...], ir.Route]]] = field(default_factory=dict)
+    tls: list[tuple[tuple[str, ...], tuple[ir.WeightedBackend, ...], frozenset[ObjectKey]]] = \
+        field(default_factory=list)
+
+
+class RouteBuilder:
+    def __init__(self, snapshot: StoreSnapshot, grants: list[model.ReferenceGrant]) -> None:
+        self.s = snapshot
+        self.grants = grants
+        self._backends: dict[str, ir.Backend] = {}
+        self._certs: dict[str, ir.Certificate] = {}
+        self._tables: dict[str, ir.RouteTable] = {}
+        self._entries: dict[str, _TableEntries] = {}
+        self._listener_ports: dict[str, int] = {}
+        self.policy_ancestors: dict[ObjectKey, set[ObjectKey]] = {}
+
+    # -- outputs ------------------------------------------------------------------------------
+
+    def backends(self) -> list[ir.Backend]:
+        return [self._backends[k] for k in sorted(self._backends)]
+
+    def certificates(self) -> list[ir.Certificate]:
+        return [self._certs[k] for k in sorted(self._certs)]
+
+    def tables(self) -> list[ir.RouteTable]:
+        return [self._tables[k] for k in sorted(self._tables)]
+
+    # -- certificates -------------------------------------------------------------------------
+
+    def certificate(self, secret: KubeObject) -> str | None:
+        cert = model.secret_data(secret, "tls.crt")
+        key = model.secret_data(secret, "tls.key")
+        if not cert or not key or b"-----BEGIN" not in cert or b"PRIVATE KEY" not in key:
+            return None
+        name = f"{secret.namespace}/{secret.name}"
+        self._certs[name] = ir.Certificate(name, cert, key)
+        return name
+
+    # -- resolution ---------------------------------------------------------------------------
+
+    def _granted(self, from_kind: str, from_ns: str, to_kind: str, to_ns: str,
+                 name: str) -> bool:
+        return any(g.namespace == to_ns and g.permits(GATEWAY_GROUP, from_kind, from_ns, "",
+                                                      to_kind, name) for g in self.grants)
+
+    def backend(self, ref: model.BackendObjectRef, route: KubeObject, res: Resolution,
+                grpc: bool = False) -> str | None:
+        """The IR backend for a reference, or None (and the reason in `res`)."""
+        where = f"{ref.kind} {ref.namespace}/{ref.name}"
+        if ref.group != "" or ref.kind != "Service":
+            res.fail("InvalidKind", f"backendRef {ref.group or 'core'}/{ref.kind} is not "
+                     "supported (only Services)")
+            return None
+        if ref.namespace != route.namespace and not self._granted(
+                route.kind, route.namespace, "Service", ref.namespace, ref.name):
+            res.fail("RefNotPermitted", f"no ReferenceGrant in {ref.namespace} allows "
+                     f"{route.kind}s from {route.namespace} to use {where}")
+            return None
+        svc_obj = self.s.get("Service", ref.namespace, ref.name)
+        if svc_obj is None:
+            res.fail("BackendNotFound", f"{where} does not exist")
+            return None
+        svc = model.parse_service(svc_obj)
+        port = next((p for p in svc.ports if p.port == ref.port), None)
+        if ref.port is None or port is None:
+            res.fail("BackendNotFound", f"{where} has no port {ref.port}")
+            return None
+        if port.app_protocol not in _KNOWN_APP_PROTOCOLS:
+            res.fail("UnsupportedProtocol", f"{where} port {port.port} has appProtocol "
+                     f"{port.app_protocol}, which is not supported")
+            return None
+        tls = self._backend_tls(svc, port, res)
+        protocol = "h2c" if grpc or port.app_protocol in (_H2C, "grpc") else "http1"
+        name = f"{ref.namespace}/{ref.name}/{port.port}"
+        old = self._backends.get(name)
+        owners = (old.owners if old else frozenset()) | {route.key}
+        self._backends[name] = ir.Backend(
+            name=name, endpoints=self._endpoints(svc, port), protocol=protocol, tls=tls,
+            owners=owners)
+        return name
+
+    def websocket(self, ref: model.BackendObjectRef) -> bool:
+        svc = self.s.get("Service", ref.namespace, ref.name)
+        if svc is None:
+            return False
+        return any(p.port == ref.port and p.app_protocol == _WS
+                   for p in model.parse_service(svc).ports)
+
+    def _endpoints(self, svc: model.Service, port: model.ServicePort) -> tuple[ir.Endpoint, ...]:
+        out: set[ir.Endpoint] = set()
+        for obj in self.s.of_kind("EndpointSlice"):
+            if obj.namespace != svc.obj.namespace:
+                continue
+            es = model.parse_endpoint_slice(obj)
+            if es.service != svc.obj.name:
+                continue
+            numbers = [p for n, p in es.ports if n == port.name]
+            if not numbers and not es.ports and isinstance(port.target_port, int):
+                numbers = [port.target_port]
+            for number in numbers:
+                out.update(ir.Endpoint(a, number) for a in es.addresses)
+        return tuple(sorted(out, key=lambda e: (e.address, e.port)))
+
+    def _backend_tls(self, svc: model.Service, port: model.ServicePort,
+                     res: Resolution) -> ir.UpstreamTLS | None:
+        chosen = None
+        for obj in sorted(self.s.of_kind("BackendTLSPolicy"),
+                          key=lambda o: (o.created, o.namespace, o.name)):
+            if obj.namespace != svc.obj.namespace:
+                continue
+            policy = model.parse_backend_tls_policy(obj)
+            for group, kind, name, section in policy.targets:
+                if group == "" and kind == "Service" and name == svc.obj.name and (
+                        section is None or section == port.name):
+                    chosen = chosen or policy
+        if chosen is None:
+            return None
+        ca: bytes | None = None
+        for group, kind, name in chosen.ca_refs:
+            ca_obj = self.s.get(kind, svc.obj.namespace, name) if group == "" and kind in (
+                "ConfigMap", "Secret") else None
+            data = model.secret_data(ca_obj, "ca.crt") if ca_obj is not None else None
+            if data is None:
+                res.fail("InvalidKind" if kind not in ("ConfigMap", "Secret")
+                         else "BackendNotFound",
+                         f"BackendTLSPolicy {chosen.obj.name}: CA certificate {kind} {name} "
+                         "not usable")
+                return None
+            ca = (ca or b"") + data
+        return ir.UpstreamTLS(sni=chosen.hostname, ca_pem=ca,
+                              subject_alt_names=chosen.subject_alt_names)
+
+    # -- rules to IR routes -------------------------------------------------------------------
+
+    def resolve(self, route: model.Route) -> Resolution:
+        res = Resolution()
+        obj = route.obj
+        if route.kind == "TLSRoute":
+            for tls_rule in route.tls_backends:
+                for b in tls_rule:
+                    res.tls.append(ir.WeightedBackend(self.backend(b.ref, obj, res), b.weight))
+            return res
+        if route.kind == "GRPCRoute":
+            for i, grule in enumerate(route.grpc_rules):
+                self._grpc_rule(route, i, grule, res)
+            return res
+        for i, rule in enumerate(route.http_rules):
+            self._http_rule(route, i, rule, res)
+        return res
+
+    def _key(self, route: model.Route, path: ir.StringMatch, method: str | None,
+             headers: int, query: int, rule: int, match: int) -> tuple[Any, ...]:
+        """Gateway API precedence: exact path, longest prefix, method, most header matches,
+        most query matches, oldest route, name, rule and match order."""
+        rank = {"Exact": 0, "RegularExpression": 1}.get(path.type, 2)
+        return (rank, -len(path.value), method is None, -headers, -query, route.obj.created,
+                route.obj.namespace, route.obj.name, rule, match)
+
+    def _http_rule(self, route: model.Route, i: int, rule: model.HTTPRule,
+                   res: Resolution) -> None:
+        obj = route.obj
+        req = ir.HeaderOps()
+        resp = ir.HeaderOps()
+        redirect: model.Redirect | None = None
+        rewrite: model.Rewrite | None = None
+        mirrors: list[ir.Mirror] = []
+        cors: ir.Cors | None = None
+        broken = False
+        for f in rule.filters:
+            if f.request_headers is not None:
+                req = _merge(req, f.request_headers)
+            elif f.response_headers is not None:
+                resp = _merge(resp, f.response_headers)
+            elif f.redirect is not None:
+                redirect = f.redirect
+            elif f.rewrite is not None:
+                rewrite = f.rewrite
+            elif f.mirror is not None:
+                name = self.backend(f.mirror.backend, obj, res)
+                if name is not None:
+                    mirrors.append(ir.Mirror(name, f.mirror.percent))
+            elif f.cors is not None:
+                c = f.cors
+                cors = ir.Cors(c.allow_origins, c.allow_methods, c.allow_headers,
+                               c.expose_headers, c.allow_credentials, c.max_age)
+            else:
+                broken = True
+                res.fail("UnsupportedValue", f"filter {f.type} is not supported")
+        backends = []
+        websocket = False
+        for b in rule.backends:
+            name = self.backend(b.ref, obj, res)
+            websocket = websocket or self.websocket(b.ref)
+            breq, bresp = ir.HeaderOps(), ir.HeaderOps()
+            for f in b.filters:
+                if f.request_headers is not None:
+                    breq = _merge(breq, f.request_headers)
+                elif f.response_headers is not None:
+                    bresp = _merge(bresp, f.response_headers)
+            backends.append(ir.WeightedBackend(name, b.weight, breq, bresp))
+        timeout, per_try = 0.0, None
+        try:
+            if rule.timeouts.request is not None:
+                timeout = parse_duration(rule.timeouts.request)
+            if rule.timeouts.backend_request is not None:
+                per_try = parse_duration(rule.timeouts.backend_request)
+        except ValueError as e:
+            res.fail("UnsupportedValue", str(e))
+        retry = None
+        if rule.retry is not None:
+            backoff = None
+            if rule.retry.backoff:
+                try:
+                    backoff = parse_duration(rule.retry.backoff)
+                except ValueError as e:
+                    res.fail("UnsupportedValue", str(e))
+            attempts = rule.retry.attempts
+            retry = ir.Retry(_DEFAULT_RETRY_ATTEMPTS if attempts is None else attempts,
+                             rule.retry.codes, backoff)
+        label = rule.name or f"rule{i}"
+        for j, m in enumerate(rule.matches):
+            path = _path_match(m.path)
+            action: ir.Action
+            if broken:
+                action = ir.DirectResponse(500, "")
+            elif redirect is not None:
+                action = _redirect(redirect, m.path)
+            elif not backends or all(b.weight == 0 for b in backends):
+                action = ir.DirectResponse(500, "")
+            else:
+                action = ir.Forward(
+                    backends=tuple(backends), timeout=timeout, per_try_timeout=per_try,
+                    retry=retry, mirrors=tuple(mirrors), websocket=websocket,
+                    host_rewrite=rewrite.hostname if rewrite else None,
+                    full_path_rewrite=rewrite.path.value if rewrite and rewrite.path and
+                    rewrite.path.type == "ReplaceFullPath" else None,
+                    prefix_rewrite=(m.path.value, rewrite.path.value)
+                    if rewrite and rewrite.path and rewrite.path.type == "ReplacePrefixMatch"
+                    else None)
+            r = ir.Route(
+                name=f"{obj.namespace}/{obj.name}/{label}/match{j}",
+                path=path,
+                headers=tuple(_header(h) for h in m.headers),
+                query=tuple(ir.StringMatch(q.type, q.value, q.name) for q in m.query),
+                method=m.method, action=action, request_headers=req, response_headers=resp,
+                cors=cors, owners=frozenset({obj.key}))
+            res.routes.append((self._key(route, path, m.method, len(m.headers),
+                                         len(m.query), i, j), r))
+
+    def _grpc_rule(self, route: model.Route, i: int, rule: model.GRPCRule,
+                   res: Resolution) -> None:
+        obj = route.obj
+        req, resp = ir.HeaderOps(), ir.HeaderOps()
+        mirrors = []
+        for f in rule.filters:
+            if f.request_headers is not None:
+                req = _merge(req, f.request_headers)
+            elif f.response_headers is not None:
+                resp = _merge(resp, f.response_headers)
+            elif f.mirror is not None:
+                name = self.backend(f.mirror.backend, obj, res, grpc=True)
+                if name is not None:
+                    mirrors.append(ir.Mirror(name, f.mirror.percent))
+        backends = []
+        for b in rule.backends:
+            breq, bresp = ir.HeaderOps(), ir.HeaderOps()
+            for f in b.filters:
+                if f.request_headers is not None:
+                    breq = _merge(breq, f.request_headers)
+                elif f.response_headers is not None:
+                    bresp = _merge(bresp, f.response_headers)
+            backends.append(ir.WeightedBackend(self.backend(b.ref, obj, res, grpc=True),
+                                               b.weight, breq, bresp))
+        label = rule.name or f"rule{i}"
+        for j, m in enumerate(rule.matches):
+            path = _grpc_path(m)
+            action: ir.Action = ir.Forward(tuple(backends), mirrors=tuple(mirrors)) if (
+                backends and any(b.weight for b in backends)) else ir.DirectResponse(500)
+            r = ir.Route(
+                name=f"{obj.namespace}/{obj.name}/{label}/match{j}", path=path,
+                headers=tuple(_header(h) for h in m.headers),
+                action=action, request_headers=req, response_headers=resp,
+                owners=frozenset({obj.key}))
+            # gRPC precedence: exact method first, then service-wide, then headers.
+            has_method = m.method is not None and m.method_type == "Exact"
+            has_service = m.service is not None
+            res.routes.append(((0 if has_method else 1, 0 if has_service else 1,
+                                -len(m.headers), obj.created, obj.namespace, obj.name, i, j),
+                               r))
+
+    # -- assembly -----------------------------------------------------------------------------
+
+    def add(self, route: model.Route, listener: str, names: tuple[str, ...],
+            res: Resolution, port: int | None = None) -> None:
+        entries = self._entries.setdefault(listener, _TableEntries())
+        if route.kind == "TLSRoute":
+            entries.tls.append((names, tuple(res.tls), frozenset({route.obj.key})))
+            return
+        routes = res.routes
+        if port is not None:
+            routes = [(k, with_listener_port(r, port)) for k, r in routes]
+        for name in names:
+            entries.by_host.setdefault(name, []).extend(routes)
+
+    def http_table(self, name: str, listeners: Iterable[tuple[str, str | None]]) -> str:
+        hosts: dict[str, list[tuple[tuple[Any, ...], ir.Route]]] = {}
+        for key, hostname in listeners:
+            hosts.setdefault(hostname or "*", [])
+            for host, entries in self._entries.get(key, _TableEntries()).by_host.items():
+                hosts.setdefault(host, []).extend(entries)
+        vhosts = []
+        owners: set[ObjectKey] = set()
+        for host in sorted(hosts, key=_host_order):
+            ordered = [r for _, r in sorted(hosts[host], key=lambda kr: kr[0])]
+            for r in ordered:
+                owners |= r.owners
+            vhosts.append(ir.VirtualHost(name=f"{name}/{host}", domains=(host,),
+                                         routes=tuple(ordered)))
+        self._tables[name] = ir.RouteTable(name, tuple(vhosts), frozenset(owners))
+        return name
+
+    def tls_routes(self, listener: str) -> list[
+            tuple[tuple[str, ...], tuple[ir.WeightedBackend, ...], frozenset[ObjectKey]]]:
+        return self._entries.get(listener, _TableEntries()).tls
+
+
+def _host_order(host: str) -> tuple[int, int, str]:
+    return (host == "*", host.startswith("*"), host)
+
+
+def _merge(ops: ir.HeaderOps, mod: model.HeaderModifier) -> ir.HeaderOps:
+    return ir.HeaderOps(ops.set + mod.set, ops.add + mod.add, ops.remove + mod.remove)
+
+
+def _header(h: model.StringMatch) -> ir.StringMatch:
+    return ir.StringMatch(h.type, h.value, h.name)
+
+
+def _path_match(p: model.StringMatch) -> ir.StringMatch:
+    if p.type == "Exact":
+        return ir.StringMatch("Exact", p.value)
+    if p.type == "RegularExpression":
+        return ir.StringMatch("RegularExpression", p.value)
+    # A path prefix matches whole segments: /foo matches /foo and /foo/bar, not /foobar.
+    if p.value == "/" or p.value.endswith("/"):
+        return ir.StringMatch("Prefix", p.value)
+    return ir.StringMatch("PathSeparatedPrefix", p.value)
+
+
+def _grpc_path(m: model.GRPCMatch) -> ir.StringMatch:
+    if m.method_type == "RegularExpression":
+        service = m.service or r"[^/]+"
+        method = m.method or r"[^/]+"
+        return ir.StringMatch("RegularExpression", f"/{service}/{method}")
+    if m.service and m.method:
+        return ir.StringMatch("Exact", f"/{m.service}/{m.method}")
+    if m.service:
+        return ir.StringMatch("Prefix", f"/{m.service}/")
+    if m.method:
+        return ir.StringMatch("RegularExpression", rf"/[^/]+/{re.escape(m.method)}")
+    return ir.StringMatch("Prefix", "/")
+
+
+def _redirect(r: model.Redirect, match: model.StringMatch) -> ir.Redirect:
+    full = prefix = None
+    if r.path is not None:
+        if r.path.type == "ReplaceFullPath":
+            full = r.path.value
+        else:
+            prefix = (match.value, r.path.value)
+    return ir.Redirect(status=r.status_code, scheme=r.scheme, host=r.hostname, port=r.port,
+                       full_path=full, prefix=prefix)
+
+
+def with_listener_port(route: ir.Route, port: int) -> ir.Route:
+    """A redirect with neither port nor scheme keeps the listener's port."""
+    a = route.action
+    if isinstance(a, ir.Redirect) and a.port is None and a.scheme is None:
+        return replace(route, action=replace(a, port=port))
+    return route
+
+
+def put_table(builder: RouteBuilder, table: ir.RouteTable) -> None:
+    """Register a route table assembled elsewhere (Ingress)."""
+    builder._tables[table.name] = table

@@ -1,0 +1,530 @@
+"""The translator: a pure function from a store snapshot to the IR and every object's status.
+
+No I/O, no clocks, no globals. It follows the Gateway API specification (v1.6): which
+Gateways are ours, which listeners are valid, which routes attach where, which references
+resolve, and what each object's conditions say. `Programmed` is left for the status sink,
+which knows what the node's Envoy ACKed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh import ir
+from mesh.gateway import hostnames, model
+from mesh.gateway.conditions import condition
+from mesh.gateway.routes import RouteBuilder
+from mesh.k8s import GATEWAY_GROUP, KubeObject, ObjectKey, StoreSnapshot
+
+DEFAULT_CONTROLLER = "mesh.dev/gateway-controller"
+DEFAULT_INGRESS_CONTROLLER = "mesh.dev/ingress-controller"
+
+# Route kinds a listener protocol accepts, in the order status lists them.
+_KINDS_FOR_PROTOCOL: dict[str, tuple[str, ...]] = {
+    "HTTP": ("HTTPRoute", "GRPCRoute"),
+    "HTTPS": ("HTTPRoute", "GRPCRoute"),
+    "TLS": ("TLSRoute",),
+}
+# Protocols that may share a port (they are told apart by SNI).
+_PORT_FAMILY = {"HTTP": "http", "HTTPS": "tls", "TLS": "tls"}
+
+
+@dataclass(frozen=True)
+class TranslatorConfig:
+    controller_name: str = DEFAULT_CONTROLLER
+    ingress_controller: str = DEFAULT_INGRESS_CONTROLLER
+    address_pool: str = "127.0.100.0/24"
+
+
+@dataclass
+class Translation:
+    ir: ir.IR
+    status: dict[ObjectKey, dict[str, Any]]
+    # Gateway (or the Ingress address key) -> address, to keep them stable next time.
+    addresses: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Listener:
+    """A Gateway or ListenerSet listener while it is being validated and routes attach."""
+
+    spec: model.Listener
+    gateway: model.Gateway
+    owner: KubeObject  # the Gateway or the ListenerSet that declares it
+    status: dict[str, Any]
+    supported_kinds: tuple[str, ...]
+    valid: bool = True
+    attached: int = 0
+    certificates: tuple[str, ...] = ()
+    address: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.owner.kind}/{self.owner.namespace}/{self.owner.name}/{self.spec.name}"
+
+
+def translate(snapshot: StoreSnapshot, cfg: TranslatorConfig = TranslatorConfig(),
+              previous_addresses: Mapping[str, str] | None = None) -> Translation:
+    return _Translator(snapshot, cfg, dict(previous_addresses or {})).run()
+
+
+class _Translator:
+    def __init__(self, snapshot: StoreSnapshot, cfg: TranslatorConfig,
+                 previous: dict[str, str]) -> None:
+        self.s = snapshot
+        self.cfg = cfg
+        self.previous_addresses = previous
+        self.status: dict[ObjectKey, dict[str, Any]] = {}
+        self.namespaces = {o.name: o.labels for o in snapshot.of_kind("Namespace")}
+        self.grants = [model.parse_reference_grant(o) for o in snapshot.of_kind("ReferenceGrant")]
+        self.routes = RouteBuilder(snapshot, self.grants)
+        self.addresses: dict[str, str] = {}
+
+    # -- entry ----------------------------------------------------------------------------
+
+    def run(self) -> Translation:
+        classes = self._gateway_classes()
+        gateways = self._gateways(classes)
+        listeners = self._listeners(gateways)
+        self._attach_routes(gateways, listeners)
+        self._gateway_status(gateways, listeners)
+        out_listeners = self._ir_listeners(listeners)
+        from mesh.gateway.ingress import translate_ingresses
+
+        ingress = translate_ingresses(self.s, self.cfg, self.routes, self._allocate("ingress"))
+        self.status.update(ingress.status)
+        if ingress.used_address:
+            self.addresses["ingress"] = ingress.used_address
+        return Translation(
+            ir=ir.IR(
+                listeners=tuple(out_listeners) + ingress.listeners,
+                route_tables=tuple(self.routes.tables()),
+                backends=tuple(self.routes.backends()),
+                certificates=tuple(self.routes.certificates()),
+            ),
+            status=self.status,
+            addresses=self.addresses,
+        )
+
+    # -- GatewayClass -----------------------------------------------------------------------
+
+    def _gateway_classes(self) -> set[str]:
+        ours = set()
+        for gc in self.s.of_kind("GatewayClass"):
+            if gc.spec.get("controllerName") != self.cfg.controller_name:
+                continue
+            ours.add(gc.name)
+            self.status[gc.key] = {"conditions": [
+                condition("Accepted", True, "Accepted", "accepted by " + self.cfg.controller_name,
+                          gc.generation),
+                condition("SupportedVersion", True, "SupportedVersion",
+                          "Gateway API v1.6", gc.generation),
+            ]}
+        return ours
+
+    # -- Gateways and their listeners ------------------------------------------------------
+
+    def _gateways(self, classes: set[str]) -> list[model.Gateway]:
+        out = []
+        for obj in self.s.of_kind("Gateway"):
+            if obj.spec.get("gatewayClassName") not in classes:
+                continue
+            try:
+                out.append(model.parse_gateway(obj))
+            except model.Invalid as e:
+                self.status[obj.key] = {"conditions": [
+                    condition("Accepted", False, "Invalid", str(e), obj.generation),
+                    condition("Programmed", False, "Invalid", str(e), obj.generation),
+                ]}
+        return out
+
+    def _listeners(self, gateways: list[model.Gateway]) -> list[_Listener]:
+        by_gateway = {(g.obj.namespace, g.obj.name): g for g in gateways}
+        listeners: list[_Listener] = []
+        for g in gateways:
+            listeners += [self._new_listener(x, g, g.obj) for x in g.listeners]
+        # ListenerSets join their parent's listeners, after them and oldest first.
+        sets = sorted(self.s.of_kind("ListenerSet", "XListenerSet"),
+                      key=lambda o: (o.created, o.namespace, o.name))
+        for obj in sets:
+            self._listener_set(obj, by_gateway, listeners)
+        self._validate(listeners)
+        return listeners
+
+    def _listener_set(self, obj: KubeObject, gateways: dict[tuple[str, str], model.Gateway],
+                      listeners: list[_Listener]) -> None:
+        try:
+            ls = model.parse_listener_set(obj)
+        except model.Invalid as e:
+            self.status[obj.key] = {"conditions": [
+                condition("Accepted", False, "Invalid", str(e), obj.generation)]}
+            return
+        g = gateways.get((ls.parent.namespace, ls.parent.name))
+        if g is None:
+            return  # not one of our Gateways: not ours to report on
+        allowed = self._namespace_allowed(g.allowed_listener_sets_from,
+                                          g.allowed_listener_sets_selector,
+                                          g.obj.namespace, obj.namespace)
+        if not allowed:
+            msg = f"Gateway {g.obj.namespace}/{g.obj.name} does not allow ListenerSets from " \
+                  f"namespace {obj.namespace}"
+            self.status[obj.key] = {"conditions": [
+                condition("Accepted", False, "NotAllowed", msg, obj.generation),
+                condition("Programmed", False, "NotAllowed", msg, obj.generation)]}
+            return
+        self.status[obj.key] = {"conditions": [], "listeners": []}
+        listeners += [self._new_listener(x, g, obj) for x in ls.listeners]
+
+    def _new_listener(self, spec: model.Listener, g: model.Gateway,
+                      owner: KubeObject) -> _Listener:
+        default = _KINDS_FOR_PROTOCOL.get(spec.protocol, ())
+        if spec.allowed_kinds is None:
+            kinds = default
+        else:
+            kinds = tuple(k.kind for k in spec.allowed_kinds
+                          if k.group == GATEWAY_GROUP and k.kind in default)
+        conds: list[dict[str, Any]] = []
+        status = {"name": spec.name, "supportedKinds": [
+            {"group": GATEWAY_GROUP, "kind": k} for k in kinds], "attachedRoutes": 0,
+            "conditions": conds}
+        li = _Listener(spec, g, owner, status, kinds)
+        gen = owner.generation
+        if spec.protocol not in _KINDS_FOR_PROTOCOL:
+            li.valid = False
+            conds.append(condition("Accepted", False, "UnsupportedProtocol",
+                                   f"protocol {spec.protocol} is not supported", gen))
+        if spec.allowed_kinds is not None and len(kinds) != len(spec.allowed_kinds):
+            bad = [f"{k.group}/{k.kind}" for k in spec.allowed_kinds if k.kind not in kinds]
+            li.valid = False
+            conds.append(condition("ResolvedRefs", False, "InvalidRouteKinds",
+                                   f"route kinds not supported here: {', '.join(bad)}", gen))
+        if spec.protocol in ("HTTPS", "TLS"):
+            self._listener_tls(li)
+        return li
+
+    def _listener_tls(self, li: _Listener) -> None:
+        spec, gen = li.spec, li.owner.generation
+        if spec.protocol == "HTTPS" and spec.tls_mode == "Passthrough":
+            li.valid = False
+            li.status["conditions"].append(condition(
+                "Accepted", False, "UnsupportedValue",
+                "HTTPS listeners terminate TLS; use a TLS listener for passthrough", gen))
+            return
+        if spec.tls_mode == "Passthrough":
+            return
+        if not spec.certificate_refs:
+            li.valid = False
+            li.status["conditions"].append(condition(
+                "ResolvedRefs", False, "InvalidCertificateRef",
+                "a listener that terminates TLS needs certificateRefs", gen))
+            return
+        certs = []
+        for ref in spec.certificate_refs:
+            problem = None
+            secret = None
+            if ref.group != "" or ref.kind != "Secret":
+                problem = ("InvalidCertificateRef",
+                           f"certificateRef {ref.group}/{ref.kind} is not a Secret")
+            elif ref.namespace != li.owner.namespace and not self._granted(
+                    li.owner.kind, li.owner.namespace, "", "Secret", ref.namespace, ref.name):
+                problem = ("RefNotPermitted",
+                           f"no ReferenceGrant allows Secret {ref.namespace}/{ref.name}")
+            else:
+                secret = self.s.get("Secret", ref.namespace, ref.name)
+                if secret is None:
+                    problem = ("InvalidCertificateRef",
+                               f"Secret {ref.namespace}/{ref.name} does not exist")
+            if problem is None and secret is not None:
+                name = self.routes.certificate(secret)
+                if name is None:
+                    problem = ("InvalidCertificateRef",
+                               f"Secret {ref.namespace}/{ref.name} holds no valid "
+                               "tls.crt and tls.key")
+                else:
+                    certs.append(name)
+            if problem is not None:
+                li.valid = False
+                li.status["conditions"].append(
+                    condition("ResolvedRefs", False, problem[0], problem[1], gen))
+                return
+        li.certificates = tuple(certs)
+
+    def _validate(self, listeners: list[_Listener]) -> None:
+        """Conflicts between listeners of one Gateway: the earlier listener wins."""
+        seen: dict[tuple[str, str, int], list[_Listener]] = {}
+        for li in listeners:
+            gkey = f"{li.gateway.obj.namespace}/{li.gateway.obj.name}"
+            seen.setdefault((gkey, "", li.spec.port), []).append(li)
+        for group in seen.values():
+            first_family = None
+            hostnames_seen: set[tuple[str, str | None]] = set()
+            for li in group:
+                gen = li.owner.generation
+                family = _PORT_FAMILY.get(li.spec.protocol)
+                if family is None:
+                    continue
+                if first_family is None:
+                    first_family = family
+                if family != first_family:
+                    li.valid = False
+                    li.status["conditions"].append(condition(
+                        "Conflicted", True, "ProtocolConflict",
+                        f"port {li.spec.port} is already used with another protocol", gen))
+                    continue
+                host_key = (family, li.spec.hostname)
+                if host_key in hostnames_seen:
+                    li.valid = False
+                    li.status["conditions"].append(condition(
+                        "Conflicted", True, "HostnameConflict",
+                        f"another listener on port {li.spec.port} has hostname "
+                        f"{li.spec.hostname or '(none)'}", gen))
+                    continue
+                hostnames_seen.add(host_key)
+
+    # -- references ----------------------------------------------------------------------
+
+    def _granted(self, from_kind: str, from_ns: str, to_group: str, to_kind: str, to_ns: str,
+                 to_name: str) -> bool:
+        return any(g.namespace == to_ns and g.permits(GATEWAY_GROUP, from_kind, from_ns,
+                                                      to_group, to_kind, to_name)
+                   for g in self.grants)
+
+    def _namespace_allowed(self, from_: str, selector: Mapping[str, Any], own_ns: str,
+                           route_ns: str) -> bool:
+        if from_ == "All":
+            return True
+        if from_ == "Same":
+            return route_ns == own_ns
+        if from_ == "Selector":
+            return _selects(selector, self.namespaces.get(route_ns, {}))
+        return False
+
+    # -- routes ---------------------------------------------------------------------------
+
+    def _attach_routes(self, gateways: list[model.Gateway], listeners: list[_Listener]) -> None:
+        ours = {(g.obj.namespace, g.obj.name) for g in gateways}
+        by_owner: dict[tuple[str, str, str], list[_Listener]] = {}
+        for li in listeners:
+            by_owner.setdefault((li.owner.kind, li.owner.namespace, li.owner.name),
+                                []).append(li)
+        parsers = {"HTTPRoute": model.parse_http_route, "GRPCRoute": model.parse_grpc_route,
+                   "TLSRoute": model.parse_tls_route}
+        routes: list[model.Route] = []
+        for obj in self.s.of_kind("HTTPRoute", "GRPCRoute", "TLSRoute"):
+            try:
+                routes.append(parsers[obj.kind](obj))
+            except model.Invalid as e:
+                self.status[obj.key] = {"parents": [], "invalid": str(e)}
+        routes.sort(key=lambda r: (r.obj.created, r.obj.namespace, r.obj.name))
+        for route in routes:
+            self._attach(route, ours, by_owner)
+
+    def _attach(self, route: model.Route, ours: set[tuple[str, str]],
+                by_owner: dict[tuple[str, str, str], list[_Listener]]) -> None:
+        parents = []
+        resolved = None
+        gen = route.obj.generation
+        for ref in route.parent_refs:
+            if ref.group != GATEWAY_GROUP or ref.kind not in ("Gateway", "ListenerSet",
+                                                               "XListenerSet"):
+                continue
+            candidates = by_owner.get((ref.kind.removeprefix("X"), ref.namespace, ref.name)) or \
+                by_owner.get((ref.kind, ref.namespace, ref.name))
+            if ref.kind == "Gateway" and (ref.namespace, ref.name) not in ours:
+                continue
+            if ref.kind != "Gateway" and candidates is None:
+                continue
+            accepted, reason, message, attached = self._select_listeners(
+                route, ref, candidates or [])
+            if resolved is None:
+                resolved = self.routes.resolve(route)
+            conds = [condition("Accepted", accepted, reason, message, gen)]
+            conds.append(condition("ResolvedRefs", resolved.ok, resolved.reason,
+                                   resolved.message, gen))
+            parents.append({"parentRef": ref.describe(),
+                            "controllerName": self.cfg.controller_name,
+                            "conditions": conds})
+            for li, names in attached:
+                li.attached += 1
+                self.routes.add(route, li.key, names, resolved, li.spec.port)
+        if parents:
+            self.status[route.obj.key] = {"parents": parents}
+
+    def _select_listeners(self, route: model.Route, ref: model.ParentRef,
+                          candidates: list[_Listener],
+                          ) -> tuple[bool, str, str, list[tuple[_Listener, tuple[str, ...]]]]:
+        lis = [li for li in candidates
+               if (ref.section_name is None or li.spec.name == ref.section_name)
+               and (ref.port is None or li.spec.port == ref.port)]
+        if not lis:
+            return False, "NoMatchingParent", "no listener matches the parentRef's " \
+                "sectionName and port", []
+        lis = [li for li in lis if li.valid]
+        kind_ok = [li for li in lis if route.kind in li.supported_kinds]
+        ns_ok = [li for li in kind_ok if self._namespace_allowed(
+            li.spec.allowed_from, li.spec.allowed_selector, li.gateway.obj.namespace,
+            route.obj.namespace)]
+        if not ns_ok:
+            return False, "NotAllowedByListeners", \
+                f"no listener allows a {route.kind} from namespace {route.obj.namespace}", []
+        attached = []
+        for li in ns_ok:
+            names = hostnames.intersect(li.spec.hostname, route.hostnames)
+            if names:
+                attached.append((li, names))
+        if not attached:
+            return False, "NoMatchingListenerHostname", \
+                "no listener hostname matches the route's hostnames", []
+        return True, "Accepted", "attached to " + ", ".join(
+            li.spec.name for li, _ in attached), attached
+
+    # -- status of Gateways and their listeners -------------------------------------------
+
+    def _gateway_status(self, gateways: list[model.Gateway], listeners: list[_Listener]) -> None:
+        for g in gateways:
+            gen = g.obj.generation
+            conds = []
+            address = self._gateway_address(g)
+            own = [li for li in listeners if li.owner is g.obj]
+            for li in listeners:
+                if not any(c["type"] == "Accepted" for c in li.status["conditions"]):
+                    li.status["conditions"].append(condition(
+                        "Accepted", li.valid, "Accepted" if li.valid else "Invalid",
+                        "listener accepted" if li.valid else "listener not accepted",
+                        li.owner.generation))
+                if not any(c["type"] == "ResolvedRefs" for c in li.status["conditions"]):
+                    li.status["conditions"].append(condition(
+                        "ResolvedRefs", True, "ResolvedRefs", "references resolved",
+                        li.owner.generation))
+                if not any(c["type"] == "Conflicted" for c in li.status["conditions"]):
+                    li.status["conditions"].append(condition(
+                        "Conflicted", False, "NoConflicts", "no conflicts",
+                        li.owner.generation))
+                li.status["attachedRoutes"] = li.attached
+            if address is None:
+                msg = "no usable address: the pool is exhausted or the address is invalid"
+                conds.append(condition("Accepted", True, "Accepted", "accepted", gen))
+                conds.append(condition("Programmed", False, "AddressNotUsable", msg, gen))
+            else:
+                conds.append(condition("Accepted", True, "Accepted", "accepted", gen))
+                if not any(li.valid for li in own) and own:
+                    conds[-1] = condition("Accepted", False, "ListenersNotValid",
+                                          "no listener is valid", gen)
+            self.status[g.obj.key] = {
+                "addresses": [{"type": "IPAddress", "value": address}] if address else [],
+                "conditions": conds,
+                "listeners": [li.status for li in own],
+            }
+            for li in listeners:
+                if li.owner is not g.obj and li.gateway is g:
+                    st = self.status.setdefault(li.owner.key, {"conditions": [], "listeners": []})
+                    st.setdefault("listeners", []).append(li.status)
+            for li in listeners:
+                if li.gateway is g:
+                    li.address = address
+        for obj in self.s.of_kind("ListenerSet", "XListenerSet"):
+            ls_status = self.status.get(obj.key)
+            if ls_status is None or ls_status["conditions"]:
+                continue
+            lis = ls_status.get("listeners", [])
+            ok = any(_cond_true(x, "Accepted") for x in lis)
+            ls_status["conditions"] = [
+                condition("Accepted", ok, "Accepted" if ok else "ListenersNotValid",
+                          "accepted" if ok else "no listener is valid", obj.generation)]
+
+    def _allocate(self, key: str, wanted: str | None = None) -> str | None:
+        if wanted is not None:
+            try:
+                ipaddress.ip_address(wanted)
+            except ValueError:
+                return None
+            self.addresses[key] = wanted
+            return wanted
+        taken = set(self.addresses.values()) | {
+            v for k, v in self.previous_addresses.items() if k != key}
+        prev = self.previous_addresses.get(key)
+        if prev is not None and prev not in set(self.addresses.values()):
+            self.addresses[key] = prev
+            return prev
+        for host in ipaddress.ip_network(self.cfg.address_pool).hosts():
+            if str(host) not in taken:
+                self.addresses[key] = str(host)
+                return str(host)
+        return None
+
+    def _gateway_address(self, g: model.Gateway) -> str | None:
+        key = f"gateway/{g.obj.namespace}/{g.obj.name}"
+        ips = [v for t, v in g.addresses if t == "IPAddress"]
+        if any(t != "IPAddress" for t, _ in g.addresses):
+            return None
+        return self._allocate(key, ips[0] if ips else None)
+
+    # -- IR listeners ------------------------------------------------------------------------
+
+    def _ir_listeners(self, listeners: list[_Listener]) -> list[ir.Listener]:
+        by_port: dict[tuple[str, int], list[_Listener]] = {}
+        for li in listeners:
+            if li.valid and li.address is not None:
+                by_port.setdefault((li.address, li.spec.port), []).append(li)
+        out = []
+        for (address, port), lis in sorted(by_port.items()):
+            protocol = lis[0].spec.protocol
+            owners = frozenset(li.owner.key for li in lis)
+            chains: list[ir.FilterChain] = []
+            if protocol == "HTTP":
+                table = self.routes.http_table(f"{address}:{port}",
+                                               [(li.key, li.spec.hostname) for li in lis])
+                chains.append(ir.FilterChain(name="http", route_table=table, owners=owners))
+            else:
+                for li in _most_specific_first(lis):
+                    chains += self._tls_chains(li)
+            out.append(ir.Listener(name=f"{address}:{port}", address=address, port=port,
+                                   protocol=protocol, chains=tuple(chains), owners=owners))
+        return out
+
+    def _tls_chains(self, li: _Listener) -> list[ir.FilterChain]:
+        sni = (li.spec.hostname,) if li.spec.hostname else ()
+        owner = frozenset({li.owner.key})
+        if li.spec.protocol == "HTTPS":
+            table = self.routes.http_table(li.key, [(li.key, li.spec.hostname)])
+            return [ir.FilterChain(name=li.key, server_names=sni,
+                                   certificates=li.certificates, route_table=table,
+                                   owners=owner)]
+        chains = []
+        for names, backends, owners in self.routes.tls_routes(li.key):
+            chains.append(ir.FilterChain(
+                name=f"{li.key}/{names[0]}", server_names=tuple(n for n in names if n != "*"),
+                certificates=li.certificates if li.spec.tls_mode != "Passthrough" else (),
+                tcp_backends=backends, owners=owners | owner))
+        return chains
+
+
+def _most_specific_first(lis: Iterable[_Listener]) -> list[_Listener]:
+    return sorted(lis, key=lambda li: (li.spec.hostname is None,
+                                       (li.spec.hostname or "").startswith("*"),
+                                       -len(li.spec.hostname or "")))
+
+
+def _cond_true(status: Mapping[str, Any], type_: str) -> bool:
+    return any(c["type"] == type_ and c["status"] == "True" for c in status["conditions"])
+
+
+def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions)."""
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True

@@ -1,0 +1,186 @@
+"""The intermediate representation: what the node must do, in plain typed data.
+
+Produced by the pure translator from the store; consumed by the sinks (xDS now; BPF maps and
+encryption later). Envoy and BPF details stay out. Every listener, route and backend records
+the objects it comes from (`owners`), so `Programmed` can follow the node's ACKs back to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh.k8s import ObjectKey
+
+Owners = frozenset[ObjectKey]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class UpstreamTLS:
+    sni: str
+    ca_pem: bytes | None  # None: the system's trusted CAs
+    subject_alt_names: tuple[tuple[str, str], ...] = ()  # (Hostname | URI, value)
+    client_cert: str | None = None  # secret name, for backend client certificates
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A set of endpoints Envoy forwards to: one Service port (an Envoy cluster)."""
+
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    protocol: str = "http1"  # http1 | h2c | tcp
+    tls: UpstreamTLS | None = None
+    owners: Owners = frozenset()
+
+
+@dataclass(frozen=True)
+class StringMatch:
+    type: str  # Exact | RegularExpression | Prefix | PathSeparatedPrefix | Present
+    value: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class HeaderOps:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.add or self.remove)
+
+
+@dataclass(frozen=True)
+class WeightedBackend:
+    backend: str | None  # None: the reference is invalid and its share answers 500
+    weight: int
+    request_headers: HeaderOps = HeaderOps()
+    response_headers: HeaderOps = HeaderOps()
+
+
+@dataclass(frozen=True)
+class Retry:
+    attempts: int
+    codes: tuple[int, ...]
+    backoff: float | None = None
+
+
+@dataclass(frozen=True)
+class Mirror:
+    backend: str
+    percent: float | None = None
+
+
+@dataclass(frozen=True)
+class Cors:
+    allow_origins: tuple[str, ...]
+    allow_methods: tuple[str, ...]
+    allow_headers: tuple[str, ...]
+    expose_headers: tuple[str, ...]
+    allow_credentials: bool
+    max_age: int
+
+
+@dataclass(frozen=True)
+class Forward:
+    backends: tuple[WeightedBackend, ...]
+    timeout: float = 0.0  # 0: no timeout
+    per_try_timeout: float | None = None
+    retry: Retry | None = None
+    mirrors: tuple[Mirror, ...] = ()
+    host_rewrite: str | None = None
+    full_path_rewrite: str | None = None
+    prefix_rewrite: tuple[str, str] | None = None  # (matched prefix, replacement)
+    websocket: bool = False
+
+
+@dataclass(frozen=True)
+class Redirect:
+    status: int
+    scheme: str | None = None
+    host: str | None = None
+    port: int | None = None
+    full_path: str | None = None
+    prefix: tuple[str, str] | None = None  # (matched prefix, replacement)
+
+
+@dataclass(frozen=True)
+class DirectResponse:
+    status: int
+    body: str = ""
+
+
+Action = Forward | Redirect | DirectResponse
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    path: StringMatch
+    action: Action
+    headers: tuple[StringMatch, ...] = ()
+    query: tuple[StringMatch, ...] = ()
+    method: str | None = None
+    request_headers: HeaderOps = HeaderOps()
+    response_headers: HeaderOps = HeaderOps()
+    cors: Cors | None = None
+    owners: Owners = frozenset()
+
+
+@dataclass(frozen=True)
+class VirtualHost:
+    name: str
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """Virtual hosts served together (one Envoy RouteConfiguration)."""
+
+    name: str
+    virtual_hosts: tuple[VirtualHost, ...]
+    owners: Owners = frozenset()
+
+
+@dataclass(frozen=True)
+class Certificate:
+    name: str
+    cert_pem: bytes
+    key_pem: bytes
+
+
+@dataclass(frozen=True)
+class FilterChain:
+    """One way of handling connections on a port: by SNI when TLS, plain otherwise."""
+
+    name: str
+    server_names: tuple[str, ...] = ()  # empty: any
+    certificates: tuple[str, ...] = ()  # TLS termination with these certificates
+    route_table: str | None = None  # HTTP: the route table that serves it
+    tcp_backends: tuple[WeightedBackend, ...] = ()  # TCP proxying (TLS passthrough)
+    owners: Owners = frozenset()
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    address: str
+    port: int
+    protocol: str  # HTTP | HTTPS | TLS
+    chains: tuple[FilterChain, ...]
+    owners: Owners = frozenset()
+
+
+@dataclass(frozen=True)
+class IR:
+    listeners: tuple[Listener, ...] = ()
+    route_tables: tuple[RouteTable, ...] = ()
+    backends: tuple[Backend, ...] = ()
+    certificates: tuple[Certificate, ...] = ()
