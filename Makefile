@@ -1,5 +1,5 @@
 # Two commands for a fresh machine (Debian, root, Python 3.11):
-#   make run    installs everything and runs the agent and its Envoy on the example config
+#   make run    installs everything and runs the agent and its Envoy on examples/gateway
 #   make test   installs everything and runs lint, type checks and the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/mesh run --resources examples/envoy/demo.yaml --echo 127.0.0.1:18080
+	$(VENV)/bin/mesh run --manifests examples/gateway --echo 127.0.0.1:18080
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check mesh meshxds tests benchmarks

@@ -10,17 +10,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import watchfiles
 
 from mesh.bootstrap import BootstrapConfig, Protocol
 from mesh.envoy_supervisor import EnvoySupervisor
+from mesh.gateway.translate import Translation, TranslatorConfig, translate
+from mesh.providers.files import DirectoryState, FileProvider
+from mesh.status import StatusSink
 from meshxds import types
 from meshxds.cache import SnapshotCache
 from meshxds.loader import ResourceFileError, load_resources
 from meshxds.server import ListenAddress, XdsServer
+from meshxds.translate import EnvoyConfig, to_envoy
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,9 @@ class AgentConfig:
     xds_address: ListenAddress
     admin_address: ListenAddress
     protocol: Protocol = "delta"
-    resources_file: Path | None = None
+    resources_file: Path | None = None  # Envoy resources as they are
+    manifests: Path | None = None  # Kubernetes manifests, translated
+    translator: TranslatorConfig = field(default_factory=TranslatorConfig)
     envoy_log_level: str = "warning"
     max_downstream_connections: int = 50_000
 
@@ -44,9 +50,44 @@ class Agent:
         self.server = XdsServer(self.cache, cfg.xds_address)
         self.supervisor: EnvoySupervisor | None = None
         self.ready = asyncio.Event()
+        self.provider = FileProvider(cfg.manifests) if cfg.manifests is not None else None
+        self.status = StatusSink(cfg.state_dir / "status.json")
+        self._addresses: dict[str, str] = {}
+        self._input: DirectoryState | None = None
+        self._translation: Translation | None = None
+        self._envoy: EnvoyConfig | None = None
+
+    def apply(self, state: DirectoryState) -> bool:
+        """Translate the store and serve it. On any failure the last good config stays."""
+        try:
+            translation = translate(state.snapshot, self.cfg.translator, self._addresses)
+            envoy = to_envoy(translation.ir)
+            self.cache.set_snapshot(self.cfg.node_id, envoy.resources)
+        except Exception:
+            log.exception("translation failed, keeping the last good config")
+            return False
+        self._input, self._translation, self._envoy = state, translation, envoy
+        self._addresses = translation.addresses
+        self.refresh_status()
+        return True
+
+    def refresh_status(self) -> None:
+        if self._input is None or self._translation is None or self._envoy is None:
+            return
+        acks = {(s.type_url, s.name): s for s in self.cache.status(self.cfg.node_id)}
+        self.status.update(self._input.snapshot, self._translation.status, self._envoy.owned,
+                           acks, self._input.errors)
+
+    async def _follow_acks(self) -> None:
+        node = self.cache.node(self.cfg.node_id)
+        while True:
+            await node.wait_progress()
+            self.refresh_status()
 
     def reload(self) -> bool:
-        """Serve the resource file's content. A bad file is logged and changes nothing."""
+        """Serve the configured input. A bad file is logged and changes nothing."""
+        if self.provider is not None:
+            return self.apply(self.provider.load())
         path = self.cfg.resources_file
         if path is None:
             self.cache.set_snapshot(self.cfg.node_id, [])
@@ -62,6 +103,7 @@ class Agent:
 
     async def run(self) -> None:
         started = time.monotonic()
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.server.start()
         try:
             # The first full build comes before Envoy starts: it never sees a partial config.
@@ -79,7 +121,10 @@ class Agent:
             )
             self.supervisor.start()
             async with asyncio.TaskGroup() as tg:
-                if self.cfg.resources_file is not None:
+                if self.provider is not None:
+                    tg.create_task(self.provider.watch(self.apply), name="watch-manifests")
+                    tg.create_task(self._follow_acks(), name="follow-acks")
+                elif self.cfg.resources_file is not None:
                     target = self.cfg.resources_file.resolve()
                     tg.create_task(self._watch(target), name="watch-resources")
                 tg.create_task(self._announce_ready(started), name="announce-ready")

@@ -8,11 +8,13 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
 
 from mesh import logs
+from mesh.gateway.translate import DEFAULT_CONTROLLER
 
 
 def _default_state_dir() -> Path:
@@ -42,8 +44,15 @@ _state_dir_option = click.option(
 
 
 @main.command()
+@click.option("--manifests", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Directory of Kubernetes YAML/JSON: Gateway API, Ingress, Services, "
+              "EndpointSlices... (watched for changes).")
 @click.option("--resources", "resources_file", type=click.Path(path_type=Path, exists=True),
-              help="YAML file of Envoy resources to serve (watched for changes).")
+              help="Instead of manifests: a YAML file of Envoy resources to serve as they are.")
+@click.option("--address-pool", default="127.0.100.0/24", show_default=True, metavar="CIDR",
+              help="Addresses for Gateways that do not ask for one.")
+@click.option("--controller-name", default=DEFAULT_CONTROLLER, show_default=True,
+              help="GatewayClasses with this controllerName are ours.")
 @click.option("--node-id", default=socket.gethostname, show_default="host name")
 @_state_dir_option
 @click.option("--xds-address",
@@ -57,16 +66,26 @@ _state_dir_option = click.option(
               help="Envoy's global limit on downstream connections.")
 @click.option("--echo", "echo_address", metavar="HOST:PORT",
               help="Also run the project's echo backend there (for the demo).")
-def run(resources_file: Path | None, node_id: str, state_dir: Path, xds_address: str | None,
+def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
+        controller_name: str, node_id: str, state_dir: Path, xds_address: str | None,
         admin_address: str | None, protocol: str, envoy_log_level: str, max_connections: int,
         echo_address: str | None) -> None:
     """Run the node agent and the node's Envoy."""
+    import ipaddress
+
     from mesh.agent import Agent, AgentConfig, run_until_signalled
     from mesh.echo import EchoServer
+    from mesh.gateway.translate import TranslatorConfig
     from meshxds.server import ListenAddress
 
+    if manifests is not None and resources_file is not None:
+        raise click.UsageError("--manifests and --resources exclude each other")
     try:
+        ipaddress.ip_network(address_pool)
         cfg = AgentConfig(
+            manifests=manifests,
+            translator=TranslatorConfig(controller_name=controller_name,
+                                        address_pool=address_pool),
             node_id=node_id,
             state_dir=state_dir,
             xds_address=ListenAddress.parse(_address(xds_address, state_dir, "xds.sock")),
@@ -130,6 +149,66 @@ def xds_status(state_dir: Path, xds_address: str | None, node_id: str, output: s
                 x.error_state.details,
             )
     Console(width=200).print(table)
+
+
+@main.command("status")
+@_state_dir_option
+@click.option("-o", "--output", type=click.Choice(["table", "yaml", "json"]), default="table")
+def status_cmd(state_dir: Path, output: str) -> None:
+    """Every object the agent read, with its status (as `kubectl get -o yaml` shows it)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    path = state_dir / "status.json"
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise click.ClickException(f"no status at {path}: is `mesh run --manifests` "
+                                   "running with this --state-dir?") from e
+    if output == "json":
+        click.echo(json.dumps(doc, indent=2))
+        return
+    if output == "yaml":
+        click.echo(yaml.safe_dump(doc, sort_keys=False))
+        return
+    console = Console(width=200)
+    for file, error in sorted(doc.get("fileErrors", {}).items()):
+        console.print(f"[red]file rejected[/red] {file}: {error}")
+    table = Table("KIND", "NAMESPACE", "NAME", "ACCEPTED", "PROGRAMMED", "DETAIL")
+    for item in doc["items"]:
+        st = item.get("status")
+        if not st:
+            continue
+        meta = item["metadata"]
+        accepted, programmed, detail = _summary(st)
+        table.add_row(item["kind"], meta.get("namespace", ""), meta["name"], accepted,
+                      programmed, detail)
+    console.print(table)
+
+
+def _summary(status: dict[str, Any]) -> tuple[str, str, str]:
+    """ACCEPTED, PROGRAMMED and the first message that explains a False."""
+    conds = list(status.get("conditions", []))
+    for parent in status.get("parents", []):
+        conds += parent.get("conditions", [])
+    for li in status.get("listeners", []):
+        conds += li.get("conditions", [])
+
+    def state(type_: str) -> str:
+        found = [c for c in conds if c["type"] == type_]
+        if not found:
+            return "-"
+        return "True" if all(c["status"] == "True" for c in found) else "False"
+
+    problems = [f"{c['type']}: {c['reason']}: {c['message']}" for c in conds
+                if (c["status"] == "False") != (c["type"] == "Conflicted")]
+    if "loadBalancer" in status:
+        ips = [i.get("ip") for i in status["loadBalancer"].get("ingress", [])]
+        return "-", "-", "address " + ", ".join(ip for ip in ips if ip)
+    if "addresses" in status and not problems:
+        return state("Accepted"), state("Programmed"), "address " + ", ".join(
+            a["value"] for a in status["addresses"])
+    return state("Accepted"), state("Programmed"), problems[0] if problems else ""
 
 
 @main.command("bootstrap")

@@ -8,6 +8,7 @@ Ingress. The default backend answers what no rule matches, on every host.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ def _our_classes(snapshot: StoreSnapshot, controller: str) -> tuple[set[str], st
 
 
 def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
-                        address: str | None) -> IngressResult:
+                        allocate: Callable[[], str | None]) -> IngressResult:
     classes, default = _our_classes(snapshot, cfg.ingress_controller)
     ingresses = []
     result = IngressResult()
@@ -47,7 +48,10 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
             continue
         if (ing.class_name or default) in classes:
             ingresses.append(ing)
-    if not ingresses or address is None:
+    if not ingresses:
+        return result
+    address = allocate()
+    if address is None:
         return result
     result.used_address = address
     hosts: dict[str, list[tuple[tuple[Any, ...], ir.Route]]] = {}

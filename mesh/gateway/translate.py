@@ -94,7 +94,8 @@ class _Translator:
         out_listeners = self._ir_listeners(listeners)
         from mesh.gateway.ingress import translate_ingresses
 
-        ingress = translate_ingresses(self.s, self.cfg, self.routes, self._allocate("ingress"))
+        ingress = translate_ingresses(self.s, self.cfg, self.routes,
+                                      lambda: self._allocate("ingress"))
         self.status.update(ingress.status)
         if ingress.used_address:
             self.addresses["ingress"] = ingress.used_address

@@ -141,7 +141,7 @@ class FileProvider:
             t.spec_hash, t.generation = h, max(t.generation + 1, obj.generation)
         return replace(obj, generation=t.generation, created=t.created)
 
-    async def watch(self, on_change: Callable[[DirectoryState], None]) -> None:
+    async def watch(self, on_change: Callable[[DirectoryState], object]) -> None:
         """Call `on_change` after each burst of changes (debounced 100 ms)."""
         def relevant(_change: watchfiles.Change, path: str) -> bool:
             return path.endswith(SUFFIXES)
