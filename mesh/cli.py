@@ -211,6 +211,20 @@ def _summary(status: dict[str, Any]) -> tuple[str, str, str]:
     return state("Accepted"), state("Programmed"), problems[0] if problems else ""
 
 
+@main.command()
+@click.argument("patterns", nargs=-1)
+@click.option("--data", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Conformance data (default: ../shared/conformance/gateway-api-v1.6.1).")
+def conformance(patterns: tuple[str, ...], data: Path | None) -> None:
+    """Run the Gateway API conformance tests whose names contain PATTERNS (default: all)."""
+    from mesh.conformance.runner import report, run
+
+    results = run(list(patterns), log=click.echo, data=data)
+    click.echo(report(results))
+    if any(r.outcome == "FAIL" for r in results):
+        sys.exit(1)
+
+
 @main.command("bootstrap")
 @click.option("--node-id", default=socket.gethostname, show_default="host name")
 @_state_dir_option

@@ -1,0 +1,1 @@
+"""The Gateway API conformance runner (`mesh conformance`)."""

@@ -1,0 +1,139 @@
+"""Backend "pods" for the conformance suite: one echo process per replica, each on its own
+loopback address, and the EndpointSlices that point Services at them."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+ECHO_PORTS = (3000, 3001)  # HTTP/1.1, h2c (the echo-basic image's ports)
+
+
+@dataclass
+class Pod:
+    name: str
+    namespace: str
+    app_labels: dict[str, str]
+    ip: str
+    process: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class Backends:
+    """Starts and stops the pods of Deployments; writes EndpointSlices for Services."""
+
+    pool: str = "127.1.0.0/16"
+    log_dir: str = "/tmp"
+    pods: dict[tuple[str, str], list[Pod]] = field(default_factory=dict)
+    _next: int = 0
+
+    def _address(self) -> str:
+        self._next += 1
+        return str(ipaddress.ip_network(self.pool)[self._next])
+
+    def start(self, deployments: Iterable[dict[str, Any]]) -> None:
+        started = []
+        for d in deployments:
+            meta = d.get("metadata", {})
+            ns, name = meta.get("namespace", "default"), meta["name"]
+            if (ns, name) in self.pods:
+                continue
+            spec = d.get("spec", {})
+            labels = spec.get("template", {}).get("metadata", {}).get("labels", {})
+            env = {e["name"]: e.get("value", "") for c in spec.get("template", {}).get(
+                "spec", {}).get("containers", []) for e in c.get("env", [])
+                if "value" in e}
+            pods = []
+            for i in range(int(spec.get("replicas", 1))):
+                h = hashlib.sha256(f"{ns}/{name}/{i}".encode()).hexdigest()
+                pod = Pod(f"{name}-{h[:10]}-{h[10:15]}", ns, dict(labels), self._address())
+                pod.process = self._spawn(pod, env)
+                pods.append(pod)
+                started.append(pod)
+            self.pods[(ns, name)] = pods
+        self._wait_listening(started)
+
+    def _spawn(self, pod: Pod, _env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(os.path.join(self.log_dir, f"{pod.name}.log"), "wb")
+        cmd = [sys.executable, "-m", "mesh.cli", "--log-level", "debug", "echo",
+               "--listen", f"{pod.ip}:{ECHO_PORTS[0]}"]
+        return subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "POD_NAME": pod.name, "NAMESPACE": pod.namespace})
+
+    def _wait_listening(self, pods: list[Pod], timeout: float = 30) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        for pod in pods:
+            while True:
+                try:
+                    socket.create_connection((pod.ip, ECHO_PORTS[0]), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"echo pod {pod.name} did not start") from None
+                    time.sleep(0.05)
+
+    def endpoint_slices(self, services: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """An EndpointSlice for each Service whose selector picks some of our pods."""
+        out = []
+        for svc in services:
+            meta = svc.get("metadata", {})
+            ns, name = meta.get("namespace", "default"), meta["name"]
+            selector = svc.get("spec", {}).get("selector") or {}
+            if not selector:
+                continue
+            pods = [p for (pns, _), ps in self.pods.items() if pns == ns for p in ps
+                    if all(p.app_labels.get(k) == v for k, v in selector.items())]
+            ports = []
+            for p in svc.get("spec", {}).get("ports", []):
+                target = p.get("targetPort", p["port"])
+                if isinstance(target, str):
+                    continue  # named container ports: the echo pods have none
+                entry = {"name": p.get("name", ""), "port": target,
+                         "protocol": p.get("protocol", "TCP")}
+                if "appProtocol" in p:
+                    entry["appProtocol"] = p["appProtocol"]
+                ports.append(entry)
+            out.append({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": f"{name}-conformance", "namespace": ns,
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "ports": ports,
+                "endpoints": [{"addresses": [p.ip], "conditions": {"ready": True},
+                               "targetRef": {"kind": "Pod", "name": p.name, "namespace": ns}}
+                              for p in pods],
+            })
+        return out
+
+    def pod_logs(self, namespace: str, deployment: str) -> str:
+        text = []
+        for pod in self.pods.get((namespace, deployment), []):
+            path = os.path.join(self.log_dir, f"{pod.name}.log")
+            if os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    text.append(f.read())
+        return "\n".join(text)
+
+    def stop(self) -> None:
+        for pods in self.pods.values():
+            for p in pods:
+                if p.process is not None and p.process.poll() is None:
+                    p.process.terminate()
+        for pods in self.pods.values():
+            for p in pods:
+                if p.process is not None:
+                    try:
+                        p.process.wait(5)
+                    except subprocess.TimeoutExpired:
+                        p.process.kill()
+        self.pods.clear()

@@ -1,0 +1,145 @@
+"""One conformance case: make the request, judge the answer the way the upstream suite does.
+
+A case passes when it passes three times in a row within 30 seconds. For a 200 the echoed
+request is compared (path with query, method, headers joined with ",", absent headers, the
+namespace, the pod name's prefix); for a redirect the Location header is parsed and compared.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+CONSECUTIVE = 3
+MAX_TIME = 30.0
+
+
+@dataclass
+class Outcome:
+    passed: bool
+    detail: str = ""
+
+
+def _host_header(address: str, port: int, scheme: str = "http") -> str:
+    if (scheme, port) in (("http", 80), ("https", 443)):
+        return address
+    return f"{address}:{port}"
+
+
+def roundtrip(address: str, port: int, case: dict[str, Any],
+              timeout: float = 10.0) -> tuple[int, dict[str, list[str]], bytes]:
+    req = case.get("Request") or {}
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    headers = {"Host": req.get("Host") or _host_header(address, port)}
+    for name, value in (req.get("Headers") or {}).items():
+        headers[name] = value
+    set_headers = case.get("BackendSetResponseHeaders") or {}
+    headers["X-Echo-Set-Header"] = ",".join(f"{k}:{v}" for k, v in set_headers.items())
+    try:
+        conn.request(req.get("Method") or "GET", req.get("Path") or "/", headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        got: dict[str, list[str]] = {}
+        for k, v in resp.getheaders():
+            got.setdefault(k.lower(), []).append(v)
+        return resp.status, got, body
+    finally:
+        conn.close()
+
+
+def compare(case: dict[str, Any], status: int, headers: dict[str, list[str]], body: bytes,
+            scheme: str = "http") -> str | None:
+    """None when the answer is what the case expects, else why not."""
+    req = case.get("Request") or {}
+    expected_resp = case.get("Response") or {}
+    codes = expected_resp.get("StatusCodes") or [expected_resp.get("StatusCode") or 200]
+    if status not in codes:
+        return f"expected status {codes}, got {status}"
+    if status == 200:
+        try:
+            echo = json.loads(body)
+        except ValueError:
+            return f"the answer is not the echo's JSON: {body[:100]!r}"
+        exp = case.get("ExpectedRequest") or {"Request": req}
+        ereq = exp.get("Request") or {}
+        echoed = {k.lower(): v for k, v in (echo.get("headers") or {}).items()}
+        if ereq.get("Host") and ereq["Host"] != echo.get("host"):
+            return f"expected host {ereq['Host']}, got {echo.get('host')}"
+        if (ereq.get("Path") or "") != echo.get("path"):
+            return f"expected path {ereq.get('Path')!r}, got {echo.get('path')!r}"
+        if (ereq.get("Method") or "GET") != echo.get("method"):
+            return f"expected method {ereq.get('Method') or 'GET'}, got {echo.get('method')}"
+        if case.get("Namespace", "") != echo.get("namespace"):
+            return f"expected namespace {case.get('Namespace')}, got {echo.get('namespace')}"
+        for name, value in (ereq.get("Headers") or {}).items():
+            got = echoed.get(name.lower())
+            if got is None:
+                return f"expected request header {name}"
+            if ",".join(got) != value:
+                return f"expected request header {name}={value}, got {','.join(got)}"
+        for name, value in (expected_resp.get("Headers") or {}).items():
+            got = headers.get(name.lower())
+            if got is None:
+                return f"expected response header {name}"
+            if ",".join(got) != value:
+                return f"expected response header {name}={value}, got {','.join(got)}"
+        for name in expected_resp.get("AbsentHeaders") or []:
+            if name.lower() in headers:
+                return f"response header {name} should be absent"
+        for name in exp.get("AbsentHeaders") or []:
+            if name.lower() in echoed:
+                return f"request header {name} should be absent"
+        backend = case.get("Backend") or ""
+        if not str(echo.get("pod", "")).startswith(backend):
+            return f"expected a pod of {backend}, got {echo.get('pod')}"
+    elif status in (301, 302, 303, 307, 308):
+        redirect = case.get("RedirectRequest")
+        if redirect is None:
+            return None
+        location = (headers.get("location") or [""])[0]
+        u = urlsplit(location)
+        host, port = u.hostname or "", str(u.port or "")
+        want_host = redirect.get("Host") or host
+        if want_host != host:
+            return f"expected redirect host {want_host!r}, got {host!r} ({location})"
+        want_port = redirect.get("Port") or ""
+        got_scheme = u.scheme
+        if want_port:
+            if want_port != port:
+                return f"expected redirect port {want_port!r}, got {port!r} ({location})"
+        elif (got_scheme == "http" and port not in ("", "80")) or (
+                got_scheme == "https" and port not in ("", "443")):
+            return f"expected no or the scheme's default port, got {port!r} ({location})"
+        want_scheme = redirect.get("Scheme") or scheme
+        if want_scheme != got_scheme:
+            return f"expected redirect scheme {want_scheme!r}, got {got_scheme!r} ({location})"
+        want_path = redirect.get("Path") or (req.get("Path") or "/").split("?")[0]
+        if want_path != u.path:
+            return f"expected redirect path {want_path!r}, got {u.path!r} ({location})"
+    return None
+
+
+def eventually(address: str, port: int, case: dict[str, Any],
+               max_time: float = MAX_TIME) -> Outcome:
+    deadline = time.monotonic() + max_time
+    successes = 0
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        try:
+            status, headers, body = roundtrip(address, port, case)
+            problem = compare(case, status, headers, body)
+        except (OSError, http.client.HTTPException) as e:
+            problem = f"request failed: {e!r}"
+        if problem is None:
+            successes += 1
+            if successes >= CONSECUTIVE:
+                return Outcome(True)
+            continue
+        successes = 0
+        last = problem
+        time.sleep(0.2)
+    return Outcome(False, last)

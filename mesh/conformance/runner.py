@@ -1,0 +1,220 @@
+"""The conformance runner: the suite's manifests served by a real `mesh run`, its cases
+replayed against the node's Envoy, a report per test and per feature.
+
+One agent runs for the whole suite. The base manifests stay; each test's manifests are
+written into the watched directory, judged, then removed, as the upstream suite applies and
+deletes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesh.conformance import judge
+from mesh.conformance.backends import Backends
+from mesh.conformance.suite import ConformanceTest, Suite
+from mesh.gateway.translate import DEFAULT_CONTROLLER
+
+INFRA_NS = "gateway-conformance-infra"
+GATEWAY_POOL = "127.2.0.0/24"
+
+
+@dataclass
+class TestResult:
+    test: ConformanceTest
+    outcome: str  # PASS | FAIL | SKIP
+    detail: str = ""
+    cases: list[tuple[str, str, str]] = field(default_factory=list)  # (name, outcome, detail)
+
+
+def _objects_key(doc: dict[str, Any]) -> tuple[str, str, str]:
+    meta = doc.get("metadata", {})
+    return doc.get("kind", ""), meta.get("namespace", ""), meta.get("name", "")
+
+
+class Runner:
+    def __init__(self, suite: Suite, log: Callable[[str], None] = print) -> None:
+        self.suite = suite
+        self.log = log
+        self.dir = Path(tempfile.mkdtemp(prefix="mesh-conf-"))
+        self.manifests = self.dir / "manifests"
+        self.manifests.mkdir()
+        self.backends = Backends(log_dir=str(self.dir))
+        self.agent: subprocess.Popen[bytes] | None = None
+        self.agent_log = self.dir / "agent.log"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        base = self.suite.base()
+        self.backends.start(d for d in base if d.get("kind") == "Deployment")
+        slices = self.backends.endpoint_slices(d for d in base if d.get("kind") == "Service")
+        self._write("00-base.yaml", [d for d in base if d.get("kind") != "Deployment"]
+                    + slices)
+        log = open(self.agent_log, "wb")
+        self.agent = subprocess.Popen(
+            [sys.executable, "-m", "mesh.cli", "run", "--manifests", str(self.manifests),
+             "--state-dir", str(self.dir / "state"), "--node-id", "conformance",
+             "--address-pool", GATEWAY_POOL, "--controller-name", DEFAULT_CONTROLLER],
+            stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while b"node ready" not in self.agent_log.read_bytes():
+            if self.agent.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("mesh run did not start:\n" + self.agent_log.read_text())
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.agent is not None and self.agent.poll() is None:
+            self.agent.send_signal(signal.SIGTERM)
+            try:
+                self.agent.wait(15)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+        self.backends.stop()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- manifests and status ------------------------------------------------------------------
+
+    def _write(self, name: str, docs: list[dict[str, Any]]) -> None:
+        tmp = self.dir / f".{name}"
+        tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        os.replace(tmp, self.manifests / name)
+
+    def status(self) -> dict[tuple[str, str, str], dict[str, Any]]:
+        try:
+            doc = json.loads((self.dir / "state" / "status.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {_objects_key(i): i for i in doc.get("items", [])}
+
+    def _wait_status(self, keys: list[tuple[str, str, str]], present: bool,
+                     timeout: float = 20) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status()
+            if all((k in st) == present for k in keys):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def gateway_address(self, namespace: str, name: str,
+                        listener: str | None = None) -> tuple[str, int] | None:
+        item = self.status().get(("Gateway", namespace, name))
+        if item is None:
+            return None
+        addresses = item.get("status", {}).get("addresses") or []
+        listeners = item.get("spec", {}).get("listeners") or []
+        if not addresses or not listeners:
+            return None
+        chosen = next((li for li in listeners if li.get("name") == listener), listeners[0])
+        return addresses[0]["value"], int(chosen["port"])
+
+    # -- tests ---------------------------------------------------------------------------------
+
+    def run_test(self, test: ConformanceTest) -> TestResult:
+        docs = [d for m in test.manifests for d in self.suite.documents(m)]
+        deployments = [d for d in docs if d.get("kind") == "Deployment"]
+        if deployments:
+            self.backends.start(deployments)
+        objects = [d for d in docs if d.get("kind") != "Deployment"]
+        objects += self.backends.endpoint_slices(d for d in docs if d.get("kind") == "Service")
+        keys = [_objects_key(d) for d in objects]
+        self._write("50-test.yaml", objects)
+        try:
+            self._wait_status(keys, present=True)
+            return self._judge(test)
+        finally:
+            (self.manifests / "50-test.yaml").unlink(missing_ok=True)
+            self._wait_status(keys, present=False)
+
+    def _judge(self, test: ConformanceTest) -> TestResult:
+        result = TestResult(test, "PASS")
+        static = [c for c in test.cases if c.get("static") and c.get("kind") == "http"
+                  and c.get("sender") == "http.MakeRequestAndExpectEventuallyConsistentResponse"]
+        others = len(test.cases) - len(static)
+        if not test.cases:
+            return TestResult(test, "SKIP", "status-only test: no checks yet")
+        for i, case in enumerate(static):
+            gw = case.get("gateway") or (test.gateways[0] if test.gateways else None)
+            name = case.get("TestCaseName") or f"{i} {case.get('Request', {}).get('Host', '')}" \
+                f"{case.get('Request', {}).get('Path', '')}"
+            if gw is None:
+                result.cases.append((name, "FAIL", "no gateway"))
+                continue
+            ns, _, gname = gw.rpartition("/")
+            listener = (case.get("listeners") or [None])[0]
+            target = None
+            deadline = time.monotonic() + 20
+            while target is None and time.monotonic() < deadline:
+                target = self.gateway_address(ns or INFRA_NS, gname, listener)
+                if target is None:
+                    time.sleep(0.1)
+            if target is None:
+                result.cases.append((name, "FAIL", f"Gateway {gw} has no address"))
+                continue
+            out = judge.eventually(target[0], target[1], case)
+            result.cases.append((name, "PASS" if out.passed else "FAIL", out.detail))
+        failed = [c for c in result.cases if c[1] == "FAIL"]
+        if failed:
+            result.outcome, result.detail = "FAIL", f"{failed[0][0]}: {failed[0][2]}"
+        elif others:
+            result.outcome = "SKIP" if not static else "PASS"
+            result.detail = f"{others} case(s) of other kinds not run yet"
+        return result
+
+
+def run(patterns: list[str], log: Callable[[str], None] = print,
+        data: Path | None = None) -> list[TestResult]:
+    suite = Suite(data, DEFAULT_CONTROLLER) if data else Suite(controller=DEFAULT_CONTROLLER)
+    tests = [t for t in suite.tests() if not patterns or any(p in t.name for p in patterns)]
+    runner = Runner(suite, log)
+    results = []
+    try:
+        runner.start()
+        for test in tests:
+            started = time.monotonic()
+            r = runner.run_test(test)
+            results.append(r)
+            log(f"{r.outcome:4} {test.name} ({time.monotonic() - started:.1f}s)"
+                + (f": {r.detail}" if r.detail else ""))
+    finally:
+        runner.stop()
+        if all(r.outcome != "FAIL" for r in results):
+            runner.cleanup()
+        else:
+            log(f"logs kept in {runner.dir}")
+    return results
+
+
+def report(results: list[TestResult]) -> str:
+    lines = []
+    by_feature: dict[str, list[str]] = {}
+    for r in results:
+        for f in r.test.features:
+            by_feature.setdefault(f, []).append(r.outcome)
+    total = {k: sum(1 for r in results if r.outcome == k) for k in ("PASS", "FAIL", "SKIP")}
+    lines.append(f"tests: {total['PASS']} passed, {total['FAIL']} failed, "
+                 f"{total['SKIP']} skipped")
+    cases = [c for r in results for c in r.cases]
+    lines.append(f"cases: {sum(c[1] == 'PASS' for c in cases)} passed, "
+                 f"{sum(c[1] == 'FAIL' for c in cases)} failed")
+    lines.append("features:")
+    for f, outs in sorted(by_feature.items()):
+        lines.append(f"  {f}: {outs.count('PASS')} passed, {outs.count('FAIL')} failed, "
+                     f"{outs.count('SKIP')} skipped")
+    return "\n".join(lines)
