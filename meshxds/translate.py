@@ -108,7 +108,7 @@ def _cluster(b: ir.Backend) -> cluster_pb2.Cluster:
                 matcher=string_pb2.StringMatcher(exact=value))
         ctx = tls_pb2.UpstreamTlsContext(
             sni=b.tls.sni,
-            common_tls_context=common_pb2.CommonTlsContext(validation_context=validation))
+            common_tls_context=tls_pb2.CommonTlsContext(validation_context=validation))
         c.transport_socket.name = "envoy.transport_sockets.tls"
         c.transport_socket.typed_config.Pack(ctx)
     return c
@@ -319,10 +319,10 @@ def _hcm(table: str, stat_prefix: str) -> listener_components_pb2.Filter:
 
 
 def _downstream_tls(certs: tuple[str, ...], alpn: list[str]) -> base_pb2.TransportSocket:
-    ctx = tls_pb2.DownstreamTlsContext(common_tls_context=common_pb2.CommonTlsContext(
+    ctx = tls_pb2.DownstreamTlsContext(common_tls_context=tls_pb2.CommonTlsContext(
         alpn_protocols=alpn,
         tls_certificate_sds_secret_configs=[
-            tls_pb2.SdsSecretConfig(name=c, sds_config=config_source_pb2.ConfigSource(
+            secret_pb2.SdsSecretConfig(name=c, sds_config=config_source_pb2.ConfigSource(
                 ads=config_source_pb2.AggregatedConfigSource(),
                 resource_api_version=config_source_pb2.V3)) for c in certs]))
     ts = base_pb2.TransportSocket(name="envoy.transport_sockets.tls")

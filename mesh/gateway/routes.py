@@ -276,9 +276,11 @@ class RouteBuilder:
                     host_rewrite=rewrite.hostname if rewrite else None,
                     full_path_rewrite=rewrite.path.value if rewrite and rewrite.path and
                     rewrite.path.type == "ReplaceFullPath" else None,
+                    # ReplacePrefixMatch only means something for a prefix match (the API's
+                    # validation refuses it with any other).
                     prefix_rewrite=(m.path.value, rewrite.path.value)
                     if rewrite and rewrite.path and rewrite.path.type == "ReplacePrefixMatch"
-                    else None)
+                    and m.path.type == "PathPrefix" else None)
             r = ir.Route(
                 name=f"{obj.namespace}/{obj.name}/{label}/match{j}",
                 path=path,

@@ -199,7 +199,8 @@ class _Translator:
                                    f"protocol {spec.protocol} is not supported", gen))
         if spec.allowed_kinds is not None and len(kinds) != len(spec.allowed_kinds):
             bad = [f"{k.group}/{k.kind}" for k in spec.allowed_kinds if k.kind not in kinds]
-            li.valid = False
+            # The supported kinds still attach; only a listener left with none is invalid.
+            li.valid = bool(kinds)
             conds.append(condition("ResolvedRefs", False, "InvalidRouteKinds",
                                    f"route kinds not supported here: {', '.join(bad)}", gen))
         if spec.protocol in ("HTTPS", "TLS"):
