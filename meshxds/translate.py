@@ -306,7 +306,6 @@ def _hcm(table: str, stat_prefix: str) -> listener_components_pb2.Filter:
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=r.ads_source(), route_config_name=table),
         http_filters=_http_filters(),
-        strip_any_host_port=True,
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
         path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.KEEP_UNCHANGED,

@@ -59,7 +59,24 @@ def compare(case: dict[str, Any], status: int, headers: dict[str, list[str]], bo
     codes = expected_resp.get("StatusCodes") or [expected_resp.get("StatusCode") or 200]
     if status not in codes:
         return f"expected status {codes}, got {status}"
-    if status == 200:
+    for name, allowed in (expected_resp.get("ValidHeaderValues") or {}).items():
+        got = ",".join(headers.get(name.lower(), []))
+        if expected_resp.get("IgnoreWhitespace"):
+            got = " ".join(got.split())
+            allowed = [" ".join(a.split()) for a in allowed]
+        if got not in allowed:
+            return f"expected response header {name} in {allowed}, got {got!r}"
+    # A case that names no namespace is answered by the gateway itself (a CORS preflight):
+    # there is no echo to compare.
+    answered_by_gateway = not case.get("Namespace") and not case.get("Backend")
+    if status == 200 and answered_by_gateway:
+        for name, value in (expected_resp.get("Headers") or {}).items():
+            if ",".join(headers.get(name.lower(), [])) != value:
+                return f"expected response header {name}={value}"
+        for name in expected_resp.get("AbsentHeaders") or []:
+            if name.lower() in headers:
+                return f"response header {name} should be absent"
+    elif status == 200:
         try:
             echo = json.loads(body)
         except ValueError:

@@ -27,6 +27,7 @@ from mesh.conformance import judge
 from mesh.conformance.backends import Backends
 from mesh.conformance.suite import ConformanceTest, Suite
 from mesh.gateway.translate import DEFAULT_CONTROLLER
+from mesh.k8s import KINDS
 
 INFRA_NS = "gateway-conformance-infra"
 GATEWAY_POOL = "127.2.0.0/24"
@@ -133,7 +134,8 @@ class Runner:
             self.backends.start(deployments)
         objects = [d for d in docs if d.get("kind") != "Deployment"]
         objects += self.backends.endpoint_slices(d for d in docs if d.get("kind") == "Service")
-        keys = [_objects_key(d) for d in objects]
+        # Kinds the agent does not handle (TCPRoute, UDPRoute...) never show in its status.
+        keys = [_objects_key(d) for d in objects if d.get("kind") in KINDS]
         self._write("50-test.yaml", objects)
         try:
             self._wait_status(keys, present=True)
@@ -167,6 +169,10 @@ class Runner:
             if target is None:
                 result.cases.append((name, "FAIL", f"Gateway {gw} has no address"))
                 continue
+            host = (case.get("Request") or {}).get("Host") or ""
+            if ":" in host and host.rsplit(":", 1)[1].isdigit():
+                # Upstream sends these to the listener on the Host header's port.
+                target = (target[0], int(host.rsplit(":", 1)[1]))
             out = judge.eventually(target[0], target[1], case)
             result.cases.append((name, "PASS" if out.passed else "FAIL", out.detail))
         failed = [c for c in result.cases if c[1] == "FAIL"]

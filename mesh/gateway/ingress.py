@@ -82,7 +82,8 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
     vhosts = []
     for host in sorted(hosts, key=lambda h: (h == "*", h.startswith("*"), h)):
         ordered = [r for _, r in sorted(hosts[host], key=lambda kr: kr[0])]
-        vhosts.append(ir.VirtualHost(f"ingress/{host}", (host,),
+        domains = (host,) if host == "*" else (host, f"{host}:80", f"{host}:443")
+        vhosts.append(ir.VirtualHost(f"ingress/{host}", domains,
                                      tuple(ordered) + tuple(defaults[:1])))
     table = ir.RouteTable("ingress", tuple(vhosts), owners)
     put_table(routes, table)

@@ -346,7 +346,8 @@ class RouteBuilder:
         for name in names:
             entries.by_host.setdefault(name, []).extend(routes)
 
-    def http_table(self, name: str, listeners: Iterable[tuple[str, str | None]]) -> str:
+    def http_table(self, name: str, listeners: Iterable[tuple[str, str | None]],
+                   port: int | None = None) -> str:
         hosts: dict[str, list[tuple[tuple[Any, ...], ir.Route]]] = {}
         for key, hostname in listeners:
             hosts.setdefault(hostname or "*", [])
@@ -358,7 +359,10 @@ class RouteBuilder:
             ordered = [r for _, r in sorted(hosts[host], key=lambda kr: kr[0])]
             for r in ordered:
                 owners |= r.owners
-            vhosts.append(ir.VirtualHost(name=f"{name}/{host}", domains=(host,),
+            # Clients may send the port in Host ("foo.com:8080"); it reaches the backend as
+            # sent, so the virtual host answers to both forms.
+            domains = (host,) if host == "*" or port is None else (host, f"{host}:{port}")
+            vhosts.append(ir.VirtualHost(name=f"{name}/{host}", domains=domains,
                                          routes=tuple(ordered)))
         self._tables[name] = ir.RouteTable(name, tuple(vhosts), frozenset(owners))
         return name

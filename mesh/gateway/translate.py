@@ -478,7 +478,7 @@ class _Translator:
             chains: list[ir.FilterChain] = []
             if protocol == "HTTP":
                 table = self.routes.http_table(f"{address}:{port}",
-                                               [(li.key, li.spec.hostname) for li in lis])
+                                               [(li.key, li.spec.hostname) for li in lis], port)
                 chains.append(ir.FilterChain(name="http", route_table=table, owners=owners))
             else:
                 for li in _most_specific_first(lis):
@@ -491,7 +491,7 @@ class _Translator:
         sni = (li.spec.hostname,) if li.spec.hostname else ()
         owner = frozenset({li.owner.key})
         if li.spec.protocol == "HTTPS":
-            table = self.routes.http_table(li.key, [(li.key, li.spec.hostname)])
+            table = self.routes.http_table(li.key, [(li.key, li.spec.hostname)], li.spec.port)
             return [ir.FilterChain(name=li.key, server_names=sni,
                                    certificates=li.certificates, route_table=table,
                                    owners=owner)]
