@@ -60,12 +60,12 @@ def compare(case: dict[str, Any], status: int, headers: dict[str, list[str]], bo
     if status not in codes:
         return f"expected status {codes}, got {status}"
     for name, allowed in (expected_resp.get("ValidHeaderValues") or {}).items():
-        got = ",".join(headers.get(name.lower(), []))
+        actual = ",".join(headers.get(name.lower(), []))
         if expected_resp.get("IgnoreWhitespace"):
-            got = " ".join(got.split())
+            actual = " ".join(actual.split())
             allowed = [" ".join(a.split()) for a in allowed]
-        if got not in allowed:
-            return f"expected response header {name} in {allowed}, got {got!r}"
+        if actual not in allowed:
+            return f"expected response header {name} in {allowed}, got {actual!r}"
     # A case that names no namespace is answered by the gateway itself (a CORS preflight):
     # there is no echo to compare.
     answered_by_gateway = not case.get("Namespace") and not case.get("Backend")
