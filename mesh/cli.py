@@ -244,16 +244,22 @@ def bootstrap_cmd(node_id: str, state_dir: Path, protocol: str) -> None:
 
 
 @main.command()
-@click.option("--listen", default="127.0.0.1:18080", show_default=True, metavar="HOST:PORT")
-def echo(listen: str) -> None:
+@click.option("--listen", multiple=True, default=["127.0.0.1:18080"], show_default=True,
+              metavar="HOST:PORT", help="Plain HTTP/1.1 and h2c (repeatable).")
+@click.option("--tls-listen", multiple=True, metavar="HOST:PORT", help="HTTPS (repeatable).")
+@click.option("--cert", envvar="TLS_SERVER_CERT", type=click.Path(exists=True),
+              help="Certificate for --tls-listen (default: $TLS_SERVER_CERT).")
+@click.option("--key", envvar="TLS_SERVER_PRIVKEY", type=click.Path(exists=True),
+              help="Its private key (default: $TLS_SERVER_PRIVKEY).")
+def echo(listen: tuple[str, ...], tls_listen: tuple[str, ...], cert: str | None,
+         key: str | None) -> None:
     """Run the echo backend (pod and namespace from POD_NAME and NAMESPACE)."""
-    from mesh.echo import EchoServer
+    from mesh.echo import EchoIdentity, serve
 
-    host, _, port = listen.rpartition(":")
-    server = EchoServer(host, int(port))
-    click.echo(f"echo listening on {host}:{server.port}")
+    if tls_listen and not (cert and key):
+        raise click.UsageError("--tls-listen needs --cert and --key")
     try:
-        server.serve_forever()
+        asyncio.run(serve(list(listen), list(tls_listen), EchoIdentity(), cert, key))
     except KeyboardInterrupt:
         pass
 

@@ -1,20 +1,29 @@
 """The project's echo backend: answers every request with a JSON description of it.
 
-Used as the demo backend, in tests and (later) by the conformance runner. It reads its pod
-name and namespace from `POD_NAME` and `NAMESPACE`. `?delay=1s` waits before answering,
+Used as the demo backend, in tests and by the conformance runner. It reads its pod name and
+namespace from `POD_NAME` and `NAMESPACE`. `?delay=1s` waits before answering,
 `/status/NNN` answers that status, `X-Echo-Set-Header: A:1,B:2` sets response headers.
+
+Two servers share the same description:
+- `EchoServer`, HTTP/1.1 on a thread (stdlib), for in-process tests;
+- `serve()`, an ASGI app on hypercorn for `mesh echo`: HTTP/1.1 and h2c (prior knowledge) on
+  every plain port, TLS on the TLS ports, WebSocket echo. Every request is logged (the
+  mirror tests look for mirrored requests in the log).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger(__name__)
@@ -34,6 +43,62 @@ def _duration(text: str) -> float:
     return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
 
 
+def _canonical(name: str) -> str:
+    return "-".join(p.capitalize() for p in name.split("-"))
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes
+    headers: list[tuple[str, str]]
+    delay: float = 0.0
+
+
+def describe(identity: EchoIdentity, method: str, target: str, proto: str,
+             headers: Iterable[tuple[str, str]], tls: dict[str, Any] | None = None) -> Answer:
+    """The echo's answer to a request: its JSON description and what the request asked for."""
+    url = urlsplit(target)
+    query = parse_qs(url.query)
+    delay = 0.0
+    if "delay" in query:
+        try:
+            delay = min(_duration(query["delay"][0]), 30.0)
+        except ValueError:
+            pass
+    status = 200
+    m = re.fullmatch(r"/status/(\d{3})", url.path)
+    if m:
+        status = int(m.group(1))
+    by_name: dict[str, list[str]] = {}
+    host = ""
+    for k, v in headers:
+        if k.lower() in ("host", ":authority"):
+            host = host or v
+            if k.startswith(":"):
+                continue
+        by_name.setdefault(_canonical(k), []).append(v)
+    doc: dict[str, Any] = {
+        "path": target, "host": host, "method": method, "proto": proto, "headers": by_name,
+        "namespace": identity.namespace, "pod": identity.pod, "service": identity.service,
+        "ingress": "",
+    }
+    if tls is not None:
+        doc["tls"] = tls
+    extra = []
+    for pair in ",".join(by_name.get("X-Echo-Set-Header", [])).split(","):
+        name, sep, value = pair.partition(":")
+        if sep and name.strip():
+            extra.append((name.strip(), value.strip()))
+    body = json.dumps(doc).encode()
+    log.debug("echo", extra={"method": method, "path": target, "host": host, "proto": proto,
+                             "pod": identity.pod})
+    return Answer(status, body, [("Content-Type", "application/json"),
+                                 ("Content-Length", str(len(body))), *extra], delay)
+
+
+# -- HTTP/1.1 on a thread, for tests ---------------------------------------------------------
+
 class _Handler(BaseHTTPRequestHandler):
     server: EchoServer
     protocol_version = "HTTP/1.1"
@@ -45,46 +110,21 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
-        url = urlsplit(self.path)
-        query = parse_qs(url.query)
-        if "delay" in query:
-            time.sleep(min(_duration(query["delay"][0]), 30.0))
-        status = 200
-        m = re.fullmatch(r"/status/(\d{3})", url.path)
-        if m:
-            status = int(m.group(1))
-        headers: dict[str, list[str]] = {}
-        for k, v in self.headers.items():
-            headers.setdefault("-".join(p.capitalize() for p in k.split("-")), []).append(v)
-        ident = self.server.identity
-        doc = {
-            "path": self.path,
-            "host": self.headers.get("Host", ""),
-            "method": self.command,
-            "proto": self.request_version,
-            "headers": headers,
-            "namespace": ident.namespace,
-            "pod": ident.pod,
-            "service": ident.service,
-            "ingress": "",
-        }
-        body = json.dumps(doc).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for pair in self.headers.get("X-Echo-Set-Header", "").split(","):
-            name, sep, value = pair.partition(":")
-            if sep and name.strip():
-                self.send_header(name.strip(), value.strip())
+        answer = describe(self.server.identity, self.command, self.path, self.request_version,
+                          self.headers.items())
+        if answer.delay:
+            time.sleep(answer.delay)
+        self.send_response(answer.status)
+        for k, v in answer.headers:
+            self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(answer.body)
         self.server.requests += 1
-        log.debug("echo", extra={"method": self.command, "path": self.path, "pod": ident.pod})
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _echo
 
     def log_message(self, format: str, *args: object) -> None:
-        pass  # requests are logged through `logging` above
+        pass  # requests are logged through `logging` in describe()
 
 
 class EchoServer(ThreadingHTTPServer):
@@ -108,3 +148,72 @@ class EchoServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+# -- ASGI on hypercorn, for `mesh echo` ------------------------------------------------------
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def asgi_app(identity: EchoIdentity) -> Callable[[dict[str, Any], Receive, Send],
+                                                 Awaitable[None]]:
+    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await _websocket(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        while True:  # drain the body
+            message = await receive()
+            if not message.get("more_body"):
+                break
+        target = scope.get("raw_path", scope["path"].encode()).decode(errors="replace")
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode(errors="replace")
+        headers = [(k.decode(), v.decode(errors="replace")) for k, v in scope["headers"]]
+        tls = None
+        if scope.get("scheme") == "https":
+            tls = {"version": "TLS", "negotiatedProtocol": "h2" if scope["http_version"] == "2"
+                   else "http/1.1"}
+        answer = describe(identity, scope["method"], target, f"HTTP/{scope['http_version']}",
+                          headers, tls)
+        if answer.delay:
+            await asyncio.sleep(answer.delay)
+        await send({"type": "http.response.start", "status": answer.status,
+                    "headers": [(k.lower().encode(), v.encode()) for k, v in answer.headers]})
+        await send({"type": "http.response.body", "body": answer.body})
+
+    return app
+
+
+async def _websocket(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if message.get("text") is not None:
+            await send({"type": "websocket.send", "text": message["text"]})
+        elif message.get("bytes") is not None:
+            await send({"type": "websocket.send", "bytes": message["bytes"]})
+
+
+async def serve(plain: list[str], tls: list[str], identity: EchoIdentity,
+                certfile: str | None = None, keyfile: str | None = None) -> None:
+    """Serve the echo on `plain` (HTTP/1.1 and h2c) and `tls` (HTTPS) HOST:PORT addresses."""
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config
+
+    config = Config()
+    # With a certificate, `bind` is TLS and `insecure_bind` plain; without, `bind` is plain.
+    if tls:
+        config.bind, config.insecure_bind = tls, plain
+        config.certfile, config.keyfile = certfile, keyfile
+    else:
+        config.bind = plain
+    logging.getLogger("hpack").setLevel(logging.WARNING)  # logs every header at debug
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 60
+    await hypercorn_serve(asgi_app(identity), config)  # type: ignore[arg-type]

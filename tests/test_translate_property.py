@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from mesh.echo import EchoServer
 from mesh.gateway.translate import DEFAULT_CONTROLLER, translate
-from mesh.k8s import StoreSnapshot, parse_object
+from mesh.k8s import KubeObject, ObjectKey, StoreSnapshot, parse_object
 from mesh.testbed import Harness, http_get, wait_until
 from meshxds.translate import to_envoy
 
@@ -80,7 +80,7 @@ def _ours(snapshot: StoreSnapshot) -> list[Any]:
 @given(mutated())
 def test_mutations_never_crash_and_everything_of_ours_has_a_status(
         docs: list[dict[str, Any]]) -> None:
-    objects = {}
+    objects: dict[ObjectKey, KubeObject] = {}
     for d in docs:
         obj = parse_object(d)
         objects.setdefault(obj.key, obj)
@@ -148,7 +148,7 @@ def test_mutations_leave_an_untouched_route_answering(
                      "labels": {"kubernetes.io/service-name": "echo"}},
         "ports": [{"name": "http", "port": echo.port}],
         "endpoints": [{"addresses": ["127.0.0.1"]}]})
-    objects = {}
+    objects: dict[ObjectKey, KubeObject] = {}
     for d in [*control, *docs]:
         obj = parse_object(d)
         objects.setdefault(obj.key, obj)

@@ -62,8 +62,9 @@ class Backends:
 
     def _spawn(self, pod: Pod, _env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = open(os.path.join(self.log_dir, f"{pod.name}.log"), "wb")
-        cmd = [sys.executable, "-m", "mesh.cli", "--log-level", "debug", "echo",
-               "--listen", f"{pod.ip}:{ECHO_PORTS[0]}"]
+        cmd = [sys.executable, "-m", "mesh.cli", "--log-level", "debug", "echo"]
+        for port in ECHO_PORTS:
+            cmd += ["--listen", f"{pod.ip}:{port}"]
         return subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "POD_NAME": pod.name, "NAMESPACE": pod.namespace})

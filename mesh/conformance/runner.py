@@ -122,7 +122,8 @@ class Runner:
         listeners = item.get("spec", {}).get("listeners") or []
         if not addresses or not listeners:
             return None
-        chosen = next((li for li in listeners if li.get("name") == listener), listeners[0])
+        http = [li for li in listeners if li.get("protocol") == "HTTP"] or listeners
+        chosen = next((li for li in listeners if li.get("name") == listener), http[0])
         return addresses[0]["value"], int(chosen["port"])
 
     # -- tests ---------------------------------------------------------------------------------
@@ -174,6 +175,8 @@ class Runner:
                 # Upstream sends these to the listener on the Host header's port.
                 target = (target[0], int(host.rsplit(":", 1)[1]))
             out = judge.eventually(target[0], target[1], case)
+            if out.passed and case.get("MirroredTo"):
+                out = self._mirrored(case)
             result.cases.append((name, "PASS" if out.passed else "FAIL", out.detail))
         failed = [c for c in result.cases if c[1] == "FAIL"]
         if failed:
@@ -182,6 +185,23 @@ class Runner:
             result.outcome = "SKIP" if not static else "PASS"
             result.detail = f"{others} case(s) of other kinds not run yet"
         return result
+
+
+    def _mirrored(self, case: dict[str, Any], timeout: float = 30) -> judge.Outcome:
+        """Every mirror backend logged the request (upstream reads the pods' logs too)."""
+        expected = (case.get("ExpectedRequest") or {}).get("Request") or case.get("Request")
+        path = (expected or {}).get("Path") or "/"
+        needles = (f"path={path} ", f'path="{path}"')
+        for mirror in case["MirroredTo"]:
+            ref = mirror["BackendRef"]
+            ns = ref.get("Namespace") or case.get("Namespace") or INFRA_NS
+            deadline = time.monotonic() + timeout
+            while not any(n in self.backends.pod_logs(ns, ref["Name"]) for n in needles):
+                if time.monotonic() > deadline:
+                    return judge.Outcome(False, f"{ns}/{ref['Name']} never saw the mirrored "
+                                         f"request for {path}")
+                time.sleep(0.2)
+        return judge.Outcome(True)
 
 
 def run(patterns: list[str], log: Callable[[str], None] = print,
