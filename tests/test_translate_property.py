@@ -70,7 +70,8 @@ def _ours(snapshot: StoreSnapshot) -> list[Any]:
     classes = {o.name for o in snapshot.of_kind("GatewayClass")
                if o.spec.get("controllerName") == DEFAULT_CONTROLLER}
     gateways = {(o.namespace, o.name) for o in snapshot.of_kind("Gateway")
-                if o.spec.get("gatewayClassName") in classes}
+                if isinstance(o.spec.get("gatewayClassName"), str)
+                and o.spec["gatewayClassName"] in classes}
     out = [o for o in snapshot.of_kind("GatewayClass") if o.name in classes]
     out += [o for o in snapshot.of_kind("Gateway") if (o.namespace, o.name) in gateways]
     return out

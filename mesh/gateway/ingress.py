@@ -124,5 +124,4 @@ def _route(routes: RouteBuilder, ing: model.Ingress, backend: model.IngressBacke
 
 
 def snapshot_service(routes: RouteBuilder, namespace: str, name: str) -> model.Service | None:
-    obj = routes.s.get("Service", namespace, name)
-    return model.parse_service(obj) if obj is not None else None
+    return routes.service(namespace, name)

@@ -677,6 +677,8 @@ def parse_ingress(obj: KubeObject) -> Ingress:
     class_name = spec.get("ingressClassName")
     if not isinstance(class_name, str):
         class_name = obj.annotations.get("kubernetes.io/ingress.class")
+    if not isinstance(class_name, str):
+        class_name = None
     return Ingress(
         obj=obj,
         class_name=class_name,

@@ -53,8 +53,22 @@ class RouteBuilder:
         self._certs: dict[str, ir.Certificate] = {}
         self._tables: dict[str, ir.RouteTable] = {}
         self._entries: dict[str, _TableEntries] = {}
-        self._listener_ports: dict[str, int] = {}
         self.policy_ancestors: dict[ObjectKey, set[ObjectKey]] = {}
+        self._memo: dict[tuple[Any, ...], tuple[str | None, Resolution]] = {}
+        # Indexes built once per translation: routes refer to the same few Services often.
+        self._services: dict[tuple[str, str], model.Service] = {
+            (o.namespace, o.name): model.parse_service(o) for o in snapshot.of_kind("Service")}
+        self._slices: dict[tuple[str, str], list[model.EndpointSlice]] = {}
+        for o in snapshot.of_kind("EndpointSlice"):
+            es = model.parse_endpoint_slice(o)
+            self._slices.setdefault((es.namespace, es.service), []).append(es)
+        self._policies: dict[tuple[str, str], list[model.BackendTLSPolicy]] = {}
+        for o in sorted(snapshot.of_kind("BackendTLSPolicy"),
+                        key=lambda o: (o.created, o.namespace, o.name)):
+            policy = model.parse_backend_tls_policy(o)
+            for group, kind, name, _ in policy.targets:
+                if group == "" and kind == "Service":
+                    self._policies.setdefault((o.namespace, name), []).append(policy)
 
     # -- outputs ------------------------------------------------------------------------------
 
@@ -88,6 +102,24 @@ class RouteBuilder:
     def backend(self, ref: model.BackendObjectRef, route: KubeObject, res: Resolution,
                 grpc: bool = False) -> str | None:
         """The IR backend for a reference, or None (and the reason in `res`)."""
+        # Many routes use the same few Services: resolve each reference once per translation.
+        memo_key = (ref, route.kind, route.namespace, grpc)
+        memo = self._memo.get(memo_key)
+        if memo is None:
+            probe = Resolution()
+            name = self._backend(ref, route, probe, grpc)
+            memo = self._memo[memo_key] = (name, probe)
+        name, probe = memo
+        if not probe.ok:
+            res.fail(probe.reason, probe.message)
+        elif name is not None:
+            b = self._backends[name]
+            if route.key not in b.owners:
+                self._backends[name] = replace(b, owners=b.owners | {route.key})
+        return name
+
+    def _backend(self, ref: model.BackendObjectRef, route: KubeObject, res: Resolution,
+                 grpc: bool) -> str | None:
         where = f"{ref.kind} {ref.namespace}/{ref.name}"
         if ref.group != "" or ref.kind != "Service":
             res.fail("InvalidKind", f"backendRef {ref.group or 'core'}/{ref.kind} is not "
@@ -98,11 +130,10 @@ class RouteBuilder:
             res.fail("RefNotPermitted", f"no ReferenceGrant in {ref.namespace} allows "
                      f"{route.kind}s from {route.namespace} to use {where}")
             return None
-        svc_obj = self.s.get("Service", ref.namespace, ref.name)
-        if svc_obj is None:
+        svc = self._services.get((ref.namespace, ref.name))
+        if svc is None:
             res.fail("BackendNotFound", f"{where} does not exist")
             return None
-        svc = model.parse_service(svc_obj)
         port = next((p for p in svc.ports if p.port == ref.port), None)
         if ref.port is None or port is None:
             res.fail("BackendNotFound", f"{where} has no port {ref.port}")
@@ -122,20 +153,16 @@ class RouteBuilder:
         return name
 
     def websocket(self, ref: model.BackendObjectRef) -> bool:
-        svc = self.s.get("Service", ref.namespace, ref.name)
-        if svc is None:
-            return False
-        return any(p.port == ref.port and p.app_protocol == _WS
-                   for p in model.parse_service(svc).ports)
+        svc = self._services.get((ref.namespace, ref.name))
+        return svc is not None and any(p.port == ref.port and p.app_protocol == _WS
+                                       for p in svc.ports)
+
+    def service(self, namespace: str, name: str) -> model.Service | None:
+        return self._services.get((namespace, name))
 
     def _endpoints(self, svc: model.Service, port: model.ServicePort) -> tuple[ir.Endpoint, ...]:
         out: set[ir.Endpoint] = set()
-        for obj in self.s.of_kind("EndpointSlice"):
-            if obj.namespace != svc.obj.namespace:
-                continue
-            es = model.parse_endpoint_slice(obj)
-            if es.service != svc.obj.name:
-                continue
+        for es in self._slices.get((svc.obj.namespace, svc.obj.name), ()):
             numbers = [p for n, p in es.ports if n == port.name]
             if not numbers and not es.ports and isinstance(port.target_port, int):
                 numbers = [port.target_port]
@@ -146,11 +173,7 @@ class RouteBuilder:
     def _backend_tls(self, svc: model.Service, port: model.ServicePort,
                      res: Resolution) -> ir.UpstreamTLS | None:
         chosen = None
-        for obj in sorted(self.s.of_kind("BackendTLSPolicy"),
-                          key=lambda o: (o.created, o.namespace, o.name)):
-            if obj.namespace != svc.obj.namespace:
-                continue
-            policy = model.parse_backend_tls_policy(obj)
+        for policy in self._policies.get((svc.obj.namespace, svc.obj.name), ()):
             for group, kind, name, section in policy.targets:
                 if group == "" and kind == "Service" and name == svc.obj.name and (
                         section is None or section == port.name):

@@ -131,7 +131,8 @@ class _Translator:
     def _gateways(self, classes: set[str]) -> list[model.Gateway]:
         out = []
         for obj in self.s.of_kind("Gateway"):
-            if obj.spec.get("gatewayClassName") not in classes:
+            class_name = obj.spec.get("gatewayClassName")
+            if not isinstance(class_name, str) or class_name not in classes:
                 continue
             try:
                 out.append(model.parse_gateway(obj))
