@@ -27,6 +27,7 @@ from meshxds.server import ListenAddress, XdsServer
 from meshxds.translate import EnvoyConfig, to_envoy
 
 log = logging.getLogger(__name__)
+STATUS_INTERVAL = 0.1  # seconds
 
 
 @dataclass(frozen=True)
@@ -56,33 +57,56 @@ class Agent:
         self._input: DirectoryState | None = None
         self._translation: Translation | None = None
         self._envoy: EnvoyConfig | None = None
+        self._status_due = asyncio.Event()
 
     def apply(self, state: DirectoryState) -> bool:
-        """Translate the store and serve it. On any failure the last good config stays."""
+        """Translate the store and serve it. On any failure the last good config stays.
+
+        Status is computed afterwards, off this path: the push to Envoy does not wait."""
+        t0 = time.perf_counter()
         try:
             translation = translate(state.snapshot, self.cfg.translator, self._addresses)
+            t1 = time.perf_counter()
             envoy = to_envoy(translation.ir)
+            t2 = time.perf_counter()
             self.cache.set_snapshot(self.cfg.node_id, envoy.resources)
         except Exception:
             log.exception("translation failed, keeping the last good config")
             return False
+        log.info("translated", extra={
+            "objects": len(state.snapshot), "translate_ms": round((t1 - t0) * 1000, 1),
+            "envoy_ms": round((t2 - t1) * 1000, 1),
+            "snapshot_ms": round((time.perf_counter() - t2) * 1000, 1)})
         self._input, self._translation, self._envoy = state, translation, envoy
         self._addresses = translation.addresses
-        self.refresh_status()
+        self._status_due.set()
         return True
 
-    def refresh_status(self) -> None:
+    def refresh_status(self) -> bool:
         if self._input is None or self._translation is None or self._envoy is None:
-            return
+            return False
         acks = {(s.type_url, s.name): s for s in self.cache.status(self.cfg.node_id)}
-        self.status.update(self._input.snapshot, self._translation.status, self._envoy.owned,
-                           acks, self._input.errors)
+        return self.status.update(self._input.snapshot, self._translation.status,
+                                  self._envoy.owned, acks, self._input.errors, write=False)
 
-    async def _follow_acks(self) -> None:
+    async def _write_status(self) -> None:
+        """Recompute status after a change or an ACK, at most every STATUS_INTERVAL."""
         node = self.cache.node(self.cfg.node_id)
-        while True:
-            await node.wait_progress()
-            self.refresh_status()
+        progress = asyncio.create_task(node.wait_progress())
+        try:
+            while True:
+                due = asyncio.create_task(self._status_due.wait())
+                await asyncio.wait({due, progress}, return_when=asyncio.FIRST_COMPLETED)
+                due.cancel()
+                if progress.done():
+                    progress = asyncio.create_task(node.wait_progress())
+                self._status_due.clear()
+                await asyncio.sleep(STATUS_INTERVAL)  # let a burst of ACKs land first
+                if self.refresh_status():
+                    doc = self.status.document()
+                    await asyncio.to_thread(self.status.write_document, doc)
+        finally:
+            progress.cancel()
 
     def reload(self) -> bool:
         """Serve the configured input. A bad file is logged and changes nothing."""
@@ -123,7 +147,7 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 if self.provider is not None:
                     tg.create_task(self.provider.watch(self.apply), name="watch-manifests")
-                    tg.create_task(self._follow_acks(), name="follow-acks")
+                    tg.create_task(self._write_status(), name="status")
                 elif self.cfg.resources_file is not None:
                     target = self.cfg.resources_file.resolve()
                     tg.create_task(self._watch(target), name="watch-resources")

@@ -113,8 +113,9 @@ class StatusSink:
 
     def update(self, snapshot: StoreSnapshot, statuses: Mapping[ObjectKey, dict[str, Any]],
                owned: Owned, acks: Mapping[tuple[str, str], ResourceStatus],
-               file_errors: Mapping[str, str]) -> bool:
-        """Recompute every status; write the file if anything changed. Returns changed."""
+               file_errors: Mapping[str, str], write: bool = True) -> bool:
+        """Recompute every status; write the file if anything changed (and `write`).
+        Returns whether anything changed."""
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         new: dict[ObjectKey, dict[str, Any]] = {}
         objects = {o.key: o for o in snapshot}
@@ -127,8 +128,8 @@ class StatusSink:
             new[key] = st
         changed = new != self.current or dict(file_errors) != self.file_errors
         self.current, self.objects, self.file_errors = new, objects, dict(file_errors)
-        if changed and self.path is not None:
-            self.write(self.path)
+        if changed and write and self.path is not None:
+            self.write_document(self.document())
         return changed
 
     def document(self) -> dict[str, Any]:
@@ -148,9 +149,12 @@ class StatusSink:
         return {"apiVersion": "v1", "kind": "List", "items": items,
                 "fileErrors": self.file_errors}
 
-    def write(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
+    def write_document(self, doc: dict[str, Any]) -> None:
+        """Write `doc` (from `document()`) atomically, mode 0600. Safe off the event loop."""
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(self.document(), f, default=str)
-        tmp.replace(path)
+            json.dump(doc, f, default=str)
+        tmp.replace(self.path)
