@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
@@ -43,7 +44,7 @@ class KubeObject:
     created: float = 0.0
     source: str = ""
 
-    @property
+    @cached_property
     def key(self) -> ObjectKey:
         return ObjectKey(self.kind, self.namespace, self.name)
 

@@ -8,7 +8,7 @@ touches a listener, so it never drains connections.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -59,8 +59,25 @@ class EnvoyConfig:
             self.owned.setdefault(o, set()).add((type_url, name))
 
 
-def to_envoy(model: ir.IR) -> EnvoyConfig:
+class EnvoyCache:
+    """Route messages of the previous conversion, by IR route identity: the translator's
+    cache hands back the same IR routes for unchanged objects, so they convert once."""
+
+    def __init__(self) -> None:
+        self.routes: dict[int, tuple[ir.Route, rc.Route]] = {}
+
+
+def to_envoy(model: ir.IR, cache: EnvoyCache | None = None) -> EnvoyConfig:
     out = EnvoyConfig([])
+    memo = cache.routes if cache is not None else {}
+    fresh: dict[int, tuple[ir.Route, rc.Route]] = {}
+
+    def route(x: ir.Route) -> rc.Route:
+        hit = memo.get(id(x))
+        msg = hit[1] if hit is not None and hit[0] is x else _route(x)
+        fresh[id(x)] = (x, msg)
+        return msg
+
     for b in model.backends:
         out.resources += [_cluster(b), r.load_assignment(
             b.name, [(e.address, e.port) for e in b.endpoints])]
@@ -72,11 +89,13 @@ def to_envoy(model: ir.IR) -> EnvoyConfig:
                 certificate_chain=base_pb2.DataSource(inline_bytes=cert.cert_pem),
                 private_key=base_pb2.DataSource(inline_bytes=cert.key_pem))))
     for table in model.route_tables:
-        out.resources.append(_route_configuration(table))
+        out.resources.append(_route_configuration(table, route))
         out.own(table.owners, types.ROUTE, table.name)
     for listener in model.listeners:
         out.resources.append(_listener(listener))
         out.own(listener.owners, types.LISTENER, listener.name)
+    if cache is not None:
+        cache.routes = fresh
     return out
 
 
@@ -279,11 +298,13 @@ def _route(route: ir.Route) -> rc.Route:
     return out
 
 
-def _route_configuration(table: ir.RouteTable) -> route_pb2.RouteConfiguration:
+def _route_configuration(table: ir.RouteTable,
+                         route: Callable[[ir.Route], rc.Route] = lambda x: _route(x),
+                         ) -> route_pb2.RouteConfiguration:
     return route_pb2.RouteConfiguration(
         name=table.name,
         virtual_hosts=[rc.VirtualHost(name=vh.name, domains=list(vh.domains),
-                                      routes=[_route(x) for x in vh.routes])
+                                      routes=[route(x) for x in vh.routes])
                        for vh in table.virtual_hosts],
         # A route to a cluster that is not there yet answers 500 rather than NACK the table.
         validate_clusters=wrappers_pb2.BoolValue(value=False))

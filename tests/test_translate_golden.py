@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,32 @@ def test_translation_is_deterministic(tmp_path: Path) -> None:
         shutil.copy(GOLDEN / f"{case}.yaml", tmp_path / f"{case}.yaml")
     snapshot = FileProvider(tmp_path, clock=lambda: 0.0).load().snapshot
     assert stages(translate(snapshot)) == stages(translate(snapshot))
+
+
+def test_cached_translation_equals_a_fresh_one(tmp_path: Path) -> None:
+    """The agent reuses unchanged routes' outcomes: after any sequence of edits the result
+    must be what a translation from scratch gives."""
+    from mesh.gateway.translate import TranslationCache
+
+    provider = FileProvider(tmp_path, clock=lambda: 0.0)
+    cache = TranslationCache()
+    for case in CASES:
+        shutil.copy(GOLDEN / f"{case}.yaml", tmp_path / f"{case}.yaml")
+    steps: list[Callable[[], object]] = [
+        lambda: None,  # first translation fills the cache
+        lambda: None,  # nothing changed: everything reused
+        lambda: (tmp_path / "http-basic.yaml").write_text(
+            (GOLDEN / "http-basic.yaml").read_text().replace("/old", "/older")),
+        lambda: (tmp_path / "references.yaml").write_text(
+            (GOLDEN / "references.yaml").read_text().replace("weight: 90", "weight: 50")),
+        # A Service change (a world object) invalidates the reused outcomes.
+        lambda: (tmp_path / "http-basic.yaml").write_text(
+            (GOLDEN / "http-basic.yaml").read_text().replace("port: 8080", "port: 8081")),
+        lambda: (tmp_path / "listeners.yaml").unlink(),
+    ]
+    for step in steps:
+        step()
+        snapshot = provider.load().snapshot
+        cached = stages(translate(snapshot, cache=cache))
+        assert cached == stages(translate(snapshot))
+    assert cache.hits > 0

@@ -32,6 +32,9 @@ class Resolution:
     message: str = "all references resolved"
     routes: list[tuple[tuple[Any, ...], ir.Route]] = field(default_factory=list)
     tls: list[ir.WeightedBackend] = field(default_factory=list)
+    # Every backend reference made, to register the backends again when this resolution is
+    # reused by a later translation.
+    refs: list[tuple[model.BackendObjectRef, bool]] = field(default_factory=list)
 
     def fail(self, reason: str, message: str) -> None:
         if self.ok:  # the first problem is the one reported
@@ -55,6 +58,7 @@ class RouteBuilder:
         self._entries: dict[str, _TableEntries] = {}
         self.policy_ancestors: dict[ObjectKey, set[ObjectKey]] = {}
         self._memo: dict[tuple[Any, ...], tuple[str | None, Resolution]] = {}
+        self._owners: dict[str, set[ObjectKey]] = {}  # backend -> routes that use it
         # Indexes built once per translation: routes refer to the same few Services often.
         self._services: dict[tuple[str, str], model.Service] = {
             (o.namespace, o.name): model.parse_service(o) for o in snapshot.of_kind("Service")}
@@ -73,7 +77,8 @@ class RouteBuilder:
     # -- outputs ------------------------------------------------------------------------------
 
     def backends(self) -> list[ir.Backend]:
-        return [self._backends[k] for k in sorted(self._backends)]
+        return [replace(self._backends[k], owners=frozenset(self._owners[k]))
+                for k in sorted(self._backends)]
 
     def certificates(self) -> list[ir.Certificate]:
         return [self._certs[k] for k in sorted(self._certs)]
@@ -102,6 +107,7 @@ class RouteBuilder:
     def backend(self, ref: model.BackendObjectRef, route: KubeObject, res: Resolution,
                 grpc: bool = False) -> str | None:
         """The IR backend for a reference, or None (and the reason in `res`)."""
+        res.refs.append((ref, grpc))
         # Many routes use the same few Services: resolve each reference once per translation.
         memo_key = (ref, route.kind, route.namespace, grpc)
         memo = self._memo.get(memo_key)
@@ -113,9 +119,7 @@ class RouteBuilder:
         if not probe.ok:
             res.fail(probe.reason, probe.message)
         elif name is not None:
-            b = self._backends[name]
-            if route.key not in b.owners:
-                self._backends[name] = replace(b, owners=b.owners | {route.key})
+            self._owners[name].add(route.key)
         return name
 
     def _backend(self, ref: model.BackendObjectRef, route: KubeObject, res: Resolution,
@@ -145,11 +149,9 @@ class RouteBuilder:
         tls = self._backend_tls(svc, port, res)
         protocol = "h2c" if grpc or port.app_protocol in (_H2C, "grpc") else "http1"
         name = f"{ref.namespace}/{ref.name}/{port.port}"
-        old = self._backends.get(name)
-        owners = (old.owners if old else frozenset()) | {route.key}
         self._backends[name] = ir.Backend(
-            name=name, endpoints=self._endpoints(svc, port), protocol=protocol, tls=tls,
-            owners=owners)
+            name=name, endpoints=self._endpoints(svc, port), protocol=protocol, tls=tls)
+        self._owners.setdefault(name, set())
         return name
 
     def websocket(self, ref: model.BackendObjectRef) -> bool:
@@ -194,6 +196,11 @@ class RouteBuilder:
             ca = (ca or b"") + data
         return ir.UpstreamTLS(sni=chosen.hostname, ca_pem=ca,
                               subject_alt_names=chosen.subject_alt_names)
+
+    def replay(self, route: KubeObject, res: Resolution) -> None:
+        """Register the backends of a resolution computed by an earlier translation."""
+        for ref, grpc in res.refs:
+            self.backend(ref, route, Resolution(), grpc)
 
     # -- rules to IR routes -------------------------------------------------------------------
 
