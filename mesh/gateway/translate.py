@@ -379,11 +379,29 @@ class _Translator:
             try:
                 route = parsers[obj.kind](obj)
             except model.Invalid as e:
-                self.status[obj.key] = {"parents": [], "invalid": str(e)}
+                self._invalid_route(obj, str(e), ours)
                 continue
             self._attach(route, ours, by_owner)
         if self.cache is not None:
             self.cache.routes, self.cache.world = self.outcomes, self.world
+
+    def _invalid_route(self, obj: KubeObject, message: str,
+                       ours: set[tuple[str, str]]) -> None:
+        """A route the API's schema would refuse: each of our parents says why."""
+        parents = []
+        for raw in obj.spec.get("parentRefs") or []:
+            try:
+                ref = model.parse_parent_ref(raw, obj.namespace)
+            except model.Invalid:
+                continue
+            if ref.kind == "Gateway" and (ref.namespace, ref.name) not in ours:
+                continue
+            parents.append({"parentRef": ref.describe(),
+                            "controllerName": self.cfg.controller_name,
+                            "conditions": [condition("Accepted", False, "UnsupportedValue",
+                                                     message, obj.generation)]})
+        if parents:
+            self.status[obj.key] = {"parents": parents}
 
     def _reuse(self, old: _RouteOutcome, by_key: dict[str, _Listener]) -> None:
         assert self.cache is not None
