@@ -251,11 +251,20 @@ def bootstrap_cmd(node_id: str, state_dir: Path, protocol: str) -> None:
               help="Certificate for --tls-listen (default: $TLS_SERVER_CERT).")
 @click.option("--key", envvar="TLS_SERVER_PRIVKEY", type=click.Path(exists=True),
               help="Its private key (default: $TLS_SERVER_PRIVKEY).")
+@click.option("--grpc", "grpc_mode", is_flag=True, envvar="GRPC_ECHO_SERVER",
+              help="Serve the conformance gRPC echo service instead (default: "
+              "$GRPC_ECHO_SERVER).")
 def echo(listen: tuple[str, ...], tls_listen: tuple[str, ...], cert: str | None,
-         key: str | None) -> None:
+         key: str | None, grpc_mode: bool) -> None:
     """Run the echo backend (pod and namespace from POD_NAME and NAMESPACE)."""
     from mesh.echo import EchoIdentity, serve
 
+    if grpc_mode:
+        from mesh import grpcecho
+
+        ident = EchoIdentity()
+        asyncio.run(grpcecho.serve(list(listen), ident.pod, ident.namespace))
+        return
     if tls_listen and not (cert and key):
         raise click.UsageError("--tls-listen needs --cert and --key")
     try:

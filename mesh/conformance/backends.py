@@ -60,11 +60,14 @@ class Backends:
             self.pods[(ns, name)] = pods
         self._wait_listening(started)
 
-    def _spawn(self, pod: Pod, _env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, pod: Pod, env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = open(os.path.join(self.log_dir, f"{pod.name}.log"), "wb")
         cmd = [sys.executable, "-m", "mesh.cli", "--log-level", "debug", "echo"]
-        for port in ECHO_PORTS:
-            cmd += ["--listen", f"{pod.ip}:{port}"]
+        if env.get("GRPC_ECHO_SERVER"):
+            cmd += ["--grpc", "--listen", f"{pod.ip}:{ECHO_PORTS[0]}"]
+        else:
+            for port in ECHO_PORTS:
+                cmd += ["--listen", f"{pod.ip}:{port}"]
         return subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "POD_NAME": pod.name, "NAMESPACE": pod.namespace})

@@ -160,3 +160,38 @@ def eventually(address: str, port: int, case: dict[str, Any],
         last = problem
         time.sleep(0.2)
     return Outcome(False, last)
+
+
+def grpc_eventually(address: str, port: int, case: dict[str, Any],
+                    max_time: float = MAX_TIME) -> Outcome:
+    """A gRPC case: the status code (default OK), and for OK who answered."""
+    from mesh import grpcecho
+
+    method = next((m for m in ("EchoTwo", "EchoThree", "Echo") if f"{m}Request" in case),
+                  "Echo")
+    authority = (case.get("RequestMetadata") or {}).get("Authority")
+    want = int((case.get("Response") or {}).get("Code") or 0)
+    deadline = time.monotonic() + max_time
+    successes = 0
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        code, resp = grpcecho.call(f"{address}:{port}", method, authority)
+        problem = None
+        if code.value[0] != want:
+            problem = f"expected gRPC code {want}, got {code.name}"
+        elif resp is not None:
+            ctx = resp.assertions.context
+            if case.get("Namespace") and ctx.namespace != case["Namespace"]:
+                problem = f"expected namespace {case['Namespace']}, got {ctx.namespace}"
+            elif not ctx.pod.startswith(case.get("Backend") or ""):
+                problem = f"expected a pod of {case.get('Backend')}, got {ctx.pod}"
+        if problem is None:
+            successes += 1
+            if successes >= CONSECUTIVE:
+                return Outcome(True)
+            continue
+        successes = 0
+        last = problem
+        time.sleep(0.2)
+    return Outcome(False, last)
+

@@ -147,8 +147,9 @@ class Runner:
 
     def _judge(self, test: ConformanceTest) -> TestResult:
         result = TestResult(test, "PASS")
-        static = [c for c in test.cases if c.get("static") and c.get("kind") == "http"
-                  and c.get("sender") == "http.MakeRequestAndExpectEventuallyConsistentResponse"]
+        static = [c for c in test.cases if c.get("static") and c.get("sender") in (
+            "http.MakeRequestAndExpectEventuallyConsistentResponse",
+            "grpc.MakeRequestAndExpectEventuallyConsistentResponse")]
         others = len(test.cases) - len(static)
         if not test.cases:
             return TestResult(test, "SKIP", "status-only test: no checks yet")
@@ -174,7 +175,10 @@ class Runner:
             if ":" in host and host.rsplit(":", 1)[1].isdigit():
                 # Upstream sends these to the listener on the Host header's port.
                 target = (target[0], int(host.rsplit(":", 1)[1]))
-            out = judge.eventually(target[0], target[1], case)
+            if case.get("kind") == "grpc":
+                out = judge.grpc_eventually(target[0], target[1], case)
+            else:
+                out = judge.eventually(target[0], target[1], case)
             if out.passed and case.get("MirroredTo"):
                 out = self._mirrored(case)
             result.cases.append((name, "PASS" if out.passed else "FAIL", out.detail))
