@@ -347,7 +347,10 @@ class _Translator:
         if from_ == "Same":
             return route_ns == own_ns
         if from_ == "Selector":
-            return _selects(selector, self.namespaces.get(route_ns, {}))
+            # The API server labels every namespace with its own name.
+            labels = {**self.namespaces.get(route_ns, {}),
+                      "kubernetes.io/metadata.name": route_ns}
+            return _selects(selector, labels)
         return False
 
     # -- routes ---------------------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""Status expectations of the conformance tests that hold no request case.
+
+The data has only their manifests; what their status must say comes from the Gateway API
+specification (conditions and reasons of routes' parents and of Gateway listeners). Each
+entry is checked against `mesh status` once the test's manifests are applied, within the
+same 30 seconds as a case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+INFRA = "gateway-conformance-infra"
+
+
+@dataclass(frozen=True)
+class Expect:
+    kind: str
+    name: str
+    namespace: str = INFRA
+    parent: str | None = None  # routes: the parent Gateway's name
+    listener: str | None = None  # Gateways: the listener's name
+    condition: str | None = None
+    status: str = "True"
+    reason: str | None = None
+    attached: int | None = None  # listeners: attachedRoutes
+    supported: tuple[str, ...] | None = None  # listeners: supportedKinds
+
+    def describe(self) -> str:
+        where = f" parent {self.parent}" if self.parent else (
+            f" listener {self.listener}" if self.listener else "")
+        what = f"{self.condition}={self.status}" + (f" ({self.reason})" if self.reason else "")
+        if self.attached is not None:
+            what = f"attachedRoutes={self.attached}"
+        if self.supported is not None:
+            what = f"supportedKinds={list(self.supported)}"
+        return f"{self.kind} {self.namespace}/{self.name}{where}: {what}"
+
+    def check(self, item: dict[str, Any] | None) -> str | None:
+        """None when `item` (an object from `mesh status -o json`) meets it, else why not."""
+        if item is None or not item.get("status"):
+            return "no status"
+        st = item["status"]
+        conds: list[dict[str, Any]] = []
+        if self.parent is not None:
+            parent = next((p for p in st.get("parents", [])
+                           if p["parentRef"]["name"] == self.parent), None)
+            if parent is None:
+                return f"no status for parent {self.parent}"
+            conds = parent["conditions"]
+        elif self.listener is not None:
+            li = next((x for x in st.get("listeners", []) if x["name"] == self.listener), None)
+            if li is None:
+                return f"no status for listener {self.listener}"
+            if self.attached is not None and li["attachedRoutes"] != self.attached:
+                return f"attachedRoutes is {li['attachedRoutes']}"
+            if self.supported is not None:
+                kinds = tuple(k["kind"] for k in li["supportedKinds"])
+                if kinds != self.supported:
+                    return f"supportedKinds is {list(kinds)}"
+            conds = li["conditions"]
+        else:
+            conds = st.get("conditions", [])
+        if self.condition is None:
+            return None
+        c = next((c for c in conds if c["type"] == self.condition), None)
+        if c is None:
+            return f"no {self.condition} condition"
+        if c["status"] != self.status or (self.reason and c["reason"] != self.reason):
+            return f"{self.condition} is {c['status']} ({c['reason']}: {c['message']})"
+        if c.get("observedGeneration") != item["metadata"].get("generation"):
+            return f"{self.condition} observedGeneration {c.get('observedGeneration')} is " \
+                f"not generation {item['metadata'].get('generation')}"
+        return None
+
+
+def _route(name: str, parent: str, reason: str, kind: str = "HTTPRoute",
+           namespace: str = INFRA) -> Expect:
+    return Expect(kind, name, namespace, parent=parent, condition="Accepted", status="False",
+                  reason=reason)
+
+
+EXPECTATIONS: dict[str, list[Expect]] = {
+    "httproute-invalid-cross-namespace-parent-ref": [
+        _route("invalid-cross-namespace-parent-ref", "same-namespace", "NotAllowedByListeners",
+               namespace="gateway-conformance-web-backend")],
+    "httproute-invalid-parentref-not-matching-listener-port": [
+        _route("httproute-listener-not-matching-route-port", "same-namespace",
+               "NoMatchingParent")],
+    "httproute-invalid-parentref-not-matching-section-name": [
+        _route("httproute-listener-not-matching-section-name", "same-namespace",
+               "NoMatchingParent")],
+    "httproute-invalid-parentref-section-name-not-matching-port": [
+        _route("httproute-listener-section-name-not-matching-port",
+               "gateway-with-one-not-matching-port-and-section-name-route", "NoMatchingParent")],
+    "httproute-disallowed-kind": [
+        _route("disallowed-kind", "tlsroutes-only", "NotAllowedByListeners")],
+    "gateway-invalid-route-kind": [
+        Expect("Gateway", "gateway-only-invalid-route-kind", listener="http",
+               condition="ResolvedRefs", status="False", reason="InvalidRouteKinds"),
+        Expect("Gateway", "gateway-only-invalid-route-kind", listener="http", supported=()),
+        Expect("Gateway", "gateway-supported-and-invalid-route-kind", listener="http",
+               condition="ResolvedRefs", status="False", reason="InvalidRouteKinds"),
+        Expect("Gateway", "gateway-supported-and-invalid-route-kind", listener="http",
+               supported=("HTTPRoute",)),
+    ],
+    "gateway-invalid-listeners-unsupported-protocol": [
+        Expect("Gateway", "gateway-only-unsupported-protocols", listener="invalid",
+               condition="Accepted", status="False", reason="UnsupportedProtocol"),
+        Expect("Gateway", "gateway-supported-and-unsupported-protocols", listener="invalid",
+               condition="Accepted", status="False", reason="UnsupportedProtocol"),
+        Expect("Gateway", "gateway-supported-and-unsupported-protocols", listener="http",
+               condition="Accepted"),
+    ],
+    "gateway-with-attached-routes": [
+        Expect("Gateway", "gateway-with-one-attached-route", listener="http", attached=1),
+        Expect("Gateway", "gateway-with-two-attached-routes", listener="http", attached=2),
+        _route("http-route-not-accepted", "gateway-with-two-attached-routes",
+               "NoMatchingListenerHostname"),
+    ],
+    "tlsroute-invalid-no-matching-listener": [
+        _route("tlsroute-not-allowed-protocol-http", "gateway-tlsroute-http-only",
+               "NotAllowedByListeners", kind="TLSRoute"),
+        _route("tlsroute-not-allowed-protocol-https", "gateway-tlsroute-https-only",
+               "NotAllowedByListeners", kind="TLSRoute"),
+        _route("tlsroute-no-matching-section-name", "gateway-tlsroute-tls-passthrough-only",
+               "NoMatchingParent", kind="TLSRoute"),
+    ],
+    "tlsroute-invalid-no-matching-listener-hostname": [
+        _route("tlsroute-hostname-mismatch-1", "gateway-tls-exact-hostname",
+               "NoMatchingListenerHostname", kind="TLSRoute"),
+        _route("tlsroute-hostname-mismatch-2", "gateway-tls-wildcard-hostname",
+               "NoMatchingListenerHostname", kind="TLSRoute"),
+    ],
+}
