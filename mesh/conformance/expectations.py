@@ -133,4 +133,29 @@ EXPECTATIONS: dict[str, list[Expect]] = {
         _route("tlsroute-hostname-mismatch-2", "gateway-tls-wildcard-hostname",
                "NoMatchingListenerHostname", kind="TLSRoute"),
     ],
+    "gateway-secret-missing-reference-grant": [
+        Expect("Gateway", "gateway-secret-missing-reference-grant", listener="https",
+               condition="ResolvedRefs", status="False", reason="RefNotPermitted"),
+        Expect("Gateway", "gateway-secret-missing-reference-grant", listener="https",
+               condition="Programmed", status="False")],
+    "gateway-secret-invalid-reference-grant": [
+        Expect("Gateway", "gateway-secret-invalid-reference-grant", listener="https",
+               condition="ResolvedRefs", status="False", reason="RefNotPermitted")],
+    "gateway-secret-reference-grant-all-in-namespace": [
+        Expect("Gateway", "gateway-secret-reference-grant-all-in-namespace", listener="https",
+               condition="ResolvedRefs"),
+        Expect("Gateway", "gateway-secret-reference-grant-all-in-namespace", listener="https",
+               condition="Programmed")],
+    "gateway-secret-reference-grant-specific": [
+        Expect("Gateway", "gateway-secret-reference-grant-specific", listener="https",
+               condition="ResolvedRefs"),
+        Expect("Gateway", "gateway-secret-reference-grant-specific", listener="https",
+               condition="Programmed")],
+    "gateway-invalid-tls-configuration": [
+        Expect("Gateway", gw, listener="https", condition="ResolvedRefs", status="False",
+               reason="InvalidCertificateRef")
+        for gw in ("gateway-certificate-nonexistent-secret",
+                   "gateway-certificate-unsupported-group",
+                   "gateway-certificate-unsupported-kind",
+                   "gateway-certificate-malformed-secret")],
 }

@@ -25,6 +25,7 @@ import yaml
 
 from mesh.conformance import judge
 from mesh.conformance.backends import Backends
+from mesh.conformance.certs import suite_secrets
 from mesh.conformance.expectations import EXPECTATIONS, Expect
 from mesh.conformance.suite import ConformanceTest, Suite
 from mesh.gateway.translate import DEFAULT_CONTROLLER
@@ -65,7 +66,7 @@ class Runner:
         self.backends.start(d for d in base if d.get("kind") == "Deployment")
         slices = self.backends.endpoint_slices(d for d in base if d.get("kind") == "Service")
         self._write("00-base.yaml", [d for d in base if d.get("kind") != "Deployment"]
-                    + slices)
+                    + slices + suite_secrets())
         log = open(self.agent_log, "wb")
         self.agent = subprocess.Popen(
             [sys.executable, "-m", "mesh.cli", "run", "--manifests", str(self.manifests),
