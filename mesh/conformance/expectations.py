@@ -8,6 +8,7 @@ same 30 seconds as a case.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ class Expect:
     reason: str | None = None
     attached: int | None = None  # listeners: attachedRoutes
     supported: tuple[str, ...] | None = None  # listeners: supportedKinds
+    generation: int | None = None  # the object's metadata.generation
 
     def describe(self) -> str:
         where = f" parent {self.parent}" if self.parent else (
@@ -41,6 +43,9 @@ class Expect:
         """None when `item` (an object from `mesh status -o json`) meets it, else why not."""
         if item is None or not item.get("status"):
             return "no status"
+        if self.generation is not None and item["metadata"].get("generation") != \
+                self.generation:
+            return f"generation is {item['metadata'].get('generation')}"
         st = item["status"]
         conds: list[dict[str, Any]] = []
         if self.parent is not None:
@@ -159,3 +164,41 @@ EXPECTATIONS: dict[str, list[Expect]] = {
                    "gateway-certificate-unsupported-kind",
                    "gateway-certificate-malformed-secret")],
 }
+
+
+def _add_listener(doc: dict[str, Any]) -> None:
+    doc["spec"]["listeners"].append(
+        {"name": "http-2", "hostname": "foo.com", "port": 80, "protocol": "HTTP"})
+
+
+def _add_rule(doc: dict[str, Any]) -> None:
+    rules = doc["spec"]["rules"]
+    rules.append({"matches": [{"path": {"type": "PathPrefix", "value": "/bump"}}],
+                  "backendRefs": rules[0]["backendRefs"]})
+
+
+def _describe(doc: dict[str, Any]) -> None:
+    doc["spec"]["description"] = "new"
+
+
+# Tests that change an object's spec after it is accepted: (kind, name, change, expectations
+# that must then hold, at the new generation).
+BUMPS: dict[str, tuple[str, str, Callable[[dict[str, Any]], None], list[Expect]]] = {
+    "gateway-observed-generation-bump": (
+        "Gateway", "gateway-observed-generation-bump", _add_listener,
+        [Expect("Gateway", "gateway-observed-generation-bump", condition=c, generation=2)
+         for c in ("Accepted", "Programmed")]),
+    "httproute-observed-generation-bump": (
+        "HTTPRoute", "observed-generation-bump", _add_rule,
+        [Expect("HTTPRoute", "observed-generation-bump", parent="same-namespace",
+                condition=c, generation=2) for c in ("Accepted", "ResolvedRefs")]),
+    "gatewayclass-observed-generation-bump": (
+        "GatewayClass", "gatewayclass-observed-generation-bump", _describe,
+        [Expect("GatewayClass", "gatewayclass-observed-generation-bump", namespace="",
+                condition="Accepted", generation=2)]),
+}
+for _name, (_kind, _obj, _change, _after) in BUMPS.items():
+    # Before the change: accepted at generation 1.
+    EXPECTATIONS[_name] = [Expect(e.kind, e.name, e.namespace, e.parent, e.listener,
+                                  e.condition, generation=1) for e in _after]
+
