@@ -32,7 +32,6 @@ from mesh.gateway.translate import DEFAULT_CONTROLLER
 from mesh.k8s import KINDS
 
 INFRA_NS = "gateway-conformance-infra"
-GATEWAY_POOL = "127.2.0.0/24"
 
 
 @dataclass
@@ -55,7 +54,11 @@ class Runner:
         self.dir = Path(tempfile.mkdtemp(prefix="mesh-conf-"))
         self.manifests = self.dir / "manifests"
         self.manifests.mkdir()
-        self.backends = Backends(log_dir=str(self.dir))
+        # Loopback ranges of its own, so two runs (a test and a manual one) never share an
+        # address: pods in 127.N.0.0/16, Gateways in 127.(N+100).0.0/24.
+        n = 10 + os.getpid() % 100
+        self.gateway_pool = f"127.{n + 100}.0.0/24"
+        self.backends = Backends(pool=f"127.{n}.0.0/16", log_dir=str(self.dir))
         self.agent: subprocess.Popen[bytes] | None = None
         self.agent_log = self.dir / "agent.log"
 
@@ -71,7 +74,7 @@ class Runner:
         self.agent = subprocess.Popen(
             [sys.executable, "-m", "mesh.cli", "run", "--manifests", str(self.manifests),
              "--state-dir", str(self.dir / "state"), "--node-id", "conformance",
-             "--address-pool", GATEWAY_POOL, "--controller-name", DEFAULT_CONTROLLER],
+             "--address-pool", self.gateway_pool, "--controller-name", DEFAULT_CONTROLLER],
             stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while b"node ready" not in self.agent_log.read_bytes():
