@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,11 +32,36 @@ def _host_header(address: str, port: int, scheme: str = "http") -> str:
     return f"{address}:{port}"
 
 
-def roundtrip(address: str, port: int, case: dict[str, Any],
-              timeout: float = 10.0) -> tuple[int, dict[str, list[str]], bytes]:
+class _SNIConnection(http.client.HTTPSConnection):
+    """HTTPS to an address, with the server name (SNI, verification) of the case."""
+
+    def __init__(self, address: str, port: int, server_name: str, context: ssl.SSLContext,
+                 timeout: float) -> None:
+        super().__init__(address, port, timeout=timeout, context=context)
+        self._server_name, self._ctx = server_name, context
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self._ctx.wrap_socket(sock, server_hostname=self._server_name)
+
+
+def tls_context(trusted_pem: bytes) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=trusted_pem.decode())
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def roundtrip(address: str, port: int, case: dict[str, Any], timeout: float = 10.0,
+              tls: ssl.SSLContext | None = None) -> tuple[int, dict[str, list[str]], bytes]:
     req = case.get("Request") or {}
-    conn = http.client.HTTPConnection(address, port, timeout=timeout)
-    headers = {"Host": req.get("Host") or _host_header(address, port)}
+    conn: http.client.HTTPConnection
+    if tls is not None:
+        server_name = str(case.get("tlsServerName") or req.get("Host") or address).strip('"')
+        conn = _SNIConnection(address, port, server_name, tls, timeout)
+    else:
+        conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    scheme = "https" if tls is not None else "http"
+    headers = {"Host": req.get("Host") or _host_header(address, port, scheme)}
     for name, value in (req.get("Headers") or {}).items():
         headers[name] = value
     set_headers = case.get("BackendSetResponseHeaders") or {}
@@ -140,15 +167,16 @@ def compare(case: dict[str, Any], status: int, headers: dict[str, list[str]], bo
     return None
 
 
-def eventually(address: str, port: int, case: dict[str, Any],
-               max_time: float = MAX_TIME) -> Outcome:
+def eventually(address: str, port: int, case: dict[str, Any], max_time: float = MAX_TIME,
+               tls: ssl.SSLContext | None = None) -> Outcome:
     deadline = time.monotonic() + max_time
     successes = 0
     last = "no attempt"
     while time.monotonic() < deadline:
         try:
-            status, headers, body = roundtrip(address, port, case)
-            problem = compare(case, status, headers, body)
+            status, headers, body = roundtrip(address, port, case, tls=tls)
+            problem = compare(case, status, headers, body,
+                              scheme="https" if tls is not None else "http")
         except (OSError, http.client.HTTPException) as e:
             problem = f"request failed: {e!r}"
         if problem is None:
