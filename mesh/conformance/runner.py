@@ -33,6 +33,9 @@ from mesh.gateway.translate import DEFAULT_CONTROLLER
 from mesh.k8s import KINDS
 
 INFRA_NS = "gateway-conformance-infra"
+WEIGHTED = ("httproute-weight", "grpcroute-weight")
+REQUESTS = 500
+TOLERANCE = 0.05
 # Frontend client certificate validation (Gateway spec.tls.frontend) is not implemented yet.
 CLIENT_CERTIFICATE_TESTS = ("gateway-with-clientcertificate-validation",
                             "gateway-invalid-default-frontend-client-certificate-validation")
@@ -209,6 +212,8 @@ class Runner:
             if out.passed and case.get("MirroredTo"):
                 out = self._mirrored(case)
             result.cases.append((name, "PASS" if out.passed else "FAIL", out.detail))
+        if test.name in WEIGHTED and result.cases and all(c[1] == "PASS" for c in result.cases):
+            result.cases.append(self._distribution(test, static[0]))
         failed = [c for c in result.cases if c[1] == "FAIL"]
         if failed:
             result.outcome, result.detail = "FAIL", f"{failed[0][0]}: {failed[0][2]}"
@@ -233,6 +238,36 @@ class Runner:
             problem = self._eventually_status(e)
             result.cases.append(("after the change: " + e.describe(),
                                  "PASS" if problem is None else "FAIL", problem or ""))
+
+    def _distribution(self, test: ConformanceTest,
+                      case: dict[str, Any]) -> tuple[str, str, str]:
+        """Send REQUESTS requests; each backend's share must be within TOLERANCE of the total
+        of what its weight says (upstream's rule), and a weight of 0 gets nothing."""
+        docs = [d for m in test.manifests for d in self.suite.documents(m)]
+        route = next(d for d in docs if d.get("kind") in ("HTTPRoute", "GRPCRoute"))
+        refs = route["spec"]["rules"][0]["backendRefs"]
+        total_weight = sum(r.get("weight", 1) for r in refs)
+        expected = {r["name"]: REQUESTS * r.get("weight", 1) / total_weight for r in refs}
+        target = self.gateway_address(INFRA_NS, case["gateway"])
+        assert target is not None
+        seen: dict[str, int] = {}
+        for _ in range(REQUESTS):
+            if case.get("kind") == "grpc":
+                from mesh import grpcecho
+
+                _, resp = grpcecho.call(f"{target[0]}:{target[1]}", "Echo")
+                pod = resp.assertions.context.pod if resp is not None else ""
+            else:
+                _, _, body = judge.roundtrip(target[0], target[1], case)
+                pod = json.loads(body).get("pod", "")
+            backend = pod.rsplit("-", 2)[0]
+            seen[backend] = seen.get(backend, 0) + 1
+        name = f"weighted distribution over {REQUESTS} requests"
+        for backend, want in expected.items():
+            got = seen.get(backend, 0)
+            if (want == 0 and got) or abs(got - want) > TOLERANCE * REQUESTS:
+                return name, "FAIL", f"{backend}: {got} requests, expected {want:.0f}"
+        return name, "PASS", ""
 
     def _eventually_status(self, e: Expect, timeout: float = judge.MAX_TIME) -> str | None:
         deadline = time.monotonic() + timeout
