@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ECHO_PORTS = (3000, 3001)  # HTTP/1.1, h2c (the echo-basic image's ports)
+TLS_PORT = 8443
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Backends:
 
     pool: str = "127.1.0.0/16"
     log_dir: str = "/tmp"
+    # (namespace, secret name) -> (certificate PEM, key PEM), for pods that serve TLS.
+    secrets: dict[tuple[str, str], tuple[bytes, bytes]] = field(default_factory=dict)
     pods: dict[tuple[str, str], list[Pod]] = field(default_factory=dict)
     _next: int = 0
 
@@ -47,9 +50,14 @@ class Backends:
                 continue
             spec = d.get("spec", {})
             labels = spec.get("template", {}).get("metadata", {}).get("labels", {})
-            env = {e["name"]: e.get("value", "") for c in spec.get("template", {}).get(
-                "spec", {}).get("containers", []) for e in c.get("env", [])
-                if "value" in e}
+            pod_spec = spec.get("template", {}).get("spec", {})
+            env = {e["name"]: e.get("value", "") for c in pod_spec.get("containers", [])
+                   for e in c.get("env", []) if "value" in e}
+            # A pod that gets TLS_SERVER_CERT serves TLS with the Secret its volume mounts.
+            tls_secret = next((v["secret"]["secretName"] for v in pod_spec.get("volumes", [])
+                               if "secret" in v), None)
+            if "TLS_SERVER_CERT" in env and (ns, tls_secret) in self.secrets:
+                env["_TLS_SECRET"] = tls_secret or ""
             pods = []
             for i in range(int(spec.get("replicas", 1))):
                 h = hashlib.sha256(f"{ns}/{name}/{i}".encode()).hexdigest()
@@ -68,6 +76,15 @@ class Backends:
         else:
             for port in ECHO_PORTS:
                 cmd += ["--listen", f"{pod.ip}:{port}"]
+        if env.get("_TLS_SECRET"):
+            cert, key = self.secrets[(pod.namespace, env["_TLS_SECRET"])]
+            base = os.path.join(self.log_dir, pod.name)
+            for suffix, data in ((".crt", cert), (".key", key)):
+                fd = os.open(base + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            cmd += ["--tls-listen", f"{pod.ip}:{TLS_PORT}", "--cert", base + ".crt",
+                    "--key", base + ".key"]
         return subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "POD_NAME": pod.name, "NAMESPACE": pod.namespace})

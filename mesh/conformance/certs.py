@@ -52,4 +52,14 @@ def suite_secrets() -> list[dict[str, Any]]:
         tls_secret("gateway-conformance-app-backend", "tls-passthrough-checks-certificate",
                    ["abc.example.com"]),
         tls_secret(infra, "tls-terminate-checks-certificate", ["*", "*.example.com"]),
+        # Served by the TLS backends themselves (TLSRoute passthrough, BackendTLSPolicy).
+        tls_secret(infra, "tls-checks-certificate",
+                   ["abc.example.com", "other.example.com", "*.example.com"]),
     ]
+
+
+def ca_config_map(secret: dict[str, Any], namespace: str, name: str) -> dict[str, Any]:
+    """A ConfigMap holding a secret's (self-signed) certificate as `ca.crt`."""
+    pem = base64.b64decode(secret["data"]["tls.crt"]).decode()
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": namespace}, "data": {"ca.crt": pem}}

@@ -138,6 +138,36 @@ EXPECTATIONS: dict[str, list[Expect]] = {
         _route("tlsroute-hostname-mismatch-2", "gateway-tls-wildcard-hostname",
                "NoMatchingListenerHostname", kind="TLSRoute"),
     ],
+    "tlsroute-invalid-backendref-nonexistent": [
+        Expect("TLSRoute", "invalid-backend-ref-nonexistent",
+               parent="gateway-tlsroute-invalid-backend-ref-nonexistent",
+               condition="ResolvedRefs", status="False", reason="BackendNotFound")],
+    "tlsroute-invalid-backendref-unknown-kind": [
+        Expect("TLSRoute", "invalid-backend-ref-unknown-kind",
+               parent="gateway-tlsroute-invalid-backend-ref-unknown-kind",
+               condition="ResolvedRefs", status="False", reason="InvalidKind")],
+    "tlsroute-invalid-reference-grant": [
+        Expect("TLSRoute", "gateway-conformance-infra-test",
+               parent="gateway-tlsroute-referencegrant", condition="ResolvedRefs",
+               status="False", reason="RefNotPermitted")],
+    "tlsroute-simple-same-namespace": [
+        Expect("TLSRoute", "gateway-conformance-infra-test", parent="gateway-tlsroute",
+               condition=c) for c in ("Accepted", "ResolvedRefs")] + [
+        Expect("Gateway", "gateway-tlsroute", listener="https", attached=1)],
+    "tlsroute-terminate-simple-same-namespace": [
+        Expect("TLSRoute", "tlsroute-terminated-test", parent="gateway-tlsroute-terminate",
+               condition=c) for c in ("Accepted", "ResolvedRefs")],
+    "tlsroute-mixed-termination-same-namespace": [
+        Expect("TLSRoute", name, parent="gateway-tlsroute-mixed-termination", condition=c)
+        for name in ("gateway-conformance-mixed-passthroughroute",
+                     "gateway-conformance-mixed-terminateroute")
+        for c in ("Accepted", "ResolvedRefs")],
+    "httproute-307-redirect": [
+        Expect("HTTPRoute", "307-redirect", parent="same-namespace", condition=c)
+        for c in ("Accepted", "ResolvedRefs")],
+    "httproute-request-header-modifier-backend-weights": [
+        Expect("HTTPRoute", "request-header-modifier-backend-weights", parent="same-namespace",
+               condition=c) for c in ("Accepted", "ResolvedRefs")],
     "gateway-secret-missing-reference-grant": [
         Expect("Gateway", "gateway-secret-missing-reference-grant", listener="https",
                condition="ResolvedRefs", status="False", reason="RefNotPermitted"),

@@ -223,3 +223,22 @@ def grpc_eventually(address: str, port: int, case: dict[str, Any],
         time.sleep(0.2)
     return Outcome(False, last)
 
+
+def rejected_eventually(address: str, port: int, case: dict[str, Any],
+                        tls: ssl.SSLContext, max_time: float = MAX_TIME) -> Outcome:
+    """The TLS handshake with the case's SNI must fail, three times in a row."""
+    server_name = str(case.get("tlsServerName") or "").strip('"')
+    deadline = time.monotonic() + max_time
+    failures = 0
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((address, port), timeout=5) as sock, \
+                    tls.wrap_socket(sock, server_hostname=server_name):
+                failures = 0
+                time.sleep(0.2)
+        except OSError:
+            failures += 1
+            if failures >= CONSECUTIVE:
+                return Outcome(True)
+    return Outcome(False, f"a TLS connection for {server_name} was accepted")
+

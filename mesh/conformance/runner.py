@@ -26,7 +26,7 @@ import yaml
 
 from mesh.conformance import judge
 from mesh.conformance.backends import Backends
-from mesh.conformance.certs import suite_secrets
+from mesh.conformance.certs import ca_config_map, suite_secrets
 from mesh.conformance.expectations import BUMPS, EXPECTATIONS, Expect
 from mesh.conformance.suite import ConformanceTest, Suite
 from mesh.gateway.translate import DEFAULT_CONTROLLER
@@ -74,11 +74,17 @@ class Runner:
 
     def start(self) -> None:
         base = self.suite.base()
+        secrets = suite_secrets()
+        for sec in secrets:
+            meta = sec["metadata"]
+            self.backends.secrets[(meta["namespace"], meta["name"])] = (
+                base64.b64decode(sec["data"]["tls.crt"]), base64.b64decode(sec["data"]["tls.key"]))
         self.backends.start(d for d in base if d.get("kind") == "Deployment")
         slices = self.backends.endpoint_slices(d for d in base if d.get("kind") == "Service")
-        secrets = suite_secrets()
+        secrets.append(ca_config_map(secrets[-1], INFRA_NS, "tls-checks-ca-certificate"))
         # The client trusts the suite's certificates, as upstream's does.
-        self.trusted = b"".join(base64.b64decode(s["data"]["tls.crt"]) for s in secrets)
+        self.trusted = b"".join(base64.b64decode(s["data"]["tls.crt"]) for s in secrets
+                                if s["kind"] == "Secret")
         self._write("00-base.yaml", [d for d in base if d.get("kind") != "Deployment"]
                     + slices + secrets)
         log = open(self.agent_log, "wb")
@@ -167,9 +173,9 @@ class Runner:
             "http.MakeRequestAndExpectEventuallyConsistentResponse",
             "grpc.MakeRequestAndExpectEventuallyConsistentResponse",
             "tls.MakeTLSRequestAndExpectEventuallyConsistentResponse")
-            and not test.name.startswith(CLIENT_CERTIFICATE_TESTS)
-            # TLS passthrough needs backends that serve TLS: not started yet.
-            and not (test.name.startswith("tlsroute") and c["sender"].startswith("tls."))]
+            and not test.name.startswith(CLIENT_CERTIFICATE_TESTS)]
+        static += [c for c in test.cases if c.get("static") and c.get("sender") ==
+                   "tls.MakeTLSConnectionAndExpectEventuallyConnectionRejection"]
         others = len(test.cases) - len(static)
         expectations = EXPECTATIONS.get(test.name, [])
         for e in expectations:
@@ -190,11 +196,13 @@ class Runner:
             ns, _, gname = gw.rpartition("/")
             listener = (case.get("listeners") or [None])[0]
             tls = case.get("sender", "").startswith("tls.")
+            protocol = "HTTP"
+            if tls:
+                protocol = "TLS" if test.name.startswith("tlsroute") else "HTTPS"
             target = None
             deadline = time.monotonic() + 20
             while target is None and time.monotonic() < deadline:
-                target = self.gateway_address(ns or INFRA_NS, gname, listener,
-                                              "HTTPS" if tls else "HTTP")
+                target = self.gateway_address(ns or INFRA_NS, gname, listener, protocol)
                 if target is None:
                     time.sleep(0.1)
             if target is None:
@@ -206,6 +214,9 @@ class Runner:
                 target = (target[0], int(host.rsplit(":", 1)[1]))
             if case.get("kind") == "grpc":
                 out = judge.grpc_eventually(target[0], target[1], case)
+            elif case["sender"].endswith("ConnectionRejection"):
+                out = judge.rejected_eventually(target[0], target[1], case,
+                                                judge.tls_context(self.trusted))
             else:
                 out = judge.eventually(target[0], target[1], case,
                                        tls=judge.tls_context(self.trusted) if tls else None)
