@@ -7,7 +7,9 @@ runner replays yet (status-only tests, TLS and gRPC senders); the report says wh
 from __future__ import annotations
 
 import pytest
+import yaml
 
+from mesh.conformance.profiles import upstream_report
 from mesh.conformance.runner import report, run
 from mesh.conformance.suite import DEFAULT_DATA
 
@@ -27,3 +29,10 @@ def test_conformance_suite() -> None:
     replayed = [c for r in results for c in r.cases]
     assert replayed and all(c[1] == "PASS" for c in replayed)
     assert len(results) == len({r.test.name for r in results}) > 100
+    # The report in the upstream format covers the three profiles, with nothing failed.
+    doc = yaml.safe_load(upstream_report(results))
+    assert [p["name"] for p in doc["profiles"]] == ["GATEWAY-HTTP", "GATEWAY-GRPC",
+                                                    "GATEWAY-TLS"]
+    for p in doc["profiles"]:
+        assert p["core"]["statistics"]["Failed"] == 0 and p["core"]["statistics"]["Passed"] > 0
+        print(p["name"], p["core"]["statistics"], p["extended"]["statistics"])
