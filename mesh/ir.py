@@ -26,6 +26,7 @@ class UpstreamTLS:
     ca_pem: bytes | None  # None: the system's trusted CAs
     subject_alt_names: tuple[tuple[str, str], ...] = ()  # (Hostname | URI, value)
     client_cert: str | None = None  # secret name, for backend client certificates
+    unusable: bool = False  # the policy is invalid: refuse to connect at all
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,10 @@ class Expect:
         st = item["status"]
         conds: list[dict[str, Any]] = []
         if self.parent is not None:
-            parent = next((p for p in st.get("parents", [])
-                           if p["parentRef"]["name"] == self.parent), None)
+            # Routes list their parents; policies their ancestors.
+            parent = next((p for p in st.get("parents", []) + st.get("ancestors", [])
+                           if (p.get("parentRef") or p.get("ancestorRef"))["name"]
+                           == self.parent), None)
             if parent is None:
                 return f"no status for parent {self.parent}"
             conds = parent["conditions"]
@@ -168,6 +170,24 @@ EXPECTATIONS: dict[str, list[Expect]] = {
     "httproute-request-header-modifier-backend-weights": [
         Expect("HTTPRoute", "request-header-modifier-backend-weights", parent="same-namespace",
                condition=c) for c in ("Accepted", "ResolvedRefs")],
+    "backendtlspolicy-invalid-ca-certificate-ref": [
+        Expect("BackendTLSPolicy", name, parent="same-namespace", condition=c, status="False",
+               reason=r)
+        for name in ("nonexistent-ca-certificate-ref", "malformed-ca-certificate-ref")
+        for c, r in (("Accepted", "NoValidCACertificate"),
+                     ("ResolvedRefs", "InvalidCACertificateRef"))],
+    "backendtlspolicy-invalid-kind": [
+        Expect("BackendTLSPolicy", "invalid-kind", parent="same-namespace", condition=c,
+               status="False", reason=r)
+        for c, r in (("Accepted", "NoValidCACertificate"), ("ResolvedRefs", "InvalidKind"))],
+    "backendtlspolicy-conflict-resolution": [
+        Expect("BackendTLSPolicy", name, parent="same-namespace", condition="Accepted")
+        for name in ("conflicted-without-section-name-1", "conflicted-with-section-name-1",
+                     "not-conflicted-with-section-name", "not-conflicted-without-section-name")
+    ] + [
+        Expect("BackendTLSPolicy", name, parent="same-namespace", condition="Accepted",
+               status="False", reason="Conflicted")
+        for name in ("conflicted-without-section-name-2", "conflicted-with-section-name-2")],
     "gateway-secret-missing-reference-grant": [
         Expect("Gateway", "gateway-secret-missing-reference-grant", listener="https",
                condition="ResolvedRefs", status="False", reason="RefNotPermitted"),
@@ -211,6 +231,10 @@ def _describe(doc: dict[str, Any]) -> None:
     doc["spec"]["description"] = "new"
 
 
+def _rehost(doc: dict[str, Any]) -> None:
+    doc["spec"]["validation"]["hostname"] = "other.example.com"
+
+
 # Tests that change an object's spec after it is accepted: (kind, name, change, expectations
 # that must then hold, at the new generation).
 BUMPS: dict[str, tuple[str, str, Callable[[dict[str, Any]], None], list[Expect]]] = {
@@ -221,6 +245,10 @@ BUMPS: dict[str, tuple[str, str, Callable[[dict[str, Any]], None], list[Expect]]
     "httproute-observed-generation-bump": (
         "HTTPRoute", "observed-generation-bump", _add_rule,
         [Expect("HTTPRoute", "observed-generation-bump", parent="same-namespace",
+                condition=c, generation=2) for c in ("Accepted", "ResolvedRefs")]),
+    "backendtlspolicy-observed-generation-bump": (
+        "BackendTLSPolicy", "observed-generation-bump", _rehost,
+        [Expect("BackendTLSPolicy", "observed-generation-bump", parent="same-namespace",
                 condition=c, generation=2) for c in ("Accepted", "ResolvedRefs")]),
     "gatewayclass-observed-generation-bump": (
         "GatewayClass", "gatewayclass-observed-generation-bump", _describe,

@@ -59,6 +59,9 @@ class RouteBuilder:
         self.policy_ancestors: dict[ObjectKey, set[ObjectKey]] = {}
         self._memo: dict[tuple[Any, ...], tuple[str | None, Resolution]] = {}
         self._owners: dict[str, set[ObjectKey]] = {}  # backend -> routes that use it
+        # BackendTLSPolicy -> routes whose backends it targets; the policies that apply.
+        self.policy_users: dict[ObjectKey, set[ObjectKey]] = {}
+        self._policy_winners: set[ObjectKey] = set()
         # Indexes built once per translation: routes refer to the same few Services often.
         self._services: dict[tuple[str, str], model.Service] = {
             (o.namespace, o.name): model.parse_service(o) for o in snapshot.of_kind("Service")}
@@ -73,6 +76,7 @@ class RouteBuilder:
             for group, kind, name, _ in policy.targets:
                 if group == "" and kind == "Service":
                     self._policies.setdefault((o.namespace, name), []).append(policy)
+        self.policies_by_key = {p.obj.key: p for ps in self._policies.values() for p in ps}
 
     # -- outputs ------------------------------------------------------------------------------
 
@@ -116,6 +120,11 @@ class RouteBuilder:
             name = self._backend(ref, route, probe, grpc)
             memo = self._memo[memo_key] = (name, probe)
         name, probe = memo
+        svc = self._services.get((ref.namespace, ref.name))
+        port = next((p for p in svc.ports if p.port == ref.port), None) if svc else None
+        if svc is not None and port is not None:
+            for policy in self._policy_candidates(svc, port):
+                self.policy_users.setdefault(policy.obj.key, set()).add(route.key)
         if not probe.ok:
             res.fail(probe.reason, probe.message)
         elif name is not None:
@@ -147,6 +156,8 @@ class RouteBuilder:
                      f"{port.app_protocol}, which is not supported")
             return None
         tls = self._backend_tls(svc, port, res)
+        if tls is not None and tls.unusable:
+            return None  # answers 500: see the BackendTLSPolicy's status
         protocol = "h2c" if grpc or port.app_protocol in (_H2C, "grpc") else "http1"
         name = f"{ref.namespace}/{ref.name}/{port.port}"
         self._backends[name] = ir.Backend(
@@ -172,30 +183,55 @@ class RouteBuilder:
                 out.update(ir.Endpoint(a, number) for a in es.addresses)
         return tuple(sorted(out, key=lambda e: (e.address, e.port)))
 
-    def _backend_tls(self, svc: model.Service, port: model.ServicePort,
-                     res: Resolution) -> ir.UpstreamTLS | None:
-        chosen = None
+    def _policy_candidates(self, svc: model.Service,
+                           port: model.ServicePort) -> list[model.BackendTLSPolicy]:
+        """Policies that target this Service port: by sectionName first, then the whole
+        Service; among equals the oldest first (the first one applies)."""
+        scored = []
         for policy in self._policies.get((svc.obj.namespace, svc.obj.name), ()):
             for group, kind, name, section in policy.targets:
                 if group == "" and kind == "Service" and name == svc.obj.name and (
                         section is None or section == port.name):
-                    chosen = chosen or policy
-        if chosen is None:
-            return None
+                    scored.append((section is None, policy.obj.created, policy.obj.namespace,
+                                   policy.obj.name, policy))
+                    break
+        return [t[-1] for t in sorted(scored, key=lambda t: t[:-1])]
+
+    def policy_applies(self, key: ObjectKey) -> bool:
+        return key in self._policy_winners
+
+    def policy_check(self, policy: model.BackendTLSPolicy
+                     ) -> tuple[bytes | None, tuple[str, str] | None]:
+        """(the CA certificates, or why the policy cannot be used)."""
         ca: bytes | None = None
-        for group, kind, name in chosen.ca_refs:
-            ca_obj = self.s.get(kind, svc.obj.namespace, name) if group == "" and kind in (
-                "ConfigMap", "Secret") else None
-            data = model.secret_data(ca_obj, "ca.crt") if ca_obj is not None else None
-            if data is None:
-                res.fail("InvalidKind" if kind not in ("ConfigMap", "Secret")
-                         else "BackendNotFound",
-                         f"BackendTLSPolicy {chosen.obj.name}: CA certificate {kind} {name} "
-                         "not usable")
-                return None
+        for group, kind, name in policy.ca_refs:
+            if group != "" or kind not in ("ConfigMap", "Secret"):
+                return None, ("InvalidKind", f"caCertificateRef {group}/{kind} {name} is not "
+                              "a ConfigMap or Secret")
+            obj = self.s.get(kind, policy.obj.namespace, name)
+            data = model.secret_data(obj, "ca.crt") if obj is not None else None
+            if data is None or b"BEGIN CERTIFICATE" not in data:
+                return None, ("InvalidCACertificateRef",
+                              f"{kind} {name} holds no CA certificate in ca.crt")
             ca = (ca or b"") + data
-        return ir.UpstreamTLS(sni=chosen.hostname, ca_pem=ca,
-                              subject_alt_names=chosen.subject_alt_names)
+        if ca is None and policy.well_known_ca != "System":
+            return None, ("InvalidCACertificateRef", "no CA certificate given")
+        return ca, None
+
+    def _backend_tls(self, svc: model.Service, port: model.ServicePort,
+                     res: Resolution) -> ir.UpstreamTLS | None:
+        candidates = self._policy_candidates(svc, port)
+        if not candidates:
+            return None
+        winner = candidates[0]
+        self._policy_winners.add(winner.obj.key)
+        ca, problem = self.policy_check(winner)
+        if problem is not None:
+            # Fail closed: never fall back to plaintext. The share of this backend answers
+            # 500 until the policy is fixed; the policy's status says why.
+            return ir.UpstreamTLS(sni=winner.hostname, ca_pem=None, unusable=True)
+        return ir.UpstreamTLS(sni=winner.hostname, ca_pem=ca,
+                              subject_alt_names=winner.subject_alt_names)
 
     def replay(self, route: KubeObject, res: Resolution) -> None:
         """Register the backends of a resolution computed by an earlier translation."""

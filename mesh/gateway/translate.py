@@ -136,6 +136,7 @@ class _Translator:
         listeners = self._listeners(gateways)
         self._attach_routes(gateways, listeners)
         self._gateway_status(gateways, listeners)
+        self._policy_status()
         out_listeners = self._ir_listeners(listeners)
         from mesh.gateway.ingress import translate_ingresses
 
@@ -562,6 +563,43 @@ class _Translator:
         if any(t != "IPAddress" for t, _ in g.addresses):
             return None
         return self._allocate(key, ips[0] if ips else None)
+
+    # -- BackendTLSPolicy --------------------------------------------------------------------
+
+    def _policy_status(self) -> None:
+        """A policy's status has an entry per Gateway whose routes use the Services it
+        targets: Accepted (or Conflicted, or no valid CA) and ResolvedRefs."""
+        for key, users in sorted(self.routes.policy_users.items()):
+            policy = self.routes.policies_by_key[key]
+            gen = policy.obj.generation
+            gateways: set[tuple[str, str]] = set()
+            for user in users:
+                for parent in (self.status.get(user) or {}).get("parents", []):
+                    ref = parent["parentRef"]
+                    accepted = any(c["type"] == "Accepted" and c["status"] == "True"
+                                   for c in parent["conditions"])
+                    if accepted and ref["kind"] == "Gateway":
+                        gateways.add((ref["namespace"], ref["name"]))
+            if not gateways:
+                continue
+            _, problem = self.routes.policy_check(policy)
+            if problem is not None:
+                conds = [condition("Accepted", False, "NoValidCACertificate", problem[1], gen),
+                         condition("ResolvedRefs", False, problem[0], problem[1], gen)]
+            elif not self.routes.policy_applies(key):
+                msg = "an older or more specific policy targets the same Service port"
+                conds = [condition("Accepted", False, "Conflicted", msg, gen),
+                         condition("ResolvedRefs", True, "ResolvedRefs", "references resolved",
+                                   gen)]
+            else:
+                conds = [condition("Accepted", True, "Accepted", "policy applied", gen),
+                         condition("ResolvedRefs", True, "ResolvedRefs", "references resolved",
+                                   gen)]
+            self.status[key] = {"ancestors": [
+                {"ancestorRef": {"group": GATEWAY_GROUP, "kind": "Gateway", "namespace": ns,
+                                 "name": name},
+                 "controllerName": self.cfg.controller_name, "conditions": conds}
+                for ns, name in sorted(gateways)]}
 
     # -- IR listeners ------------------------------------------------------------------------
 
