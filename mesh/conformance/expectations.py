@@ -188,6 +188,23 @@ EXPECTATIONS: dict[str, list[Expect]] = {
         Expect("BackendTLSPolicy", name, parent="same-namespace", condition="Accepted",
                status="False", reason="Conflicted")
         for name in ("conflicted-without-section-name-2", "conflicted-with-section-name-2")],
+    "listenerset-allowed-namespace-none": [
+        Expect("ListenerSet", "listenerset-not-allowed", condition="Accepted", status="False",
+               reason="NotAllowed")],
+    "listenerset-default-not-allowed": [
+        Expect("ListenerSet", "listenerset-default-not-allowed", condition="Accepted",
+               status="False", reason="NotAllowed")],
+    "listenerset-allowed-namespace-same": [
+        Expect("ListenerSet", "listenerset-in-same-namespace", condition="Accepted"),
+        Expect("ListenerSet", "listenerset-in-different-namespace",
+               namespace="gateway-api-listenerset-not-allowed-ns", condition="Accepted",
+               status="False", reason="NotAllowed")],
+    "listenerset-allowed-namespace-selector": [
+        Expect("ListenerSet", "listenerset-in-selected-namespace",
+               namespace="gateway-api-listenerset-selector-allowed-ns", condition="Accepted"),
+        Expect("ListenerSet", "listenerset-not-in-selected-namespace",
+               namespace="gateway-api-listenerset-selector-not-allowed-ns",
+               condition="Accepted", status="False", reason="NotAllowed")],
     "gateway-secret-missing-reference-grant": [
         Expect("Gateway", "gateway-secret-missing-reference-grant", listener="https",
                condition="ResolvedRefs", status="False", reason="RefNotPermitted"),
