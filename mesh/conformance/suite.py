@@ -58,7 +58,7 @@ class Suite:
         for name, t in sorted(raw.items()):
             out.append(ConformanceTest(
                 name=name,
-                short_name=t["shortName"],
+                short_name=t.get("shortName") or name,
                 features=tuple(t.get("features", [])),
                 manifests=tuple(Path(m) for m in t.get("manifests", [])),
                 gateways=tuple(t.get("gateways") or ()),
