@@ -205,6 +205,20 @@ EXPECTATIONS: dict[str, list[Expect]] = {
         Expect("ListenerSet", "listenerset-not-in-selected-namespace",
                namespace="gateway-api-listenerset-selector-not-allowed-ns",
                condition="Accepted", status="False", reason="NotAllowed")],
+    "gateway-invalid-parameters-ref": [
+        Expect("Gateway", "gateway-invalid-parameters-ref", condition="Accepted",
+               status="False", reason="InvalidParameters")],
+    "tlsroute-listener-passthrough-supported-kinds": [
+        Expect("Gateway", "gateway-tlsroute-passthrough-supported-kind",
+               listener="tls-passthrough", supported=("TLSRoute",)),
+        Expect("Gateway", "gateway-tlsroute-passthrough-supported-kind",
+               listener="tls-passthrough", condition="ResolvedRefs", status="False",
+               reason="InvalidRouteKinds")],
+    "tlsroute-listener-terminate-supported-kinds": [
+        Expect("Gateway", "gateway-tlsroute-terminate-supported", listener="tls-terminate",
+               supported=("TLSRoute",)),
+        Expect("Gateway", "gateway-tlsroute-terminate-supported", listener="tls-terminate",
+               condition="Accepted")],
     "gateway-secret-missing-reference-grant": [
         Expect("Gateway", "gateway-secret-missing-reference-grant", listener="https",
                condition="ResolvedRefs", status="False", reason="RefNotPermitted"),

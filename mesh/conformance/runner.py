@@ -34,6 +34,14 @@ from mesh.k8s import KINDS
 
 INFRA_NS = "gateway-conformance-infra"
 WEIGHTED = ("httproute-weight", "grpcroute-weight")
+# Tests that check how an implementation without a feature reports it, or that are outside
+# the HTTP, GRPC and TLS profiles.
+NOT_APPLICABLE = {
+    "tlsroute-listener-terminate-not-supported": "TLSRoute Terminate mode is supported",
+    "tlsroute-listener-mixed-termination-not-supported": "mixed TLS termination is supported",
+    "tcproute-": "TCPRoute is outside the HTTP, GRPC and TLS profiles",
+    "udproute-": "UDPRoute is outside the HTTP, GRPC and TLS profiles",
+}
 REQUESTS = 500
 TOLERANCE = 0.05
 # Frontend client certificate validation (Gateway spec.tls.frontend) is not implemented yet.
@@ -169,6 +177,9 @@ class Runner:
 
     def _judge(self, test: ConformanceTest) -> TestResult:
         result = TestResult(test, "PASS")
+        for prefix, why in NOT_APPLICABLE.items():
+            if test.name.startswith(prefix):
+                return TestResult(test, "SKIP", why)
         static = [c for c in test.cases if c.get("static") and c.get("sender") in (
             "http.MakeRequestAndExpectEventuallyConsistentResponse",
             "grpc.MakeRequestAndExpectEventuallyConsistentResponse",

@@ -515,6 +515,16 @@ class _Translator:
                 if not any(li.valid for li in own) and own:
                     conds[-1] = condition("Accepted", False, "ListenersNotValid",
                                           "no listener is valid", gen)
+            params = (g.obj.spec.get("infrastructure") or {}).get("parametersRef") \
+                if isinstance(g.obj.spec.get("infrastructure"), dict) else None
+            if params is not None:
+                # No parameters kind is supported: a Gateway that asks for some is rejected
+                # rather than run without what it asked for.
+                msg = f"parametersRef {params!r} cannot be resolved: no parameters are supported"
+                conds[:] = [condition("Accepted", False, "InvalidParameters", msg, gen),
+                            condition("Programmed", False, "Invalid", msg, gen)]
+                for li in own:
+                    li.valid = False
             self.status[g.obj.key] = {
                 "addresses": [{"type": "IPAddress", "value": address}] if address else [],
                 "conditions": conds,
