@@ -219,6 +219,9 @@ EXPECTATIONS: dict[str, list[Expect]] = {
                supported=("TLSRoute",)),
         Expect("Gateway", "gateway-tlsroute-terminate-supported", listener="tls-terminate",
                condition="Accepted")],
+    "gateway-optional-address-value": [
+        Expect("Gateway", "gateway-without-address-value", condition=c)
+        for c in ("Accepted", "Programmed")],
     "gateway-secret-missing-reference-grant": [
         Expect("Gateway", "gateway-secret-missing-reference-grant", listener="https",
                condition="ResolvedRefs", status="False", reason="RefNotPermitted"),

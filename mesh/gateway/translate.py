@@ -515,6 +515,12 @@ class _Translator:
                 if not any(li.valid for li in own) and own:
                     conds[-1] = condition("Accepted", False, "ListenersNotValid",
                                           "no listener is valid", gen)
+            unsupported = sorted({t for t, _ in g.addresses if t != "IPAddress"})
+            if unsupported:
+                msg = f"address types {', '.join(unsupported)} are not supported " \
+                    "(IPAddress is)"
+                conds[:] = [condition("Accepted", False, "UnsupportedAddress", msg, gen),
+                            condition("Programmed", False, "AddressNotAssigned", msg, gen)]
             params = (g.obj.spec.get("infrastructure") or {}).get("parametersRef") \
                 if isinstance(g.obj.spec.get("infrastructure"), dict) else None
             if params is not None:
@@ -569,9 +575,8 @@ class _Translator:
 
     def _gateway_address(self, g: model.Gateway) -> str | None:
         key = f"gateway/{g.obj.namespace}/{g.obj.name}"
-        ips = [v for t, v in g.addresses if t == "IPAddress"]
-        if any(t != "IPAddress" for t, _ in g.addresses):
-            return None
+        # An IPAddress without a value asks for one to be assigned.
+        ips = [v for t, v in g.addresses if t == "IPAddress" and v]
         return self._allocate(key, ips[0] if ips else None)
 
     # -- BackendTLSPolicy --------------------------------------------------------------------
