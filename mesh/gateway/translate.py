@@ -575,8 +575,10 @@ class _Translator:
 
     def _gateway_address(self, g: model.Gateway) -> str | None:
         key = f"gateway/{g.obj.namespace}/{g.obj.name}"
+        if any(t != "IPAddress" for t, _ in g.addresses):
+            return None  # not accepted (UnsupportedAddress): nothing to serve
         # An IPAddress without a value asks for one to be assigned.
-        ips = [v for t, v in g.addresses if t == "IPAddress" and v]
+        ips = [v for t, v in g.addresses if v]
         return self._allocate(key, ips[0] if ips else None)
 
     # -- BackendTLSPolicy --------------------------------------------------------------------
