@@ -222,6 +222,9 @@ EXPECTATIONS: dict[str, list[Expect]] = {
     "gateway-optional-address-value": [
         Expect("Gateway", "gateway-without-address-value", condition=c)
         for c in ("Accepted", "Programmed")],
+    "httproute-backend-protocol-websocket": [
+        Expect("HTTPRoute", "backend-protocol-ws", parent="same-namespace", condition=c)
+        for c in ("Accepted", "ResolvedRefs")],
     "gateway-secret-missing-reference-grant": [
         Expect("Gateway", "gateway-secret-missing-reference-grant", listener="https",
                condition="ResolvedRefs", status="False", reason="RefNotPermitted"),

@@ -242,3 +242,40 @@ def rejected_eventually(address: str, port: int, case: dict[str, Any],
                 return Outcome(True)
     return Outcome(False, f"a TLS connection for {server_name} was accepted")
 
+
+def websocket_echo(address: str, port: int, host: str, path: str = "/",
+                   max_time: float = MAX_TIME) -> Outcome:
+    """Upgrade to WebSocket through the gateway; a text message must come back."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, Message, Request, TextMessage
+
+    deadline = time.monotonic() + max_time
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        ws = WSConnection(ConnectionType.CLIENT)
+        try:
+            with socket.create_connection((address, port), timeout=5) as sock:
+                sock.sendall(ws.send(Request(host=host, target=path)))
+                got: list[str] = []
+                accepted = False
+                while not got:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    ws.receive_data(data)
+                    for event in ws.events():
+                        if isinstance(event, AcceptConnection):
+                            accepted = True
+                            sock.sendall(ws.send(TextMessage(data="conformance")))
+                        elif isinstance(event, Message) and isinstance(event.data, str):
+                            got.append(event.data)
+                        elif isinstance(event, CloseConnection):
+                            break
+                if accepted and got == ["conformance"]:
+                    return Outcome(True)
+                last = "upgrade refused" if not accepted else f"echoed {got!r}"
+        except (OSError, ValueError) as e:
+            last = f"websocket failed: {e!r}"
+        time.sleep(0.2)
+    return Outcome(False, last)
+

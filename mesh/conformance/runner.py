@@ -34,6 +34,7 @@ from mesh.k8s import KINDS
 
 INFRA_NS = "gateway-conformance-infra"
 WEIGHTED = ("httproute-weight", "grpcroute-weight")
+WEBSOCKET = {"httproute-backend-protocol-websocket": "same-namespace"}  # test -> Gateway
 # Tests that check how an implementation without a feature reports it, or that are outside
 # the HTTP, GRPC and TLS profiles.
 NOT_APPLICABLE = {
@@ -234,6 +235,12 @@ class Runner:
             if out.passed and case.get("MirroredTo"):
                 out = self._mirrored(case)
             result.cases.append((name, "PASS" if out.passed else "FAIL", out.detail))
+        if test.name in WEBSOCKET and all(c[1] == "PASS" for c in result.cases):
+            target = self.gateway_address(INFRA_NS, WEBSOCKET[test.name])
+            out = judge.websocket_echo(*target, host="example.com") if target else \
+                judge.Outcome(False, "no gateway address")
+            result.cases.append(("WebSocket echo through the gateway",
+                                 "PASS" if out.passed else "FAIL", out.detail))
         if test.name in WEIGHTED and result.cases and all(c[1] == "PASS" for c in result.cases):
             result.cases.append(self._distribution(test, static[0]))
         failed = [c for c in result.cases if c[1] == "FAIL"]
