@@ -12,6 +12,7 @@ import json
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -167,18 +168,14 @@ def compare(case: dict[str, Any], status: int, headers: dict[str, list[str]], bo
     return None
 
 
-def eventually(address: str, port: int, case: dict[str, Any], max_time: float = MAX_TIME,
-               tls: ssl.SSLContext | None = None) -> Outcome:
+def consistently(attempt: Callable[[], str | None], max_time: float = MAX_TIME) -> Outcome:
+    """Run `attempt` (None: passed, else why not) until it passes CONSECUTIVE times in a
+    row, within `max_time`: the upstream suite's rule for eventually consistent answers."""
     deadline = time.monotonic() + max_time
     successes = 0
     last = "no attempt"
     while time.monotonic() < deadline:
-        try:
-            status, headers, body = roundtrip(address, port, case, tls=tls)
-            problem = compare(case, status, headers, body,
-                              scheme="https" if tls is not None else "http")
-        except (OSError, http.client.HTTPException) as e:
-            problem = f"request failed: {e!r}"
+        problem = attempt()
         if problem is None:
             successes += 1
             if successes >= CONSECUTIVE:
@@ -188,6 +185,19 @@ def eventually(address: str, port: int, case: dict[str, Any], max_time: float = 
         last = problem
         time.sleep(0.2)
     return Outcome(False, last)
+
+
+def eventually(address: str, port: int, case: dict[str, Any], max_time: float = MAX_TIME,
+               tls: ssl.SSLContext | None = None) -> Outcome:
+    def attempt() -> str | None:
+        try:
+            status, headers, body = roundtrip(address, port, case, tls=tls)
+            return compare(case, status, headers, body,
+                           scheme="https" if tls is not None else "http")
+        except (OSError, http.client.HTTPException) as e:
+            return f"request failed: {e!r}"
+
+    return consistently(attempt, max_time)
 
 
 def grpc_eventually(address: str, port: int, case: dict[str, Any],
@@ -199,29 +209,20 @@ def grpc_eventually(address: str, port: int, case: dict[str, Any],
                   "Echo")
     authority = (case.get("RequestMetadata") or {}).get("Authority")
     want = int((case.get("Response") or {}).get("Code") or 0)
-    deadline = time.monotonic() + max_time
-    successes = 0
-    last = "no attempt"
-    while time.monotonic() < deadline:
+
+    def attempt() -> str | None:
         code, resp = grpcecho.call(f"{address}:{port}", method, authority)
-        problem = None
         if code.value[0] != want:
-            problem = f"expected gRPC code {want}, got {code.name}"
-        elif resp is not None:
+            return f"expected gRPC code {want}, got {code.name}"
+        if resp is not None:
             ctx = resp.assertions.context
             if case.get("Namespace") and ctx.namespace != case["Namespace"]:
-                problem = f"expected namespace {case['Namespace']}, got {ctx.namespace}"
-            elif not ctx.pod.startswith(case.get("Backend") or ""):
-                problem = f"expected a pod of {case.get('Backend')}, got {ctx.pod}"
-        if problem is None:
-            successes += 1
-            if successes >= CONSECUTIVE:
-                return Outcome(True)
-            continue
-        successes = 0
-        last = problem
-        time.sleep(0.2)
-    return Outcome(False, last)
+                return f"expected namespace {case['Namespace']}, got {ctx.namespace}"
+            if not ctx.pod.startswith(case.get("Backend") or ""):
+                return f"expected a pod of {case.get('Backend')}, got {ctx.pod}"
+        return None
+
+    return consistently(attempt, max_time)
 
 
 def rejected_eventually(address: str, port: int, case: dict[str, Any],

@@ -299,13 +299,7 @@ class RouteBuilder:
         for b in rule.backends:
             name = self.backend(b.ref, obj, res)
             websocket = websocket or self.websocket(b.ref)
-            breq, bresp = ir.HeaderOps(), ir.HeaderOps()
-            for f in b.filters:
-                if f.request_headers is not None:
-                    breq = _merge(breq, f.request_headers)
-                elif f.response_headers is not None:
-                    bresp = _merge(bresp, f.response_headers)
-            backends.append(ir.WeightedBackend(name, b.weight, breq, bresp))
+            backends.append(ir.WeightedBackend(name, b.weight, *_header_filters(b.filters)))
         timeout, per_try = 0.0, None
         try:
             if rule.timeouts.request is not None:
@@ -373,14 +367,8 @@ class RouteBuilder:
                     mirrors.append(ir.Mirror(name, f.mirror.percent))
         backends = []
         for b in rule.backends:
-            breq, bresp = ir.HeaderOps(), ir.HeaderOps()
-            for f in b.filters:
-                if f.request_headers is not None:
-                    breq = _merge(breq, f.request_headers)
-                elif f.response_headers is not None:
-                    bresp = _merge(bresp, f.response_headers)
             backends.append(ir.WeightedBackend(self.backend(b.ref, obj, res, grpc=True),
-                                               b.weight, breq, bresp))
+                                               b.weight, *_header_filters(b.filters)))
         label = rule.name or f"rule{i}"
         for j, m in enumerate(rule.matches):
             path = _grpc_path(m)
@@ -440,6 +428,17 @@ class RouteBuilder:
 
 def _host_order(host: str) -> tuple[int, int, str]:
     return (host == "*", host.startswith("*"), host)
+
+
+def _header_filters(filters: Iterable[model.Filter]) -> tuple[ir.HeaderOps, ir.HeaderOps]:
+    """The request and response header changes of a backend's filters."""
+    req, resp = ir.HeaderOps(), ir.HeaderOps()
+    for f in filters:
+        if f.request_headers is not None:
+            req = _merge(req, f.request_headers)
+        elif f.response_headers is not None:
+            resp = _merge(resp, f.response_headers)
+    return req, resp
 
 
 def _merge(ops: ir.HeaderOps, mod: model.HeaderModifier) -> ir.HeaderOps:
