@@ -272,8 +272,34 @@ def _rehost(doc: dict[str, Any]) -> None:
     doc["spec"]["validation"]["hostname"] = "other.example.com"
 
 
-# Tests that change an object's spec after it is accepted: (kind, name, change, expectations
-# that must then hold, at the new generation).
+def _add_http_listener(doc: dict[str, Any]) -> None:
+    doc["spec"]["listeners"].append({"name": "http", "port": 80, "protocol": "HTTP",
+                                     "allowedRoutes": {"namespaces": {"from": "All"}}})
+
+
+def _remove_https_listener(doc: dict[str, Any]) -> None:
+    doc["spec"]["listeners"] = [x for x in doc["spec"]["listeners"] if x["name"] != "https"]
+
+
+Change = tuple[str, str, Callable[[dict[str, Any]], None]]  # kind, name, change
+
+# Tests that change objects' specs after they are accepted: the changes, and expectations
+# that must then hold at the new generation.
+CHANGES: dict[str, tuple[list[Change], list[Expect]]] = {
+    "gateway-modify-listeners": (
+        [("Gateway", "gateway-add-listener", _add_http_listener),
+         ("Gateway", "gateway-remove-listener", _remove_https_listener)],
+        [Expect("Gateway", "gateway-add-listener", listener="http", attached=1),
+         Expect("Gateway", "gateway-add-listener", condition="Programmed", generation=2),
+         Expect("Gateway", "gateway-remove-listener", listener="http", attached=1),
+         Expect("Gateway", "gateway-remove-listener", condition="Accepted", generation=2)]),
+}
+EXPECTATIONS_BEFORE_CHANGES = {
+    "gateway-modify-listeners": [
+        Expect("Gateway", "gateway-add-listener", listener="https", condition="Programmed"),
+        Expect("Gateway", "gateway-remove-listener", listener="http", attached=1)],
+}
+
 BUMPS: dict[str, tuple[str, str, Callable[[dict[str, Any]], None], list[Expect]]] = {
     "gateway-observed-generation-bump": (
         "Gateway", "gateway-observed-generation-bump", _add_listener,
@@ -296,4 +322,7 @@ for _name, (_kind, _obj, _change, _after) in BUMPS.items():
     # Before the change: accepted at generation 1.
     EXPECTATIONS[_name] = [Expect(e.kind, e.name, e.namespace, e.parent, e.listener,
                                   e.condition, generation=1) for e in _after]
+for _name, (_kind, _obj, _change, _after) in BUMPS.items():
+    CHANGES[_name] = ([(_kind, _obj, _change)], _after)
+EXPECTATIONS.update(EXPECTATIONS_BEFORE_CHANGES)
 

@@ -27,7 +27,7 @@ import yaml
 from mesh.conformance import judge
 from mesh.conformance.backends import Backends
 from mesh.conformance.certs import ca_config_map, suite_secrets
-from mesh.conformance.expectations import BUMPS, EXPECTATIONS, Expect
+from mesh.conformance.expectations import CHANGES, EXPECTATIONS, Change, Expect
 from mesh.conformance.suite import ConformanceTest, Suite
 from mesh.gateway.translate import DEFAULT_CONTROLLER
 from mesh.k8s import KINDS
@@ -194,8 +194,8 @@ class Runner:
             problem = self._eventually_status(e)
             result.cases.append((e.describe(), "PASS" if problem is None else "FAIL",
                                  problem or ""))
-        if test.name in BUMPS and all(c[1] == "PASS" for c in result.cases):
-            self._bump(test, *BUMPS[test.name], result)
+        if test.name in CHANGES and all(c[1] == "PASS" for c in result.cases):
+            self._change(*CHANGES[test.name], result)
         if not test.cases and not expectations:
             return TestResult(test, "SKIP", "status-only test: no checks yet")
         for i, case in enumerate(static):
@@ -252,17 +252,16 @@ class Runner:
         return result
 
 
-    def _bump(self, test: ConformanceTest, kind: str, name: str,
-              change: Callable[[dict[str, Any]], None], after: list[Expect],
-              result: TestResult) -> None:
-        """Change the object's spec, as the upstream test does, and check status follows."""
-        docs = yaml.safe_load_all((self.manifests / "50-test.yaml").read_text())
-        changed = []
-        for d in docs:
-            if d.get("kind") == kind and d["metadata"]["name"] == name:
-                change(d)
-            changed.append(d)
-        self._write("50-test.yaml", changed)
+    def _change(self, changes: list[Change], after: list[Expect],
+                result: TestResult) -> None:
+        """Change objects' specs, as the upstream test does, and check status follows."""
+        docs = []
+        for d in yaml.safe_load_all((self.manifests / "50-test.yaml").read_text()):
+            for kind, name, change in changes:
+                if d.get("kind") == kind and d["metadata"]["name"] == name:
+                    change(d)
+            docs.append(d)
+        self._write("50-test.yaml", docs)
         for e in after:
             problem = self._eventually_status(e)
             result.cases.append(("after the change: " + e.describe(),
