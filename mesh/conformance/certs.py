@@ -47,7 +47,8 @@ def suite_secrets() -> list[dict[str, Any]]:
         # Upstream's Go client accepts "*.org" for example.org; Python's does not, so the
         # names the tests use are listed too.
         tls_secret(infra, "tls-validity-checks-certificate",
-                   ["*", "*.org", "example.org", "second-example.org", "*.wildcard.org"]),
+                   ["*", "*.org", "example.org", "second-example.org", "unknown-example.org",
+                    "*.wildcard.org"]),
         tls_secret(infra, "tls-passthrough-checks-certificate", ["abc.example.com"]),
         tls_secret("gateway-conformance-app-backend", "tls-passthrough-checks-certificate",
                    ["abc.example.com"]),

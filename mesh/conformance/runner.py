@@ -34,10 +34,42 @@ from mesh.k8s import KINDS
 
 INFRA_NS = "gateway-conformance-infra"
 WEIGHTED = ("httproute-weight", "grpcroute-weight")
+
+
+def _case(path: str, backend: str | None, status: int = 200, host: str = "",
+          sender: str = "http.MakeRequestAndExpectEventuallyConsistentResponse",
+          gateway: str = "same-namespace") -> dict[str, Any]:
+    case: dict[str, Any] = {"Request": {"Path": path, "Host": host} if host else {"Path": path},
+                            "Response": {"StatusCode": status}, "gateway": gateway,
+                            "kind": "http", "sender": sender, "static": True}
+    if backend:
+        case.update(Backend=backend, Namespace=INFRA_NS)
+    if sender.startswith("tls."):
+        case["tlsServerName"] = host
+    return case
+
+
+# Cases the data holds only as templates or not at all, written out from the tests'
+# manifests (which route serves which host or path).
+_TLS = "tls.MakeTLSRequestAndExpectEventuallyConsistentResponse"
+EXTRA_CASES: dict[str, list[dict[str, Any]]] = {
+    "httproute-service-types": [
+        _case("/manual-endpointslices", "infra-backend-v1"),
+        _case("/headless", "infra-backend-v1"),
+        _case("/headless-manual-endpointslices", "infra-backend-v1")],
+    "httproute-https-listener": [
+        _case("/", "infra-backend-v1", host="example.org", sender=_TLS,
+              gateway="same-namespace-with-https-listener"),
+        _case("/", "infra-backend-v2", host="second-example.org", sender=_TLS,
+              gateway="same-namespace-with-https-listener"),
+        _case("/", None, 404, host="unknown-example.org", sender=_TLS,
+              gateway="same-namespace-with-https-listener")],
+}
 WEBSOCKET = {"httproute-backend-protocol-websocket": "same-namespace"}  # test -> Gateway
 # Tests that check how an implementation without a feature reports it, or that are outside
 # the HTTP, GRPC and TLS profiles.
 NOT_APPLICABLE = {
+    "main": "the suite's entry point, not a test",
     "tlsroute-listener-terminate-not-supported": "TLSRoute Terminate mode is supported",
     "tlsroute-listener-mixed-termination-not-supported": "mixed TLS termination is supported",
     "tcproute-": "TCPRoute is outside the HTTP, GRPC and TLS profiles",
@@ -164,6 +196,13 @@ class Runner:
         deployments = [d for d in docs if d.get("kind") == "Deployment"]
         if deployments:
             self.backends.start(deployments)
+        for d in docs:
+            # Upstream's test fills the manual EndpointSlices with infra-backend-v1's pods.
+            if d.get("kind") == "EndpointSlice" and "manual-endpointslices" in \
+                    d["metadata"]["name"] and d.get("addressType") == "IPv4":
+                pods = self.backends.pods.get((INFRA_NS, "infra-backend-v1"), [])
+                d["endpoints"] = [{"addresses": [p.ip], "conditions": {"ready": True}}
+                                  for p in pods]
         objects = [d for d in docs if d.get("kind") != "Deployment"]
         objects += self.backends.endpoint_slices(d for d in docs if d.get("kind") == "Service")
         # Kinds the agent does not handle (TCPRoute, UDPRoute...) never show in its status.
@@ -181,14 +220,15 @@ class Runner:
         for prefix, why in NOT_APPLICABLE.items():
             if test.name.startswith(prefix):
                 return TestResult(test, "SKIP", why)
-        static = [c for c in test.cases if c.get("static") and c.get("sender") in (
+        static = [c for c in [*test.cases, *EXTRA_CASES.get(test.name, [])]
+                  if c.get("static") and c.get("sender") in (
             "http.MakeRequestAndExpectEventuallyConsistentResponse",
             "grpc.MakeRequestAndExpectEventuallyConsistentResponse",
             "tls.MakeTLSRequestAndExpectEventuallyConsistentResponse")
             and not test.name.startswith(CLIENT_CERTIFICATE_TESTS)]
         static += [c for c in test.cases if c.get("static") and c.get("sender") ==
                    "tls.MakeTLSConnectionAndExpectEventuallyConnectionRejection"]
-        others = len(test.cases) - len(static)
+        others = sum(1 for c in test.cases if c not in static)
         expectations = EXPECTATIONS.get(test.name, [])
         for e in expectations:
             problem = self._eventually_status(e)
@@ -196,7 +236,7 @@ class Runner:
                                  problem or ""))
         if test.name in CHANGES and all(c[1] == "PASS" for c in result.cases):
             self._change(*CHANGES[test.name], result)
-        if not test.cases and not expectations:
+        if not test.cases and not expectations and test.name not in EXTRA_CASES:
             return TestResult(test, "SKIP", "status-only test: no checks yet")
         for i, case in enumerate(static):
             gw = case.get("gateway") or (test.gateways[0] if test.gateways else None)
