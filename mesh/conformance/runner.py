@@ -38,25 +38,42 @@ WEIGHTED = ("httproute-weight", "grpcroute-weight")
 
 def _case(path: str, backend: str | None, status: int = 200, host: str = "",
           sender: str = "http.MakeRequestAndExpectEventuallyConsistentResponse",
-          gateway: str = "same-namespace") -> dict[str, Any]:
+          gateway: str = "same-namespace", server_name: str = "") -> dict[str, Any]:
     case: dict[str, Any] = {"Request": {"Path": path, "Host": host} if host else {"Path": path},
                             "Response": {"StatusCode": status}, "gateway": gateway,
                             "kind": "http", "sender": sender, "static": True}
     if backend:
         case.update(Backend=backend, Namespace=INFRA_NS)
     if sender.startswith("tls."):
-        case["tlsServerName"] = host
+        case["tlsServerName"] = server_name or host
     return case
 
 
+def _misdirected(server_name: str, host: str, backend: str | None, status: int = 200,
+                 ) -> dict[str, Any]:
+    return _case("/detect-misdirected-requests", backend, status, host=host, sender=_TLS,
+                 gateway="same-namespace-with-https-listener", server_name=server_name)
+
+
+_TLS = "tls.MakeTLSRequestAndExpectEventuallyConsistentResponse"
 # Cases the data holds only as templates or not at all, written out from the tests'
 # manifests (which route serves which host or path).
-_TLS = "tls.MakeTLSRequestAndExpectEventuallyConsistentResponse"
 EXTRA_CASES: dict[str, list[dict[str, Any]]] = {
     "httproute-service-types": [
         _case("/manual-endpointslices", "infra-backend-v1"),
         _case("/headless", "infra-backend-v1"),
         _case("/headless-manual-endpointslices", "infra-backend-v1")],
+    # Upstream sends these over HTTP/2; over HTTP/1.1 Envoy makes the same choice: the
+    # filter chain by SNI, then the virtual host by Host.
+    "httproute-https-listener-detect-misdirected-requests": [
+        _misdirected("example.org", "example.org", "infra-backend-v1"),
+        _misdirected("second-example.org", "second-example.org", "infra-backend-v2"),
+        _misdirected("foo.wildcard.org", "foo.wildcard.org", "infra-backend-v3"),
+        _misdirected("fourth-example.wildcard.org", "fourth-example.wildcard.org",
+                     "infra-backend-v1"),
+        _misdirected("second-example.org", "example.org", None, 421),
+        _misdirected("second-example.org", "foo.wildcard.org", None, 421),
+        _misdirected("foo.wildcard.org", "second-example.org", None, 421)],
     "httproute-https-listener": [
         _case("/", "infra-backend-v1", host="example.org", sender=_TLS,
               gateway="same-namespace-with-https-listener"),

@@ -401,7 +401,9 @@ class RouteBuilder:
             entries.by_host.setdefault(name, []).extend(routes)
 
     def http_table(self, name: str, listeners: Iterable[tuple[str, str | None]],
-                   port: int | None = None) -> str:
+                   port: int | None = None, misdirected: bool = False) -> str:
+        """Assemble a route table. With `misdirected`, a Host the table does not serve gets
+        421: on HTTPS, the connection was set up (by SNI) for another listener."""
         hosts: dict[str, list[tuple[tuple[Any, ...], ir.Route]]] = {}
         for key, hostname in listeners:
             hosts.setdefault(hostname or "*", [])
@@ -418,6 +420,10 @@ class RouteBuilder:
             domains = (host,) if host == "*" or port is None else (host, f"{host}:{port}")
             vhosts.append(ir.VirtualHost(name=f"{name}/{host}", domains=domains,
                                          routes=tuple(ordered)))
+        if misdirected and "*" not in hosts:
+            vhosts.append(ir.VirtualHost(name=f"{name}/misdirected", domains=("*",), routes=(
+                ir.Route(name=f"{name}/misdirected", path=ir.StringMatch("Prefix", "/"),
+                         action=ir.DirectResponse(421, "")),)))
         self._tables[name] = ir.RouteTable(name, tuple(vhosts), frozenset(owners))
         return name
 

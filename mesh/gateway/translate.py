@@ -645,7 +645,8 @@ class _Translator:
         sni = (li.spec.hostname,) if li.spec.hostname else ()
         owner = frozenset({li.owner.key})
         if li.spec.protocol == "HTTPS":
-            table = self.routes.http_table(li.key, [(li.key, li.spec.hostname)], li.spec.port)
+            table = self.routes.http_table(li.key, [(li.key, li.spec.hostname)], li.spec.port,
+                                           misdirected=li.spec.hostname is not None)
             return [ir.FilterChain(name=li.key, server_names=sni,
                                    certificates=li.certificates, route_table=table,
                                    owners=owner)]
