@@ -34,6 +34,7 @@ from mesh.k8s import KINDS
 
 INFRA_NS = "gateway-conformance-infra"
 WEIGHTED = ("httproute-weight", "grpcroute-weight")
+GRANT_DELETION = ("httproute-reference-grant",)
 
 
 def _case(path: str, backend: str | None, status: int = 200, host: str = "",
@@ -298,6 +299,9 @@ class Runner:
                 judge.Outcome(False, "no gateway address")
             result.cases.append(("WebSocket echo through the gateway",
                                  "PASS" if out.passed else "FAIL", out.detail))
+        if test.name in GRANT_DELETION and result.cases and all(
+                c[1] == "PASS" for c in result.cases):
+            self._delete_grants(static[0], result)
         if test.name in WEIGHTED and result.cases and all(c[1] == "PASS" for c in result.cases):
             result.cases.append(self._distribution(test, static[0]))
         failed = [c for c in result.cases if c[1] == "FAIL"]
@@ -353,6 +357,17 @@ class Runner:
             if (want == 0 and got) or abs(got - want) > TOLERANCE * REQUESTS:
                 return name, "FAIL", f"{backend}: {got} requests, expected {want:.0f}"
         return name, "PASS", ""
+
+    def _delete_grants(self, case: dict[str, Any], result: TestResult) -> None:
+        """Delete the ReferenceGrants: the cross-namespace backend must then answer 500."""
+        docs = [d for d in yaml.safe_load_all((self.manifests / "50-test.yaml").read_text())
+                if d.get("kind") != "ReferenceGrant"]
+        self._write("50-test.yaml", docs)
+        denied = {**case, "Response": {"StatusCode": 500}}
+        target = self.gateway_address(INFRA_NS, case["gateway"])
+        out = judge.eventually(*target, denied) if target else judge.Outcome(False, "no address")
+        result.cases.append(("after deleting the ReferenceGrant: 500",
+                             "PASS" if out.passed else "FAIL", out.detail))
 
     def _eventually_status(self, e: Expect, timeout: float = judge.MAX_TIME) -> str | None:
         deadline = time.monotonic() + timeout
