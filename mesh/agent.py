@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +62,10 @@ class Agent:
         self.ready = asyncio.Event()
         self.provider = FileProvider(cfg.manifests) if cfg.manifests is not None else None
         self.status = StatusSink(cfg.state_dir / "status.json")
-        self._addresses: dict[str, str] = {}
+        # Addresses given to Gateways from the pool, kept across restarts: a restart must
+        # not move a Gateway to another address.
+        self._addresses_file = cfg.state_dir / "addresses.json"
+        self._addresses: dict[str, str] = self._load_addresses()
         self._input: DirectoryState | None = None
         self._translation: Translation | None = None
         self._envoy: EnvoyConfig | None = None
@@ -88,7 +93,9 @@ class Agent:
             "envoy_ms": round((t2 - t1) * 1000, 1),
             "snapshot_ms": round((time.perf_counter() - t2) * 1000, 1)})
         self._input, self._translation, self._envoy = state, translation, envoy
-        self._addresses = translation.addresses
+        if translation.addresses != self._addresses:
+            self._addresses = translation.addresses
+            self._save_addresses()
         self._status_due.set()
         if self._translation_cache.misses >= FREEZE_AFTER:
             # Many new long-lived objects: without this, every later full collection
@@ -97,6 +104,25 @@ class Agent:
             gc.collect()
             gc.freeze()
         return True
+
+    def _load_addresses(self) -> dict[str, str]:
+        try:
+            data = json.loads(self._addresses_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            log.warning("address file unreadable, starting afresh",
+                        extra={"file": str(self._addresses_file)})
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def _save_addresses(self) -> None:
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self._addresses_file.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._addresses, f, sort_keys=True)
+        tmp.replace(self._addresses_file)
 
     def refresh_status(self) -> bool:
         if self._input is None or self._translation is None or self._envoy is None:

@@ -172,3 +172,43 @@ def test_envoy_rejection_reaches_status_and_nothing_else_breaks(
                            cwd=ROOT).stdout
     assert "file rejected" in table and "service.yaml" in table
     assert "Envoy rejected route" in table
+
+
+def _pool_gateway(name: str) -> str:
+    return f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: {name}, namespace: default}}
+spec:
+  gatewayClassName: mesh
+  listeners: [{{name: http, port: 8080, protocol: HTTP}}]
+"""
+
+
+def test_pool_addresses_survive_a_restart(tmp_path: Path) -> None:
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    (manifests / "class.yaml").write_text(GATEWAY.split("---")[0])
+    (manifests / "a.yaml").write_text(_pool_gateway("a"))
+    (manifests / "b.yaml").write_text(_pool_gateway("b"))
+    state = Path(f"/tmp/mesh-e2e-addr-{os.getpid()}")
+
+    def address(agent: Agent, name: str) -> str | None:
+        item = agent.items().get(("Gateway", name))
+        addresses = (item or {}).get("status", {}).get("addresses") or []
+        return addresses[0]["value"] if addresses else None
+
+    agent = Agent(manifests, state)
+    try:
+        before = wait_until(lambda: address(agent, "b"), what="b's address")
+        assert address(agent, "a") != before
+    finally:
+        agent.stop()
+    # Without a record of the allocations, b would now get a's old address, the first free.
+    (manifests / "a.yaml").unlink()
+    agent = Agent(manifests, state)
+    try:
+        assert wait_until(lambda: address(agent, "b"), what="b's address") == before
+        assert oct((state / "addresses.json").stat().st_mode & 0o777) == "0o600"
+    finally:
+        agent.stop()
