@@ -66,7 +66,9 @@ endpoints: [{{addresses: [127.0.0.1]}}]
 class Agent:
     def __init__(self, manifests: Path, state: Path) -> None:
         self.state = state
-        self.log = state.parent / "agent.log"
+        self.log = manifests.parent / "agent.log"
+        # A status file left by an earlier agent must not be read as this one's.
+        (state / "status.json").unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mesh.cli", "run", "--manifests", str(manifests),
              "--state-dir", str(state), "--node-id", "e2e"],
