@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 CLUSTER_SCOPED = frozenset({"Namespace", "GatewayClass", "IngressClass"})
@@ -21,10 +21,12 @@ KINDS = frozenset({
 })
 
 
-@dataclass(frozen=True, order=True)
-class ObjectKey:
+class ObjectKey(NamedTuple):
+    """Kind, namespace ("" for cluster-scoped kinds), name. A tuple: keys are hashed and
+    compared everywhere, and a tuple does that in C."""
+
     kind: str
-    namespace: str  # "" for cluster-scoped kinds
+    namespace: str
     name: str
 
     def __str__(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2, protocol_pb2
@@ -65,17 +66,34 @@ class EnvoyCache:
 
     def __init__(self) -> None:
         self.routes: dict[int, tuple[ir.Route, rc.Route]] = {}
+        # Virtual hosts whose routes are the very same IR routes as last time.
+        self.vhosts: dict[tuple[Any, ...], tuple[tuple[ir.Route, ...], rc.VirtualHost]] = {}
 
 
 def to_envoy(model: ir.IR, cache: EnvoyCache | None = None) -> EnvoyConfig:
     out = EnvoyConfig([])
     memo = cache.routes if cache is not None else {}
     fresh: dict[int, tuple[ir.Route, rc.Route]] = {}
+    vmemo = cache.vhosts if cache is not None else {}
+    vfresh: dict[tuple[Any, ...], tuple[tuple[ir.Route, ...], rc.VirtualHost]] = {}
 
     def route(x: ir.Route) -> rc.Route:
         hit = memo.get(id(x))
         msg = hit[1] if hit is not None and hit[0] is x else _route(x)
         fresh[id(x)] = (x, msg)
+        return msg
+
+    def vhost(vh: ir.VirtualHost) -> rc.VirtualHost:
+        key = (vh.name, vh.domains, *map(id, vh.routes))
+        hit = vmemo.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], vh.routes, strict=True)):
+            for x, msg in zip(vh.routes, hit[1].routes, strict=True):
+                fresh[id(x)] = (x, msg)
+            vfresh[key] = hit
+            return hit[1]
+        msg = rc.VirtualHost(name=vh.name, domains=list(vh.domains),
+                             routes=[route(x) for x in vh.routes])
+        vfresh[key] = (vh.routes, msg)
         return msg
 
     for b in model.backends:
@@ -89,13 +107,13 @@ def to_envoy(model: ir.IR, cache: EnvoyCache | None = None) -> EnvoyConfig:
                 certificate_chain=base_pb2.DataSource(inline_bytes=cert.cert_pem),
                 private_key=base_pb2.DataSource(inline_bytes=cert.key_pem))))
     for table in model.route_tables:
-        out.resources.append(_route_configuration(table, route))
+        out.resources.append(_route_configuration(table, vhost))
         out.own(table.owners, types.ROUTE, table.name)
     for listener in model.listeners:
         out.resources.append(_listener(listener))
         out.own(listener.owners, types.LISTENER, listener.name)
     if cache is not None:
-        cache.routes = fresh
+        cache.routes, cache.vhosts = fresh, vfresh
     return out
 
 
@@ -299,13 +317,15 @@ def _route(route: ir.Route) -> rc.Route:
 
 
 def _route_configuration(table: ir.RouteTable,
-                         route: Callable[[ir.Route], rc.Route] = lambda x: _route(x),
+                         vhost: Callable[[ir.VirtualHost], rc.VirtualHost] | None = None,
                          ) -> route_pb2.RouteConfiguration:
+    def build(vh: ir.VirtualHost) -> rc.VirtualHost:
+        return rc.VirtualHost(name=vh.name, domains=list(vh.domains),
+                              routes=[_route(x) for x in vh.routes])
+
     return route_pb2.RouteConfiguration(
         name=table.name,
-        virtual_hosts=[rc.VirtualHost(name=vh.name, domains=list(vh.domains),
-                                      routes=[route(x) for x in vh.routes])
-                       for vh in table.virtual_hosts],
+        virtual_hosts=[(vhost or build)(vh) for vh in table.virtual_hosts],
         # A route to a cluster that is not there yet answers 500 rather than NACK the table.
         validate_clusters=wrappers_pb2.BoolValue(value=False))
 
