@@ -214,3 +214,80 @@ def test_pool_addresses_survive_a_restart(tmp_path: Path) -> None:
         assert oct((state / "addresses.json").stat().st_mode & 0o777) == "0o600"
     finally:
         agent.stop()
+
+
+def test_ingress_served_over_http_and_https(tmp_path: Path) -> None:
+    import base64
+    import http.client
+    import socket
+    import ssl
+
+    from mesh.conformance.certs import self_signed
+
+    cert, key = self_signed(["shop.example"], "shop")
+    echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="shop-1")).start()
+    fallback = EchoServer("127.0.0.1", 0, EchoIdentity(pod="fallback-1")).start()
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+         "metadata": {"name": "mesh", "annotations": {
+             "ingressclass.kubernetes.io/is-default-class": "true"}},
+         "spec": {"controller": "mesh.dev/ingress-controller"}},
+        {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+         "metadata": {"name": "shop", "namespace": "default"},
+         "spec": {"defaultBackend": {"service": {"name": "fallback", "port": {"number": 80}}},
+                  "tls": [{"hosts": ["shop.example"], "secretName": "shop-tls"}],
+                  "rules": [{"host": "shop.example", "http": {"paths": [
+                      {"path": "/cart", "pathType": "Prefix", "backend": {
+                          "service": {"name": "shop", "port": {"name": "http"}}}}]}}]}},
+        {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+         "metadata": {"name": "shop-tls", "namespace": "default"},
+         "data": {"tls.crt": base64.b64encode(cert).decode(),
+                  "tls.key": base64.b64encode(key).decode()}},
+    ]
+    for name, server in (("shop", echo), ("fallback", fallback)):
+        docs += [
+            {"apiVersion": "v1", "kind": "Service",
+             "metadata": {"name": name, "namespace": "default"},
+             "spec": {"ports": [{"name": "http", "port": 80, "targetPort": server.port}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": f"{name}-1", "namespace": "default",
+                          "labels": {"kubernetes.io/service-name": name}},
+             "ports": [{"name": "http", "port": server.port}],
+             "endpoints": [{"addresses": ["127.0.0.1"]}]}]
+    (manifests / "ingress.yaml").write_text(yaml.safe_dump_all(docs))
+    agent = Agent(manifests, Path(f"/tmp/mesh-e2e-ing-{os.getpid()}"))
+    try:
+        def ip() -> str | None:
+            item = agent.items().get(("Ingress", "shop"))
+            lb = ((item or {}).get("status") or {}).get("loadBalancer", {}).get("ingress")
+            return lb[0]["ip"] if lb else None
+
+        address = wait_until(ip, what="the Ingress address")
+        wait_until(lambda: http_get(80, "/cart/1", host="shop.example", address=address)
+                   .status == 200, what="the Ingress rule answering")
+        assert http_get(80, "/cart/1", host="shop.example", address=address).json()[
+            "pod"] == "shop-1"
+        # No rule matches: the default backend answers, on any host.
+        assert http_get(80, "/other", host="shop.example", address=address).json()[
+            "pod"] == "fallback-1"
+        assert http_get(80, "/", host="elsewhere", address=address).json()[
+            "pod"] == "fallback-1"
+
+        ctx = ssl.create_default_context(cadata=cert.decode())
+
+        def https_pod() -> str:
+            sock = socket.create_connection((address, 443), timeout=5)
+            conn = http.client.HTTPSConnection(address, 443, context=ctx)
+            conn.sock = ctx.wrap_socket(sock, server_hostname="shop.example")
+            conn.request("GET", "/cart/2", headers={"Host": "shop.example"})
+            pod = str(json.loads(conn.getresponse().read())["pod"])
+            conn.close()
+            return pod
+
+        assert wait_until(https_pod, what="HTTPS through the Ingress") == "shop-1"
+    finally:
+        agent.stop()
+        echo.stop()
+        fallback.stop()
