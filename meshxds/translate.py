@@ -207,6 +207,15 @@ def _prefix_regex(matched: str, replacement: str) -> tuple[str, str]:
     return rf"^{re.escape(prefix)}", replacement
 
 
+def _path_rewrite(target: regex_pb2.RegexMatchAndSubstitute, full: str | None,
+                  prefix: tuple[str, str] | None) -> None:
+    """ReplaceFullPath or ReplacePrefixMatch, as a regex rewrite: it keeps the query."""
+    if full is not None:
+        target.pattern.regex, target.substitution = "^/.*$", full
+    elif prefix is not None:
+        target.pattern.regex, target.substitution = _prefix_regex(*prefix)
+
+
 def _forward(route: ir.Route, a: ir.Forward) -> rc.RouteAction:
     act = rc.RouteAction(timeout=r.duration(a.timeout))
     live = [b for b in a.backends if b.weight > 0]
@@ -247,13 +256,7 @@ def _forward(route: ir.Route, a: ir.Forward) -> rc.RouteAction:
                 denominator=percent_pb2.FractionalPercent.MILLION))
     if a.host_rewrite:
         act.host_rewrite_literal = a.host_rewrite
-    if a.full_path_rewrite is not None:
-        act.regex_rewrite.pattern.regex = "^/.*$"
-        act.regex_rewrite.substitution = a.full_path_rewrite
-    elif a.prefix_rewrite is not None:
-        pattern, sub = _prefix_regex(*a.prefix_rewrite)
-        act.regex_rewrite.pattern.regex = pattern
-        act.regex_rewrite.substitution = sub
+    _path_rewrite(act.regex_rewrite, a.full_path_rewrite, a.prefix_rewrite)
     if a.websocket:
         act.upgrade_configs.add(upgrade_type="websocket")
     return act
@@ -270,13 +273,7 @@ def _redirect(a: ir.Redirect) -> rc.RedirectAction:
         port = _DEFAULT_PORT.get(a.scheme)
     if port is not None and port != _DEFAULT_PORT.get(a.scheme or "http"):
         red.port_redirect = port
-    if a.full_path is not None:
-        red.regex_rewrite.pattern.regex = "^/.*$"
-        red.regex_rewrite.substitution = a.full_path
-    elif a.prefix is not None:
-        pattern, sub = _prefix_regex(*a.prefix)
-        red.regex_rewrite.pattern.regex = pattern
-        red.regex_rewrite.substitution = sub
+    _path_rewrite(red.regex_rewrite, a.full_path, a.prefix)
     return red
 
 
