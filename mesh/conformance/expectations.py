@@ -225,6 +225,27 @@ EXPECTATIONS: dict[str, list[Expect]] = {
     "httproute-backend-protocol-websocket": [
         Expect("HTTPRoute", "backend-protocol-ws", parent="same-namespace", condition=c)
         for c in ("Accepted", "ResolvedRefs")],
+    "listenerset-hostname-conflict": [
+        Expect("Gateway", "gateway-with-listenerset-hostname-conflict",
+               listener="hostname-conflict-with-gateway-listener", condition="Conflicted",
+               status="False"),
+        Expect("ListenerSet", "listenerset-with-hostname-conflict-with-gateway-1",
+               listener="listener-set-1-listener", condition="Accepted"),
+        # The first ListenerSet (oldest, then by name) that claims a hostname keeps it.
+        Expect("ListenerSet", "listenerset-with-hostname-conflict-with-gateway-1",
+               listener="hostname-conflict-with-listener-set-listener", condition="Conflicted",
+               status="False"),
+    ] + [
+        Expect("ListenerSet", ls, listener=li, condition="Conflicted", reason="HostnameConflict")
+        for ls, li in (
+            ("listenerset-with-hostname-conflict-with-gateway-1",
+             "hostname-conflict-with-gateway-listener"),
+            ("listenerset-with-hostname-conflict-with-gateway-2",
+             "hostname-conflict-with-gateway-listener"),
+            ("listenerset-with-hostname-conflict-with-listener-set-1",
+             "hostname-conflict-with-listener-set-listener"),
+            ("listenerset-with-hostname-conflict-with-listener-set-2",
+             "hostname-conflict-with-listener-set-listener"))],
     "gateway-secret-missing-reference-grant": [
         Expect("Gateway", "gateway-secret-missing-reference-grant", listener="https",
                condition="ResolvedRefs", status="False", reason="RefNotPermitted"),
