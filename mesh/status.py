@@ -147,14 +147,10 @@ class StatusSink:
             self.write_text(self.serialize())
         return changed
 
-    def document(self) -> dict[str, Any]:
-        """Every object with its status, as `kubectl get -o json` lists them."""
-        doc: dict[str, Any] = json.loads(self.serialize())
-        return doc
-
     def serialize(self) -> str:
-        """`document()` as JSON text. Each object's text is kept and redone only when the
-        object or its status changed: 10,000 routes do not cost 10,000 encodings a change."""
+        """Every object with its status, as `kubectl get -o json` lists them, as JSON text.
+        Each object's text is kept and redone only when the object or its status changed:
+        10,000 routes do not cost 10,000 encodings a change."""
         parts = []
         cache: dict[ObjectKey, tuple[KubeObject, dict[str, Any], str]] = {}
         for key in sorted(self.objects):

@@ -314,15 +314,11 @@ def _route(route: ir.Route) -> rc.Route:
 
 
 def _route_configuration(table: ir.RouteTable,
-                         vhost: Callable[[ir.VirtualHost], rc.VirtualHost] | None = None,
+                         vhost: Callable[[ir.VirtualHost], rc.VirtualHost],
                          ) -> route_pb2.RouteConfiguration:
-    def build(vh: ir.VirtualHost) -> rc.VirtualHost:
-        return rc.VirtualHost(name=vh.name, domains=list(vh.domains),
-                              routes=[_route(x) for x in vh.routes])
-
     return route_pb2.RouteConfiguration(
         name=table.name,
-        virtual_hosts=[(vhost or build)(vh) for vh in table.virtual_hosts],
+        virtual_hosts=[vhost(vh) for vh in table.virtual_hosts],
         # A route to a cluster that is not there yet answers 500 rather than NACK the table.
         validate_clusters=wrappers_pb2.BoolValue(value=False))
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from mesh import ir
 from mesh.gateway import model
-from mesh.gateway.routes import Resolution, RouteBuilder, put_table
+from mesh.gateway.routes import Resolution, RouteBuilder
 from mesh.k8s import ObjectKey, StoreSnapshot
 
 
@@ -86,7 +86,7 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
         vhosts.append(ir.VirtualHost(f"ingress/{host}", domains,
                                      tuple(ordered) + tuple(defaults[:1])))
     table = ir.RouteTable("ingress", tuple(vhosts), owners)
-    put_table(routes, table)
+    routes.put_table(table)
     listeners = [ir.Listener(f"{address}:80", address, 80, "HTTP",
                              (ir.FilterChain("ingress-http", route_table="ingress",
                                              owners=owners),), owners)]
@@ -112,7 +112,7 @@ def _route(routes: RouteBuilder, ing: model.Ingress, backend: model.IngressBacke
            path: ir.StringMatch, name: str) -> ir.Route:
     obj = ing.obj
     port = backend.port_number
-    svc = snapshot_service(routes, obj.namespace, backend.service)
+    svc = routes.service(obj.namespace, backend.service)
     if port is None and svc is not None:
         port = next((p.port for p in svc.ports if p.name == backend.port_name), None)
     res = Resolution()
@@ -122,6 +122,3 @@ def _route(routes: RouteBuilder, ing: model.Ingress, backend: model.IngressBacke
         ir.DirectResponse(503, "")
     return ir.Route(name=name, path=path, action=action, owners=frozenset({obj.key}))
 
-
-def snapshot_service(routes: RouteBuilder, namespace: str, name: str) -> model.Service | None:
-    return routes.service(namespace, name)

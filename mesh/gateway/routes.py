@@ -56,7 +56,6 @@ class RouteBuilder:
         self._certs: dict[str, ir.Certificate] = {}
         self._tables: dict[str, ir.RouteTable] = {}
         self._entries: dict[str, _TableEntries] = {}
-        self.policy_ancestors: dict[ObjectKey, set[ObjectKey]] = {}
         self._memo: dict[tuple[Any, ...], tuple[str | None, Resolution]] = {}
         self._owners: dict[str, set[ObjectKey]] = {}  # backend -> routes that use it
         # BackendTLSPolicy -> routes whose backends it targets; the policies that apply.
@@ -267,19 +266,16 @@ class RouteBuilder:
     def _http_rule(self, route: model.Route, i: int, rule: model.HTTPRule,
                    res: Resolution) -> None:
         obj = route.obj
-        req = ir.HeaderOps()
-        resp = ir.HeaderOps()
+        req, resp = _header_filters(rule.filters)
         redirect: model.Redirect | None = None
         rewrite: model.Rewrite | None = None
         mirrors: list[ir.Mirror] = []
         cors: ir.Cors | None = None
         broken = False
         for f in rule.filters:
-            if f.request_headers is not None:
-                req = _merge(req, f.request_headers)
-            elif f.response_headers is not None:
-                resp = _merge(resp, f.response_headers)
-            elif f.redirect is not None:
+            if f.request_headers is not None or f.response_headers is not None:
+                continue  # taken above
+            if f.redirect is not None:
                 redirect = f.redirect
             elif f.rewrite is not None:
                 rewrite = f.rewrite
@@ -354,14 +350,10 @@ class RouteBuilder:
     def _grpc_rule(self, route: model.Route, i: int, rule: model.GRPCRule,
                    res: Resolution) -> None:
         obj = route.obj
-        req, resp = ir.HeaderOps(), ir.HeaderOps()
+        req, resp = _header_filters(rule.filters)
         mirrors = []
         for f in rule.filters:
-            if f.request_headers is not None:
-                req = _merge(req, f.request_headers)
-            elif f.response_headers is not None:
-                resp = _merge(resp, f.response_headers)
-            elif f.mirror is not None:
+            if f.mirror is not None:
                 name = self.backend(f.mirror.backend, obj, res, grpc=True)
                 if name is not None:
                     mirrors.append(ir.Mirror(name, f.mirror.percent))
@@ -427,6 +419,10 @@ class RouteBuilder:
         self._tables[name] = ir.RouteTable(name, tuple(vhosts), frozenset(owners))
         return name
 
+    def put_table(self, table: ir.RouteTable) -> None:
+        """Register a route table assembled elsewhere (Ingress)."""
+        self._tables[table.name] = table
+
     def tls_routes(self, listener: str) -> list[
             tuple[tuple[str, ...], tuple[ir.WeightedBackend, ...], frozenset[ObjectKey]]]:
         return self._entries.get(listener, _TableEntries()).tls
@@ -437,7 +433,7 @@ def _host_order(host: str) -> tuple[int, int, str]:
 
 
 def _header_filters(filters: Iterable[model.Filter]) -> tuple[ir.HeaderOps, ir.HeaderOps]:
-    """The request and response header changes of a backend's filters."""
+    """The request and response header changes among filters (of a rule or a backend)."""
     req, resp = ir.HeaderOps(), ir.HeaderOps()
     for f in filters:
         if f.request_headers is not None:
@@ -499,6 +495,3 @@ def with_listener_port(route: ir.Route, port: int) -> ir.Route:
     return route
 
 
-def put_table(builder: RouteBuilder, table: ir.RouteTable) -> None:
-    """Register a route table assembled elsewhere (Ingress)."""
-    builder._tables[table.name] = table
