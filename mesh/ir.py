@@ -158,12 +158,27 @@ class Certificate:
 
 
 @dataclass(frozen=True)
+class TrustBundle:
+    """CA certificates that client certificates must chain to."""
+
+    name: str
+    ca_pem: bytes
+
+
+@dataclass(frozen=True)
+class ClientValidation:
+    trust_bundle: str  # a TrustBundle's name
+    allow_insecure: bool = False  # accept clients without a valid certificate too
+
+
+@dataclass(frozen=True)
 class FilterChain:
     """One way of handling connections on a port: by SNI when TLS, plain otherwise."""
 
     name: str
     server_names: tuple[str, ...] = ()  # empty: any
     certificates: tuple[str, ...] = ()  # TLS termination with these certificates
+    client_validation: ClientValidation | None = None
     route_table: str | None = None  # HTTP: the route table that serves it
     tcp_backends: tuple[WeightedBackend, ...] = ()  # TCP proxying (TLS passthrough)
     owners: Owners = frozenset()
@@ -185,3 +200,4 @@ class IR:
     route_tables: tuple[RouteTable, ...] = ()
     backends: tuple[Backend, ...] = ()
     certificates: tuple[Certificate, ...] = ()
+    trust_bundles: tuple[TrustBundle, ...] = ()

@@ -106,6 +106,11 @@ def to_envoy(model: ir.IR, cache: EnvoyCache | None = None) -> EnvoyConfig:
             tls_certificate=common_pb2.TlsCertificate(
                 certificate_chain=base_pb2.DataSource(inline_bytes=cert.cert_pem),
                 private_key=base_pb2.DataSource(inline_bytes=cert.key_pem))))
+    for bundle in model.trust_bundles:
+        out.resources.append(secret_pb2.Secret(
+            name=bundle.name,
+            validation_context=common_pb2.CertificateValidationContext(
+                trusted_ca=base_pb2.DataSource(inline_bytes=bundle.ca_pem))))
     for table in model.route_tables:
         out.resources.append(_route_configuration(table, vhost))
         out.own(table.owners, types.ROUTE, table.name)
@@ -351,13 +356,26 @@ def _hcm(table: str, stat_prefix: str) -> listener_components_pb2.Filter:
     return f
 
 
-def _downstream_tls(certs: tuple[str, ...], alpn: list[str]) -> base_pb2.TransportSocket:
+def _sds(name: str) -> secret_pb2.SdsSecretConfig:
+    return secret_pb2.SdsSecretConfig(name=name, sds_config=config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3))
+
+
+def _downstream_tls(certs: tuple[str, ...], alpn: list[str],
+                    validation: ir.ClientValidation | None = None) -> base_pb2.TransportSocket:
     ctx = tls_pb2.DownstreamTlsContext(common_tls_context=tls_pb2.CommonTlsContext(
-        alpn_protocols=alpn,
-        tls_certificate_sds_secret_configs=[
-            secret_pb2.SdsSecretConfig(name=c, sds_config=config_source_pb2.ConfigSource(
-                ads=config_source_pb2.AggregatedConfigSource(),
-                resource_api_version=config_source_pb2.V3)) for c in certs]))
+        alpn_protocols=alpn, tls_certificate_sds_secret_configs=[_sds(c) for c in certs]))
+    if validation is not None:
+        # The CAs come by SDS, so a CA change does not drain the listener.
+        combined = ctx.common_tls_context.combined_validation_context
+        combined.validation_context_sds_secret_config.CopyFrom(_sds(validation.trust_bundle))
+        combined.default_validation_context.SetInParent()
+        if validation.allow_insecure:
+            combined.default_validation_context.trust_chain_verification = \
+                common_pb2.CertificateValidationContext.ACCEPT_UNTRUSTED
+        else:
+            ctx.require_client_certificate.value = True
     ts = base_pb2.TransportSocket(name="envoy.transport_sockets.tls")
     ts.typed_config.Pack(ctx)
     return ts
@@ -400,7 +418,8 @@ def _listener(li: ir.Listener) -> listener_pb2.Listener:
             fc.filter_chain_match.server_names.extend(names)
         if chain.certificates:
             alpn = ["h2", "http/1.1"] if chain.route_table else []
-            fc.transport_socket.CopyFrom(_downstream_tls(chain.certificates, alpn))
+            fc.transport_socket.CopyFrom(_downstream_tls(chain.certificates, alpn,
+                                                         chain.client_validation))
         if chain.route_table is not None:
             fc.filters.append(_hcm(chain.route_table, _stat(chain.route_table)))
         else:

@@ -291,3 +291,114 @@ def test_ingress_served_over_http_and_https(tmp_path: Path) -> None:
         agent.stop()
         echo.stop()
         fallback.stop()
+
+
+def test_client_certificates_checked_at_the_gateway(tmp_path: Path) -> None:
+    """Gateway spec.tls.frontend: a port that requires a valid client certificate, a port
+    with AllowInsecureFallback, and a CA rotation that takes effect without a restart."""
+    import base64
+    import http.client
+    import socket
+    import ssl
+
+    from mesh.conformance.certs import client_certificate, self_signed
+
+    server_cert, server_key = self_signed(["secure.example"], "server")
+    ca1, cert1, key1 = client_certificate("client-one")
+    ca2, cert2, key2 = client_certificate("client-two")
+    files = {}
+    for name, cert, key in (("one", cert1, key1), ("two", cert2, key2)):
+        (tmp_path / f"{name}.crt").write_bytes(cert)
+        (tmp_path / f"{name}.key").write_bytes(key)
+        files[name] = (tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+    echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="secure-1")).start()
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+
+    def trust(ca: bytes) -> str:
+        return yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap",
+                               "metadata": {"name": "clients-ca", "namespace": "default"},
+                               "data": {"ca.crt": ca.decode()}})
+
+    https = [{"name": f"https-{port}", "port": port, "protocol": "HTTPS",
+              "tls": {"certificateRefs": [{"name": "server-tls"}]}} for port in (8443, 9443)]
+    validation = {"caCertificateRefs": [{"group": "", "kind": "ConfigMap",
+                                         "name": "clients-ca"}]}
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+         "metadata": {"name": "mesh"}, "spec": {"controllerName": "mesh.dev/gateway-controller"}},
+        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+         "metadata": {"name": "gw", "namespace": "default"},
+         "spec": {"gatewayClassName": "mesh",
+                  "addresses": [{"type": "IPAddress", "value": ADDRESS}],
+                  "tls": {"frontend": {
+                      "default": {"validation": validation},
+                      "perPort": [{"port": 9443, "tls": {"validation": {
+                          **validation, "mode": "AllowInsecureFallback"}}}]}},
+                  "listeners": https}},
+        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+         "metadata": {"name": "secure", "namespace": "default"},
+         "spec": {"parentRefs": [{"name": "gw"}], "hostnames": ["secure.example"],
+                  "rules": [{"backendRefs": [{"name": "echo", "port": 80}]}]}},
+        {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+         "metadata": {"name": "server-tls", "namespace": "default"},
+         "data": {"tls.crt": base64.b64encode(server_cert).decode(),
+                  "tls.key": base64.b64encode(server_key).decode()}},
+    ]
+    (manifests / "gateway.yaml").write_text(yaml.safe_dump_all(docs))
+    (manifests / "service.yaml").write_text(service(echo.port))
+    (manifests / "ca.yaml").write_text(trust(ca1))
+    agent = Agent(manifests, Path(f"/tmp/mesh-e2e-mtls-{os.getpid()}"))
+
+    def get(port: int, client: str | None) -> int | str:
+        """The answer's status, or the error that stopped the request."""
+        ctx = ssl.create_default_context(cadata=server_cert.decode())
+        if client is not None:
+            ctx.load_cert_chain(*files[client])
+        try:
+            sock = socket.create_connection((ADDRESS, port), timeout=5)
+            conn = http.client.HTTPSConnection(ADDRESS, port, context=ctx, timeout=5)
+            conn.sock = ctx.wrap_socket(sock, server_hostname="secure.example")
+            conn.request("GET", "/", headers={"Host": "secure.example"})
+            status = conn.getresponse().status
+            conn.close()
+            return status
+        except (OSError, http.client.HTTPException) as e:
+            return type(e).__name__
+
+    try:
+        wait_until(lambda: get(8443, "one") == 200, what="mTLS with the trusted client")
+        assert get(8443, "two") != 200  # signed by a CA the Gateway does not trust
+        assert get(8443, None) != 200  # no certificate at all
+        for client in ("one", "two", None):  # AllowInsecureFallback lets everyone in
+            assert get(9443, client) == 200, client
+        gw = agent.items()[("Gateway", "gw")]
+        assert condition(gw, "InsecureFrontendValidationMode")["reason"] == \
+            "ConfigurationChanged"
+
+        # Rotate the CA: the other client gets in, the first one no longer does.
+        (manifests / "ca.yaml").write_text(trust(ca2))
+        wait_until(lambda: get(8443, "two") == 200, what="the rotated CA in force")
+        assert get(8443, "one") != 200
+
+        # A CA reference that does not resolve: the listener is not served at all (no
+        # silent fallback to no validation), and its status says why.
+        (manifests / "ca.yaml").unlink()
+
+        def listener_status() -> dict[str, Any] | None:
+            item = agent.items().get(("Gateway", "gw"))
+            lis = {x["name"]: x for x in (item or {}).get("status", {}).get("listeners", [])}
+            li = lis.get("https-8443")
+            accepted = next((c for c in (li or {}).get("conditions", [])
+                             if c["type"] == "Accepted"), None)
+            return li if accepted and accepted["status"] == "False" else None
+
+        li = wait_until(listener_status, what="the listener to be rejected")
+        reasons = {c["type"]: c["reason"] for c in li["conditions"]}
+        assert reasons["ResolvedRefs"] == "InvalidCACertificateRef"
+        assert reasons["Accepted"] == "NoValidCACertificate"
+        wait_until(lambda: get(8443, "two") != 200, what="the listener to stop serving")
+    finally:
+        log = agent.stop()
+        echo.stop()
+    assert "Traceback" not in log, log

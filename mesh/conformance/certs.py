@@ -9,7 +9,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 def self_signed(hosts: list[str], common_name: str) -> tuple[bytes, bytes]:
@@ -18,26 +18,72 @@ def self_signed(hosts: list[str], common_name: str) -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=365))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    builder = (x509.CertificateBuilder()
+               .subject_name(name).issuer_name(name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=365))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True))
+    if hosts:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]), critical=False)
+    cert = builder.sign(key, hashes.SHA256())
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def tls_secret(namespace: str, name: str, hosts: list[str]) -> dict[str, Any]:
-    cert, key = self_signed(hosts, f"{namespace}/{name}"[-64:])  # CN: 64 characters at most
+def client_certificate(common_name: str) -> tuple[bytes, bytes, bytes]:
+    """(CA certificate PEM, client certificate PEM, client key PEM): a client certificate
+    signed by its own CA, as the suite makes for frontend client certificate validation."""
+    ca_pem, ca_key_pem = self_signed([], f"{common_name} CA"[-64:])
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                                        common_name[-64:])]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=365))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return ca_pem, cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def secret(namespace: str, name: str, cert: bytes, key: bytes) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
             "metadata": {"name": name, "namespace": namespace},
             "data": {"tls.crt": base64.b64encode(cert).decode(),
                      "tls.key": base64.b64encode(key).decode()}}
+
+
+def tls_secret(namespace: str, name: str, hosts: list[str]) -> dict[str, Any]:
+    cert, key = self_signed(hosts, f"{namespace}/{name}"[-64:])  # CN: 64 characters at most
+    return secret(namespace, name, cert, key)
+
+
+def client_validation_objects() -> list[dict[str, Any]]:
+    """The client certificates of the frontend validation tests and ConfigMaps with their
+    CAs: each CA signs one client certificate, so each ConfigMap trusts one of them."""
+    infra = "gateway-conformance-infra"
+    out = []
+    for secret_name, config_map in (
+            ("tls-validity-checks-client-certificate", "tls-validity-checks-ca-certificate"),
+            ("tls-validity-checks-per-port-client-certificate",
+             "tls-validity-checks-per-port-ca-certificate")):
+        ca, cert, key = client_certificate(f"{infra}/{secret_name}")
+        out.append(secret(infra, secret_name, cert, key))
+        out.append({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": config_map, "namespace": infra},
+                    "data": {"ca.crt": ca.decode()}})
+    return out
 
 
 def suite_secrets() -> list[dict[str, Any]]:

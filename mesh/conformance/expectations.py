@@ -88,6 +88,21 @@ def _route(name: str, parent: str, reason: str, kind: str = "HTTPRoute",
                   reason=reason)
 
 
+def _listener_conditions(gateway: str, listener: str,
+                         unresolved: str | None = None) -> list[Expect]:
+    """A listener's ResolvedRefs, Accepted and Programmed: all True, or, with a CA
+    reference that does not resolve, False with that reason and NoValidCACertificate."""
+    if unresolved is None:
+        return [Expect("Gateway", gateway, listener=listener, condition=c)
+                for c in ("ResolvedRefs", "Accepted", "Programmed")]
+    return [Expect("Gateway", gateway, listener=listener, condition="ResolvedRefs",
+                   status="False", reason=unresolved),
+            Expect("Gateway", gateway, listener=listener, condition="Accepted",
+                   status="False", reason="NoValidCACertificate"),
+            Expect("Gateway", gateway, listener=listener, condition="Programmed",
+                   status="False")]
+
+
 EXPECTATIONS: dict[str, list[Expect]] = {
     "httproute-invalid-cross-namespace-parent-ref": [
         _route("invalid-cross-namespace-parent-ref", "same-namespace", "NotAllowedByListeners",
@@ -271,6 +286,34 @@ EXPECTATIONS: dict[str, list[Expect]] = {
                    "gateway-certificate-unsupported-group",
                    "gateway-certificate-unsupported-kind",
                    "gateway-certificate-malformed-secret")],
+    "gateway-with-invalid-clientcertificate-validation": [
+        *_listener_conditions("gateway-with-invalid-client-cert-validation", "https"),
+        *_listener_conditions("gateway-with-invalid-client-cert-validation",
+                              "https-unresolved", "InvalidCACertificateRef"),
+        *_listener_conditions("gateway-with-invalid-client-cert-validation",
+                              "https-invalid-kind", "InvalidCACertificateKind"),
+        *_listener_conditions("gateway-with-invalid-client-cert-validation",
+                              "https-grant-missing", "RefNotPermitted")],
+    "gateway-invalid-default-frontend-client-certificate-validation": [
+        *_listener_conditions("invalid-default-client-validation-config", "http"),
+        *_listener_conditions("invalid-default-client-validation-config", "https",
+                              "InvalidCACertificateRef")],
+    "gateway-with-clientcertificate-validation": [
+        Expect("Gateway", "client-validation-default", condition="Accepted"),
+        Expect("Gateway", "client-validation-default", condition="Programmed"),
+        *[Expect("HTTPRoute", r, parent="client-validation-default", condition=c)
+          for r in ("client-certificate-validation-https-test",
+                    "client-certificate-validation-https-test-no-hostname")
+          for c in ("Accepted", "ResolvedRefs")]],
+    "gateway-with-clientcertificate-validation-insecure-fallback": [
+        Expect("Gateway", "client-validation-insecure-fallback", condition="Accepted"),
+        Expect("Gateway", "client-validation-insecure-fallback", condition="Programmed"),
+        Expect("Gateway", "client-validation-insecure-fallback",
+               condition="InsecureFrontendValidationMode", reason="ConfigurationChanged"),
+        *[Expect("HTTPRoute", r, parent="client-validation-insecure-fallback", condition=c)
+          for r in ("client-cert-validation-insecure-fallback-test",
+                    "client-cert-validation-insecure-fallback-test-no-hostname")
+          for c in ("Accepted", "ResolvedRefs")]],
 }
 
 

@@ -14,6 +14,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,9 +47,14 @@ class _SNIConnection(http.client.HTTPSConnection):
         self.sock = self._ctx.wrap_socket(sock, server_hostname=self._server_name)
 
 
-def tls_context(trusted_pem: bytes) -> ssl.SSLContext:
+def tls_context(trusted_pem: bytes, client: tuple[Path, Path] | None = None,
+                ) -> ssl.SSLContext:
+    """Trusting `trusted_pem`; with `client` (certificate file, key file) presenting
+    that client certificate."""
     ctx = ssl.create_default_context(cadata=trusted_pem.decode())
     ctx.set_alpn_protocols(["http/1.1"])
+    if client is not None:
+        ctx.load_cert_chain(*client)
     return ctx
 
 
@@ -196,6 +202,20 @@ def eventually(address: str, port: int, case: dict[str, Any], max_time: float = 
                            scheme="https" if tls is not None else "http")
         except (OSError, http.client.HTTPException) as e:
             return f"request failed: {e!r}"
+
+    return consistently(attempt, max_time)
+
+
+def fails_eventually(address: str, port: int, case: dict[str, Any], tls: ssl.SSLContext,
+                     max_time: float = MAX_TIME) -> Outcome:
+    """The request must fail without an HTTP answer (the handshake or the connection is
+    refused), CONSECUTIVE times in a row: upstream's MakeTLSRequestAndExpectFailureResponse."""
+    def attempt() -> str | None:
+        try:
+            status, _, _ = roundtrip(address, port, case, tls=tls, timeout=5)
+        except (OSError, http.client.HTTPException):
+            return None
+        return f"answered {status}"
 
     return consistently(attempt, max_time)
 

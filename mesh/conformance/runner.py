@@ -26,7 +26,7 @@ import yaml
 
 from mesh.conformance import judge
 from mesh.conformance.backends import Backends
-from mesh.conformance.certs import ca_config_map, suite_secrets
+from mesh.conformance.certs import ca_config_map, client_validation_objects, suite_secrets
 from mesh.conformance.expectations import CHANGES, EXPECTATIONS, Change, Expect
 from mesh.conformance.suite import ConformanceTest, Suite
 from mesh.gateway.translate import DEFAULT_CONTROLLER
@@ -95,9 +95,26 @@ NOT_APPLICABLE = {
 }
 REQUESTS = 500
 TOLERANCE = 0.05
-# Frontend client certificate validation (Gateway spec.tls.frontend) is not implemented yet.
-CLIENT_CERTIFICATE_TESTS = ("gateway-with-clientcertificate-validation",
-                            "gateway-invalid-default-frontend-client-certificate-validation")
+_DEFAULT_CLIENT = "tls-validity-checks-client-certificate"
+_PER_PORT_CLIENT = "tls-validity-checks-per-port-client-certificate"
+# The frontend validation tests' TLS cases, which the data holds without the port and the
+# client certificate upstream's test uses: (Host, expected to succeed) -> each (port,
+# client certificate Secret or None) to send it with.
+CLIENT_CERTIFICATES: dict[str, dict[tuple[str, bool], list[tuple[int, str | None]]]] = {
+    "gateway-with-clientcertificate-validation": {
+        ("example.org", True): [(443, _DEFAULT_CLIENT)],
+        ("example.org", False): [(443, _PER_PORT_CLIENT)],
+        ("second-example.org", True): [(8443, _PER_PORT_CLIENT)],
+        ("second-example.org", False): [(8443, _DEFAULT_CLIENT)]},
+    "gateway-invalid-default-frontend-client-certificate-validation": {
+        ("example.org", False): [(443, None)]},
+    # AllowInsecureFallback: the right certificate, the wrong one and none all get in.
+    "gateway-with-clientcertificate-validation-insecure-fallback": {
+        ("example.org", True): [(443, _DEFAULT_CLIENT), (443, _PER_PORT_CLIENT), (443, None)],
+        ("second-example.org", True): [(8443, _PER_PORT_CLIENT), (8443, _DEFAULT_CLIENT),
+                                       (8443, None)]},
+}
+_TLS_FAILURE = "tls.MakeTLSRequestAndExpectFailureResponse"
 
 
 @dataclass
@@ -128,6 +145,7 @@ class Runner:
         self.agent: subprocess.Popen[bytes] | None = None
         self.agent_log = self.dir / "agent.log"
         self.trusted = b""
+        self.client_certificates: dict[str, tuple[Path, Path]] = {}  # Secret -> files
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -144,6 +162,15 @@ class Runner:
         # The client trusts the suite's certificates, as upstream's does.
         self.trusted = b"".join(base64.b64decode(s["data"]["tls.crt"]) for s in secrets
                                 if s["kind"] == "Secret")
+        for doc in client_validation_objects():
+            secrets.append(doc)
+            if doc["kind"] == "Secret":
+                files = (self.dir / f"{doc['metadata']['name']}.crt",
+                         self.dir / f"{doc['metadata']['name']}.key")
+                for path, field_ in zip(files, ("tls.crt", "tls.key"), strict=True):
+                    path.write_bytes(base64.b64decode(doc["data"][field_]))
+                    path.chmod(0o600)
+                self.client_certificates[doc["metadata"]["name"]] = files
         self._write("00-base.yaml", [d for d in base if d.get("kind") != "Deployment"]
                     + slices + secrets)
         log = open(self.agent_log, "wb")
@@ -242,10 +269,10 @@ class Runner:
                   if c.get("static") and c.get("sender") in (
             "http.MakeRequestAndExpectEventuallyConsistentResponse",
             "grpc.MakeRequestAndExpectEventuallyConsistentResponse",
-            "tls.MakeTLSRequestAndExpectEventuallyConsistentResponse")
-            and not test.name.startswith(CLIENT_CERTIFICATE_TESTS)]
-        static += [c for c in test.cases if c.get("static") and c.get("sender") ==
-                   "tls.MakeTLSConnectionAndExpectEventuallyConnectionRejection"]
+            "tls.MakeTLSRequestAndExpectEventuallyConsistentResponse")]
+        static += [c for c in test.cases if c.get("static") and (c.get("sender") ==
+                   "tls.MakeTLSConnectionAndExpectEventuallyConnectionRejection" or (
+                       c.get("sender") == _TLS_FAILURE and test.name in CLIENT_CERTIFICATES))]
         others = sum(1 for c in test.cases if c not in static)
         expectations = EXPECTATIONS.get(test.name, [])
         for e in expectations:
@@ -282,7 +309,9 @@ class Runner:
             if ":" in host and host.rsplit(":", 1)[1].isdigit():
                 # Upstream sends these to the listener on the Host header's port.
                 target = (target[0], int(host.rsplit(":", 1)[1]))
-            if case.get("kind") == "grpc":
+            if tls and test.name in CLIENT_CERTIFICATES:
+                out = self._with_client_certificates(test.name, target[0], case)
+            elif case.get("kind") == "grpc":
                 out = judge.grpc_eventually(target[0], target[1], case)
             elif case["sender"].endswith("ConnectionRejection"):
                 out = judge.rejected_eventually(target[0], target[1], case,
@@ -312,6 +341,23 @@ class Runner:
             result.detail = f"{others} case(s) of other kinds not run yet"
         return result
 
+
+    def _with_client_certificates(self, test: str, address: str,
+                                  case: dict[str, Any]) -> judge.Outcome:
+        host = (case.get("Request") or {}).get("Host") or ""
+        succeeds = case["sender"] != _TLS_FAILURE
+        plan = CLIENT_CERTIFICATES[test].get((host, succeeds))
+        if not plan:
+            return judge.Outcome(False, "no port and client certificate known for this case")
+        for port, client in plan:
+            ctx = judge.tls_context(self.trusted, self.client_certificates[client]
+                                    if client else None)
+            out = judge.eventually(address, port, case, tls=ctx) if succeeds else \
+                judge.fails_eventually(address, port, case, ctx)
+            if not out.passed:
+                return judge.Outcome(False, f"port {port}, client certificate "
+                                     f"{client or '(none)'}: {out.detail}")
+        return judge.Outcome(True)
 
     def _change(self, changes: list[Change], after: list[Expect],
                 result: TestResult) -> None:

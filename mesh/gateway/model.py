@@ -442,14 +442,20 @@ def parse_listener(raw: Any, default_ns: str) -> Listener:
         hostname=m.get("hostname") if isinstance(m.get("hostname"), str) else None,
         tls_mode=_str(tls.get("mode"), "Terminate") if tls or protocol in ("HTTPS", "TLS")
         else None,
-        certificate_refs=tuple(
-            BackendObjectRef(_str(c.get("group"), ""), _str(c.get("kind"), "Secret"),
-                             _str(c.get("namespace"), default_ns), _str(c.get("name")), None)
-            for c in map(_map, _list(tls.get("certificateRefs")))),
+        certificate_refs=tuple(_object_ref(c, default_ns, "Secret")
+                               for c in map(_map, _list(tls.get("certificateRefs")))),
         allowed_from=_str(namespaces.get("from"), "Same"),
         allowed_selector=_map(namespaces.get("selector")),
         allowed_kinds=kinds,
     )
+
+
+@dataclass(frozen=True)
+class ClientValidation:
+    """How an HTTPS port checks client certificates (Gateway spec.tls.frontend)."""
+
+    ca_refs: tuple[BackendObjectRef, ...]
+    mode: str  # AllowValidOnly | AllowInsecureFallback
 
 
 @dataclass(frozen=True)
@@ -460,11 +466,43 @@ class Gateway:
     addresses: tuple[tuple[str, str], ...]  # (type, value)
     allowed_listener_sets_from: str  # None | Same | All | Selector
     allowed_listener_sets_selector: Mapping[str, Any] = field(default_factory=dict)
+    client_validation: ClientValidation | None = None  # for ports without their own
+    client_validation_per_port: Mapping[int, ClientValidation | None] = field(
+        default_factory=dict)
+    backend_client_certificate: BackendObjectRef | None = None  # spec.tls.backend
+
+    def validation_for(self, port: int) -> ClientValidation | None:
+        if port in self.client_validation_per_port:
+            return self.client_validation_per_port[port]
+        return self.client_validation
+
+
+def _client_validation(raw: Any, default_ns: str) -> ClientValidation | None:
+    m = _map(_map(raw).get("validation"))
+    if not m:
+        return None
+    return ClientValidation(
+        ca_refs=tuple(_object_ref(r, default_ns, "ConfigMap")
+                      for r in map(_map, _list(m.get("caCertificateRefs")))),
+        mode=_str(m.get("mode"), "AllowValidOnly"))
+
+
+def _object_ref(m: Mapping[str, Any], default_ns: str, kind: str) -> BackendObjectRef:
+    return BackendObjectRef(_str(m.get("group"), ""), _str(m.get("kind"), kind),
+                            _str(m.get("namespace"), default_ns), _str(m.get("name")), None)
 
 
 def parse_gateway(obj: KubeObject) -> Gateway:
     spec = obj.spec
     allowed = _map(_map(spec.get("allowedListeners")).get("namespaces"))
+    tls = _map(spec.get("tls"))
+    frontend = _map(tls.get("frontend"))
+    per_port = {}
+    for entry in map(_map, _list(frontend.get("perPort"))):
+        port = _int(entry.get("port"))
+        if port is not None:
+            per_port[port] = _client_validation(entry.get("tls"), obj.namespace)
+    backend_cert = _map(_map(tls.get("backend")).get("clientCertificateRef"))
     return Gateway(
         obj=obj,
         class_name=_str(spec.get("gatewayClassName")),
@@ -473,6 +511,10 @@ def parse_gateway(obj: KubeObject) -> Gateway:
                         for a in map(_map, _list(spec.get("addresses")))),
         allowed_listener_sets_from=_str(allowed.get("from"), "None"),
         allowed_listener_sets_selector=_map(allowed.get("selector")),
+        client_validation=_client_validation(frontend.get("default"), obj.namespace),
+        client_validation_per_port=per_port,
+        backend_client_certificate=_object_ref(backend_cert, obj.namespace, "Secret")
+        if backend_cert else None,
     )
 
 

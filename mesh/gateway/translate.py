@@ -98,6 +98,7 @@ class _Listener:
     valid: bool = True
     attached: int = 0
     certificates: tuple[str, ...] = ()
+    client_validation: ir.ClientValidation | None = None
     address: str | None = None
 
     @property
@@ -127,6 +128,7 @@ class _Translator:
         self.grants = [model.parse_reference_grant(o) for o in snapshot.of_kind("ReferenceGrant")]
         self.routes = RouteBuilder(snapshot, self.grants)
         self.addresses: dict[str, str] = {}
+        self.trust_bundles: dict[str, bytes] = {}  # name -> CA certificates (PEM)
 
     # -- entry ----------------------------------------------------------------------------
 
@@ -151,6 +153,8 @@ class _Translator:
                 route_tables=tuple(self.routes.tables()),
                 backends=tuple(self.routes.backends()),
                 certificates=tuple(self.routes.certificates()),
+                trust_bundles=tuple(ir.TrustBundle(k, v)
+                                    for k, v in sorted(self.trust_bundles.items())),
             ),
             status=self.status,
             addresses=self.addresses,
@@ -300,6 +304,56 @@ class _Translator:
                     condition("ResolvedRefs", False, problem[0], problem[1], gen))
                 return
         li.certificates = tuple(certs)
+        if spec.protocol == "HTTPS":
+            self._client_validation(li)
+
+    def _client_validation(self, li: _Listener) -> None:
+        """Client certificate validation for an HTTPS listener, from its Gateway's
+        spec.tls.frontend (its port's entry, or the default). References that do not
+        resolve are reported; with none usable the listener is not served at all rather
+        than served without the validation it asks for."""
+        g, gen = li.gateway, li.owner.generation
+        validation = g.validation_for(li.spec.port)
+        if validation is None:
+            return
+        bundle = b""
+        problems: list[tuple[str, str]] = []
+        for ref in validation.ca_refs:
+            where = f"{ref.kind} {ref.namespace}/{ref.name}"
+            if ref.group != "" or ref.kind not in ("ConfigMap", "Secret"):
+                problems.append(("InvalidCACertificateKind", f"caCertificateRef {where}: "
+                                 "only ConfigMaps and Secrets can hold CA certificates"))
+                continue
+            if ref.namespace != g.obj.namespace and not self._granted(
+                    "Gateway", g.obj.namespace, "", ref.kind, ref.namespace, ref.name):
+                problems.append(("RefNotPermitted", f"caCertificateRef {where}: no "
+                                 f"ReferenceGrant in {ref.namespace} allows it"))
+                continue
+            obj = self.s.get(ref.kind, ref.namespace, ref.name)
+            data = model.secret_data(obj, "ca.crt") if obj is not None else None
+            if obj is None:
+                problems.append(("InvalidCACertificateRef",
+                                 f"caCertificateRef {where} does not exist"))
+            elif data is None or b"BEGIN CERTIFICATE" not in data:
+                problems.append(("InvalidCACertificateRef",
+                                 f"caCertificateRef {where} holds no CA certificate in ca.crt"))
+            else:
+                bundle += data if data.endswith(b"\n") else data + b"\n"
+        conds = li.status["conditions"]
+        if problems:
+            conds.append(condition("ResolvedRefs", False, problems[0][0],
+                                   "; ".join(p[1] for p in problems), gen))
+        if not bundle:
+            li.valid = False
+            conds.append(condition("Accepted", False, "NoValidCACertificate",
+                                   "no usable CA certificate to validate clients with"
+                                   if validation.ca_refs else "caCertificateRefs is empty",
+                                   gen))
+            return
+        name = f"ca/{g.obj.namespace}/{g.obj.name}/{li.spec.port}"
+        self.trust_bundles[name] = bundle
+        li.client_validation = ir.ClientValidation(
+            name, allow_insecure=validation.mode == "AllowInsecureFallback")
 
     def _validate(self, listeners: list[_Listener]) -> None:
         """Conflicts between listeners of one Gateway: the earlier listener wins."""
@@ -521,6 +575,13 @@ class _Translator:
                     "(IPAddress is)"
                 conds[:] = [condition("Accepted", False, "UnsupportedAddress", msg, gen),
                             condition("Programmed", False, "AddressNotAssigned", msg, gen)]
+            modes = [v.mode for v in (g.client_validation,
+                                      *g.client_validation_per_port.values()) if v]
+            if "AllowInsecureFallback" in modes:
+                conds.append(condition(
+                    "InsecureFrontendValidationMode", True, "ConfigurationChanged",
+                    "client certificate validation lets clients without a valid certificate "
+                    "in on some ports (AllowInsecureFallback)", gen))
             params = (g.obj.spec.get("infrastructure") or {}).get("parametersRef") \
                 if isinstance(g.obj.spec.get("infrastructure"), dict) else None
             if params is not None:
@@ -649,7 +710,7 @@ class _Translator:
                                            misdirected=li.spec.hostname is not None)
             return [ir.FilterChain(name=li.key, server_names=sni,
                                    certificates=li.certificates, route_table=table,
-                                   owners=owner)]
+                                   client_validation=li.client_validation, owners=owner)]
         chains = []
         for names, backends, owners in self.routes.tls_routes(li.key):
             chains.append(ir.FilterChain(
