@@ -2,7 +2,9 @@
 
 Used as the demo backend, in tests and by the conformance runner. It reads its pod name and
 namespace from `POD_NAME` and `NAMESPACE`. `?delay=1s` waits before answering,
-`/status/NNN` answers that status, `X-Echo-Set-Header: A:1,B:2` sets response headers.
+`/status/NNN` answers that status, `X-Echo-Set-Header: A:1,B:2` sets response headers, and
+`?responseCode=500&succeedAfter=2&uuid=U` fails the first 2 requests carrying uuid U with
+500 (to see a gateway's retries), as upstream's echo does for the retry test.
 
 Two servers share the same description:
 - `EchoServer`, HTTP/1.1 on a thread (stdlib), for in-process tests;
@@ -20,6 +22,7 @@ import os
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,8 +58,27 @@ class Answer:
     delay: float = 0.0
 
 
+class Attempts:
+    """Requests seen per retry-simulation uuid (the most recent 10,000 uuids)."""
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self._seen: OrderedDict[str, int] = OrderedDict()
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def count(self, uuid: str) -> int:
+        """This request's number among those with `uuid`, from 1."""
+        with self._lock:
+            n = self._seen.pop(uuid, 0) + 1
+            self._seen[uuid] = n
+            if len(self._seen) > self._keep:
+                self._seen.popitem(last=False)
+            return n
+
+
 def describe(identity: EchoIdentity, method: str, target: str, proto: str,
-             headers: Iterable[tuple[str, str]], tls: dict[str, Any] | None = None) -> Answer:
+             headers: Iterable[tuple[str, str]], tls: dict[str, Any] | None = None,
+             attempts: Attempts | None = None) -> Answer:
     """The echo's answer to a request: its JSON description and what the request asked for."""
     url = urlsplit(target)
     query = parse_qs(url.query)
@@ -70,6 +92,10 @@ def describe(identity: EchoIdentity, method: str, target: str, proto: str,
     m = re.fullmatch(r"/status/(\d{3})", url.path)
     if m:
         status = int(m.group(1))
+    simulated = [query.get(k, [""])[0] for k in ("responseCode", "succeedAfter", "uuid")]
+    if attempts is not None and all(simulated) and simulated[0].isdigit() and \
+            simulated[1].isdigit() and attempts.count(simulated[2]) <= int(simulated[1]):
+        status = int(simulated[0])
     by_name: dict[str, list[str]] = {}
     host = ""
     for k, v in headers:
@@ -111,7 +137,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(length)
         answer = describe(self.server.identity, self.command, self.path, self.request_version,
-                          self.headers.items())
+                          self.headers.items(), attempts=self.server.attempts)
         if answer.delay:
             time.sleep(answer.delay)
         self.send_response(answer.status)
@@ -133,6 +159,7 @@ class EchoServer(ThreadingHTTPServer):
     def __init__(self, host: str, port: int, identity: EchoIdentity | None = None) -> None:
         super().__init__((host, port), _Handler)
         self.identity = identity or EchoIdentity()
+        self.attempts = Attempts()
         self.requests = 0
         self._thread: threading.Thread | None = None
 
@@ -158,6 +185,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 def asgi_app(identity: EchoIdentity) -> Callable[[dict[str, Any], Receive, Send],
                                                  Awaitable[None]]:
+    attempts = Attempts()
+
     async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
             await _websocket(scope, receive, send)
@@ -177,7 +206,7 @@ def asgi_app(identity: EchoIdentity) -> Callable[[dict[str, Any], Receive, Send]
             tls = {"version": "TLS", "negotiatedProtocol": "h2" if scope["http_version"] == "2"
                    else "http/1.1"}
         answer = describe(identity, scope["method"], target, f"HTTP/{scope['http_version']}",
-                          headers, tls)
+                          headers, tls, attempts)
         if answer.delay:
             await asyncio.sleep(answer.delay)
         await send({"type": "http.response.start", "status": answer.status,

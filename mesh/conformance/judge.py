@@ -12,11 +12,12 @@ import json
 import socket
 import ssl
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 CONSECUTIVE = 3
 MAX_TIME = 30.0
@@ -216,6 +217,24 @@ def fails_eventually(address: str, port: int, case: dict[str, Any], tls: ssl.SSL
         except (OSError, http.client.HTTPException):
             return None
         return f"answered {status}"
+
+    return consistently(attempt, max_time)
+
+
+def retry_eventually(address: str, port: int, case: dict[str, Any], response_code: int,
+                     succeed_after: int, max_time: float = MAX_TIME) -> Outcome:
+    """A retry case: the backend fails the first `succeed_after` requests of a uuid with
+    `response_code`; a fresh uuid each attempt, as upstream's test does."""
+    def attempt() -> str | None:
+        query = urlencode({"responseCode": response_code, "succeedAfter": succeed_after,
+                           "uuid": uuid.uuid4().hex})
+        probe = {**case, "Request": {**case["Request"],
+                                     "Path": f"{case['Request']['Path']}?{query}"}}
+        try:
+            status, headers, body = roundtrip(address, port, probe)
+            return compare(probe, status, headers, body)
+        except (OSError, http.client.HTTPException) as e:
+            return f"request failed: {e!r}"
 
     return consistently(attempt, max_time)
 

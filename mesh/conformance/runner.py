@@ -115,6 +115,14 @@ CLIENT_CERTIFICATES: dict[str, dict[tuple[str, bool], list[tuple[int, str | None
                                        (8443, None)]},
 }
 _TLS_FAILURE = "tls.MakeTLSRequestAndExpectFailureResponse"
+# The retry test's cases, which the data holds as one template: (path, the code the backend
+# fails with, how many requests it fails, the status the client must see).
+RETRIES = {"httproute-retry": [
+    ("/retry/code-500-attempts-3", 500, 2, 200),
+    ("/retry/code-500-attempts-3", 500, 4, 500),
+    ("/retry/code-500-attempts-3", 503, 2, 503),
+    *[("/retry/code-all-attempts-2", code, n, 200 if n == 1 else code)
+      for code in (500, 502, 503, 504) for n in (1, 3)]]}
 
 
 @dataclass
@@ -273,7 +281,7 @@ class Runner:
         static += [c for c in test.cases if c.get("static") and (c.get("sender") ==
                    "tls.MakeTLSConnectionAndExpectEventuallyConnectionRejection" or (
                        c.get("sender") == _TLS_FAILURE and test.name in CLIENT_CERTIFICATES))]
-        others = sum(1 for c in test.cases if c not in static)
+        others = sum(1 for c in test.cases if c not in static and test.name not in RETRIES)
         expectations = EXPECTATIONS.get(test.name, [])
         for e in expectations:
             problem = self._eventually_status(e)
@@ -322,6 +330,14 @@ class Runner:
             if out.passed and case.get("MirroredTo"):
                 out = self._mirrored(case)
             result.cases.append((name, "PASS" if out.passed else "FAIL", out.detail))
+        for path, code, failures, want in RETRIES.get(test.name, []):
+            target = self.gateway_address(INFRA_NS, test.gateways[0])
+            case = {"Request": {"Path": path}, "Response": {"StatusCode": want},
+                    "Backend": "infra-backend-v3", "Namespace": INFRA_NS}
+            out = judge.retry_eventually(*target, case, code, failures) if target else \
+                judge.Outcome(False, "no gateway address")
+            result.cases.append((f"{path}: {failures} x {code} -> {want}",
+                                 "PASS" if out.passed else "FAIL", out.detail))
         if test.name in WEBSOCKET and all(c[1] == "PASS" for c in result.cases):
             target = self.gateway_address(INFRA_NS, WEBSOCKET[test.name])
             out = judge.websocket_echo(*target, host="example.com") if target else \
