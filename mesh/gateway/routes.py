@@ -32,13 +32,28 @@ class Resolution:
     message: str = "all references resolved"
     routes: list[tuple[tuple[Any, ...], ir.Route]] = field(default_factory=list)
     tls: list[ir.WeightedBackend] = field(default_factory=list)
-    # Every backend reference made, to register the backends again when this resolution is
-    # reused by a later translation.
-    refs: list[tuple[model.BackendObjectRef, bool]] = field(default_factory=list)
+    # Every backend reference made (memo key, reference, gRPC), to register the backends
+    # again when this resolution is reused by a later translation.
+    refs: list[tuple[str, model.BackendObjectRef, bool]] = field(default_factory=list)
 
     def fail(self, reason: str, message: str) -> None:
         if self.ok:  # the first problem is the one reported
             self.ok, self.reason, self.message = False, reason, message
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What one route adds to one listener's table, kept to be added again as it is."""
+
+    http: tuple[tuple[tuple[Any, ...], ir.Route], ...] = ()  # (precedence key, route)
+    tls: tuple[tuple[ir.WeightedBackend, ...], frozenset[ObjectKey]] | None = None
+
+
+# A table's virtual host from the previous translation, by (table, host, port): its routes
+# as they came in, and the virtual host they made with its owners.
+VhostCache = dict[tuple[str, str, int | None],
+                  tuple[list[tuple[tuple[Any, ...], ir.Route]], ir.VirtualHost,
+                        frozenset[ObjectKey]]]
 
 
 @dataclass
@@ -49,14 +64,18 @@ class _TableEntries:
 
 
 class RouteBuilder:
-    def __init__(self, snapshot: StoreSnapshot, grants: list[model.ReferenceGrant]) -> None:
+    def __init__(self, snapshot: StoreSnapshot, grants: list[model.ReferenceGrant],
+                 vhosts: VhostCache | None = None) -> None:
         self.s = snapshot
         self.grants = grants
         self._backends: dict[str, ir.Backend] = {}
         self._certs: dict[str, ir.Certificate] = {}
         self._tables: dict[str, ir.RouteTable] = {}
         self._entries: dict[str, _TableEntries] = {}
-        self._memo: dict[tuple[Any, ...], tuple[str | None, Resolution]] = {}
+        # memo key -> (backend name, its resolution, the BackendTLSPolicies that target it)
+        self._memo: dict[str, tuple[str | None, Resolution, tuple[ObjectKey, ...]]] = {}
+        self._previous_vhosts = vhosts or {}
+        self.vhosts: VhostCache = {}  # this translation's, for the next one
         self._owners: dict[str, set[ObjectKey]] = {}  # backend -> routes that use it
         # BackendTLSPolicy -> routes whose backends it targets; the policies that apply.
         self.policy_users: dict[ObjectKey, set[ObjectKey]] = {}
@@ -110,25 +129,35 @@ class RouteBuilder:
     def backend(self, ref: model.BackendObjectRef, route: KubeObject, res: Resolution,
                 grpc: bool = False) -> str | None:
         """The IR backend for a reference, or None (and the reason in `res`)."""
-        res.refs.append((ref, grpc))
         # Many routes use the same few Services: resolve each reference once per translation.
-        memo_key = (ref, route.kind, route.namespace, grpc)
+        # The key is a string: its hash is computed once, however often it is looked up.
+        memo_key = f"{ref.group}|{ref.kind}|{ref.namespace}|{ref.name}|{ref.port}|" \
+            f"{route.kind}|{route.namespace}|{grpc}"
+        res.refs.append((memo_key, ref, grpc))
+        name, probe = self._register(memo_key, ref, route, grpc)
+        if not probe.ok:
+            res.fail(probe.reason, probe.message)
+        return name
+
+    def _register(self, memo_key: str, ref: model.BackendObjectRef, route: KubeObject,
+                  grpc: bool) -> tuple[str | None, Resolution]:
+        """Resolve a reference (once per translation) and count `route` among the users of
+        the backend and of the policies that target it."""
         memo = self._memo.get(memo_key)
         if memo is None:
             probe = Resolution()
             name = self._backend(ref, route, probe, grpc)
-            memo = self._memo[memo_key] = (name, probe)
-        name, probe = memo
-        svc = self._services.get((ref.namespace, ref.name))
-        port = next((p for p in svc.ports if p.port == ref.port), None) if svc else None
-        if svc is not None and port is not None:
-            for policy in self._policy_candidates(svc, port):
-                self.policy_users.setdefault(policy.obj.key, set()).add(route.key)
-        if not probe.ok:
-            res.fail(probe.reason, probe.message)
-        elif name is not None:
+            svc = self._services.get((ref.namespace, ref.name))
+            port = next((p for p in svc.ports if p.port == ref.port), None) if svc else None
+            policies = tuple(p.obj.key for p in self._policy_candidates(svc, port)) \
+                if svc is not None and port is not None else ()
+            memo = self._memo[memo_key] = (name, probe, policies)
+        name, probe, policies = memo
+        for policy in policies:
+            self.policy_users.setdefault(policy, set()).add(route.key)
+        if probe.ok and name is not None:
             self._owners[name].add(route.key)
-        return name
+        return name, probe
 
     def _backend(self, ref: model.BackendObjectRef, route: KubeObject, res: Resolution,
                  grpc: bool) -> str | None:
@@ -234,8 +263,8 @@ class RouteBuilder:
 
     def replay(self, route: KubeObject, res: Resolution) -> None:
         """Register the backends of a resolution computed by an earlier translation."""
-        for ref, grpc in res.refs:
-            self.backend(ref, route, Resolution(), grpc)
+        for memo_key, ref, grpc in res.refs:
+            self._register(memo_key, ref, route, grpc)
 
     # -- rules to IR routes -------------------------------------------------------------------
 
@@ -381,16 +410,24 @@ class RouteBuilder:
     # -- assembly -----------------------------------------------------------------------------
 
     def add(self, route: model.Route, listener: str, names: tuple[str, ...],
-            res: Resolution, port: int | None = None) -> None:
-        entries = self._entries.setdefault(listener, _TableEntries())
+            res: Resolution, port: int | None = None) -> Entry:
+        """Add a route to a listener's table under `names`; the entry can be put again."""
         if route.kind == "TLSRoute":
-            entries.tls.append((names, tuple(res.tls), frozenset({route.obj.key})))
+            entry = Entry(tls=(tuple(res.tls), frozenset({route.obj.key})))
+        elif port is not None:
+            entry = Entry(http=tuple((k, with_listener_port(r, port)) for k, r in res.routes))
+        else:
+            entry = Entry(http=tuple(res.routes))
+        self.put(listener, names, entry)
+        return entry
+
+    def put(self, listener: str, names: tuple[str, ...], entry: Entry) -> None:
+        entries = self._entries.setdefault(listener, _TableEntries())
+        if entry.tls is not None:
+            entries.tls.append((names, *entry.tls))
             return
-        routes = res.routes
-        if port is not None:
-            routes = [(k, with_listener_port(r, port)) for k, r in routes]
         for name in names:
-            entries.by_host.setdefault(name, []).extend(routes)
+            entries.by_host.setdefault(name, []).extend(entry.http)
 
     def http_table(self, name: str, listeners: Iterable[tuple[str, str | None]],
                    port: int | None = None, misdirected: bool = False) -> str:
@@ -404,14 +441,25 @@ class RouteBuilder:
         vhosts = []
         owners: set[ObjectKey] = set()
         for host in sorted(hosts, key=_host_order):
-            ordered = [r for _, r in sorted(hosts[host], key=lambda kr: kr[0])]
-            for r in ordered:
-                owners |= r.owners
-            # Clients may send the port in Host ("foo.com:8080"); it reaches the backend as
-            # sent, so the virtual host answers to both forms.
-            domains = (host,) if host == "*" or port is None else (host, f"{host}:{port}")
-            vhosts.append(ir.VirtualHost(name=f"{name}/{host}", domains=domains,
-                                         routes=tuple(ordered)))
+            entries = hosts[host]
+            vkey = (name, host, port)
+            previous = self._previous_vhosts.get(vkey)
+            if previous is not None and len(previous[0]) == len(entries) and all(
+                    a is b for a, b in zip(previous[0], entries, strict=True)):
+                # The very same routes as last time: the same virtual host. At 10,000
+                # routes one change then costs one host's sort, not every host's.
+                _, vh, vh_owners = previous
+            else:
+                ordered = [r for _, r in sorted(entries, key=lambda kr: kr[0])]
+                vh_owners = frozenset(o for r in ordered for o in r.owners)
+                # Clients may send the port in Host ("foo.com:8080"); it reaches the backend
+                # as sent, so the virtual host answers to both forms.
+                domains = (host,) if host == "*" or port is None else (host, f"{host}:{port}")
+                vh = ir.VirtualHost(name=f"{name}/{host}", domains=domains,
+                                    routes=tuple(ordered))
+            self.vhosts[vkey] = (entries, vh, vh_owners)
+            owners |= vh_owners
+            vhosts.append(vh)
         if misdirected and "*" not in hosts:
             vhosts.append(ir.VirtualHost(name=f"{name}/misdirected", domains=("*",), routes=(
                 ir.Route(name=f"{name}/misdirected", path=ir.StringMatch("Prefix", "/"),

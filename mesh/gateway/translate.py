@@ -16,7 +16,7 @@ from typing import Any
 from mesh import ir
 from mesh.gateway import hostnames, model
 from mesh.gateway.conditions import condition
-from mesh.gateway.routes import Resolution, RouteBuilder
+from mesh.gateway.routes import Entry, Resolution, RouteBuilder, VhostCache
 from mesh.k8s import GATEWAY_GROUP, KubeObject, ObjectKey, StoreSnapshot
 
 DEFAULT_CONTROLLER = "mesh.dev/gateway-controller"
@@ -54,7 +54,8 @@ class _RouteOutcome:
     obj: KubeObject
     route: model.Route
     status: dict[str, Any] | None
-    attachments: list[tuple[str, tuple[str, ...], int]]  # (listener key, hostnames, port)
+    # (listener key, hostnames, what the route adds to that listener's table)
+    attachments: list[tuple[str, tuple[str, ...], Entry]]
     resolved: Resolution | None
 
 
@@ -69,6 +70,7 @@ class TranslationCache:
 
     def __init__(self) -> None:
         self.routes: dict[ObjectKey, _RouteOutcome] = {}
+        self.vhosts: VhostCache = {}
         self.world: tuple[Any, ...] = ()
         self.hits = 0  # routes reused, over all translations
         self.misses = 0  # routes translated anew by the last translation
@@ -126,7 +128,8 @@ class _Translator:
         self.status: dict[ObjectKey, dict[str, Any]] = {}
         self.namespaces = {o.name: o.labels for o in snapshot.of_kind("Namespace")}
         self.grants = [model.parse_reference_grant(o) for o in snapshot.of_kind("ReferenceGrant")]
-        self.routes = RouteBuilder(snapshot, self.grants)
+        self.routes = RouteBuilder(snapshot, self.grants,
+                                   cache.vhosts if cache is not None else None)
         self.addresses: dict[str, str] = {}
         self.trust_bundles: dict[str, bytes] = {}  # name -> CA certificates (PEM)
 
@@ -147,6 +150,8 @@ class _Translator:
         self.status.update(ingress.status)
         if ingress.used_address:
             self.addresses["ingress"] = ingress.used_address
+        if self.cache is not None:
+            self.cache.vhosts = self.routes.vhosts
         return Translation(
             ir=ir.IR(
                 listeners=tuple(out_listeners) + ingress.listeners,
@@ -466,9 +471,9 @@ class _Translator:
         self.cache.hits += 1
         if old.resolved is not None:
             self.routes.replay(old.obj, old.resolved)
-            for key, names, port in old.attachments:
+            for key, names, entry in old.attachments:
                 by_key[key].attached += 1
-                self.routes.add(old.route, key, names, old.resolved, port)
+                self.routes.put(key, names, entry)
         if old.status is not None:
             self.status[old.obj.key] = old.status
         self.outcomes[old.obj.key] = old
@@ -477,7 +482,7 @@ class _Translator:
                 by_owner: dict[tuple[str, str, str], list[_Listener]]) -> None:
         parents = []
         resolved = None
-        attachments: list[tuple[str, tuple[str, ...], int]] = []
+        attachments: list[tuple[str, tuple[str, ...], Entry]] = []
         gen = route.obj.generation
         for ref in route.parent_refs:
             if ref.group != GATEWAY_GROUP or ref.kind not in ("Gateway", "ListenerSet",
@@ -501,8 +506,8 @@ class _Translator:
                             "conditions": conds})
             for li, names in attached:
                 li.attached += 1
-                self.routes.add(route, li.key, names, resolved, li.spec.port)
-                attachments.append((li.key, names, li.spec.port))
+                attachments.append((li.key, names, self.routes.add(
+                    route, li.key, names, resolved, li.spec.port)))
         status = {"parents": parents} if parents else None
         if status is not None:
             self.status[route.obj.key] = status

@@ -151,8 +151,10 @@ class FileProvider:
 
     def _stamp(self, obj: KubeObject, now: float) -> KubeObject:
         t = self._tracked.get(obj.key)
-        if t is not None and t.body is obj.body and t.stamped is not None:
-            # The same object as last time: consumers can tell "unchanged" by identity.
+        if t is not None and t.stamped is not None and (
+                t.body is obj.body or (t.stamped.source == obj.source and t.body == obj.body)):
+            # The same object as last time (also when its file was read again for another
+            # object's change): consumers can tell "unchanged" by identity.
             return t.stamped
         h = _spec_hash(obj)
         if t is None:
