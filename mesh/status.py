@@ -130,8 +130,14 @@ class StatusSink:
             if obj is None:
                 continue
             triple = programmed(owned.get(key, set()), acks)
-            inputs[key] = (status, triple)
             last = self._inputs.get(key)
+            if last is not None and last[0] is status and last[1][0] and \
+                    triple[1] == "Pending":
+                # The object did not change and Envoy runs it; what Envoy is about to take
+                # is someone else's change to a resource they share (a route table). At
+                # 10,000 routes one change must not flip 10,000 conditions back and forth.
+                triple = last[1]
+            inputs[key] = (status, triple)
             if last is not None and last[0] is status and last[1] == triple \
                     and key in self.current:
                 new[key] = self.current[key]
