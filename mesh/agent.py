@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import watchfiles
+from pyroute2 import IPRoute
 
 from mesh.bootstrap import BootstrapConfig, Protocol
 from mesh.envoy_supervisor import EnvoySupervisor
@@ -37,6 +39,7 @@ from meshxds.translate import EnvoyCache, EnvoyConfig, to_envoy
 log = logging.getLogger(__name__)
 STATUS_INTERVAL = 0.1  # seconds
 FREEZE_AFTER = 1000  # routes translated anew in one go
+NODE_ADDRESSES_INTERVAL = 5.0  # seconds
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,18 @@ class AgentConfig:
     translator: TranslatorConfig = field(default_factory=TranslatorConfig)
     envoy_log_level: str = "warning"
     max_downstream_connections: int = 50_000
+
+
+def node_addresses() -> frozenset[str] | None:
+    """The IP addresses of this node's interfaces (netlink), or None if they cannot be read
+    (then any address a Gateway asks for is tried, and Envoy says if it cannot bind)."""
+    try:
+        with IPRoute() as ip:
+            return frozenset(str(ipaddress.ip_address(a.get_attr("IFA_ADDRESS")))
+                             for a in ip.get_addr() if a.get_attr("IFA_ADDRESS"))
+    except (OSError, ValueError) as e:
+        log.warning("cannot list the node's addresses", extra={"error": str(e)})
+        return None
 
 
 class Agent:
@@ -72,6 +87,19 @@ class Agent:
         self._status_due = asyncio.Event()
         self._translation_cache = TranslationCache()
         self._envoy_cache = EnvoyCache()
+        self._node_addresses = node_addresses()
+
+    async def _follow_node_addresses(self) -> None:
+        """A Gateway's static address may be added to the node after the Gateway: look
+        again every few seconds and translate again when the node's addresses change."""
+        while True:
+            await asyncio.sleep(NODE_ADDRESSES_INTERVAL)
+            now = await asyncio.to_thread(node_addresses)
+            if now != self._node_addresses:
+                log.info("node addresses changed", extra={"addresses": sorted(now or ())})
+                self._node_addresses = now
+                if self._input is not None:
+                    self.apply(self._input)
 
     def apply(self, state: DirectoryState) -> bool:
         """Translate the store and serve it. On any failure the last good config stays.
@@ -79,7 +107,8 @@ class Agent:
         Status is computed afterwards, off this path: the push to Envoy does not wait."""
         t0 = time.perf_counter()
         try:
-            translation = translate(state.snapshot, self.cfg.translator, self._addresses,
+            translator = replace(self.cfg.translator, local_addresses=self._node_addresses)
+            translation = translate(state.snapshot, translator, self._addresses,
                                     self._translation_cache)
             t1 = time.perf_counter()
             envoy = to_envoy(translation.ir, self._envoy_cache)
@@ -194,6 +223,7 @@ class Agent:
                 if self.provider is not None:
                     tg.create_task(self.provider.watch(self.apply), name="watch-manifests")
                     tg.create_task(self._write_status(), name="status")
+                    tg.create_task(self._follow_node_addresses(), name="node-addresses")
                 elif self.cfg.resources_file is not None:
                     target = self.cfg.resources_file.resolve()
                     tg.create_task(self._watch(target), name="watch-resources")

@@ -114,3 +114,31 @@ def test_cached_translation_equals_a_fresh_one(tmp_path: Path) -> None:
                        for m in to_envoy(translation.ir).resources]
         assert cached_bytes == fresh_bytes
     assert cache.hits > 0
+
+
+def test_static_addresses_the_node_has_are_served_and_others_reported() -> None:
+    """spec.addresses: served on those the node has (and loopback), the others named in
+    Programmed=False AddressNotUsable; the Gateway stays Accepted."""
+    from mesh.gateway.translate import TranslatorConfig
+    from mesh.k8s import StoreSnapshot, parse_object
+
+    docs = [
+        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+         "metadata": {"name": "mesh"}, "spec": {"controllerName": "mesh.dev/gateway-controller"}},
+        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+         "metadata": {"name": "gw", "namespace": "default"},
+         "spec": {"gatewayClassName": "mesh",
+                  "addresses": [{"value": "10.0.0.1"}, {"type": "IPAddress", "value": "10.9.9.9"},
+                                {"value": "127.0.0.5"}],
+                  "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}},
+    ]
+    snapshot = StoreSnapshot.of(parse_object(d) for d in docs)
+    out = translate(snapshot, TranslatorConfig(local_addresses=frozenset({"10.0.0.1"})))
+    gw = out.status[ObjectKey("Gateway", "default", "gw")]
+    assert [a["value"] for a in gw["addresses"]] == ["10.0.0.1", "127.0.0.5"]
+    conds = {c["type"]: c for c in gw["conditions"]}
+    assert conds["Accepted"]["status"] == "True"
+    assert (conds["Programmed"]["status"], conds["Programmed"]["reason"]) == \
+        ("False", "AddressNotUsable")
+    assert "10.9.9.9" in conds["Programmed"]["message"]
+    assert sorted(li.name for li in out.ir.listeners) == ["10.0.0.1:80", "127.0.0.5:80"]

@@ -33,6 +33,7 @@ from mesh.gateway.translate import DEFAULT_CONTROLLER
 from mesh.k8s import KINDS
 
 INFRA_NS = "gateway-conformance-infra"
+UNUSABLE_ADDRESS = "198.51.100.77"  # documentation range: on no node
 WEIGHTED = ("httproute-weight", "grpcroute-weight")
 GRANT_DELETION = ("httproute-reference-grant",)
 
@@ -149,6 +150,7 @@ class Runner:
         # address: pods in 127.N.0.0/16, Gateways in 127.(N+100).0.0/24.
         n = 10 + os.getpid() % 100
         self.gateway_pool = f"127.{n + 100}.0.0/24"
+        self.usable_address = f"127.{n + 100}.1.1"
         self.backends = Backends(pool=f"127.{n}.0.0/16", log_dir=str(self.dir))
         self.agent: subprocess.Popen[bytes] | None = None
         self.agent_log = self.dir / "agent.log"
@@ -256,6 +258,7 @@ class Runner:
                 pods = self.backends.pods.get((INFRA_NS, "infra-backend-v1"), [])
                 d["endpoints"] = [{"addresses": [p.ip], "conditions": {"ready": True}}
                                   for p in pods]
+        self._static_addresses(docs)
         objects = [d for d in docs if d.get("kind") != "Deployment"]
         objects += self.backends.endpoint_slices(d for d in docs if d.get("kind") == "Service")
         # Kinds the agent does not handle (TCPRoute, UDPRoute...) never show in its status.
@@ -267,6 +270,18 @@ class Runner:
         finally:
             (self.manifests / "50-test.yaml").unlink(missing_ok=True)
             self._wait_status(keys, present=False)
+
+    def _static_addresses(self, docs: list[dict[str, Any]]) -> None:
+        """Fill in the addresses upstream asks the implementation for: one this node can
+        serve a Gateway on (loopback, outside the pool) and one it cannot (TEST-NET-2)."""
+        for d in docs:
+            if d.get("kind") != "Gateway":
+                continue
+            for a in d.get("spec", {}).get("addresses") or []:
+                if a.get("value") == "PLACEHOLDER_USABLE_ADDRS":
+                    a.update(type="IPAddress", value=self.usable_address)
+                elif a.get("value") == "PLACEHOLDER_UNUSABLE_ADDRS":
+                    a.update(type="IPAddress", value=UNUSABLE_ADDRESS)
 
     def _judge(self, test: ConformanceTest) -> TestResult:
         result = TestResult(test, "PASS")
@@ -287,8 +302,9 @@ class Runner:
             problem = self._eventually_status(e)
             result.cases.append((e.describe(), "PASS" if problem is None else "FAIL",
                                  problem or ""))
-        if test.name in CHANGES and all(c[1] == "PASS" for c in result.cases):
-            self._change(*CHANGES[test.name], result)
+        for changes, after in CHANGES.get(test.name, []):
+            if all(c[1] == "PASS" for c in result.cases):
+                self._change(changes, after, result)
         if not test.cases and not expectations and test.name not in EXTRA_CASES:
             return TestResult(test, "SKIP", "status-only test: no checks yet")
         for i, case in enumerate(static):

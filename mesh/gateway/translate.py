@@ -37,6 +37,14 @@ class TranslatorConfig:
     controller_name: str = DEFAULT_CONTROLLER
     ingress_controller: str = DEFAULT_INGRESS_CONTROLLER
     address_pool: str = "127.0.100.0/24"
+    # The node's own addresses, which a Gateway's static addresses must be among (the
+    # loopback range always is); None: any address is taken as usable.
+    local_addresses: frozenset[str] | None = None
+
+    def usable(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return self.local_addresses is None or ip.is_loopback or \
+            str(ip) in self.local_addresses
 
 
 @dataclass
@@ -101,7 +109,7 @@ class _Listener:
     attached: int = 0
     certificates: tuple[str, ...] = ()
     client_validation: ir.ClientValidation | None = None
-    address: str | None = None
+    addresses: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -548,7 +556,7 @@ class _Translator:
         for g in gateways:
             gen = g.obj.generation
             conds = []
-            address = self._gateway_address(g)
+            addresses, unusable = self._gateway_addresses(g)
             own = [li for li in listeners if li.owner is g.obj]
             for li in listeners:
                 if not any(c["type"] == "Accepted" for c in li.status["conditions"]):
@@ -565,15 +573,18 @@ class _Translator:
                         "Conflicted", False, "NoConflicts", "no conflicts",
                         li.owner.generation))
                 li.status["attachedRoutes"] = li.attached
-            if address is None:
-                msg = "no usable address: the pool is exhausted or the address is invalid"
-                conds.append(condition("Accepted", True, "Accepted", "accepted", gen))
+            conds.append(condition("Accepted", True, "Accepted", "accepted", gen))
+            if own and not any(li.valid for li in own):
+                conds[-1] = condition("Accepted", False, "ListenersNotValid",
+                                      "no listener is valid", gen)
+            if unusable:
+                # Served on the usable ones, if any; not Programmed until all are usable.
+                msg = f"address {', '.join(unusable)} cannot be used on this node: it is " \
+                    "not one of its addresses (or not an IP address)"
                 conds.append(condition("Programmed", False, "AddressNotUsable", msg, gen))
-            else:
-                conds.append(condition("Accepted", True, "Accepted", "accepted", gen))
-                if not any(li.valid for li in own) and own:
-                    conds[-1] = condition("Accepted", False, "ListenersNotValid",
-                                          "no listener is valid", gen)
+            elif not addresses:
+                conds.append(condition("Programmed", False, "AddressNotUsable",
+                                       "no address left in the pool", gen))
             unsupported = sorted({t for t, _ in g.addresses if t != "IPAddress"})
             if unsupported:
                 msg = f"address types {', '.join(unsupported)} are not supported " \
@@ -598,7 +609,7 @@ class _Translator:
                 for li in own:
                     li.valid = False
             self.status[g.obj.key] = {
-                "addresses": [{"type": "IPAddress", "value": address}] if address else [],
+                "addresses": [{"type": "IPAddress", "value": a} for a in addresses],
                 "conditions": conds,
                 "listeners": [li.status for li in own],
             }
@@ -608,7 +619,7 @@ class _Translator:
                     st.setdefault("listeners", []).append(li.status)
             for li in listeners:
                 if li.gateway is g:
-                    li.address = address
+                    li.addresses = tuple(addresses)
         for obj in self.s.of_kind("ListenerSet", "XListenerSet"):
             ls_status = self.status.get(obj.key)
             if ls_status is None or ls_status["conditions"]:
@@ -619,14 +630,7 @@ class _Translator:
                 condition("Accepted", ok, "Accepted" if ok else "ListenersNotValid",
                           "accepted" if ok else "no listener is valid", obj.generation)]
 
-    def _allocate(self, key: str, wanted: str | None = None) -> str | None:
-        if wanted is not None:
-            try:
-                ipaddress.ip_address(wanted)
-            except ValueError:
-                return None
-            self.addresses[key] = wanted
-            return wanted
+    def _allocate(self, key: str) -> str | None:
         taken = set(self.addresses.values()) | {
             v for k, v in self.previous_addresses.items() if k != key}
         prev = self.previous_addresses.get(key)
@@ -639,13 +643,27 @@ class _Translator:
                 return str(host)
         return None
 
-    def _gateway_address(self, g: model.Gateway) -> str | None:
+    def _gateway_addresses(self, g: model.Gateway) -> tuple[list[str], list[str]]:
+        """(the addresses to serve the Gateway on, the static ones this node cannot use)."""
         key = f"gateway/{g.obj.namespace}/{g.obj.name}"
         if any(t != "IPAddress" for t, _ in g.addresses):
-            return None  # not accepted (UnsupportedAddress): nothing to serve
-        # An IPAddress without a value asks for one to be assigned.
-        ips = [v for t, v in g.addresses if v]
-        return self._allocate(key, ips[0] if ips else None)
+            return [], []  # not accepted (UnsupportedAddress): nothing to serve
+        usable: list[str] = []
+        unusable: list[str] = []
+        for _, value in g.addresses:
+            if not value:
+                continue  # an IPAddress without a value asks for one to be assigned
+            try:
+                ok = self.cfg.usable(value)
+            except ValueError:
+                ok = False
+            (usable if ok else unusable).append(value)
+        if not g.addresses or (not usable and not unusable):
+            assigned = self._allocate(key)
+            usable = [assigned] if assigned else []
+        for i, address in enumerate(usable):
+            self.addresses[key if i == 0 else f"{key}/{i}"] = address
+        return usable, unusable
 
     # -- BackendTLSPolicy --------------------------------------------------------------------
 
@@ -689,8 +707,9 @@ class _Translator:
     def _ir_listeners(self, listeners: list[_Listener]) -> list[ir.Listener]:
         by_port: dict[tuple[str, int], list[_Listener]] = {}
         for li in listeners:
-            if li.valid and li.address is not None:
-                by_port.setdefault((li.address, li.spec.port), []).append(li)
+            if li.valid:
+                for address in li.addresses:
+                    by_port.setdefault((address, li.spec.port), []).append(li)
         out = []
         for (address, port), lis in sorted(by_port.items()):
             protocol = lis[0].spec.protocol
