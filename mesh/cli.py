@@ -257,11 +257,13 @@ def bootstrap_cmd(node_id: str, state_dir: Path, protocol: str) -> None:
               help="Certificate for --tls-listen (default: $TLS_SERVER_CERT).")
 @click.option("--key", envvar="TLS_SERVER_PRIVKEY", type=click.Path(exists=True),
               help="Its private key (default: $TLS_SERVER_PRIVKEY).")
+@click.option("--client-ca", type=click.Path(exists=True),
+              help="Require TLS clients to present a certificate these CAs signed.")
 @click.option("--grpc", "grpc_mode", is_flag=True, envvar="GRPC_ECHO_SERVER",
               help="Serve the conformance gRPC echo service instead (default: "
               "$GRPC_ECHO_SERVER).")
 def echo(listen: tuple[str, ...], tls_listen: tuple[str, ...], cert: str | None,
-         key: str | None, grpc_mode: bool) -> None:
+         key: str | None, client_ca: str | None, grpc_mode: bool) -> None:
     """Run the echo backend (pod and namespace from POD_NAME and NAMESPACE)."""
     from mesh.echo import EchoIdentity, serve
 
@@ -274,7 +276,8 @@ def echo(listen: tuple[str, ...], tls_listen: tuple[str, ...], cert: str | None,
     if tls_listen and not (cert and key):
         raise click.UsageError("--tls-listen needs --cert and --key")
     try:
-        asyncio.run(serve(list(listen), list(tls_listen), EchoIdentity(), cert, key))
+        asyncio.run(serve(list(listen), list(tls_listen), EchoIdentity(), cert, key,
+                          client_ca))
     except KeyboardInterrupt:
         pass
 

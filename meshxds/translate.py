@@ -157,6 +157,9 @@ def _cluster(b: ir.Backend) -> cluster_pb2.Cluster:
         ctx = tls_pb2.UpstreamTlsContext(
             sni=b.tls.sni,
             common_tls_context=tls_pb2.CommonTlsContext(validation_context=validation))
+        if b.tls.client_cert is not None:
+            ctx.common_tls_context.tls_certificate_sds_secret_configs.append(
+                _sds(b.tls.client_cert))
         c.transport_socket.name = "envoy.transport_sockets.tls"
         c.transport_socket.typed_config.Pack(ctx)
     return c

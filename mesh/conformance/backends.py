@@ -34,6 +34,8 @@ class Backends:
     log_dir: str = "/tmp"
     # (namespace, secret name) -> (certificate PEM, key PEM), for pods that serve TLS.
     secrets: dict[tuple[str, str], tuple[bytes, bytes]] = field(default_factory=dict)
+    # (namespace, ConfigMap name) -> ca.crt, for pods that check client certificates.
+    config_maps: dict[tuple[str, str], bytes] = field(default_factory=dict)
     pods: dict[tuple[str, str], list[Pod]] = field(default_factory=dict)
     _next: int = 0
 
@@ -58,6 +60,10 @@ class Backends:
                                if "secret" in v), None)
             if "TLS_SERVER_CERT" in env and (ns, tls_secret) in self.secrets:
                 env["_TLS_SECRET"] = tls_secret or ""
+            client_ca = next((v["configMap"]["name"] for v in pod_spec.get("volumes", [])
+                              if "configMap" in v), None)
+            if "TLS_CLIENT_CACERTS" in env and (ns, client_ca) in self.config_maps:
+                env["_CLIENT_CA"] = client_ca or ""
             pods = []
             for i in range(int(spec.get("replicas", 1))):
                 h = hashlib.sha256(f"{ns}/{name}/{i}".encode()).hexdigest()
@@ -85,6 +91,10 @@ class Backends:
                     f.write(data)
             cmd += ["--tls-listen", f"{pod.ip}:{TLS_PORT}", "--cert", base + ".crt",
                     "--key", base + ".key"]
+            if env.get("_CLIENT_CA"):
+                with open(base + ".ca", "wb") as f:
+                    f.write(self.config_maps[(pod.namespace, env["_CLIENT_CA"])])
+                cmd += ["--client-ca", base + ".ca"]
         return subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "POD_NAME": pod.name, "NAMESPACE": pod.namespace})

@@ -33,10 +33,11 @@ def self_signed(hosts: list[str], common_name: str) -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def client_certificate(common_name: str) -> tuple[bytes, bytes, bytes]:
+def client_certificate(common_name: str, ca_pair: tuple[bytes, bytes] | None = None,
+                       ) -> tuple[bytes, bytes, bytes]:
     """(CA certificate PEM, client certificate PEM, client key PEM): a client certificate
-    signed by its own CA, as the suite makes for frontend client certificate validation."""
-    ca_pem, ca_key_pem = self_signed([], f"{common_name} CA"[-64:])
+    signed by `ca_pair` (certificate, key) or by a CA of its own."""
+    ca_pem, ca_key_pem = ca_pair or self_signed([], f"{common_name} CA"[-64:])
     ca = x509.load_pem_x509_certificate(ca_pem)
     ca_key = serialization.load_pem_private_key(ca_key_pem, None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
@@ -103,6 +104,16 @@ def suite_secrets() -> list[dict[str, Any]]:
         tls_secret(infra, "tls-checks-certificate",
                    ["abc.example.com", "other.example.com", "*.example.com"]),
     ]
+
+
+def backend_client_secret(ca_secret: dict[str, Any]) -> dict[str, Any]:
+    """The certificate a Gateway presents to TLS backends, signed by `ca_secret`'s (the
+    TLS backends' own certificate, which they trust for clients too)."""
+    ca = (base64.b64decode(ca_secret["data"]["tls.crt"]),
+          base64.b64decode(ca_secret["data"]["tls.key"]))
+    _, cert, key = client_certificate("gateway-conformance-infra/tls-checks-client-certificate",
+                                      ca)
+    return secret("gateway-conformance-infra", "tls-checks-client-certificate", cert, key)
 
 
 def ca_config_map(secret: dict[str, Any], namespace: str, name: str) -> dict[str, Any]:

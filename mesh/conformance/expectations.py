@@ -297,6 +297,23 @@ EXPECTATIONS: dict[str, list[Expect]] = {
                    "gateway-certificate-unsupported-group",
                    "gateway-certificate-unsupported-kind",
                    "gateway-certificate-malformed-secret")],
+    "gateway-tls-backend-client-certificate": [
+        Expect("Gateway", "gateway-tls-backend-client-certificate", condition="ResolvedRefs",
+               reason="ResolvedRefs"),
+        Expect("HTTPRoute", "gateway-tls-backend-client-certificate",
+               parent="gateway-tls-backend-client-certificate", condition="ResolvedRefs"),
+        Expect("BackendTLSPolicy", "gateway-tls-backend-client-certificate-test",
+               parent="gateway-tls-backend-client-certificate", condition="Accepted")],
+    "gateway-invalid-tls-backend-configuration": [
+        e for gw, reason in (
+            ("gateway-client-certificate-nonexistent-secret", "InvalidClientCertificateRef"),
+            ("gateway-client-certificate-unsupported-group", "InvalidClientCertificateRef"),
+            ("gateway-client-certificate-unsupported-kind", "InvalidClientCertificateRef"),
+            ("gateway-client-certificate-malformed-secret", "InvalidClientCertificateRef"),
+            ("gateway-client-certificate-missing-reference-grant", "RefNotPermitted"))
+        for e in (Expect("Gateway", gw, condition="ResolvedRefs", status="False",
+                         reason=reason),
+                  Expect("Gateway", gw, condition="Accepted", reason="Accepted"))],
     "gateway-with-invalid-clientcertificate-validation": [
         *_listener_conditions("gateway-with-invalid-client-cert-validation", "https"),
         *_listener_conditions("gateway-with-invalid-client-cert-validation",

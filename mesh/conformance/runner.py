@@ -26,7 +26,12 @@ import yaml
 
 from mesh.conformance import judge
 from mesh.conformance.backends import Backends
-from mesh.conformance.certs import ca_config_map, client_validation_objects, suite_secrets
+from mesh.conformance.certs import (
+    backend_client_secret,
+    ca_config_map,
+    client_validation_objects,
+    suite_secrets,
+)
 from mesh.conformance.expectations import CHANGES, EXPECTATIONS, Change, Expect
 from mesh.conformance.suite import ConformanceTest, Suite
 from mesh.gateway.translate import DEFAULT_CONTROLLER
@@ -76,6 +81,11 @@ EXTRA_CASES: dict[str, list[dict[str, Any]]] = {
         _misdirected("second-example.org", "example.org", None, 421),
         _misdirected("second-example.org", "foo.wildcard.org", None, 421),
         _misdirected("foo.wildcard.org", "second-example.org", None, 421)],
+    # The backend requires a client certificate its CA signed: only the one the Gateway's
+    # spec.tls.backend names is.
+    "gateway-tls-backend-client-certificate": [
+        _case("/", "tls-backend-with-client-cert-validation", host="abc.example.com",
+              gateway="gateway-tls-backend-client-certificate")],
     "httproute-https-listener": [
         _case("/", "infra-backend-v1", host="example.org", sender=_TLS,
               gateway="same-namespace-with-https-listener"),
@@ -162,13 +172,17 @@ class Runner:
     def start(self) -> None:
         base = self.suite.base()
         secrets = suite_secrets()
+        backend_ca = ca_config_map(secrets[-1], INFRA_NS, "tls-checks-ca-certificate")
+        secrets.append(backend_client_secret(secrets[-1]))
         for sec in secrets:
             meta = sec["metadata"]
             self.backends.secrets[(meta["namespace"], meta["name"])] = (
                 base64.b64decode(sec["data"]["tls.crt"]), base64.b64decode(sec["data"]["tls.key"]))
+        self.backends.config_maps[(INFRA_NS, "tls-checks-ca-certificate")] = \
+            backend_ca["data"]["ca.crt"].encode()
         self.backends.start(d for d in base if d.get("kind") == "Deployment")
         slices = self.backends.endpoint_slices(d for d in base if d.get("kind") == "Service")
-        secrets.append(ca_config_map(secrets[-1], INFRA_NS, "tls-checks-ca-certificate"))
+        secrets.append(backend_ca)
         # The client trusts the suite's certificates, as upstream's does.
         self.trusted = b"".join(base64.b64decode(s["data"]["tls.crt"]) for s in secrets
                                 if s["kind"] == "Secret")

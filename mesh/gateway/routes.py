@@ -467,6 +467,44 @@ class RouteBuilder:
         self._tables[name] = ir.RouteTable(name, tuple(vhosts), frozenset(owners))
         return name
 
+    def present_client_certificate(self, table: str, cert: str) -> None:
+        """Make the table's routes to TLS backends present `cert` (a Gateway's backend
+        client certificate): they go to variants of those backends that do. Backends are
+        shared by every Gateway; the certificate is one Gateway's."""
+        variants: dict[str, str] = {}
+
+        def variant(name: str | None) -> str | None:
+            b = self._backends.get(name) if name is not None else None
+            if b is None or b.tls is None or b.tls.unusable:
+                return name
+            if name not in variants:
+                new = variants[b.name] = f"{b.name}|client-certificate={cert}"
+                self._backends[new] = replace(b, name=new, tls=replace(b.tls, client_cert=cert))
+                self._owners.setdefault(new, set())
+            return variants[b.name]
+
+        def with_variants(r: ir.Route) -> ir.Route:
+            a = r.action
+            if not isinstance(a, ir.Forward):
+                return r
+            backends = tuple(replace(w, backend=variant(w.backend)) for w in a.backends)
+            mirrors = tuple(replace(m, backend=variant(m.backend) or m.backend)
+                            for m in a.mirrors)
+            if backends == a.backends and mirrors == a.mirrors:
+                return r
+            for name in {w.backend for w in backends} | {m.backend for m in mirrors}:
+                if name in self._owners:
+                    self._owners[name] |= r.owners
+            return replace(r, action=replace(a, backends=backends, mirrors=mirrors))
+
+        old = self._tables[table]
+        vhosts = []
+        for vh in old.virtual_hosts:
+            routes = tuple(with_variants(r) for r in vh.routes)
+            same = all(a is b for a, b in zip(routes, vh.routes, strict=True))
+            vhosts.append(vh if same else replace(vh, routes=routes))
+        self._tables[table] = replace(old, virtual_hosts=tuple(vhosts))
+
     def put_table(self, table: ir.RouteTable) -> None:
         """Register a route table assembled elsewhere (Ingress)."""
         self._tables[table.name] = table

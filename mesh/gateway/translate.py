@@ -140,6 +140,8 @@ class _Translator:
                                    cache.vhosts if cache is not None else None)
         self.addresses: dict[str, str] = {}
         self.trust_bundles: dict[str, bytes] = {}  # name -> CA certificates (PEM)
+        # Gateway -> the certificate it presents to TLS backends
+        self.backend_certificates: dict[tuple[str, str], str] = {}
 
     # -- entry ----------------------------------------------------------------------------
 
@@ -591,6 +593,14 @@ class _Translator:
                     "(IPAddress is)"
                 conds[:] = [condition("Accepted", False, "UnsupportedAddress", msg, gen),
                             condition("Programmed", False, "AddressNotAssigned", msg, gen)]
+            cert, problem = self._backend_client_certificate(g)
+            if problem is None:
+                conds.append(condition("ResolvedRefs", True, "ResolvedRefs",
+                                       "references resolved", gen))
+            else:
+                conds.append(condition("ResolvedRefs", False, problem[0], problem[1], gen))
+            if cert is not None:
+                self.backend_certificates[(g.obj.namespace, g.obj.name)] = cert
             modes = [v.mode for v in (g.client_validation,
                                       *g.client_validation_per_port.values()) if v]
             if "AllowInsecureFallback" in modes:
@@ -629,6 +639,31 @@ class _Translator:
             ls_status["conditions"] = [
                 condition("Accepted", ok, "Accepted" if ok else "ListenersNotValid",
                           "accepted" if ok else "no listener is valid", obj.generation)]
+
+    def _backend_client_certificate(self, g: model.Gateway
+                                    ) -> tuple[str | None, tuple[str, str] | None]:
+        """(the certificate the Gateway presents to TLS backends, or why it cannot):
+        Gateway spec.tls.backend.clientCertificateRef."""
+        ref = g.backend_client_certificate
+        if ref is None:
+            return None, None
+        where = f"Secret {ref.namespace}/{ref.name}"
+        if ref.group != "" or ref.kind != "Secret":
+            return None, ("InvalidClientCertificateRef", f"clientCertificateRef "
+                          f"{ref.group or 'core'}/{ref.kind} {ref.name} is not a Secret")
+        if ref.namespace != g.obj.namespace and not self._granted(
+                "Gateway", g.obj.namespace, "", "Secret", ref.namespace, ref.name):
+            return None, ("RefNotPermitted", f"clientCertificateRef {where}: no "
+                          f"ReferenceGrant in {ref.namespace} allows it")
+        secret = self.s.get("Secret", ref.namespace, ref.name)
+        if secret is None:
+            return None, ("InvalidClientCertificateRef", f"clientCertificateRef {where} "
+                          "does not exist")
+        name = self.routes.certificate(secret)
+        if name is None:
+            return None, ("InvalidClientCertificateRef", f"clientCertificateRef {where} "
+                          "holds no valid tls.crt and tls.key")
+        return name, None
 
     def _allocate(self, key: str) -> str | None:
         taken = set(self.addresses.values()) | {
@@ -718,6 +753,7 @@ class _Translator:
             if protocol == "HTTP":
                 table = self.routes.http_table(f"{address}:{port}",
                                                [(li.key, li.spec.hostname) for li in lis], port)
+                self._present_client_certificate(table, lis[0].gateway)
                 chains.append(ir.FilterChain(name="http", route_table=table, owners=owners))
             else:
                 for li in _most_specific_first(lis):
@@ -732,6 +768,7 @@ class _Translator:
         if li.spec.protocol == "HTTPS":
             table = self.routes.http_table(li.key, [(li.key, li.spec.hostname)], li.spec.port,
                                            misdirected=li.spec.hostname is not None)
+            self._present_client_certificate(table, li.gateway)
             return [ir.FilterChain(name=li.key, server_names=sni,
                                    certificates=li.certificates, route_table=table,
                                    client_validation=li.client_validation, owners=owner)]
@@ -742,6 +779,12 @@ class _Translator:
                 certificates=li.certificates if li.spec.tls_mode != "Passthrough" else (),
                 tcp_backends=backends, owners=owners | owner))
         return chains
+
+
+    def _present_client_certificate(self, table: str, g: model.Gateway) -> None:
+        cert = self.backend_certificates.get((g.obj.namespace, g.obj.name))
+        if cert is not None:
+            self.routes.present_client_certificate(table, cert)
 
 
 def _most_specific_first(lis: Iterable[_Listener]) -> list[_Listener]:
