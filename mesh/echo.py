@@ -8,9 +8,10 @@ namespace from `POD_NAME` and `NAMESPACE`. `?delay=1s` waits before answering,
 
 Two servers share the same description:
 - `EchoServer`, HTTP/1.1 on a thread (stdlib), for in-process tests;
-- `serve()`, an ASGI app on hypercorn for `mesh echo`: HTTP/1.1 and h2c (prior knowledge) on
-  every plain port, TLS on the TLS ports, WebSocket echo. Every request is logged (the
-  mirror tests look for mirrored requests in the log).
+- `serve()`, for `mesh echo`: an ASGI app on hypercorn, HTTP/1.1 and h2c (prior knowledge)
+  and WebSocket echo on every plain port; `TLSEchoServer` (HTTP/1.1 over TLS, reporting the
+  SNI and the client certificate) on the TLS ports. Every request is logged (the mirror
+  tests look for mirrored requests in the log).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ class _Handler(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(length)
         answer = describe(self.server.identity, self.command, self.path, self.request_version,
-                          self.headers.items(), attempts=self.server.attempts)
+                          self.headers.items(), _tls_state(self.connection),
+                          attempts=self.server.attempts)
         if answer.delay:
             time.sleep(answer.delay)
         self.send_response(answer.status)
@@ -178,6 +180,46 @@ class EchoServer(ThreadingHTTPServer):
         self.server_close()
 
 
+class TLSEchoServer(EchoServer):
+    """The echo over TLS (HTTP/1.1). It reports the SNI it was asked for and the client's
+    certificate, which an ASGI server does not expose: BackendTLSPolicy tests check both."""
+
+    def __init__(self, host: str, port: int, identity: EchoIdentity, certfile: str,
+                 keyfile: str, client_ca: str | None = None) -> None:
+        super().__init__(host, port, identity)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(certfile, keyfile)
+        self.context.set_alpn_protocols(["http/1.1"])
+        if client_ca is not None:
+            # Stricter than upstream's echo (which only reports what it got): the request
+            # fails unless a certificate these CAs signed came.
+            self.context.load_verify_locations(client_ca)
+            self.context.verify_mode = ssl.CERT_REQUIRED
+
+        def remember_sni(sock: ssl.SSLSocket | ssl.SSLObject, name: str | None,
+                         _ctx: ssl.SSLContext) -> None:
+            sock.sni = name or ""  # type: ignore[union-attr]
+
+        self.context.sni_callback = remember_sni
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The handshake runs on the request's own thread, not on the accepting one.
+        try:
+            conn = self.context.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError):
+            return
+        super().finish_request(conn, client_address)
+
+
+def _tls_state(conn: Any) -> dict[str, Any] | None:
+    if not isinstance(conn, ssl.SSLSocket):
+        return None
+    peer = conn.getpeercert(binary_form=True)
+    return {"version": conn.version() or "", "serverName": getattr(conn, "sni", ""),
+            "negotiatedProtocol": conn.selected_alpn_protocol() or "",
+            "peerCertificates": [ssl.DER_cert_to_PEM_cert(peer)] if peer else []}
+
+
 # -- ASGI on hypercorn, for `mesh echo` ------------------------------------------------------
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -202,12 +244,8 @@ def asgi_app(identity: EchoIdentity) -> Callable[[dict[str, Any], Receive, Send]
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode(errors="replace")
         headers = [(k.decode(), v.decode(errors="replace")) for k, v in scope["headers"]]
-        tls = None
-        if scope.get("scheme") == "https":
-            tls = {"version": "TLS", "negotiatedProtocol": "h2" if scope["http_version"] == "2"
-                   else "http/1.1"}
         answer = describe(identity, scope["method"], target, f"HTTP/{scope['http_version']}",
-                          headers, tls, attempts)
+                          headers, None, attempts)
         if answer.delay:
             await asyncio.sleep(answer.delay)
         await send({"type": "http.response.start", "status": answer.status,
@@ -239,17 +277,23 @@ async def serve(plain: list[str], tls: list[str], identity: EchoIdentity,
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
 
+    tls_servers = []
+    for address in tls:
+        assert certfile is not None and keyfile is not None
+        host, _, port = address.rpartition(":")
+        tls_servers.append(TLSEchoServer(host.strip("[]"), int(port), identity, certfile,
+                                         keyfile, client_ca).start())
     config = Config()
-    # With a certificate, `bind` is TLS and `insecure_bind` plain; without, `bind` is plain.
-    if tls:
-        config.bind, config.insecure_bind = tls, plain
-        config.certfile, config.keyfile = certfile, keyfile
-        if client_ca is not None:
-            config.ca_certs, config.verify_mode = client_ca, ssl.CERT_REQUIRED
-    else:
-        config.bind = plain
+    config.bind = plain
     logging.getLogger("hpack").setLevel(logging.WARNING)  # logs every header at debug
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 60
-    await hypercorn_serve(asgi_app(identity), config)  # type: ignore[arg-type]
+    try:
+        if plain:
+            await hypercorn_serve(asgi_app(identity), config)  # type: ignore[arg-type]
+        else:
+            await asyncio.Event().wait()
+    finally:
+        for server in tls_servers:
+            server.stop()

@@ -25,8 +25,9 @@ def self_signed(hosts: list[str], common_name: str) -> tuple[bytes, bytes]:
                .not_valid_after(now + datetime.timedelta(days=365))
                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True))
     if hosts:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]), critical=False)
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(h) if "://" in h else x509.DNSName(h)
+             for h in hosts]), critical=False)
     cert = builder.sign(key, hashes.SHA256())
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
@@ -95,15 +96,25 @@ def suite_secrets() -> list[dict[str, Any]]:
         # names the tests use are listed too.
         tls_secret(infra, "tls-validity-checks-certificate",
                    ["*", "*.org", "example.org", "second-example.org", "unknown-example.org",
-                    "*.wildcard.org"]),
+                    "https-listener.org", "*.wildcard.org"]),
         tls_secret(infra, "tls-passthrough-checks-certificate", ["abc.example.com"]),
         tls_secret("gateway-conformance-app-backend", "tls-passthrough-checks-certificate",
                    ["abc.example.com"]),
         tls_secret(infra, "tls-terminate-checks-certificate", ["*", "*.example.com"]),
         # Served by the TLS backends themselves (TLSRoute passthrough, BackendTLSPolicy).
         tls_secret(infra, "tls-checks-certificate",
-                   ["abc.example.com", "other.example.com", "*.example.com"]),
+                   ["abc.example.com", "other.example.com",
+                    "spiffe://abc.example.com/test-identity"]),
     ]
+
+
+def mismatch_ca_config_map() -> dict[str, Any]:
+    """A valid CA that signed none of the backends' certificates."""
+    cert, _ = self_signed([], "gateway-conformance-infra/mismatch-ca")
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "mismatch-ca-certificate",
+                         "namespace": "gateway-conformance-infra"},
+            "data": {"ca.crt": cert.decode()}}
 
 
 def backend_client_secret(ca_secret: dict[str, Any]) -> dict[str, Any]:

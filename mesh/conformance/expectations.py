@@ -387,6 +387,30 @@ def _drop_unusable_address(doc: dict[str, Any]) -> None:
                                 if ipaddress.ip_address(a["value"]).is_loopback]
 
 
+def _reconcile_ref(doc: dict[str, Any]) -> None:
+    doc["spec"]["validation"]["caCertificateRefs"] = [
+        {"group": "", "kind": "ConfigMap", "name": _RECONCILE_CM}]
+
+
+def _reconcile_ca(doc: dict[str, Any]) -> None:
+    doc["data"] = {"ca.crt": "COPY_OF:tls-checks-ca-certificate"}  # the runner fills it in
+
+
+def _empty_ca(doc: dict[str, Any]) -> None:
+    doc["data"] = {"ca.crt": ""}
+
+
+def _policy(name: str, ok: bool = True, gateway: str = "same-namespace") -> list[Expect]:
+    if ok:
+        return [Expect("BackendTLSPolicy", name, parent=gateway, condition=c, reason=c)
+                for c in ("Accepted", "ResolvedRefs")]
+    return [Expect("BackendTLSPolicy", name, parent=gateway, condition="Accepted",
+                   status="False", reason="NoValidCACertificate"),
+            Expect("BackendTLSPolicy", name, parent=gateway, condition="ResolvedRefs",
+                   status="False", reason="InvalidCACertificateRef")]
+
+
+_RECONCILE_CM = "tls-checks-ca-certificate-reconcile-test"
 Step = tuple[list[Change], list[Expect]]
 _STATIC = "gateway-static-addresses"
 # Tests that change objects' specs after they are accepted: the changes, step by step, and
@@ -399,6 +423,14 @@ CHANGES: dict[str, list[Step]] = {
          Expect("Gateway", "gateway-add-listener", condition="Programmed", generation=2),
          Expect("Gateway", "gateway-remove-listener", listener="http", attached=1),
          Expect("Gateway", "gateway-remove-listener", condition="Accepted", generation=2)])],
+    # A policy's CA: a ConfigMap that does not exist yet, then does, then holds no
+    # certificate, then does again (a change to a ConfigMap alone reaches the policy).
+    "backendtlspolicy": [
+        ([("BackendTLSPolicy", "reconcile-test", _reconcile_ref)],
+         _policy("reconcile-test", ok=False)),
+        ([("ConfigMap", _RECONCILE_CM, _reconcile_ca)], _policy("reconcile-test")),
+        ([("ConfigMap", _RECONCILE_CM, _empty_ca)], _policy("reconcile-test", ok=False)),
+        ([("ConfigMap", _RECONCILE_CM, _reconcile_ca)], _policy("reconcile-test"))],
     # Without the unsupported address type the Gateway is accepted but not programmed (an
     # address the node does not have); without that one too, it is served on the other.
     _STATIC: [
@@ -420,6 +452,15 @@ EXPECTATIONS_BEFORE_CHANGES = {
         Expect("Gateway", "gateway-remove-listener", listener="http", attached=1)],
     _STATIC: [Expect("Gateway", _STATIC, condition="Accepted", status="False",
                      reason="UnsupportedAddress")],
+    "backendtlspolicy": [
+        *_policy("normative-test"),
+        *_policy("normative-test", gateway="same-namespace-with-https-listener"),
+        *_policy("host-mismatch"), *_policy("cert-mismatch"), *_policy("reconcile-test")],
+    "backendtlspolicy-san": [
+        Expect("BackendTLSPolicy", name, parent="same-namespace", condition="Accepted",
+               reason="Accepted")
+        for name in ("san-dns", "san-dns-mismatch", "san-uri", "san-uri-mismatch",
+                     "multiple-sans", "multiple-mismatch-sans")],
 }
 
 BUMPS: dict[str, tuple[str, str, Callable[[dict[str, Any]], None], list[Expect]]] = {

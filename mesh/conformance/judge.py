@@ -91,6 +91,9 @@ def compare(case: dict[str, Any], status: int, headers: dict[str, list[str]], bo
     """None when the answer is what the case expects, else why not."""
     req = case.get("Request") or {}
     expected_resp = case.get("Response") or {}
+    if case.get("ExpectFailure"):
+        # Upstream's expected failures: any answer but 200, 408 and 504.
+        return f"expected a failure, got {status}" if status in (200, 408, 504) else None
     codes = expected_resp.get("StatusCodes") or [expected_resp.get("StatusCode") or 200]
     if status not in codes:
         return f"expected status {codes}, got {status}"
@@ -125,6 +128,10 @@ def compare(case: dict[str, Any], status: int, headers: dict[str, list[str]], bo
             return f"expected path {ereq.get('Path')!r}, got {echo.get('path')!r}"
         if (ereq.get("Method") or "GET") != echo.get("method"):
             return f"expected method {ereq.get('Method') or 'GET'}, got {echo.get('method')}"
+        sni = ereq.get("SNI")
+        if sni and (echo.get("tls") or {}).get("serverName") != sni:
+            return f"expected the backend to see SNI {sni}, it saw " \
+                f"{(echo.get('tls') or {}).get('serverName')!r}"
         if case.get("Namespace", "") != echo.get("namespace"):
             return f"expected namespace {case.get('Namespace')}, got {echo.get('namespace')}"
         for name, value in (ereq.get("Headers") or {}).items():

@@ -30,6 +30,7 @@ from mesh.conformance.certs import (
     backend_client_secret,
     ca_config_map,
     client_validation_objects,
+    mismatch_ca_config_map,
     suite_secrets,
 )
 from mesh.conformance.expectations import CHANGES, EXPECTATIONS, Change, Expect
@@ -63,6 +64,22 @@ def _misdirected(server_name: str, host: str, backend: str | None, status: int =
 
 
 _TLS = "tls.MakeTLSRequestAndExpectEventuallyConsistentResponse"
+
+
+def _btls(path: str, fail: bool = False, host: str = "abc.example.com",
+          gateway: str = "same-namespace", client_sni: str = "") -> dict[str, Any]:
+    """A request through a BackendTLSPolicy: answered by a TLS backend that saw SNI
+    abc.example.com (the policies' hostname), or, with `fail`, refused."""
+    case: dict[str, Any] = {
+        "Request": {"Path": path, "Host": host}, "Namespace": INFRA_NS, "gateway": gateway,
+        "kind": "http", "static": True,
+        "sender": _TLS if client_sni else "http.MakeRequestAndExpectEventuallyConsistentResponse",
+        "ExpectedRequest": {"Request": {"Path": path, "Host": host, "SNI": "abc.example.com"}}}
+    if client_sni:
+        case["tlsServerName"] = client_sni
+    if fail:
+        case["ExpectFailure"] = True
+    return case
 # Cases the data holds only as templates or not at all, written out from the tests'
 # manifests (which route serves which host or path).
 EXTRA_CASES: dict[str, list[dict[str, Any]]] = {
@@ -86,6 +103,17 @@ EXTRA_CASES: dict[str, list[dict[str, Any]]] = {
     "gateway-tls-backend-client-certificate": [
         _case("/", "tls-backend-with-client-cert-validation", host="abc.example.com",
               gateway="gateway-tls-backend-client-certificate")],
+    "backendtlspolicy": [
+        _btls("/backendtlspolicy"),
+        _btls("/backendtlspolicy-host-mismatch", fail=True, host="abc.example.org"),
+        _btls("/backendtlspolicy-cert-mismatch", fail=True),
+        # Re-encrypt: TLS from the client to the Gateway, TLS again to the backend.
+        _btls("/backendtlspolicy", host="https-listener.org",
+              gateway="same-namespace-with-https-listener", client_sni="https-listener.org")],
+    "backendtlspolicy-san": [
+        _btls(f"/backendtlspolicy-{name}", fail="mismatch" in name)
+        for name in ("san-dns", "san-dns-mismatch", "san-uri", "san-uri-mismatch",
+                     "multiple-sans", "multiple-mismatch-sans")],
     "httproute-https-listener": [
         _case("/", "infra-backend-v1", host="example.org", sender=_TLS,
               gateway="same-namespace-with-https-listener"),
@@ -165,6 +193,7 @@ class Runner:
         self.agent: subprocess.Popen[bytes] | None = None
         self.agent_log = self.dir / "agent.log"
         self.trusted = b""
+        self.backend_ca_pem = ""
         self.client_certificates: dict[str, tuple[Path, Path]] = {}  # Secret -> files
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -182,7 +211,8 @@ class Runner:
             backend_ca["data"]["ca.crt"].encode()
         self.backends.start(d for d in base if d.get("kind") == "Deployment")
         slices = self.backends.endpoint_slices(d for d in base if d.get("kind") == "Service")
-        secrets.append(backend_ca)
+        secrets += [backend_ca, mismatch_ca_config_map()]
+        self.backend_ca_pem = backend_ca["data"]["ca.crt"]
         # The client trusts the suite's certificates, as upstream's does.
         self.trusted = b"".join(base64.b64decode(s["data"]["tls.crt"]) for s in secrets
                                 if s["kind"] == "Secret")
@@ -409,11 +439,23 @@ class Runner:
                 result: TestResult) -> None:
         """Change objects' specs, as the upstream test does, and check status follows."""
         docs = []
+        done = set()
         for d in yaml.safe_load_all((self.manifests / "50-test.yaml").read_text()):
             for kind, name, change in changes:
                 if d.get("kind") == kind and d["metadata"]["name"] == name:
                     change(d)
+                    done.add((kind, name))
             docs.append(d)
+        for kind, name, change in changes:
+            if (kind, name) not in done:  # a new object (ConfigMaps only, so far)
+                new: dict[str, Any] = {"apiVersion": "v1", "kind": kind,
+                                       "metadata": {"name": name, "namespace": INFRA_NS}}
+                change(new)
+                docs.append(new)
+        for d in docs:
+            if d.get("kind") == "ConfigMap" and (d.get("data") or {}).get("ca.crt") == \
+                    "COPY_OF:tls-checks-ca-certificate":
+                d["data"]["ca.crt"] = self.backend_ca_pem
         self._write("50-test.yaml", docs)
         for e in after:
             problem = self._eventually_status(e)

@@ -19,7 +19,9 @@ from mesh.k8s import GATEWAY_GROUP, KubeObject, ObjectKey, StoreSnapshot
 
 _H2C = "kubernetes.io/h2c"
 _WS = "kubernetes.io/ws"
-_KNOWN_APP_PROTOCOLS = {None, "http", "HTTP", "kubernetes.io/http", _H2C, _WS, "grpc"}
+# HTTPS ports carry HTTP/1.1 too; TLS to them is a BackendTLSPolicy's to set up.
+_KNOWN_APP_PROTOCOLS = {None, "http", "HTTP", "kubernetes.io/http", "https", "HTTPS",
+                        "kubernetes.io/https", _H2C, _WS, "grpc"}
 _DEFAULT_RETRY_ATTEMPTS = 2
 
 
