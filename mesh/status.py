@@ -61,6 +61,8 @@ def with_programmed(obj: KubeObject, status: dict[str, Any], owned: set[tuple[st
         for li in out.get("listeners", []):
             valid = any(c["type"] == "Accepted" and c["status"] == "True"
                         for c in li["conditions"])
+            if not valid and any(c["type"] == "Programmed" for c in li["conditions"]):
+                continue  # the translator said why (a conflict)
             put(li["conditions"], condition(
                 "Programmed", ok and valid, reason if valid else "Invalid",
                 message if valid else "listener not accepted", gen))

@@ -30,6 +30,7 @@ class Expect:
     supported: tuple[str, ...] | None = None  # listeners: supportedKinds
     generation: int | None = None  # the object's metadata.generation
     addresses_as_spec: bool = False  # Gateways: status.addresses are the spec's, in order
+    listener_sets: int | None = None  # Gateways: status.attachedListenerSets
 
     def describe(self) -> str:
         where = f" parent {self.parent}" if self.parent else (
@@ -41,6 +42,8 @@ class Expect:
             what = f"supportedKinds={list(self.supported)}"
         if self.addresses_as_spec:
             what = "status.addresses as in spec" + (f", {what}" if self.condition else "")
+        if self.listener_sets is not None:
+            what = f"attachedListenerSets={self.listener_sets}"
         return f"{self.kind} {self.namespace}/{self.name}{where}: {what}"
 
     def check(self, item: dict[str, Any] | None) -> str | None:
@@ -51,6 +54,9 @@ class Expect:
                 self.generation:
             return f"generation is {item['metadata'].get('generation')}"
         st = item["status"]
+        if self.listener_sets is not None and \
+                st.get("attachedListenerSets") != self.listener_sets:
+            return f"attachedListenerSets is {st.get('attachedListenerSets')}"
         if self.addresses_as_spec:
             want = [a.get("value") for a in item["spec"].get("addresses") or []]
             got = [a.get("value") for a in st.get("addresses") or []]
@@ -99,12 +105,12 @@ def _route(name: str, parent: str, reason: str, kind: str = "HTTPRoute",
                   reason=reason)
 
 
-def _listener_conditions(gateway: str, listener: str,
-                         unresolved: str | None = None) -> list[Expect]:
+def _listener_conditions(gateway: str, listener: str, unresolved: str | None = None,
+                         kind: str = "Gateway") -> list[Expect]:
     """A listener's ResolvedRefs, Accepted and Programmed: all True, or, with a CA
     reference that does not resolve, False with that reason and NoValidCACertificate."""
     if unresolved is None:
-        return [Expect("Gateway", gateway, listener=listener, condition=c)
+        return [Expect(kind, gateway, listener=listener, condition=c)
                 for c in ("ResolvedRefs", "Accepted", "Programmed")]
     return [Expect("Gateway", gateway, listener=listener, condition="ResolvedRefs",
                    status="False", reason=unresolved),
@@ -112,6 +118,27 @@ def _listener_conditions(gateway: str, listener: str,
                    status="False", reason="NoValidCACertificate"),
             Expect("Gateway", gateway, listener=listener, condition="Programmed",
                    status="False")]
+
+
+_LS_GW = "gateway-with-listenerset-protocol-conflict"
+_LS_PC = "listenerset-with-protocol-conflict-with"
+
+
+def _listener_set(name: str, accepted: bool, listeners: dict[str, bool]) -> list[Expect]:
+    """A ListenerSet's own conditions, and each listener's: all True, or conflicted."""
+    out = [Expect("ListenerSet", name, condition="Accepted", reason="Accepted"),
+           Expect("ListenerSet", name, condition="Programmed", reason="Programmed")] \
+        if accepted else [Expect("ListenerSet", name, condition=c, status="False",
+                                 reason="ListenersNotValid") for c in ("Accepted", "Programmed")]
+    for listener, ok in listeners.items():
+        if ok:
+            out += _listener_conditions(name, listener, kind="ListenerSet")
+        else:
+            out += [Expect("ListenerSet", name, listener=listener, condition=c,
+                           status="True" if c == "Conflicted" else "False",
+                           reason="ProtocolConflict")
+                    for c in ("Accepted", "Programmed", "Conflicted")]
+    return out
 
 
 EXPECTATIONS: dict[str, list[Expect]] = {
@@ -297,6 +324,51 @@ EXPECTATIONS: dict[str, list[Expect]] = {
                    "gateway-certificate-unsupported-group",
                    "gateway-certificate-unsupported-kind",
                    "gateway-certificate-malformed-secret")],
+    "listenerset-protocol-conflict": [
+        Expect("Gateway", _LS_GW, listener_sets=2),
+        *_listener_conditions(_LS_GW, "gateway-listener"),
+        *_listener_conditions(_LS_GW, "protocol-conflict-with-gateway-listener"),
+        *_listener_set(f"{_LS_PC}-gateway-1", True, {
+            "listener-set-1-listener": True, "protocol-conflict-with-gateway-listener": False,
+            "protocol-conflict-with-listener-set-listener": True}),
+        *_listener_set(f"{_LS_PC}-gateway-2", False, {
+            "protocol-conflict-with-gateway-listener": False}),
+        *_listener_set(f"{_LS_PC}-listener-set-1", True, {
+            "listener-set-2-listener": True,
+            "protocol-conflict-with-listener-set-listener": False}),
+        *_listener_set(f"{_LS_PC}-listener-set-2", False, {
+            "protocol-conflict-with-listener-set-listener": False})],
+    "listenerset-reference-grant": [
+        Expect("Gateway", "gateway-with-listener-sets-test-reference-grant",
+               condition="Accepted"),
+        Expect("ListenerSet", "listenerset-with-reference-grant", condition="Accepted"),
+        Expect("ListenerSet", "listenerset-with-reference-grant", condition="Programmed"),
+        Expect("ListenerSet", "listenerset-with-reference-grant",
+               listener="listenerset-with-reference-grant-listener", condition="ResolvedRefs"),
+        *[Expect("ListenerSet", "listenerset-without-reference-grant",
+                 "gateway-api-listener-sets-test-reference-grant-ns", condition=c,
+                 status="False", reason="ListenersNotValid")
+          for c in ("Accepted", "Programmed")],
+        Expect("ListenerSet", "listenerset-without-reference-grant",
+               "gateway-api-listener-sets-test-reference-grant-ns",
+               listener="listenerset-without-reference-grant-listener",
+               condition="ResolvedRefs", status="False", reason="RefNotPermitted")],
+    "listenerset-route-status-scoped-to-parentref": [
+        Expect("Gateway", "gateway-parentref", condition="Accepted", listener_sets=1),
+        *_listener_conditions("listenerset-parentref", "listenerset-parentref-listener",
+                              kind="ListenerSet"),
+        Expect("ListenerSet", "listenerset-parentref", listener="listenerset-parentref-listener",
+               attached=1, supported=("HTTPRoute", "GRPCRoute")),
+        Expect("HTTPRoute", "route-parentref-gwonly", parent="gateway-parentref",
+               condition="Accepted"),
+        Expect("HTTPRoute", "route-parentref-lsonly", parent="listenerset-parentref",
+               condition="Accepted", reason="Accepted")],
+    "listenerset-allowed-routes-supported-kinds": [
+        Expect("Gateway", "gateway-with-listener-sets-test-supported-route-kinds",
+               condition="Accepted"),
+        Expect("ListenerSet", "listenerset-test-allowed-routes-supported-kinds",
+               listener="listener-set-listener-allowed-routes-tls-only",
+               condition="ResolvedRefs", status="False", reason="InvalidRouteKinds")],
     "gateway-tls-backend-client-certificate": [
         Expect("Gateway", "gateway-tls-backend-client-certificate", condition="ResolvedRefs",
                reason="ResolvedRefs"),

@@ -29,7 +29,7 @@ _KINDS_FOR_PROTOCOL: dict[str, tuple[str, ...]] = {
     "TLS": ("TLSRoute",),
 }
 # Protocols that may share a port (they are told apart by SNI).
-_PORT_FAMILY = {"HTTP": "http", "HTTPS": "tls", "TLS": "tls"}
+_PORT_FAMILY = {"HTTP": "http", "HTTPS": "tls", "TLS": "tls", "TCP": "tcp", "UDP": "udp"}
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,7 @@ class _Translator:
                                    cache.vhosts if cache is not None else None)
         self.addresses: dict[str, str] = {}
         self.trust_bundles: dict[str, bytes] = {}  # name -> CA certificates (PEM)
+        self._listener_set_parents: dict[ObjectKey, ObjectKey] = {}  # allowed ones
         # Gateway -> the certificate it presents to TLS backends
         self.backend_certificates: dict[tuple[str, str], str] = {}
 
@@ -243,6 +244,7 @@ class _Translator:
                 condition("Programmed", False, "NotAllowed", msg, obj.generation)]}
             return
         self.status[obj.key] = {"conditions": [], "listeners": []}
+        self._listener_set_parents[obj.key] = g.obj.key
         listeners += [self._new_listener(x, g, obj) for x in ls.listeners]
 
     def _new_listener(self, spec: model.Listener, g: model.Gateway,
@@ -384,13 +386,18 @@ class _Translator:
                 family = _PORT_FAMILY.get(li.spec.protocol)
                 if family is None:
                     continue
-                if first_family is None:
-                    first_family = family
-                if family != first_family:
+                if first_family is None and li.spec.protocol in _KINDS_FOR_PROTOCOL:
+                    first_family = family  # a protocol not served claims no port
+                if first_family is not None and family != first_family:
                     li.valid = False
-                    li.status["conditions"].append(condition(
-                        "Conflicted", True, "ProtocolConflict",
-                        f"port {li.spec.port} is already used with another protocol", gen))
+                    msg = f"port {li.spec.port} is already used with another protocol"
+                    conds = li.status["conditions"]
+                    conds[:] = [c for c in conds if c["type"] != "Accepted"]
+                    conds += [condition("Accepted", False, "ProtocolConflict", msg, gen),
+                              condition("Conflicted", True, "ProtocolConflict", msg, gen),
+                              condition("Programmed", False, "ProtocolConflict", msg, gen)]
+                    continue
+                if li.spec.protocol not in _KINDS_FOR_PROTOCOL:
                     continue
                 host_key = (family, li.spec.hostname)
                 if host_key in hostnames_seen:
@@ -622,6 +629,7 @@ class _Translator:
                 "addresses": [{"type": "IPAddress", "value": a} for a in addresses],
                 "conditions": conds,
                 "listeners": [li.status for li in own],
+                "attachedListenerSets": 0,  # counted below
             }
             for li in listeners:
                 if li.owner is not g.obj and li.gateway is g:
@@ -639,6 +647,13 @@ class _Translator:
             ls_status["conditions"] = [
                 condition("Accepted", ok, "Accepted" if ok else "ListenersNotValid",
                           "accepted" if ok else "no listener is valid", obj.generation)]
+            if not ok:
+                ls_status["conditions"].append(condition(
+                    "Programmed", False, "ListenersNotValid", "no listener is valid",
+                    obj.generation))
+            parent = self._listener_set_parents.get(obj.key)
+            if ok and parent is not None and parent in self.status:
+                self.status[parent]["attachedListenerSets"] += 1
 
     def _backend_client_certificate(self, g: model.Gateway
                                     ) -> tuple[str | None, tuple[str, str] | None]:
