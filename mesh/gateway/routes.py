@@ -77,6 +77,7 @@ class RouteBuilder:
         # memo key -> (backend name, its resolution, the BackendTLSPolicies that target it)
         self._memo: dict[str, tuple[str | None, Resolution, tuple[ObjectKey, ...]]] = {}
         self._previous_vhosts = vhosts or {}
+        self._varied: set[str] = set()  # backends with client-certificate variants
         self.vhosts: VhostCache = {}  # this translation's, for the next one
         self._owners: dict[str, set[ObjectKey]] = {}  # backend -> routes that use it
         # BackendTLSPolicy -> routes whose backends it targets; the policies that apply.
@@ -101,8 +102,26 @@ class RouteBuilder:
     # -- outputs ------------------------------------------------------------------------------
 
     def backends(self) -> list[ir.Backend]:
+        unused = self._unused_originals()
         return [replace(self._backends[k], owners=frozenset(self._owners[k]))
-                for k in sorted(self._backends)]
+                for k in sorted(self._backends) if k not in unused]
+
+    def _unused_originals(self) -> set[str]:
+        """Backends that routes reach only through their client-certificate variants: no
+        cluster for them. (Only looked for when some Gateway presents a certificate.)"""
+        if not self._varied:
+            return set()
+        used: set[str | None] = set()
+        for table in self._tables.values():
+            for vh in table.virtual_hosts:
+                for r in vh.routes:
+                    if isinstance(r.action, ir.Forward):
+                        used.update(w.backend for w in r.action.backends)
+                        used.update(m.backend for m in r.action.mirrors)
+        for entries in self._entries.values():
+            for _, tcp, _ in entries.tls:
+                used.update(w.backend for w in tcp)
+        return self._varied - used
 
     def certificates(self) -> list[ir.Certificate]:
         return [self._certs[k] for k in sorted(self._certs)]
@@ -480,6 +499,7 @@ class RouteBuilder:
             if b is None or b.tls is None or b.tls.unusable:
                 return name
             if name not in variants:
+                self._varied.add(b.name)
                 new = variants[b.name] = f"{b.name}|client-certificate={cert}"
                 self._backends[new] = replace(b, name=new, tls=replace(b.tls, client_cert=cert))
                 self._owners.setdefault(new, set())
