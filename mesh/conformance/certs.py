@@ -81,10 +81,7 @@ def client_validation_objects() -> list[dict[str, Any]]:
             ("tls-validity-checks-per-port-client-certificate",
              "tls-validity-checks-per-port-ca-certificate")):
         ca, cert, key = client_certificate(f"{infra}/{secret_name}")
-        out.append(secret(infra, secret_name, cert, key))
-        out.append({"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": config_map, "namespace": infra},
-                    "data": {"ca.crt": ca.decode()}})
+        out += [secret(infra, secret_name, cert, key), _ca_config_map(infra, config_map, ca)]
     return out
 
 
@@ -111,10 +108,7 @@ def suite_secrets() -> list[dict[str, Any]]:
 def mismatch_ca_config_map() -> dict[str, Any]:
     """A valid CA that signed none of the backends' certificates."""
     cert, _ = self_signed([], "gateway-conformance-infra/mismatch-ca")
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "mismatch-ca-certificate",
-                         "namespace": "gateway-conformance-infra"},
-            "data": {"ca.crt": cert.decode()}}
+    return _ca_config_map("gateway-conformance-infra", "mismatch-ca-certificate", cert)
 
 
 def backend_client_secret(ca_secret: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +123,10 @@ def backend_client_secret(ca_secret: dict[str, Any]) -> dict[str, Any]:
 
 def ca_config_map(secret: dict[str, Any], namespace: str, name: str) -> dict[str, Any]:
     """A ConfigMap holding a secret's (self-signed) certificate as `ca.crt`."""
-    pem = base64.b64decode(secret["data"]["tls.crt"]).decode()
+    return _ca_config_map(namespace, name, base64.b64decode(secret["data"]["tls.crt"]))
+
+
+def _ca_config_map(namespace: str, name: str, ca_pem: bytes) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": name, "namespace": namespace}, "data": {"ca.crt": pem}}
+            "metadata": {"name": name, "namespace": namespace},
+            "data": {"ca.crt": ca_pem.decode()}}

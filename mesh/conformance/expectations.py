@@ -112,11 +112,11 @@ def _listener_conditions(gateway: str, listener: str, unresolved: str | None = N
     if unresolved is None:
         return [Expect(kind, gateway, listener=listener, condition=c)
                 for c in ("ResolvedRefs", "Accepted", "Programmed")]
-    return [Expect("Gateway", gateway, listener=listener, condition="ResolvedRefs",
+    return [Expect(kind, gateway, listener=listener, condition="ResolvedRefs",
                    status="False", reason=unresolved),
-            Expect("Gateway", gateway, listener=listener, condition="Accepted",
+            Expect(kind, gateway, listener=listener, condition="Accepted",
                    status="False", reason="NoValidCACertificate"),
-            Expect("Gateway", gateway, listener=listener, condition="Programmed",
+            Expect(kind, gateway, listener=listener, condition="Programmed",
                    status="False")]
 
 

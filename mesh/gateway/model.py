@@ -646,6 +646,15 @@ def parse_endpoint_slice(obj: KubeObject) -> EndpointSlice:
     )
 
 
+def ca_certificates(obj: KubeObject | None) -> bytes | None:
+    """The PEM CA certificates in a ConfigMap's or Secret's `ca.crt` (ending in a newline,
+    so bundles concatenate), or None when there are none."""
+    data = secret_data(obj, "ca.crt") if obj is not None else None
+    if data is None or b"BEGIN CERTIFICATE" not in data:
+        return None
+    return data if data.endswith(b"\n") else data + b"\n"
+
+
 def secret_data(obj: KubeObject, key: str) -> bytes | None:
     """A Secret's (or ConfigMap's) value: `data` is base64, `stringData` plain."""
     string_data = _map(obj.body.get("stringData"))

@@ -257,9 +257,8 @@ class RouteBuilder:
             if group != "" or kind not in ("ConfigMap", "Secret"):
                 return None, ("InvalidKind", f"caCertificateRef {group}/{kind} {name} is not "
                               "a ConfigMap or Secret")
-            obj = self.s.get(kind, policy.obj.namespace, name)
-            data = model.secret_data(obj, "ca.crt") if obj is not None else None
-            if data is None or b"BEGIN CERTIFICATE" not in data:
+            data = model.ca_certificates(self.s.get(kind, policy.obj.namespace, name))
+            if data is None:
                 return None, ("InvalidCACertificateRef",
                               f"{kind} {name} holds no CA certificate in ca.crt")
             ca = (ca or b"") + data

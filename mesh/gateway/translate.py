@@ -293,33 +293,14 @@ class _Translator:
             return
         certs = []
         for ref in spec.certificate_refs:
-            problem = None
-            secret = None
-            if ref.group != "" or ref.kind != "Secret":
-                problem = ("InvalidCertificateRef",
-                           f"certificateRef {ref.group}/{ref.kind} is not a Secret")
-            elif ref.namespace != li.owner.namespace and not self._granted(
-                    li.owner.kind, li.owner.namespace, "", "Secret", ref.namespace, ref.name):
-                problem = ("RefNotPermitted",
-                           f"no ReferenceGrant allows Secret {ref.namespace}/{ref.name}")
-            else:
-                secret = self.s.get("Secret", ref.namespace, ref.name)
-                if secret is None:
-                    problem = ("InvalidCertificateRef",
-                               f"Secret {ref.namespace}/{ref.name} does not exist")
-            if problem is None and secret is not None:
-                name = self.routes.certificate(secret)
-                if name is None:
-                    problem = ("InvalidCertificateRef",
-                               f"Secret {ref.namespace}/{ref.name} holds no valid "
-                               "tls.crt and tls.key")
-                else:
-                    certs.append(name)
-            if problem is not None:
+            found = self._certificate_secret(ref, li.owner, "certificateRef",
+                                             "InvalidCertificateRef")
+            if isinstance(found, tuple):
                 li.valid = False
                 li.status["conditions"].append(
-                    condition("ResolvedRefs", False, problem[0], problem[1], gen))
+                    condition("ResolvedRefs", False, found[0], found[1], gen))
                 return
+            certs.append(found)
         li.certificates = tuple(certs)
         if spec.protocol == "HTTPS":
             self._client_validation(li)
@@ -347,15 +328,15 @@ class _Translator:
                                  f"ReferenceGrant in {ref.namespace} allows it"))
                 continue
             obj = self.s.get(ref.kind, ref.namespace, ref.name)
-            data = model.secret_data(obj, "ca.crt") if obj is not None else None
+            data = model.ca_certificates(obj)
             if obj is None:
                 problems.append(("InvalidCACertificateRef",
                                  f"caCertificateRef {where} does not exist"))
-            elif data is None or b"BEGIN CERTIFICATE" not in data:
+            elif data is None:
                 problems.append(("InvalidCACertificateRef",
                                  f"caCertificateRef {where} holds no CA certificate in ca.crt"))
             else:
-                bundle += data if data.endswith(b"\n") else data + b"\n"
+                bundle += data
         conds = li.status["conditions"]
         if problems:
             conds.append(condition("ResolvedRefs", False, problems[0][0],
@@ -662,23 +643,30 @@ class _Translator:
         ref = g.backend_client_certificate
         if ref is None:
             return None, None
+        found = self._certificate_secret(ref, g.obj, "clientCertificateRef",
+                                         "InvalidClientCertificateRef")
+        return (None, found) if isinstance(found, tuple) else (found, None)
+
+    def _certificate_secret(self, ref: model.BackendObjectRef, referrer: KubeObject,
+                            field: str, invalid: str) -> str | tuple[str, str]:
+        """The certificate in the Secret `ref` names, or (reason, message) why it cannot be
+        used: `invalid` for what is not a usable Secret, RefNotPermitted without a
+        ReferenceGrant from `referrer`."""
         where = f"Secret {ref.namespace}/{ref.name}"
         if ref.group != "" or ref.kind != "Secret":
-            return None, ("InvalidClientCertificateRef", f"clientCertificateRef "
-                          f"{ref.group or 'core'}/{ref.kind} {ref.name} is not a Secret")
-        if ref.namespace != g.obj.namespace and not self._granted(
-                "Gateway", g.obj.namespace, "", "Secret", ref.namespace, ref.name):
-            return None, ("RefNotPermitted", f"clientCertificateRef {where}: no "
-                          f"ReferenceGrant in {ref.namespace} allows it")
+            return invalid, f"{field} {ref.group or 'core'}/{ref.kind} {ref.name} is not " \
+                "a Secret"
+        if ref.namespace != referrer.namespace and not self._granted(
+                referrer.kind, referrer.namespace, "", "Secret", ref.namespace, ref.name):
+            return "RefNotPermitted", f"{field} {where}: no ReferenceGrant in " \
+                f"{ref.namespace} allows it"
         secret = self.s.get("Secret", ref.namespace, ref.name)
         if secret is None:
-            return None, ("InvalidClientCertificateRef", f"clientCertificateRef {where} "
-                          "does not exist")
+            return invalid, f"{field} {where} does not exist"
         name = self.routes.certificate(secret)
         if name is None:
-            return None, ("InvalidClientCertificateRef", f"clientCertificateRef {where} "
-                          "holds no valid tls.crt and tls.key")
-        return name, None
+            return invalid, f"{field} {where} holds no valid tls.crt and tls.key"
+        return name
 
     def _allocate(self, key: str) -> str | None:
         taken = set(self.addresses.values()) | {
@@ -708,7 +696,7 @@ class _Translator:
             except ValueError:
                 ok = False
             (usable if ok else unusable).append(value)
-        if not g.addresses or (not usable and not unusable):
+        if not usable and not unusable:
             assigned = self._allocate(key)
             usable = [assigned] if assigned else []
         for i, address in enumerate(usable):
