@@ -107,13 +107,14 @@ def compare(case: dict[str, Any], status: int, headers: dict[str, list[str]], bo
     # A case that names no namespace is answered by the gateway itself (a CORS preflight):
     # there is no echo to compare.
     answered_by_gateway = not case.get("Namespace") and not case.get("Backend")
+    if status == 200:
+        for name in expected_resp.get("AbsentHeaders") or []:
+            if name.lower() in headers:
+                return f"response header {name} should be absent"
     if status == 200 and answered_by_gateway:
         for name, value in (expected_resp.get("Headers") or {}).items():
             if ",".join(headers.get(name.lower(), [])) != value:
                 return f"expected response header {name}={value}"
-        for name in expected_resp.get("AbsentHeaders") or []:
-            if name.lower() in headers:
-                return f"response header {name} should be absent"
     elif status == 200:
         try:
             echo = json.loads(body)
@@ -134,21 +135,10 @@ def compare(case: dict[str, Any], status: int, headers: dict[str, list[str]], bo
                 f"{(echo.get('tls') or {}).get('serverName')!r}"
         if case.get("Namespace", "") != echo.get("namespace"):
             return f"expected namespace {case.get('Namespace')}, got {echo.get('namespace')}"
-        for name, value in (ereq.get("Headers") or {}).items():
-            got = echoed.get(name.lower())
-            if got is None:
-                return f"expected request header {name}"
-            if ",".join(got) != value:
-                return f"expected request header {name}={value}, got {','.join(got)}"
-        for name, value in (expected_resp.get("Headers") or {}).items():
-            got = headers.get(name.lower())
-            if got is None:
-                return f"expected response header {name}"
-            if ",".join(got) != value:
-                return f"expected response header {name}={value}, got {','.join(got)}"
-        for name in expected_resp.get("AbsentHeaders") or []:
-            if name.lower() in headers:
-                return f"response header {name} should be absent"
+        problem = _headers_problem("request", ereq.get("Headers") or {}, echoed) or \
+            _headers_problem("response", expected_resp.get("Headers") or {}, headers)
+        if problem:
+            return problem
         for name in exp.get("AbsentHeaders") or []:
             if name.lower() in echoed:
                 return f"request header {name} should be absent"
@@ -179,6 +169,18 @@ def compare(case: dict[str, Any], status: int, headers: dict[str, list[str]], bo
         want_path = redirect.get("Path") or (req.get("Path") or "/").split("?")[0]
         if want_path != u.path:
             return f"expected redirect path {want_path!r}, got {u.path!r} ({location})"
+    return None
+
+
+def _headers_problem(what: str, expected: dict[str, str],
+                     actual: dict[str, list[str]]) -> str | None:
+    """Each expected header present with that value (repeated values joined with ",")."""
+    for name, value in expected.items():
+        got = actual.get(name.lower())
+        if got is None:
+            return f"expected {what} header {name}"
+        if ",".join(got) != value:
+            return f"expected {what} header {name}={value}, got {','.join(got)}"
     return None
 
 
