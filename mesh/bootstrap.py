@@ -53,11 +53,16 @@ def bootstrap(cfg: BootstrapConfig) -> dict[str, Any]:
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": True,
                 "grpc_services": [{
-                    "envoy_grpc": {"cluster_name": XDS_CLUSTER},
-                    # Reconnect quickly when the agent restarts (Envoy's default starts at 0.5s
-                    # and grows to 30s).
-                    "retry_policy": {
-                        "retry_back_off": {"base_interval": "0.05s", "max_interval": "1s"}
+                    "envoy_grpc": {
+                        "cluster_name": XDS_CLUSTER,
+                        # Reconnect quickly when the agent restarts: Envoy keeps serving
+                        # meanwhile, and a restarted agent must see it back within a second
+                        # (the default starts at 0.5 s and grows to 30 s). Envoy reads the ADS
+                        # stream's backoff from EnvoyGrpc.retry_policy only: the GrpcService-
+                        # level retry_policy is for other clients' retries, not this stream.
+                        "retry_policy": {
+                            "retry_back_off": {"base_interval": "0.05s", "max_interval": "1s"}
+                        },
                     },
                 }],
             },
