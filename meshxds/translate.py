@@ -297,7 +297,10 @@ def _cors(c: ir.Cors) -> cors_pb2.CorsPolicy:
         allow_headers=", ".join(c.allow_headers),
         expose_headers=", ".join(c.expose_headers),
         max_age=str(c.max_age),
-        allow_credentials=wrappers_pb2.BoolValue(value=c.allow_credentials))
+        allow_credentials=wrappers_pb2.BoolValue(value=c.allow_credentials),
+        # A preflight from an origin the route does not allow is answered here, without
+        # access-control-allow-origin, rather than passed on to the backend.
+        forward_not_matching_preflights=wrappers_pb2.BoolValue(value=False))
     for origin in c.allow_origins:
         if "*" in origin:
             regex = "^" + re.escape(origin).replace(r"\*", ".*") + "$"

