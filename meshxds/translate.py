@@ -336,6 +336,9 @@ def _route_configuration(table: ir.RouteTable,
     return route_pb2.RouteConfiguration(
         name=table.name,
         virtual_hosts=[vhost(vh) for vh in table.virtual_hosts],
+        # Gateway API hostnames match the Host header without its port (`Host: a.com:1234`
+        # is a.com), on every listener port; the Host sent upstream keeps its port.
+        ignore_port_in_host_matching=True,
         # A route to a cluster that is not there yet answers 500 rather than NACK the table.
         validate_clusters=wrappers_pb2.BoolValue(value=False))
 

@@ -189,3 +189,18 @@ def test_preflight_from_a_disallowed_origin_is_answered_by_the_gateway(mesh: Mes
     got = request("GET", PORT, "/cors", {"Host": "cors.example", "Origin": "https://evil.example"})
     assert got.status == 200 and got.json()["pod"] == "echo-1"
     assert "access-control-allow-origin" not in got.headers
+
+
+@pytest.mark.parametrize("port", [PORT, OTHER_PORT])
+@pytest.mark.parametrize("host_port", ["1234", str(PORT), str(OTHER_PORT)])
+def test_host_header_port_is_ignored_for_hostname_matching(mesh: Mesh, port: int,
+                                                          host_port: str) -> None:
+    host = f"very.specific.com:{host_port}"
+    got = request("GET", port, "/s1", {"Host": host})
+    assert got.status == 200, f"Host {host} on port {port}: {got.status}"
+    echoed = got.json()
+    assert echoed["pod"] == "echo-1"
+    assert echoed["host"] == host  # the Host reaches the backend as sent
+    # Only the port is ignored: another name with the same port does not match.
+    assert request("GET", port, "/s1", {"Host": f"other.specific.com:{host_port}"}).status \
+        == 404

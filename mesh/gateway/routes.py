@@ -472,10 +472,10 @@ class RouteBuilder:
             else:
                 ordered = [r for _, r in sorted(entries, key=lambda kr: kr[0])]
                 vh_owners = frozenset(o for r in ordered for o in r.owners)
-                # Clients may send the port in Host ("foo.com:8080"); it reaches the backend
-                # as sent, so the virtual host answers to both forms.
-                domains = (host,) if host == "*" or port is None else (host, f"{host}:{port}")
-                vh = ir.VirtualHost(name=f"{name}/{host}", domains=domains,
+                # Clients may send a port in Host ("foo.com:1234"): Envoy matches hostnames
+                # without it (ignore_port_in_host_matching on every route table), and the
+                # Host reaches the backend as sent.
+                vh = ir.VirtualHost(name=f"{name}/{host}", domains=(host,),
                                     routes=tuple(ordered))
             self.vhosts[vkey] = (entries, vh, vh_owners)
             owners |= vh_owners
