@@ -1,15 +1,15 @@
-"""The intermediate representation: what the node must do, in plain typed data.
+"""The L7 part of the IR: listeners, route tables, routes, backends, certificates.
 
-Produced by the pure translator from the store; consumed by the sinks (xDS now; BPF maps and
-encryption later). Envoy and BPF details stay out. Every listener, route and backend records
-the objects it comes from (`owners`), so `Programmed` can follow the node's ACKs back to them.
+Envoy details stay out: this says what the node's proxy must do, not how Envoy spells it.
+Every listener, route and backend records the objects it comes from (`owners`), so
+`Programmed` can follow the sinks' readiness back to them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mesh.k8s import ObjectKey
+from mesh.store.objects import ObjectKey
 
 Owners = frozenset[ObjectKey]
 
@@ -192,12 +192,3 @@ class Listener:
     protocol: str  # HTTP | HTTPS | TLS
     chains: tuple[FilterChain, ...]
     owners: Owners = frozenset()
-
-
-@dataclass(frozen=True)
-class IR:
-    listeners: tuple[Listener, ...] = ()
-    route_tables: tuple[RouteTable, ...] = ()
-    backends: tuple[Backend, ...] = ()
-    certificates: tuple[Certificate, ...] = ()
-    trust_bundles: tuple[TrustBundle, ...] = ()

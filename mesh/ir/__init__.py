@@ -1,0 +1,53 @@
+"""The intermediate representation: what the node must do, in plain typed data.
+
+Produced by the pure translator from a store snapshot; consumed by the sinks (Envoy over xDS
+now; BPF maps and encryption peers later). One module per concern: `l7` for what the node's
+Envoy serves; L4 service frontends and encryption peers join with the datapath.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh.ir.l7 import (
+    Action,
+    Backend,
+    Certificate,
+    ClientValidation,
+    Cors,
+    DirectResponse,
+    Endpoint,
+    FilterChain,
+    Forward,
+    HeaderOps,
+    Listener,
+    Mirror,
+    Owners,
+    Redirect,
+    Retry,
+    Route,
+    RouteTable,
+    StringMatch,
+    TrustBundle,
+    UpstreamTLS,
+    VirtualHost,
+    WeightedBackend,
+)
+
+__all__ = [
+    "IR", "Action", "Backend", "Certificate", "ClientValidation", "Cors", "DirectResponse",
+    "Endpoint", "FilterChain", "Forward", "HeaderOps", "Listener", "Mirror", "Owners",
+    "Redirect", "Retry", "Route", "RouteTable", "StringMatch", "TrustBundle", "UpstreamTLS",
+    "VirtualHost", "WeightedBackend",
+]
+
+
+@dataclass(frozen=True)
+class IR:
+    """Everything one node must do."""
+
+    listeners: tuple[Listener, ...] = ()
+    route_tables: tuple[RouteTable, ...] = ()
+    backends: tuple[Backend, ...] = ()
+    certificates: tuple[Certificate, ...] = ()
+    trust_bundles: tuple[TrustBundle, ...] = ()

@@ -1,0 +1,1 @@
+"""The store: Kubernetes objects as providers put them in, snapshots as the translator reads."""

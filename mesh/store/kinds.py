@@ -1,0 +1,53 @@
+"""The kinds the store keeps, by API group and kind: the translator selects objects by both,
+so a `Service` of some other group never passes for the core one."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+CORE = ""
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+GATEWAY_X_GROUP = "gateway.networking.x-k8s.io"  # experimental kinds (XListenerSet)
+NETWORKING_GROUP = "networking.k8s.io"
+DISCOVERY_GROUP = "discovery.k8s.io"
+
+
+class GroupKind(NamedTuple):
+    group: str
+    kind: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}.{self.group}" if self.group else self.kind
+
+
+NAMESPACE = GroupKind(CORE, "Namespace")
+SERVICE = GroupKind(CORE, "Service")
+SECRET = GroupKind(CORE, "Secret")
+CONFIG_MAP = GroupKind(CORE, "ConfigMap")
+NODE = GroupKind(CORE, "Node")
+ENDPOINT_SLICE = GroupKind(DISCOVERY_GROUP, "EndpointSlice")
+INGRESS = GroupKind(NETWORKING_GROUP, "Ingress")
+INGRESS_CLASS = GroupKind(NETWORKING_GROUP, "IngressClass")
+GATEWAY_CLASS = GroupKind(GATEWAY_GROUP, "GatewayClass")
+GATEWAY = GroupKind(GATEWAY_GROUP, "Gateway")
+LISTENER_SET = GroupKind(GATEWAY_GROUP, "ListenerSet")
+X_LISTENER_SET = GroupKind(GATEWAY_X_GROUP, "XListenerSet")
+HTTP_ROUTE = GroupKind(GATEWAY_GROUP, "HTTPRoute")
+GRPC_ROUTE = GroupKind(GATEWAY_GROUP, "GRPCRoute")
+TLS_ROUTE = GroupKind(GATEWAY_GROUP, "TLSRoute")
+REFERENCE_GRANT = GroupKind(GATEWAY_GROUP, "ReferenceGrant")
+BACKEND_TLS_POLICY = GroupKind(GATEWAY_GROUP, "BackendTLSPolicy")
+
+KINDS = frozenset({
+    NAMESPACE, SERVICE, SECRET, CONFIG_MAP, NODE, ENDPOINT_SLICE, INGRESS, INGRESS_CLASS,
+    GATEWAY_CLASS, GATEWAY, LISTENER_SET, X_LISTENER_SET, HTTP_ROUTE, GRPC_ROUTE, TLS_ROUTE,
+    REFERENCE_GRANT, BACKEND_TLS_POLICY,
+})
+CLUSTER_SCOPED = frozenset({NAMESPACE, NODE, GATEWAY_CLASS, INGRESS_CLASS})
+# Groups whose kinds are known by kind alone in messages and `mesh status`.
+_WELL_KNOWN = frozenset({CORE, GATEWAY_GROUP, NETWORKING_GROUP, DISCOVERY_GROUP})
+
+
+def display(gk: GroupKind) -> str:
+    """The kind as people name it: bare for well-known groups, qualified otherwise."""
+    return gk.kind if gk.group in _WELL_KNOWN else str(gk)

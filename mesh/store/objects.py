@@ -1,0 +1,134 @@
+"""Kubernetes objects as the agent sees them: a key with the API group, the raw body, and a
+content version.
+
+Objects keep their raw body (the translator parses what it needs): no Kubernetes client
+types leak in. The content version is what caches key on: an API server does not bump
+`metadata.generation` for core kinds (a Service's port change keeps its generation), so
+generation cannot tell a changed object from an unchanged one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, NamedTuple
+
+from mesh.store.kinds import CLUSTER_SCOPED, GroupKind, display
+
+# Metadata the API server changes without any change of meaning: never part of a version.
+_VOLATILE_METADATA = frozenset({"resourceVersion", "managedFields", "selfLink"})
+
+
+class ObjectKey(NamedTuple):
+    """Group, kind, namespace ("" for cluster-scoped kinds), name. A tuple: keys are hashed
+    and compared everywhere, and a tuple does that in C."""
+
+    group: str
+    kind: str
+    namespace: str
+    name: str
+
+    @property
+    def group_kind(self) -> GroupKind:
+        return GroupKind(self.group, self.kind)
+
+    def __str__(self) -> str:
+        kind = display(self.group_kind)
+        return f"{kind} {self.namespace}/{self.name}" if self.namespace else f"{kind} {self.name}"
+
+
+def content_hash(body: Mapping[str, Any]) -> str:
+    """A hash of everything in `body` the translator can read: all but status and the
+    metadata the API server changes on its own."""
+    meta = body.get("metadata")
+    kept: dict[str, Any] = {k: v for k, v in body.items() if k != "status"}
+    if isinstance(meta, Mapping):
+        kept["metadata"] = {k: v for k, v in meta.items() if k not in _VOLATILE_METADATA}
+    text = json.dumps(kept, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class KubeObject:
+    group: str
+    kind: str
+    namespace: str
+    name: str
+    body: Mapping[str, Any] = field(compare=False, repr=False)
+    generation: int = 1
+    # Order of creation, for the tie-breaks the Gateway API defines ("oldest first").
+    created: float = 0.0
+    source: str = ""
+    # The body's content hash, when the provider has it already (else computed on demand).
+    body_hash: str = field(default="", compare=False, repr=False)
+
+    @cached_property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.group, self.kind, self.namespace, self.name)
+
+    @property
+    def group_kind(self) -> GroupKind:
+        return GroupKind(self.group, self.kind)
+
+    @cached_property
+    def version(self) -> str:
+        """The content version: equal for objects the translator cannot tell apart. The
+        generation and creation order a file provider stamps outside the body count too."""
+        return f"{self.body_hash or content_hash(self.body)}/{self.generation}/{self.created}"
+
+    @property
+    def spec(self) -> Mapping[str, Any]:
+        spec = self.body.get("spec")
+        return spec if isinstance(spec, Mapping) else {}
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        meta = self.body.get("metadata")
+        return meta if isinstance(meta, Mapping) else {}
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        labels = self.metadata.get("labels")
+        return labels if isinstance(labels, Mapping) else {}
+
+    @property
+    def annotations(self) -> Mapping[str, str]:
+        ann = self.metadata.get("annotations")
+        return ann if isinstance(ann, Mapping) else {}
+
+
+class ObjectError(ValueError):
+    """A document that is not a usable Kubernetes object."""
+
+
+def group_of(api_version: str) -> str:
+    return api_version.rpartition("/")[0] if "/" in api_version else ""
+
+
+def parse_object(doc: Any, source: str = "", body_hash: str = "") -> KubeObject:
+    if not isinstance(doc, Mapping):
+        raise ObjectError("not a mapping")
+    kind = doc.get("kind")
+    api_version = doc.get("apiVersion")
+    meta = doc.get("metadata")
+    if not isinstance(kind, str) or not isinstance(api_version, str):
+        raise ObjectError("apiVersion and kind are required")
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise ObjectError(f"{kind}: metadata.name is required")
+    group = group_of(api_version)
+    namespace = "" if GroupKind(group, kind) in CLUSTER_SCOPED else str(
+        meta.get("namespace") or "default")
+    generation = meta.get("generation")
+    return KubeObject(
+        group=group,
+        kind=kind,
+        namespace=namespace,
+        name=meta["name"],
+        body=doc,
+        generation=generation if isinstance(generation, int) and generation > 0 else 1,
+        source=source,
+        body_hash=body_hash,
+    )
