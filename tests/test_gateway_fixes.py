@@ -204,3 +204,17 @@ def test_host_header_port_is_ignored_for_hostname_matching(mesh: Mesh, port: int
     # Only the port is ignored: another name with the same port does not match.
     assert request("GET", port, "/s1", {"Host": f"other.specific.com:{host_port}"}).status \
         == 404
+
+
+def test_listener_set_same_namespace_admits_the_listener_sets_routes(mesh: Mesh) -> None:
+    got = wait_until(lambda: (r := http_get(PORT, "/team", host="team.example",
+                                            address=ADDRESS)).status == 200 and r,
+                     what="the ListenerSet's route answering")
+    assert got.json()["pod"] == "echo-1"
+
+    def accepted() -> dict[str, Any]:
+        parents = mesh.status("HTTPRoute", "team", "team-route")["parents"]
+        return next(c for c in parents[0]["conditions"] if c["type"] == "Accepted")
+
+    wait_until(lambda: accepted()["status"] == "True", what="the route's status written")
+    assert accepted()["reason"] == "Accepted"

@@ -523,8 +523,10 @@ class _Translator:
                 "sectionName and port", []
         lis = [li for li in lis if li.valid]
         kind_ok = [li for li in lis if route.kind in li.supported_kinds]
+        # "Same" is the namespace of what declares the listener: a ListenerSet's own, not
+        # its parent Gateway's.
         ns_ok = [li for li in kind_ok if self._namespace_allowed(
-            li.spec.allowed_from, li.spec.allowed_selector, li.gateway.obj.namespace,
+            li.spec.allowed_from, li.spec.allowed_selector, li.owner.namespace,
             route.obj.namespace)]
         if not ns_ok:
             return False, "NotAllowedByListeners", \
