@@ -54,6 +54,11 @@ class EnvoyAdmin:
         except OSError:
             return False
 
+    def server_info(self) -> dict[str, Any]:
+        """Envoy's /server_info: its state, node, command line options."""
+        result: dict[str, Any] = json.loads(self.get("/server_info"))
+        return result
+
     def stats(self, prefix: str = "") -> dict[str, int]:
         """Counters and gauges by name (histograms and text readouts left out)."""
         body = self.get("/stats?format=json" + (f"&filter={prefix}" if prefix else ""))
