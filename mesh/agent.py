@@ -54,6 +54,7 @@ class AgentConfig:
     translator: TranslatorConfig = field(default_factory=TranslatorConfig)
     envoy_log_level: str = "warning"
     max_downstream_connections: int = 50_000
+    keep_envoy: bool = False  # a stop on purpose leaves Envoy serving, for the next agent
 
 
 def node_addresses() -> frozenset[str] | None:
@@ -218,6 +219,7 @@ class Agent:
         started = time.monotonic()
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.server.start()
+        on_purpose = True
         try:
             # The first full build comes before Envoy starts: it never sees a partial config.
             self.reload()
@@ -242,9 +244,17 @@ class Agent:
                     target = self.cfg.resources_file.resolve()
                     tg.create_task(self._watch(target), name="watch-resources")
                 tg.create_task(self._announce_ready(started), name="announce-ready")
+        except BaseException as e:
+            # A signal cancels the agent: a stop on purpose. Anything else is a crash, and a
+            # crash never takes Envoy along (the next agent adopts it).
+            on_purpose = isinstance(e, asyncio.CancelledError)
+            raise
         finally:
             if self.supervisor is not None:
-                await self.supervisor.stop()
+                if on_purpose and not self.cfg.keep_envoy:
+                    await self.supervisor.stop()
+                else:
+                    await self.supervisor.detach()
             await self.server.stop(grace=1.0)
 
     async def _announce_ready(self, started: float) -> None:

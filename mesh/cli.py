@@ -66,10 +66,13 @@ _state_dir_option = click.option(
               help="Envoy's global limit on downstream connections.")
 @click.option("--echo", "echo_address", metavar="HOST:PORT",
               help="Also run the project's echo backend there (for the demo).")
+@click.option("--keep-envoy", is_flag=True,
+              help="When stopped, leave Envoy serving its last configuration; the next "
+                   "`mesh run` with this --state-dir adopts it.")
 def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         controller_name: str, node_id: str, state_dir: Path, xds_address: str | None,
         admin_address: str | None, protocol: str, envoy_log_level: str, max_connections: int,
-        echo_address: str | None) -> None:
+        echo_address: str | None, keep_envoy: bool) -> None:
     """Run the node agent and the node's Envoy."""
     import ipaddress
 
@@ -95,6 +98,7 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
             resources_file=resources_file,
             envoy_log_level=envoy_log_level,
             max_downstream_connections=max_connections,
+            keep_envoy=keep_envoy,
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from e
