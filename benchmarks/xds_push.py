@@ -25,10 +25,13 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf.message import Message
 
 from mesh.echo import EchoServer
-from mesh.testbed import Harness, http_get
 from meshxds import resources as r
 from meshxds import types
 from meshxds.cache import Resource
+
+# The test bed is development tooling under tests/, not part of the product's package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.testbed import Harness, http_get
 
 CLUSTERS = 100
 HOSTS = 100

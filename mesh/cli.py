@@ -14,7 +14,7 @@ import click
 import yaml
 
 from mesh import logs
-from mesh.gateway.translate import DEFAULT_CONTROLLER
+from mesh.translate.config import DEFAULT_CONTROLLER
 
 
 def _default_state_dir() -> Path:
@@ -76,9 +76,11 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
     """Run the node agent and the node's Envoy."""
     import ipaddress
 
-    from mesh.agent import Agent, AgentConfig, run_until_signalled
+    from mesh.agent.agent import Agent
+    from mesh.agent.config import AgentConfig
+    from mesh.agent.signals import run_until_signalled
     from mesh.echo import EchoServer
-    from mesh.gateway.translate import TranslatorConfig
+    from mesh.translate.config import TranslatorConfig
     from meshxds.server import ListenAddress
 
     if manifests is not None and resources_file is not None:
@@ -107,7 +109,7 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         host, _, port = echo_address.rpartition(":")
         echo = EchoServer(host, int(port)).start()
     try:
-        asyncio.run(run_until_signalled(Agent(cfg)))
+        run_until_signalled(Agent(cfg))
     finally:
         if echo is not None:
             echo.stop()
@@ -215,33 +217,13 @@ def _summary(status: dict[str, Any]) -> tuple[str, str, str]:
     return state("Accepted"), state("Programmed"), problems[0] if problems else ""
 
 
-@main.command()
-@click.argument("patterns", nargs=-1)
-@click.option("--data", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="Conformance data (default: ../shared/conformance/gateway-api-v1.6.1).")
-@click.option("--report", "report_path", type=click.Path(path_type=Path),
-              help="Also write the report in the upstream format (ConformanceReport YAML).")
-def conformance(patterns: tuple[str, ...], data: Path | None, report_path: Path | None) -> None:
-    """Run the Gateway API conformance tests whose names contain PATTERNS (default: all)."""
-    from mesh.conformance.profiles import upstream_report
-    from mesh.conformance.runner import report, run
-
-    results = run(list(patterns), log=click.echo, data=data)
-    click.echo(report(results))
-    if report_path is not None:
-        report_path.write_text(upstream_report(results))
-        click.echo(f"upstream-format report written to {report_path}")
-    if any(r.outcome == "FAIL" for r in results):
-        sys.exit(1)
-
-
 @main.command("bootstrap")
 @click.option("--node-id", default=socket.gethostname, show_default="host name")
 @_state_dir_option
 @click.option("--protocol", type=click.Choice(["delta", "sotw"]), default="delta")
 def bootstrap_cmd(node_id: str, state_dir: Path, protocol: str) -> None:
     """Print the bootstrap the agent gives its Envoy."""
-    from mesh.bootstrap import BootstrapConfig, bootstrap
+    from mesh.envoy.bootstrap import BootstrapConfig, bootstrap
     from meshxds.server import ListenAddress
 
     cfg = BootstrapConfig(

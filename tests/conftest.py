@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import pytest
 
 from mesh.echo import EchoIdentity, EchoServer
-from mesh.testbed import Harness
+from tests.testbed import Harness
 
 
 @pytest.fixture

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mesh.bootstrap import BootstrapConfig, bootstrap
 from mesh.echo import EchoServer
-from mesh.envoy_supervisor import Backoff, EnvoySupervisor
-from mesh.testbed import Harness, http_get, wait_until
+from mesh.envoy.bootstrap import BootstrapConfig, bootstrap
+from mesh.envoy.supervisor import Backoff, EnvoySupervisor
 from meshxds.server import ListenAddress
 from tests.test_xds_envoy import config, pod
+from tests.testbed import Harness, http_get, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from mesh.conformance.profiles import upstream_report
-from mesh.conformance.runner import NOT_APPLICABLE, report, run
-from mesh.conformance.suite import DEFAULT_DATA
+from tests.conformance.profiles import upstream_report
+from tests.conformance.runner import NOT_APPLICABLE, report, run
+from tests.conformance.suite import DEFAULT_DATA
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 
 from mesh.echo import EchoIdentity, EchoServer
-from mesh.envoy_admin import EnvoyAdmin
-from mesh.envoy_supervisor import proc_start_time
-from mesh.testbed import http_get, wait_until
+from mesh.envoy.admin import EnvoyAdmin
+from mesh.envoy.supervisor import proc_start_time
 from meshxds.server import ListenAddress
 from tests.test_gateway_agent import GATEWAY, route, service
+from tests.testbed import http_get, wait_until
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent

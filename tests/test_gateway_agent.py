@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from mesh.echo import EchoIdentity, EchoServer
-from mesh.testbed import http_get, wait_until
+from tests.testbed import http_get, wait_until
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,7 +222,7 @@ def test_ingress_served_over_http_and_https(tmp_path: Path) -> None:
     import socket
     import ssl
 
-    from mesh.conformance.certs import self_signed
+    from tests.conformance.certs import self_signed
 
     cert, key = self_signed(["shop.example"], "shop")
     echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="shop-1")).start()
@@ -301,7 +301,7 @@ def test_client_certificates_checked_at_the_gateway(tmp_path: Path) -> None:
     import socket
     import ssl
 
-    from mesh.conformance.certs import client_certificate, self_signed
+    from tests.conformance.certs import client_certificate, self_signed
 
     server_cert, server_key = self_signed(["secure.example"], "server")
     ca1, cert1, key1 = client_certificate("client-one")

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from mesh.echo import EchoIdentity, EchoServer
-from mesh.testbed import Reply, http_get, wait_until
+from tests.testbed import Reply, http_get, wait_until
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent

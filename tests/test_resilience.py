@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from mesh.bootstrap import Protocol
 from mesh.echo import EchoServer
-from mesh.testbed import Harness, SteadyLoad, http_get, wait_until
+from mesh.envoy.bootstrap import Protocol
 from meshxds.acks import AckState
 from meshxds.cache import SnapshotCache
 from tests.test_xds_envoy import config, pod
+from tests.testbed import Harness, SteadyLoad, http_get, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
               pytest.mark.parametrize("protocol", ["sotw", "delta"])]

@@ -16,11 +16,14 @@ import pytest
 import yaml
 from google.protobuf import json_format
 
-from mesh.gateway.translate import Translation, translate
-from mesh.k8s import ObjectKey
 from mesh.providers.files import FileProvider
+from mesh.sinks.envoy.translate import EnvoyCache, to_envoy
+from mesh.store.kinds import GATEWAY
+from mesh.store.objects import ObjectKey, parse_object
+from mesh.store.store import Store, StoreSnapshot
+from mesh.translate import Translation, TranslationMemo, TranslatorConfig, translate
+from mesh.translate.status import GatewayStatus
 from meshxds import types
-from meshxds.translate import EnvoyCache, to_envoy
 
 GOLDEN = Path(__file__).parent / "golden" / "translate"
 CASES = sorted(p.stem for p in GOLDEN.glob("*.yaml"))
@@ -53,16 +56,22 @@ def stages(translation: Translation) -> dict[str, Any]:
         "envoy": {"resources": resources,
                   "owned": {str(k): sorted(f"{types.SHORT_NAMES[t]}/{n}" for t, n in v)
                             for k, v in sorted(envoy.owned.items())}},
-        "status": {str(k): v for k, v in sorted(translation.status.items())},
+        "status": {str(k): v.to_kubernetes() for k, v in sorted(translation.status.items())},
     }
+
+
+def load(directory: Path) -> StoreSnapshot:
+    store = Store()
+    FileProvider(directory, store, clock=lambda: 0.0).load()
+    return store.snapshot()
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_translation_matches_golden_files(case: str, tmp_path: Path) -> None:
     shutil.copy(GOLDEN / f"{case}.yaml", tmp_path / "input.yaml")
-    state = FileProvider(tmp_path, clock=lambda: 0.0).load()
-    assert state.errors == {}
-    got = stages(translate(state.snapshot))
+    snapshot = load(tmp_path)
+    assert dict(snapshot.errors) == {}
+    got = stages(translate(snapshot))
     expected_dir = GOLDEN / "expected"
     for stage, data in got.items():
         path = expected_dir / f"{case}.{stage}.yaml"
@@ -76,17 +85,16 @@ def test_translation_matches_golden_files(case: str, tmp_path: Path) -> None:
 def test_translation_is_deterministic(tmp_path: Path) -> None:
     for case in CASES:
         shutil.copy(GOLDEN / f"{case}.yaml", tmp_path / f"{case}.yaml")
-    snapshot = FileProvider(tmp_path, clock=lambda: 0.0).load().snapshot
+    snapshot = load(tmp_path)
     assert stages(translate(snapshot)) == stages(translate(snapshot))
 
 
 def test_cached_translation_equals_a_fresh_one(tmp_path: Path) -> None:
     """The agent reuses unchanged routes' outcomes: after any sequence of edits the result
     must be what a translation from scratch gives."""
-    from mesh.gateway.translate import TranslationCache
-
-    provider = FileProvider(tmp_path, clock=lambda: 0.0)
-    cache = TranslationCache()
+    store = Store()
+    provider = FileProvider(tmp_path, store, clock=lambda: 0.0)
+    cache = TranslationMemo()
     for case in CASES:
         shutil.copy(GOLDEN / f"{case}.yaml", tmp_path / f"{case}.yaml")
     steps: list[Callable[[], object]] = [
@@ -104,8 +112,9 @@ def test_cached_translation_equals_a_fresh_one(tmp_path: Path) -> None:
     envoy_cache = EnvoyCache()
     for step in steps:
         step()
-        snapshot = provider.load().snapshot
-        translation = translate(snapshot, cache=cache)
+        provider.load()
+        snapshot = store.snapshot()
+        translation = translate(snapshot, memo=cache)
         assert stages(translation) == stages(translate(snapshot))
         # The xDS translator's own cache gives the same bytes as a conversion from scratch.
         cached_bytes = [m.SerializeToString(deterministic=True)
@@ -116,12 +125,34 @@ def test_cached_translation_equals_a_fresh_one(tmp_path: Path) -> None:
     assert cache.hits > 0
 
 
+def test_cached_translation_follows_content_not_generation() -> None:
+    """As an API server sends them: a Service's port changes and its generation does not
+    (core kinds have none). The memo must see the change, as a fresh translation does."""
+    docs = list(yaml.safe_load_all((GOLDEN / "http-basic.yaml").read_text()))
+
+    def snapshot(port: int) -> StoreSnapshot:
+        objects = []
+        for d in docs:
+            if d["kind"] == "Service":
+                d = {**d, "metadata": {**d["metadata"], "generation": 1},
+                     "spec": {**d["spec"], "ports": [{**p, "port": port}
+                                                     for p in d["spec"]["ports"]]}}
+            objects.append(parse_object(d))
+        return StoreSnapshot.of(objects)
+
+    memo = TranslationMemo()
+    before, after = snapshot(8080), snapshot(8081)
+    services = [o for o in after if o.kind == "Service"]
+    assert services and all(o.generation == 1 for o in services)
+    first = translate(before, memo=memo)
+    cached = translate(after, memo=memo)
+    assert stages(cached) == stages(translate(after))
+    assert stages(cached) != stages(first)
+
+
 def test_static_addresses_the_node_has_are_served_and_others_reported() -> None:
     """spec.addresses: served on those the node has (and loopback), the others named in
     Programmed=False AddressNotUsable; the Gateway stays Accepted."""
-    from mesh.gateway.translate import TranslatorConfig
-    from mesh.k8s import StoreSnapshot, parse_object
-
     docs = [
         {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
          "metadata": {"name": "mesh"}, "spec": {"controllerName": "mesh.dev/gateway-controller"}},
@@ -131,10 +162,15 @@ def test_static_addresses_the_node_has_are_served_and_others_reported() -> None:
                   "addresses": [{"value": "10.0.0.1"}, {"type": "IPAddress", "value": "10.9.9.9"},
                                 {"value": "127.0.0.5"}],
                   "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}},
+        # The node's facts, as the node provider puts them in the store.
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
+         "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}},
     ]
     snapshot = StoreSnapshot.of(parse_object(d) for d in docs)
-    out = translate(snapshot, TranslatorConfig(local_addresses=frozenset({"10.0.0.1"})))
-    gw = out.status[ObjectKey("Gateway", "default", "gw")]
+    out = translate(snapshot, TranslatorConfig(node_name="node-a"))
+    status = out.status[ObjectKey(GATEWAY.group, "Gateway", "default", "gw")]
+    assert isinstance(status, GatewayStatus)
+    gw = status.to_kubernetes()
     assert [a["value"] for a in gw["addresses"]] == ["10.0.0.1", "127.0.0.5"]
     conds = {c["type"]: c for c in gw["conditions"]}
     assert conds["Accepted"]["status"] == "True"

@@ -15,10 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh.echo import EchoServer
-from mesh.gateway.translate import DEFAULT_CONTROLLER, translate
-from mesh.k8s import KubeObject, ObjectKey, StoreSnapshot, parse_object
-from mesh.testbed import Harness, http_get, wait_until
-from meshxds.translate import to_envoy
+from mesh.sinks.envoy.translate import to_envoy
+from mesh.store import kinds
+from mesh.store.objects import KubeObject, ObjectKey, parse_object
+from mesh.store.store import StoreSnapshot
+from mesh.translate import DEFAULT_CONTROLLER, translate
+from mesh.translate.status import ClassStatus, GatewayStatus
+from tests.testbed import Harness, http_get, wait_until
 
 GOLDEN = Path(__file__).parent / "golden" / "translate"
 DOCS = [d for p in sorted(GOLDEN.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text())
@@ -67,13 +70,13 @@ def mutated(draw: st.DrawFn) -> list[dict[str, Any]]:
 
 
 def _ours(snapshot: StoreSnapshot) -> list[Any]:
-    classes = {o.name for o in snapshot.of_kind("GatewayClass")
+    classes = {o.name for o in snapshot.of_kind(kinds.GATEWAY_CLASS)
                if o.spec.get("controllerName") == DEFAULT_CONTROLLER}
-    gateways = {(o.namespace, o.name) for o in snapshot.of_kind("Gateway")
+    gateways = {(o.namespace, o.name) for o in snapshot.of_kind(kinds.GATEWAY)
                 if isinstance(o.spec.get("gatewayClassName"), str)
                 and o.spec["gatewayClassName"] in classes}
-    out = [o for o in snapshot.of_kind("GatewayClass") if o.name in classes]
-    out += [o for o in snapshot.of_kind("Gateway") if (o.namespace, o.name) in gateways]
+    out = [o for o in snapshot.of_kind(kinds.GATEWAY_CLASS) if o.name in classes]
+    out += [o for o in snapshot.of_kind(kinds.GATEWAY) if (o.namespace, o.name) in gateways]
     return out
 
 
@@ -91,7 +94,8 @@ def test_mutations_never_crash_and_everything_of_ours_has_a_status(
     for obj in _ours(snapshot):
         status = translation.status.get(obj.key)
         assert status is not None, f"{obj.key} has no status"
-        assert status.get("conditions"), f"{obj.key} has no conditions"
+        assert isinstance(status, ClassStatus | GatewayStatus) and status.conditions, \
+            f"{obj.key} has no conditions"
 
 
 CONTROL = """

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from google.protobuf.message import Message
 
-from mesh.bootstrap import Protocol
 from mesh.echo import EchoServer
-from mesh.envoy_admin import EnvoyAdmin
-from mesh.testbed import Harness, SteadyLoad, http_get, wait_until
+from mesh.envoy.admin import EnvoyAdmin
+from mesh.envoy.bootstrap import Protocol
 from meshxds import resources as r
 from meshxds import types
 from meshxds.acks import AckState
+from tests.testbed import Harness, SteadyLoad, http_get, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("protocol", ["sotw", "delta"])]
 

@@ -1,2 +1,14 @@
-"""Providers turn the outside world (a directory of YAML, later the Kubernetes API) into
-objects in the store. Nothing else reads input."""
+"""Providers turn the outside world into Kubernetes objects in the store; nothing else reads
+input. Each is a component (`async run()`, cancelled to stop) with a `synced` event set once
+its first full read is in the store: the first translation waits for every provider's."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+
+class Provider(Protocol):
+    synced: asyncio.Event
+
+    async def run(self) -> None: ...

@@ -1,73 +1,68 @@
 """The directory provider: Kubernetes YAML or JSON files (multi-document, `kind: List`).
 
-Like the API server it gives each object a generation that grows when its spec changes, and a
-creation order. A file that does not parse, or holds an invalid object, is reported and its
-previously loaded objects are kept: an edit in progress never deletes anything.
+Each file is one source in the store. Like the API server it gives each object a generation
+that grows when its spec changes, and a creation order. Input is bounded (see
+`documents.Limits`): a document past a limit, or one that does not parse, is named with its
+number and refused; the file's other documents are applied; and the objects the file held
+before stay while any of its documents is bad, so an edit in progress never deletes anything.
+A document's text is its cache key: one change in a file of 10,000 routes parses one document.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import watchfiles
-import yaml
 
-from mesh.k8s import KINDS, KubeObject, ObjectError, ObjectKey, StoreSnapshot, parse_object
+from mesh.providers import documents
+from mesh.providers.documents import DocumentError, Limits
+from mesh.store.kinds import KINDS
+from mesh.store.objects import KubeObject, ObjectError, ObjectKey, content_hash, parse_object
+from mesh.store.store import Store
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".yaml", ".yml", ".json")
-# libyaml's parser where PyYAML has it: 20 times faster on large manifests.
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class FileError(ValueError):
-    pass
+@dataclass(frozen=True)
+class _Document:
+    """What one document's text came to: its objects (with their hashes), or an error."""
+
+    objects: tuple[tuple[KubeObject, str], ...] = ()  # (object, spec hash)
+    error: str | None = None
 
 
-def parse_file(path: Path) -> list[KubeObject]:
-    """Every object of a kind the agent handles, or FileError for the whole file."""
-    try:
-        text = path.read_text()
-        if path.suffix == ".json":
-            docs = [json.loads(text)]
-        else:
-            docs = list(yaml.load_all(text, Loader=_LOADER))
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        raise FileError(f"{path}: {e}") from e
-    out: list[KubeObject] = []
-    for i, doc in enumerate(_flatten(docs)):
-        if doc is None:
-            continue
-        try:
-            obj = parse_object(doc, source=str(path))
-        except ObjectError as e:
-            raise FileError(f"{path}: document {i + 1}: {e}") from e
-        if obj.kind in KINDS:
-            out.append(obj)
-    return out
-
-
-def _flatten(docs: list[Any]) -> Iterator[Any]:
-    for doc in docs:
-        if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(
-                doc.get("items"), list):
-            yield from doc["items"]
-        else:
-            yield doc
-
-
-def _spec_hash(obj: KubeObject) -> str:
+def _spec_hash(body: Any) -> str:
     # What the API server counts as a spec change: everything but metadata and status.
-    body = {k: v for k, v in obj.body.items() if k not in ("metadata", "status")}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    kept = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+    return hashlib.blake2b(json.dumps(kept, sort_keys=True, default=str).encode(),
+                           digest_size=16).hexdigest()
+
+
+def _parse_document(text: str, source: str, json_file: bool, limits: Limits) -> _Document:
+    try:
+        docs = [documents.load_json(text, limits)] if json_file else documents.load_yaml(
+            text, limits)
+        out = []
+        for doc in docs:
+            for item in documents.flatten(doc):
+                if item is None:
+                    continue
+                obj = parse_object(item, source=source, body_hash=content_hash(item))
+                if obj.group_kind in KINDS:
+                    out.append((obj, _spec_hash(item)))
+        return _Document(tuple(out))
+    except (DocumentError, ObjectError) as e:
+        return _Document(error=str(e))
 
 
 def _created(obj: KubeObject, first_seen: float) -> float:
@@ -87,86 +82,112 @@ class _Tracked:
     spec_hash: str
     generation: int
     created: float
-    body: Any = None  # the parsed body last hashed: the same object needs no new hash
-    stamped: KubeObject | None = None  # handed out again while the body is the same
-
-
-@dataclass
-class DirectoryState:
-    snapshot: StoreSnapshot
-    errors: dict[str, str] = field(default_factory=dict)  # file -> message
+    stamped: KubeObject  # handed out again while the content is the same
 
 
 class FileProvider:
-    def __init__(self, directory: Path, clock: Callable[[], float] = time.time) -> None:
+    """Puts the objects of every manifest file under `directory` into `store`."""
+
+    def __init__(self, directory: Path, store: Store, clock: Callable[[], float] = time.time,
+                 limits: Limits = documents.DEFAULT_LIMITS) -> None:
         self.directory = directory
+        self.store = store
+        self.limits = limits
         self._clock = clock
-        self._files: dict[Path, list[KubeObject]] = {}
-        self._stats: dict[Path, tuple[int, int]] = {}  # (mtime_ns, size) when last parsed
-        self._errors: dict[str, str] = {}
+        self._stats: dict[Path, tuple[int, int]] = {}  # (mtime_ns, size) when last read
+        self._documents: dict[Path, dict[str, _Document]] = {}  # per file: text -> result
+        self._objects: dict[Path, dict[ObjectKey, KubeObject]] = {}  # last applied
         self._tracked: dict[ObjectKey, _Tracked] = {}
+        self.synced = asyncio.Event()  # set once the directory was read
 
     def _paths(self) -> list[Path]:
         return sorted(p for p in self.directory.rglob("*")
                       if p.suffix in SUFFIXES and p.is_file() and not p.name.startswith("."))
 
-    def load(self) -> DirectoryState:
-        """Read the directory again and return the resulting store."""
+    def load(self) -> bool:
+        """Read what changed in the directory into the store; whether the store changed."""
         paths = self._paths()
-        for gone in set(self._files) - set(paths):
-            del self._files[gone]
-            self._stats.pop(gone, None)
-            self._errors.pop(str(gone), None)
+        changed = False
+        for gone in set(self._stats) - set(paths):
+            del self._stats[gone]
+            self._documents.pop(gone, None)
+            self._objects.pop(gone, None)
+            changed = self.store.remove(str(gone)) or changed
         for path in paths:
             try:
                 st = path.stat()
                 stamp = (st.st_mtime_ns, st.st_size)
-                if self._stats.get(path) == stamp and path in self._files:
+                if self._stats.get(path) == stamp:
                     continue  # unchanged since it was last read
-                self._files[path] = parse_file(path)
+                changed = self._load_file(path, st.st_size) or changed
                 self._stats[path] = stamp
-                self._errors.pop(str(path), None)
             except FileNotFoundError:
                 continue  # removed while we looked: the next event drops it
-            except FileError as e:
-                if str(path) not in self._errors:
-                    log.error("manifest file rejected, keeping its last good objects",
-                              extra={"file": str(path), "error": str(e)})
-                self._errors[str(path)] = str(e)
-        return DirectoryState(self._merge(), dict(self._errors))
+        self._forget_deleted()
+        return changed
 
-    def _merge(self) -> StoreSnapshot:
+    def _load_file(self, path: Path, size: int) -> bool:
+        source = str(path)
+        errors: list[str] = []
         objects: dict[ObjectKey, KubeObject] = {}
-        now = self._clock()
-        for path, objs in sorted(self._files.items()):
-            for obj in objs:
-                if obj.key in objects:
-                    msg = f"{path}: {obj.key} is also defined in {objects[obj.key].source}"
-                    self._errors[str(path)] = msg
-                    continue
-                objects[obj.key] = self._stamp(obj, now)
-        for key in set(self._tracked) - set(objects):
-            del self._tracked[key]  # deleted: a new object of that name starts afresh
-        return StoreSnapshot(objects)
+        try:
+            if size > self.limits.file_bytes:  # not even read
+                raise DocumentError(f"file is {size} bytes, over the limit of "
+                                    f"{self.limits.file_bytes}")
+            text = documents.check_text(path.read_bytes(), self.limits)
+            json_file = path.suffix == ".json"
+            chunks = [text] if json_file else documents.split(text)
+            cache = self._documents.get(path, {})
+            fresh: dict[str, _Document] = {}
+            now = self._clock()
+            for i, chunk in enumerate(chunks):
+                doc = fresh.get(chunk) or cache.get(chunk) or _parse_document(
+                    chunk, source, json_file, self.limits)
+                fresh[chunk] = doc
+                if doc.error is not None:
+                    errors.append(f"document {i + 1}: {doc.error}")
+                for obj, spec_hash in doc.objects:
+                    if obj.key in objects:
+                        errors.append(f"document {i + 1}: {obj.key} is defined twice")
+                        continue
+                    objects[obj.key] = self._stamp(obj, spec_hash, now)
+            self._documents[path] = fresh
+        except (OSError, DocumentError) as e:
+            errors = [str(e)]
+            objects = {}
+        if errors:
+            # Keep what the file held before: the bad part may be an edit in progress of it.
+            for key, obj in self._objects.get(path, {}).items():
+                objects.setdefault(key, obj)
+            log.error("manifest file has errors, keeping its last good objects",
+                      extra={"file": source, "error": "; ".join(errors)})
+        self._objects[path] = objects
+        return self.store.replace(source, objects.values(),
+                                  {source: "; ".join(errors)} if errors else None)
 
-    def _stamp(self, obj: KubeObject, now: float) -> KubeObject:
+    def _forget_deleted(self) -> None:
+        live = {k for objs in self._objects.values() for k in objs}
+        for key in set(self._tracked) - live:
+            del self._tracked[key]  # deleted: a new object of that name starts afresh
+
+    def _stamp(self, obj: KubeObject, spec_hash: str, now: float) -> KubeObject:
         t = self._tracked.get(obj.key)
-        if t is not None and t.stamped is not None and (
-                t.body is obj.body or (t.stamped.source == obj.source and t.body == obj.body)):
-            # The same object as last time (also when its file was read again for another
-            # object's change): consumers can tell "unchanged" by identity.
+        if t is not None and t.stamped.body_hash == obj.body_hash and \
+                t.stamped.source == obj.source:
             return t.stamped
-        h = _spec_hash(obj)
         if t is None:
-            t = self._tracked[obj.key] = _Tracked(h, obj.generation, _created(obj, now))
-        elif t.spec_hash != h:
-            t.spec_hash, t.generation = h, max(t.generation + 1, obj.generation)
-        t.body = obj.body
+            t = self._tracked[obj.key] = _Tracked(spec_hash, obj.generation,
+                                                  _created(obj, now), obj)
+        elif t.spec_hash != spec_hash:
+            t.spec_hash, t.generation = spec_hash, max(t.generation + 1, obj.generation)
         t.stamped = replace(obj, generation=t.generation, created=t.created)
         return t.stamped
 
-    async def watch(self, on_change: Callable[[DirectoryState], object]) -> None:
-        """Call `on_change` after each burst of changes (debounced 100 ms)."""
+    async def run(self) -> None:
+        """Load the directory, then follow it (debounced 100 ms) until cancelled."""
+        self.load()
+        self.synced.set()
+
         def relevant(_change: watchfiles.Change, path: str) -> bool:
             return path.endswith(SUFFIXES)
 
@@ -174,8 +195,7 @@ class FileProvider:
         async for changes in watchfiles.awatch(self.directory, watch_filter=relevant,
                                                debounce=100, step=20):
             start = time.perf_counter()
-            state = self.load()
+            changed = self.load()
             log.info("manifests loaded", extra={
-                "changes": len(changes), "objects": len(state.snapshot),
+                "changes": len(changes), "changed": changed,
                 "ms": round((time.perf_counter() - start) * 1000, 1)})
-            on_change(state)

@@ -40,11 +40,12 @@ class ObjectKey(NamedTuple):
         return f"{kind} {self.namespace}/{self.name}" if self.namespace else f"{kind} {self.name}"
 
 
-def content_hash(body: Mapping[str, Any]) -> str:
-    """A hash of everything in `body` the translator can read: all but status and the
-    metadata the API server changes on its own."""
+def content_hash(body: Mapping[str, Any], with_status: bool = False) -> str:
+    """A hash of everything in `body` the translator can read: all but the metadata the
+    API server changes on its own, and the status unless the translator reads it (a
+    Node's addresses)."""
     meta = body.get("metadata")
-    kept: dict[str, Any] = {k: v for k, v in body.items() if k != "status"}
+    kept: dict[str, Any] = {k: v for k, v in body.items() if with_status or k != "status"}
     if isinstance(meta, Mapping):
         kept["metadata"] = {k: v for k, v in meta.items() if k not in _VOLATILE_METADATA}
     text = json.dumps(kept, sort_keys=True, default=str, separators=(",", ":"))

@@ -142,7 +142,8 @@ class GatewayStatus:
     of ListenerSets)."""
 
     conditions: Conditions = field(default_factory=_conditions)
-    listeners: list[ListenerStatus] = field(default_factory=list)
+    # None: refused before its listeners were looked at (the status lists none)
+    listeners: list[ListenerStatus] | None = field(default_factory=list)
     addresses: tuple[str, ...] | None = None  # IP addresses; None: not a Gateway's status
     attached_listener_sets: int | None = None
 
@@ -151,7 +152,8 @@ class GatewayStatus:
         if self.addresses is not None:
             out["addresses"] = [{"type": "IPAddress", "value": a} for a in self.addresses]
         out["conditions"] = self.conditions.to_kubernetes()
-        out["listeners"] = [li.to_kubernetes() for li in self.listeners]
+        if self.listeners is not None:
+            out["listeners"] = [li.to_kubernetes() for li in self.listeners]
         if self.attached_listener_sets is not None:
             out["attachedListenerSets"] = self.attached_listener_sets
         return out
@@ -207,6 +209,8 @@ def with_programmed(status: ObjectStatus, ok: bool, reason: str, message: str,
         conds = Conditions(status.conditions)
         if not conds.has(Type.PROGRAMMED):
             conds.put(programmed)
+        if status.listeners is None:
+            return replace(status, conditions=conds)
         listeners = []
         for li in status.listeners:
             lconds = Conditions(li.conditions)

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mesh.bootstrap import BootstrapConfig, bootstrap
-from mesh.envoy_admin import EnvoyAdmin
+from mesh.envoy.admin import EnvoyAdmin
+from mesh.envoy.bootstrap import BootstrapConfig, bootstrap
 
 log = logging.getLogger(__name__)
 envoy_log = logging.getLogger("envoy")

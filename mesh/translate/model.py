@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.k8s import GATEWAY_GROUP, KubeObject
+from mesh.store.kinds import GATEWAY_GROUP
+from mesh.store.objects import KubeObject
 
 
 class Invalid(ValueError):
@@ -33,6 +34,24 @@ def _str(v: Any, default: str = "") -> str:
 
 def _int(v: Any, default: int | None = None) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else default
+
+
+def _describe(v: Any) -> str:
+    kind = {str: "the string", float: "the number", bool: "the boolean", list: "a list",
+            dict: "a map"}.get(type(v), type(v).__name__)
+    return f"{kind} {v!r}" if isinstance(v, str | float | bool) else kind
+
+
+def _field_int(m: Mapping[str, Any], key: str, where: str,
+               default: int | None = None) -> int | None:
+    """An integer field, absent meaning `default`; any other type names the field (the
+    API server's schema would refuse the object, and the user needs to know where)."""
+    v = m.get(key)
+    if v is None:
+        return default
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    raise Invalid(f"{where}.{key} must be an integer, not {_describe(v)}")
 
 
 # -- references ------------------------------------------------------------------------------
@@ -67,7 +86,7 @@ def parse_parent_ref(raw: Any, default_ns: str) -> ParentRef:
         namespace=_str(m.get("namespace"), default_ns),
         name=m["name"],
         section_name=m.get("sectionName") if isinstance(m.get("sectionName"), str) else None,
-        port=_int(m.get("port")),
+        port=_field_int(m, "port", "parentRefs[]"),
     )
 
 
@@ -166,7 +185,7 @@ def parse_backend_object_ref(raw: Any, default_ns: str) -> BackendObjectRef:
         kind=_str(m.get("kind"), "Service"),
         namespace=_str(m.get("namespace"), default_ns),
         name=_str(m.get("name")),
-        port=_int(m.get("port")),
+        port=_field_int(m, "port", "backendRefs[]"),
     )
 
 
@@ -184,8 +203,8 @@ def parse_filter(raw: Any, default_ns: str) -> Filter:
             scheme=r.get("scheme") if isinstance(r.get("scheme"), str) else None,
             hostname=r.get("hostname") if isinstance(r.get("hostname"), str) else None,
             path=_path_modifier(r.get("path")),
-            port=_int(r.get("port")),
-            status_code=_int(r.get("statusCode"), 302) or 302,
+            port=_field_int(r, "port", "requestRedirect"),
+            status_code=_field_int(r, "statusCode", "requestRedirect", 302) or 302,
         ))
     if kind == "URLRewrite":
         r = _map(m.get("urlRewrite"))
@@ -234,7 +253,7 @@ class BackendRef:
 
 def parse_backend_ref(raw: Any, default_ns: str) -> BackendRef:
     m = _map(raw)
-    weight = _int(m.get("weight"), 1)
+    weight = _field_int(m, "weight", "backendRefs[]", 1)
     if weight is None or weight < 0:
         raise Invalid("backendRefs[].weight must be 0 or more")
     return BackendRef(
@@ -432,7 +451,7 @@ def parse_listener(raw: Any, default_ns: str) -> Listener:
         kinds = tuple(RouteGroupKind(_str(k.get("group"), GATEWAY_GROUP), _str(k.get("kind")))
                       for k in map(_map, _list(allowed.get("kinds"))))
     protocol = _str(m.get("protocol"))
-    port = _int(m.get("port"))
+    port = _field_int(m, "port", "listeners[]")
     if not _str(m.get("name")) or port is None:
         raise Invalid("listeners[] need a name and a port")
     return Listener(

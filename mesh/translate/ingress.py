@@ -13,21 +13,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh import ir
-from mesh.gateway import model
-from mesh.gateway.routes import Resolution, RouteBuilder
-from mesh.k8s import ObjectKey, StoreSnapshot
+from mesh.store import kinds
+from mesh.store.objects import ObjectKey
+from mesh.store.store import StoreSnapshot
+from mesh.translate import model
+from mesh.translate.gateway.routes import Resolution, RouteBuilder
+from mesh.translate.status import IngressStatus, ObjectStatus
 
 
 @dataclass
 class IngressResult:
     listeners: tuple[ir.Listener, ...] = ()
-    status: dict[ObjectKey, dict[str, Any]] = field(default_factory=dict)
+    status: dict[ObjectKey, ObjectStatus] = field(default_factory=dict)
     used_address: str | None = None
 
 
 def _our_classes(snapshot: StoreSnapshot, controller: str) -> tuple[set[str], str | None]:
     ours, default = set(), None
-    for obj in snapshot.of_kind("IngressClass"):
+    for obj in snapshot.of_kind(kinds.INGRESS_CLASS):
         if obj.spec.get("controller") == controller:
             ours.add(obj.name)
             if obj.annotations.get("ingressclass.kubernetes.io/is-default-class") == "true":
@@ -40,7 +43,7 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
     classes, default = _our_classes(snapshot, cfg.ingress_controller)
     ingresses = []
     result = IngressResult()
-    for obj in sorted(snapshot.of_kind("Ingress"), key=lambda o: (o.created, o.namespace,
+    for obj in sorted(snapshot.of_kind(kinds.INGRESS), key=lambda o: (o.created, o.namespace,
                                                                   o.name)):
         try:
             ing = model.parse_ingress(obj)
@@ -59,7 +62,7 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
     tls: list[tuple[tuple[str, ...], str, ObjectKey]] = []
     for ing in ingresses:
         obj = ing.obj
-        result.status[obj.key] = {"loadBalancer": {"ingress": [{"ip": address}]}}
+        result.status[obj.key] = IngressStatus((address,))
         for i, rule in enumerate(ing.rules):
             host = rule.host or "*"
             for j, p in enumerate(rule.paths):
@@ -73,7 +76,7 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
                                    ir.StringMatch("Prefix", "/"),
                                    f"{obj.namespace}/{obj.name}/default"))
         for tls_hosts, secret_name in ing.tls:
-            secret = snapshot.get("Secret", obj.namespace, secret_name)
+            secret = snapshot.get(kinds.SECRET, obj.namespace, secret_name)
             cert = routes.certificate(secret) if secret is not None else None
             if cert is not None:
                 tls.append((tls_hosts, cert, obj.key))
@@ -82,7 +85,7 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
     vhosts = []
     for host in sorted(hosts, key=lambda h: (h == "*", h.startswith("*"), h)):
         ordered = [r for _, r in sorted(hosts[host], key=lambda kr: kr[0])]
-        domains = (host,) if host == "*" else (host, f"{host}:80", f"{host}:443")
+        domains = (host,)
         vhosts.append(ir.VirtualHost(f"ingress/{host}", domains,
                                      tuple(ordered) + tuple(defaults[:1])))
     table = ir.RouteTable("ingress", tuple(vhosts), owners)

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from mesh.bootstrap import BootstrapConfig, Protocol
-from mesh.envoy_supervisor import Backoff, EnvoySupervisor
+from mesh.envoy.bootstrap import BootstrapConfig, Protocol
+from mesh.envoy.supervisor import Backoff, EnvoySupervisor
 from meshxds.acks import ResourceStatus
 from meshxds.cache import Resource, SnapshotCache
 from meshxds.server import ListenAddress, XdsServer

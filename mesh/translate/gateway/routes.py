@@ -13,9 +13,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mesh import ir
-from mesh.gateway import model
-from mesh.gateway.durations import parse_duration
-from mesh.k8s import GATEWAY_GROUP, KubeObject, ObjectKey, StoreSnapshot
+from mesh.store import kinds
+from mesh.store.kinds import GATEWAY_GROUP, GroupKind
+from mesh.store.objects import KubeObject, ObjectKey
+from mesh.store.store import StoreSnapshot
+from mesh.translate import model
+from mesh.translate.gateway.durations import parse_duration
+from mesh.translate.status import Reason
 
 _H2C = "kubernetes.io/h2c"
 _WS = "kubernetes.io/ws"
@@ -30,7 +34,7 @@ class Resolution:
     """What a route's references resolve to: the ResolvedRefs condition and the IR."""
 
     ok: bool = True
-    reason: str = "ResolvedRefs"
+    reason: str = Reason.RESOLVED_REFS
     message: str = "all references resolved"
     routes: list[tuple[tuple[Any, ...], ir.Route]] = field(default_factory=list)
     tls: list[ir.WeightedBackend] = field(default_factory=list)
@@ -85,13 +89,13 @@ class RouteBuilder:
         self._policy_winners: set[ObjectKey] = set()
         # Indexes built once per translation: routes refer to the same few Services often.
         self._services: dict[tuple[str, str], model.Service] = {
-            (o.namespace, o.name): model.parse_service(o) for o in snapshot.of_kind("Service")}
+            (o.namespace, o.name): model.parse_service(o) for o in snapshot.of_kind(kinds.SERVICE)}
         self._slices: dict[tuple[str, str], list[model.EndpointSlice]] = {}
-        for o in snapshot.of_kind("EndpointSlice"):
+        for o in snapshot.of_kind(kinds.ENDPOINT_SLICE):
             es = model.parse_endpoint_slice(o)
             self._slices.setdefault((es.namespace, es.service), []).append(es)
         self._policies: dict[tuple[str, str], list[model.BackendTLSPolicy]] = {}
-        for o in sorted(snapshot.of_kind("BackendTLSPolicy"),
+        for o in sorted(snapshot.of_kind(kinds.BACKEND_TLS_POLICY),
                         key=lambda o: (o.created, o.namespace, o.name)):
             policy = model.parse_backend_tls_policy(o)
             for group, kind, name, _ in policy.targets:
@@ -184,24 +188,24 @@ class RouteBuilder:
                  grpc: bool) -> str | None:
         where = f"{ref.kind} {ref.namespace}/{ref.name}"
         if ref.group != "" or ref.kind != "Service":
-            res.fail("InvalidKind", f"backendRef {ref.group or 'core'}/{ref.kind} is not "
+            res.fail(Reason.INVALID_KIND, f"backendRef {ref.group or 'core'}/{ref.kind} is not "
                      "supported (only Services)")
             return None
         if ref.namespace != route.namespace and not self._granted(
                 route.kind, route.namespace, "Service", ref.namespace, ref.name):
-            res.fail("RefNotPermitted", f"no ReferenceGrant in {ref.namespace} allows "
+            res.fail(Reason.REF_NOT_PERMITTED, f"no ReferenceGrant in {ref.namespace} allows "
                      f"{route.kind}s from {route.namespace} to use {where}")
             return None
         svc = self._services.get((ref.namespace, ref.name))
         if svc is None:
-            res.fail("BackendNotFound", f"{where} does not exist")
+            res.fail(Reason.BACKEND_NOT_FOUND, f"{where} does not exist")
             return None
         port = next((p for p in svc.ports if p.port == ref.port), None)
         if ref.port is None or port is None:
-            res.fail("BackendNotFound", f"{where} has no port {ref.port}")
+            res.fail(Reason.BACKEND_NOT_FOUND, f"{where} has no port {ref.port}")
             return None
         if port.app_protocol not in _KNOWN_APP_PROTOCOLS:
-            res.fail("UnsupportedProtocol", f"{where} port {port.port} has appProtocol "
+            res.fail(Reason.UNSUPPORTED_PROTOCOL, f"{where} port {port.port} has appProtocol "
                      f"{port.app_protocol}, which is not supported")
             return None
         tls = self._backend_tls(svc, port, res)
@@ -255,15 +259,16 @@ class RouteBuilder:
         ca: bytes | None = None
         for group, kind, name in policy.ca_refs:
             if group != "" or kind not in ("ConfigMap", "Secret"):
-                return None, ("InvalidKind", f"caCertificateRef {group}/{kind} {name} is not "
+                return None, (Reason.INVALID_KIND, f"caCertificateRef {group}/{kind} {name} is not "
                               "a ConfigMap or Secret")
-            data = model.ca_certificates(self.s.get(kind, policy.obj.namespace, name))
+            data = model.ca_certificates(self.s.get(GroupKind("", kind), policy.obj.namespace,
+                                                    name))
             if data is None:
-                return None, ("InvalidCACertificateRef",
+                return None, (Reason.INVALID_CA_CERTIFICATE_REF,
                               f"{kind} {name} holds no CA certificate in ca.crt")
             ca = (ca or b"") + data
         if ca is None and policy.well_known_ca != "System":
-            return None, ("InvalidCACertificateRef", "no CA certificate given")
+            return None, (Reason.INVALID_CA_CERTIFICATE_REF, "no CA certificate given")
         return ca, None
 
     def _backend_tls(self, svc: model.Service, port: model.ServicePort,
@@ -338,7 +343,7 @@ class RouteBuilder:
                                c.expose_headers, c.allow_credentials, c.max_age)
             else:
                 broken = True
-                res.fail("UnsupportedValue", f"filter {f.type} is not supported")
+                res.fail(Reason.UNSUPPORTED_VALUE, f"filter {f.type} is not supported")
         backends = []
         websocket = False
         for b in rule.backends:
@@ -352,7 +357,7 @@ class RouteBuilder:
             if rule.timeouts.backend_request is not None:
                 per_try = parse_duration(rule.timeouts.backend_request)
         except ValueError as e:
-            res.fail("UnsupportedValue", str(e))
+            res.fail(Reason.UNSUPPORTED_VALUE, str(e))
         retry = None
         if rule.retry is not None:
             backoff = None
@@ -360,7 +365,7 @@ class RouteBuilder:
                 try:
                     backoff = parse_duration(rule.retry.backoff)
                 except ValueError as e:
-                    res.fail("UnsupportedValue", str(e))
+                    res.fail(Reason.UNSUPPORTED_VALUE, str(e))
             attempts = rule.retry.attempts
             retry = ir.Retry(_DEFAULT_RETRY_ATTEMPTS if attempts is None else attempts,
                              rule.retry.codes, backoff)
@@ -464,10 +469,9 @@ class RouteBuilder:
             entries = hosts[host]
             vkey = (name, host, port)
             previous = self._previous_vhosts.get(vkey)
-            if previous is not None and len(previous[0]) == len(entries) and all(
-                    a is b for a, b in zip(previous[0], entries, strict=True)):
-                # The very same routes as last time: the same virtual host. At 10,000
-                # routes one change then costs one host's sort, not every host's.
+            if previous is not None and previous[0] == entries:
+                # The same routes as last time: the same virtual host. At 10,000 routes one
+                # change then costs one host's sort, not every host's.
                 _, vh, vh_owners = previous
             else:
                 ordered = [r for _, r in sorted(entries, key=lambda kr: kr[0])]
@@ -522,8 +526,7 @@ class RouteBuilder:
         vhosts = []
         for vh in old.virtual_hosts:
             routes = tuple(with_variants(r) for r in vh.routes)
-            same = all(a is b for a, b in zip(routes, vh.routes, strict=True))
-            vhosts.append(vh if same else replace(vh, routes=routes))
+            vhosts.append(vh if routes == vh.routes else replace(vh, routes=routes))
         self._tables[table] = replace(old, virtual_hosts=tuple(vhosts))
 
     def put_table(self, table: ir.RouteTable) -> None:

@@ -24,19 +24,20 @@ from typing import Any
 
 import yaml
 
-from mesh.conformance import judge
-from mesh.conformance.backends import Backends
-from mesh.conformance.certs import (
+from mesh.store.kinds import KINDS, GroupKind
+from mesh.store.objects import group_of
+from mesh.translate.config import DEFAULT_CONTROLLER
+from tests.conformance import judge
+from tests.conformance.backends import Backends
+from tests.conformance.certs import (
     backend_client_secret,
     ca_config_map,
     client_validation_objects,
     mismatch_ca_config_map,
     suite_secrets,
 )
-from mesh.conformance.expectations import CHANGES, EXPECTATIONS, Change, Expect
-from mesh.conformance.suite import ConformanceTest, Suite
-from mesh.gateway.translate import DEFAULT_CONTROLLER
-from mesh.k8s import KINDS
+from tests.conformance.expectations import CHANGES, EXPECTATIONS, Change, Expect
+from tests.conformance.suite import ConformanceTest, Suite
 
 INFRA_NS = "gateway-conformance-infra"
 UNUSABLE_ADDRESS = "198.51.100.77"  # documentation range: on no node
@@ -311,7 +312,8 @@ class Runner:
         objects = [d for d in docs if d.get("kind") != "Deployment"]
         objects += self.backends.endpoint_slices(d for d in docs if d.get("kind") == "Service")
         # Kinds the agent does not handle (TCPRoute, UDPRoute...) never show in its status.
-        keys = [_objects_key(d) for d in objects if d.get("kind") in KINDS]
+        keys = [_objects_key(d) for d in objects if GroupKind(
+            group_of(str(d.get("apiVersion", ""))), str(d.get("kind", ""))) in KINDS]
         self._write("50-test.yaml", objects)
         try:
             self._wait_status(keys, present=True)

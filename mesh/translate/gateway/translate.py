@@ -10,17 +10,31 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mesh import ir
-from mesh.gateway import hostnames, model
-from mesh.gateway.conditions import condition
-from mesh.gateway.routes import Entry, Resolution, RouteBuilder, VhostCache
-from mesh.k8s import GATEWAY_GROUP, KubeObject, ObjectKey, StoreSnapshot
-
-DEFAULT_CONTROLLER = "mesh.dev/gateway-controller"
-DEFAULT_INGRESS_CONTROLLER = "mesh.dev/ingress-controller"
+from mesh.store import kinds
+from mesh.store.kinds import GATEWAY_GROUP, GroupKind
+from mesh.store.objects import KubeObject, ObjectKey
+from mesh.store.store import StoreSnapshot
+from mesh.translate import model
+from mesh.translate.config import Translation, TranslatorConfig
+from mesh.translate.gateway import hostnames
+from mesh.translate.gateway.routes import Entry, Resolution, RouteBuilder, VhostCache
+from mesh.translate.status import (
+    ClassStatus,
+    Conditions,
+    GatewayStatus,
+    ListenerStatus,
+    ObjectStatus,
+    ParentStatus,
+    PolicyStatus,
+    Reason,
+    RouteStatus,
+    Type,
+    condition,
+)
 
 # Route kinds a listener protocol accepts, in the order status lists them.
 _KINDS_FOR_PROTOCOL: dict[str, tuple[str, ...]] = {
@@ -32,47 +46,24 @@ _KINDS_FOR_PROTOCOL: dict[str, tuple[str, ...]] = {
 _PORT_FAMILY = {"HTTP": "http", "HTTPS": "tls", "TLS": "tls", "TCP": "tcp", "UDP": "udp"}
 
 
-@dataclass(frozen=True)
-class TranslatorConfig:
-    controller_name: str = DEFAULT_CONTROLLER
-    ingress_controller: str = DEFAULT_INGRESS_CONTROLLER
-    address_pool: str = "127.0.100.0/24"
-    # The node's own addresses, which a Gateway's static addresses must be among (the
-    # loopback range always is); None: any address is taken as usable.
-    local_addresses: frozenset[str] | None = None
-
-    def usable(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address)
-        return self.local_addresses is None or ip.is_loopback or \
-            str(ip) in self.local_addresses
-
-
-@dataclass
-class Translation:
-    ir: ir.IR
-    status: dict[ObjectKey, dict[str, Any]]
-    # Gateway (or the Ingress address key) -> address, to keep them stable next time.
-    addresses: dict[str, str] = field(default_factory=dict)
-
-
 @dataclass
 class _RouteOutcome:
     """What one route came to: reusable while the route and its world stay the same."""
 
     obj: KubeObject
     route: model.Route
-    status: dict[str, Any] | None
+    status: RouteStatus | None
     # (listener key, hostnames, what the route adds to that listener's table)
     attachments: list[tuple[str, tuple[str, ...], Entry]]
     resolved: Resolution | None
 
 
-class TranslationCache:
-    """Route outcomes kept between translations by the caller (the agent).
+class TranslationMemo:
+    """Route outcomes kept between translations by the caller (the pipeline).
 
     With 10,000 routes one changed route should not cost 10,000 re-translations. An outcome
-    is reused only when the route object is the very same (same parsed body, same generation)
-    and nothing it can depend on changed: the fingerprint covers every object except routes,
+    is reused only when the route's content version is the same and nothing it can depend on
+    changed: the fingerprint holds the content version of every object except routes,
     Ingresses and EndpointSlices (endpoints are joined to backends afresh each time). The
     result is the same as a translation from scratch; the tests check that."""
 
@@ -84,15 +75,12 @@ class TranslationCache:
         self.misses = 0  # routes translated anew by the last translation
 
 
+_NOT_IN_WORLD = frozenset({kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE,
+                           kinds.ENDPOINT_SLICE, kinds.INGRESS})
+
+
 def _world(snapshot: StoreSnapshot, cfg: TranslatorConfig) -> tuple[Any, ...]:
-    parts = []
-    for o in snapshot:
-        if o.kind in ("HTTPRoute", "GRPCRoute", "TLSRoute", "EndpointSlice", "Ingress"):
-            continue
-        # Namespace labels feed allowedRoutes selectors and are not part of the spec.
-        labels = repr(sorted(o.labels.items())) if o.kind == "Namespace" else ""
-        parts.append((o.key, o.generation, o.created, labels))
-    parts.sort(key=lambda p: p[0])
+    parts = sorted((o.key, o.version) for o in snapshot if o.group_kind not in _NOT_IN_WORLD)
     return (cfg, *parts)
 
 
@@ -103,7 +91,7 @@ class _Listener:
     spec: model.Listener
     gateway: model.Gateway
     owner: KubeObject  # the Gateway or the ListenerSet that declares it
-    status: dict[str, Any]
+    status: ListenerStatus
     supported_kinds: tuple[str, ...]
     valid: bool = True
     attached: int = 0
@@ -116,26 +104,29 @@ class _Listener:
         return f"{self.owner.kind}/{self.owner.namespace}/{self.owner.name}/{self.spec.name}"
 
 
-def translate(snapshot: StoreSnapshot, cfg: TranslatorConfig = TranslatorConfig(),
+def translate(snapshot: StoreSnapshot, cfg: TranslatorConfig | None = None,
               previous_addresses: Mapping[str, str] | None = None,
-              cache: TranslationCache | None = None) -> Translation:
-    """The IR and status for `snapshot`. With `cache`, unchanged routes' outcomes from the
-    previous call are reused, and the cache is refilled for the next call."""
-    return _Translator(snapshot, cfg, dict(previous_addresses or {}), cache).run()
+              memo: TranslationMemo | None = None) -> Translation:
+    """The IR and status for `snapshot`. With `memo`, unchanged routes' outcomes from the
+    previous call are reused, and the memo is refilled for the next call."""
+    return _Translator(snapshot, cfg or TranslatorConfig(), dict(previous_addresses or {}),
+                       memo).run()
 
 
 class _Translator:
     def __init__(self, snapshot: StoreSnapshot, cfg: TranslatorConfig,
-                 previous: dict[str, str], cache: TranslationCache | None = None) -> None:
+                 previous: dict[str, str], cache: TranslationMemo | None = None) -> None:
         self.s = snapshot
         self.cfg = cfg
         self.cache = cache
         self.world = _world(snapshot, cfg) if cache is not None else ()
         self.outcomes: dict[ObjectKey, _RouteOutcome] = {}
         self.previous_addresses = previous
-        self.status: dict[ObjectKey, dict[str, Any]] = {}
-        self.namespaces = {o.name: o.labels for o in snapshot.of_kind("Namespace")}
-        self.grants = [model.parse_reference_grant(o) for o in snapshot.of_kind("ReferenceGrant")]
+        self.status: dict[ObjectKey, ObjectStatus] = {}
+        self.namespaces = {o.name: o.labels for o in snapshot.of_kind(kinds.NAMESPACE)}
+        self.grants = [model.parse_reference_grant(o)
+                       for o in snapshot.of_kind(kinds.REFERENCE_GRANT)]
+        self.local_addresses = _node_addresses(snapshot, cfg.node_name)
         self.routes = RouteBuilder(snapshot, self.grants,
                                    cache.vhosts if cache is not None else None)
         self.addresses: dict[str, str] = {}
@@ -154,7 +145,7 @@ class _Translator:
         self._gateway_status(gateways, listeners)
         self._policy_status()
         out_listeners = self._ir_listeners(listeners)
-        from mesh.gateway.ingress import translate_ingresses
+        from mesh.translate.ingress import translate_ingresses
 
         ingress = translate_ingresses(self.s, self.cfg, self.routes,
                                       lambda: self._allocate("ingress"))
@@ -180,33 +171,33 @@ class _Translator:
 
     def _gateway_classes(self) -> set[str]:
         ours = set()
-        for gc in self.s.of_kind("GatewayClass"):
+        for gc in self.s.of_kind(kinds.GATEWAY_CLASS):
             if gc.spec.get("controllerName") != self.cfg.controller_name:
                 continue
             ours.add(gc.name)
-            self.status[gc.key] = {"conditions": [
-                condition("Accepted", True, "Accepted", "accepted by " + self.cfg.controller_name,
-                          gc.generation),
-                condition("SupportedVersion", True, "SupportedVersion",
+            self.status[gc.key] = ClassStatus(Conditions([
+                condition(Type.ACCEPTED, True, Reason.ACCEPTED,
+                          "accepted by " + self.cfg.controller_name, gc.generation),
+                condition(Type.SUPPORTED_VERSION, True, Reason.SUPPORTED_VERSION,
                           "Gateway API v1.6", gc.generation),
-            ]}
+            ]))
         return ours
 
     # -- Gateways and their listeners ------------------------------------------------------
 
     def _gateways(self, classes: set[str]) -> list[model.Gateway]:
         out = []
-        for obj in self.s.of_kind("Gateway"):
+        for obj in self.s.of_kind(kinds.GATEWAY):
             class_name = obj.spec.get("gatewayClassName")
             if not isinstance(class_name, str) or class_name not in classes:
                 continue
             try:
                 out.append(model.parse_gateway(obj))
             except model.Invalid as e:
-                self.status[obj.key] = {"conditions": [
-                    condition("Accepted", False, "Invalid", str(e), obj.generation),
-                    condition("Programmed", False, "Invalid", str(e), obj.generation),
-                ]}
+                self.status[obj.key] = GatewayStatus(Conditions([
+                    condition(Type.ACCEPTED, False, Reason.INVALID, str(e), obj.generation),
+                    condition(Type.PROGRAMMED, False, Reason.INVALID, str(e), obj.generation),
+                ]), listeners=None)
         return out
 
     def _listeners(self, gateways: list[model.Gateway]) -> list[_Listener]:
@@ -215,7 +206,7 @@ class _Translator:
         for g in gateways:
             listeners += [self._new_listener(x, g, g.obj) for x in g.listeners]
         # ListenerSets join their parent's listeners, after them and oldest first.
-        sets = sorted(self.s.of_kind("ListenerSet", "XListenerSet"),
+        sets = sorted(self.s.of_kind(kinds.LISTENER_SET, kinds.X_LISTENER_SET),
                       key=lambda o: (o.created, o.namespace, o.name))
         for obj in sets:
             self._listener_set(obj, by_gateway, listeners)
@@ -227,8 +218,9 @@ class _Translator:
         try:
             ls = model.parse_listener_set(obj)
         except model.Invalid as e:
-            self.status[obj.key] = {"conditions": [
-                condition("Accepted", False, "Invalid", str(e), obj.generation)]}
+            self.status[obj.key] = GatewayStatus(Conditions([
+                condition(Type.ACCEPTED, False, Reason.INVALID, str(e), obj.generation)]),
+                listeners=None)
             return
         g = gateways.get((ls.parent.namespace, ls.parent.name))
         if g is None:
@@ -239,11 +231,12 @@ class _Translator:
         if not allowed:
             msg = f"Gateway {g.obj.namespace}/{g.obj.name} does not allow ListenerSets from " \
                   f"namespace {obj.namespace}"
-            self.status[obj.key] = {"conditions": [
-                condition("Accepted", False, "NotAllowed", msg, obj.generation),
-                condition("Programmed", False, "NotAllowed", msg, obj.generation)]}
+            self.status[obj.key] = GatewayStatus(Conditions([
+                condition(Type.ACCEPTED, False, Reason.NOT_ALLOWED, msg, obj.generation),
+                condition(Type.PROGRAMMED, False, Reason.NOT_ALLOWED, msg, obj.generation)]),
+                listeners=None)
             return
-        self.status[obj.key] = {"conditions": [], "listeners": []}
+        self.status[obj.key] = GatewayStatus()
         self._listener_set_parents[obj.key] = g.obj.key
         listeners += [self._new_listener(x, g, obj) for x in ls.listeners]
 
@@ -251,25 +244,24 @@ class _Translator:
                       owner: KubeObject) -> _Listener:
         default = _KINDS_FOR_PROTOCOL.get(spec.protocol, ())
         if spec.allowed_kinds is None:
-            kinds = default
+            route_kinds = default
         else:
-            kinds = tuple(k.kind for k in spec.allowed_kinds
-                          if k.group == GATEWAY_GROUP and k.kind in default)
-        conds: list[dict[str, Any]] = []
-        status = {"name": spec.name, "supportedKinds": [
-            {"group": GATEWAY_GROUP, "kind": k} for k in kinds], "attachedRoutes": 0,
-            "conditions": conds}
-        li = _Listener(spec, g, owner, status, kinds)
+            route_kinds = tuple(k.kind for k in spec.allowed_kinds
+                                if k.group == GATEWAY_GROUP and k.kind in default)
+        status = ListenerStatus(spec.name, tuple((GATEWAY_GROUP, k) for k in route_kinds))
+        conds = status.conditions
+        li = _Listener(spec, g, owner, status, route_kinds)
         gen = owner.generation
         if spec.protocol not in _KINDS_FOR_PROTOCOL:
             li.valid = False
-            conds.append(condition("Accepted", False, "UnsupportedProtocol",
+            conds.append(condition(Type.ACCEPTED, False, Reason.UNSUPPORTED_PROTOCOL,
                                    f"protocol {spec.protocol} is not supported", gen))
-        if spec.allowed_kinds is not None and len(kinds) != len(spec.allowed_kinds):
-            bad = [f"{k.group}/{k.kind}" for k in spec.allowed_kinds if k.kind not in kinds]
+        if spec.allowed_kinds is not None and len(route_kinds) != len(spec.allowed_kinds):
+            bad = [f"{k.group}/{k.kind}" for k in spec.allowed_kinds
+                   if k.kind not in route_kinds]
             # The supported kinds still attach; only a listener left with none is invalid.
-            li.valid = bool(kinds)
-            conds.append(condition("ResolvedRefs", False, "InvalidRouteKinds",
+            li.valid = bool(route_kinds)
+            conds.append(condition(Type.RESOLVED_REFS, False, Reason.INVALID_ROUTE_KINDS,
                                    f"route kinds not supported here: {', '.join(bad)}", gen))
         if spec.protocol in ("HTTPS", "TLS"):
             self._listener_tls(li)
@@ -279,26 +271,26 @@ class _Translator:
         spec, gen = li.spec, li.owner.generation
         if spec.protocol == "HTTPS" and spec.tls_mode == "Passthrough":
             li.valid = False
-            li.status["conditions"].append(condition(
-                "Accepted", False, "UnsupportedValue",
+            li.status.conditions.append(condition(
+                Type.ACCEPTED, False, Reason.UNSUPPORTED_VALUE,
                 "HTTPS listeners terminate TLS; use a TLS listener for passthrough", gen))
             return
         if spec.tls_mode == "Passthrough":
             return
         if not spec.certificate_refs:
             li.valid = False
-            li.status["conditions"].append(condition(
-                "ResolvedRefs", False, "InvalidCertificateRef",
+            li.status.conditions.append(condition(
+                Type.RESOLVED_REFS, False, Reason.INVALID_CERTIFICATE_REF,
                 "a listener that terminates TLS needs certificateRefs", gen))
             return
         certs = []
         for ref in spec.certificate_refs:
             found = self._certificate_secret(ref, li.owner, "certificateRef",
-                                             "InvalidCertificateRef")
+                                             Reason.INVALID_CERTIFICATE_REF)
             if isinstance(found, tuple):
                 li.valid = False
-                li.status["conditions"].append(
-                    condition("ResolvedRefs", False, found[0], found[1], gen))
+                li.status.conditions.append(
+                    condition(Type.RESOLVED_REFS, False, found[0], found[1], gen))
                 return
             certs.append(found)
         li.certificates = tuple(certs)
@@ -319,31 +311,31 @@ class _Translator:
         for ref in validation.ca_refs:
             where = f"{ref.kind} {ref.namespace}/{ref.name}"
             if ref.group != "" or ref.kind not in ("ConfigMap", "Secret"):
-                problems.append(("InvalidCACertificateKind", f"caCertificateRef {where}: "
+                problems.append((Reason.INVALID_CA_CERTIFICATE_KIND, f"caCertificateRef {where}: "
                                  "only ConfigMaps and Secrets can hold CA certificates"))
                 continue
             if ref.namespace != g.obj.namespace and not self._granted(
                     "Gateway", g.obj.namespace, "", ref.kind, ref.namespace, ref.name):
-                problems.append(("RefNotPermitted", f"caCertificateRef {where}: no "
+                problems.append((Reason.REF_NOT_PERMITTED, f"caCertificateRef {where}: no "
                                  f"ReferenceGrant in {ref.namespace} allows it"))
                 continue
-            obj = self.s.get(ref.kind, ref.namespace, ref.name)
+            obj = self.s.get(GroupKind("", ref.kind), ref.namespace, ref.name)
             data = model.ca_certificates(obj)
             if obj is None:
-                problems.append(("InvalidCACertificateRef",
+                problems.append((Reason.INVALID_CA_CERTIFICATE_REF,
                                  f"caCertificateRef {where} does not exist"))
             elif data is None:
-                problems.append(("InvalidCACertificateRef",
+                problems.append((Reason.INVALID_CA_CERTIFICATE_REF,
                                  f"caCertificateRef {where} holds no CA certificate in ca.crt"))
             else:
                 bundle += data
-        conds = li.status["conditions"]
+        conds = li.status.conditions
         if problems:
-            conds.append(condition("ResolvedRefs", False, problems[0][0],
+            conds.append(condition(Type.RESOLVED_REFS, False, problems[0][0],
                                    "; ".join(p[1] for p in problems), gen))
         if not bundle:
             li.valid = False
-            conds.append(condition("Accepted", False, "NoValidCACertificate",
+            conds.append(condition(Type.ACCEPTED, False, Reason.NO_VALID_CA_CERTIFICATE,
                                    "no usable CA certificate to validate clients with"
                                    if validation.ca_refs else "caCertificateRefs is empty",
                                    gen))
@@ -372,19 +364,20 @@ class _Translator:
                 if first_family is not None and family != first_family:
                     li.valid = False
                     msg = f"port {li.spec.port} is already used with another protocol"
-                    conds = li.status["conditions"]
-                    conds[:] = [c for c in conds if c["type"] != "Accepted"]
-                    conds += [condition("Accepted", False, "ProtocolConflict", msg, gen),
-                              condition("Conflicted", True, "ProtocolConflict", msg, gen),
-                              condition("Programmed", False, "ProtocolConflict", msg, gen)]
+                    conds = li.status.conditions
+                    conds[:] = [c for c in conds if c.type != Type.ACCEPTED]
+                    conds += [
+                        condition(Type.ACCEPTED, False, Reason.PROTOCOL_CONFLICT, msg, gen),
+                        condition(Type.CONFLICTED, True, Reason.PROTOCOL_CONFLICT, msg, gen),
+                        condition(Type.PROGRAMMED, False, Reason.PROTOCOL_CONFLICT, msg, gen)]
                     continue
                 if li.spec.protocol not in _KINDS_FOR_PROTOCOL:
                     continue
                 host_key = (family, li.spec.hostname)
                 if host_key in hostnames_seen:
                     li.valid = False
-                    li.status["conditions"].append(condition(
-                        "Conflicted", True, "HostnameConflict",
+                    li.status.conditions.append(condition(
+                        Type.CONFLICTED, True, Reason.HOSTNAME_CONFLICT,
                         f"another listener on port {li.spec.port} has hostname "
                         f"{li.spec.hostname or '(none)'}", gen))
                     continue
@@ -427,12 +420,11 @@ class _Translator:
         # Outcomes are reusable only if nothing a route can depend on changed.
         previous = self.cache.routes if self.cache is not None and \
             self.cache.world == self.world else {}
-        objs = sorted(self.s.of_kind("HTTPRoute", "GRPCRoute", "TLSRoute"),
+        objs = sorted(self.s.of_kind(kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE),
                       key=lambda o: (o.created, o.namespace, o.name))
         for obj in objs:
             old = previous.get(obj.key)
-            if old is not None and old.obj.body is obj.body \
-                    and old.obj.generation == obj.generation:
+            if old is not None and old.obj.version == obj.version:
                 self._reuse(old, by_key)
                 continue
             if self.cache is not None:
@@ -457,12 +449,11 @@ class _Translator:
                 continue
             if ref.kind == "Gateway" and (ref.namespace, ref.name) not in ours:
                 continue
-            parents.append({"parentRef": ref.describe(),
-                            "controllerName": self.cfg.controller_name,
-                            "conditions": [condition("Accepted", False, "UnsupportedValue",
-                                                     message, obj.generation)]})
+            parents.append(ParentStatus(ref.describe(), self.cfg.controller_name, Conditions([
+                condition(Type.ACCEPTED, False, Reason.UNSUPPORTED_VALUE, message,
+                          obj.generation)])))
         if parents:
-            self.status[obj.key] = {"parents": parents}
+            self.status[obj.key] = RouteStatus(parents)
 
     def _reuse(self, old: _RouteOutcome, by_key: dict[str, _Listener]) -> None:
         assert self.cache is not None
@@ -496,17 +487,15 @@ class _Translator:
                 route, ref, candidates or [])
             if resolved is None:
                 resolved = self.routes.resolve(route)
-            conds = [condition("Accepted", accepted, reason, message, gen)]
-            conds.append(condition("ResolvedRefs", resolved.ok, resolved.reason,
-                                   resolved.message, gen))
-            parents.append({"parentRef": ref.describe(),
-                            "controllerName": self.cfg.controller_name,
-                            "conditions": conds})
+            conds = Conditions([condition(Type.ACCEPTED, accepted, reason, message, gen),
+                                condition(Type.RESOLVED_REFS, resolved.ok, resolved.reason,
+                                          resolved.message, gen)])
+            parents.append(ParentStatus(ref.describe(), self.cfg.controller_name, conds))
             for li, names in attached:
                 li.attached += 1
                 attachments.append((li.key, names, self.routes.add(
                     route, li.key, names, resolved, li.spec.port)))
-        status = {"parents": parents} if parents else None
+        status = RouteStatus(parents) if parents else None
         if status is not None:
             self.status[route.obj.key] = status
         self.outcomes[route.obj.key] = _RouteOutcome(
@@ -519,7 +508,7 @@ class _Translator:
                if (ref.section_name is None or li.spec.name == ref.section_name)
                and (ref.port is None or li.spec.port == ref.port)]
         if not lis:
-            return False, "NoMatchingParent", "no listener matches the parentRef's " \
+            return False, Reason.NO_MATCHING_PARENT, "no listener matches the parentRef's " \
                 "sectionName and port", []
         lis = [li for li in lis if li.valid]
         kind_ok = [li for li in lis if route.kind in li.supported_kinds]
@@ -529,7 +518,7 @@ class _Translator:
             li.spec.allowed_from, li.spec.allowed_selector, li.owner.namespace,
             route.obj.namespace)]
         if not ns_ok:
-            return False, "NotAllowedByListeners", \
+            return False, Reason.NOT_ALLOWED_BY_LISTENERS, \
                 f"no listener allows a {route.kind} from namespace {route.obj.namespace}", []
         attached = []
         for li in ns_ok:
@@ -537,9 +526,9 @@ class _Translator:
             if names:
                 attached.append((li, names))
         if not attached:
-            return False, "NoMatchingListenerHostname", \
+            return False, Reason.NO_MATCHING_LISTENER_HOSTNAME, \
                 "no listener hostname matches the route's hostnames", []
-        return True, "Accepted", "attached to " + ", ".join(
+        return True, Reason.ACCEPTED, "attached to " + ", ".join(
             li.spec.name for li, _ in attached), attached
 
     # -- status of Gateways and their listeners -------------------------------------------
@@ -547,55 +536,58 @@ class _Translator:
     def _gateway_status(self, gateways: list[model.Gateway], listeners: list[_Listener]) -> None:
         for g in gateways:
             gen = g.obj.generation
-            conds = []
+            conds = Conditions()
             addresses, unusable = self._gateway_addresses(g)
             own = [li for li in listeners if li.owner is g.obj]
             for li in listeners:
-                if not any(c["type"] == "Accepted" for c in li.status["conditions"]):
-                    li.status["conditions"].append(condition(
-                        "Accepted", li.valid, "Accepted" if li.valid else "Invalid",
+                lconds = li.status.conditions
+                if not lconds.has(Type.ACCEPTED):
+                    lconds.append(condition(
+                        Type.ACCEPTED, li.valid, Reason.ACCEPTED if li.valid else Reason.INVALID,
                         "listener accepted" if li.valid else "listener not accepted",
                         li.owner.generation))
-                if not any(c["type"] == "ResolvedRefs" for c in li.status["conditions"]):
-                    li.status["conditions"].append(condition(
-                        "ResolvedRefs", True, "ResolvedRefs", "references resolved",
+                if not lconds.has(Type.RESOLVED_REFS):
+                    lconds.append(condition(
+                        Type.RESOLVED_REFS, True, Reason.RESOLVED_REFS, "references resolved",
                         li.owner.generation))
-                if not any(c["type"] == "Conflicted" for c in li.status["conditions"]):
-                    li.status["conditions"].append(condition(
-                        "Conflicted", False, "NoConflicts", "no conflicts",
+                if not lconds.has(Type.CONFLICTED):
+                    lconds.append(condition(
+                        Type.CONFLICTED, False, Reason.NO_CONFLICTS, "no conflicts",
                         li.owner.generation))
-                li.status["attachedRoutes"] = li.attached
-            conds.append(condition("Accepted", True, "Accepted", "accepted", gen))
+                li.status.attached_routes = li.attached
+            conds.append(condition(Type.ACCEPTED, True, Reason.ACCEPTED, "accepted", gen))
             if own and not any(li.valid for li in own):
-                conds[-1] = condition("Accepted", False, "ListenersNotValid",
+                conds[-1] = condition(Type.ACCEPTED, False, Reason.LISTENERS_NOT_VALID,
                                       "no listener is valid", gen)
             if unusable:
                 # Served on the usable ones, if any; not Programmed until all are usable.
                 msg = f"address {', '.join(unusable)} cannot be used on this node: it is " \
                     "not one of its addresses (or not an IP address)"
-                conds.append(condition("Programmed", False, "AddressNotUsable", msg, gen))
+                conds.append(condition(Type.PROGRAMMED, False, Reason.ADDRESS_NOT_USABLE, msg,
+                                       gen))
             elif not addresses:
-                conds.append(condition("Programmed", False, "AddressNotUsable",
+                conds.append(condition(Type.PROGRAMMED, False, Reason.ADDRESS_NOT_USABLE,
                                        "no address left in the pool", gen))
             unsupported = sorted({t for t, _ in g.addresses if t != "IPAddress"})
             if unsupported:
                 msg = f"address types {', '.join(unsupported)} are not supported " \
                     "(IPAddress is)"
-                conds[:] = [condition("Accepted", False, "UnsupportedAddress", msg, gen),
-                            condition("Programmed", False, "AddressNotAssigned", msg, gen)]
+                conds[:] = [
+                    condition(Type.ACCEPTED, False, Reason.UNSUPPORTED_ADDRESS, msg, gen),
+                    condition(Type.PROGRAMMED, False, Reason.ADDRESS_NOT_ASSIGNED, msg, gen)]
             cert, problem = self._backend_client_certificate(g)
             if problem is None:
-                conds.append(condition("ResolvedRefs", True, "ResolvedRefs",
+                conds.append(condition(Type.RESOLVED_REFS, True, Reason.RESOLVED_REFS,
                                        "references resolved", gen))
             else:
-                conds.append(condition("ResolvedRefs", False, problem[0], problem[1], gen))
+                conds.append(condition(Type.RESOLVED_REFS, False, problem[0], problem[1], gen))
             if cert is not None:
                 self.backend_certificates[(g.obj.namespace, g.obj.name)] = cert
             modes = [v.mode for v in (g.client_validation,
                                       *g.client_validation_per_port.values()) if v]
             if "AllowInsecureFallback" in modes:
                 conds.append(condition(
-                    "InsecureFrontendValidationMode", True, "ConfigurationChanged",
+                    Type.INSECURE_FRONTEND_VALIDATION_MODE, True, Reason.CONFIGURATION_CHANGED,
                     "client certificate validation lets clients without a valid certificate "
                     "in on some ports (AllowInsecureFallback)", gen))
             params = (g.obj.spec.get("infrastructure") or {}).get("parametersRef") \
@@ -604,39 +596,38 @@ class _Translator:
                 # No parameters kind is supported: a Gateway that asks for some is rejected
                 # rather than run without what it asked for.
                 msg = f"parametersRef {params!r} cannot be resolved: no parameters are supported"
-                conds[:] = [condition("Accepted", False, "InvalidParameters", msg, gen),
-                            condition("Programmed", False, "Invalid", msg, gen)]
+                conds[:] = [condition(Type.ACCEPTED, False, Reason.INVALID_PARAMETERS, msg, gen),
+                            condition(Type.PROGRAMMED, False, Reason.INVALID, msg, gen)]
                 for li in own:
                     li.valid = False
-            self.status[g.obj.key] = {
-                "addresses": [{"type": "IPAddress", "value": a} for a in addresses],
-                "conditions": conds,
-                "listeners": [li.status for li in own],
-                "attachedListenerSets": 0,  # counted below
-            }
+            self.status[g.obj.key] = GatewayStatus(
+                conds, [li.status for li in own], tuple(addresses),
+                attached_listener_sets=0)  # counted below
             for li in listeners:
                 if li.owner is not g.obj and li.gateway is g:
-                    st = self.status.setdefault(li.owner.key, {"conditions": [], "listeners": []})
-                    st.setdefault("listeners", []).append(li.status)
+                    st = self.status.setdefault(li.owner.key, GatewayStatus())
+                    assert isinstance(st, GatewayStatus) and st.listeners is not None
+                    st.listeners.append(li.status)
             for li in listeners:
                 if li.gateway is g:
                     li.addresses = tuple(addresses)
-        for obj in self.s.of_kind("ListenerSet", "XListenerSet"):
+        for obj in self.s.of_kind(kinds.LISTENER_SET, kinds.X_LISTENER_SET):
             ls_status = self.status.get(obj.key)
-            if ls_status is None or ls_status["conditions"]:
+            if not isinstance(ls_status, GatewayStatus) or ls_status.conditions:
                 continue
-            lis = ls_status.get("listeners", [])
-            ok = any(_cond_true(x, "Accepted") for x in lis)
-            ls_status["conditions"] = [
-                condition("Accepted", ok, "Accepted" if ok else "ListenersNotValid",
-                          "accepted" if ok else "no listener is valid", obj.generation)]
+            ok = any(x.conditions.true(Type.ACCEPTED) for x in ls_status.listeners or ())
+            ls_status.conditions = Conditions([condition(
+                Type.ACCEPTED, ok, Reason.ACCEPTED if ok else Reason.LISTENERS_NOT_VALID,
+                "accepted" if ok else "no listener is valid", obj.generation)])
             if not ok:
-                ls_status["conditions"].append(condition(
-                    "Programmed", False, "ListenersNotValid", "no listener is valid",
+                ls_status.conditions.append(condition(
+                    Type.PROGRAMMED, False, Reason.LISTENERS_NOT_VALID, "no listener is valid",
                     obj.generation))
             parent = self._listener_set_parents.get(obj.key)
-            if ok and parent is not None and parent in self.status:
-                self.status[parent]["attachedListenerSets"] += 1
+            parent_status = self.status.get(parent) if parent is not None else None
+            if ok and isinstance(parent_status, GatewayStatus) and \
+                    parent_status.attached_listener_sets is not None:
+                parent_status.attached_listener_sets += 1
 
     def _backend_client_certificate(self, g: model.Gateway
                                     ) -> tuple[str | None, tuple[str, str] | None]:
@@ -646,7 +637,7 @@ class _Translator:
         if ref is None:
             return None, None
         found = self._certificate_secret(ref, g.obj, "clientCertificateRef",
-                                         "InvalidClientCertificateRef")
+                                         Reason.INVALID_CLIENT_CERTIFICATE_REF)
         return (None, found) if isinstance(found, tuple) else (found, None)
 
     def _certificate_secret(self, ref: model.BackendObjectRef, referrer: KubeObject,
@@ -660,9 +651,9 @@ class _Translator:
                 "a Secret"
         if ref.namespace != referrer.namespace and not self._granted(
                 referrer.kind, referrer.namespace, "", "Secret", ref.namespace, ref.name):
-            return "RefNotPermitted", f"{field} {where}: no ReferenceGrant in " \
+            return Reason.REF_NOT_PERMITTED, f"{field} {where}: no ReferenceGrant in " \
                 f"{ref.namespace} allows it"
-        secret = self.s.get("Secret", ref.namespace, ref.name)
+        secret = self.s.get(kinds.SECRET, ref.namespace, ref.name)
         if secret is None:
             return invalid, f"{field} {where} does not exist"
         name = self.routes.certificate(secret)
@@ -683,6 +674,11 @@ class _Translator:
                 return str(host)
         return None
 
+    def _usable(self, address: str) -> bool:
+        """A static address the node can serve: loopback, or one of the node's own."""
+        ip = ipaddress.ip_address(address)
+        return self.local_addresses is None or ip.is_loopback or str(ip) in self.local_addresses
+
     def _gateway_addresses(self, g: model.Gateway) -> tuple[list[str], list[str]]:
         """(the addresses to serve the Gateway on, the static ones this node cannot use)."""
         key = f"gateway/{g.obj.namespace}/{g.obj.name}"
@@ -694,7 +690,7 @@ class _Translator:
             if not value:
                 continue  # an IPAddress without a value asks for one to be assigned
             try:
-                ok = self.cfg.usable(value)
+                ok = self._usable(value)
             except ValueError:
                 ok = False
             (usable if ok else unusable).append(value)
@@ -715,32 +711,32 @@ class _Translator:
             gen = policy.obj.generation
             gateways: set[tuple[str, str]] = set()
             for user in users:
-                for parent in (self.status.get(user) or {}).get("parents", []):
-                    ref = parent["parentRef"]
-                    accepted = any(c["type"] == "Accepted" and c["status"] == "True"
-                                   for c in parent["conditions"])
-                    if accepted and ref["kind"] == "Gateway":
+                user_status = self.status.get(user)
+                parents = user_status.parents if isinstance(user_status, RouteStatus) else []
+                for parent in parents:
+                    ref = parent.ref
+                    if parent.conditions.true(Type.ACCEPTED) and ref["kind"] == "Gateway":
                         gateways.add((ref["namespace"], ref["name"]))
             if not gateways:
                 continue
             _, problem = self.routes.policy_check(policy)
             if problem is not None:
-                conds = [condition("Accepted", False, "NoValidCACertificate", problem[1], gen),
-                         condition("ResolvedRefs", False, problem[0], problem[1], gen)]
+                conds = [condition(Type.ACCEPTED, False, Reason.NO_VALID_CA_CERTIFICATE,
+                                   problem[1], gen),
+                         condition(Type.RESOLVED_REFS, False, problem[0], problem[1], gen)]
             elif not self.routes.policy_applies(key):
                 msg = "an older or more specific policy targets the same Service port"
-                conds = [condition("Accepted", False, "Conflicted", msg, gen),
-                         condition("ResolvedRefs", True, "ResolvedRefs", "references resolved",
-                                   gen)]
+                conds = [condition(Type.ACCEPTED, False, Reason.CONFLICTED, msg, gen),
+                         condition(Type.RESOLVED_REFS, True, Reason.RESOLVED_REFS,
+                                   "references resolved", gen)]
             else:
-                conds = [condition("Accepted", True, "Accepted", "policy applied", gen),
-                         condition("ResolvedRefs", True, "ResolvedRefs", "references resolved",
-                                   gen)]
-            self.status[key] = {"ancestors": [
-                {"ancestorRef": {"group": GATEWAY_GROUP, "kind": "Gateway", "namespace": ns,
-                                 "name": name},
-                 "controllerName": self.cfg.controller_name, "conditions": conds}
-                for ns, name in sorted(gateways)]}
+                conds = [condition(Type.ACCEPTED, True, Reason.ACCEPTED, "policy applied", gen),
+                         condition(Type.RESOLVED_REFS, True, Reason.RESOLVED_REFS,
+                                   "references resolved", gen)]
+            self.status[key] = PolicyStatus([
+                ParentStatus({"group": GATEWAY_GROUP, "kind": "Gateway", "namespace": ns,
+                              "name": name}, self.cfg.controller_name, Conditions(conds))
+                for ns, name in sorted(gateways)])
 
     # -- IR listeners ------------------------------------------------------------------------
 
@@ -798,8 +794,16 @@ def _most_specific_first(lis: Iterable[_Listener]) -> list[_Listener]:
                                        -len(li.spec.hostname or "")))
 
 
-def _cond_true(status: Mapping[str, Any], type_: str) -> bool:
-    return any(c["type"] == type_ and c["status"] == "True" for c in status["conditions"])
+def _node_addresses(snapshot: StoreSnapshot, node_name: str | None) -> frozenset[str] | None:
+    """The addresses of this node's Node object (status.addresses), or None when there is
+    none to go by."""
+    node = snapshot.get(kinds.NODE, "", node_name) if node_name else None
+    if node is None:
+        return None
+    status = node.body.get("status")
+    entries = status.get("addresses") if isinstance(status, Mapping) else None
+    return frozenset(str(a.get("address")) for a in entries or ()
+                     if isinstance(a, Mapping) and a.get("address"))
 
 
 def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:

@@ -1,0 +1,25 @@
+"""What `mesh run` configures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mesh.envoy.bootstrap import Protocol
+from mesh.translate import TranslatorConfig
+from meshxds.server import ListenAddress
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_id: str
+    state_dir: Path
+    xds_address: ListenAddress
+    admin_address: ListenAddress
+    protocol: Protocol = "delta"
+    resources_file: Path | None = None  # Envoy resources as they are
+    manifests: Path | None = None  # Kubernetes manifests, translated
+    translator: TranslatorConfig = field(default_factory=TranslatorConfig)
+    envoy_log_level: str = "warning"
+    max_downstream_connections: int = 50_000
+    keep_envoy: bool = False  # a stop on purpose leaves Envoy serving, for the next agent

@@ -1,1 +1,0 @@
-"""Gateway API and Ingress: the typed model and the pure translator to the IR and status."""

@@ -1,0 +1,49 @@
+"""Envoy HTTP filters, one module each, behind one small interface (as Envoy Gateway's
+`internal/xds/translator/httpfilters.go`).
+
+Every connection manager carries the same filter list in the same order, each filter
+present with an empty (pass-through) config: a route enables and configures a filter through
+`typed_per_filter_config` in RDS. Adding a feature to a route then changes only its route
+table, never a listener, and never drains connections. The router is always last.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from google.protobuf.message import Message
+
+from mesh import ir
+from mesh.sinks.envoy.httpfilters import cors, router
+
+
+class HTTPFilter(Protocol):
+    """One Envoy HTTP filter: what every connection manager lists, and what one route asks
+    of it (None: nothing, the filter passes the request on)."""
+
+    name: str
+
+    def listener_filter(self) -> hcm_pb2.HttpFilter: ...
+
+    def route_config(self, route: ir.Route) -> Message | None: ...
+
+
+# The order requests go through them (RBAC and rate limits join here, before the router).
+ORDER: tuple[HTTPFilter, ...] = (cors.CORS, router.ROUTER)
+
+
+def listener_filters() -> list[hcm_pb2.HttpFilter]:
+    return [f.listener_filter() for f in ORDER]
+
+
+def route_configs(route: ir.Route) -> list[tuple[str, Message]]:
+    """(filter name, per-route config) for every filter the route configures."""
+    out = []
+    for f in ORDER:
+        cfg = f.route_config(route)
+        if cfg is not None:
+            out.append((f.name, cfg))
+    return out

@@ -1,0 +1,109 @@
+"""Listeners (LDS): one per address and port; filter chains by SNI for TLS; the HTTP
+connection manager (routes by RDS, the fixed HTTP filter list) or a TCP proxy."""
+
+from __future__ import annotations
+
+import re
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from google.protobuf import wrappers_pb2
+
+from mesh import ir
+from mesh.sinks.envoy import httpfilters
+from mesh.sinks.envoy.routes import INVALID_BACKEND
+from mesh.sinks.envoy.secrets import sds
+from meshxds import resources as r
+
+
+def _hcm(table: str, stat_prefix: str) -> listener_components_pb2.Filter:
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=stat_prefix,
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=r.ads_source(), route_config_name=table),
+        http_filters=httpfilters.listener_filters(),
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+        merge_slashes=True,
+        path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.KEEP_UNCHANGED,
+        upgrade_configs=[hcm_pb2.HttpConnectionManager.UpgradeConfig(
+            upgrade_type="websocket", enabled=wrappers_pb2.BoolValue(value=False))],
+    )
+    f = listener_components_pb2.Filter(name=r.HCM_FILTER)
+    f.typed_config.Pack(hcm)
+    return f
+
+
+def _downstream_tls(certs: tuple[str, ...], alpn: list[str],
+                    validation: ir.ClientValidation | None = None) -> base_pb2.TransportSocket:
+    ctx = tls_pb2.DownstreamTlsContext(common_tls_context=tls_pb2.CommonTlsContext(
+        alpn_protocols=alpn, tls_certificate_sds_secret_configs=[sds(c) for c in certs]))
+    if validation is not None:
+        # The CAs come by SDS, so a CA change does not drain the listener.
+        combined = ctx.common_tls_context.combined_validation_context
+        combined.validation_context_sds_secret_config.CopyFrom(sds(validation.trust_bundle))
+        combined.default_validation_context.SetInParent()
+        if validation.allow_insecure:
+            combined.default_validation_context.trust_chain_verification = \
+                common_pb2.CertificateValidationContext.ACCEPT_UNTRUSTED
+        else:
+            ctx.require_client_certificate.value = True
+    ts = base_pb2.TransportSocket(name="envoy.transport_sockets.tls")
+    ts.typed_config.Pack(ctx)
+    return ts
+
+
+def _tcp_proxy(chain: ir.FilterChain) -> listener_components_pb2.Filter:
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=_stat(chain.name))
+    live = [b for b in chain.tcp_backends if b.weight > 0]
+    if len(live) == 1:
+        proxy.cluster = live[0].backend or INVALID_BACKEND
+    else:
+        for b in live:
+            proxy.weighted_clusters.clusters.add(name=b.backend or INVALID_BACKEND,
+                                                 weight=b.weight)
+    f = listener_components_pb2.Filter(name="envoy.filters.network.tcp_proxy")
+    f.typed_config.Pack(proxy)
+    return f
+
+
+def _stat(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def listener(li: ir.Listener) -> listener_pb2.Listener:
+    out = listener_pb2.Listener(name=li.name, address=r.socket_address(li.address, li.port))
+    tls = li.protocol in ("HTTPS", "TLS")
+    if tls:
+        inspector = out.listener_filters.add(name="envoy.filters.listener.tls_inspector")
+        inspector.typed_config.Pack(tls_inspector_pb2.TlsInspector())
+    claimed: set[str] = set()
+    catch_all = False
+    for chain in li.chains:
+        names = [n for n in chain.server_names if n not in claimed]
+        if (chain.server_names and not names) or (not chain.server_names and catch_all):
+            continue  # what it would match is served by an earlier chain
+        claimed.update(names)
+        catch_all = catch_all or not chain.server_names
+        fc = out.filter_chains.add(name=chain.name)
+        if tls:
+            fc.filter_chain_match.server_names.extend(names)
+        if chain.certificates:
+            alpn = ["h2", "http/1.1"] if chain.route_table else []
+            fc.transport_socket.CopyFrom(_downstream_tls(chain.certificates, alpn,
+                                                         chain.client_validation))
+        if chain.route_table is not None:
+            fc.filters.append(_hcm(chain.route_table, _stat(chain.route_table)))
+        else:
+            fc.filters.append(_tcp_proxy(chain))
+    if not out.filter_chains:
+        # Nothing attached yet: close connections rather than leave the listener chainless.
+        fc = out.filter_chains.add(name="empty")
+        fc.filters.append(_tcp_proxy(ir.FilterChain(
+            "empty", tcp_backends=(ir.WeightedBackend(None, 1),))))
+    return out

@@ -1,0 +1,17 @@
+"""The translator: a pure function from a store snapshot to the IR and every object's status.
+
+No I/O, no clocks, no globals. Gateway API in `gateway/`, Ingress in `ingress`, the typed
+views of the objects in `model`, the status it speaks in `status`. Its memo (unchanged
+routes' outcomes) is keyed by the objects' content versions.
+"""
+
+from mesh.translate.config import (
+    DEFAULT_CONTROLLER,
+    DEFAULT_INGRESS_CONTROLLER,
+    Translation,
+    TranslatorConfig,
+)
+from mesh.translate.gateway.translate import TranslationMemo, translate
+
+__all__ = ["DEFAULT_CONTROLLER", "DEFAULT_INGRESS_CONTROLLER", "Translation",
+           "TranslationMemo", "TranslatorConfig", "translate"]

@@ -1,0 +1,32 @@
+"""What the translator is given besides the snapshot, and what it gives back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mesh import ir
+from mesh.store.objects import ObjectKey
+from mesh.translate.status import ObjectStatus
+
+DEFAULT_CONTROLLER = "mesh.dev/gateway-controller"
+DEFAULT_INGRESS_CONTROLLER = "mesh.dev/ingress-controller"
+
+
+@dataclass(frozen=True)
+class TranslatorConfig:
+    controller_name: str = DEFAULT_CONTROLLER
+    ingress_controller: str = DEFAULT_INGRESS_CONTROLLER
+    address_pool: str = "127.0.100.0/24"
+    # The store's Node object that describes this node (its addresses are the ones a
+    # Gateway's static addresses must be among); None, or no such Node: any address is
+    # taken as usable, and Envoy says if it cannot bind.
+    node_name: str | None = None
+
+
+@dataclass
+class Translation:
+    ir: ir.IR
+    status: dict[ObjectKey, ObjectStatus]
+    # Gateway (or the Ingress address key) -> address: the next translation's input, so
+    # that addresses stay stable (the caller persists them).
+    addresses: dict[str, str] = field(default_factory=dict)
