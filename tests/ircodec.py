@@ -1,0 +1,67 @@
+"""The IR as plain YAML data and back, so golden tests can take IR as their input (as Envoy
+Gateway's `testdata/in/xds-ir/*.yaml`). Bytes are YAML `!!binary`; object keys are
+[group, kind, namespace, name]; a route's action is a one-key map, the key its kind (`Forward: {...}`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from typing import Any
+
+from mesh import ir
+from mesh.store.objects import ObjectKey
+
+_ACTIONS = {cls.__name__: cls for cls in (ir.Forward, ir.Redirect, ir.DirectResponse)}
+
+
+def encode(value: Any) -> Any:
+    if isinstance(value, ObjectKey):
+        return list(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if v != f.default and not (f.default_factory is not dataclasses.MISSING
+                                       and v == f.default_factory()):
+                out[f.name] = encode(v)
+        return {type(value).__name__: out} if type(value).__name__ in _ACTIONS else out
+    if isinstance(value, frozenset | set):
+        return sorted(encode(v) for v in value)
+    if isinstance(value, tuple | list):
+        return [encode(v) for v in value]
+    return value
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, vars(ir) | vars(ir.l7))
+
+
+def decode(tp: Any, data: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is ObjectKey:
+        return ObjectKey(*data)
+    if origin in (types.UnionType, typing.Union):
+        if data is None and type(None) in args:
+            return None
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:
+            return decode(members[0], data)
+        (kind, fields), = data.items()
+        return decode(_ACTIONS[kind], fields)
+    if dataclasses.is_dataclass(tp):
+        hints = _hints(tp)  # type: ignore[arg-type]
+        kwargs = {k: decode(hints[k], v) for k, v in data.items()}
+        return tp(**kwargs)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(decode(args[0], v) for v in data)
+        return tuple(decode(a, v) for a, v in zip(args, data, strict=True))
+    if origin is frozenset:
+        return frozenset(decode(args[0], v) for v in data)
+    if tp is float and isinstance(data, int):
+        return float(data)
+    return data

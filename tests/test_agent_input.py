@@ -1,0 +1,125 @@
+"""Input that must not hurt the agent, end to end: a real `mesh run` (with the demo echo
+backend in the same process) and a real Envoy, fed pathological manifests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_gateway_agent import GATEWAY, ADDRESS, ROOT, route
+from tests.test_manifest_input import billion_laughs
+from tests.testbed import http_get, wait_until
+
+pytestmark = pytest.mark.e2e
+ECHO_PORT = 18591
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def service() -> str:
+    return f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: default}}
+spec: {{ports: [{{name: http, port: 80, targetPort: {ECHO_PORT}}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: echo-1, namespace: default, labels: {{kubernetes.io/service-name: echo}}}}
+ports: [{{name: http, port: {ECHO_PORT}}}]
+endpoints: [{{addresses: [127.0.0.1]}}]
+"""
+
+
+def start(manifests: Path, state: Path, log: Path) -> subprocess.Popen[bytes]:
+    (state / "status.json").unlink(missing_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mesh.cli", "run", "--manifests", str(manifests),
+         "--state-dir", str(state), "--node-id", "input",
+         "--echo", f"127.0.0.1:{ECHO_PORT}"],
+        stderr=log.open("wb"), cwd=ROOT)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> float:
+    """SIGTERM; how long the agent took to exit."""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return float("inf")
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    state = Path(f"/tmp/mesh-input-{os.getpid()}")
+    state.mkdir(exist_ok=True)
+    yield manifests, state, tmp_path / "agent.log"
+    subprocess.run(["pkill", "-f", f"--config-path {state}/"], check=False)
+
+
+def test_an_alias_bomb_is_refused_and_everything_else_keeps_working(
+        dirs: tuple[Path, Path, Path]) -> None:
+    manifests, state, log = dirs
+    (manifests / "gateway.yaml").write_text(GATEWAY)
+    (manifests / "service.yaml").write_text(service())
+    (manifests / "a.yaml").write_text(route("a", "a.example"))
+    proc = start(manifests, state, log)
+    try:
+        wait_until(lambda: b"node ready" in log.read_bytes(), timeout=30, what="ready")
+        wait_until(lambda: http_get(8080, "/", host="a.example", address=ADDRESS).status == 200,
+                   what="route a")
+        (manifests / "bomb.yaml").write_text(billion_laughs())
+        (manifests / "deep.yaml").write_text("a: " + "[" * 500 + "]" * 500 + "\n")
+        (manifests / "blob.yaml").write_bytes(os.urandom(4096).replace(b"\n", b"") + b"\x00")
+        (manifests / "b.yaml").write_text(route("b", "b.example"))
+        # The route added with them goes live: the agent is not wedged.
+        wait_until(lambda: http_get(8080, "/", host="b.example", address=ADDRESS).status == 200,
+                   what="route b")
+        status = subprocess.run(
+            [sys.executable, "-m", "mesh.cli", "status", "--state-dir", str(state)],
+            capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        assert "bomb.yaml" in status and "expands to more than" in status
+        assert "deep.yaml" in status and "nests deeper" in status
+        assert "blob.yaml" in status and "binary" in status
+        assert "expands to more than" in log.read_text()
+        assert http_get(8080, "/", host="a.example", address=ADDRESS).status == 200
+        # The echo backend in the same process still answers, and memory stayed bounded.
+        assert http_get(ECHO_PORT, "/", address="127.0.0.1").status == 200
+        assert rss_mib(proc.pid) < 400
+    finally:
+        took = stop(proc)
+    assert took < 5, f"SIGTERM took {took:.1f}s"
+    assert "Traceback" not in log.read_text()
+
+
+def test_sigterm_during_a_big_first_build_stops_within_seconds(
+        dirs: tuple[Path, Path, Path]) -> None:
+    manifests, state, log = dirs
+    (manifests / "gateway.yaml").write_text(GATEWAY)
+    (manifests / "service.yaml").write_text(service())
+    (manifests / "routes.yaml").write_text("---\n".join(
+        route(f"r{i}", f"r{i}.example") for i in range(5000)))
+    proc = start(manifests, state, log)
+    wait_until(lambda: b"xds server listening" in log.read_bytes(), timeout=30,
+               what="the agent to start")
+    took = stop(proc)
+    assert took < 6, f"SIGTERM took {took:.1f}s"
+    assert proc.returncode is not None
