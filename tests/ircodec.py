@@ -1,6 +1,7 @@
 """The IR as plain YAML data and back, so golden tests can take IR as their input (as Envoy
 Gateway's `testdata/in/xds-ir/*.yaml`). Bytes are YAML `!!binary`; object keys are
-[group, kind, namespace, name]; a route's action is a one-key map, the key its kind (`Forward: {...}`)."""
+[group, kind, namespace, name]; a route's action is a one-key map keyed by its kind
+(`Forward: {...}`); fields at their defaults are left out."""
 
 from __future__ import annotations
 
@@ -53,9 +54,9 @@ def decode(tp: Any, data: Any) -> Any:
         (kind, fields), = data.items()
         return decode(_ACTIONS[kind], fields)
     if dataclasses.is_dataclass(tp):
-        hints = _hints(tp)  # type: ignore[arg-type]
-        kwargs = {k: decode(hints[k], v) for k, v in data.items()}
-        return tp(**kwargs)
+        cls: Any = tp
+        hints = _hints(cls)
+        return cls(**{k: decode(hints[k], v) for k, v in data.items()})
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(decode(args[0], v) for v in data)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_gateway_agent import GATEWAY, ADDRESS, ROOT, route
+from tests.test_gateway_agent import ADDRESS, GATEWAY, ROOT, route
 from tests.test_manifest_input import billion_laughs
 from tests.testbed import http_get, wait_until
 
