@@ -51,7 +51,8 @@ def test_aliases_within_the_limit_still_work() -> None:
 @pytest.mark.parametrize("text, message", [
     ("a: " + "[" * 200 + "]" * 200, "nests deeper"),
     ("".join(" " * i + "k:\n" for i in range(100)), "nests deeper"),
-    ("a: *nowhere\n", "unknown"),
+    ("a: *nowhere\n", "undefined alias"),
+    ("a: &x [1, *x]\n", "cycle"),
 ])
 def test_pathological_yaml_is_refused(text: str, message: str) -> None:
     with pytest.raises(DocumentError, match=message):

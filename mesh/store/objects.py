@@ -40,16 +40,32 @@ class ObjectKey(NamedTuple):
         return f"{kind} {self.namespace}/{self.name}" if self.namespace else f"{kind} {self.name}"
 
 
-def content_hash(body: Mapping[str, Any], with_status: bool = False) -> str:
-    """A hash of everything in `body` the translator can read: all but the metadata the
-    API server changes on its own, and the status unless the translator reads it (a
-    Node's addresses)."""
-    meta = body.get("metadata")
-    kept: dict[str, Any] = {k: v for k, v in body.items() if with_status or k != "status"}
-    if isinstance(meta, Mapping):
-        kept["metadata"] = {k: v for k, v in meta.items() if k not in _VOLATILE_METADATA}
-    text = json.dumps(kept, sort_keys=True, default=str, separators=(",", ":"))
+def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
+
+
+def hashes(body: Mapping[str, Any], with_status: bool = False) -> tuple[str, str]:
+    """(spec hash, content hash) of an object's body, encoding the bulk of it once.
+
+    The spec hash covers all but metadata and status: what the API server counts as a spec
+    change (it bumps the generation). The content hash adds the metadata the API server
+    does not change on its own (labels, annotations, generation...), and the status where
+    the translator reads it (a Node's addresses): everything the translator can read."""
+    spec = _digest(_canonical({k: v for k, v in body.items()
+                               if k not in ("metadata", "status")}))
+    meta = body.get("metadata")
+    kept = {k: v for k, v in meta.items() if k not in _VOLATILE_METADATA} \
+        if isinstance(meta, Mapping) else None
+    status = body.get("status") if with_status else None
+    return spec, _digest(spec + _canonical([kept, status]))
+
+
+def content_hash(body: Mapping[str, Any], with_status: bool = False) -> str:
+    return hashes(body, with_status)[1]
 
 
 @dataclass(frozen=True)
