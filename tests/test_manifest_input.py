@@ -3,6 +3,7 @@ good ones, per-document parsing, and type errors that name their field."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -173,3 +174,51 @@ def test_a_wrong_type_names_the_field(tmp_path: Path) -> None:
     assert (accepted["type"], accepted["status"], accepted["reason"]) == (
         "Accepted", "False", "UnsupportedValue")
     assert accepted["message"] == "backendRefs[].port must be an integer, not the string 'abc'"
+
+
+def test_aliases_of_a_long_string_are_refused() -> None:
+    # 20 KB of text, aliased a thousand times: 24 KB that would build 20 MB.
+    text = "a: &s " + "x" * 20_000 + "\nb: [" + ", ".join(["*s"] * 1000) + "]\n"
+    with pytest.raises(DocumentError, match="bytes of text"):
+        documents.load_yaml(text)
+
+
+@pytest.mark.parametrize("text", [
+    "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {1: a, b: c}\n",
+    "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {~: 1, a: 2}\n",
+    "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {port: " + "9" * 5000 + "}\n",
+    "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {? [a, b] : c}\n",
+])
+def test_documents_no_api_server_would_take_are_refused_not_fatal(
+        tmp_path: Path, text: str) -> None:
+    (tmp_path / "bad.yaml").write_text(text)
+    (tmp_path / "good.yaml").write_text(service("good"))
+    store, _ = load(tmp_path)
+    snap = store.snapshot()
+    assert [o.name for o in snap.of_kind(SERVICE)] == ["good"]
+    assert snap.errors[str(tmp_path / "bad.yaml")].startswith("document 1: ")
+
+
+def test_a_list_counts_its_items_against_the_document_limit(tmp_path: Path) -> None:
+    items = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"s{i}"}}
+             for i in range(200)]
+    (tmp_path / "list.json").write_text(json.dumps(
+        {"apiVersion": "v1", "kind": "List", "items": items}))
+    store = Store()
+    FileProvider(tmp_path, store, limits=Limits(document_bytes=1000)).load()
+    assert len(store.snapshot().of_kind(SERVICE)) == 200
+
+
+def test_a_node_whose_addresses_change_is_a_new_version(tmp_path: Path) -> None:
+    from mesh.store.kinds import NODE
+
+    f = tmp_path / "node.yaml"
+    node = ("apiVersion: v1\nkind: Node\nmetadata: {name: n}\n"
+            "status:\n  addresses: [{type: InternalIP, address: %s}]\n")
+    f.write_text(node % "10.0.0.1")
+    store, provider = load(tmp_path)
+    before = store.snapshot().get(NODE, "", "n")
+    f.write_text(node % "10.0.0.2")
+    assert provider.load()
+    after = store.snapshot().get(NODE, "", "n")
+    assert before is not None and after is not None and before.version != after.version

@@ -32,10 +32,13 @@ class Limits:
     the API server refuses requests over 3 MiB, and Kubernetes objects nest 10-20 deep."""
 
     file_bytes: int = 64 * 1024 * 1024
+    # One object's document (a `kind: List` counts as its items: kubectl sends them apart).
     document_bytes: int = 3 * 1024 * 1024
     depth: int = 64
-    # Nodes of a document once every alias is expanded: what building it would cost.
+    # A document once every alias is expanded, what building and encoding it would cost:
+    # nodes, and bytes of scalars (an alias of a long string costs the string).
     expanded_nodes: int = 1_000_000
+    expanded_bytes: int = 16 * 1024 * 1024
 
 
 DEFAULT_LIMITS = Limits()
@@ -82,6 +85,7 @@ def _check_graph(root: yaml.Node, limits: Limits) -> None:
     no recursion) and an alias costs what it stands for; an alias inside its own anchor is a
     cycle, and refused."""
     size: dict[int, int] = {}
+    weight: dict[int, int] = {}  # bytes of scalars
     depth: dict[int, int] = {}
     on_path: set[int] = set()
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
@@ -89,17 +93,21 @@ def _check_graph(root: yaml.Node, limits: Limits) -> None:
         node, finished = stack.pop()
         nid = id(node)
         if isinstance(node, yaml.ScalarNode):
-            size[nid], depth[nid] = 1, 0
+            size[nid], weight[nid], depth[nid] = 1, len(node.value), 0
             continue
         children = node.value if isinstance(node, yaml.SequenceNode) else [
             part for pair in node.value for part in pair]
         if finished:
             on_path.discard(nid)
             size[nid] = 1 + sum(size[id(c)] for c in children)
+            weight[nid] = sum(weight[id(c)] for c in children)
             depth[nid] = 1 + max((depth[id(c)] for c in children), default=0)
             if size[nid] > limits.expanded_nodes:
                 raise DocumentError(f"document expands to more than {limits.expanded_nodes} "
                                     "nodes (aliases of aliases?)")
+            if weight[nid] > limits.expanded_bytes:
+                raise DocumentError(f"document expands to more than {limits.expanded_bytes} "
+                                    "bytes of text (aliases of long strings?)")
             if depth[nid] > limits.depth:
                 raise DocumentError(f"document nests deeper than {limits.depth} levels")
             continue
@@ -112,22 +120,28 @@ def _check_graph(root: yaml.Node, limits: Limits) -> None:
         stack.extend((c, False) for c in children if id(c) not in size)
 
 
+def _check_size(text: str, doc: Any, limits: Limits) -> None:
+    if not _is_list(doc) and len(text.encode()) > limits.document_bytes:
+        raise DocumentError(f"document is over the limit of {limits.document_bytes} bytes")
+
+
 def load_yaml(text: str, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
     """The documents of one chunk of YAML text, within the limits, or DocumentError. Each is
     composed (libyaml), measured, and only then built."""
-    if len(text.encode()) > limits.document_bytes:
-        raise DocumentError(f"document is over the limit of {limits.document_bytes} bytes")
     loader = _LOADER(text)
     try:
         out = []
         while loader.check_node():
             node = loader.get_node()
             _check_graph(node, limits)
-            out.append(loader.construct_document(node))
+            doc = loader.construct_document(node)
+            _check_size(text, doc, limits)
+            out.append(doc)
         return out
     except RecursionError as e:
         raise DocumentError("document nests too deeply") from e
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, TypeError) as e:
+        # ValueError: an integer past Python's digit limit, say; TypeError: an unhashable key
         raise DocumentError(str(e).replace("\n", " ")) from e
     finally:
         loader.dispose()
@@ -140,22 +154,27 @@ _DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 def load_json(text: str, limits: Limits = DEFAULT_LIMITS) -> Any:
     """One JSON document, within the limits (JSON has no aliases: depth and size only)."""
-    if len(text.encode()) > limits.document_bytes:
-        raise DocumentError(f"document is over the limit of {limits.document_bytes} bytes")
     # Nesting measured on the text before parsing (json's recursion is what deep input
     # hits): strings out, then the running count of brackets, in C.
     brackets = _JSON_BRACKET.findall(_JSON_STRING.sub("", text))
     if max(accumulate(_DEPTH_STEP[b] for b in brackets), default=0) > limits.depth:
         raise DocumentError(f"document nests deeper than {limits.depth} levels")
     try:
-        return json.loads(text)
+        doc = json.loads(text)
     except (ValueError, RecursionError) as e:
         raise DocumentError(f"not valid JSON: {e}") from e
+    _check_size(text, doc, limits)
+    return doc
+
+
+def _is_list(doc: Any) -> bool:
+    return isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(
+        doc.get("items"), list)
 
 
 def flatten(doc: Any) -> Iterator[Any]:
     """A document's objects: the items of a `kind: List`, or the document itself."""
-    if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+    if _is_list(doc):
         yield from doc["items"]
     else:
         yield doc

@@ -22,12 +22,21 @@ import watchfiles
 
 from mesh.providers import documents
 from mesh.providers.documents import DocumentError, Limits
-from mesh.store.kinds import KINDS
+from mesh.store.kinds import KINDS, STATUS_READ
 from mesh.store.objects import KubeObject, ObjectError, ObjectKey, hashes, parse_object
 from mesh.store.store import Store
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".yaml", ".yml", ".json")
+
+
+@dataclass(frozen=True)
+class _Update:
+    """One file's part of the store: its objects and errors, or None when it is gone."""
+
+    source: str
+    objects: list[KubeObject] | None
+    errors: dict[str, str] | None
 
 
 @dataclass(frozen=True)
@@ -58,11 +67,15 @@ def _parse_document(text: str, source: str, json_file: bool, limits: Limits,
                 if old is not None and old[0].body == item:
                     out.append(old)
                 else:
-                    spec_hash, body_hash = hashes(item)
+                    spec_hash, body_hash = hashes(item, with_status=obj.group_kind in
+                                                  STATUS_READ)
                     out.append((replace(obj, body_hash=body_hash), spec_hash))
         return _Document(tuple(out))
     except (DocumentError, ObjectError) as e:
         return _Document(error=str(e))
+    except (TypeError, ValueError) as e:
+        # What JSON cannot hold (a key that is not a string, say): no Kubernetes object.
+        return _Document(error=f"not a Kubernetes object: {e}")
 
 
 def _created(obj: KubeObject, first_seen: float) -> float:
@@ -106,27 +119,43 @@ class FileProvider:
 
     def load(self) -> bool:
         """Read what changed in the directory into the store; whether the store changed."""
+        return self.apply(self.collect())
+
+    def collect(self) -> list[_Update]:
+        """What changed in the directory, read and parsed; the store is not touched. Only
+        this provider's own state changes, so it may run on a worker thread (one at a time):
+        a big file parses without holding up the event loop."""
         paths = self._paths()
-        changed = False
+        updates = []
         for gone in set(self._stats) - set(paths):
             del self._stats[gone]
             self._documents.pop(gone, None)
             self._objects.pop(gone, None)
-            changed = self.store.remove(str(gone)) or changed
+            updates.append(_Update(str(gone), None, None))
         for path in paths:
             try:
                 st = path.stat()
                 stamp = (st.st_mtime_ns, st.st_size)
                 if self._stats.get(path) == stamp:
                     continue  # unchanged since it was last read
-                changed = self._load_file(path, st.st_size) or changed
+                updates.append(self._load_file(path, st.st_size))
                 self._stats[path] = stamp
             except FileNotFoundError:
                 continue  # removed while we looked: the next event drops it
         self._forget_deleted()
+        return updates
+
+    def apply(self, updates: list[_Update]) -> bool:
+        """Put what `collect` read into the store (on the event loop); whether it changed."""
+        changed = False
+        for u in updates:
+            if u.objects is None:
+                changed = self.store.remove(u.source) or changed
+            else:
+                changed = self.store.replace(u.source, u.objects, u.errors) or changed
         return changed
 
-    def _load_file(self, path: Path, size: int) -> bool:
+    def _load_file(self, path: Path, size: int) -> _Update:
         source = str(path)
         errors: list[str] = []
         objects: dict[ObjectKey, KubeObject] = {}
@@ -134,7 +163,8 @@ class FileProvider:
             if size > self.limits.file_bytes:  # not even read
                 raise DocumentError(f"file is {size} bytes, over the limit of "
                                     f"{self.limits.file_bytes}")
-            text = documents.check_text(path.read_bytes(), self.limits)
+            with path.open("rb") as f:  # a file growing since stat() is still bounded
+                text = documents.check_text(f.read(self.limits.file_bytes + 1), self.limits)
             json_file = path.suffix == ".json"
             chunks = [text] if json_file else documents.split(text)
             cache = self._documents.get(path, {})
@@ -170,8 +200,8 @@ class FileProvider:
             log.error("manifest file has errors, keeping its last good objects",
                       extra={"file": source, "error": "; ".join(errors)})
         self._objects[path] = objects
-        return self.store.replace(source, objects.values(),
-                                  {source: "; ".join(errors)} if errors else None)
+        return _Update(source, list(objects.values()),
+                       {source: "; ".join(errors)} if errors else None)
 
     def _forget_deleted(self) -> None:
         live = {k for objs in self._objects.values() for k in objs}
@@ -193,7 +223,7 @@ class FileProvider:
 
     async def run(self) -> None:
         """Load the directory, then follow it (debounced 100 ms) until cancelled."""
-        self.load()
+        self.apply(await asyncio.to_thread(self.collect))
         self.synced.set()
 
         def relevant(_change: watchfiles.Change, path: str) -> bool:
@@ -203,7 +233,7 @@ class FileProvider:
         async for changes in watchfiles.awatch(self.directory, watch_filter=relevant,
                                                debounce=100, step=20):
             start = time.perf_counter()
-            changed = self.load()
+            changed = self.apply(await asyncio.to_thread(self.collect))
             log.info("manifests loaded", extra={
                 "changes": len(changes), "changed": changed,
                 "ms": round((time.perf_counter() - start) * 1000, 1)})

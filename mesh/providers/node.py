@@ -14,6 +14,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from mesh.store.kinds import NODE, STATUS_READ
 from mesh.store.objects import content_hash, parse_object
 from mesh.store.store import Store
 
@@ -52,8 +53,8 @@ class NodeProvider:
         if addresses is None:
             return self.store.replace(SOURCE, ())
         body = node_object(self.node_name, addresses)
-        # The translator reads a Node's status: it is part of its content.
-        obj = parse_object(body, SOURCE, body_hash=content_hash(body, with_status=True))
+        obj = parse_object(body, SOURCE, body_hash=content_hash(
+            body, with_status=NODE in STATUS_READ))
         return self.store.replace(SOURCE, (obj,))
 
     async def run(self) -> None:

@@ -44,6 +44,8 @@ KINDS = frozenset({
     REFERENCE_GRANT, BACKEND_TLS_POLICY,
 })
 CLUSTER_SCOPED = frozenset({NAMESPACE, NODE, GATEWAY_CLASS, INGRESS_CLASS})
+# Kinds whose status the translator reads (a Node's addresses): part of their content.
+STATUS_READ = frozenset({NODE})
 # Groups whose kinds are known by kind alone in messages and `mesh status`.
 _WELL_KNOWN = frozenset({CORE, GATEWAY_GROUP, NETWORKING_GROUP, DISCOVERY_GROUP})
 
