@@ -29,10 +29,12 @@ class AddressBook:
         return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
     def save(self, addresses: Mapping[str, str]) -> None:
-        self.current = dict(addresses)
+        """Write the allocations; `current` follows only once they are on disk, so a failed
+        write is tried again after the next build."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(self.current, f, sort_keys=True)
+            json.dump(dict(addresses), f, sort_keys=True)
         tmp.replace(self.path)
+        self.current = dict(addresses)

@@ -164,3 +164,69 @@ def test_mutations_leave_an_untouched_route_answering(
     wait_until(lambda: http_get(18999, "/", address="127.0.99.1", timeout=1).status == 200,
                timeout=10, what="the control route")
     assert http_get(18999, "/", address="127.0.99.1").json()["pod"] == "echo"
+
+
+def _gateway(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == "Gateway")
+
+
+def _route(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == "HTTPRoute")
+
+
+def _filter(docs: list[dict[str, Any]], f: dict[str, Any]) -> None:
+    _route(docs)["spec"]["rules"][0].setdefault("filters", []).append(f)
+
+
+# Values the CRDs' schemas refuse, each once found to crash the translator or the Envoy sink:
+# (what, mutation, the object whose status says so, words its message must hold)
+OUT_OF_RANGE: list[tuple[str, Any, str, str]] = [
+    ("listener port", lambda d: _gateway(d)["spec"]["listeners"][0].update(port=-1),
+     "Gateway", "listeners[].port must be between 1 and 65535"),
+    ("listener port", lambda d: _gateway(d)["spec"]["listeners"][0].update(port=2**32),
+     "Gateway", "listeners[].port must be between"),
+    ("redirect port", lambda d: _filter(d, {"type": "RequestRedirect",
+                                            "requestRedirect": {"port": -1}}),
+     "HTTPRoute", "requestRedirect.port must be between"),
+    ("weight", lambda d: _route(d)["spec"]["rules"][0]["backendRefs"][0].update(weight=2**40),
+     "HTTPRoute", "backendRefs[].weight must be between 0 and 1000000"),
+    ("retry attempts", lambda d: _route(d)["spec"]["rules"][0].update(retry={"attempts": -1}),
+     "HTTPRoute", "retry.attempts must be between"),
+    ("retry codes", lambda d: _route(d)["spec"]["rules"][0].update(
+        retry={"attempts": 2, "codes": [-1]}), "HTTPRoute", "retry.codes must be between 400"),
+    ("mirror percent", lambda d: _filter(d, {"type": "RequestMirror", "requestMirror": {
+        "backendRef": {"name": "api", "port": 8080}, "percent": -5}}),
+     "HTTPRoute", "requestMirror.percent must be between 0 and 100"),
+    ("backend port", lambda d: _route(d)["spec"]["rules"][0]["backendRefs"][0].update(
+        port=70000), "HTTPRoute", "backendRefs[].port must be between"),
+]
+
+
+@pytest.mark.parametrize("what, mutate, kind, words", OUT_OF_RANGE,
+                         ids=[c[0] for c in OUT_OF_RANGE])
+def test_out_of_range_values_get_a_status_not_a_crash(what: str, mutate: Any, kind: str,
+                                                      words: str) -> None:
+    docs = copy.deepcopy([d for d in yaml.safe_load_all(
+        (GOLDEN / "http-basic.yaml").read_text()) if isinstance(d, dict)])
+    mutate(docs)
+    snapshot = StoreSnapshot.of(parse_object(d) for d in docs)
+    translation = translate(snapshot)
+    to_envoy(translation.ir)
+    obj = snapshot.of_kind(kinds.GATEWAY if kind == "Gateway" else kinds.HTTP_ROUTE)[0]
+    text = str(translation.status[obj.key].to_kubernetes())
+    assert words in text, text
+
+
+@pytest.mark.parametrize("selector", [{"matchLabels": ["a"]}, {"matchExpressions": ["a"]},
+                                      {"matchExpressions": 5},
+                                      {"matchExpressions": [{"key": 1, "operator": "In"}]}])
+def test_a_selector_of_the_wrong_shape_selects_nothing(selector: dict[str, Any]) -> None:
+    docs = copy.deepcopy([d for d in yaml.safe_load_all(
+        (GOLDEN / "http-basic.yaml").read_text()) if isinstance(d, dict)])
+    _gateway(docs)["spec"]["listeners"][0]["allowedRoutes"] = {
+        "namespaces": {"from": "Selector", "selector": selector}}
+    snapshot = StoreSnapshot.of(parse_object(d) for d in docs)
+    translation = translate(snapshot)
+    to_envoy(translation.ir)
+    route = snapshot.of_kind(kinds.HTTP_ROUTE)[0]
+    assert "NotAllowedByListeners" in str(translation.status[route.key].to_kubernetes())

@@ -44,6 +44,7 @@ class Pipeline:
         self._memo = TranslationMemo()
         self._last: tuple[StoreSnapshot, Translation] | None = None
         self._status_due = asyncio.Event()
+        self._unwritten = False  # the last status could not be written
 
     async def run(self) -> None:
         for event in self.synced:
@@ -78,7 +79,10 @@ class Pipeline:
             "sinks_ms": round((time.perf_counter() - t1) * 1000, 1)})
         self._last = (snapshot, translation)
         if translation.addresses != previous:
-            await asyncio.to_thread(self.addresses.save, translation.addresses)
+            try:
+                await asyncio.to_thread(self.addresses.save, translation.addresses)
+            except OSError as e:  # a full disk must not stop the node: tried again next build
+                log.error("cannot save the address allocations", extra={"error": str(e)})
         self._status_due.set()
         self.built.set()
         if self._memo.misses >= FREEZE_AFTER:
@@ -118,5 +122,10 @@ class Pipeline:
     def _report(self, snapshot: StoreSnapshot, translation: Translation,
                 readiness: list[Mapping[ObjectKey, Readiness]]) -> None:
         """On the status thread: the report is only ever used from here."""
-        if self.report.update(snapshot, translation.status, readiness):
-            self.writer.write(self.report.objects, self.report.current, self.report.errors)
+        if self.report.update(snapshot, translation.status, readiness) or self._unwritten:
+            try:
+                self.writer.write(self.report.objects, self.report.current, self.report.errors)
+                self._unwritten = False
+            except OSError as e:  # tried again at the next status round
+                self._unwritten = True
+                log.error("cannot write status", extra={"error": str(e)})

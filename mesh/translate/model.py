@@ -28,6 +28,9 @@ def _list(v: Any) -> Sequence[Any]:
     return v if isinstance(v, list) else []
 
 
+as_list = _list  # for the translator: a field that must be a list, or nothing
+
+
 def _str(v: Any, default: str = "") -> str:
     return v if isinstance(v, str) else default
 
@@ -42,16 +45,22 @@ def _describe(v: Any) -> str:
     return f"{kind} {v!r}" if isinstance(v, str | float | bool) else kind
 
 
-def _field_int(m: Mapping[str, Any], key: str, where: str,
-               default: int | None = None) -> int | None:
-    """An integer field, absent meaning `default`; any other type names the field (the
-    API server's schema would refuse the object, and the user needs to know where)."""
+def _field_int(m: Mapping[str, Any], key: str, where: str, default: int | None = None,
+               lo: int | None = None, hi: int | None = None) -> int | None:
+    """An integer field, absent meaning `default`, within [lo, hi] as the CRD's schema
+    says; any other type or value names the field (the API server would refuse the
+    object, and the user needs to know where)."""
     v = m.get(key)
     if v is None:
         return default
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
-    raise Invalid(f"{where}.{key} must be an integer, not {_describe(v)}")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise Invalid(f"{where}.{key} must be an integer, not {_describe(v)}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise Invalid(f"{where}.{key} must be between {lo} and {hi}, not {v}")
+    return v
+
+
+PORT = {"lo": 1, "hi": 65535}
 
 
 # -- references ------------------------------------------------------------------------------
@@ -86,7 +95,7 @@ def parse_parent_ref(raw: Any, default_ns: str) -> ParentRef:
         namespace=_str(m.get("namespace"), default_ns),
         name=m["name"],
         section_name=m.get("sectionName") if isinstance(m.get("sectionName"), str) else None,
-        port=_field_int(m, "port", "parentRefs[]"),
+        port=_field_int(m, "port", "parentRefs[]", **PORT),
     )
 
 
@@ -185,7 +194,7 @@ def parse_backend_object_ref(raw: Any, default_ns: str) -> BackendObjectRef:
         kind=_str(m.get("kind"), "Service"),
         namespace=_str(m.get("namespace"), default_ns),
         name=_str(m.get("name")),
-        port=_field_int(m, "port", "backendRefs[]"),
+        port=_field_int(m, "port", "backendRefs[]", **PORT),
     )
 
 
@@ -203,7 +212,7 @@ def parse_filter(raw: Any, default_ns: str) -> Filter:
             scheme=r.get("scheme") if isinstance(r.get("scheme"), str) else None,
             hostname=r.get("hostname") if isinstance(r.get("hostname"), str) else None,
             path=_path_modifier(r.get("path")),
-            port=_field_int(r, "port", "requestRedirect"),
+            port=_field_int(r, "port", "requestRedirect", **PORT),
             status_code=_field_int(r, "statusCode", "requestRedirect", 302) or 302,
         ))
     if kind == "URLRewrite":
@@ -216,11 +225,13 @@ def parse_filter(raw: Any, default_ns: str) -> Filter:
         r = _map(m.get("requestMirror"))
         percent: float | None = None
         if "percent" in r:
-            percent = float(_int(r.get("percent"), 100) or 0)
+            percent = float(_field_int(r, "percent", "requestMirror", 100, lo=0, hi=100) or 0)
         elif "fraction" in r:
             f = _map(r["fraction"])
-            percent = 100.0 * float(_int(f.get("numerator"), 0) or 0) / float(
-                _int(f.get("denominator"), 100) or 100)
+            denominator = _field_int(f, "denominator", "requestMirror.fraction", 100, lo=1)
+            numerator = _field_int(f, "numerator", "requestMirror.fraction", 0, lo=0,
+                                   hi=denominator)
+            percent = 100.0 * float(numerator or 0) / float(denominator or 100)
         return Filter(kind, mirror=Mirror(
             parse_backend_object_ref(r.get("backendRef"), default_ns), percent))
     if kind == "CORS":
@@ -253,7 +264,7 @@ class BackendRef:
 
 def parse_backend_ref(raw: Any, default_ns: str) -> BackendRef:
     m = _map(raw)
-    weight = _field_int(m, "weight", "backendRefs[]", 1)
+    weight = _field_int(m, "weight", "backendRefs[]", 1, lo=0, hi=1_000_000)
     if weight is None or weight < 0:
         raise Invalid("backendRefs[].weight must be 0 or more")
     return BackendRef(
@@ -354,8 +365,11 @@ def parse_http_route(obj: KubeObject) -> Route:
         retry = None
         if "retry" in raw:
             r = _map(raw.get("retry"))
-            retry = Retry(codes=tuple(c for c in _list(r.get("codes")) if isinstance(c, int)),
-                          attempts=_int(r.get("attempts")),
+            codes = _list(r.get("codes"))
+            for c in codes:
+                _field_int({"codes": c}, "codes", "retry", lo=400, hi=599)
+            retry = Retry(codes=tuple(codes),
+                          attempts=_field_int(r, "attempts", "retry", lo=0),
                           backoff=r.get("backoff") if isinstance(r.get("backoff"), str) else None)
         rules.append(HTTPRule(
             name=raw.get("name") if isinstance(raw.get("name"), str) else None,
@@ -451,7 +465,7 @@ def parse_listener(raw: Any, default_ns: str) -> Listener:
         kinds = tuple(RouteGroupKind(_str(k.get("group"), GATEWAY_GROUP), _str(k.get("kind")))
                       for k in map(_map, _list(allowed.get("kinds"))))
     protocol = _str(m.get("protocol"))
-    port = _field_int(m, "port", "listeners[]")
+    port = _field_int(m, "port", "listeners[]", **PORT)
     if not _str(m.get("name")) or port is None:
         raise Invalid("listeners[] need a name and a port")
     return Listener(

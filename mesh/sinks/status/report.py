@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mesh.sinks.sink import READY, Readiness, State, combine
+from mesh.store.kinds import NODE
 from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate.status import ObjectStatus, Reason, with_programmed
@@ -90,7 +91,8 @@ class StatusReport:
         now = self._clock()
         new: dict[ObjectKey, dict[str, Any]] = {}
         inputs: dict[ObjectKey, _Inputs] = {}
-        objects = {o.key: o for o in snapshot}
+        # The node's own facts (its Node object) are not input anyone wrote: not reported.
+        objects = {o.key: o for o in snapshot if o.group_kind != NODE}
         changed = dict(snapshot.errors) != self.errors or objects.keys() != self.objects.keys()
         for key, status in statuses.items():
             obj = objects.get(key)

@@ -32,7 +32,8 @@ class FileStatusWriter:
                   statuses: Mapping[ObjectKey, dict[str, Any]], errors: Mapping[str, str]) -> str:
         parts = []
         cache: dict[ObjectKey, tuple[str, dict[str, Any], str]] = {}
-        for key in sorted(objects):
+        # Kind first, as `mesh status` lists them (the key itself starts with the group).
+        for key in sorted(objects, key=lambda k: (k.kind, k.group, k.namespace, k.name)):
             obj = objects[key]
             status = statuses.get(key, {})
             hit = self._items.get(key)

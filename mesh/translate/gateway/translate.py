@@ -442,7 +442,7 @@ class _Translator:
                        ours: set[tuple[str, str]]) -> None:
         """A route the API's schema would refuse: each of our parents says why."""
         parents = []
-        for raw in obj.spec.get("parentRefs") or []:
+        for raw in model.as_list(obj.spec.get("parentRefs")):
             try:
                 ref = model.parse_parent_ref(raw, obj.namespace)
             except model.Invalid:
@@ -807,12 +807,21 @@ def _node_addresses(snapshot: StoreSnapshot, node_name: str | None) -> frozenset
 
 
 def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
-    """A Kubernetes label selector (matchLabels and matchExpressions)."""
-    for k, v in (selector.get("matchLabels") or {}).items():
+    """A Kubernetes label selector (matchLabels and matchExpressions). A selector of the
+    wrong shape selects nothing: it fails closed."""
+    match_labels = selector.get("matchLabels") or {}
+    expressions = selector.get("matchExpressions") or []
+    if not isinstance(match_labels, Mapping) or not isinstance(expressions, list):
+        return False
+    for k, v in match_labels.items():
         if labels.get(k) != v:
             return False
-    for expr in selector.get("matchExpressions") or []:
+    for expr in expressions:
+        if not isinstance(expr, Mapping):
+            return False
         key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        if not isinstance(key, str) or not isinstance(values, list):
+            return False
         if op == "In" and labels.get(key) not in values:
             return False
         if op == "NotIn" and labels.get(key) in values:
