@@ -25,7 +25,7 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf.message import Message
 
 from mesh.echo import EchoServer
-from meshxds import resources as r
+from mesh.sinks.envoy import resources as r
 from meshxds import types
 from meshxds.cache import Resource
 

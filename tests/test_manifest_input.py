@@ -222,3 +222,15 @@ def test_a_node_whose_addresses_change_is_a_new_version(tmp_path: Path) -> None:
     assert provider.load()
     after = store.snapshot().get(NODE, "", "n")
     assert before is not None and after is not None and before.version != after.version
+
+
+def test_a_resources_file_is_bounded_too(tmp_path: Path) -> None:
+    """`mesh run --resources FILE` reads raw Envoy resources under the same limits."""
+    from mesh.sinks.envoy.resource_file import ResourceFileError, load_resources
+
+    f = tmp_path / "resources.yaml"
+    f.write_text("resources: []\n" + billion_laughs())
+    start = time.perf_counter()
+    with pytest.raises(ResourceFileError, match="expands to more than"):
+        load_resources(f)
+    assert time.perf_counter() - start < 1.0

@@ -9,7 +9,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2 as pb
 from google.protobuf.message import Message
 
-from meshxds import resources as r
+from mesh.sinks.envoy import resources as r
 from meshxds import types
 from meshxds.acks import AckState
 from meshxds.cache import SnapshotCache

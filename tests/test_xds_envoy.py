@@ -8,7 +8,7 @@ from google.protobuf.message import Message
 from mesh.echo import EchoServer
 from mesh.envoy.admin import EnvoyAdmin
 from mesh.envoy.bootstrap import Protocol
-from meshxds import resources as r
+from mesh.sinks.envoy import resources as r
 from meshxds import types
 from meshxds.acks import AckState
 from tests.testbed import Harness, SteadyLoad, http_get, wait_until

@@ -10,8 +10,8 @@ from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import wrappers_pb2
 
 from mesh import ir
+from mesh.sinks.envoy import resources as r
 from mesh.sinks.envoy.secrets import sds
-from meshxds import resources as r
 
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 

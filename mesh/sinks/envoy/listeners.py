@@ -17,9 +17,9 @@ from google.protobuf import wrappers_pb2
 
 from mesh import ir
 from mesh.sinks.envoy import httpfilters
+from mesh.sinks.envoy import resources as r
 from mesh.sinks.envoy.routes import INVALID_BACKEND
 from mesh.sinks.envoy.secrets import sds
-from meshxds import resources as r
 
 
 def _hcm(table: str, stat_prefix: str) -> listener_components_pb2.Filter:

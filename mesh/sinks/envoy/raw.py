@@ -10,8 +10,8 @@ from pathlib import Path
 
 import watchfiles
 
+from mesh.sinks.envoy.resource_file import ResourceFileError, load_resources
 from meshxds.cache import SnapshotCache
-from meshxds.loader import ResourceFileError, load_resources
 
 log = logging.getLogger(__name__)
 

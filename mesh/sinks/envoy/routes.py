@@ -15,7 +15,7 @@ from google.protobuf import wrappers_pb2
 
 from mesh import ir
 from mesh.sinks.envoy import httpfilters
-from meshxds import resources as r
+from mesh.sinks.envoy import resources as r
 
 INVALID_BACKEND = "mesh-invalid-backend"  # never defined: its share answers 500
 _REDIRECT_CODES = {

@@ -16,8 +16,8 @@ from google.protobuf.message import Message
 
 from mesh import ir
 from mesh.sinks.envoy import clusters, listeners, routes, secrets
+from mesh.sinks.envoy import resources as r
 from mesh.store.objects import ObjectKey
-from meshxds import resources as r
 from meshxds import types
 
 

@@ -1,15 +1,14 @@
 """Envoy resources from YAML or JSON: a `resources:` list of objects that each carry `@type`.
 
 This is Envoy's own JSON mapping of its protobuf API, so any Envoy resource can be written
-by hand (for the demo, for debugging) without a translator in between.
+by hand (for the demo, for debugging) without a translator in between. The file is bounded
+like any manifest (`mesh.providers.documents`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 # Importing these registers the message types that resource files name in `@type`,
 # including the nested typed_config of the common filters.
@@ -25,6 +24,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2  # noqa: F401
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
+from mesh.providers import documents
 from meshxds import types
 
 
@@ -32,11 +32,17 @@ class ResourceFileError(ValueError):
     """The file cannot be turned into resources; the message says where and why."""
 
 
-def load_resources(path: Path) -> list[Message]:
+def load_resources(path: Path,
+                   limits: documents.Limits = documents.DEFAULT_LIMITS) -> list[Message]:
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        with path.open("rb") as f:
+            text = documents.check_text(f.read(limits.file_bytes + 1), limits)
+        docs = documents.load_yaml(text, limits)
+    except (OSError, documents.DocumentError) as e:
         raise ResourceFileError(f"{path}: {e}") from e
+    if len(docs) != 1:
+        raise ResourceFileError(f"{path}: expected one document, found {len(docs)}")
+    doc = docs[0]
     if not isinstance(doc, dict) or not isinstance(doc.get("resources"), list):
         raise ResourceFileError(f"{path}: expected a mapping with a 'resources' list")
     return [_parse(path, i, item) for i, item in enumerate(doc["resources"])]
