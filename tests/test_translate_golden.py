@@ -127,27 +127,32 @@ def test_cached_translation_equals_a_fresh_one(tmp_path: Path) -> None:
 
 def test_cached_translation_follows_content_not_generation() -> None:
     """As an API server sends them: a Service's port changes and its generation does not
-    (core kinds have none). The memo must see the change, as a fresh translation does."""
+    (core kinds have none); a route changes under the same generation (what the memo keys
+    on must be content, whatever a server does with generations). The memo must see each
+    change, as a fresh translation does."""
     docs = list(yaml.safe_load_all((GOLDEN / "http-basic.yaml").read_text()))
 
-    def snapshot(port: int) -> StoreSnapshot:
+    def snapshot(port: int, path: str) -> StoreSnapshot:
         objects = []
         for d in docs:
+            d = {**d, "metadata": {**d["metadata"], "generation": 1}}
             if d["kind"] == "Service":
-                d = {**d, "metadata": {**d["metadata"], "generation": 1},
-                     "spec": {**d["spec"], "ports": [{**p, "port": port}
-                                                     for p in d["spec"]["ports"]]}}
+                d["spec"] = {**d["spec"], "ports": [{**p, "port": port}
+                                                    for p in d["spec"]["ports"]]}
+            if d["kind"] == "HTTPRoute":
+                d = json.loads(json.dumps(d).replace('"/old"', json.dumps(path)))
             objects.append(parse_object(d))
         return StoreSnapshot.of(objects)
 
     memo = TranslationMemo()
-    before, after = snapshot(8080), snapshot(8081)
-    services = [o for o in after if o.kind == "Service"]
-    assert services and all(o.generation == 1 for o in services)
-    first = translate(before, memo=memo)
-    cached = translate(after, memo=memo)
-    assert stages(cached) == stages(translate(after))
-    assert stages(cached) != stages(first)
+    steps = [snapshot(8080, "/old"), snapshot(8081, "/old"), snapshot(8081, "/older")]
+    assert all(o.generation == 1 for s in steps for o in s)
+    previous = None
+    for snap in steps:
+        cached = translate(snap, memo=memo)
+        assert stages(cached) == stages(translate(snap))
+        assert stages(cached) != previous
+        previous = stages(cached)
 
 
 def test_static_addresses_the_node_has_are_served_and_others_reported() -> None:
