@@ -6,8 +6,10 @@ from __future__ import annotations
 from mesh.sinks.envoy.sink import readiness_of
 from mesh.sinks.sink import Readiness
 from mesh.sinks.status.report import StatusReport
+from mesh.store.kinds import GATEWAY_GROUP
 from mesh.store.objects import KubeObject, ObjectKey, parse_object
 from mesh.store.store import StoreSnapshot
+from mesh.translate.model import ParentRef
 from mesh.translate.status import (
     Conditions,
     ParentStatus,
@@ -30,7 +32,8 @@ def route(name: str, label: str = "") -> KubeObject:
 
 
 def accepted(obj: KubeObject) -> RouteStatus:
-    return RouteStatus([ParentStatus({"name": "gw"}, "mesh", Conditions([
+    return RouteStatus([ParentStatus(ParentRef(GATEWAY_GROUP, "Gateway", "default", "gw"),
+                                     "mesh", Conditions([
         condition(Type.ACCEPTED, True, Reason.ACCEPTED, "attached", obj.generation)]))])
 
 

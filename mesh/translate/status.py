@@ -9,9 +9,10 @@ depends on what the sinks did: the status sink adds both. `to_kubernetes()` give
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from mesh.translate.model import ParentRef
 
 
 class Type:
@@ -163,12 +164,12 @@ class GatewayStatus:
 class ParentStatus:
     """One parent's (or ancestor's) part of a route's or a policy's status."""
 
-    ref: Mapping[str, Any]  # parentRef / ancestorRef as the API shows it
+    ref: ParentRef  # the parentRef / ancestorRef
     controller_name: str
     conditions: Conditions = field(default_factory=_conditions)
 
     def to_kubernetes(self, ref_field: str) -> dict[str, Any]:
-        return {ref_field: dict(self.ref), "controllerName": self.controller_name,
+        return {ref_field: self.ref.describe(), "controllerName": self.controller_name,
                 "conditions": self.conditions.to_kubernetes()}
 
 

@@ -75,6 +75,7 @@ class TranslationMemo:
         self.misses = 0  # routes translated anew by the last translation
 
 
+_PARENT_KINDS = frozenset({kinds.GATEWAY, kinds.LISTENER_SET, kinds.X_LISTENER_SET})
 _NOT_IN_WORLD = frozenset({kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE,
                            kinds.ENDPOINT_SLICE, kinds.INGRESS})
 
@@ -408,10 +409,9 @@ class _Translator:
 
     def _attach_routes(self, gateways: list[model.Gateway], listeners: list[_Listener]) -> None:
         ours = {(g.obj.namespace, g.obj.name) for g in gateways}
-        by_owner: dict[tuple[str, str, str], list[_Listener]] = {}
+        by_owner: dict[ObjectKey, list[_Listener]] = {}
         for li in listeners:
-            by_owner.setdefault((li.owner.kind, li.owner.namespace, li.owner.name),
-                                []).append(li)
+            by_owner.setdefault(li.owner.key, []).append(li)
         parsers = {"HTTPRoute": model.parse_http_route, "GRPCRoute": model.parse_grpc_route,
                    "TLSRoute": model.parse_tls_route}
         by_key = {li.key: li for li in listeners}
@@ -449,7 +449,7 @@ class _Translator:
                 continue
             if ref.kind == "Gateway" and (ref.namespace, ref.name) not in ours:
                 continue
-            parents.append(ParentStatus(ref.describe(), self.cfg.controller_name, Conditions([
+            parents.append(ParentStatus(ref, self.cfg.controller_name, Conditions([
                 condition(Type.ACCEPTED, False, Reason.UNSUPPORTED_VALUE, message,
                           obj.generation)])))
         if parents:
@@ -468,17 +468,16 @@ class _Translator:
         self.outcomes[old.obj.key] = old
 
     def _attach(self, route: model.Route, ours: set[tuple[str, str]],
-                by_owner: dict[tuple[str, str, str], list[_Listener]]) -> None:
+                by_owner: dict[ObjectKey, list[_Listener]]) -> None:
         parents = []
         resolved = None
         attachments: list[tuple[str, tuple[str, ...], Entry]] = []
         gen = route.obj.generation
         for ref in route.parent_refs:
-            if ref.group != GATEWAY_GROUP or ref.kind not in ("Gateway", "ListenerSet",
-                                                               "XListenerSet"):
+            if GroupKind(ref.group, ref.kind) not in _PARENT_KINDS:
                 continue
-            candidates = by_owner.get((ref.kind.removeprefix("X"), ref.namespace, ref.name)) or \
-                by_owner.get((ref.kind, ref.namespace, ref.name))
+            # Parents by group and kind: an XListenerSet is not a ListenerSet of that name.
+            candidates = by_owner.get(ObjectKey(ref.group, ref.kind, ref.namespace, ref.name))
             if ref.kind == "Gateway" and (ref.namespace, ref.name) not in ours:
                 continue
             if ref.kind != "Gateway" and candidates is None:
@@ -490,7 +489,7 @@ class _Translator:
             conds = Conditions([condition(Type.ACCEPTED, accepted, reason, message, gen),
                                 condition(Type.RESOLVED_REFS, resolved.ok, resolved.reason,
                                           resolved.message, gen)])
-            parents.append(ParentStatus(ref.describe(), self.cfg.controller_name, conds))
+            parents.append(ParentStatus(ref, self.cfg.controller_name, conds))
             for li, names in attached:
                 li.attached += 1
                 attachments.append((li.key, names, self.routes.add(
@@ -715,8 +714,8 @@ class _Translator:
                 parents = user_status.parents if isinstance(user_status, RouteStatus) else []
                 for parent in parents:
                     ref = parent.ref
-                    if parent.conditions.true(Type.ACCEPTED) and ref["kind"] == "Gateway":
-                        gateways.add((ref["namespace"], ref["name"]))
+                    if parent.conditions.true(Type.ACCEPTED) and ref.kind == "Gateway":
+                        gateways.add((ref.namespace, ref.name))
             if not gateways:
                 continue
             _, problem = self.routes.policy_check(policy)
@@ -734,8 +733,8 @@ class _Translator:
                          condition(Type.RESOLVED_REFS, True, Reason.RESOLVED_REFS,
                                    "references resolved", gen)]
             self.status[key] = PolicyStatus([
-                ParentStatus({"group": GATEWAY_GROUP, "kind": "Gateway", "namespace": ns,
-                              "name": name}, self.cfg.controller_name, Conditions(conds))
+                ParentStatus(model.ParentRef(GATEWAY_GROUP, "Gateway", ns, name),
+                             self.cfg.controller_name, Conditions(conds))
                 for ns, name in sorted(gateways)])
 
     # -- IR listeners ------------------------------------------------------------------------
