@@ -4,8 +4,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SYSTEM_STAMP := $(VENV)/.system
+# The machine's part of the datapath: bcc (compiles the eBPF programs; its Python module and
+# libbcc from Debian), kernel headers for it, the standard CNI plugins (host-local IPAM),
+# iproute2, iperf3 (benchmarks).
+DEBIAN_PACKAGES := python3-bpfcc linux-headers-amd64 containernetworking-plugins iproute2 \
+	iperf3
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install system run test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -13,17 +19,41 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# Debian packages (as root; `apt-get update` only if the lists are stale), then: where the
+# running kernel ships no headers, Debian's linux-headers-amd64 stand in (the programs use
+# UAPI headers only); bcc's module is reached from the venv through a directory holding
+# just it, so Debian's other Python packages stay out of the venv.
+$(SYSTEM_STAMP): $(STAMP) Makefile
+	@missing=""; for p in $(DEBIAN_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || \
+			missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null || \
+		{ apt-get update -q >/dev/null && \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; fi
+	@k=$$(uname -r); if [ ! -e /lib/modules/$$k/build/include ]; then \
+		h=$$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -1); \
+		mkdir -p /lib/modules/$$k; ln -sfn $$h /lib/modules/$$k/build; \
+		ln -sfn $${h%-amd64}-common /lib/modules/$$k/source; fi
+	mkdir -p $(VENV)/system-bcc
+	ln -sfn /usr/lib/python3/dist-packages/bcc $(VENV)/system-bcc/bcc
+	echo "$(abspath $(VENV))/system-bcc" > \
+		$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/system-bcc.pth
+	touch $(SYSTEM_STAMP)
 
-run: $(STAMP)
+install: $(STAMP) $(SYSTEM_STAMP)
+system: $(SYSTEM_STAMP)
+
+run: $(STAMP) $(SYSTEM_STAMP)
 	$(VENV)/bin/mesh run --manifests examples/gateway --echo 127.0.0.1:18080
 
-test: $(STAMP)
+test: $(STAMP) $(SYSTEM_STAMP)
 	$(VENV)/bin/ruff check mesh meshxds tests benchmarks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(SYSTEM_STAMP)
 	$(PY) -m pytest -q -ra -m 'not slow'
 
 bench: $(STAMP)

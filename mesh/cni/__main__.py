@@ -1,0 +1,3 @@
+from mesh.cni.plugin import main
+
+main()

@@ -1,0 +1,99 @@
+"""The runtime side of CNI: a network configuration list run the way libcni (and a kubelet's
+container runtime) runs it, for the lab and the tests. Debian has no `cnitool`; this is the
+same protocol: each plugin of the list in order for ADD (the previous result passed on as
+`prevResult`), in reverse for DEL, the list's name and cniVersion injected in each plugin's
+configuration, the ADD result cached per container for CHECK and DEL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mesh.cni.plugin import CNIError
+
+
+@dataclass(frozen=True)
+class NetworkList:
+    name: str
+    version: str
+    plugins: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def load(cls, path: Path) -> NetworkList:
+        doc = json.loads(path.read_text())
+        return cls(str(doc["name"]), str(doc["cniVersion"]), tuple(doc["plugins"]))
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"cniVersion": self.version, "name": self.name,
+                                    "plugins": list(self.plugins)}, indent=2))
+
+
+class Runtime:
+    def __init__(self, network: NetworkList, bin_dirs: list[str], cache_dir: Path,
+                 netns_exec: list[str] | None = None) -> None:
+        self.network = network
+        self.bin_dirs = bin_dirs
+        self.cache_dir = cache_dir
+        # A prefix to run plugins with, e.g. ["ip", "netns", "exec", NODE]: the node's
+        # namespace, where the host side of the pod's interface goes.
+        self.netns_exec = netns_exec or []
+
+    def _cache(self, container_id: str, ifname: str) -> Path:
+        return self.cache_dir / f"{self.network.name}-{container_id}-{ifname}.json"
+
+    def _call(self, plugin: dict[str, Any], command: str, container_id: str, netns: str,
+              ifname: str, prev: dict[str, Any] | None) -> dict[str, Any] | None:
+        conf = {**plugin, "name": self.network.name, "cniVersion": self.network.version}
+        if prev is not None:
+            conf["prevResult"] = prev
+        binary = next((str(Path(d) / plugin["type"]) for d in self.bin_dirs
+                       if os.access(Path(d) / plugin["type"], os.X_OK)), None)
+        if binary is None:
+            raise CNIError(7, f"plugin {plugin['type']} not found in {self.bin_dirs}")
+        env = {**os.environ, "CNI_COMMAND": command, "CNI_CONTAINERID": container_id,
+               "CNI_NETNS": netns, "CNI_IFNAME": ifname,
+               "CNI_PATH": os.pathsep.join(self.bin_dirs)}
+        out = subprocess.run([*self.netns_exec, binary], input=json.dumps(conf).encode(),
+                             env=env, capture_output=True, timeout=60, check=False)
+        text = out.stdout.decode(errors="replace").strip()
+        if out.returncode != 0:
+            try:
+                err = json.loads(text)
+            except ValueError:
+                raise CNIError(999, text or out.stderr.decode(errors="replace")) from None
+            raise CNIError(int(err.get("code", 999)), str(err.get("msg", "")),
+                           str(err.get("details", "")))
+        return json.loads(text) if text else None
+
+    def add(self, container_id: str, netns: str, ifname: str = "eth0") -> dict[str, Any]:
+        result: dict[str, Any] | None = None
+        for plugin in self.network.plugins:
+            result = self._call(plugin, "ADD", container_id, netns, ifname, result) or result
+        assert result is not None
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._cache(container_id, ifname).write_text(json.dumps(result))
+        return result
+
+    def cached(self, container_id: str, ifname: str = "eth0") -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads(self._cache(container_id, ifname).read_text())
+            return data
+        except (OSError, ValueError):
+            return None
+
+    def check(self, container_id: str, netns: str, ifname: str = "eth0") -> None:
+        prev = self.cached(container_id, ifname)
+        for plugin in self.network.plugins:
+            self._call(plugin, "CHECK", container_id, netns, ifname, prev)
+
+    def delete(self, container_id: str, netns: str, ifname: str = "eth0") -> None:
+        prev = self.cached(container_id, ifname)
+        for plugin in reversed(self.network.plugins):
+            self._call(plugin, "DEL", container_id, netns, ifname, prev)
+        self._cache(container_id, ifname).unlink(missing_ok=True)
