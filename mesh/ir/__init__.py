@@ -2,13 +2,15 @@
 
 Produced by the pure translator from a store snapshot; consumed by the sinks (Envoy over xDS
 now; BPF maps and encryption peers later). One module per concern: `l7` for what the node's
-Envoy serves; L4 service frontends and encryption peers join with the datapath.
+Envoy serves, `l4` for the service frontends the datapath balances in the kernel;
+encryption peers join later.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mesh.ir.l4 import L4Backend, ServiceFrontend
 from mesh.ir.l7 import (
     Action,
     Backend,
@@ -35,10 +37,31 @@ from mesh.ir.l7 import (
 )
 
 __all__ = [
-    "IR", "Action", "Backend", "Certificate", "ClientValidation", "Cors", "DirectResponse",
-    "Endpoint", "FilterChain", "Forward", "HeaderOps", "Listener", "Mirror", "Owners",
-    "Redirect", "Retry", "Route", "RouteTable", "StringMatch", "TrustBundle", "UpstreamTLS",
-    "VirtualHost", "WeightedBackend",
+    "IR",
+    "Action",
+    "Backend",
+    "Certificate",
+    "ClientValidation",
+    "Cors",
+    "DirectResponse",
+    "Endpoint",
+    "FilterChain",
+    "Forward",
+    "HeaderOps",
+    "L4Backend",
+    "Listener",
+    "Mirror",
+    "Owners",
+    "Redirect",
+    "Retry",
+    "Route",
+    "RouteTable",
+    "ServiceFrontend",
+    "StringMatch",
+    "TrustBundle",
+    "UpstreamTLS",
+    "VirtualHost",
+    "WeightedBackend",
 ]
 
 
@@ -51,3 +74,4 @@ class IR:
     backends: tuple[Backend, ...] = ()
     certificates: tuple[Certificate, ...] = ()
     trust_bundles: tuple[TrustBundle, ...] = ()
+    services: tuple[ServiceFrontend, ...] = ()  # L4: for the datapath

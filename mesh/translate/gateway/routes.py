@@ -214,7 +214,7 @@ class RouteBuilder:
         protocol = "h2c" if grpc or port.app_protocol in (_H2C, "grpc") else "http1"
         name = f"{ref.namespace}/{ref.name}/{port.port}"
         self._backends[name] = ir.Backend(
-            name=name, endpoints=self._endpoints(svc, port), protocol=protocol, tls=tls)
+            name=name, endpoints=self.endpoints(svc, port), protocol=protocol, tls=tls)
         self._owners.setdefault(name, set())
         return name
 
@@ -226,7 +226,7 @@ class RouteBuilder:
     def service(self, namespace: str, name: str) -> model.Service | None:
         return self._services.get((namespace, name))
 
-    def _endpoints(self, svc: model.Service, port: model.ServicePort) -> tuple[ir.Endpoint, ...]:
+    def endpoints(self, svc: model.Service, port: model.ServicePort) -> tuple[ir.Endpoint, ...]:
         out: set[ir.Endpoint] = set()
         for es in self._slices.get((svc.obj.namespace, svc.obj.name), ()):
             numbers = [p for n, p in es.ports if n == port.name]

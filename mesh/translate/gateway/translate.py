@@ -147,6 +147,7 @@ class _Translator:
         self._policy_status()
         out_listeners = self._ir_listeners(listeners)
         from mesh.translate.ingress import translate_ingresses
+        from mesh.translate.services import translate_services
 
         ingress = translate_ingresses(self.s, self.cfg, self.routes,
                                       lambda: self._allocate("ingress"))
@@ -163,6 +164,7 @@ class _Translator:
                 certificates=tuple(self.routes.certificates()),
                 trust_bundles=tuple(ir.TrustBundle(k, v)
                                     for k, v in sorted(self.trust_bundles.items())),
+                services=translate_services(self.s, self.routes),
             ),
             status=self.status,
             addresses=self.addresses,

@@ -1,0 +1,92 @@
+/* Socket-level load balancing (the kube-proxy replacement for pods' own connections).
+ *
+ * Attached to the pods' cgroup: connect() and sendmsg() to a ClusterIP:port are rewritten,
+ * once per connection (per datagram for unconnected UDP), to a backend's address; the
+ * packets then go straight to the backend with no per-packet NAT. getpeername() and a UDP
+ * reply's source show the ClusterIP again, as the application asked for it. */
+#include "lib/common.h"
+#include "lib/lb.h"
+
+static __always_inline __u8 sock_proto(struct bpf_sock_addr *ctx)
+{
+	return ctx->type == SOCK_DGRAM ? IPPROTO_UDP : IPPROTO_TCP;
+}
+
+/* The backend for this frontend, or 0 (not a service, no live backend). */
+static __always_inline int lb4_pick(struct bpf_sock_addr *ctx, struct lb4_backend *out,
+				    __u16 *rev_nat_index)
+{
+	struct lb4_key key = {};
+	key.address = ctx->user_ip4;
+	key.dport = (__u16)ctx->user_port;
+	key.proto = sock_proto(ctx);
+	struct lb4_service *svc = mesh_services.lookup(&key);
+	if (!svc || svc->count == 0)
+		return 0;
+	*rev_nat_index = svc->rev_nat_index;
+	/* Slots hold only backends that take new connections: a terminating backend leaves its
+	 * slot (the agent compacts the slots) but stays in mesh_backends, and connections
+	 * already made to it go on, since a socket-level rewrite is done once per connect. */
+	key.backend_slot = (bpf_get_prandom_u32() % svc->count) + 1;
+	struct lb4_service *slot = mesh_services.lookup(&key);
+	if (!slot)
+		return 0;
+	__u32 id = slot->backend_id;
+	struct lb4_backend *be = mesh_backends.lookup(&id);
+	if (!be)
+		return 0;
+	*out = *be;
+	return 1;
+}
+
+static __always_inline int lb4_translate(struct bpf_sock_addr *ctx)
+{
+	struct lb4_backend be = {};
+	__u16 rev = 0;
+	__be32 frontend = ctx->user_ip4;
+	__be16 fport = (__u16)ctx->user_port;
+	if (!lb4_pick(ctx, &be, &rev))
+		return 1; /* not a service (or none live): the connection goes as asked */
+	ctx->user_ip4 = be.address;
+	ctx->user_port = be.port;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct lb4_sock_rev r = { .address = frontend, .port = fport, .rev_nat_index = rev };
+	mesh_sock_rev.update(&cookie, &r);
+	return 1;
+}
+
+int mesh_connect4(struct bpf_sock_addr *ctx)
+{
+	return lb4_translate(ctx);
+}
+
+int mesh_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return lb4_translate(ctx);
+}
+
+/* Show the frontend again where the socket's peer is the backend it was sent to. */
+static __always_inline int lb4_reverse(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct lb4_sock_rev *r = mesh_sock_rev.lookup(&cookie);
+	if (!r)
+		return 1;
+	__u16 idx = r->rev_nat_index;
+	struct lb4_reverse_nat *nat = mesh_rev_nat.lookup(&idx);
+	if (!nat || nat->address != r->address || nat->port != r->port)
+		return 1; /* the service is gone or changed: tell the truth */
+	ctx->user_ip4 = r->address;
+	ctx->user_port = r->port;
+	return 1;
+}
+
+int mesh_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return lb4_reverse(ctx);
+}
+
+int mesh_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return lb4_reverse(ctx);
+}
