@@ -58,10 +58,10 @@ class Loaded:
     bpf: Any
 
     def table(self, name: str) -> Any:
-        return self.bpf.get_table(name)
+        return self.bpf.get_table(name.encode())
 
     def function(self, name: str, prog_type: int, attach_type: int = -1) -> Any:
-        return self.bpf.load_func(name, prog_type, attach_type=attach_type)
+        return self.bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
 
     def close(self) -> None:
         self.bpf.cleanup()

@@ -1,0 +1,72 @@
+"""The datapath sink: the IR's L4 service frontends into the pinned BPF maps, the socket-level
+load balancer attached to the pods' cgroup, and per-object readiness for status (a Service
+whose maps could not be written says so, with the error)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from mesh.datapath.programs import Loaded, compile_program
+from mesh.datapath.services import ServiceReconciler
+from mesh.ir import IR
+from mesh.sinks.sink import Readiness, State
+from mesh.store.objects import ObjectKey
+
+# (program, attach type) of bpf/sock_lb.c, by bcc's BPFAttachType numbers.
+_SOCK_LB = (("mesh_connect4", 10), ("mesh_sendmsg4", 14), ("mesh_recvmsg4", 19),
+            ("mesh_getpeername4", 29))
+_CGROUP_SOCK_ADDR = 18
+
+
+class DatapathSink:
+    name = "datapath"
+
+    def __init__(self, pin_dir: Path, cgroup: Path | None = None) -> None:
+        self.pin_dir = pin_dir
+        self.loaded: Loaded = compile_program("sock_lb.c", pin_dir)
+        self.reconciler = ServiceReconciler(self.loaded.table("mesh_services"),
+                                            self.loaded.table("mesh_backends"),
+                                            self.loaded.table("mesh_rev_nat"))
+        self._owners: dict[tuple[str, int, str], frozenset[ObjectKey]] = {}
+        self._progress = asyncio.Event()
+        if cgroup is not None:
+            self.attach(cgroup)
+
+    def attach(self, cgroup: Path) -> None:
+        """Attach the socket load balancer to a cgroup (v2): every socket its processes
+        open is balanced. An agent's earlier programs there are replaced in place."""
+        from bcc import BPF
+
+        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name, attach_type in _SOCK_LB:
+                fn = self.loaded.function(name, _CGROUP_SOCK_ADDR, attach_type)
+                BPF.attach_func(fn, fd, attach_type)
+        finally:
+            os.close(fd)
+
+    def apply(self, ir: IR) -> None:
+        self._owners = {f.key: f.owners for f in ir.services}
+        self.reconciler.apply(ir.services)
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    def readiness(self) -> Mapping[ObjectKey, Readiness]:
+        out: dict[ObjectKey, Readiness] = {}
+        for key, error in self.reconciler.readiness_errors().items():
+            for owner in self._owners.get(key, ()):
+                out[owner] = Readiness(State.FAILED, error)
+        return out  # written frontends are ready the moment apply() returns
+
+    async def wait_progress(self) -> None:
+        await self._progress.wait()
+
+    def close(self) -> None:
+        """Let go of the programs' file descriptors; the pinned maps and the attached
+        programs stay, and keep balancing while no agent runs."""
+        with contextlib.suppress(Exception):
+            self.loaded.close()

@@ -1,0 +1,203 @@
+"""The eBPF service datapath for real: bcc-compiled programs, pinned maps, pods in network
+namespaces wired by the CNI plugin, a cgroup (v2) with the socket load balancer, real TCP."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mesh import ir
+from mesh.datapath import layout
+from mesh.datapath.programs import compile_program, unmount_bpffs
+from mesh.datapath.services import ServiceReconciler
+from mesh.datapath.sink import DatapathSink
+from tests.test_cni import Node, node  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.netns
+CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
+CLUSTER_IP = "10.96.0.10"
+
+SERVER = """
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 8080)); s.listen(64); print("listening", flush=True)
+def serve(c):
+    with c:
+        while data := c.recv(100):
+            c.sendall(sys.argv[2].encode() + b" " + data)
+while True:
+    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+# Connects N times to the ClusterIP, prints who answered and what getpeername() said; or,
+# with "hold", keeps one connection open and answers lines on stdin through it.
+CLIENT = """
+import socket, sys
+ip, n = sys.argv[1], int(sys.argv[2])
+if n == 0:
+    c = socket.create_connection((ip, 80), timeout=5)
+    for line in sys.stdin:
+        c.sendall(line.strip().encode()); print(c.recv(100).decode(), flush=True)
+else:
+    for _ in range(n):
+        with socket.create_connection((ip, 80), timeout=5) as c:
+            c.sendall(b"hi"); who = c.recv(100).decode().split()[0]
+            print(who, c.getpeername()[0], flush=True)
+"""
+
+
+@pytest.fixture
+def pins(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "bpffs"
+    yield path
+    unmount_bpffs(path)
+
+
+def test_map_layouts_match_the_c_structs(pins: Path) -> None:
+    loaded = compile_program("sock_lb.c", pins)
+    try:
+        for name, (key_type, value_type) in layout.MAPS.items():
+            table = loaded.table(name)
+            for ours, theirs in ((key_type, table.Key), (value_type, table.Leaf)):
+                assert ctypes.sizeof(ours) == ctypes.sizeof(theirs), (name, ours)
+                if issubclass(ours, ctypes.Structure):
+                    assert [(f[0], getattr(ours, f[0]).offset) for f in ours._fields_] == \
+                        [(f[0], getattr(theirs, f[0]).offset) for f in theirs._fields_], name
+    finally:
+        loaded.close()
+
+
+def frontend(*backends: str, port: int = 8080) -> ir.ServiceFrontend:
+    return ir.ServiceFrontend(CLUSTER_IP, 80, "TCP",
+                              tuple(ir.L4Backend(b, port) for b in backends))
+
+
+def dump(rec: ServiceReconciler) -> dict[tuple[int, int], tuple[int, int, int]]:
+    return {(int(k.backend_slot), int(k.dport)): (int(v.backend_id), int(v.count),
+                                                 int(v.rev_nat_index))
+            for k, v in rec.services.items()}
+
+
+def test_the_reconciler_writes_only_the_difference_and_adopts_pinned_maps(pins: Path) -> None:
+    loaded = compile_program("sock_lb.c", pins)
+    tables = [loaded.table(n) for n in ("mesh_services", "mesh_backends", "mesh_rev_nat")]
+    rec = ServiceReconciler(*tables)
+    others = [ir.ServiceFrontend(f"10.96.1.{i}", 80, "TCP", (ir.L4Backend("10.1.0.1", 80),))
+              for i in range(1, 50)]
+    rec.apply([frontend("10.244.0.2", "10.244.0.3"), *others])
+    before = rec.writes
+    rec.apply([frontend("10.244.0.2", "10.244.0.3", "10.244.0.4"), *others])
+    # One more backend: its backend entry, its slot, the frontend's count. Nothing else.
+    assert rec.writes - before == 3
+    state = dump(rec)
+    loaded.close()
+    # A restarted agent: the maps are pinned; it reads them back and writes nothing.
+    loaded = compile_program("sock_lb.c", pins)
+    again = ServiceReconciler(*[loaded.table(n) for n in ("mesh_services", "mesh_backends",
+                                                          "mesh_rev_nat")])
+    assert dump(again) == state
+    again.apply([frontend("10.244.0.2", "10.244.0.3", "10.244.0.4"), *others])
+    assert again.writes == 0
+    again.apply([frontend("10.244.0.3")])  # shrink, and 49 services gone
+    assert {k[0] for k in dump(again)} == {0, 1}
+    assert len(list(again.backends.items())) == 1
+    loaded.close()
+
+
+@dataclass
+class Lab:
+    node: Node
+    pods: dict[str, str]  # name -> IP
+    cgroup: Path
+
+
+@pytest.fixture
+def lab(node: Node, tmp_path: Path) -> Iterator[Lab]:  # noqa: F811
+    rt = node.runtime("10.212.0.0/24", tmp_path / "cache")
+    pods: dict[str, str] = {}
+    servers = []
+    for name in ("backend-a", "backend-b", "backend-c", "client"):
+        ns = node.pod(name)
+        pods[name] = rt.add(name, f"/var/run/netns/{ns}")["ips"][0]["address"].split("/")[0]
+        if name != "client":
+            p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER,
+                                  pods[name], name], stdout=subprocess.PIPE, text=True)
+            assert p.stdout is not None and "listening" in p.stdout.readline()
+            servers.append(p)
+    cgroup = CGROUP_ROOT / f"mesh-test-{os.getpid()}"
+    cgroup.mkdir()
+    try:
+        yield Lab(node, pods, cgroup)
+    finally:
+        for p in servers:
+            p.kill()
+            p.wait()
+        cgroup.rmdir()  # its programs go with it
+
+
+def client(lab: Lab, n: int, **kw: object) -> subprocess.Popen[str]:
+    procs = str(lab.cgroup / "cgroup.procs")
+
+    def join() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    proc: subprocess.Popen[str] = subprocess.Popen(  # type: ignore[call-overload]
+        ["ip", "netns", "exec", f"{lab.node.name}-client", sys.executable, "-c", CLIENT,
+         CLUSTER_IP, str(n)], preexec_fn=join, stdout=subprocess.PIPE, text=True, **kw)
+    return proc
+
+
+def answers(lab: Lab, n: int) -> list[tuple[str, str]]:
+    p = client(lab, n)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0, out
+    return [tuple(line.split()) for line in out.splitlines()]  # type: ignore[misc]
+
+
+def test_a_cluster_ip_spreads_over_every_backend(lab: Lab, pins: Path) -> None:
+    sink = DatapathSink(pins, lab.cgroup)
+    try:
+        backends = [lab.pods[n] for n in ("backend-a", "backend-b", "backend-c")]
+        sink.apply(ir.IR(services=(frontend(*backends),)))
+        got = answers(lab, 60)
+        seen = Counter(who for who, _ in got)
+        assert set(seen) == {"backend-a", "backend-b", "backend-c"}, seen
+        assert {peer for _, peer in got} == {CLUSTER_IP}  # getpeername shows the ClusterIP
+    finally:
+        sink.close()
+
+
+def test_a_removed_backend_gets_no_new_connection_and_an_established_one_finishes(
+        lab: Lab, pins: Path) -> None:
+    sink = DatapathSink(pins, lab.cgroup)
+    a = lab.pods["backend-a"]
+    try:
+        sink.apply(ir.IR(services=(frontend(a),)))
+        held = client(lab, 0, stdin=subprocess.PIPE)
+        assert held.stdin is not None and held.stdout is not None
+        held.stdin.write("before\n")
+        held.stdin.flush()
+        assert held.stdout.readline().strip() == "backend-a before"
+        sink.apply(ir.IR(services=(frontend(lab.pods["backend-b"]),)))
+        assert {who for who, _ in answers(lab, 20)} == {"backend-b"}
+        held.stdin.write("after\n")
+        held.stdin.flush()
+        assert held.stdout.readline().strip() == "backend-a after"
+        held.stdin.close()
+        held.wait(10)
+        # The agent goes away: the programs and pinned maps keep balancing.
+        sink.close()
+        assert {who for who, _ in answers(lab, 10)} == {"backend-b"}
+        sink = DatapathSink(pins, lab.cgroup)  # back: adopts the maps, rewrites nothing
+        sink.apply(ir.IR(services=(frontend(lab.pods["backend-b"]),)))
+        assert sink.reconciler.writes == 0
+    finally:
+        sink.close()
