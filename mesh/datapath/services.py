@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -61,6 +62,12 @@ class ServiceReconciler:
         self.writes = 0  # map writes and deletes, over the reconciler's life
         self._load()
         self._backend_pool = _Ids(self.backend_ids.values(), 2**32 - 1)
+        # How many slots name each backend: one change releases what it alone used, with
+        # no scan over every service.
+        self._refs: Counter[int] = Counter(i for inst in self.installed.values()
+                                           for i in inst.backends)
+        self._orphans = set(self.backend_ids.values()) - set(self._refs)
+        self._backend_keys = {i: bk for bk, i in self.backend_ids.items()}
         self._rev_nat_pool = _Ids((i.rev_nat_index for i in self.installed.values()), 65535)
 
     # -- reading the pinned maps back ----------------------------------------------------
@@ -102,6 +109,11 @@ class ServiceReconciler:
                           extra={"frontend": "{}:{}/{}".format(*key), "error": str(e)})
         self._release_unused_backends()
 
+    def update(self, f: ir.ServiceFrontend) -> None:
+        """One frontend changed (an event path, no diff over the others): its writes only."""
+        self._upsert(f)
+        self._release_unused_backends()
+
     def _upsert(self, f: ir.ServiceFrontend) -> None:
         proto = IPPROTO[f.protocol]
         ids = tuple(self._backend_id(b, proto) for b in f.backends)
@@ -116,6 +128,9 @@ class ServiceReconciler:
         if old is not None:
             for slot in range(len(ids) + 1, len(old.backends) + 1):
                 self._delete(self.services, _key(f, slot))
+        self._refs.update(ids)
+        if old is not None:
+            self._unref(old.backends)
         self.installed[f.key] = Installed(rev, ids)
 
     def _remove(self, key: FrontendKey) -> None:
@@ -127,6 +142,7 @@ class ServiceReconciler:
             self._delete(self.services, _key(f, slot))
         self._delete(self.rev_nat, ctypes.c_uint16(old.rev_nat_index))
         self._rev_nat_pool.give(old.rev_nat_index)
+        self._unref(old.backends)
         self.errors.pop(key, None)
 
     def _backend_id(self, b: ir.L4Backend, proto: int) -> int:
@@ -135,9 +151,11 @@ class ServiceReconciler:
         if found is not None:
             return found
         new = self._backend_pool.take()
+        self._orphans.add(new)  # until a slot names it
         self._write(self.backends, ctypes.c_uint32(new),
                     Lb4Backend(address=be32(b.address), port=be16(b.port), proto=proto))
         self.backend_ids[bk] = new
+        self._backend_keys[new] = bk
         return new
 
     def _new_rev_nat(self, f: ir.ServiceFrontend) -> int:
@@ -146,15 +164,24 @@ class ServiceReconciler:
                     Lb4ReverseNat(address=be32(f.address), port=be16(f.port)))
         return new
 
+    def _unref(self, ids: Iterable[int]) -> None:
+        for i in ids:
+            self._refs[i] -= 1
+            if self._refs[i] <= 0:
+                del self._refs[i]
+                self._orphans.add(i)
+
     def _release_unused_backends(self) -> None:
         """A backend no slot names any more leaves the backends map. Connections already
         made to it go on: a socket-level rewrite happened once, at connect."""
-        live = {i for inst in self.installed.values() for i in inst.backends}
-        for bk, backend_id in list(self.backend_ids.items()):
-            if backend_id not in live:
-                self._delete(self.backends, ctypes.c_uint32(backend_id))
-                del self.backend_ids[bk]
-                self._backend_pool.give(backend_id)
+        orphans = {i for i in self._orphans if i not in self._refs}
+        self._orphans.clear()
+        if not orphans:
+            return
+        for backend_id in orphans:
+            del self.backend_ids[self._backend_keys.pop(backend_id)]
+            self._delete(self.backends, ctypes.c_uint32(backend_id))
+            self._backend_pool.give(backend_id)
 
     def _write(self, table: Table, key: Any, value: Any) -> None:
         table[key] = value
