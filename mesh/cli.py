@@ -66,13 +66,17 @@ _state_dir_option = click.option(
               help="Envoy's global limit on downstream connections.")
 @click.option("--echo", "echo_address", metavar="HOST:PORT",
               help="Also run the project's echo backend there (for the demo).")
+@click.option("--datapath-cgroup", type=click.Path(path_type=Path, exists=True,
+                                                  file_okay=False),
+              help="Balance Services in eBPF for the processes of this cgroup (v2): the "
+              "socket load balancer, maps pinned under STATE_DIR/bpffs.")
 @click.option("--keep-envoy", is_flag=True,
               help="When stopped, leave Envoy serving its last configuration; the next "
                    "`mesh run` with this --state-dir adopts it.")
 def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         controller_name: str, node_id: str, state_dir: Path, xds_address: str | None,
         admin_address: str | None, protocol: str, envoy_log_level: str, max_connections: int,
-        echo_address: str | None, keep_envoy: bool) -> None:
+        echo_address: str | None, datapath_cgroup: Path | None, keep_envoy: bool) -> None:
     """Run the node agent and the node's Envoy."""
     import ipaddress
 
@@ -101,6 +105,7 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
             envoy_log_level=envoy_log_level,
             max_downstream_connections=max_connections,
             keep_envoy=keep_envoy,
+            datapath_cgroup=datapath_cgroup,
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from e
@@ -267,6 +272,14 @@ def echo(listen: tuple[str, ...], tls_listen: tuple[str, ...], cert: str | None,
     except KeyboardInterrupt:
         pass
 
+
+def _add_lab() -> None:
+    from mesh.lab.cli import lab
+
+    main.add_command(lab)
+
+
+_add_lab()
 
 if __name__ == "__main__":
     main()

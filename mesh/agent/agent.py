@@ -23,6 +23,7 @@ from mesh.providers.files import FileProvider
 from mesh.providers.node import NodeProvider
 from mesh.sinks.envoy.raw import RawResources
 from mesh.sinks.envoy.sink import EnvoySink
+from mesh.sinks.sink import Sink
 from mesh.sinks.status.writer import FileStatusWriter
 from mesh.store.store import Store
 from meshxds import types
@@ -55,9 +56,13 @@ class Agent:
         store = Store()
         files = FileProvider(cfg.manifests, store)
         node = NodeProvider(cfg.node_id, store)
+        sinks: list[Sink] = [EnvoySink(self.cache, cfg.node_id)]
+        if cfg.datapath_cgroup is not None:
+            from mesh.datapath.sink import DatapathSink
+
+            sinks.append(DatapathSink(cfg.state_dir / "bpffs", cfg.datapath_cgroup))
         pipeline = Pipeline(
-            store, replace(cfg.translator, node_name=cfg.node_id),
-            [EnvoySink(self.cache, cfg.node_id)],
+            store, replace(cfg.translator, node_name=cfg.node_id), sinks,
             FileStatusWriter(cfg.state_dir / "status.json"),
             AddressBook(cfg.state_dir / "addresses.json"),
             synced=[files.synced, node.synced])

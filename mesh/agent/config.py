@@ -23,3 +23,6 @@ class AgentConfig:
     envoy_log_level: str = "warning"
     max_downstream_connections: int = 50_000
     keep_envoy: bool = False  # a stop on purpose leaves Envoy serving, for the next agent
+    # The eBPF datapath: service load balancing for the processes of this cgroup (v2), the
+    # pods' on a lab node; None: no datapath (the agent on one host, Envoy only).
+    datapath_cgroup: Path | None = None

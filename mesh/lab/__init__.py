@@ -1,0 +1,1 @@
+"""The lab: a cluster of nodes and pods in network namespaces on one machine (`mesh lab`)."""

@@ -1,0 +1,393 @@
+"""A cluster on one machine: the lab's supervisor.
+
+It builds the network (mesh.lab.network), runs one agent per node inside the node's
+namespace (the agent as on a real node: its own Envoy, the eBPF datapath on the node's pod
+cgroup), wires each pod with the project's CNI plugin exactly as a kubelet would (the node's
+conflist, CNI_* variables, stdin), runs the pods' processes, restarts those that exit, probes
+their readiness and writes what Kubernetes' controllers would: Services with ClusterIPs and
+the EndpointSlices of ready pods, into the manifests directory every agent watches.
+
+Everything it makes is recorded in STATE/lab.json as it is made, so a teardown (its own, or
+`mesh lab down` after a crash of the supervisor) removes exactly that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesh.cni.runtime import NetworkList, Runtime
+from mesh.lab import network, workloads
+from mesh.lab.network import LabError, NodeNet
+from mesh.lab.workloads import PodSpec, ServiceSpec
+
+log = logging.getLogger(__name__)
+ROOT = Path("/run/mesh/lab")
+# The cgroup2 hierarchy, mounted under /run: `ip netns exec` gives the agents a /sys of
+# their node's namespace, where the host's cgroup mount is not to be seen.
+CGROUP_MOUNT = ROOT / "cgroup2"
+CGROUP_ROOT = CGROUP_MOUNT / "mesh-lab"
+HOST_LOCAL = Path("/usr/lib/cni/host-local")
+WORKLOAD_KINDS = ("Deployment", "Pod")
+
+
+def lab_dir(name: str) -> Path:
+    return ROOT / name
+
+
+@dataclass
+class Pod:
+    spec: PodSpec
+    node: NodeNet
+    netns: str
+    ip: str = ""
+    process: subprocess.Popen[bytes] | None = None
+    ready: bool = False
+    restarts: int = 0
+    started: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.spec.namespace}/{self.spec.name}"
+
+
+@dataclass
+class Agent:
+    node: NodeNet
+    process: subprocess.Popen[bytes]
+    log: Path
+    ready: bool = False
+
+
+@dataclass
+class State:
+    """What the lab made, as written to lab.json: enough to remove it all."""
+
+    name: str
+    supervisor: int
+    nodes: list[str] = field(default_factory=list)
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    agents: dict[str, int] = field(default_factory=dict)
+    cgroups: list[str] = field(default_factory=list)
+    mounts: list[str] = field(default_factory=list)
+    services: list[dict[str, Any]] = field(default_factory=list)
+    node_info: list[dict[str, Any]] = field(default_factory=list)
+    ready: bool = False
+
+
+def read_state(name: str) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads((lab_dir(name) / "lab.json").read_text())
+        return data
+    except (OSError, ValueError):
+        return None
+
+
+class Lab:
+    def __init__(self, name: str, nodes: int, manifests: Path | None) -> None:
+        self.name = name
+        self.dir = lab_dir(name)
+        self.nodes = network.plan(name, nodes)
+        docs = []
+        for path in sorted(manifests.rglob("*")) if manifests else []:
+            if path.suffix in (".yaml", ".yml"):
+                docs += [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+        self.docs = docs
+        self.services: list[ServiceSpec] = workloads.services_of(docs)
+        self.pods: list[Pod] = []
+        for i, spec in enumerate(workloads.pods_of(docs)):
+            node = self.nodes[i % len(self.nodes)]
+            self.pods.append(Pod(spec, node, f"{name}-{spec.namespace}-{spec.name}"[:60]))
+        self.agents: dict[str, Agent] = {}
+        self.state = State(name, os.getpid())
+        self._runtimes: dict[str, Runtime] = {}
+
+    # -- state ---------------------------------------------------------------------------
+
+    def save(self) -> None:
+        self.state.pods = {p.key: {"node": p.node.name, "netns": p.netns, "ip": p.ip,
+                                   "env": self._env(p),
+                                   "ready": p.ready, "restarts": p.restarts,
+                                   "pid": p.process.pid if p.process else None,
+                                   "log": str(self._pod_log(p))} for p in self.pods}
+        self.state.services = [{"namespace": s.namespace, "name": s.name,
+                                "clusterIP": s.cluster_ip, "ports": s.ports,
+                                "endpoints": [p.ip for p in self._selected(s) if p.ready]}
+                               for s in self.services]
+        tmp = self.dir / "lab.json.tmp"
+        tmp.write_text(json.dumps(self.state.__dict__, indent=2))
+        tmp.replace(self.dir / "lab.json")
+
+    def _pod_log(self, p: Pod) -> Path:
+        return self.dir / "pods" / f"{p.spec.namespace}_{p.spec.name}.log"
+
+    def _selected(self, s: ServiceSpec) -> list[Pod]:
+        return [p for p in self.pods if s.selector and p.spec.namespace == s.namespace and
+                all(p.spec.labels.get(k) == v for k, v in s.selector.items())]
+
+    # -- building ------------------------------------------------------------------------
+
+    def build(self) -> None:
+        if network.underlay_ns(self.name) in network.namespaces():
+            raise LabError(f"lab {self.name} exists: `mesh lab down --name {self.name}` first")
+        if not HOST_LOCAL.exists():
+            raise LabError(f"{HOST_LOCAL} missing: `make install` sets up the CNI plugins")
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.dir / "pods").mkdir(exist_ok=True)
+        (self.dir / "cluster").mkdir(exist_ok=True)
+        self.state.nodes = [n.name for n in self.nodes]
+        self.state.node_info = [{"name": n.name, "underlay": n.underlay_ip,
+                                 "podCIDR": n.pod_cidr} for n in self.nodes]
+        self.save()
+        network.build(self.name, self.nodes)
+        _mount("cgroup2", CGROUP_MOUNT)
+        for n in self.nodes:
+            # The agent's bpffs, mounted from here: it outlives the agent (whose mounts die
+            # with its `ip netns exec` mount namespace), so a restarted agent finds its maps.
+            pins = self.dir / n.name / "agent" / "bpffs"
+            _mount("bpf", pins)
+            self.state.mounts.append(str(pins))
+            cg = CGROUP_ROOT / self.name / n.name
+            cg.mkdir(parents=True, exist_ok=True)
+            self.state.cgroups.append(str(cg))
+            self._runtimes[n.name] = self._cni(n)
+        self.save()
+        self.write_cluster()
+        for n in self.nodes:
+            self._start_agent(n)
+        self.save()
+
+    def _cni(self, n: NodeNet) -> Runtime:
+        """The node's CNI setup, as a kubelet's runtime finds it: a conflist in the node's
+        config directory, the plugins in its bin directory."""
+        base = self.dir / n.name / "cni"
+        bin_dir = base / "bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        for name, target in (("mesh-cni", Path(sys.executable).parent / "mesh-cni"),
+                             ("host-local", HOST_LOCAL)):
+            link = bin_dir / name
+            if not link.exists():
+                link.symlink_to(target)
+        net = NetworkList("mesh", "1.0.0", ({
+            "type": "mesh-cni", "mtu": 1500,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": n.pod_cidr}]],
+                     "dataDir": str(base / "ipam")}},))
+        net.write(base / "net.d" / "10-mesh.conflist")
+        return Runtime(NetworkList.load(base / "net.d" / "10-mesh.conflist"), [str(bin_dir)],
+                       base / "cache", ["ip", "netns", "exec", n.name])
+
+    def _start_agent(self, n: NodeNet) -> None:
+        state = self.dir / n.name / "agent"
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        logf = self.dir / n.name / "agent.log"
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", n.name, sys.executable, "-m", "mesh.cli", "run",
+             "--manifests", str(self.dir / "cluster"), "--state-dir", str(state),
+             "--node-id", n.name, "--datapath-cgroup", str(CGROUP_ROOT / self.name / n.name)],
+            stdout=subprocess.DEVNULL, stderr=logf.open("ab"), start_new_session=True)
+        self.agents[n.name] = Agent(n, proc, logf)
+        self.state.agents[n.name] = proc.pid
+
+    def write_cluster(self) -> None:
+        """What the API server would hold: the manifests (workloads aside), Services with
+        their ClusterIPs, and EndpointSlices of the pods."""
+        docs = [d for d in self.docs if d.get("kind") not in (*WORKLOAD_KINDS, "Service")]
+        docs += [workloads.with_cluster_ip(s) for s in self.services]
+        pods = [(p.spec, p.ip, p.ready) for p in self.pods if p.ip]
+        docs += [es for s in self.services if (es := workloads.endpoint_slice(s, pods))]
+        text = yaml.safe_dump_all(docs, sort_keys=False)
+        path = self.dir / "cluster" / "cluster.yaml"
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_name(".cluster.yaml")
+            tmp.write_text(text)
+            tmp.replace(path)
+
+    # -- pods ----------------------------------------------------------------------------
+
+    def add_pod(self, p: Pod) -> None:
+        subprocess.run(["ip", "netns", "add", p.netns], check=True, capture_output=True)
+        result = self._runtimes[p.node.name].add(p.key.replace("/", "_"),
+                                                 f"/var/run/netns/{p.netns}")
+        p.ip = result["ips"][0]["address"].split("/")[0]
+        self.start_pod(p)
+
+    def _env(self, p: Pod) -> dict[str, str]:
+        """The pod's environment: the downward API basics, the Services of its namespace,
+        the container's own."""
+        return {"POD_NAME": p.spec.name, "NAMESPACE": p.spec.namespace,
+                "POD_NAMESPACE": p.spec.namespace, "POD_IP": p.ip, "NODE_NAME": p.node.name,
+                **workloads.service_env(self.services, p.spec.namespace), **p.spec.env}
+
+    def start_pod(self, p: Pod) -> None:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self._env(p)}
+        procs = str(CGROUP_ROOT / self.name / p.node.name / "cgroup.procs")
+
+        def join() -> None:  # in the child, before exec: the node's pod cgroup
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+
+        logf = self._pod_log(p).open("ab")
+        p.process = subprocess.Popen(["ip", "netns", "exec", p.netns, *p.spec.command],
+                                     env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, preexec_fn=join,
+                                     start_new_session=True)
+        p.started = time.monotonic()
+
+    def probe(self, p: Pod) -> bool:
+        if p.process is None or p.process.poll() is not None:
+            return False
+        port = p.spec.ready_port
+        if port is None:
+            return True
+        check = subprocess.run(
+            ["ip", "netns", "exec", p.node.name, "timeout", "1", "bash", "-c",
+             f"exec 3<>/dev/tcp/{p.ip}/{port}"], capture_output=True, check=False)
+        return check.returncode == 0
+
+    # -- running -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.build()
+        for p in self.pods:
+            self.add_pod(p)
+        self.save()
+
+    def tick(self) -> bool:
+        """One round of supervision; whether anything changed."""
+        changed = False
+        for a in self.agents.values():
+            if not a.ready and b"node ready" in a.log.read_bytes():
+                a.ready = changed = True
+            if a.process.poll() is not None:
+                log.error("agent exited, restarting", extra={"node": a.node.name})
+                self._start_agent(a.node)
+                changed = True
+        for p in self.pods:
+            if p.process is not None and p.process.poll() is not None:
+                p.restarts += 1
+                log.warning("pod exited, restarting",
+                            extra={"pod": p.key, "code": p.process.returncode})
+                self.start_pod(p)
+            ready = self.probe(p)
+            if ready != p.ready:
+                p.ready, changed = ready, True
+        if changed:
+            self.write_cluster()
+        ready = all(a.ready for a in self.agents.values()) and all(p.ready for p in self.pods)
+        if ready != self.state.ready or changed:
+            self.state.ready = ready
+            self.save()
+        return changed
+
+    def run_forever(self, stop: list[bool]) -> None:
+        try:
+            self.start()
+            while not stop:
+                self.tick()
+                time.sleep(0.5)
+        finally:
+            teardown(self.name)
+
+
+def _mount(fstype: str, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if subprocess.run(["mountpoint", "-q", str(path)], check=False).returncode != 0:
+        subprocess.run(["mount", "-t", fstype, fstype, str(path)], check=True,
+                       capture_output=True)
+
+
+def _kill(pid: int | None, sig: int = signal.SIGTERM) -> None:
+    if pid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if _alive(p)]
+        if not alive:
+            return
+        time.sleep(0.1)
+    for p in pids:
+        _kill(p, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def teardown(name: str) -> list[str]:
+    """Remove everything lab.json says the lab made; what could not be removed."""
+    state = read_state(name)
+    if state is None:
+        return []
+    left: list[str] = []
+    pods = state.get("pods", {})
+    pod_pids = [int(p["pid"]) for p in pods.values() if p.get("pid")]
+    for pid in pod_pids:
+        _kill(pid)
+    _wait_gone(pod_pids, 5)
+    d = lab_dir(name)
+    for key, p in pods.items():
+        cni = d / p["node"] / "cni"
+        with contextlib.suppress(Exception):
+            Runtime(NetworkList.load(cni / "net.d" / "10-mesh.conflist"), [str(cni / "bin")],
+                    cni / "cache", ["ip", "netns", "exec", p["node"]]).delete(
+                key.replace("/", "_"), f"/var/run/netns/{p['netns']}")
+        subprocess.run(["ip", "netns", "del", p["netns"]], capture_output=True, check=False)
+    agents = [int(pid) for pid in state.get("agents", {}).values()]
+    for pid in agents:
+        _kill(pid)  # a stop on purpose: each agent stops its Envoy
+    _wait_gone(agents, 15)
+    # An agent that had crashed leaves its Envoy serving (as on a real node): stop those too.
+    envoys = []
+    for node in state.get("nodes", []):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            pid = int(json.loads((d / node / "agent" / "envoy.pid").read_text())["pid"])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+                envoys.append(pid)
+    _wait_gone(envoys, 5)
+    for mount in state.get("mounts", []):
+        subprocess.run(["umount", mount], capture_output=True, check=False)
+    for cg in reversed(state.get("cgroups", [])):
+        with contextlib.suppress(OSError):
+            Path(cg).rmdir()
+    for parent in (CGROUP_ROOT / name, CGROUP_ROOT):
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+    if not any(CGROUP_ROOT.glob("*")) and \
+            subprocess.run(["mountpoint", "-q", str(CGROUP_MOUNT)], check=False).returncode == 0:
+        subprocess.run(["umount", str(CGROUP_MOUNT)], capture_output=True, check=False)
+        with contextlib.suppress(OSError):
+            CGROUP_MOUNT.rmdir()
+    left += network.teardown(name, state.get("nodes", []))
+    if not left:
+        shutil.rmtree(d, ignore_errors=True)
+        (ROOT / f"{name}.log").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            ROOT.rmdir()
+    return left

@@ -1,0 +1,89 @@
+"""The lab's network: an underlay (a bridge in a namespace of its own), nodes as network
+namespaces joined to it, each with a pod CIDR routed over the underlay to it.
+
+Addresses (documented in the README): the underlay is 172.30.<lab>.0/24, node i at .10+i;
+node i's pods get 10.244.<i>.0/24 (at most 200 nodes). Names carry the lab's name so two labs
+and the host's own interfaces never meet; everything is made with iproute2 and recorded in
+the lab's state, so `mesh lab down` removes what was made, and nothing else.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def ip(*args: str, netns: str | None = None, check: bool = True) -> str:
+    cmd = ["ip", "netns", "exec", netns, "ip", *args] if netns else ["ip", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if check and out.returncode != 0:
+        raise LabError(f"{' '.join(cmd)}: {out.stderr.strip()}")
+    return out.stdout
+
+
+def sysctl(netns: str, setting: str) -> None:
+    subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", setting], check=True,
+                   capture_output=True)
+
+
+@dataclass(frozen=True)
+class NodeNet:
+    name: str  # also its namespace
+    index: int
+    underlay_ip: str
+    pod_cidr: str
+
+
+def underlay_ns(lab: str) -> str:
+    return f"{lab}-underlay"
+
+
+def plan(lab: str, nodes: int, lab_index: int = 0) -> list[NodeNet]:
+    if not 1 <= nodes <= 200:
+        raise LabError("a lab has 1 to 200 nodes")
+    return [NodeNet(f"{lab}-node{i}", i, f"172.30.{lab_index}.{10 + i}",
+                    f"10.244.{i}.0/24") for i in range(1, nodes + 1)]
+
+
+def build(lab: str, nodes: list[NodeNet], lab_index: int = 0) -> None:
+    """The underlay and every node, routes to every other node's pods included."""
+    under = underlay_ns(lab)
+    ip("netns", "add", under)
+    ip("link", "add", "br0", "type", "bridge", netns=under)
+    ip("link", "set", "br0", "up", netns=under)
+    ip("link", "set", "lo", "up", netns=under)
+    for n in nodes:
+        ip("netns", "add", n.name)
+        ip("link", "set", "lo", "up", netns=n.name)
+        sysctl(n.name, "net.ipv4.ip_forward=1")
+        # veth: eth0 in the node, its peer on the underlay's bridge
+        peer = f"n{n.index}"
+        ip("link", "add", "eth0", "netns", n.name, "type", "veth", "peer", "name", peer,
+           "netns", under)
+        ip("link", "set", peer, "master", "br0", "up", netns=under)
+        ip("addr", "add", f"{n.underlay_ip}/24", "dev", "eth0", netns=n.name)
+        ip("link", "set", "eth0", "up", netns=n.name)
+    for n in nodes:
+        for other in nodes:
+            if other is not n:
+                ip("route", "add", other.pod_cidr, "via", other.underlay_ip, netns=n.name)
+
+
+def teardown(lab: str, nodes: list[str]) -> list[str]:
+    """Remove the lab's namespaces (their links go with them); what could not be removed."""
+    left = []
+    for ns in [*nodes, underlay_ns(lab)]:
+        out = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True,
+                             check=False)
+        if out.returncode != 0 and "No such file" not in out.stderr:
+            left.append(f"{ns}: {out.stderr.strip()}")
+    return left
+
+
+def namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}

@@ -1,0 +1,153 @@
+"""What the lab runs, from the manifests: pods (of Deployments, and bare Pods) spread over
+the nodes, Services with ClusterIPs, and the EndpointSlices Kubernetes' endpoint controller
+would write for them.
+
+Images are not pulled: a container's `command` and `args` run as a process inside the pod's
+network namespace, with the pod's environment; a container with no command runs the
+project's echo backend on its first containerPort (8080 if none).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SERVICE_CIDR = "10.96.0.0/16"
+DEFAULT_PORT = 8080
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    namespace: str
+    name: str
+    labels: Mapping[str, str]
+    command: tuple[str, ...]
+    env: Mapping[str, str]
+    ports: Mapping[str, int]  # containerPort name (or str(number)) -> number
+    owner: str = ""  # the Deployment's name, if any
+
+    @property
+    def ready_port(self) -> int | None:
+        return next(iter(self.ports.values()), None)
+
+
+@dataclass
+class ServiceSpec:
+    namespace: str
+    name: str
+    selector: Mapping[str, str]
+    cluster_ip: str
+    ports: list[dict[str, Any]]
+    body: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def _map(v: Any) -> Mapping[str, Any]:
+    return v if isinstance(v, Mapping) else {}
+
+
+def _list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
+def _pod(namespace: str, name: str, template: Mapping[str, Any], owner: str) -> PodSpec:
+    meta = _map(template.get("metadata"))
+    spec = _map(template.get("spec"))
+    containers = [_map(c) for c in _list(spec.get("containers"))]
+    c = containers[0] if containers else {}
+    ports = {str(p.get("name") or p.get("containerPort")): int(p["containerPort"])
+             for p in map(_map, _list(c.get("ports"))) if isinstance(p.get("containerPort"), int)}
+    command = tuple(str(x) for x in [*_list(c.get("command")), *_list(c.get("args"))])
+    if not command:
+        port = next(iter(ports.values()), DEFAULT_PORT)
+        ports = ports or {str(port): port}
+        command = (sys.executable, "-m", "mesh.cli", "echo", "--listen", f"0.0.0.0:{port}")
+    env = {str(e.get("name")): str(e.get("value", "")) for e in map(_map, _list(c.get("env")))
+           if e.get("name") and "valueFrom" not in e}
+    labels = {str(k): str(v) for k, v in _map(meta.get("labels")).items()}
+    return PodSpec(namespace, name, labels, command, env, ports, owner)
+
+
+def pods_of(docs: Iterable[Mapping[str, Any]]) -> list[PodSpec]:
+    out = []
+    for d in docs:
+        kind, meta = d.get("kind"), _map(d.get("metadata"))
+        ns, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+        if kind == "Deployment":
+            spec = _map(d.get("spec"))
+            replicas = spec.get("replicas", 1)
+            for i in range(replicas if isinstance(replicas, int) else 1):
+                out.append(_pod(ns, f"{name}-{i}", _map(spec.get("template")), name))
+        elif kind == "Pod":
+            out.append(_pod(ns, name, d, ""))
+    return out
+
+
+def services_of(docs: Iterable[Mapping[str, Any]]) -> list[ServiceSpec]:
+    """Services with ClusterIPs: `spec.clusterIP` where given (as Kubernetes honours it),
+    else the next free address of the service CIDR, in order."""
+    net = ipaddress.ip_network(SERVICE_CIDR)
+    services, taken = [], {str(net.network_address + 1)}  # .1 is the API server's
+    docs = [d for d in docs if d.get("kind") == "Service"]
+    for d in docs:
+        ip = _map(d.get("spec")).get("clusterIP")
+        if isinstance(ip, str) and ip not in ("", "None"):
+            taken.add(ip)
+    hosts = (str(h) for h in net.hosts())
+    for d in docs:
+        meta, spec = _map(d.get("metadata")), _map(d.get("spec"))
+        ip = spec.get("clusterIP")
+        if not isinstance(ip, str) or ip == "":
+            ip = next(h for h in hosts if h not in taken)
+            taken.add(ip)
+        services.append(ServiceSpec(
+            str(meta.get("namespace") or "default"), str(meta.get("name")),
+            {str(k): str(v) for k, v in _map(spec.get("selector")).items()}, ip,
+            [dict(_map(p)) for p in _list(spec.get("ports"))], dict(d)))
+    return services
+
+
+def with_cluster_ip(svc: ServiceSpec) -> dict[str, Any]:
+    body = dict(svc.body)
+    body["spec"] = {**_map(body.get("spec")), "clusterIP": svc.cluster_ip}
+    return body
+
+
+def endpoint_slice(svc: ServiceSpec, pods: Iterable[tuple[PodSpec, str, bool]]
+                   ) -> dict[str, Any] | None:
+    """The EndpointSlice of a Service with a selector: its pods (spec, IP, ready), ports by
+    targetPort (a number, or a containerPort's name)."""
+    if not svc.selector:
+        return None  # its EndpointSlices are the user's
+    selected = [(p, ip, ready) for p, ip, ready in pods if p.namespace == svc.namespace
+                and all(p.labels.get(k) == v for k, v in svc.selector.items())]
+    ports = []
+    for sp in svc.ports:
+        target = sp.get("targetPort", sp.get("port"))
+        number = target if isinstance(target, int) else next(
+            (p.ports[str(target)] for p, _, _ in selected if str(target) in p.ports), None)
+        if number is not None:
+            ports.append({"name": str(sp.get("name", "")), "port": number,
+                          "protocol": str(sp.get("protocol", "TCP"))})
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{svc.name}-lab", "namespace": svc.namespace,
+                         "labels": {"kubernetes.io/service-name": svc.name}},
+            "addressType": "IPv4", "ports": ports,
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": ready},
+                           "targetRef": {"kind": "Pod", "name": p.name,
+                                         "namespace": p.namespace}}
+                          for p, ip, ready in sorted(selected, key=lambda x: x[0].name)]}
+
+
+def service_env(services: Iterable[ServiceSpec], namespace: str) -> dict[str, str]:
+    """The variables Kubernetes gives a pod for each Service of its namespace."""
+    env = {}
+    for s in services:
+        if s.namespace != namespace or not s.ports:
+            continue
+        prefix = s.name.upper().replace("-", "_")
+        env[f"{prefix}_SERVICE_HOST"] = s.cluster_ip
+        env[f"{prefix}_SERVICE_PORT"] = str(s.ports[0].get("port"))
+    return env

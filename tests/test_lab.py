@@ -1,0 +1,179 @@
+"""`mesh lab` end to end: nodes and pods in network namespaces, one agent and one Envoy per
+node, pods wired by the CNI plugin, Services balanced by the eBPF datapath; then nothing
+left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.lab import cluster
+from tests.testbed import wait_until
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+
+APP = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo, namespace: default}
+spec:
+  replicas: 2
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers:
+      - name: echo
+        ports: [{name: http, containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: default}
+spec:
+  clusterIP: 10.96.7.7
+  selector: {app: echo}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: default}
+spec:
+  containers:
+  - name: client
+    command: [sleep, infinity]
+"""
+GET = """
+import json, sys, urllib.request
+for _ in range(int(sys.argv[2])):
+    print(json.load(urllib.request.urlopen(sys.argv[1], timeout=5))["pod"], flush=True)
+"""
+HOLD = """
+import socket, sys
+c = socket.create_connection(("10.96.7.7", 80), timeout=10)
+for line in sys.stdin:
+    c.sendall(b"GET /" + line.strip().encode() + b" HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+    data = b""
+    while b"}" not in data:
+        data += c.recv(4096)
+    print("ok" if b'"pod"' in data else "bad", flush=True)
+"""
+
+
+def mesh(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mesh.cli", *args], capture_output=True,
+                          text=True, cwd=ROOT, **kw)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    manifests = tmp_path_factory.mktemp("lab")
+    (manifests / "app.yaml").write_text(APP)
+    name = f"t{os.getpid() % 10000}"
+    up = mesh("lab", "up", "--nodes", "2", "--name", name, "--manifests", str(manifests))
+    try:
+        assert up.returncode == 0, up.stderr + up.stdout
+        yield name
+    finally:
+        down = mesh("lab", "down", "--name", name)
+        assert down.returncode == 0, down.stderr
+
+
+def state(name: str) -> dict[str, Any]:
+    data = cluster.read_state(name)
+    assert data is not None
+    return data
+
+
+def exec_in(name: str, pod: str, code: str, *args: str) -> list[str]:
+    out = mesh("lab", "exec", "--name", name, pod, "--", sys.executable, "-c", code, *args,
+               timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_pods_spread_over_nodes_and_a_cluster_ip_reaches_every_backend(lab: str) -> None:
+    pods = state(lab)["pods"]
+    assert {pods["default/echo-0"]["node"], pods["default/echo-1"]["node"]} == \
+        {f"{lab}-node1", f"{lab}-node2"}
+    seen = exec_in(lab, "client", GET, "http://10.96.7.7/", "30")
+    assert set(seen) == {"echo-0", "echo-1"}, seen
+    # Pod to pod across nodes, by IP, and the Service's variables in the pod's environment.
+    other = pods["default/echo-1"]["ip"]
+    assert exec_in(lab, "client", GET, f"http://{other}:8080/", "1") == ["echo-1"]
+    env = exec_in(lab, "client", "import os; print(os.environ['ECHO_SERVICE_HOST'])")
+    assert env == ["10.96.7.7"]
+    table = mesh("lab", "status", "--name", lab).stdout
+    assert "10.96.7.7" in table and "echo-0" in table and f"{lab}-node2" in table
+
+
+def test_a_pod_that_exits_is_restarted_and_serves_again(lab: str) -> None:
+    pid = state(lab)["pods"]["default/echo-0"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: state(lab)["pods"]["default/echo-0"]["restarts"] >= 1, timeout=20,
+               what="the pod restarted")
+    wait_until(lambda: state(lab)["pods"]["default/echo-0"]["ready"], timeout=30,
+               what="the pod ready again")
+    wait_until(lambda: "echo-0" in exec_in(lab, "client", GET, "http://10.96.7.7/", "10"),
+               timeout=30, what="the restarted pod behind the Service")
+
+
+def test_an_agent_killed_keeps_connections_and_services(lab: str) -> None:
+    node = state(lab)["pods"]["default/client"]["node"]
+    hold = subprocess.Popen([sys.executable, "-m", "mesh.cli", "lab", "exec", "--name", lab,
+                             "client", "--", sys.executable, "-c", HOLD],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert hold.stdin is not None and hold.stdout is not None
+    try:
+        hold.stdin.write("before\n")
+        hold.stdin.flush()
+        assert hold.stdout.readline().strip() == "ok"
+        killed = state(lab)["agents"][node]
+        os.kill(killed, signal.SIGKILL)
+        hold.stdin.write("during\n")
+        hold.stdin.flush()
+        assert hold.stdout.readline().strip() == "ok"  # the connection survives
+        # New connections keep working with no agent (pinned maps, attached programs).
+        assert len(exec_in(lab, "client", GET, "http://10.96.7.7/", "5")) == 5
+    finally:
+        hold.stdin.close()
+        hold.wait(10)
+    # The supervisor starts the node's agent again; it adopts the Envoy and the maps.
+    wait_until(lambda: state(lab)["agents"][node] != killed, timeout=20,
+               what="the agent restarted")
+    assert len(exec_in(lab, "client", GET, "http://10.96.7.7/", "5")) == 5
+
+
+def test_lab_down_leaves_nothing(tmp_path: Path) -> None:
+    name = f"d{os.getpid() % 10000}"
+    (tmp_path / "app.yaml").write_text(APP.replace("10.96.7.7", "10.96.7.8"))
+    up = mesh("lab", "up", "--nodes", "2", "--name", name, "--manifests", str(tmp_path))
+    assert up.returncode == 0, up.stderr
+    made = {ns for ns in _netns() if ns.startswith(f"{name}-")}
+    assert len(made) >= 6  # underlay, 2 nodes, 3 pods
+    down = mesh("lab", "down", "--name", name)
+    assert down.returncode == 0, down.stderr
+    assert not {ns for ns in _netns() if ns.startswith(f"{name}-")}
+    assert not cluster.lab_dir(name).exists()
+    mounts = Path("/proc/mounts").read_text()
+    assert str(cluster.lab_dir(name)) not in mounts
+    assert not (cluster.CGROUP_ROOT / name).exists()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(cluster.lab_dir(name)) not in ps
+    assert "no lab" in mesh("lab", "status", "--name", name).stderr
+
+
+def _netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def test_clear_errors() -> None:
+    out = mesh("lab", "status", "--name", "no-such-lab")
+    assert out.returncode != 0 and "no lab 'no-such-lab'" in out.stderr
