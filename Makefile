@@ -1,5 +1,5 @@
 # Two commands for a fresh machine (Debian, root, Python 3.11):
-#   make run    installs everything and runs the agent and its Envoy on examples/gateway
+#   make run    installs everything and brings up the lab (two nodes) with examples/lab
 #   make test   installs everything and runs lint, type checks and the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +11,7 @@ SYSTEM_STAMP := $(VENV)/.system
 DEBIAN_PACKAGES := python3-bpfcc linux-headers-amd64 containernetworking-plugins iproute2 \
 	iperf3
 
-.PHONY: install system run test test-fast bench clean
+.PHONY: install system run run-host test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -45,7 +45,20 @@ $(SYSTEM_STAMP): $(STAMP) Makefile
 install: $(STAMP) $(SYSTEM_STAMP)
 system: $(SYSTEM_STAMP)
 
+# The embedded default: a lab of two nodes with examples/lab deployed, left running.
 run: $(STAMP) $(SYSTEM_STAMP)
+	@$(VENV)/bin/mesh lab down --name demo >/dev/null 2>&1 || true
+	$(VENV)/bin/mesh lab up --nodes 2 --manifests examples/lab --name demo
+	@$(VENV)/bin/mesh lab status --name demo
+	@echo
+	@echo "Try:"
+	@echo "  $(VENV)/bin/mesh lab exec client -- curl -s http://echo/            # a ClusterIP, balanced in eBPF"
+	@echo "  $(VENV)/bin/mesh lab exec client -- curl -s -H 'Host: echo.example' http://172.30.0.11:8080/   # the Gateway on node1, 90/10 v1/v2"
+	@echo "  $(VENV)/bin/mesh lab logs echo-v1-0"
+	@echo "  $(VENV)/bin/mesh lab down"
+
+# The agent and its Envoy on this host alone, on examples/gateway (no lab).
+run-host: $(STAMP)
 	$(VENV)/bin/mesh run --manifests examples/gateway --echo 127.0.0.1:18080
 
 test: $(STAMP) $(SYSTEM_STAMP)

@@ -113,6 +113,14 @@ def test_pods_spread_over_nodes_and_a_cluster_ip_reaches_every_backend(lab: str)
     assert "10.96.7.7" in table and "echo-0" in table and f"{lab}-node2" in table
 
 
+def test_cluster_dns_resolves_services_by_short_and_full_names(lab: str) -> None:
+    code = "import socket, sys; print(*[socket.gethostbyname(h) for h in sys.argv[1:]])"
+    got = exec_in(lab, "client", code, "echo", "echo.default",
+                  "echo.default.svc.cluster.local")
+    assert got == ["10.96.7.7"] * 3
+    assert exec_in(lab, "client", GET, "http://echo.default/", "1")[0] in ("echo-0", "echo-1")
+
+
 def test_a_pod_that_exits_is_restarted_and_serves_again(lab: str) -> None:
     pid = state(lab)["pods"]["default/echo-0"]["pid"]
     os.kill(pid, signal.SIGKILL)
@@ -164,6 +172,7 @@ def test_lab_down_leaves_nothing(tmp_path: Path) -> None:
     mounts = Path("/proc/mounts").read_text()
     assert str(cluster.lab_dir(name)) not in mounts
     assert not (cluster.CGROUP_ROOT / name).exists()
+    assert not [p for p in Path("/etc/netns").glob(f"{name}-*")]
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(cluster.lab_dir(name)) not in ps
     assert "no lab" in mesh("lab", "status", "--name", name).stderr

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from mesh.cni.runtime import NetworkList, Runtime
-from mesh.lab import network, workloads
+from mesh.lab import dns, network, workloads
 from mesh.lab.network import LabError, NodeNet
 from mesh.lab.workloads import PodSpec, ServiceSpec
 
@@ -80,6 +80,8 @@ class State:
     nodes: list[str] = field(default_factory=list)
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     agents: dict[str, int] = field(default_factory=dict)
+    dns: dict[str, int] = field(default_factory=dict)  # node -> its cluster DNS's pid
+    etc_netns: list[str] = field(default_factory=list)  # pods' /etc/netns/NAME (resolv.conf)
     cgroups: list[str] = field(default_factory=list)
     mounts: list[str] = field(default_factory=list)
     services: list[dict[str, Any]] = field(default_factory=list)
@@ -111,6 +113,7 @@ class Lab:
             node = self.nodes[i % len(self.nodes)]
             self.pods.append(Pod(spec, node, f"{name}-{spec.namespace}-{spec.name}"[:60]))
         self.agents: dict[str, Agent] = {}
+        self.dns: dict[str, subprocess.Popen[bytes]] = {}
         self.state = State(name, os.getpid())
         self._runtimes: dict[str, Runtime] = {}
 
@@ -167,6 +170,7 @@ class Lab:
         self.write_cluster()
         for n in self.nodes:
             self._start_agent(n)
+            self._start_dns(n)
         self.save()
 
     def _cni(self, n: NodeNet) -> Runtime:
@@ -200,6 +204,15 @@ class Lab:
         self.agents[n.name] = Agent(n, proc, logf)
         self.state.agents[n.name] = proc.pid
 
+    def _start_dns(self, n: NodeNet) -> None:
+        logf = self.dir / n.name / "dns.log"
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", n.name, sys.executable, "-m", "mesh.lab.dns", "--listen",
+             n.underlay_ip, "--state", str(self.dir / "lab.json")],
+            stdout=logf.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.dns[n.name] = proc
+        self.state.dns[n.name] = proc.pid
+
     def write_cluster(self) -> None:
         """What the API server would hold: the manifests (workloads aside), Services with
         their ClusterIPs, and EndpointSlices of the pods."""
@@ -218,6 +231,12 @@ class Lab:
 
     def add_pod(self, p: Pod) -> None:
         subprocess.run(["ip", "netns", "add", p.netns], check=True, capture_output=True)
+        # `ip netns exec` mounts /etc/netns/NAME/* over /etc: the pod's own resolv.conf,
+        # the node's cluster DNS with the Kubernetes search path.
+        etc = Path("/etc/netns") / p.netns
+        etc.mkdir(parents=True, exist_ok=True)
+        self.state.etc_netns.append(str(etc))
+        (etc / "resolv.conf").write_text(dns.resolv_conf(p.node.underlay_ip, p.spec.namespace))
         result = self._runtimes[p.node.name].add(p.key.replace("/", "_"),
                                                  f"/var/run/netns/{p.netns}")
         p.ip = result["ips"][0]["address"].split("/")[0]
@@ -273,6 +292,11 @@ class Lab:
             if a.process.poll() is not None:
                 log.error("agent exited, restarting", extra={"node": a.node.name})
                 self._start_agent(a.node)
+                changed = True
+        for name, proc in list(self.dns.items()):
+            if proc.poll() is not None:
+                log.error("cluster DNS exited, restarting", extra={"node": name})
+                self._start_dns(next(n for n in self.nodes if n.name == name))
                 changed = True
         for p in self.pods:
             if p.process is not None and p.process.poll() is not None:
@@ -358,6 +382,12 @@ def teardown(name: str) -> list[str]:
                     cni / "cache", ["ip", "netns", "exec", p["node"]]).delete(
                 key.replace("/", "_"), f"/var/run/netns/{p['netns']}")
         subprocess.run(["ip", "netns", "del", p["netns"]], capture_output=True, check=False)
+    resolvers = [int(pid) for pid in state.get("dns", {}).values()]
+    for pid in resolvers:
+        _kill(pid)
+    _wait_gone(resolvers, 5)
+    for etc in state.get("etc_netns", []):
+        shutil.rmtree(etc, ignore_errors=True)
     agents = [int(pid) for pid in state.get("agents", {}).values()]
     for pid in agents:
         _kill(pid)  # a stop on purpose: each agent stops its Envoy

@@ -28,6 +28,7 @@ from mesh.store.store import Store
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".yaml", ".yml", ".json")
+RESYNC = 2.0  # seconds: the directory is looked at again this often, events or not
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,11 @@ class FileProvider:
         return t.stamped
 
     async def run(self) -> None:
-        """Load the directory, then follow it (debounced 100 ms) until cancelled."""
+        """Load the directory, then follow it (debounced 100 ms) until cancelled.
+
+        A change made between the first read and the watch's start would be missed, so the
+        watch also wakes every RESYNC seconds with no event, and the directory's files are
+        looked at again then (by mtime and size: cheap when nothing changed)."""
         self.apply(await asyncio.to_thread(self.collect))
         self.synced.set()
 
@@ -230,10 +235,12 @@ class FileProvider:
             return path.endswith(SUFFIXES)
 
         logging.getLogger("watchfiles").setLevel(logging.WARNING)
-        async for changes in watchfiles.awatch(self.directory, watch_filter=relevant,
-                                               debounce=100, step=20):
+        async for changes in watchfiles.awatch(
+                self.directory, watch_filter=relevant, debounce=100, step=20,
+                yield_on_timeout=True, rust_timeout=int(RESYNC * 1000)):
             start = time.perf_counter()
             changed = self.apply(await asyncio.to_thread(self.collect))
-            log.info("manifests loaded", extra={
-                "changes": len(changes), "changed": changed,
-                "ms": round((time.perf_counter() - start) * 1000, 1)})
+            if changes or changed:
+                log.info("manifests loaded", extra={
+                    "changes": len(changes), "changed": changed,
+                    "ms": round((time.perf_counter() - start) * 1000, 1)})

@@ -1,0 +1,80 @@
+"""The lab's cluster DNS, one per node (as a node-local DNS cache would be): Services' names
+to their ClusterIPs, from the lab's state, with dnslib doing the wire format.
+
+`svc.ns.svc.cluster.local` answers A (the ClusterIP; a headless Service's ready pod IPs);
+pods reach `svc` and `svc.ns` through the search path the lab writes into their resolv.conf
+(`ns.svc.cluster.local svc.cluster.local cluster.local`). Anything else is NXDOMAIN: the lab
+has no way out to the world's DNS.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from dnslib import QTYPE, RCODE, RR, A
+from dnslib.server import BaseResolver, DNSServer
+
+DOMAIN = "cluster.local"
+TTL = 5
+
+
+class ClusterResolver(BaseResolver):  # type: ignore[misc]
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self._mtime = 0.0
+        self._records: dict[str, list[str]] = {}
+
+    def _load(self) -> None:
+        try:
+            mtime = self.state.stat().st_mtime
+            if mtime == self._mtime:
+                return
+            data = json.loads(self.state.read_text())
+        except (OSError, ValueError):
+            return
+        records: dict[str, list[str]] = {}
+        for s in data.get("services", []):
+            name = f"{s['name']}.{s['namespace']}.svc.{DOMAIN}."
+            ip = s.get("clusterIP")
+            records[name] = s.get("endpoints", []) if ip in (None, "", "None") else [ip]
+        self._records, self._mtime = records, mtime
+
+    def resolve(self, request: Any, handler: Any) -> Any:
+        self._load()
+        reply = request.reply()
+        qname = str(request.q.qname).lower()
+        addresses = self._records.get(qname)
+        if addresses is None:
+            reply.header.rcode = RCODE.NXDOMAIN
+        elif request.q.qtype in (QTYPE.A, QTYPE.ANY):
+            for address in addresses:
+                reply.add_answer(RR(qname, QTYPE.A, rdata=A(address), ttl=TTL))
+        return reply
+
+
+def resolv_conf(nameserver: str, namespace: str) -> str:
+    return (f"nameserver {nameserver}\n"
+            f"search {namespace}.svc.{DOMAIN} svc.{DOMAIN} {DOMAIN}\noptions ndots:5\n")
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the lab's cluster DNS for one node")
+    parser.add_argument("--listen", required=True, help="ADDRESS (port 53, UDP and TCP)")
+    parser.add_argument("--state", required=True, type=Path, help="the lab's lab.json")
+    args = parser.parse_args()
+    resolver = ClusterResolver(args.state)
+    servers = [DNSServer(resolver, address=args.listen, port=53, tcp=tcp) for tcp in (False,
+                                                                                     True)]
+    for s in servers:
+        s.start_thread()
+    while all(s.isAlive() for s in servers):
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    main()
