@@ -7,9 +7,9 @@ STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system
 # The machine's part of the datapath: bcc (compiles the eBPF programs; its Python module and
 # libbcc from Debian), kernel headers for it, the standard CNI plugins (host-local IPAM),
-# iproute2, iperf3 (benchmarks).
+# iproute2, iperf3 and sockperf (benchmarks), curl (the lab's demo).
 DEBIAN_PACKAGES := python3-bpfcc linux-headers-amd64 containernetworking-plugins iproute2 \
-	iperf3
+	iperf3 sockperf curl
 
 .PHONY: install system run run-host test test-fast bench clean
 

@@ -186,3 +186,22 @@ def _netns() -> set[str]:
 def test_clear_errors() -> None:
     out = mesh("lab", "status", "--name", "no-such-lab")
     assert out.returncode != 0 and "no lab 'no-such-lab'" in out.stderr
+
+
+def test_the_demo_gateway_answers_on_both_nodes_once_up() -> None:
+    """`make run`'s lab: the Gateway on each node's address, 90/10 over two versions."""
+    name = f"g{os.getpid() % 10000}"
+    up = mesh("lab", "up", "--nodes", "2", "--name", name, "--manifests",
+              str(ROOT / "examples" / "lab"))
+    try:
+        assert up.returncode == 0, up.stderr
+        code = """
+import json, sys, urllib.request
+for node in sys.argv[1:]:
+    r = urllib.request.Request(f"http://{node}:8080/", headers={"Host": "echo.example"})
+    print(json.load(urllib.request.urlopen(r, timeout=5))["pod"].rsplit("-", 1)[0])
+"""
+        got = exec_in(name, "client", code, *["172.30.0.11", "172.30.0.12"] * 10)
+        assert set(got) <= {"echo-v1", "echo-v2"} and got.count("echo-v1") >= 12, got
+    finally:
+        assert mesh("lab", "down", "--name", name).returncode == 0

@@ -114,6 +114,7 @@ class Lab:
             self.pods.append(Pod(spec, node, f"{name}-{spec.namespace}-{spec.name}"[:60]))
         self.agents: dict[str, Agent] = {}
         self.dns: dict[str, subprocess.Popen[bytes]] = {}
+        self._seen_at_write: dict[str, int] = {}
         self.state = State(name, os.getpid())
         self._runtimes: dict[str, Runtime] = {}
 
@@ -226,6 +227,9 @@ class Lab:
             tmp = path.with_name(".cluster.yaml")
             tmp.write_text(text)
             tmp.replace(path)
+            # Each agent logs the load of a changed file: until its log has grown, it may
+            # not serve this version yet.
+            self._seen_at_write = {n: _size(a.log) for n, a in self.agents.items()}
 
     # -- pods ----------------------------------------------------------------------------
 
@@ -309,7 +313,10 @@ class Lab:
                 p.ready, changed = ready, True
         if changed:
             self.write_cluster()
-        ready = all(a.ready for a in self.agents.values()) and all(p.ready for p in self.pods)
+        caught_up = all(_size(a.log) > self._seen_at_write.get(n, -1)
+                        for n, a in self.agents.items())
+        ready = caught_up and all(a.ready for a in self.agents.values()) and \
+            all(p.ready for p in self.pods)
         if ready != self.state.ready or changed:
             self.state.ready = ready
             self.save()
@@ -323,6 +330,13 @@ class Lab:
                 time.sleep(0.5)
         finally:
             teardown(self.name)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _mount(fstype: str, path: Path) -> None:
