@@ -188,7 +188,7 @@ def test_clear_errors() -> None:
     assert out.returncode != 0 and "no lab 'no-such-lab'" in out.stderr
 
 
-def test_the_demo_gateway_answers_on_both_nodes_once_up() -> None:
+def test_the_demo_gateway_answers_on_both_nodes() -> None:
     """`make run`'s lab: the Gateway on each node's address, 90/10 over two versions."""
     name = f"g{os.getpid() % 10000}"
     up = mesh("lab", "up", "--nodes", "2", "--name", name, "--manifests",
@@ -201,7 +201,11 @@ for node in sys.argv[1:]:
     r = urllib.request.Request(f"http://{node}:8080/", headers={"Host": "echo.example"})
     print(json.load(urllib.request.urlopen(r, timeout=5))["pod"].rsplit("-", 1)[0])
 """
-        got = exec_in(name, "client", code, *["172.30.0.11", "172.30.0.12"] * 10)
+        nodes = ["172.30.0.11", "172.30.0.12"]
+        wait_until(lambda: mesh("lab", "exec", "--name", name, "client", "--",
+                                sys.executable, "-c", code, *nodes).returncode == 0,
+                   timeout=10, what="both Gateways answering")
+        got = exec_in(name, "client", code, *nodes * 10)
         assert set(got) <= {"echo-v1", "echo-v2"} and got.count("echo-v1") >= 12, got
     finally:
         assert mesh("lab", "down", "--name", name).returncode == 0

@@ -41,6 +41,7 @@ CGROUP_MOUNT = ROOT / "cgroup2"
 CGROUP_ROOT = CGROUP_MOUNT / "mesh-lab"
 HOST_LOCAL = Path("/usr/lib/cni/host-local")
 WORKLOAD_KINDS = ("Deployment", "Pod")
+SETTLE = 1.0  # seconds an agent is given, once it loaded a change, to have Envoy run it
 
 
 def lab_dir(name: str) -> Path:
@@ -115,6 +116,7 @@ class Lab:
         self.agents: dict[str, Agent] = {}
         self.dns: dict[str, subprocess.Popen[bytes]] = {}
         self._seen_at_write: dict[str, int] = {}
+        self._loaded_since: float | None = None
         self.state = State(name, os.getpid())
         self._runtimes: dict[str, Runtime] = {}
 
@@ -230,6 +232,7 @@ class Lab:
             # Each agent logs the load of a changed file: until its log has grown, it may
             # not serve this version yet.
             self._seen_at_write = {n: _size(a.log) for n, a in self.agents.items()}
+            self._loaded_since = None
 
     # -- pods ----------------------------------------------------------------------------
 
@@ -313,8 +316,16 @@ class Lab:
                 p.ready, changed = ready, True
         if changed:
             self.write_cluster()
-        caught_up = all(_size(a.log) > self._seen_at_write.get(n, -1)
-                        for n, a in self.agents.items())
+        # An agent's log grows as it loads the change, before it has built and pushed it:
+        # a second more lets Envoy take it (a build and a push take tens of milliseconds).
+        loaded = all(_size(a.log) > self._seen_at_write.get(n, -1)
+                     for n, a in self.agents.items())
+        if loaded and self._loaded_since is None:
+            self._loaded_since = time.monotonic()
+        elif not loaded:
+            self._loaded_since = None
+        caught_up = self._loaded_since is not None and \
+            time.monotonic() - self._loaded_since >= SETTLE
         ready = caught_up and all(a.ready for a in self.agents.values()) and \
             all(p.ready for p in self.pods)
         if ready != self.state.ready or changed:
