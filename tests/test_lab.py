@@ -113,6 +113,12 @@ def test_pods_spread_over_nodes_and_a_cluster_ip_reaches_every_backend(lab: str)
     assert "10.96.7.7" in table and "echo-0" in table and f"{lab}-node2" in table
 
 
+def test_a_pod_reaches_a_service_that_selects_itself(lab: str) -> None:
+    """Hairpin: echo-0 calls its own Service and is among those that answer."""
+    seen = exec_in(lab, "echo-0", GET, "http://10.96.7.7/", "30")
+    assert set(seen) == {"echo-0", "echo-1"}, seen
+
+
 def test_cluster_dns_resolves_services_by_short_and_full_names(lab: str) -> None:
     code = "import socket, sys; print(*[socket.gethostbyname(h) for h in sys.argv[1:]])"
     got = exec_in(lab, "client", code, "echo", "echo.default",
