@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system
 # The machine's part of the datapath: bcc (compiles the eBPF programs; its Python module and
 # libbcc from Debian), kernel headers for it, the standard CNI plugins (host-local IPAM),
-# iproute2, iperf3 and sockperf (benchmarks), curl (the lab's demo).
-DEBIAN_PACKAGES := python3-bpfcc linux-headers-amd64 containernetworking-plugins iproute2 \
-	iperf3 sockperf curl
+# iproute2, curl (the lab's demo); for the benchmarks, iperf3 and sockperf.
+DEBIAN_PACKAGES := python3-bpfcc linux-headers-amd64 containernetworking-plugins iproute2 curl
+BENCH_PACKAGES := iperf3 sockperf
 
-.PHONY: install system run run-host test test-fast bench clean
+.PHONY: install system debian run run-host test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,14 +24,9 @@ $(STAMP): pyproject.toml
 # UAPI headers only); bcc's module is reached from the venv through a directory holding
 # just it, so Debian's other Python packages stay out of the venv.
 $(SYSTEM_STAMP): $(STAMP) Makefile
-	@missing=""; for p in $(DEBIAN_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || \
-			missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages:$$missing"; \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null || \
-		{ apt-get update -q >/dev/null && \
-		  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; fi
+	@$(MAKE) --no-print-directory debian PACKAGES="$(DEBIAN_PACKAGES)"
+	@$(MAKE) --no-print-directory debian PACKAGES="$(BENCH_PACKAGES)" || \
+		echo "warning: $(BENCH_PACKAGES) not installed: the benchmarks that use them will fail"
 	@k=$$(uname -r); if [ ! -e /lib/modules/$$k/build/include ]; then \
 		h=$$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -1); \
 		mkdir -p /lib/modules/$$k; ln -sfn $$h /lib/modules/$$k/build; \
@@ -41,6 +36,18 @@ $(SYSTEM_STAMP): $(STAMP) Makefile
 	echo "$(abspath $(VENV))/system-bcc" > \
 		$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/system-bcc.pth
 	touch $(SYSTEM_STAMP)
+
+# Install the Debian packages in $(PACKAGES) that are missing (as root; `apt-get update`
+# only if the package lists are stale).
+debian:
+	@missing=""; for p in $(PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || \
+			missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null || \
+		{ apt-get update -q >/dev/null && \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; fi
 
 install: $(STAMP) $(SYSTEM_STAMP)
 system: $(SYSTEM_STAMP)
