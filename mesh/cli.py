@@ -70,13 +70,17 @@ _state_dir_option = click.option(
                                                   file_okay=False),
               help="Balance Services in eBPF for the processes of this cgroup (v2): the "
               "socket load balancer, maps pinned under STATE_DIR/bpffs.")
+@click.option("--datapath-underlay", metavar="DEVICE",
+              help="With --datapath-cgroup: the node's device towards other nodes; packets "
+              "for local pods arriving on it are redirected into them in eBPF.")
 @click.option("--keep-envoy", is_flag=True,
               help="When stopped, leave Envoy serving its last configuration; the next "
                    "`mesh run` with this --state-dir adopts it.")
 def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         controller_name: str, node_id: str, state_dir: Path, xds_address: str | None,
         admin_address: str | None, protocol: str, envoy_log_level: str, max_connections: int,
-        echo_address: str | None, datapath_cgroup: Path | None, keep_envoy: bool) -> None:
+        echo_address: str | None, datapath_cgroup: Path | None,
+        datapath_underlay: str | None, keep_envoy: bool) -> None:
     """Run the node agent and the node's Envoy."""
     import ipaddress
 
@@ -106,6 +110,7 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
             max_downstream_connections=max_connections,
             keep_envoy=keep_envoy,
             datapath_cgroup=datapath_cgroup,
+            datapath_underlay=datapath_underlay,
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from e

@@ -57,16 +57,20 @@ class Agent:
         files = FileProvider(cfg.manifests, store)
         node = NodeProvider(cfg.node_id, store)
         sinks: list[Sink] = [EnvoySink(self.cache, cfg.node_id)]
+        extra: list[object] = []
         if cfg.datapath_cgroup is not None:
             from mesh.datapath.sink import DatapathSink
 
-            sinks.append(DatapathSink(cfg.state_dir / "bpffs", cfg.datapath_cgroup))
+            datapath = DatapathSink(cfg.state_dir / "bpffs", cfg.datapath_cgroup,
+                                    forwarding=True, underlay=cfg.datapath_underlay)
+            sinks.append(datapath)
+            extra.append(datapath)  # it also follows the node's pods
         pipeline = Pipeline(
             store, replace(cfg.translator, node_name=cfg.node_id), sinks,
             FileStatusWriter(cfg.state_dir / "status.json"),
             AddressBook(cfg.state_dir / "addresses.json"),
             synced=[files.synced, node.synced])
-        return [files, node, pipeline], pipeline.built
+        return [files, node, pipeline, *extra], pipeline.built
 
     async def run(self) -> None:
         started = time.monotonic()

@@ -26,3 +26,6 @@ class AgentConfig:
     # The eBPF datapath: service load balancing for the processes of this cgroup (v2), the
     # pods' on a lab node; None: no datapath (the agent on one host, Envoy only).
     datapath_cgroup: Path | None = None
+    # The node's device towards other nodes: packets for local pods arriving on it are
+    # redirected into them too (None: only pod-to-pod on the node).
+    datapath_underlay: str | None = None

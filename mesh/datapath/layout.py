@@ -1,4 +1,4 @@
-"""The maps' key and value layouts, mirrored from bpf/lib/lb.h in one place.
+"""The maps' key and value layouts, mirrored from bpf/lib/lb.h and bpf/lib/endpoints.h in one place.
 
 Each ctypes structure here is the C struct of the same name, field for field; the test
 tests/test_datapath.py compares them with the types bcc builds from the C. Addresses and
@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+from typing import Any
 
 IPPROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
 
@@ -55,6 +56,11 @@ class Lb4SockRev(ctypes.Structure):
                 ("rev_nat_index", ctypes.c_uint16)]
 
 
+class EndpointInfo(ctypes.Structure):
+    _fields_ = [("ifindex", ctypes.c_uint32), ("pod_mac", ctypes.c_uint8 * 6),
+                ("host_mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
+
+
 # map name -> (key type, value type), as lb.h declares them
 MAPS: dict[str, tuple[type[ctypes._SimpleCData] | type[ctypes.Structure],  # type: ignore[type-arg]
                       type[ctypes.Structure]]] = {
@@ -62,4 +68,8 @@ MAPS: dict[str, tuple[type[ctypes._SimpleCData] | type[ctypes.Structure],  # typ
     "mesh_backends": (ctypes.c_uint32, Lb4Backend),
     "mesh_rev_nat": (ctypes.c_uint16, Lb4ReverseNat),
     "mesh_sock_rev": (ctypes.c_uint64, Lb4SockRev),
+}
+# ... and as endpoints.h declares them (bpf/fwd.c)
+FWD_MAPS: dict[str, tuple[Any, type[ctypes.Structure] | Any]] = {
+    "mesh_endpoints": (ctypes.c_uint32, EndpointInfo),
 }

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from mesh.datapath.forwarding import Forwarding
 from mesh.datapath.programs import Loaded, compile_program
 from mesh.datapath.services import ServiceReconciler
 from mesh.ir import IR
@@ -20,19 +21,25 @@ from mesh.store.objects import ObjectKey
 _SOCK_LB = (("mesh_connect4", 10), ("mesh_sendmsg4", 14), ("mesh_recvmsg4", 19),
             ("mesh_getpeername4", 29))
 _CGROUP_SOCK_ADDR = 18
+FOLLOW = 2.0  # seconds between looks at the node's pods
 
 
 class DatapathSink:
     name = "datapath"
 
-    def __init__(self, pin_dir: Path, cgroup: Path | None = None) -> None:
+    def __init__(self, pin_dir: Path, cgroup: Path | None = None, forwarding: bool = False,
+                 underlay: str | None = None) -> None:
+        """`forwarding`: attach bpf/fwd.c to this namespace's pod veths (and `underlay`):
+        only where this process runs in the node's own namespace."""
         self.pin_dir = pin_dir
         self.loaded: Loaded = compile_program("sock_lb.c", pin_dir)
+        self.forwarding = Forwarding(pin_dir, underlay) if forwarding else None
         self.reconciler = ServiceReconciler(self.loaded.table("mesh_services"),
                                             self.loaded.table("mesh_backends"),
                                             self.loaded.table("mesh_rev_nat"))
         self._owners: dict[tuple[str, int, str], frozenset[ObjectKey]] = {}
         self._progress = asyncio.Event()
+        self._sync_due = asyncio.Event()
         if cgroup is not None:
             self.attach(cgroup)
 
@@ -52,6 +59,7 @@ class DatapathSink:
     def apply(self, ir: IR) -> None:
         self._owners = {f.key: f.owners for f in ir.services}
         self.reconciler.apply(ir.services)
+        self._sync_due.set()  # run() looks at the node's pods now (netlink, on a thread)
         self._progress.set()
         self._progress = asyncio.Event()
 
@@ -65,8 +73,20 @@ class DatapathSink:
     async def wait_progress(self) -> None:
         await self._progress.wait()
 
+    async def run(self) -> None:
+        """Follow the node's pods for forwarding: a pod the CNI plugin wired since the last
+        look is attached within FOLLOW seconds (an EndpointSlice change does it at once)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sync_due.wait(), FOLLOW)
+            self._sync_due.clear()
+            if self.forwarding is not None:
+                await asyncio.to_thread(self.forwarding.sync)
+
     def close(self) -> None:
         """Let go of the programs' file descriptors; the pinned maps and the attached
         programs stay, and keep balancing while no agent runs."""
         with contextlib.suppress(Exception):
             self.loaded.close()
+        if self.forwarding is not None:
+            self.forwarding.close()

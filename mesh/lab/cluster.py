@@ -202,7 +202,8 @@ class Lab:
         proc = subprocess.Popen(
             ["ip", "netns", "exec", n.name, sys.executable, "-m", "mesh.cli", "run",
              "--manifests", str(self.dir / "cluster"), "--state-dir", str(state),
-             "--node-id", n.name, "--datapath-cgroup", str(CGROUP_ROOT / self.name / n.name)],
+             "--node-id", n.name, "--datapath-cgroup", str(CGROUP_ROOT / self.name / n.name),
+             "--datapath-underlay", "eth0"],
             stdout=subprocess.DEVNULL, stderr=logf.open("ab"), start_new_session=True)
         self.agents[n.name] = Agent(n, proc, logf)
         self.state.agents[n.name] = proc.pid

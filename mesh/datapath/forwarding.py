@@ -1,0 +1,125 @@
+"""Forwarding in eBPF: bpf/fwd.c at tc ingress of every local pod's host-side veth and of the
+node's underlay device, redirecting packets for a pod of this node straight into its
+namespace (bpf_redirect_peer); the rest goes on to the kernel.
+
+The local endpoints come from what the CNI plugin made, read over netlink: each /32 route to
+a `mesh*` veth is a pod, the permanent neighbour entry on it holds the pod's MAC. So the
+plugin and the agent need no API between them, and a restarted agent finds the pods again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mesh.cni.plugin import HOST_PREFIX
+from mesh.datapath.layout import EndpointInfo, be32
+from mesh.datapath.programs import Loaded, compile_program
+
+log = logging.getLogger(__name__)
+_SCHED_CLS = 3
+_INGRESS = "ffff:fff2"
+
+
+@dataclass(frozen=True)
+class LocalEndpoint:
+    address: str
+    ifindex: int
+    pod_mac: str
+    host_mac: str
+
+
+def _mac(text: str) -> bytes:
+    return bytes(int(x, 16) for x in text.split(":"))
+
+
+def local_endpoints(ip: Any) -> list[LocalEndpoint]:
+    """This node's pods, from the routes and neighbours the CNI plugin wrote."""
+    links = {link["index"]: link for link in ip.get_links()}
+    neigh = {(n.get("ifindex"), n.get_attr("NDA_DST")): n.get_attr("NDA_LLADDR")
+             for n in ip.get_neighbours(family=2)}
+    out = []
+    for r in ip.get_routes(family=2):
+        oif = r.get_attr("RTA_OIF")
+        link = links.get(oif)
+        dst = r.get_attr("RTA_DST")
+        if r.get("dst_len") != 32 or link is None or dst is None:
+            continue
+        if not str(link.get_attr("IFLA_IFNAME")).startswith(HOST_PREFIX):
+            continue
+        pod_mac = neigh.get((oif, dst))
+        if pod_mac:
+            out.append(LocalEndpoint(dst, oif, pod_mac, link.get_attr("IFLA_ADDRESS")))
+    return out
+
+
+class Forwarding:
+    def __init__(self, pin_dir: Path, underlay: str | None = None) -> None:
+        self.loaded: Loaded = compile_program("fwd.c", pin_dir)
+        self.program = self.loaded.function("mesh_from_pod", _SCHED_CLS)
+        self.endpoints = self.loaded.table("mesh_endpoints")
+        self.underlay = underlay
+        self._attached: set[int] = set()
+        self._written: dict[str, LocalEndpoint] = {}
+        with contextlib.suppress(Exception):  # what a previous agent wrote
+            for k, v in self.endpoints.items():
+                addr = int(k.value)
+                self._written[_address(addr)] = LocalEndpoint(
+                    _address(addr), int(v.ifindex), "", "")
+
+    def sync(self) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ip:
+            found = {e.address: e for e in local_endpoints(ip)}
+            for address, e in found.items():
+                if self._written.get(address) != e:
+                    info = EndpointInfo(ifindex=e.ifindex)
+                    info.pod_mac[:] = list(_mac(e.pod_mac))
+                    info.host_mac[:] = list(_mac(e.host_mac))
+                    self.endpoints[ctypes.c_uint32(be32(address))] = info
+                    self._written[address] = e
+            for address in [a for a in self._written if a not in found]:
+                with contextlib.suppress(KeyError):
+                    del self.endpoints[ctypes.c_uint32(be32(address))]
+                del self._written[address]
+            targets = {e.ifindex for e in found.values()}
+            if self.underlay:
+                targets.update(ip.link_lookup(ifname=self.underlay))
+            for index in targets - self._attached:
+                self._attach(ip, index)
+            self._attached &= {link["index"] for link in ip.get_links()}
+
+    def _attach(self, ip: Any, index: int) -> None:
+        """Our program at the device's tc ingress (replacing an earlier agent's)."""
+        from pyroute2 import NetlinkError
+
+        with contextlib.suppress(NetlinkError):
+            ip.tc("del", "clsact", index)
+        try:
+            ip.tc("add", "clsact", index)
+            ip.tc("add-filter", "bpf", index, ":1", fd=self.program.fd,
+                  name="mesh_from_pod", parent=_INGRESS, classid=1, direct_action=True)
+            self._attached.add(index)
+        except NetlinkError as e:
+            log.error("cannot attach the forwarding program", extra={"ifindex": index,
+                                                                     "error": str(e)})
+
+    def stats(self) -> tuple[int, int]:
+        """(packets redirected to a local pod, packets left to the kernel), all CPUs."""
+        table = self.loaded.table("mesh_fwd_stats")
+        return (sum(table[ctypes.c_uint32(0)]), sum(table[ctypes.c_uint32(1)]))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.loaded.close()
+
+
+def _address(value: int) -> str:
+    from mesh.datapath.layout import address_of
+
+    return address_of(value)
