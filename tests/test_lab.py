@@ -72,9 +72,14 @@ def mesh(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    manifests = tmp_path_factory.mktemp("lab")
-    (manifests / "app.yaml").write_text(APP)
+def manifests(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("lab")
+    (path / "app.yaml").write_text(APP)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lab(manifests: Path) -> Iterator[str]:
     name = f"t{os.getpid() % 10000}"
     up = mesh("lab", "up", "--nodes", "2", "--name", name, "--manifests", str(manifests))
     try:
@@ -162,6 +167,18 @@ def test_an_agent_killed_keeps_connections_and_services(lab: str) -> None:
     wait_until(lambda: state(lab)["agents"][node] != killed, timeout=20,
                what="the agent restarted")
     assert len(exec_in(lab, "client", GET, "http://10.96.7.7/", "5")) == 5
+
+
+def test_a_scaled_down_deployment_loses_its_pod_and_endpoint(lab: str,
+                                                            manifests: Path) -> None:
+    (manifests / "app.yaml").write_text(APP.replace("replicas: 2", "replicas: 1"))
+    wait_until(lambda: "default/echo-1" not in state(lab)["pods"], timeout=20,
+               what="echo-1 removed")
+    assert f"{lab}-default-echo-1" not in _netns()
+    wait_until(lambda: set(exec_in(lab, "client", GET, "http://10.96.7.7/", "10")) ==
+               {"echo-0"}, timeout=20, what="only echo-0 behind the Service")
+    svc = next(s for s in state(lab)["services"] if s["name"] == "echo")
+    assert svc["clusterIP"] == "10.96.7.7" and len(svc["endpoints"]) == 1
 
 
 def test_lab_down_leaves_nothing(tmp_path: Path) -> None:

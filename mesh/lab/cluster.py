@@ -103,22 +103,85 @@ class Lab:
         self.name = name
         self.dir = lab_dir(name)
         self.nodes = network.plan(name, nodes)
-        docs = []
-        for path in sorted(manifests.rglob("*")) if manifests else []:
-            if path.suffix in (".yaml", ".yml"):
-                docs += [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+        self.manifests = manifests
+        self._manifests_stamp = self._stamp()
+        docs = self._read_manifests()
         self.docs = docs
         self.services: list[ServiceSpec] = workloads.services_of(docs)
-        self.pods: list[Pod] = []
-        for i, spec in enumerate(workloads.pods_of(docs)):
-            node = self.nodes[i % len(self.nodes)]
-            self.pods.append(Pod(spec, node, f"{name}-{spec.namespace}-{spec.name}"[:60]))
+        self.pods: list[Pod] = [self._new_pod(spec, i)
+                                for i, spec in enumerate(workloads.pods_of(docs))]
         self.agents: dict[str, Agent] = {}
         self.dns: dict[str, subprocess.Popen[bytes]] = {}
         self._seen_at_write: dict[str, int] = {}
         self._loaded_since: float | None = None
         self.state = State(name, os.getpid())
         self._runtimes: dict[str, Runtime] = {}
+
+    # -- the manifests ---------------------------------------------------------------------
+
+    def _files(self) -> list[Path]:
+        if self.manifests is None:
+            return []
+        return sorted(p for p in self.manifests.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+    def _stamp(self) -> tuple[tuple[str, int, int], ...]:
+        out = []
+        for p in self._files():
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                out.append((str(p), st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def _read_manifests(self) -> list[dict[str, Any]]:
+        docs: list[dict[str, Any]] = []
+        for path in self._files():
+            try:
+                docs += [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+            except (OSError, yaml.YAMLError) as e:
+                log.error("manifest skipped", extra={"file": str(path), "error": str(e)})
+        return docs
+
+    def _new_pod(self, spec: PodSpec, i: int) -> Pod:
+        node = self.nodes[i % len(self.nodes)]
+        return Pod(spec, node, f"{self.name}-{spec.namespace}-{spec.name}"[:60])
+
+    def reload(self) -> bool:
+        """The manifests changed: pods that are no longer wanted go (a scaled-down
+        Deployment), new ones come, Services keep their ClusterIPs."""
+        stamp = self._stamp()
+        if stamp == self._manifests_stamp:
+            return False
+        self._manifests_stamp = stamp
+        docs = self._read_manifests()
+        if docs == self.docs:
+            return False
+        self.docs = docs
+        self.services = workloads.services_of(
+            docs, {(s.namespace, s.name): s.cluster_ip for s in self.services})
+        wanted = {f"{p.namespace}/{p.name}": p for p in workloads.pods_of(docs)}
+        for pod in [p for p in self.pods if p.key not in wanted]:
+            self.remove_pod(pod)
+        have = {p.key for p in self.pods}
+        for key, spec in wanted.items():
+            if key not in have:
+                pod = self._new_pod(spec, len(self.pods))
+                self.pods.append(pod)
+                self.add_pod(pod)
+        log.info("manifests reloaded", extra={"pods": len(self.pods),
+                                              "services": len(self.services)})
+        return True
+
+    def remove_pod(self, p: Pod) -> None:
+        if p.process is not None:
+            _kill(p.process.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.process.wait(5)
+        with contextlib.suppress(Exception):
+            self._runtimes[p.node.name].delete(p.key.replace("/", "_"),
+                                               f"/var/run/netns/{p.netns}")
+        subprocess.run(["ip", "netns", "del", p.netns], capture_output=True, check=False)
+        shutil.rmtree(Path("/etc/netns") / p.netns, ignore_errors=True)
+        self.pods.remove(p)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -293,7 +356,7 @@ class Lab:
 
     def tick(self) -> bool:
         """One round of supervision; whether anything changed."""
-        changed = False
+        changed = self.reload()
         for a in self.agents.values():
             if not a.ready and b"node ready" in a.log.read_bytes():
                 a.ready = changed = True

@@ -85,12 +85,16 @@ def pods_of(docs: Iterable[Mapping[str, Any]]) -> list[PodSpec]:
     return out
 
 
-def services_of(docs: Iterable[Mapping[str, Any]]) -> list[ServiceSpec]:
+def services_of(docs: Iterable[Mapping[str, Any]],
+                previous: Mapping[tuple[str, str], str] | None = None) -> list[ServiceSpec]:
     """Services with ClusterIPs: `spec.clusterIP` where given (as Kubernetes honours it),
-    else the next free address of the service CIDR, in order."""
+    the one a Service already had (`previous`, by namespace and name), else the next free
+    address of the service CIDR, in order."""
     net = ipaddress.ip_network(SERVICE_CIDR)
     services, taken = [], {str(net.network_address + 1)}  # .1 is the API server's
     docs = [d for d in docs if d.get("kind") == "Service"]
+    previous = previous or {}
+    taken.update(previous.values())
     for d in docs:
         ip = _map(d.get("spec")).get("clusterIP")
         if isinstance(ip, str) and ip not in ("", "None"):
@@ -99,7 +103,10 @@ def services_of(docs: Iterable[Mapping[str, Any]]) -> list[ServiceSpec]:
     for d in docs:
         meta, spec = _map(d.get("metadata")), _map(d.get("spec"))
         ip = spec.get("clusterIP")
-        if not isinstance(ip, str) or ip == "":
+        key = (str(meta.get("namespace") or "default"), str(meta.get("name")))
+        if (not isinstance(ip, str) or ip == "") and key in previous:
+            ip = previous[key]
+        elif not isinstance(ip, str) or ip == "":
             ip = next(h for h in hosts if h not in taken)
             taken.add(ip)
         services.append(ServiceSpec(
