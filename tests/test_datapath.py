@@ -23,7 +23,6 @@ from mesh.datapath.sink import DatapathSink
 from tests.test_cni import Node, node  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.netns
-CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
 CLUSTER_IP = "10.96.0.10"
 
 SERVER = """
@@ -137,7 +136,11 @@ def lab(node: Node, tmp_path: Path) -> Iterator[Lab]:  # noqa: F811
                                   pods[name], name], stdout=subprocess.PIPE, text=True)
             assert p.stdout is not None and "listening" in p.stdout.readline()
             servers.append(p)
-    cgroup = CGROUP_ROOT / f"mesh-test-{os.getpid()}"
+    # The cgroup2 hierarchy mounted here, whatever layout the machine's /sys/fs/cgroup has.
+    hierarchy = tmp_path / "cgroup2"
+    hierarchy.mkdir()
+    subprocess.run(["mount", "-t", "cgroup2", "cgroup2", str(hierarchy)], check=True)
+    cgroup = hierarchy / f"mesh-test-{os.getpid()}"
     cgroup.mkdir()
     try:
         yield Lab(node, pods, cgroup)
@@ -146,6 +149,7 @@ def lab(node: Node, tmp_path: Path) -> Iterator[Lab]:  # noqa: F811
             p.kill()
             p.wait()
         cgroup.rmdir()  # its programs go with it
+        subprocess.run(["umount", str(hierarchy)], check=False)
 
 
 def client(lab: Lab, n: int, **kw: object) -> subprocess.Popen[str]:
