@@ -245,3 +245,40 @@ def test_pod_to_local_pod_goes_by_redirect(lab: Lab, pins: Path) -> None:
     assert answered == 20
     assert attached == 4  # every pod's host-side veth
     assert redirected >= 20 * 4  # every packet of 20 connections goes by redirect, at least
+
+
+class _Mem(dict[bytes, Any]):
+    """A map in memory, keyed by the key's bytes as the kernel's is."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(bytes(key), value)
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(bytes(key))
+
+    def items(self) -> Any:
+        return iter(())  # nothing pinned from before
+
+
+class _Full(_Mem):
+    """A map that is full: every write fails as the kernel's would (E2BIG)."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        raise Exception("Could not update table: [Errno 7] Argument list too long")
+
+
+def test_a_failed_map_write_is_the_services_readiness() -> None:
+    from mesh.sinks.sink import State
+    from mesh.store.objects import ObjectKey
+
+    owner = ObjectKey("", "Service", "default", "web")
+    rec = ServiceReconciler(_Full(), _Mem(), _Mem())
+    f = ir.ServiceFrontend(CLUSTER_IP, 80, "TCP", (ir.L4Backend("10.244.0.2", 8080),),
+                           frozenset({owner}))
+    rec.apply([f])
+    assert "Argument list too long" in rec.errors[f.key]
+    # The sink turns it into the Service's readiness (Programmed: False with the error).
+    sink = DatapathSink.__new__(DatapathSink)
+    sink.reconciler, sink._owners = rec, {f.key: f.owners}
+    r = sink.readiness()[owner]
+    assert r.state is State.FAILED and "Argument list too long" in r.message

@@ -151,9 +151,13 @@ class ServiceReconciler:
         if found is not None:
             return found
         new = self._backend_pool.take()
+        try:
+            self._write(self.backends, ctypes.c_uint32(new),
+                        Lb4Backend(address=be32(b.address), port=be16(b.port), proto=proto))
+        except Exception:
+            self._backend_pool.give(new)
+            raise
         self._orphans.add(new)  # until a slot names it
-        self._write(self.backends, ctypes.c_uint32(new),
-                    Lb4Backend(address=be32(b.address), port=be16(b.port), proto=proto))
         self.backend_ids[bk] = new
         self._backend_keys[new] = bk
         return new
@@ -179,7 +183,9 @@ class ServiceReconciler:
         if not orphans:
             return
         for backend_id in orphans:
-            del self.backend_ids[self._backend_keys.pop(backend_id)]
+            bk = self._backend_keys.pop(backend_id, None)
+            if bk is not None:
+                self.backend_ids.pop(bk, None)
             self._delete(self.backends, ctypes.c_uint32(backend_id))
             self._backend_pool.give(backend_id)
 
