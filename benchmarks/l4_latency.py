@@ -48,12 +48,15 @@ SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "rr", "na
 
 
 def sockperf(prefix: list[str], address: str, port: int, seconds: int) -> tuple[float, float]:
-    out = subprocess.run([*prefix, "sockperf", "ping-pong", "--tcp", "--full-rtt", "-i",
+    run = subprocess.run([*prefix, "sockperf", "ping-pong", "--tcp", "--full-rtt", "-i",
                           address, "-p", str(port), "-t", str(seconds)],
-                         capture_output=True, text=True, check=True).stdout
-    p50 = float(re.search(r"percentile 50\.000 =\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p99 = float(re.search(r"percentile 99\.000 =\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return p50, p99
+                         capture_output=True, text=True, check=False)
+    p50 = re.search(r"percentile 50\.000 =\s+([\d.]+)", run.stdout)
+    p99 = re.search(r"percentile 99\.000 =\s+([\d.]+)", run.stdout)
+    if p50 is None or p99 is None:
+        raise RuntimeError(f"sockperf to {address}:{port} gave no percentiles:\n"
+                           f"{run.stdout[-2000:]}{run.stderr[-2000:]}")
+    return float(p50.group(1)), float(p99.group(1))
 
 
 def iperf(prefix: list[str], address: str, seconds: int) -> float:

@@ -41,6 +41,7 @@ CGROUP_MOUNT = ROOT / "cgroup2"
 CGROUP_ROOT = CGROUP_MOUNT / "mesh-lab"
 HOST_LOCAL = Path("/usr/lib/cni/host-local")
 WORKLOAD_KINDS = ("Deployment", "Pod")
+FAILURE_THRESHOLD = 3
 SETTLE = 1.0  # seconds an agent is given, once it loaded a change, to have Envoy run it
 
 
@@ -58,6 +59,7 @@ class Pod:
     ready: bool = False
     restarts: int = 0
     started: float = 0.0
+    failures: int = 0  # probes failed in a row
 
     @property
     def key(self) -> str:
@@ -342,7 +344,7 @@ class Lab:
         if port is None:
             return True
         check = subprocess.run(
-            ["ip", "netns", "exec", p.node.name, "timeout", "1", "bash", "-c",
+            ["ip", "netns", "exec", p.node.name, "timeout", "2", "bash", "-c",
              f"exec 3<>/dev/tcp/{p.ip}/{port}"], capture_output=True, check=False)
         return check.returncode == 0
 
@@ -375,7 +377,12 @@ class Lab:
                 log.warning("pod exited, restarting",
                             extra={"pod": p.key, "code": p.process.returncode})
                 self.start_pod(p)
-            ready = self.probe(p)
+            # As Kubernetes' defaults: ready after one success, unready after three failures
+            # in a row (a busy pod may miss one probe), at once if its process is gone.
+            ok = self.probe(p)
+            p.failures = 0 if ok else p.failures + 1
+            alive = p.process is not None and p.process.poll() is None
+            ready = ok or (p.ready and alive and p.failures < FAILURE_THRESHOLD)
             if ready != p.ready:
                 p.ready, changed = ready, True
         if changed:
