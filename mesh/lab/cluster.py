@@ -377,6 +377,7 @@ class Lab:
                 log.warning("pod exited, restarting",
                             extra={"pod": p.key, "code": p.process.returncode})
                 self.start_pod(p)
+                p.ready, p.failures, changed = False, 0, True  # until it answers again
             # As Kubernetes' defaults: ready after one success, unready after three failures
             # in a row (a busy pod may miss one probe), at once if its process is gone.
             ok = self.probe(p)
