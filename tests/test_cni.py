@@ -52,6 +52,7 @@ class Node:
 def node(tmp_path: Path) -> Iterator[Node]:
     assert HOST_LOCAL.exists(), "host-local missing: `make install` sets up the CNI plugins"
     name = f"mt-{os.getpid() % 100000}"
+    sh("ip", "netns", "del", name, check=False)  # a crashed run's, if any
     sh("ip", "netns", "add", name)
     sh("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv4.ip_forward=1")
     bin_dir = tmp_path / "bin"

@@ -3,10 +3,13 @@ namespaces wired by the CNI plugin, a cgroup (v2) with the socket load balancer,
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,20 +139,36 @@ def lab(node: Node, tmp_path: Path) -> Iterator[Lab]:  # noqa: F811
                                   pods[name], name], stdout=subprocess.PIPE, text=True)
             assert p.stdout is not None and "listening" in p.stdout.readline()
             servers.append(p)
-    # The cgroup2 hierarchy mounted here, whatever layout the machine's /sys/fs/cgroup has.
-    hierarchy = tmp_path / "cgroup2"
-    hierarchy.mkdir()
+    # The cgroup2 hierarchy mounted for the test, whatever layout the machine's
+    # /sys/fs/cgroup has; under /run, never in a temporary directory pytest may later
+    # remove recursively (that would walk the machine's cgroups).
+    hierarchy = Path(f"/run/mesh-test-cgroup2-{os.getpid()}")
+    hierarchy.mkdir(exist_ok=True)
     subprocess.run(["mount", "-t", "cgroup2", "cgroup2", str(hierarchy)], check=True)
     cgroup = hierarchy / f"mesh-test-{os.getpid()}"
-    cgroup.mkdir()
     try:
+        cgroup.mkdir(exist_ok=True)
         yield Lab(node, pods, cgroup)
     finally:
         for p in servers:
             p.kill()
             p.wait()
-        cgroup.rmdir()  # its programs go with it
-        subprocess.run(["umount", str(hierarchy)], check=False)
+        with contextlib.suppress(OSError):
+            for pid in (cgroup / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        for _ in range(50):  # its programs go with it, once its processes are gone
+            try:
+                cgroup.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.1)
+        if subprocess.run(["umount", str(hierarchy)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(hierarchy)], check=False)
+        with contextlib.suppress(OSError):
+            hierarchy.rmdir()
 
 
 def client(lab: Lab, n: int, **kw: object) -> subprocess.Popen[str]:
@@ -189,9 +208,11 @@ def test_a_removed_backend_gets_no_new_connection_and_an_established_one_finishe
         lab: Lab, pins: Path) -> None:
     sink = DatapathSink(pins, lab.cgroup)
     a = lab.pods["backend-a"]
+    holders: list[subprocess.Popen[str]] = []
     try:
         sink.apply(ir.IR(services=(frontend(a),)))
         held = client(lab, 0, stdin=subprocess.PIPE)
+        holders.append(held)
         assert held.stdin is not None and held.stdout is not None
         held.stdin.write("before\n")
         held.stdin.flush()
@@ -210,6 +231,9 @@ def test_a_removed_backend_gets_no_new_connection_and_an_established_one_finishe
         sink.apply(ir.IR(services=(frontend(lab.pods["backend-b"]),)))
         assert sink.reconciler.writes == 0
     finally:
+        for p in holders:
+            p.kill()
+            p.wait()
         sink.close()
 
 

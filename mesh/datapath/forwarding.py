@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ from mesh.datapath.programs import Loaded, compile_program
 log = logging.getLogger(__name__)
 _SCHED_CLS = 3
 _INGRESS = "ffff:fff2"
+_PRIO = 0xC001  # our filter's priority and handle on a device's ingress
+_HANDLE = 1
+_HOST_SIDE = re.compile(HOST_PREFIX + r"[0-9a-f]{11}")  # what the CNI plugin names them
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ def local_endpoints(ip: Any) -> list[LocalEndpoint]:
         dst = r.get_attr("RTA_DST")
         if r.get("dst_len") != 32 or link is None or dst is None:
             continue
-        if not str(link.get_attr("IFLA_IFNAME")).startswith(HOST_PREFIX):
+        if not _HOST_SIDE.fullmatch(str(link.get_attr("IFLA_IFNAME"))):
             continue
         pod_mac = neigh.get((oif, dst))
         if pod_mac:
@@ -59,6 +63,8 @@ def local_endpoints(ip: Any) -> list[LocalEndpoint]:
 
 class Forwarding:
     def __init__(self, pin_dir: Path, underlay: str | None = None) -> None:
+        # Only the devices named here are touched: the CNI plugin's host-side veths (by
+        # their exact name pattern) and `underlay` if given; on each, only our own filter.
         self.loaded: Loaded = compile_program("fwd.c", pin_dir)
         self.program = self.loaded.function("mesh_from_pod", _SCHED_CLS)
         self.endpoints = self.loaded.table("mesh_endpoints")
@@ -95,15 +101,16 @@ class Forwarding:
             self._attached &= {link["index"] for link in ip.get_links()}
 
     def _attach(self, ip: Any, index: int) -> None:
-        """Our program at the device's tc ingress (replacing an earlier agent's)."""
+        """Our program at the device's tc ingress, as our own filter (its priority and
+        handle): an earlier agent's is replaced, anyone else's filters stay."""
         from pyroute2 import NetlinkError
 
         with contextlib.suppress(NetlinkError):
-            ip.tc("del", "clsact", index)
+            ip.tc("add", "clsact", index)  # there already: fine
         try:
-            ip.tc("add", "clsact", index)
-            ip.tc("add-filter", "bpf", index, ":1", fd=self.program.fd,
-                  name="mesh_from_pod", parent=_INGRESS, classid=1, direct_action=True)
+            ip.tc("replace-filter", "bpf", index, handle=_HANDLE, prio=_PRIO,
+                  fd=self.program.fd, name="mesh_from_pod", parent=_INGRESS,
+                  direct_action=True)
             self._attached.add(index)
         except NetlinkError as e:
             log.error("cannot attach the forwarding program", extra={"ifindex": index,
