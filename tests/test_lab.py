@@ -184,11 +184,13 @@ def test_a_scaled_down_deployment_loses_its_pod_and_endpoint(lab: str,
 def test_lab_down_leaves_nothing(tmp_path: Path) -> None:
     name = f"d{os.getpid() % 10000}"
     (tmp_path / "app.yaml").write_text(APP.replace("10.96.7.7", "10.96.7.8"))
-    up = mesh("lab", "up", "--nodes", "2", "--name", name, "--manifests", str(tmp_path))
-    assert up.returncode == 0, up.stderr
-    made = {ns for ns in _netns() if ns.startswith(f"{name}-")}
-    assert len(made) >= 6  # underlay, 2 nodes, 3 pods
-    down = mesh("lab", "down", "--name", name)
+    try:
+        up = mesh("lab", "up", "--nodes", "2", "--name", name, "--manifests", str(tmp_path))
+        assert up.returncode == 0, up.stderr
+        made = {ns for ns in _netns() if ns.startswith(f"{name}-")}
+        assert len(made) >= 6  # underlay, 2 nodes, 3 pods
+    finally:
+        down = mesh("lab", "down", "--name", name)
     assert down.returncode == 0, down.stderr
     assert not {ns for ns in _netns() if ns.startswith(f"{name}-")}
     assert not cluster.lab_dir(name).exists()

@@ -121,14 +121,25 @@ class ServiceReconciler:
         if old is not None and old.backends == ids:
             return
         rev = old.rev_nat_index if old is not None else self._new_rev_nat(f)
-        for slot, backend_id in enumerate(ids, start=1):
-            if old is None or slot > len(old.backends) or old.backends[slot - 1] != backend_id:
-                self._write(self.services, _key(f, slot), Lb4Service(backend_id=backend_id))
-        self._write(self.services, _key(f, 0), Lb4Service(count=len(ids), rev_nat_index=rev))
-        if old is not None:
-            for slot in range(len(ids) + 1, len(old.backends) + 1):
-                self._delete(self.services, _key(f, slot))
+        # Counted before any write: a write failing half way must not let the release
+        # below free ids that slots may name by then.
         self._refs.update(ids)
+        try:
+            for slot, backend_id in enumerate(ids, start=1):
+                if old is None or slot > len(old.backends) or \
+                        old.backends[slot - 1] != backend_id:
+                    self._write(self.services, _key(f, slot), Lb4Service(backend_id=backend_id))
+            self._write(self.services, _key(f, 0),
+                        Lb4Service(count=len(ids), rev_nat_index=rev))
+            if old is not None:
+                for slot in range(len(ids) + 1, len(old.backends) + 1):
+                    self._delete(self.services, _key(f, slot))
+        except Exception:
+            # What the slots hold is unknown now: every id either side named stays
+            # referenced (new ones counted above, old ones still), and the next apply
+            # rewrites the frontend whole, since its slots compare unequal.
+            self.installed[f.key] = Installed(rev, ids + (old.backends if old else ()))
+            raise
         if old is not None:
             self._unref(old.backends)
         self.installed[f.key] = Installed(rev, ids)

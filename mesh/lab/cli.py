@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from mesh.lab import cluster
+from mesh.lab.network import LabError
 
 
 def _name(name: str | None) -> str:
@@ -30,7 +31,10 @@ def _name(name: str | None) -> str:
 
 
 def _state(name: str) -> dict[str, Any]:
-    state = cluster.read_state(name)
+    try:
+        state = cluster.read_state(name)
+    except LabError as e:
+        raise click.ClickException(str(e)) from e
     if state is None:
         raise click.ClickException(f"no lab {name!r}: start it with `mesh lab up --name {name}`")
     return state
@@ -54,6 +58,10 @@ def lab() -> None:
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for ready.")
 def up(nodes: int, manifests: Path | None, name: str, foreground: bool, timeout: float) -> None:
     """Build the lab and return once every node and pod is ready."""
+    try:
+        cluster.check_name(name)
+    except LabError as e:
+        raise click.ClickException(str(e)) from e
     if cluster.read_state(name) is not None:
         raise click.ClickException(f"lab {name!r} is already up (`mesh lab down --name "
                                    f"{name}` first)")

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 ROOT = Path("/run/mesh/lab")
 # The cgroup2 hierarchy, mounted under /run: `ip netns exec` gives the agents a /sys of
 # their node's namespace, where the host's cgroup mount is not to be seen.
-CGROUP_MOUNT = ROOT / "cgroup2"
+CGROUP_MOUNT = Path("/run/mesh/lab-cgroup2")
 CGROUP_ROOT = CGROUP_MOUNT / "mesh-lab"
 HOST_LOCAL = Path("/usr/lib/cni/host-local")
 WORKLOAD_KINDS = ("Deployment", "Pod")
@@ -45,8 +46,19 @@ FAILURE_THRESHOLD = 3
 SETTLE = 1.0  # seconds an agent is given, once it loaded a change, to have Envoy run it
 
 
+NAME = re.compile(r"[a-z][a-z0-9-]{0,15}")
+
+
+def check_name(name: str) -> str:
+    """A lab's name goes into namespace, file and cgroup names: short, plain."""
+    if not NAME.fullmatch(name):
+        raise LabError(f"lab name {name!r}: use 1 to 16 of a-z, 0-9 and '-', starting "
+                       "with a letter")
+    return name
+
+
 def lab_dir(name: str) -> Path:
-    return ROOT / name
+    return ROOT / check_name(name)
 
 
 @dataclass
