@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from mesh.cni.plugin import CNIError
 from mesh.cni.runtime import NetworkList, Runtime
 from mesh.lab import dns, network, workloads
 from mesh.lab.network import LabError, NodeNet
@@ -322,10 +323,12 @@ class Lab:
         etc.mkdir(parents=True, exist_ok=True)
         self.state.etc_netns.append(str(etc))
         (etc / "resolv.conf").write_text(dns.resolv_conf(p.node.underlay_ip, p.spec.namespace))
+        self.save()  # recorded as made: a teardown after a failure below removes it
         result = self._runtimes[p.node.name].add(p.key.replace("/", "_"),
                                                  f"/var/run/netns/{p.netns}")
         p.ip = result["ips"][0]["address"].split("/")[0]
         self.start_pod(p)
+        self.save()
 
     def _env(self, p: Pod) -> dict[str, str]:
         """The pod's environment: the downward API basics, the Services of its namespace,
@@ -370,7 +373,12 @@ class Lab:
 
     def tick(self) -> bool:
         """One round of supervision; whether anything changed."""
-        changed = self.reload()
+        try:
+            changed = self.reload()
+        except (LabError, OSError, subprocess.SubprocessError, CNIError) as e:
+            # A bad edit (a pod that cannot be wired): the lab goes on as it was.
+            log.error("manifests not applied", extra={"error": str(e)})
+            changed = False
         for a in self.agents.values():
             if not a.ready and b"node ready" in a.log.read_bytes():
                 a.ready = changed = True
