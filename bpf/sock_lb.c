@@ -45,12 +45,17 @@ static __always_inline int lb4_translate(struct bpf_sock_addr *ctx)
 	__u16 rev = 0;
 	__be32 frontend = ctx->user_ip4;
 	__be16 fport = (__u16)ctx->user_port;
-	if (!lb4_pick(ctx, &be, &rev))
-		return 1; /* not a service (or none live): the connection goes as asked */
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	if (!lb4_pick(ctx, &be, &rev)) {
+		/* Not a service (or none live): the connection goes as asked, and a socket that
+		 * once went to a service shows its new peer as it is. */
+		mesh_sock_rev.delete(&cookie);
+		return 1;
+	}
 	ctx->user_ip4 = be.address;
 	ctx->user_port = be.port;
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct lb4_sock_rev r = { .address = frontend, .port = fport, .rev_nat_index = rev };
+	struct lb4_sock_rev r = { .address = frontend, .port = fport, .rev_nat_index = rev,
+				  .backend_address = be.address, .backend_port = be.port };
 	mesh_sock_rev.update(&cookie, &r);
 	return 1;
 }
@@ -72,6 +77,8 @@ static __always_inline int lb4_reverse(struct bpf_sock_addr *ctx)
 	struct lb4_sock_rev *r = mesh_sock_rev.lookup(&cookie);
 	if (!r)
 		return 1;
+	if (ctx->user_ip4 != r->backend_address || (__u16)ctx->user_port != r->backend_port)
+		return 1; /* a peer other than the backend (UDP): shown as it is */
 	__u16 idx = r->rev_nat_index;
 	struct lb4_reverse_nat *nat = mesh_rev_nat.lookup(&idx);
 	if (!nat || nat->address != r->address || nat->port != r->port)

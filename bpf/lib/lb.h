@@ -51,9 +51,12 @@ struct lb4_reverse_nat {
 /* A connected socket's frontend, by socket cookie: what getpeername() and a UDP reply's
  * source must show instead of the backend. */
 struct lb4_sock_rev {
-	__be32 address;
+	__be32 address;          /* the frontend */
 	__be16 port;
 	__u16 rev_nat_index;
+	__be32 backend_address;  /* the backend the socket was sent to: only a peer that is */
+	__be16 backend_port;     /* this backend is shown as the frontend */
+	__u16 pad;
 };
 
 /* Frontends and their backend slots. */

@@ -53,7 +53,8 @@ class Lb4ReverseNat(ctypes.Structure):
 
 class Lb4SockRev(ctypes.Structure):
     _fields_ = [("address", ctypes.c_uint32), ("port", ctypes.c_uint16),
-                ("rev_nat_index", ctypes.c_uint16)]
+                ("rev_nat_index", ctypes.c_uint16), ("backend_address", ctypes.c_uint32),
+                ("backend_port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
 class EndpointInfo(ctypes.Structure):
