@@ -22,7 +22,7 @@ import watchfiles
 
 from mesh.providers import documents
 from mesh.providers.documents import DocumentError, Limits
-from mesh.store.kinds import KINDS, STATUS_READ
+from mesh.store.kinds import KINDS
 from mesh.store.objects import KubeObject, ObjectError, ObjectKey, hashes, parse_object
 from mesh.store.store import Store
 
@@ -68,8 +68,7 @@ def _parse_document(text: str, source: str, json_file: bool, limits: Limits,
                 if old is not None and old[0].body == item:
                     out.append(old)
                 else:
-                    spec_hash, body_hash = hashes(item, with_status=obj.group_kind in
-                                                  STATUS_READ)
+                    spec_hash, body_hash = hashes(item)
                     out.append((replace(obj, body_hash=body_hash), spec_hash))
         return _Document(tuple(out))
     except (DocumentError, ObjectError) as e:

@@ -14,7 +14,6 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from mesh.store.kinds import NODE, STATUS_READ
 from mesh.store.objects import content_hash, parse_object
 from mesh.store.store import Store
 
@@ -53,8 +52,7 @@ class NodeProvider:
         if addresses is None:
             return self.store.replace(SOURCE, ())
         body = node_object(self.node_name, addresses)
-        obj = parse_object(body, SOURCE, body_hash=content_hash(
-            body, with_status=NODE in STATUS_READ))
+        obj = parse_object(body, SOURCE, body_hash=content_hash(body))
         return self.store.replace(SOURCE, (obj,))
 
     async def run(self) -> None:

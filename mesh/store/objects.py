@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple
 
-from mesh.store.kinds import CLUSTER_SCOPED, GroupKind, display
+from mesh.store.kinds import CLUSTER_SCOPED, STATUS_READ, GroupKind, display
 
 # Metadata the API server changes without any change of meaning: never part of a version.
 _VOLATILE_METADATA = frozenset({"resourceVersion", "managedFields", "selfLink"})
@@ -48,13 +48,17 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
 
 
-def hashes(body: Mapping[str, Any], with_status: bool = False) -> tuple[str, str]:
+def hashes(body: Mapping[str, Any]) -> tuple[str, str]:
     """(spec hash, content hash) of an object's body, encoding the bulk of it once.
 
     The spec hash covers all but metadata and status: what the API server counts as a spec
     change (it bumps the generation). The content hash adds the metadata the API server
-    does not change on its own (labels, annotations, generation...), and the status where
-    the translator reads it (a Node's addresses): everything the translator can read."""
+    does not change on its own (labels, annotations, generation...), and the status of the
+    kinds whose status the translator reads (STATUS_READ: a Node's addresses): everything
+    the translator can read."""
+    kind, api_version = body.get("kind"), body.get("apiVersion")
+    with_status = isinstance(kind, str) and isinstance(api_version, str) and \
+        GroupKind(group_of(api_version), kind) in STATUS_READ
     spec = _digest(_canonical({k: v for k, v in body.items()
                                if k not in ("metadata", "status")}))
     meta = body.get("metadata")
@@ -64,8 +68,8 @@ def hashes(body: Mapping[str, Any], with_status: bool = False) -> tuple[str, str
     return spec, _digest(spec + _canonical([kept, status]))
 
 
-def content_hash(body: Mapping[str, Any], with_status: bool = False) -> str:
-    return hashes(body, with_status)[1]
+def content_hash(body: Mapping[str, Any]) -> str:
+    return hashes(body)[1]
 
 
 @dataclass(frozen=True)
