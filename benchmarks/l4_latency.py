@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mesh.cni.runtime import NetworkList, Runtime
+from mesh.cni.runtime import node_runtime
 from mesh.lab import cluster, network
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,15 +108,7 @@ def kernel(seconds: int) -> dict[str, float]:
         network.build(name, nodes)
         ips = []
         for n, pod in zip(nodes, ("server", "client"), strict=True):
-            bin_dir = work / n.name / "bin"
-            bin_dir.mkdir(parents=True)
-            (bin_dir / "mesh-cni").symlink_to(Path(sys.executable).parent / "mesh-cni")
-            (bin_dir / "host-local").symlink_to(cluster.HOST_LOCAL)
-            net = NetworkList("mesh", "1.0.0", ({"type": "mesh-cni", "ipam": {
-                "type": "host-local", "ranges": [[{"subnet": n.pod_cidr}]],
-                "dataDir": str(work / n.name / "ipam")}},))
-            rt = Runtime(net, [str(bin_dir)], work / n.name / "cache",
-                         ["ip", "netns", "exec", n.name])
+            rt = node_runtime(work / n.name, n.pod_cidr, n.name)  # as the lab's nodes
             ns = f"{name}-{pod}"
             subprocess.run(["ip", "netns", "add", ns], check=True)
             pods.append(ns)

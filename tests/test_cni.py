@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 
 from mesh.cni.plugin import host_ifname
-from mesh.cni.runtime import NetworkList, Runtime
+from mesh.cni.runtime import HOST_LOCAL, NetworkList, Runtime
 
 pytestmark = pytest.mark.netns
-HOST_LOCAL = Path("/usr/lib/cni/host-local")  # Debian's containernetworking-plugins
 PLUGIN = Path(sys.executable).parent / "mesh-cni"
 
 

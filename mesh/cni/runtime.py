@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,3 +98,31 @@ class Runtime:
         for plugin in reversed(self.network.plugins):
             self._call(plugin, "DEL", container_id, netns, ifname, prev)
         self._cache(container_id, ifname).unlink(missing_ok=True)
+
+
+HOST_LOCAL = Path("/usr/lib/cni/host-local")  # Debian's containernetworking-plugins
+CONFLIST = Path("net.d") / "10-mesh.conflist"
+
+
+def node_runtime(base: Path, pod_cidr: str, node_netns: str) -> Runtime:
+    """A node's CNI setup, as a kubelet's container runtime finds it, under `base`: the
+    plugins (ours and host-local) in bin/, the conflist in net.d/, IPAM state and the
+    results cache beside them; plugins run in the node's network namespace."""
+    bin_dir = base / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, target in (("mesh-cni", Path(sys.executable).parent / "mesh-cni"),
+                         ("host-local", HOST_LOCAL)):
+        link = bin_dir / name
+        if not link.is_symlink():
+            link.symlink_to(target)
+    NetworkList("mesh", "1.0.0", ({
+        "type": "mesh-cni", "mtu": 1500,
+        "ipam": {"type": "host-local", "ranges": [[{"subnet": pod_cidr}]],
+                 "dataDir": str(base / "ipam")}},)).write(base / CONFLIST)
+    return existing_runtime(base, node_netns)
+
+
+def existing_runtime(base: Path, node_netns: str) -> Runtime:
+    """The runtime of a node set up by node_runtime (for DEL, after a restart)."""
+    return Runtime(NetworkList.load(base / CONFLIST), [str(base / "bin")], base / "cache",
+                   ["ip", "netns", "exec", node_netns])

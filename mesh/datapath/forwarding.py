@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.cni.plugin import HOST_PREFIX
-from mesh.datapath.layout import EndpointInfo, be32
+from mesh.datapath.layout import EndpointInfo, address_of, be32
 from mesh.datapath.programs import Loaded, compile_program
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ class Forwarding:
         with contextlib.suppress(Exception):  # what a previous agent wrote
             for k, v in self.endpoints.items():
                 addr = int(k.value)
-                self._written[_address(addr)] = LocalEndpoint(
-                    _address(addr), int(v.ifindex), "", "")
+                self._written[address_of(addr)] = LocalEndpoint(
+                    address_of(addr), int(v.ifindex), "", "")
 
     def sync(self) -> None:
         from pyroute2 import IPRoute
@@ -125,8 +125,3 @@ class Forwarding:
         with contextlib.suppress(Exception):
             self.loaded.close()
 
-
-def _address(value: int) -> str:
-    from mesh.datapath.layout import address_of
-
-    return address_of(value)

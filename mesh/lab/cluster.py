@@ -30,10 +30,12 @@ from typing import Any
 import yaml
 
 from mesh.cni.plugin import CNIError
-from mesh.cni.runtime import NetworkList, Runtime
+from mesh.cni.runtime import HOST_LOCAL, Runtime, existing_runtime, node_runtime
+from mesh.datapath.programs import ensure_bpffs
 from mesh.lab import dns, network, workloads
 from mesh.lab.network import LabError, NodeNet
 from mesh.lab.workloads import PodSpec, ServiceSpec
+from mesh.providers import documents
 
 log = logging.getLogger(__name__)
 ROOT = Path("/run/mesh/lab")
@@ -41,7 +43,6 @@ ROOT = Path("/run/mesh/lab")
 # their node's namespace, where the host's cgroup mount is not to be seen.
 CGROUP_MOUNT = Path("/run/mesh/lab-cgroup2")
 CGROUP_ROOT = CGROUP_MOUNT / "mesh-lab"
-HOST_LOCAL = Path("/usr/lib/cni/host-local")
 WORKLOAD_KINDS = ("Deployment", "Pod")
 FAILURE_THRESHOLD = 3
 SETTLE = 1.0  # seconds an agent is given, once it loaded a change, to have Envoy run it
@@ -148,11 +149,14 @@ class Lab:
         return tuple(out)
 
     def _read_manifests(self) -> list[dict[str, Any]]:
+        """The manifests' documents, read under the agents' own input limits."""
         docs: list[dict[str, Any]] = []
         for path in self._files():
             try:
-                docs += [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
-            except (OSError, yaml.YAMLError) as e:
+                text = documents.check_text(path.read_bytes())
+                for chunk in documents.split(text):
+                    docs += [d for d in documents.load_yaml(chunk) if isinstance(d, dict)]
+            except (OSError, documents.DocumentError) as e:
                 log.error("manifest skipped", extra={"file": str(path), "error": str(e)})
         return docs
 
@@ -241,7 +245,7 @@ class Lab:
             # The agent's bpffs, mounted from here: it outlives the agent (whose mounts die
             # with its `ip netns exec` mount namespace), so a restarted agent finds its maps.
             pins = self.dir / n.name / "agent" / "bpffs"
-            _mount("bpf", pins)
+            ensure_bpffs(pins)
             self.state.mounts.append(str(pins))
             cg = CGROUP_ROOT / self.name / n.name
             cg.mkdir(parents=True, exist_ok=True)
@@ -255,23 +259,7 @@ class Lab:
         self.save()
 
     def _cni(self, n: NodeNet) -> Runtime:
-        """The node's CNI setup, as a kubelet's runtime finds it: a conflist in the node's
-        config directory, the plugins in its bin directory."""
-        base = self.dir / n.name / "cni"
-        bin_dir = base / "bin"
-        bin_dir.mkdir(parents=True, exist_ok=True)
-        for name, target in (("mesh-cni", Path(sys.executable).parent / "mesh-cni"),
-                             ("host-local", HOST_LOCAL)):
-            link = bin_dir / name
-            if not link.exists():
-                link.symlink_to(target)
-        net = NetworkList("mesh", "1.0.0", ({
-            "type": "mesh-cni", "mtu": 1500,
-            "ipam": {"type": "host-local", "ranges": [[{"subnet": n.pod_cidr}]],
-                     "dataDir": str(base / "ipam")}},))
-        net.write(base / "net.d" / "10-mesh.conflist")
-        return Runtime(NetworkList.load(base / "net.d" / "10-mesh.conflist"), [str(bin_dir)],
-                       base / "cache", ["ip", "netns", "exec", n.name])
+        return node_runtime(self.dir / n.name / "cni", n.pod_cidr, n.name)
 
     def _start_agent(self, n: NodeNet) -> None:
         state = self.dir / n.name / "agent"
@@ -493,10 +481,8 @@ def teardown(name: str) -> list[str]:
     _wait_gone(pod_pids, 5)
     d = lab_dir(name)
     for key, p in pods.items():
-        cni = d / p["node"] / "cni"
         with contextlib.suppress(Exception):
-            Runtime(NetworkList.load(cni / "net.d" / "10-mesh.conflist"), [str(cni / "bin")],
-                    cni / "cache", ["ip", "netns", "exec", p["node"]]).delete(
+            existing_runtime(d / p["node"] / "cni", p["node"]).delete(
                 key.replace("/", "_"), f"/var/run/netns/{p['netns']}")
         subprocess.run(["ip", "netns", "del", p["netns"]], capture_output=True, check=False)
     resolvers = [int(pid) for pid in state.get("dns", {}).values()]
