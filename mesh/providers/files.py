@@ -142,7 +142,8 @@ class FileProvider:
                 self._stats[path] = stamp
             except FileNotFoundError:
                 continue  # removed while we looked: the next event drops it
-        self._forget_deleted()
+        if updates:  # the 2-second resync of an unchanged directory costs its stat()s only
+            self._forget_deleted()
         return updates
 
     def apply(self, updates: list[_Update]) -> bool:
