@@ -80,8 +80,9 @@ class Attempts:
 
 def describe(identity: EchoIdentity, method: str, target: str, proto: str,
              headers: Iterable[tuple[str, str]], tls: dict[str, Any] | None = None,
-             attempts: Attempts | None = None) -> Answer:
-    """The echo's answer to a request: its JSON description and what the request asked for."""
+             attempts: Attempts | None = None, client: str = "") -> Answer:
+    """The echo's answer to a request: its JSON description and what the request asked for.
+    `client`: the peer's address as the backend sees it ("ip:port")."""
     url = urlsplit(target)
     query = parse_qs(url.query)
     delay = 0.0
@@ -109,7 +110,7 @@ def describe(identity: EchoIdentity, method: str, target: str, proto: str,
     doc: dict[str, Any] = {
         "path": target, "host": host, "method": method, "proto": proto, "headers": by_name,
         "namespace": identity.namespace, "pod": identity.pod, "service": identity.service,
-        "ingress": "",
+        "ingress": "", "client": client,
     }
     if tls is not None:
         doc["tls"] = tls
@@ -140,7 +141,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.rfile.read(length)
         answer = describe(self.server.identity, self.command, self.path, self.request_version,
                           self.headers.items(), _tls_state(self.connection),
-                          attempts=self.server.attempts)
+                          attempts=self.server.attempts,
+                          client="{}:{}".format(*self.client_address[:2]))
         if answer.delay:
             time.sleep(answer.delay)
         self.send_response(answer.status)
@@ -244,8 +246,9 @@ def asgi_app(identity: EchoIdentity) -> Callable[[dict[str, Any], Receive, Send]
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode(errors="replace")
         headers = [(k.decode(), v.decode(errors="replace")) for k, v in scope["headers"]]
+        peer = scope.get("client") or ("", 0)
         answer = describe(identity, scope["method"], target, f"HTTP/{scope['http_version']}",
-                          headers, None, attempts)
+                          headers, None, attempts, f"{peer[0]}:{peer[1]}")
         if answer.delay:
             await asyncio.sleep(answer.delay)
         await send({"type": "http.response.start", "status": answer.status,

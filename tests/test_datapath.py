@@ -306,3 +306,56 @@ def test_a_failed_map_write_is_the_services_readiness() -> None:
     sink.reconciler, sink._owners = rec, {f.key: f.owners}
     r = sink.readiness()[owner]
     assert r.state is State.FAILED and "Argument list too long" in r.message
+
+
+def test_maglev_tables_are_balanced_deterministic_and_move_little() -> None:
+    from mesh.datapath import maglev
+
+    m = layout.MAGLEV_M
+    names = maglev.ordered([maglev.backend_name(f"10.244.{i % 3}.{i}", 8080)
+                            for i in range(5)])
+    t = maglev.table(names, m)
+    assert len(t) == m and maglev.table(tuple(names), m) == t
+    shares = Counter(t)
+    assert set(shares) == set(range(5))
+    assert max(shares.values()) - min(shares.values()) <= m // 100, shares  # within 1%
+    # One backend removed: its entries move, and only a few others do (Maglev's bound).
+    fewer = names[:2] + names[3:]
+    t2 = maglev.table(fewer, m)
+    moved = sum(1 for a, b in zip(t, t2, strict=True)
+                if a != 2 and names[a] != fewer[b])
+    assert moved < m * 0.1, moved
+    with pytest.raises(ValueError):
+        maglev.table(tuple(b"%d" % i for i in range(m)), m)
+
+
+def test_a_maglev_frontend_gets_its_whole_table_in_one_write(pins: Path) -> None:
+    loaded = compile_program("sock_lb.c", pins)
+    try:
+        names = ("mesh_services", "mesh_backends", "mesh_rev_nat", "mesh_maglev")
+        rec = ServiceReconciler(*[loaded.table(n) for n in names])
+        backends = tuple(ir.L4Backend(f"10.244.0.{i}", 8080) for i in range(2, 6))
+        f = ir.ServiceFrontend("172.30.0.11", 30080, "TCP", backends, algorithm="maglev",
+                               external=True)
+        rec.apply([f])
+        front = rec.services[layout.Lb4Key(address=layout.be32("172.30.0.11"),
+                                           dport=layout.be16(30080), proto=6)]
+        assert front.flags == layout.SVC_MAGLEV | layout.SVC_EXTERNAL and front.count == 4
+        table = rec.maglev[ctypes.c_uint16(front.rev_nat_index)]
+        ids = {v: layout.address_of(rec.backends[ctypes.c_uint32(v)].address)
+               for v in set(table.backend_ids)}
+        assert sorted(ids.values()) == [b.address for b in backends]
+        before = rec.writes
+        rec.apply([ir.ServiceFrontend(f.address, f.port, f.protocol, backends[:3],
+                                      algorithm="maglev", external=True)])
+        # The frontend's count, its last slot, the table (whole), the backend released.
+        assert rec.writes - before == 4
+        assert 3 == len(set(rec.maglev[ctypes.c_uint16(front.rev_nat_index)].backend_ids))
+        rec.apply([ir.ServiceFrontend(f.address, f.port, f.protocol, backends[:3])])
+        assert len(list(rec.maglev.items())) == 0  # random again: the table goes
+        # An agent restart adopts the flags: nothing to write.
+        again = ServiceReconciler(*[loaded.table(n) for n in names])
+        again.apply([ir.ServiceFrontend(f.address, f.port, f.protocol, backends[:3])])
+        assert again.writes == 0
+    finally:
+        loaded.close()

@@ -16,7 +16,8 @@ struct endpoint_info {
 /* Pods of this node by IPv4 address (network byte order). */
 BPF_TABLE_PINNED("hash", __be32, struct endpoint_info, mesh_endpoints, 4096,
 		 MESH_PINNED(mesh_endpoints));
-/* Packets forwarded by redirect, per CPU: [0] to a local pod, [1] left to the kernel. */
-BPF_TABLE_PINNED("percpu_array", __u32, __u64, mesh_fwd_stats, 2, MESH_PINNED(mesh_fwd_stats));
+/* Packets per CPU: [0] redirected to a local pod, [1] left to the kernel, [2] NodePort
+ * packets balanced (either direction). */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, mesh_fwd_stats, 3, MESH_PINNED(mesh_fwd_stats));
 
 #endif

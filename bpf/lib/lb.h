@@ -16,6 +16,10 @@
 #define MESH_LB_MAX_SERVICES 65536   /* frontends x (1 + backends) entries */
 #define MESH_LB_MAX_BACKENDS 65536
 #define MESH_LB_MAX_SOCKETS 262144
+#define MESH_LB_MAX_MAGLEV 4096      /* services balanced by Maglev */
+/* Maglev table size: a prime, Cilium's default. A flow moves to another backend when one is
+ * added or removed with probability close to the ideal 1/N while M >> 100 N. */
+#define MESH_MAGLEV_M 16381
 
 struct lb4_key {
 	__be32 address;      /* the frontend's IPv4 address (ClusterIP) */
@@ -34,6 +38,8 @@ struct lb4_service {
 };
 
 #define MESH_SVC_LOCAL_ONLY 0x1  /* reserved: traffic policy Local */
+#define MESH_SVC_MAGLEV 0x2      /* packets pick their backend from the Maglev table */
+#define MESH_SVC_EXTERNAL 0x4    /* a NodePort on this node's address: balanced at tc too */
 
 struct lb4_backend {
 	__be32 address;      /* the backend's (pod's) IPv4 address */
@@ -59,6 +65,13 @@ struct lb4_sock_rev {
 	__u16 pad;
 };
 
+/* A Maglev service's lookup table: entry i is the backend of the flows hashing to i. The
+ * agent computes it (the same backends give the same table on every node) and replaces it
+ * whole with one map update, so a packet sees the old table or the new one, never a mix. */
+struct lb4_maglev {
+	__u32 backend_ids[MESH_MAGLEV_M];
+};
+
 /* Frontends and their backend slots. */
 BPF_TABLE_PINNED("hash", struct lb4_key, struct lb4_service, mesh_services,
 		 MESH_LB_MAX_SERVICES, MESH_PINNED(mesh_services));
@@ -71,5 +84,10 @@ BPF_TABLE_PINNED("hash", __u16, struct lb4_reverse_nat, mesh_rev_nat, MESH_LB_MA
 /* Connected sockets' frontends (LRU: a closed socket's entry ages out). */
 BPF_TABLE_PINNED("lru_hash", __u64, struct lb4_sock_rev, mesh_sock_rev, MESH_LB_MAX_SOCKETS,
 		 MESH_PINNED(mesh_sock_rev));
+
+/* Maglev tables by the frontend's reverse-NAT index (no prealloc: 64 KiB each, made only
+ * for services that ask for Maglev). */
+BPF_TABLE_PINNED("hash", __u16, struct lb4_maglev, mesh_maglev, MESH_LB_MAX_MAGLEV,
+		 MESH_PINNED(mesh_maglev), BPF_F_NO_PREALLOC);
 
 #endif

@@ -1,6 +1,7 @@
-"""Forwarding in eBPF: bpf/fwd.c at tc ingress of every local pod's host-side veth and of the
-node's underlay device, redirecting packets for a pod of this node straight into its
-namespace (bpf_redirect_peer); the rest goes on to the kernel.
+"""Forwarding in eBPF: bpf/fwd.c at tc ingress of every local pod's host-side veth
+(`mesh_from_pod`) and of the node's underlay device (`mesh_from_underlay`, which also
+balances NodePorts), redirecting packets for a pod of this node straight into its namespace
+(bpf_redirect_peer); the rest goes on to the kernel.
 
 The local endpoints come from what the CNI plugin made, read over netlink: each /32 route to
 a `mesh*` veth is a pod, the permanent neighbour entry on it holds the pod's MAC. So the
@@ -67,6 +68,7 @@ class Forwarding:
         # their exact name pattern) and `underlay` if given; on each, only our own filter.
         self.loaded: Loaded = compile_program("fwd.c", pin_dir)
         self.program = self.loaded.function("mesh_from_pod", _SCHED_CLS)
+        self.underlay_program = self.loaded.function("mesh_from_underlay", _SCHED_CLS)
         self.endpoints = self.loaded.table("mesh_endpoints")
         self.underlay = underlay
         self._attached: set[int] = set()
@@ -94,32 +96,34 @@ class Forwarding:
                     del self.endpoints[ctypes.c_uint32(be32(address))]
                 del self._written[address]
             targets = {e.ifindex for e in found.values()}
-            if self.underlay:
-                targets.update(ip.link_lookup(ifname=self.underlay))
-            for index in targets - self._attached:
-                self._attach(ip, index)
+            underlay = set(ip.link_lookup(ifname=self.underlay)) if self.underlay else set()
+            for index in (targets | underlay) - self._attached:
+                self._attach(ip, index, underlay=index in underlay)
             self._attached &= {link["index"] for link in ip.get_links()}
 
-    def _attach(self, ip: Any, index: int) -> None:
+    def _attach(self, ip: Any, index: int, underlay: bool = False) -> None:
         """Our program at the device's tc ingress, as our own filter (its priority and
         handle): an earlier agent's is replaced, anyone else's filters stay."""
         from pyroute2 import NetlinkError
 
         with contextlib.suppress(NetlinkError):
             ip.tc("add", "clsact", index)  # there already: fine
+        program = self.underlay_program if underlay else self.program
         try:
             ip.tc("replace-filter", "bpf", index, handle=_HANDLE, prio=_PRIO,
-                  fd=self.program.fd, name="mesh_from_pod", parent=_INGRESS,
+                  fd=program.fd, name=program.name.decode(), parent=_INGRESS,
                   direct_action=True)
             self._attached.add(index)
         except NetlinkError as e:
             log.error("cannot attach the forwarding program", extra={"ifindex": index,
                                                                      "error": str(e)})
 
-    def stats(self) -> tuple[int, int]:
-        """(packets redirected to a local pod, packets left to the kernel), all CPUs."""
+    def stats(self) -> tuple[int, int, int]:
+        """(packets redirected to a local pod, packets left to the kernel, NodePort packets
+        balanced), all CPUs."""
         table = self.loaded.table("mesh_fwd_stats")
-        return (sum(table[ctypes.c_uint32(0)]), sum(table[ctypes.c_uint32(1)]))
+        local, kernel, nodeport = (sum(table[ctypes.c_uint32(i)]) for i in range(3))
+        return (local, kernel, nodeport)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

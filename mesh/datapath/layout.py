@@ -1,4 +1,4 @@
-"""The maps' key and value layouts, mirrored from bpf/lib/lb.h and bpf/lib/endpoints.h in one place.
+"""The maps' key and value layouts, mirrored from bpf/lib/lb.h, ct.h and endpoints.h in one place.
 
 Each ctypes structure here is the C struct of the same name, field for field; the test
 tests/test_datapath.py compares them with the types bcc builds from the C. Addresses and
@@ -13,6 +13,9 @@ import socket
 from typing import Any
 
 IPPROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
+MAGLEV_M = 16381  # MESH_MAGLEV_M
+SVC_MAGLEV = 0x2  # MESH_SVC_* flags of a frontend's slot 0
+SVC_EXTERNAL = 0x4
 
 
 def be32(address: str) -> int:
@@ -57,6 +60,26 @@ class Lb4SockRev(ctypes.Structure):
                 ("backend_port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
+class Lb4Maglev(ctypes.Structure):
+    _fields_ = [("backend_ids", ctypes.c_uint32 * MAGLEV_M)]
+
+
+class Ct4Key(ctypes.Structure):
+    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class Ct4Entry(ctypes.Structure):
+    _fields_ = [("backend_address", ctypes.c_uint32), ("backend_port", ctypes.c_uint16),
+                ("nat_port", ctypes.c_uint16), ("nat_address", ctypes.c_uint32)]
+
+
+class Ct4Rev(ctypes.Structure):
+    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16)]
+
+
 class EndpointInfo(ctypes.Structure):
     _fields_ = [("ifindex", ctypes.c_uint32), ("pod_mac", ctypes.c_uint8 * 6),
                 ("host_mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
@@ -69,8 +92,11 @@ MAPS: dict[str, tuple[type[ctypes._SimpleCData] | type[ctypes.Structure],  # typ
     "mesh_backends": (ctypes.c_uint32, Lb4Backend),
     "mesh_rev_nat": (ctypes.c_uint16, Lb4ReverseNat),
     "mesh_sock_rev": (ctypes.c_uint64, Lb4SockRev),
+    "mesh_maglev": (ctypes.c_uint16, Lb4Maglev),
 }
-# ... and as endpoints.h declares them (bpf/fwd.c)
+# ... and as endpoints.h and ct.h declare them (bpf/fwd.c)
 FWD_MAPS: dict[str, tuple[Any, type[ctypes.Structure] | Any]] = {
     "mesh_endpoints": (ctypes.c_uint32, EndpointInfo),
+    "mesh_ct4": (Ct4Key, Ct4Entry),
+    "mesh_ct4_rev": (Ct4Key, Ct4Rev),
 }

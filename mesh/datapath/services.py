@@ -2,8 +2,9 @@
 hold; only the difference is written.
 
 One service change is O(its backends) map writes, whatever the number of services. Writes
-go make-before-break: a frontend's backends first, then its backend slots, then slot 0 (the
-count readers go by) last; shrinking lowers the count first and removes slots after. At
+go make-before-break: a frontend's backends first, then its backend slots (and its Maglev
+table, replaced whole in one write), then slot 0 (the count and flags readers go by) last;
+shrinking lowers the count first and removes slots after. At
 start the reconciler reads the pinned maps back (frontends, slots, backend ids, reverse-NAT
 indexes) and goes on from there: an agent restart rewrites nothing that is right already.
 """
@@ -18,10 +19,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mesh import ir
+from mesh.datapath import maglev
 from mesh.datapath.layout import (
     IPPROTO,
+    MAGLEV_M,
+    SVC_EXTERNAL,
+    SVC_MAGLEV,
     Lb4Backend,
     Lb4Key,
+    Lb4Maglev,
     Lb4ReverseNat,
     Lb4Service,
     address_of,
@@ -49,13 +55,21 @@ class Table(Protocol):
 class Installed:
     rev_nat_index: int
     backends: tuple[int, ...]  # backend ids, slot order
+    flags: int = 0  # MESH_SVC_*
+
+
+def _flags(f: ir.ServiceFrontend) -> int:
+    return (SVC_MAGLEV if f.algorithm == "maglev" else 0) | (SVC_EXTERNAL if f.external else 0)
 
 
 class ServiceReconciler:
-    def __init__(self, services: Table, backends: Table, rev_nat: Table) -> None:
+    def __init__(self, services: Table, backends: Table, rev_nat: Table,
+                 maglev_tables: Table | None = None) -> None:
+        """`maglev_tables`: the Maglev map; without it, Maglev frontends are refused."""
         self.services = services
         self.backends = backends
         self.rev_nat = rev_nat
+        self.maglev = maglev_tables
         self.installed: dict[FrontendKey, Installed] = {}
         self.backend_ids: dict[BackendKey, int] = {}
         self.errors: dict[FrontendKey, str] = {}
@@ -78,17 +92,18 @@ class ServiceReconciler:
             self.backend_ids[(address_of(value.address), _port(value.port), proto)] = \
                 int(key.value if hasattr(key, "value") else key)
         slots: dict[FrontendKey, dict[int, int]] = {}
-        fronts: dict[FrontendKey, tuple[int, int]] = {}
+        fronts: dict[FrontendKey, tuple[int, int, int]] = {}
         for key, value in self.services.items():
             fk = (address_of(key.address), _port(key.dport), _PROTO_NAME.get(int(key.proto),
                                                                                "TCP"))
             if key.backend_slot == 0:
-                fronts[fk] = (int(value.count), int(value.rev_nat_index))
+                fronts[fk] = (int(value.count), int(value.rev_nat_index), int(value.flags))
             else:
                 slots.setdefault(fk, {})[int(key.backend_slot)] = int(value.backend_id)
-        for fk, (count, rev) in fronts.items():
+        for fk, (count, rev, flags) in fronts.items():
             got = slots.get(fk, {})
-            self.installed[fk] = Installed(rev, tuple(got.get(i, 0) for i in range(1, count + 1)))
+            self.installed[fk] = Installed(rev, tuple(got.get(i, 0) for i in range(1, count + 1)),
+                                           flags)
         if self.installed:
             log.info("service maps adopted", extra={"frontends": len(self.installed),
                                                    "backends": len(self.backend_ids)})
@@ -116,9 +131,12 @@ class ServiceReconciler:
 
     def _upsert(self, f: ir.ServiceFrontend) -> None:
         proto = IPPROTO[f.protocol]
+        flags = _flags(f)
+        if flags & SVC_MAGLEV and self.maglev is None:
+            raise ValueError("Maglev is not available in this datapath")
         ids = tuple(self._backend_id(b, proto) for b in f.backends)
         old = self.installed.get(f.key)
-        if old is not None and old.backends == ids:
+        if old is not None and old.backends == ids and old.flags == flags:
             return
         rev = old.rev_nat_index if old is not None else self._new_rev_nat(f)
         # Counted before any write: a write failing half way must not let the release
@@ -129,20 +147,42 @@ class ServiceReconciler:
                 if old is None or slot > len(old.backends) or \
                         old.backends[slot - 1] != backend_id:
                     self._write(self.services, _key(f, slot), Lb4Service(backend_id=backend_id))
+            if flags & SVC_MAGLEV and ids and (old is None or not old.flags & SVC_MAGLEV or
+                                               old.backends != ids):
+                self._write_maglev(rev, f, ids)
             self._write(self.services, _key(f, 0),
-                        Lb4Service(count=len(ids), rev_nat_index=rev))
+                        Lb4Service(count=len(ids), rev_nat_index=rev, flags=flags))
             if old is not None:
                 for slot in range(len(ids) + 1, len(old.backends) + 1):
                     self._delete(self.services, _key(f, slot))
+            if old is not None and old.flags & SVC_MAGLEV and \
+                    (not flags & SVC_MAGLEV or not ids):
+                self._delete_maglev(rev)
         except Exception:
             # What the slots hold is unknown now: every id either side named stays
             # referenced (new ones counted above, old ones still), and the next apply
             # rewrites the frontend whole, since its slots compare unequal.
-            self.installed[f.key] = Installed(rev, ids + (old.backends if old else ()))
+            self.installed[f.key] = Installed(rev, ids + (old.backends if old else ()), flags)
             raise
         if old is not None:
             self._unref(old.backends)
-        self.installed[f.key] = Installed(rev, ids)
+        self.installed[f.key] = Installed(rev, ids, flags)
+
+    def _write_maglev(self, rev: int, f: ir.ServiceFrontend, ids: tuple[int, ...]) -> None:
+        """The frontend's whole Maglev table in one write. Slot i names a backend by the
+        table's order of backend names, so every node builds the same table from the same
+        backends (their ids are this node's own)."""
+        assert self.maglev is not None
+        by_name = {maglev.backend_name(b.address, b.port): i
+                   for b, i in zip(f.backends, ids, strict=True)}
+        names = maglev.ordered(list(by_name))
+        value = Lb4Maglev()
+        value.backend_ids[:] = [by_name[names[j]] for j in maglev.table(names, MAGLEV_M)]
+        self._write(self.maglev, ctypes.c_uint16(rev), value)
+
+    def _delete_maglev(self, rev: int) -> None:
+        if self.maglev is not None:
+            self._delete(self.maglev, ctypes.c_uint16(rev))
 
     def _remove(self, key: FrontendKey) -> None:
         old = self.installed.pop(key)
@@ -151,6 +191,8 @@ class ServiceReconciler:
         self._delete(self.services, _key(f, 0))  # readers stop here first
         for slot in range(1, len(old.backends) + 1):
             self._delete(self.services, _key(f, slot))
+        if old.flags & SVC_MAGLEV:
+            self._delete_maglev(old.rev_nat_index)
         self._delete(self.rev_nat, ctypes.c_uint16(old.rev_nat_index))
         self._rev_nat_pool.give(old.rev_nat_index)
         self._unref(old.backends)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from mesh.ir import IR
 from mesh.sinks.sink import Readiness, State
 from mesh.store.objects import ObjectKey
 
+log = logging.getLogger(__name__)
 # (program, attach type) of bpf/sock_lb.c, by bcc's BPFAttachType numbers.
 _SOCK_LB = (("mesh_connect4", 10), ("mesh_sendmsg4", 14), ("mesh_recvmsg4", 19),
             ("mesh_getpeername4", 29))
@@ -36,8 +38,10 @@ class DatapathSink:
         self.forwarding = Forwarding(pin_dir, underlay) if forwarding else None
         self.reconciler = ServiceReconciler(self.loaded.table("mesh_services"),
                                             self.loaded.table("mesh_backends"),
-                                            self.loaded.table("mesh_rev_nat"))
+                                            self.loaded.table("mesh_rev_nat"),
+                                            self.loaded.table("mesh_maglev"))
         self._owners: dict[tuple[str, int, str], frozenset[ObjectKey]] = {}
+        self._problems: dict[tuple[str, int, str], str] = {}
         self._progress = asyncio.Event()
         self._sync_due = asyncio.Event()
         if cgroup is not None:
@@ -58,6 +62,12 @@ class DatapathSink:
 
     def apply(self, ir: IR) -> None:
         self._owners = {f.key: f.owners for f in ir.services}
+        problems = {f.key: f.problem for f in ir.services if f.problem}
+        for key, problem in problems.items():
+            if self._problems.get(key) != problem:  # said once, not at every apply
+                log.warning("service frontend", extra={
+                    "frontend": "{}:{}/{}".format(*key), "problem": problem})
+        self._problems = problems
         self.reconciler.apply(ir.services)
         self._sync_due.set()  # run() looks at the node's pods now (netlink, on a thread)
         self._progress.set()

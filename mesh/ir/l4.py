@@ -15,13 +15,20 @@ class L4Backend:
 
 @dataclass(frozen=True)
 class ServiceFrontend:
-    """One ClusterIP:port/protocol and the ready endpoints behind it (sorted)."""
+    """One ClusterIP:port/protocol (or a NodePort on one of this node's addresses) and the
+    ready endpoints behind it (sorted)."""
 
     address: str
     port: int
     protocol: str  # TCP | UDP
     backends: tuple[L4Backend, ...]
     owners: Owners = frozenset()
+    # "random", or "maglev": a packet balanced per packet (NodePort from outside) picks
+    # its backend by consistent hashing of the client's address and port, the same on
+    # every node. Connections of the node's own pods are balanced once, at connect.
+    algorithm: str = "random"
+    external: bool = False  # a NodePort: balanced at the node's underlay device too
+    problem: str = ""  # what of the Service was not taken, and what is done instead
 
     @property
     def key(self) -> tuple[str, int, str]:

@@ -144,10 +144,14 @@ def status(name: str | None, output: str) -> None:
                      str(p["restarts"]))
     services = Table("NAMESPACE", "SERVICE", "CLUSTER-IP", "PORTS", "ENDPOINTS")
     for s in state.get("services", []):
-        ports = ",".join(f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in s["ports"])
+        ports = ",".join(f"{p.get('port')}" + (f":{p['nodePort']}" if "nodePort" in p else "")
+                         + f"/{p.get('protocol', 'TCP')}" for p in s["ports"])
         services.add_row(s["namespace"], s["name"], s["clusterIP"], ports,
                          ",".join(s["endpoints"]) or "-")
     console.print(nodes, pods, services)
+    if state.get("host_address"):
+        console.print(f"The host is {state['host_address']} on the underlay: NodePorts and "
+                      "Gateways answer on the nodes' addresses.")
 
 
 def _pod(state: dict[str, Any], pod: str, namespace: str) -> dict[str, Any]:

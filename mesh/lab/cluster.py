@@ -103,6 +103,8 @@ class State:
     mounts: list[str] = field(default_factory=list)
     services: list[dict[str, Any]] = field(default_factory=list)
     node_info: list[dict[str, Any]] = field(default_factory=list)
+    index: int = 0  # the lab's underlay is 172.30.<index>.0/24
+    host_address: str = ""  # the host's on the underlay
     ready: bool = False
 
 
@@ -114,11 +116,27 @@ def read_state(name: str) -> dict[str, Any] | None:
         return None
 
 
+def _free_index(name: str) -> int:
+    """The lowest underlay index no other lab on this machine uses (by their states)."""
+    used = set()
+    if ROOT.is_dir():
+        for path in ROOT.glob("*/lab.json"):
+            if path.parent.name == name:
+                continue
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                used.add(int(json.loads(path.read_text()).get("index", 0)))
+    index = next(i for i in range(256) if i not in used)
+    if index > 254:
+        raise LabError("no free underlay network for one more lab")
+    return index
+
+
 class Lab:
     def __init__(self, name: str, nodes: int, manifests: Path | None) -> None:
         self.name = name
         self.dir = lab_dir(name)
-        self.nodes = network.plan(name, nodes)
+        self.index = _free_index(name)
+        self.nodes = network.plan(name, nodes, self.index)
         self.manifests = manifests
         self._manifests_stamp = self._stamp()
         docs = self._read_manifests()
@@ -175,8 +193,7 @@ class Lab:
         if docs == self.docs:
             return False
         self.docs = docs
-        self.services = workloads.services_of(
-            docs, {(s.namespace, s.name): s.cluster_ip for s in self.services})
+        self.services = workloads.services_of(docs, self.services)
         wanted = {f"{p.namespace}/{p.name}": p for p in workloads.pods_of(docs)}
         for pod in [p for p in self.pods if p.key not in wanted]:
             self.remove_pod(pod)
@@ -211,7 +228,8 @@ class Lab:
                                    "pid": p.process.pid if p.process else None,
                                    "log": str(self._pod_log(p))} for p in self.pods}
         self.state.services = [{"namespace": s.namespace, "name": s.name,
-                                "clusterIP": s.cluster_ip, "ports": s.ports,
+                                "clusterIP": s.cluster_ip,
+                                "ports": workloads.as_served(s)["spec"]["ports"],
                                 "endpoints": [p.ip for p in self._selected(s) if p.ready]}
                                for s in self.services]
         tmp = self.dir / "lab.json.tmp"
@@ -236,10 +254,12 @@ class Lab:
         (self.dir / "pods").mkdir(exist_ok=True)
         (self.dir / "cluster").mkdir(exist_ok=True)
         self.state.nodes = [n.name for n in self.nodes]
+        self.state.index = self.index
+        self.state.host_address = network.host_address(self.index)
         self.state.node_info = [{"name": n.name, "underlay": n.underlay_ip,
                                  "podCIDR": n.pod_cidr} for n in self.nodes]
         self.save()
-        network.build(self.name, self.nodes)
+        network.build(self.name, self.nodes, self.index)
         _mount("cgroup2", CGROUP_MOUNT)
         for n in self.nodes:
             # The agent's bpffs, mounted from here: it outlives the agent (whose mounts die
@@ -287,7 +307,7 @@ class Lab:
         """What the API server would hold: the manifests (workloads aside), Services with
         their ClusterIPs, and EndpointSlices of the pods."""
         docs = [d for d in self.docs if d.get("kind") not in (*WORKLOAD_KINDS, "Service")]
-        docs += [workloads.with_cluster_ip(s) for s in self.services]
+        docs += [workloads.as_served(s) for s in self.services]
         pods = [(p.spec, p.ip, p.ready) for p in self.pods if p.ip]
         docs += [es for s in self.services if (es := workloads.endpoint_slice(s, pods))]
         text = yaml.safe_dump_all(docs, sort_keys=False)

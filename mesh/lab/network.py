@@ -1,10 +1,14 @@
 """The lab's network: an underlay (a bridge in a namespace of its own), nodes as network
 namespaces joined to it, each with a pod CIDR routed over the underlay to it.
 
-Addresses (documented in the README): the underlay is 172.30.<lab>.0/24, node i at .10+i;
-node i's pods get 10.244.<i>.0/24 (at most 200 nodes). Names carry the lab's name so two labs
-and the host's own interfaces never meet; everything is made with iproute2 and recorded in
-the lab's state, so `mesh lab down` removes what was made, and nothing else.
+Addresses (documented in the README): the underlay is 172.30.<lab>.0/24, node i at .10+i,
+and the host (the machine running the lab) at .1 through a veth `mlab<lab>` whose other end
+is on the underlay's bridge: the host reaches NodePorts and Gateways on the nodes' addresses.
+<lab> is the lowest index no running lab uses. Node i's pods get 10.244.<i>.0/24 (at most
+200 nodes; the pod networks of two labs never meet, so they may repeat). Names carry the
+lab's name so two labs and the host's own interfaces never meet; everything is made with
+iproute2 and recorded in the lab's state, so `mesh lab down` removes what was made, and
+nothing else (the host's veth goes with the underlay's namespace).
 """
 
 from __future__ import annotations
@@ -49,13 +53,27 @@ def plan(lab: str, nodes: int, lab_index: int = 0) -> list[NodeNet]:
                     f"10.244.{i}.0/24") for i in range(1, nodes + 1)]
 
 
+def host_link(lab_index: int) -> str:
+    return f"mlab{lab_index}"
+
+
+def host_address(lab_index: int) -> str:
+    return f"172.30.{lab_index}.1"
+
+
 def build(lab: str, nodes: list[NodeNet], lab_index: int = 0) -> None:
-    """The underlay and every node, routes to every other node's pods included."""
+    """The underlay, the host's link to it, and every node, routes to every other node's
+    pods included."""
     under = underlay_ns(lab)
     ip("netns", "add", under)
     ip("link", "add", "br0", "type", "bridge", netns=under)
     ip("link", "set", "br0", "up", netns=under)
     ip("link", "set", "lo", "up", netns=under)
+    host = host_link(lab_index)
+    ip("link", "add", host, "type", "veth", "peer", "name", "host", "netns", under)
+    ip("link", "set", "host", "master", "br0", "up", netns=under)
+    ip("addr", "add", f"{host_address(lab_index)}/24", "dev", host)
+    ip("link", "set", host, "up")
     for n in nodes:
         ip("netns", "add", n.name)
         ip("link", "set", "lo", "up", netns=n.name)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SERVICE_CIDR = "10.96.0.0/16"
+NODE_PORTS = range(30000, 32768)  # the API server's default --service-node-port-range
 DEFAULT_PORT = 8080
 
 
@@ -42,6 +43,8 @@ class ServiceSpec:
     cluster_ip: str
     ports: list[dict[str, Any]]
     body: dict[str, Any] = field(repr=False, default_factory=dict)
+    # NodePort and LoadBalancer Services: "port/protocol" -> nodePort (given or allocated)
+    node_ports: dict[str, int] = field(default_factory=dict)
 
 
 def _map(v: Any) -> Mapping[str, Any]:
@@ -85,16 +88,27 @@ def pods_of(docs: Iterable[Mapping[str, Any]]) -> list[PodSpec]:
     return out
 
 
+def _port_key(p: Mapping[str, Any]) -> str:
+    return f"{p.get('port')}/{p.get('protocol') or 'TCP'}"
+
+
 def services_of(docs: Iterable[Mapping[str, Any]],
-                previous: Mapping[tuple[str, str], str] | None = None) -> list[ServiceSpec]:
+                previous: Iterable[ServiceSpec] = ()) -> list[ServiceSpec]:
     """Services with ClusterIPs: `spec.clusterIP` where given (as Kubernetes honours it),
-    the one a Service already had (`previous`, by namespace and name), else the next free
-    address of the service CIDR, in order."""
+    the one a Service already had (in `previous`), else the next free address of the
+    service CIDR, in order. NodePort and LoadBalancer Services get their nodePorts the same
+    way, from NODE_PORTS."""
     net = ipaddress.ip_network(SERVICE_CIDR)
     services, taken = [], {str(net.network_address + 1)}  # .1 is the API server's
     docs = [d for d in docs if d.get("kind") == "Service"]
-    previous = previous or {}
-    taken.update(previous.values())
+    before = {(s.namespace, s.name): s for s in previous}
+    taken.update(s.cluster_ip for s in before.values())
+    ports_taken = {n for s in before.values() for n in s.node_ports.values()}
+    for d in docs:
+        for p in map(_map, _list(_map(d.get("spec")).get("ports"))):
+            if isinstance(p.get("nodePort"), int):
+                ports_taken.add(p["nodePort"])
+    free_ports = (n for n in NODE_PORTS if n not in ports_taken)
     for d in docs:
         ip = _map(d.get("spec")).get("clusterIP")
         if isinstance(ip, str) and ip not in ("", "None"):
@@ -104,21 +118,36 @@ def services_of(docs: Iterable[Mapping[str, Any]],
         meta, spec = _map(d.get("metadata")), _map(d.get("spec"))
         ip = spec.get("clusterIP")
         key = (str(meta.get("namespace") or "default"), str(meta.get("name")))
-        if (not isinstance(ip, str) or ip == "") and key in previous:
-            ip = previous[key]
+        old = before.get(key)
+        if (not isinstance(ip, str) or ip == "") and old is not None:
+            ip = old.cluster_ip
         elif not isinstance(ip, str) or ip == "":
             ip = next(h for h in hosts if h not in taken)
             taken.add(ip)
+        ports = [dict(_map(p)) for p in _list(spec.get("ports"))]
+        node_ports = {}
+        if spec.get("type") in ("NodePort", "LoadBalancer"):
+            for p in ports:
+                given = p.get("nodePort")
+                if isinstance(given, int):
+                    node_ports[_port_key(p)] = given
+                elif old is not None and _port_key(p) in old.node_ports:
+                    node_ports[_port_key(p)] = old.node_ports[_port_key(p)]
+                else:
+                    node_ports[_port_key(p)] = next(free_ports)
         services.append(ServiceSpec(
             str(meta.get("namespace") or "default"), str(meta.get("name")),
             {str(k): str(v) for k, v in _map(spec.get("selector")).items()}, ip,
-            [dict(_map(p)) for p in _list(spec.get("ports"))], dict(d)))
+            ports, dict(d), node_ports))
     return services
 
 
-def with_cluster_ip(svc: ServiceSpec) -> dict[str, Any]:
+def as_served(svc: ServiceSpec) -> dict[str, Any]:
+    """The Service as the API server would hold it: its ClusterIP and nodePorts filled."""
     body = dict(svc.body)
-    body["spec"] = {**_map(body.get("spec")), "clusterIP": svc.cluster_ip}
+    ports = [{**p, "nodePort": svc.node_ports[_port_key(p)]}
+             if _port_key(p) in svc.node_ports else p for p in svc.ports]
+    body["spec"] = {**_map(body.get("spec")), "clusterIP": svc.cluster_ip, "ports": ports}
     return body
 
 

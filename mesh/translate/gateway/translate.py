@@ -164,7 +164,7 @@ class _Translator:
                 certificates=tuple(self.routes.certificates()),
                 trust_bundles=tuple(ir.TrustBundle(k, v)
                                     for k, v in sorted(self.trust_bundles.items())),
-                services=translate_services(self.s, self.routes),
+                services=translate_services(self.s, self.routes, self.local_addresses),
             ),
             status=self.status,
             addresses=self.addresses,

@@ -1,0 +1,38 @@
+"""`make run`'s lab (examples/lab) end to end. A module of its own: the lab it brings up
+must be the only one running, since examples/lab names the nodes' addresses of the first
+lab (172.30.0.0/24)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from tests.test_lab import ROOT, exec_in, mesh
+from tests.testbed import wait_until
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+
+def test_the_demo_gateway_answers_on_both_nodes() -> None:
+    """`make run`'s lab: the Gateway on each node's address, 90/10 over two versions."""
+    name = f"g{os.getpid() % 10000}"
+    up = mesh("lab", "up", "--nodes", "2", "--name", name, "--manifests",
+              str(ROOT / "examples" / "lab"))
+    try:
+        assert up.returncode == 0, up.stderr
+        code = """
+import json, sys, urllib.request
+for node in sys.argv[1:]:
+    r = urllib.request.Request(f"http://{node}:8080/", headers={"Host": "echo.example"})
+    print(json.load(urllib.request.urlopen(r, timeout=5))["pod"].rsplit("-", 1)[0])
+"""
+        nodes = ["172.30.0.11", "172.30.0.12"]
+        wait_until(lambda: mesh("lab", "exec", "--name", name, "client", "--",
+                                sys.executable, "-c", code, *nodes).returncode == 0,
+                   timeout=10, what="both Gateways answering")
+        got = exec_in(name, "client", code, *nodes * 10)
+        assert set(got) <= {"echo-v1", "echo-v2"} and got.count("echo-v1") >= 12, got
+    finally:
+        assert mesh("lab", "down", "--name", name).returncode == 0
