@@ -35,6 +35,7 @@ spec:
       containers:
       - name: echo
         ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /, port: http}, periodSeconds: 1}
 ---
 apiVersion: v1
 kind: Service
@@ -65,6 +66,25 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: gated, namespace: default, labels: {app: gated}}
+spec:
+  containers:
+  - name: echo
+    ports: [{containerPort: 8080}]
+    readinessProbe:
+      exec: {command: [test, -e, GATE]}
+      periodSeconds: 1
+      failureThreshold: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {name: gated, namespace: default}
+spec:
+  selector: {app: gated}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: client, namespace: default}
 spec:
   containers:
@@ -88,16 +108,23 @@ for line in sys.stdin:
 """
 
 
+# The gated pod's readinessProbe passes while this file exists.
+GATE = Path(f"/tmp/mesh-lab-gate-{os.getpid()}")
+APP = APP.replace("GATE", str(GATE))
+
+
 def mesh(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mesh.cli", *args], capture_output=True,
                           text=True, cwd=ROOT, **kw)
 
 
 @pytest.fixture(scope="module")
-def manifests(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def manifests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("lab")
     (path / "app.yaml").write_text(APP)
-    return path
+    GATE.touch()
+    yield path
+    GATE.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +236,23 @@ def test_maglev_gives_a_flow_the_same_backend_on_every_node(lab: str) -> None:
     # ... and again: the flow's backend did not depend on which node saw it first.
     for source in list(picks)[:6]:
         assert http_get(f"http://{addresses[-1]}:{port}/", source)["pod"] == picks[source]
+
+
+def test_a_readiness_probe_takes_the_endpoint_out_and_back(lab: str) -> None:
+    """An exec readinessProbe (period 1 s, one failure): the pod's endpoint leaves its
+    Service's EndpointSlice while the probe fails and comes back when it passes."""
+    def endpoints() -> list[str]:
+        return next(s for s in state(lab)["services"] if s["name"] == "gated")["endpoints"]
+
+    ip = state(lab)["pods"]["default/gated"]["ip"]
+    assert endpoints() == [ip]
+    GATE.unlink()
+    try:
+        wait_until(lambda: endpoints() == [], timeout=10, what="the endpoint gone")
+        assert not state(lab)["pods"]["default/gated"]["ready"]
+    finally:
+        GATE.touch()
+    wait_until(lambda: endpoints() == [ip], timeout=10, what="the endpoint back")
 
 
 def test_a_pod_that_exits_is_restarted_and_serves_again(lab: str) -> None:

@@ -74,6 +74,8 @@ class Pod:
     restarts: int = 0
     started: float = 0.0
     failures: int = 0  # probes failed in a row
+    successes: int = 0  # ... and succeeded in a row
+    next_probe: float = 0.0  # when its readinessProbe is due (monotonic)
 
     @property
     def key(self) -> str:
@@ -361,15 +363,40 @@ class Lab:
         p.started = time.monotonic()
 
     def probe(self, p: Pod) -> bool:
+        """The pod's readinessProbe (or a TCP connect to its first port) once, from its
+        node as the kubelet probes: HTTP 200-399, a TCP connection, or exit status 0."""
         if p.process is None or p.process.poll() is not None:
             return False
-        port = p.spec.ready_port
-        if port is None:
-            return True
-        check = subprocess.run(
-            ["ip", "netns", "exec", p.node.name, "timeout", "2", "bash", "-c",
-             f"exec 3<>/dev/tcp/{p.ip}/{port}"], capture_output=True, check=False)
-        return check.returncode == 0
+        probe = p.spec.probe or workloads.Probe("tcp", p.spec.ready_port, timeout=2)
+        if probe.kind == "exec":
+            cmd = ["ip", "netns", "exec", p.netns, *probe.command]
+        elif probe.port is None:
+            return probe.kind == "tcp" and p.spec.probe is None  # no port to probe: ready
+        elif probe.kind == "http":
+            cmd = ["ip", "netns", "exec", p.node.name, "curl", "-s", "-o", "/dev/null",
+                   "-w", "%{http_code}", "--max-time", str(probe.timeout),
+                   f"http://{p.ip}:{probe.port}{probe.path}"]
+        else:
+            cmd = ["ip", "netns", "exec", p.node.name, "timeout", str(probe.timeout), "bash",
+                   "-c", f"exec 3<>/dev/tcp/{p.ip}/{probe.port}"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                                 timeout=probe.timeout + 2)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        if probe.kind == "http":
+            return out.stdout.isdigit() and 200 <= int(out.stdout) < 400
+        return out.returncode == 0
+
+    def _probe_due(self, p: Pod) -> bool:
+        now = time.monotonic()
+        probe = p.spec.probe
+        if probe is None:
+            return True  # the default probe: every tick
+        if now < max(p.next_probe, p.started + probe.initial_delay):
+            return False
+        p.next_probe = now + probe.period
+        return True
 
     # -- running -------------------------------------------------------------------------
 
@@ -405,13 +432,24 @@ class Lab:
                 log.warning("pod exited, restarting",
                             extra={"pod": p.key, "code": p.process.returncode})
                 self.start_pod(p)
-                p.ready, p.failures, changed = False, 0, True  # until it answers again
-            # As Kubernetes' defaults: ready after one success, unready after three failures
-            # in a row (a busy pod may miss one probe), at once if its process is gone.
+                p.ready, p.failures, p.successes, changed = False, 0, 0, True
+                p.next_probe = 0.0
+            alive = p.process is not None and p.process.poll() is None
+            if not alive:
+                if p.ready:
+                    p.ready, changed = False, True  # at once: its process is gone
+                continue
+            if not self._probe_due(p):
+                continue
+            # As the kubelet: ready after successThreshold successes in a row, unready after
+            # failureThreshold failures in a row (a busy pod may miss one probe).
             ok = self.probe(p)
             p.failures = 0 if ok else p.failures + 1
-            alive = p.process is not None and p.process.poll() is None
-            ready = ok or (p.ready and alive and p.failures < FAILURE_THRESHOLD)
+            p.successes = p.successes + 1 if ok else 0
+            probe = p.spec.probe
+            needed = probe.success_threshold if probe else 1
+            allowed = probe.failure_threshold if probe else FAILURE_THRESHOLD
+            ready = p.successes >= needed or (p.ready and p.failures < allowed)
             if ready != p.ready:
                 p.ready, changed = ready, True
         if changed:

@@ -21,6 +21,55 @@ DEFAULT_PORT = 8080
 
 
 @dataclass(frozen=True)
+class Probe:
+    """A container's readinessProbe (tcpSocket, httpGet or exec), Kubernetes' defaults
+    where a field is not given. Without one the lab probes the first containerPort by TCP
+    (a pod without ports is ready once its process runs)."""
+
+    kind: str  # tcp | http | exec
+    port: int | None = None
+    path: str = "/"
+    command: tuple[str, ...] = ()
+    initial_delay: float = 0.0
+    period: float = 10.0
+    timeout: float = 1.0
+    success_threshold: int = 1
+    failure_threshold: int = 3
+
+
+def _probe(raw: Any, ports: Mapping[str, int]) -> Probe | None:
+    spec = _map(raw)
+    if not spec:
+        return None
+
+    def port_of(v: Any) -> int | None:
+        if isinstance(v, int):
+            return v
+        return ports.get(str(v))
+
+    def number(name: str, default: float, minimum: float) -> float:
+        v = spec.get(name)
+        return float(v) if isinstance(v, int) and v >= minimum else default
+
+    timing: dict[str, Any] = {"initial_delay": number("initialDelaySeconds", 0, 0),
+              "period": number("periodSeconds", 10, 1),
+              "timeout": number("timeoutSeconds", 1, 1),
+              "success_threshold": int(number("successThreshold", 1, 1)),
+              "failure_threshold": int(number("failureThreshold", 3, 1))}
+    if "httpGet" in spec:
+        http = _map(spec["httpGet"])
+        path = str(http.get("path") or "/")
+        return Probe("http", port_of(http.get("port")), path if path.startswith("/")
+                     else "/" + path, **timing)
+    if "tcpSocket" in spec:
+        return Probe("tcp", port_of(_map(spec["tcpSocket"]).get("port")), **timing)
+    if "exec" in spec:
+        command = tuple(str(x) for x in _list(_map(spec["exec"]).get("command")))
+        return Probe("exec", command=command, **timing)
+    return None
+
+
+@dataclass(frozen=True)
 class PodSpec:
     namespace: str
     name: str
@@ -29,6 +78,7 @@ class PodSpec:
     env: Mapping[str, str]
     ports: Mapping[str, int]  # containerPort name (or str(number)) -> number
     owner: str = ""  # the Deployment's name, if any
+    probe: Probe | None = None
 
     @property
     def ready_port(self) -> int | None:
@@ -70,7 +120,8 @@ def _pod(namespace: str, name: str, template: Mapping[str, Any], owner: str) -> 
     env = {str(e.get("name")): str(e.get("value", "")) for e in map(_map, _list(c.get("env")))
            if e.get("name") and "valueFrom" not in e}
     labels = {str(k): str(v) for k, v in _map(meta.get("labels")).items()}
-    return PodSpec(namespace, name, labels, command, env, ports, owner)
+    return PodSpec(namespace, name, labels, command, env, ports, owner,
+                   _probe(c.get("readinessProbe"), ports))
 
 
 def pods_of(docs: Iterable[Mapping[str, Any]]) -> list[PodSpec]:
