@@ -29,6 +29,9 @@ class ServiceFrontend:
     algorithm: str = "random"
     external: bool = False  # a NodePort: balanced at the node's underlay device too
     problem: str = ""  # what of the Service was not taken, and what is done instead
+    # L7 configuration applies (a GAMMA route): the datapath hands TCP connections to the
+    # node's Envoy, on this port of its mesh listener, instead of balancing them itself.
+    proxy_port: int | None = None
 
     @property
     def key(self) -> tuple[str, int, str]:

@@ -182,6 +182,10 @@ class FilterChain:
     route_table: str | None = None  # HTTP: the route table that serves it
     tcp_backends: tuple[WeightedBackend, ...] = ()  # TCP proxying (TLS passthrough)
     owners: Owners = frozenset()
+    # The mesh listener's chains: the Service frontend (ClusterIP, port) the connection was
+    # sent to, and for a consumer route's chain the client pods' addresses (/32 each).
+    destination: tuple[str, int] | None = None
+    source_ranges: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -192,3 +196,6 @@ class Listener:
     protocol: str  # HTTP | HTTPS | TLS
     chains: tuple[FilterChain, ...]
     owners: Owners = frozenset()
+    # The mesh listener: connections the datapath hands over keep their original
+    # destination (the Service's ClusterIP) as local address (IP_TRANSPARENT).
+    transparent: bool = False

@@ -25,6 +25,7 @@ SERVICE = GroupKind(CORE, "Service")
 SECRET = GroupKind(CORE, "Secret")
 CONFIG_MAP = GroupKind(CORE, "ConfigMap")
 NODE = GroupKind(CORE, "Node")
+POD = GroupKind(CORE, "Pod")
 ENDPOINT_SLICE = GroupKind(DISCOVERY_GROUP, "EndpointSlice")
 INGRESS = GroupKind(NETWORKING_GROUP, "Ingress")
 INGRESS_CLASS = GroupKind(NETWORKING_GROUP, "IngressClass")
@@ -39,13 +40,14 @@ REFERENCE_GRANT = GroupKind(GATEWAY_GROUP, "ReferenceGrant")
 BACKEND_TLS_POLICY = GroupKind(GATEWAY_GROUP, "BackendTLSPolicy")
 
 KINDS = frozenset({
-    NAMESPACE, SERVICE, SECRET, CONFIG_MAP, NODE, ENDPOINT_SLICE, INGRESS, INGRESS_CLASS,
+    NAMESPACE, SERVICE, SECRET, CONFIG_MAP, NODE, POD, ENDPOINT_SLICE, INGRESS, INGRESS_CLASS,
     GATEWAY_CLASS, GATEWAY, LISTENER_SET, X_LISTENER_SET, HTTP_ROUTE, GRPC_ROUTE, TLS_ROUTE,
     REFERENCE_GRANT, BACKEND_TLS_POLICY,
 })
 CLUSTER_SCOPED = frozenset({NAMESPACE, NODE, GATEWAY_CLASS, INGRESS_CLASS})
-# Kinds whose status the translator reads (a Node's addresses): part of their content.
-STATUS_READ = frozenset({NODE})
+# Kinds whose status the translator reads (a Node's addresses, a Pod's IPs): part of their
+# content.
+STATUS_READ = frozenset({NODE, POD})
 # Groups whose kinds are known by kind alone in messages and `mesh status`.
 _WELL_KNOWN = frozenset({CORE, GATEWAY_GROUP, NETWORKING_GROUP, DISCOVERY_GROUP})
 

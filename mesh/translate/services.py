@@ -22,10 +22,13 @@ ALGORITHMS = ("random", "maglev")
 
 
 def translate_services(snapshot: StoreSnapshot, routes: RouteBuilder,
-                       node_addresses: frozenset[str] | None = None
+                       node_addresses: frozenset[str] | None = None,
+                       redirects: Mapping[tuple[str, int], int] | None = None
                        ) -> tuple[ir.ServiceFrontend, ...]:
     """`node_addresses`: this node's (its Node object's); NodePorts are served on its IPv4
-    ones other than loopback and link-local."""
+    ones other than loopback and link-local. `redirects`: the (ClusterIP, port) frontends
+    whose TCP connections go to the node Envoy's mesh listener, on that port."""
+    redirects = redirects or {}
     out: list[ir.ServiceFrontend] = []
     external = sorted(a for a in node_addresses or () if _node_port_address(a))
     for obj in snapshot.of_kind(kinds.SERVICE):
@@ -53,8 +56,10 @@ def translate_services(snapshot: StoreSnapshot, routes: RouteBuilder,
                              for e in routes.endpoints(svc, port)
                              if _ipv4(e.address) and 0 < e.port < 65536)
             owners = frozenset({obj.key})
+            proxy = redirects.get((str(address), port.port)) if port.protocol == "TCP" else None
             out.append(ir.ServiceFrontend(str(address), port.port, port.protocol, backends,
-                                          owners, algorithm, problem=problem))
+                                          owners, algorithm, problem=problem,
+                                          proxy_port=proxy))
             node_port = node_ports.get((port.port, port.protocol))
             if node_port is not None:
                 out.extend(ir.ServiceFrontend(a, node_port, port.protocol, backends, owners,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2, protocol_pb2
+from envoy.config.core.v3 import base_pb2, protocol_pb2, socket_option_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
@@ -14,10 +14,19 @@ from mesh.sinks.envoy import resources as r
 from mesh.sinks.envoy.secrets import sds
 
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
+# Envoy's upstream sockets carry this mark (SO_MARK), so that nothing of the datapath takes
+# Envoy's own connections for a pod's and hands them to Envoy again (bpf/lib/common.h's
+# MESH_MARK_FROM_PROXY; the redirect's policy route matches MESH_MARK_TO_PROXY only).
+MARK_FROM_PROXY = 0xB00
+_SOL_SOCKET, _SO_MARK = 1, 36
 
 
 def cluster(b: ir.Backend) -> cluster_pb2.Cluster:
     c = r.eds_cluster(b.name, connect_timeout=2.0)
+    bind = c.upstream_bind_config
+    bind.source_address.address, bind.source_address.port_value = "0.0.0.0", 0
+    bind.socket_options.add(level=_SOL_SOCKET, name=_SO_MARK, int_value=MARK_FROM_PROXY,
+                            state=socket_option_pb2.SocketOption.STATE_PREBIND)
     # Above Envoy's default of 1024 pending/active requests per cluster: one node Envoy
     # serves every pod on the node.
     c.circuit_breakers.thresholds.add(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 
-from envoy.config.core.v3 import base_pb2
+from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -22,7 +24,27 @@ from mesh.sinks.envoy.routes import INVALID_BACKEND
 from mesh.sinks.envoy.secrets import sds
 
 
-def _hcm(table: str, stat_prefix: str) -> listener_components_pb2.Filter:
+# The mesh listener's access log (Envoy's stdout, which the agent keeps in envoy.log): who
+# called which Service, as Envoy saw it.
+MESH_ACCESS_LOG = (
+    '{"mesh": "%FILTER_CHAIN_NAME%", "client": "%DOWNSTREAM_REMOTE_ADDRESS%", '
+    '"destination": "%DOWNSTREAM_LOCAL_ADDRESS%", "method": "%REQ(:METHOD)%", '
+    '"path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", "status": "%RESPONSE_CODE%", '
+    '"upstream": "%UPSTREAM_HOST%", "duration_ms": "%DURATION%"}\n')
+
+
+def _access_log() -> accesslog_pb2.AccessLog:
+    out = stream_pb2.StdoutAccessLog(log_format=substitution_format_string_pb2.
+                                     SubstitutionFormatString(
+                                         text_format_source=base_pb2.DataSource(
+                                             inline_string=MESH_ACCESS_LOG)))
+    log = accesslog_pb2.AccessLog(name="envoy.access_loggers.stdout")
+    log.typed_config.Pack(out)
+    return log
+
+
+def _hcm(table: str, stat_prefix: str, access_log: bool = False
+         ) -> listener_components_pb2.Filter:
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -34,6 +56,8 @@ def _hcm(table: str, stat_prefix: str) -> listener_components_pb2.Filter:
         upgrade_configs=[hcm_pb2.HttpConnectionManager.UpgradeConfig(
             upgrade_type="websocket", enabled=wrappers_pb2.BoolValue(value=False))],
     )
+    if access_log:
+        hcm.access_log.append(_access_log())
     f = listener_components_pb2.Filter(name=r.HCM_FILTER)
     f.typed_config.Pack(hcm)
     return f
@@ -76,7 +100,34 @@ def _stat(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
+def _mesh_listener(li: ir.Listener) -> listener_pb2.Listener:
+    """The transparent listener the datapath hands Service connections to: one chain per
+    Service port by the connection's original destination (a consumer route's chain also
+    by the client pods' addresses: the more specific match wins)."""
+    out = listener_pb2.Listener(name=li.name, address=r.socket_address(li.address, li.port),
+                                transparent=wrappers_pb2.BoolValue(value=True))
+    for chain in li.chains:
+        assert chain.destination is not None
+        fc = out.filter_chains.add(name=chain.name)
+        address, port = chain.destination
+        match = fc.filter_chain_match
+        match.destination_port.value = port
+        match.prefix_ranges.add(address_prefix=address, prefix_len=wrappers_pb2.UInt32Value(
+            value=32))
+        for source in chain.source_ranges:
+            prefix, _, length = source.partition("/")
+            match.source_prefix_ranges.add(address_prefix=prefix, prefix_len=wrappers_pb2.
+                                           UInt32Value(value=int(length or 32)))
+        if chain.route_table is not None:
+            fc.filters.append(_hcm(chain.route_table, _stat(chain.name), access_log=True))
+        else:
+            fc.filters.append(_tcp_proxy(chain))
+    return out
+
+
 def listener(li: ir.Listener) -> listener_pb2.Listener:
+    if li.transparent:
+        return _mesh_listener(li)
     out = listener_pb2.Listener(name=li.name, address=r.socket_address(li.address, li.port))
     tls = li.protocol in ("HTTPS", "TLS")
     if tls:

@@ -8,7 +8,7 @@ and assembles route tables with the Gateway API's precedence order.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -157,7 +157,7 @@ class RouteBuilder:
         # Many routes use the same few Services: resolve each reference once per translation.
         # The key is a string: its hash is computed once, however often it is looked up.
         memo_key = f"{ref.group}|{ref.kind}|{ref.namespace}|{ref.name}|{ref.port}|" \
-            f"{route.kind}|{route.namespace}|{grpc}"
+            f"{route.kind}|{route.namespace}|{grpc}|{_mesh_parent(route, ref)}"
         res.refs.append((memo_key, ref, grpc))
         name, probe = self._register(memo_key, ref, route, grpc)
         if not probe.ok:
@@ -191,8 +191,11 @@ class RouteBuilder:
             res.fail(Reason.INVALID_KIND, f"backendRef {ref.group or 'core'}/{ref.kind} is not "
                      "supported (only Services)")
             return None
-        if ref.namespace != route.namespace and not self._granted(
-                route.kind, route.namespace, "Service", ref.namespace, ref.name):
+        # A consumer route (GAMMA) may send to the Service it is attached to without a
+        # grant: it only shapes its own namespace's traffic to that Service.
+        if ref.namespace != route.namespace and not _mesh_parent(route, ref) and \
+                not self._granted(route.kind, route.namespace, "Service", ref.namespace,
+                                  ref.name):
             res.fail(Reason.REF_NOT_PERMITTED, f"no ReferenceGrant in {ref.namespace} allows "
                      f"{route.kind}s from {route.namespace} to use {where}")
             return None
@@ -536,6 +539,17 @@ class RouteBuilder:
     def tls_routes(self, listener: str) -> list[
             tuple[tuple[str, ...], tuple[ir.WeightedBackend, ...], frozenset[ObjectKey]]]:
         return self._entries.get(listener, _TableEntries()).tls
+
+
+def _mesh_parent(route: KubeObject, ref: model.BackendObjectRef) -> bool:
+    """Whether the route's parentRefs name the Service `ref` refers to."""
+    parents = route.spec.get("parentRefs")
+    for p in parents if isinstance(parents, list) else ():
+        if isinstance(p, Mapping) and p.get("kind") == "Service" and \
+                p.get("group", "") == "" and p.get("name") == ref.name and \
+                p.get("namespace", route.namespace) == ref.namespace:
+            return True
+    return False
 
 
 def _host_order(host: str) -> tuple[int, int, str]:

@@ -20,7 +20,7 @@ from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate import model
 from mesh.translate.config import Translation, TranslatorConfig
-from mesh.translate.gateway import hostnames
+from mesh.translate.gateway import hostnames, mesh
 from mesh.translate.gateway.routes import Entry, Resolution, RouteBuilder, VhostCache
 from mesh.translate.status import (
     ClassStatus,
@@ -76,8 +76,9 @@ class TranslationMemo:
 
 
 _PARENT_KINDS = frozenset({kinds.GATEWAY, kinds.LISTENER_SET, kinds.X_LISTENER_SET})
+# Pods: only the mesh listener's consumer chains read them, assembled afresh each time.
 _NOT_IN_WORLD = frozenset({kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE,
-                           kinds.ENDPOINT_SLICE, kinds.INGRESS})
+                           kinds.ENDPOINT_SLICE, kinds.INGRESS, kinds.POD})
 
 
 def _world(snapshot: StoreSnapshot, cfg: TranslatorConfig) -> tuple[Any, ...]:
@@ -130,6 +131,7 @@ class _Translator:
         self.local_addresses = _node_addresses(snapshot, cfg.node_name)
         self.routes = RouteBuilder(snapshot, self.grants,
                                    cache.vhosts if cache is not None else None)
+        self.mesh_parents: set[mesh.MeshParent] = set()  # GAMMA routes' Service ports
         self.addresses: dict[str, str] = {}
         self.trust_bundles: dict[str, bytes] = {}  # name -> CA certificates (PEM)
         self._listener_set_parents: dict[ObjectKey, ObjectKey] = {}  # allowed ones
@@ -146,6 +148,9 @@ class _Translator:
         self._gateway_status(gateways, listeners)
         self._policy_status()
         out_listeners = self._ir_listeners(listeners)
+        mesh_listener, redirects = mesh.listener(self.s, self.routes, self.mesh_parents)
+        if mesh_listener is not None:
+            out_listeners.append(mesh_listener)
         from mesh.translate.ingress import translate_ingresses
         from mesh.translate.services import translate_services
 
@@ -164,7 +169,8 @@ class _Translator:
                 certificates=tuple(self.routes.certificates()),
                 trust_bundles=tuple(ir.TrustBundle(k, v)
                                     for k, v in sorted(self.trust_bundles.items())),
-                services=translate_services(self.s, self.routes, self.local_addresses),
+                services=translate_services(self.s, self.routes, self.local_addresses,
+                                            redirects),
             ),
             status=self.status,
             addresses=self.addresses,
@@ -463,7 +469,10 @@ class _Translator:
         if old.resolved is not None:
             self.routes.replay(old.obj, old.resolved)
             for key, names, entry in old.attachments:
-                by_key[key].attached += 1
+                if key.startswith(mesh.KEY_PREFIX):
+                    self.mesh_parents.add(mesh.parse_key(key))
+                else:
+                    by_key[key].attached += 1
                 self.routes.put(key, names, entry)
         if old.status is not None:
             self.status[old.obj.key] = old.status
@@ -476,6 +485,11 @@ class _Translator:
         attachments: list[tuple[str, tuple[str, ...], Entry]] = []
         gen = route.obj.generation
         for ref in route.parent_refs:
+            if GroupKind(ref.group, ref.kind) == kinds.SERVICE and route.kind != "TLSRoute":
+                if resolved is None:
+                    resolved = self.routes.resolve(route)
+                parents.append(self._attach_mesh(route, ref, resolved, attachments))
+                continue
             if GroupKind(ref.group, ref.kind) not in _PARENT_KINDS:
                 continue
             # Parents by group and kind: an XListenerSet is not a ListenerSet of that name.
@@ -501,6 +515,38 @@ class _Translator:
             self.status[route.obj.key] = status
         self.outcomes[route.obj.key] = _RouteOutcome(
             route.obj, route, status, attachments, resolved)
+
+    def _attach_mesh(self, route: model.Route, ref: model.ParentRef, resolved: Resolution,
+                     attachments: list[tuple[str, tuple[str, ...], Entry]]) -> ParentStatus:
+        """GAMMA: a route whose parent is a Service applies to traffic sent to that Service
+        (its ClusterIP, every port or the one named). In the Service's namespace it is a
+        producer route, for every client; in another namespace a consumer route, for that
+        namespace's clients only. Hostnames do not select mesh traffic: the Service does."""
+        gen = route.obj.generation
+        svc = self.routes.service(ref.namespace, ref.name)
+        ports = [p for p in svc.ports if ref.port is None or p.port == ref.port] if svc else []
+        if svc is None or not ports:
+            what = f"Service {ref.namespace}/{ref.name}"
+            message = f"{what} does not exist" if svc is None else \
+                f"{what} has no port {ref.port}"
+            return ParentStatus(ref, self.cfg.controller_name, Conditions([
+                condition(Type.ACCEPTED, False, Reason.NO_MATCHING_PARENT, message, gen),
+                condition(Type.RESOLVED_REFS, resolved.ok, resolved.reason, resolved.message,
+                          gen)]))
+        consumer = "" if route.obj.namespace == ref.namespace else route.obj.namespace
+        for port in ports:
+            parent = mesh.MeshParent(ref.namespace, ref.name, port.port, consumer)
+            self.mesh_parents.add(parent)
+            key = mesh.key(parent)
+            attachments.append((key, ("*",), self.routes.add(route, key, ("*",), resolved,
+                                                              port.port)))
+        which = "every client" if not consumer else f"clients in namespace {consumer}"
+        return ParentStatus(ref, self.cfg.controller_name, Conditions([
+            condition(Type.ACCEPTED, True, Reason.ACCEPTED,
+                      f"applies to traffic to Service {ref.namespace}/{ref.name} from {which}",
+                      gen),
+            condition(Type.RESOLVED_REFS, resolved.ok, resolved.reason, resolved.message,
+                      gen)]))
 
     def _select_listeners(self, route: model.Route, ref: model.ParentRef,
                           candidates: list[_Listener],

@@ -1,0 +1,119 @@
+"""GAMMA (the Gateway API for a service mesh): the node Envoy's mesh listener, from the
+routes whose parent is a Service.
+
+The datapath hands every TCP connection sent to such a Service port (its ClusterIP, however
+the client found it: by DNS name or by address) to this one transparent listener; the
+connection keeps the ClusterIP:port as its local address, so each Service port is one filter
+chain matched by destination. A consumer route's chain also matches the addresses of its
+namespace's pods, which makes it more specific than the producer's for those clients alone.
+A Service port with consumer routes and no producer route reaches its endpoints as plain
+TCP for every other client, as if no route applied.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from mesh import ir
+from mesh.store import kinds
+from mesh.store.store import StoreSnapshot
+from mesh.translate import model
+from mesh.translate.gateway.routes import Resolution, RouteBuilder
+
+# The mesh listener: on loopback, reached only through the datapath's socket assignment.
+ADDRESS = "127.0.0.1"
+PORT = 15001
+NAME = "mesh"
+KEY_PREFIX = "mesh|"
+
+
+@dataclass(frozen=True, order=True)
+class MeshParent:
+    namespace: str
+    name: str
+    port: int
+    consumer: str  # the consumer route's namespace; "" for producer routes
+
+
+def key(p: MeshParent) -> str:
+    """The route builder's listener key of a mesh parent's routes."""
+    return f"{KEY_PREFIX}{p.namespace}|{p.name}|{p.port}|{p.consumer}"
+
+
+def parse_key(text: str) -> MeshParent:
+    ns, name, port, consumer = text[len(KEY_PREFIX):].split("|")
+    return MeshParent(ns, name, int(port), consumer)
+
+
+def pod_addresses(snapshot: StoreSnapshot) -> dict[str, list[str]]:
+    """Every pod's IPv4 addresses, by namespace (status.podIPs, else status.podIP)."""
+    out: dict[str, list[str]] = {}
+    for pod in snapshot.of_kind(kinds.POD):
+        status = pod.body.get("status")
+        if not isinstance(status, dict):
+            continue
+        ips = [i.get("ip") for i in status.get("podIPs") or () if isinstance(i, dict)]
+        if not ips and status.get("podIP"):
+            ips = [status.get("podIP")]
+        for a in ips:
+            if isinstance(a, str) and _ipv4(a):
+                out.setdefault(pod.namespace, []).append(a)
+    return {ns: sorted(set(v)) for ns, v in out.items()}
+
+
+def listener(snapshot: StoreSnapshot, routes: RouteBuilder, parents: Iterable[MeshParent]
+             ) -> tuple[ir.Listener | None, dict[tuple[str, int], int]]:
+    """The mesh listener (None: no mesh route), and the Service frontends (ClusterIP, port)
+    whose connections the datapath must hand to it, with its port."""
+    by_port: dict[tuple[str, str, int], set[str]] = {}
+    for p in parents:
+        by_port.setdefault((p.namespace, p.name, p.port), set()).add(p.consumer)
+    pods: dict[str, list[str]] | None = None
+    chains: list[ir.FilterChain] = []
+    redirects: dict[tuple[str, int], int] = {}
+    for (ns, name, port), consumers in sorted(by_port.items()):
+        svc = routes.service(ns, name)
+        address = svc.obj.spec.get("clusterIP") if svc is not None else None
+        sport = next((p for p in svc.ports if p.port == port), None) if svc else None
+        if svc is None or sport is None or sport.protocol != "TCP" or \
+                not isinstance(address, str) or not _ipv4(address):
+            continue  # headless (no ClusterIP to take the traffic at) or not TCP
+        dest = (address, port)
+        base = f"mesh/{ns}/{name}:{port}"
+        owners = frozenset({svc.obj.key})
+        if "" in consumers:
+            table = routes.http_table(base, [(key(MeshParent(ns, name, port, "")), None)], port)
+            chains.append(ir.FilterChain(name=base, route_table=table, destination=dest,
+                                         owners=owners))
+        else:
+            ref = model.BackendObjectRef("", "Service", ns, name, port)
+            backend = routes.backend(ref, svc.obj, Resolution())
+            chains.append(ir.FilterChain(name=base, destination=dest, owners=owners,
+                                         tcp_backends=(ir.WeightedBackend(backend, 1),)))
+        for consumer in sorted(consumers - {""}):
+            if pods is None:
+                pods = pod_addresses(snapshot)
+            sources = pods.get(consumer)
+            if not sources:
+                continue  # no client pod there (yet): nothing to match
+            table = routes.http_table(f"{base}@{consumer}",
+                                      [(key(MeshParent(ns, name, port, consumer)), None)], port)
+            chains.append(ir.FilterChain(
+                name=f"{base}@{consumer}", route_table=table, destination=dest, owners=owners,
+                source_ranges=tuple(f"{a}/32" for a in sources)))
+        redirects[dest] = PORT
+    if not chains:
+        return None, {}
+    owners = frozenset(o for c in chains for o in c.owners)
+    return ir.Listener(name=NAME, address=ADDRESS, port=PORT, protocol="HTTP",
+                       chains=tuple(chains), owners=owners, transparent=True), redirects
+
+
+def _ipv4(address: str) -> bool:
+    try:
+        ipaddress.IPv4Address(address)
+    except ValueError:
+        return False
+    return True
