@@ -23,7 +23,6 @@ from mesh.sinks.envoy import resources as r
 from mesh.sinks.envoy.routes import INVALID_BACKEND
 from mesh.sinks.envoy.secrets import sds
 
-
 # The mesh listener's access log (Envoy's stdout, which the agent keeps in envoy.log): who
 # called which Service, as Envoy saw it.
 MESH_ACCESS_LOG = (
