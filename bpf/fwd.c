@@ -1,6 +1,9 @@
 /* Forwarding and NodePort at tc ingress.
  *
- * mesh_from_pod, on each pod's host-side veth (packets the pod sends): a reply of a NodePort
+ * mesh_from_pod, on each pod's host-side veth (packets the pod sends): a TCP packet to a
+ * Service port with L7 configuration is handed to the node's Envoy (bpf_sk_assign to the
+ * connection's socket, or for a new connection to the mesh listener; the packet itself is
+ * not rewritten, so Envoy sees the original source and destination); a reply of a NodePort
  * flow balanced here gets its frontend back as source and goes out by the FIB; a packet to
  * a pod of this node has its Ethernet header rewritten and is redirected into that pod's
  * namespace with bpf_redirect_peer, skipping the node's IP stack (kernel commit
@@ -21,6 +24,7 @@
 #define STAT_LOCAL 0     /* redirected to a pod of this node */
 #define STAT_KERNEL 1    /* left to the kernel */
 #define STAT_NODEPORT 2  /* a NodePort packet balanced (either direction) */
+#define STAT_PROXY 3     /* handed to the node's Envoy */
 
 static __always_inline void count(__u32 i)
 {
@@ -66,15 +70,69 @@ static __always_inline int reverse_nat(struct __sk_buff *skb, struct flow4 *f,
 	return flow4_redirect_fib(skb, f);
 }
 
+#define MESH_LOOPBACK 0x7f000001
+
+/* Hand a TCP packet sent to a Service frontend to the node's Envoy: to the socket of its
+ * connection if Envoy has one (also once the Service lost its L7 configuration: its
+ * established connections finish through Envoy), else, for an L7 frontend, to the mesh
+ * listener on loopback:proxy_port. -1: not for Envoy. A new connection while Envoy is down
+ * is dropped: the client's SYN retries reach it once it is back. */
+static __always_inline int to_proxy(struct __sk_buff *skb, struct flow4 *f,
+				    struct lb4_service *svc)
+{
+	struct bpf_sock_tuple t = {};
+	t.ipv4.saddr = f->saddr;
+	t.ipv4.daddr = f->daddr;
+	t.ipv4.sport = f->sport;
+	t.ipv4.dport = f->dport;
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (sk && sk->state == BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);  /* something listens on the ClusterIP itself: not ours */
+		return -1;
+	}
+	if (!sk) {
+		if (!(svc->flags & MESH_SVC_L7))
+			return -1;
+		t.ipv4.daddr = bpf_htonl(MESH_LOOPBACK);
+		t.ipv4.dport = svc->proxy_port;
+		sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+		if (!sk)
+			return TC_ACT_SHOT;
+		if (sk->state != BPF_TCP_LISTEN) {
+			bpf_sk_release(sk);
+			return TC_ACT_SHOT;
+		}
+	}
+	long err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return TC_ACT_SHOT;
+	skb->mark = MESH_MARK_TO_PROXY;
+	count(STAT_PROXY);
+	return TC_ACT_OK;
+}
+
 int mesh_from_pod(struct __sk_buff *skb)
 {
 	struct flow4 f = {};
-	if (flow4_parse(skb, &f)) {
+	if ((skb->mark & MESH_MARK_MASK) != MESH_MARK_FROM_PROXY && flow4_parse(skb, &f)) {
 		struct ct4_key rk = { .saddr = f.saddr, .daddr = f.daddr, .sport = f.sport,
 				      .dport = f.dport, .proto = f.proto };
 		struct ct4_rev *rev = mesh_ct4_rev.lookup(&rk);
 		if (rev)
 			return reverse_nat(skb, &f, rev);
+		if (f.proto == IPPROTO_TCP) {
+			/* Pods' connections to other frontends were rewritten to a backend at
+			 * connect(): a frontend on the wire is one for Envoy (or was). */
+			struct lb4_key sk = { .address = f.daddr, .dport = f.dport,
+					      .proto = IPPROTO_TCP };
+			struct lb4_service *svc = mesh_services.lookup(&sk);
+			if (svc) {
+				int verdict = to_proxy(skb, &f, svc);
+				if (verdict >= 0)
+					return verdict;
+			}
+		}
 	}
 	return to_local_pod(skb, ipv4_daddr(skb));
 }

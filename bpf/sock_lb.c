@@ -23,6 +23,10 @@ static __always_inline int lb4_pick(struct bpf_sock_addr *ctx, struct lb4_backen
 	struct lb4_service *svc = mesh_services.lookup(&key);
 	if (!svc || svc->count == 0)
 		return 0;
+	/* L7 configuration applies: the connection goes to the ClusterIP as asked, and tc at the
+	 * pod's veth hands it to the node's Envoy, which sees the original destination. */
+	if ((svc->flags & MESH_SVC_L7) && key.proto == IPPROTO_TCP)
+		return 0;
 	*rev_nat_index = svc->rev_nat_index;
 	/* Slots hold only backends that take new connections: a terminating backend leaves its
 	 * slot (the agent compacts the slots) but stays in mesh_backends, and connections

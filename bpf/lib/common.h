@@ -21,4 +21,13 @@
 
 #define MESH_PINNED(name) MESH_PIN_DIR "/" #name
 
+/* Packet marks (Cilium's layout: the magic in bits 8-11).
+ * TO_PROXY: set on a packet handed to the node's Envoy, so that the policy route
+ * (fwmark 0x200/0xf00 -> table 2004: local default dev lo) delivers it locally although its
+ * destination is a ClusterIP. FROM_PROXY: Envoy's own upstream sockets (SO_MARK), never
+ * handed to Envoy again. */
+#define MESH_MARK_MASK 0xf00
+#define MESH_MARK_TO_PROXY 0x200
+#define MESH_MARK_FROM_PROXY 0xb00
+
 #endif

@@ -17,7 +17,7 @@ struct endpoint_info {
 BPF_TABLE_PINNED("hash", __be32, struct endpoint_info, mesh_endpoints, 4096,
 		 MESH_PINNED(mesh_endpoints));
 /* Packets per CPU: [0] redirected to a local pod, [1] left to the kernel, [2] NodePort
- * packets balanced (either direction). */
-BPF_TABLE_PINNED("percpu_array", __u32, __u64, mesh_fwd_stats, 3, MESH_PINNED(mesh_fwd_stats));
+ * packets balanced (either direction), [3] handed to the node's Envoy. */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, mesh_fwd_stats, 4, MESH_PINNED(mesh_fwd_stats));
 
 #endif

@@ -34,12 +34,14 @@ struct lb4_service {
 	__u16 count;         /* slot 0: how many backend slots follow */
 	__u16 rev_nat_index; /* slot 0: this frontend's reverse-NAT entry */
 	__u8 flags;          /* slot 0: MESH_SVC_* */
-	__u8 pad[3];
+	__u8 pad;
+	__be16 proxy_port;   /* slot 0, MESH_SVC_L7: the node Envoy's mesh listener port */
 };
 
 #define MESH_SVC_LOCAL_ONLY 0x1  /* reserved: traffic policy Local */
 #define MESH_SVC_MAGLEV 0x2      /* packets pick their backend from the Maglev table */
 #define MESH_SVC_EXTERNAL 0x4    /* a NodePort on this node's address: balanced at tc too */
+#define MESH_SVC_L7 0x8          /* L7 configuration applies: TCP goes to the node's Envoy */
 
 struct lb4_backend {
 	__be32 address;      /* the backend's (pod's) IPv4 address */

@@ -62,6 +62,31 @@ def local_endpoints(ip: Any) -> list[LocalEndpoint]:
     return out
 
 
+# The policy route of packets handed to the node's Envoy (bpf/lib/common.h's marks): marked
+# TO_PROXY, they are delivered locally although sent to a ClusterIP, as Cilium does.
+PROXY_MARK, PROXY_MASK, PROXY_TABLE, PROXY_RULE_PRIORITY = 0x200, 0xF00, 2004, 9000
+_SCOPE_HOST = 254
+
+
+def proxy_route(ip: Any) -> None:
+    """`ip rule add fwmark 0x200/0xf00 lookup 2004 pref 9000` and `ip route replace local
+    default dev lo table 2004`, idempotent."""
+    from pyroute2 import NetlinkError
+
+    lo = ip.link_lookup(ifname="lo")[0]
+    ip.route("replace", dst="0.0.0.0/0", table=PROXY_TABLE, type="local", oif=lo,
+             scope=_SCOPE_HOST, family=2)
+    present = any(r.get_attr("FRA_TABLE") == PROXY_TABLE and
+                  r.get_attr("FRA_FWMARK") == PROXY_MARK for r in ip.get_rules(family=2))
+    if not present:
+        try:
+            ip.rule("add", table=PROXY_TABLE, priority=PROXY_RULE_PRIORITY, fwmark=PROXY_MARK,
+                    fwmask=PROXY_MASK)
+        except NetlinkError as e:
+            if e.code != 17:  # EEXIST: another agent's, the same
+                raise
+
+
 class Forwarding:
     def __init__(self, pin_dir: Path, underlay: str | None = None) -> None:
         # Only the devices named here are touched: the CNI plugin's host-side veths (by
@@ -72,6 +97,7 @@ class Forwarding:
         self.endpoints = self.loaded.table("mesh_endpoints")
         self.underlay = underlay
         self._attached: set[int] = set()
+        self._routed = False
         self._written: dict[str, LocalEndpoint] = {}
         with contextlib.suppress(Exception):  # what a previous agent wrote
             for k, v in self.endpoints.items():
@@ -83,6 +109,9 @@ class Forwarding:
         from pyroute2 import IPRoute
 
         with IPRoute() as ip:
+            if not self._routed:
+                proxy_route(ip)
+                self._routed = True
             found = {e.address: e for e in local_endpoints(ip)}
             for address, e in found.items():
                 if self._written.get(address) != e:
@@ -118,12 +147,12 @@ class Forwarding:
             log.error("cannot attach the forwarding program", extra={"ifindex": index,
                                                                      "error": str(e)})
 
-    def stats(self) -> tuple[int, int, int]:
-        """(packets redirected to a local pod, packets left to the kernel, NodePort packets
-        balanced), all CPUs."""
+    def stats(self) -> tuple[int, int, int, int]:
+        """(packets redirected to a local pod, left to the kernel, NodePort packets
+        balanced, handed to the node's Envoy), all CPUs."""
         table = self.loaded.table("mesh_fwd_stats")
-        local, kernel, nodeport = (sum(table[ctypes.c_uint32(i)]) for i in range(3))
-        return (local, kernel, nodeport)
+        local, kernel, nodeport, proxy = (sum(table[ctypes.c_uint32(i)]) for i in range(4))
+        return (local, kernel, nodeport, proxy)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

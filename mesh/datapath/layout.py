@@ -16,6 +16,7 @@ IPPROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
 MAGLEV_M = 16381  # MESH_MAGLEV_M
 SVC_MAGLEV = 0x2  # MESH_SVC_* flags of a frontend's slot 0
 SVC_EXTERNAL = 0x4
+SVC_L7 = 0x8
 
 
 def be32(address: str) -> int:
@@ -41,7 +42,7 @@ class Lb4Key(ctypes.Structure):
 class Lb4Service(ctypes.Structure):
     _fields_ = [("backend_id", ctypes.c_uint32), ("count", ctypes.c_uint16),
                 ("rev_nat_index", ctypes.c_uint16), ("flags", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8 * 3)]
+                ("pad", ctypes.c_uint8), ("proxy_port", ctypes.c_uint16)]
 
 
 class Lb4Backend(ctypes.Structure):

@@ -24,6 +24,7 @@ from mesh.datapath.layout import (
     IPPROTO,
     MAGLEV_M,
     SVC_EXTERNAL,
+    SVC_L7,
     SVC_MAGLEV,
     Lb4Backend,
     Lb4Key,
@@ -56,10 +57,12 @@ class Installed:
     rev_nat_index: int
     backends: tuple[int, ...]  # backend ids, slot order
     flags: int = 0  # MESH_SVC_*
+    proxy_port: int = 0
 
 
 def _flags(f: ir.ServiceFrontend) -> int:
-    return (SVC_MAGLEV if f.algorithm == "maglev" else 0) | (SVC_EXTERNAL if f.external else 0)
+    return (SVC_MAGLEV if f.algorithm == "maglev" else 0) | \
+        (SVC_EXTERNAL if f.external else 0) | (SVC_L7 if f.proxy_port else 0)
 
 
 class ServiceReconciler:
@@ -92,18 +95,19 @@ class ServiceReconciler:
             self.backend_ids[(address_of(value.address), _port(value.port), proto)] = \
                 int(key.value if hasattr(key, "value") else key)
         slots: dict[FrontendKey, dict[int, int]] = {}
-        fronts: dict[FrontendKey, tuple[int, int, int]] = {}
+        fronts: dict[FrontendKey, tuple[int, int, int, int]] = {}
         for key, value in self.services.items():
             fk = (address_of(key.address), _port(key.dport), _PROTO_NAME.get(int(key.proto),
                                                                                "TCP"))
             if key.backend_slot == 0:
-                fronts[fk] = (int(value.count), int(value.rev_nat_index), int(value.flags))
+                fronts[fk] = (int(value.count), int(value.rev_nat_index), int(value.flags),
+                              _port(value.proxy_port))
             else:
                 slots.setdefault(fk, {})[int(key.backend_slot)] = int(value.backend_id)
-        for fk, (count, rev, flags) in fronts.items():
+        for fk, (count, rev, flags, proxy) in fronts.items():
             got = slots.get(fk, {})
             self.installed[fk] = Installed(rev, tuple(got.get(i, 0) for i in range(1, count + 1)),
-                                           flags)
+                                           flags, proxy)
         if self.installed:
             log.info("service maps adopted", extra={"frontends": len(self.installed),
                                                    "backends": len(self.backend_ids)})
@@ -136,7 +140,9 @@ class ServiceReconciler:
             raise ValueError("Maglev is not available in this datapath")
         ids = tuple(self._backend_id(b, proto) for b in f.backends)
         old = self.installed.get(f.key)
-        if old is not None and old.backends == ids and old.flags == flags:
+        proxy = f.proxy_port or 0
+        if old is not None and old.backends == ids and old.flags == flags and \
+                old.proxy_port == proxy:
             return
         rev = old.rev_nat_index if old is not None else self._new_rev_nat(f)
         # Counted before any write: a write failing half way must not let the release
@@ -151,7 +157,8 @@ class ServiceReconciler:
                                                old.backends != ids):
                 self._write_maglev(rev, f, ids)
             self._write(self.services, _key(f, 0),
-                        Lb4Service(count=len(ids), rev_nat_index=rev, flags=flags))
+                        Lb4Service(count=len(ids), rev_nat_index=rev, flags=flags,
+                                   proxy_port=be16(proxy)))
             if old is not None:
                 for slot in range(len(ids) + 1, len(old.backends) + 1):
                     self._delete(self.services, _key(f, slot))
@@ -162,11 +169,12 @@ class ServiceReconciler:
             # What the slots hold is unknown now: every id either side named stays
             # referenced (new ones counted above, old ones still), and the next apply
             # rewrites the frontend whole, since its slots compare unequal.
-            self.installed[f.key] = Installed(rev, ids + (old.backends if old else ()), flags)
+            self.installed[f.key] = Installed(rev, ids + (old.backends if old else ()), flags,
+                                              proxy)
             raise
         if old is not None:
             self._unref(old.backends)
-        self.installed[f.key] = Installed(rev, ids, flags)
+        self.installed[f.key] = Installed(rev, ids, flags, proxy)
 
     def _write_maglev(self, rev: int, f: ir.ServiceFrontend, ids: tuple[int, ...]) -> None:
         """The frontend's whole Maglev table in one write. Slot i names a backend by the

@@ -307,9 +307,11 @@ class Lab:
 
     def write_cluster(self) -> None:
         """What the API server would hold: the manifests (workloads aside), Services with
-        their ClusterIPs, and EndpointSlices of the pods."""
+        their ClusterIPs, the pods (node, IP, readiness) and their EndpointSlices."""
         docs = [d for d in self.docs if d.get("kind") not in (*WORKLOAD_KINDS, "Service")]
         docs += [workloads.as_served(s) for s in self.services]
+        docs += [workloads.pod_object(p.spec, p.node.name, p.ip, p.ready)
+                 for p in self.pods if p.ip]
         pods = [(p.spec, p.ip, p.ready) for p in self.pods if p.ip]
         docs += [es for s in self.services if (es := workloads.endpoint_slice(s, pods))]
         text = yaml.safe_dump_all(docs, sort_keys=False)

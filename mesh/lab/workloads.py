@@ -228,6 +228,16 @@ def endpoint_slice(svc: ServiceSpec, pods: Iterable[tuple[PodSpec, str, bool]]
                           for p, ip, ready in sorted(selected, key=lambda x: x[0].name)]}
 
 
+def pod_object(spec: PodSpec, node: str, ip: str, ready: bool) -> dict[str, Any]:
+    """The Pod as the API server shows it once the kubelet reported it."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": spec.name, "namespace": spec.namespace,
+                         "labels": dict(spec.labels)},
+            "spec": {"nodeName": node},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                       "conditions": [{"type": "Ready", "status": str(ready)}]}}
+
+
 def service_env(services: Iterable[ServiceSpec], namespace: str) -> dict[str, str]:
     """The variables Kubernetes gives a pod for each Service of its namespace."""
     env = {}

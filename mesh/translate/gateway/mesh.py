@@ -22,8 +22,12 @@ from mesh.store.store import StoreSnapshot
 from mesh.translate import model
 from mesh.translate.gateway.routes import Resolution, RouteBuilder
 
-# The mesh listener: on loopback, reached only through the datapath's socket assignment.
-ADDRESS = "127.0.0.1"
+# The mesh listener. Bound to the any-address: only there does Envoy read each accepted
+# socket's own local address (the original destination the chains match on); bound to one
+# address it takes that address for every connection. Connections that come to it directly
+# (this node's address:15001) match no chain and are closed. The datapath finds it by
+# looking up 127.0.0.1:PORT.
+ADDRESS = "0.0.0.0"
 PORT = 15001
 NAME = "mesh"
 KEY_PREFIX = "mesh|"
