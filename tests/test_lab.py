@@ -242,7 +242,8 @@ def test_a_readiness_probe_takes_the_endpoint_out_and_back(lab: str) -> None:
     """An exec readinessProbe (period 1 s, one failure): the pod's endpoint leaves its
     Service's EndpointSlice while the probe fails and comes back when it passes."""
     def endpoints() -> list[str]:
-        return next(s for s in state(lab)["services"] if s["name"] == "gated")["endpoints"]
+        svc = next(s for s in state(lab)["services"] if s["name"] == "gated")
+        return [str(e) for e in svc["endpoints"]]
 
     ip = state(lab)["pods"]["default/gated"]["ip"]
     assert endpoints() == [ip]
