@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from tests.conformance.mesh import MESH_DATA
+from tests.conformance.mesh import run as mesh_run
 from tests.conformance.profiles import upstream_report
 from tests.conformance.runner import NOT_APPLICABLE, report, run
 from tests.conformance.suite import DEFAULT_DATA
@@ -43,3 +45,22 @@ def test_conformance_suite() -> None:
     for p in doc["profiles"]:
         assert p["core"]["statistics"]["Failed"] == 0 and p["core"]["statistics"]["Passed"] > 0
         print(p["name"], p["core"]["statistics"], p["extended"]["statistics"])
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(not (MESH_DATA / "cases.json").exists(),
+                    reason="the conformance data lives in ../shared/conformance beside the repo")
+def test_mesh_conformance_in_the_lab() -> None:
+    """MESH-HTTP (GAMMA): every test of the mesh data and its variants, in a two-node lab,
+    sent from the client pods; every case passes."""
+    lines: list[str] = []
+    results = mesh_run([], log=lines.append)
+    print("\n".join(lines))
+    failed = [f"{r.name}: {r.detail}" for r in results if r.outcome != "PASS"]
+    assert not failed, "\n".join(failed)
+    cases = [c for r in results for c in r.cases]
+    assert len(results) >= 17 and len(cases) >= 50 and all(c[1] == "PASS" for c in cases)
+    doc = yaml.safe_load(upstream_report(results))
+    mesh_http = next(p for p in doc["profiles"] if p["name"] == "MESH-HTTP")
+    assert mesh_http["core"]["result"] == "success", mesh_http
+    assert mesh_http["extended"]["result"] == "success", mesh_http

@@ -20,6 +20,8 @@ PROFILES: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
                      ("GRPCRoute", "Gateway")),
     "GATEWAY-TLS": (frozenset({"Gateway", "TLSRoute", "ReferenceGrant"}),
                     ("TLSRoute", "Gateway")),
+    "MESH-HTTP": (frozenset({"Mesh", "HTTPRoute"}), ("HTTPRoute", "Mesh")),
+    "MESH-GRPC": (frozenset({"Mesh", "GRPCRoute"}), ("GRPCRoute", "Mesh")),
 }
 
 
@@ -50,12 +52,15 @@ def _section(results: Sequence[_Result], supported: set[str]) -> dict[str, Any]:
 def upstream_report(results: Sequence[_Result], version: str = "0.1.0") -> str:
     profiles = []
     for name, (core, prefixes) in PROFILES.items():
-        mine = [r for r in results if all(
+        mesh_profile = name.startswith("MESH")
+        mine = [r for r in results if ("Mesh" in r.test.features) == mesh_profile and all(
             f in core or f.startswith(prefixes) for f in r.test.features)]
         core_results = [r for r in mine if set(r.test.features) <= core]
         extended = [r for r in mine if not set(r.test.features) <= core]
         extended_features = {f for r in extended if r.outcome == "PASS"
                              for f in r.test.features if f not in core}
+        if not mine:
+            continue  # a profile this run did not cover (the gateway or the mesh suite)
         profiles.append({"name": name, "core": _section(core_results, set()),
                          "extended": _section(extended, extended_features)})
     report = {
