@@ -11,7 +11,7 @@ SYSTEM_STAMP := $(VENV)/.system
 # sockperf and iptables.
 DEBIAN_PACKAGES := python3-bpfcc linux-headers-amd64 containernetworking-plugins iproute2 procps \
 	curl
-BENCH_PACKAGES := iperf3 sockperf iptables
+BENCH_PACKAGES := iperf3 sockperf iptables wrk
 
 .PHONY: install system debian run run-host test test-fast bench clean
 

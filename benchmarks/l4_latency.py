@@ -105,7 +105,7 @@ def kernel(seconds: int) -> dict[str, float]:
     pods = []
     server_proc = None
     try:
-        network.build(name, nodes)
+        network.build(name, nodes, 9)
         ips = []
         for n, pod in zip(nodes, ("server", "client"), strict=True):
             rt = node_runtime(work / n.name, n.pod_cidr, n.name)  # as the lab's nodes
