@@ -13,6 +13,9 @@ saturating one), and reports p50 and p99 from its histogram.
 Memory: the RSS of node2's Envoy with the lab's 20 routed Services, against the summed RSS
 of 20 sidecar Envoys (one route each), all on Envoy's default concurrency.
 
+Then the lab again with the other redirect (`--redirect tproxy`: a mark at tc, netfilter's
+TPROXY delivering to Envoy) for `node_envoy_tproxy`, beside the default (bpf_sk_assign).
+
     python benchmarks/l7_latency.py [--quick]
 
 The last line printed is one JSON object with every figure.
@@ -179,17 +182,22 @@ def wrk(url: str, seconds: int, work: Path) -> dict[str, Any]:
     return figures
 
 
-def lab_up(work: Path) -> dict[str, Any]:
+def lab_up(work: Path, redirect: str = "sk-assign") -> dict[str, Any]:
     (work / "app.yaml").write_text(yaml.safe_dump_all(manifests()))
-    subprocess.run([sys.executable, "-m", "mesh.cli", "lab", "down", "--name", LAB],
-                   capture_output=True, cwd=ROOT, check=False)
+    lab_down()
     subprocess.run([sys.executable, "-m", "mesh.cli", "lab", "up", "--nodes", "2", "--name",
-                    LAB, "--manifests", str(work)], capture_output=True, check=True, cwd=ROOT)
+                    LAB, "--manifests", str(work), "--redirect", redirect],
+                   capture_output=True, check=True, cwd=ROOT)
     state = cluster.read_state(LAB)
     assert state is not None
     pods = state["pods"]
     assert pods["default/server"]["node"] != pods["default/client"]["node"]
     return state
+
+
+def lab_down() -> None:
+    subprocess.run([sys.executable, "-m", "mesh.cli", "lab", "down", "--name", LAB],
+                   capture_output=True, cwd=ROOT, check=False)
 
 
 def main() -> None:
@@ -241,13 +249,23 @@ def main() -> None:
             wait_ready(work / f"s{i}.sock")
         time.sleep(1)
         figures["rss_mib_20_envoys"] = round(sum(rss_mib(p.pid) for p in procs), 1)
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait()
+        procs.clear()
+        # The other redirect: a mark at tc and netfilter's TPROXY, the same route.
+        state = lab_up(work, "tproxy")
+        services = {s["name"]: s for s in state["services"]}
+        got = wrk(f"http://{services['routed-0']['clusterIP']}/", seconds, work)
+        figures["p50_us_node_envoy_tproxy"] = got["p50"]
+        figures["p99_us_node_envoy_tproxy"] = got["p99"]
+        figures["rps_node_envoy_tproxy"] = round(got["requests"] / got["seconds"])
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-        subprocess.run([sys.executable, "-m", "mesh.cli", "lab", "down", "--name", LAB],
-                       capture_output=True, cwd=ROOT, check=False)
+        lab_down()
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(figures))
 

@@ -80,6 +80,15 @@ static __always_inline int reverse_nat(struct __sk_buff *skb, struct flow4 *f,
 static __always_inline int to_proxy(struct __sk_buff *skb, struct flow4 *f,
 				    struct lb4_service *svc)
 {
+#ifdef MESH_REDIRECT_TPROXY
+	/* The variant: only the mark here, every packet of the flow; netfilter's TPROXY rule
+	 * (the agent's nft table mesh_tproxy) looks the socket up and delivers to it. */
+	if (!(svc->flags & MESH_SVC_L7))
+		return -1;
+	skb->mark = MESH_MARK_TO_PROXY;
+	count(STAT_PROXY);
+	return TC_ACT_OK;
+#else
 	struct bpf_sock_tuple t = {};
 	t.ipv4.saddr = f->saddr;
 	t.ipv4.daddr = f->daddr;
@@ -110,6 +119,7 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow4 *f,
 	skb->mark = MESH_MARK_TO_PROXY;
 	count(STAT_PROXY);
 	return TC_ACT_OK;
+#endif
 }
 
 int mesh_from_pod(struct __sk_buff *skb)

@@ -73,6 +73,10 @@ _state_dir_option = click.option(
 @click.option("--datapath-underlay", metavar="DEVICE",
               help="With --datapath-cgroup: the node's device towards other nodes; packets "
               "for local pods arriving on it are redirected into them in eBPF.")
+@click.option("--datapath-redirect", type=click.Choice(["sk-assign", "tproxy"]),
+              default="sk-assign", show_default=True,
+              help="How connections to Services with L7 routes reach Envoy: bpf_sk_assign "
+              "at tc, or a mark and netfilter's TPROXY.")
 @click.option("--keep-envoy", is_flag=True,
               help="When stopped, leave Envoy serving its last configuration; the next "
                    "`mesh run` with this --state-dir adopts it.")
@@ -80,7 +84,7 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         controller_name: str, node_id: str, state_dir: Path, xds_address: str | None,
         admin_address: str | None, protocol: str, envoy_log_level: str, max_connections: int,
         echo_address: str | None, datapath_cgroup: Path | None,
-        datapath_underlay: str | None, keep_envoy: bool) -> None:
+        datapath_underlay: str | None, datapath_redirect: str, keep_envoy: bool) -> None:
     """Run the node agent and the node's Envoy."""
     import ipaddress
 
@@ -111,6 +115,7 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
             keep_envoy=keep_envoy,
             datapath_cgroup=datapath_cgroup,
             datapath_underlay=datapath_underlay,
+            datapath_redirect=datapath_redirect,
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from e

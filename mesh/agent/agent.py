@@ -62,7 +62,8 @@ class Agent:
             from mesh.datapath.sink import DatapathSink
 
             datapath = DatapathSink(cfg.state_dir / "bpffs", cfg.datapath_cgroup,
-                                    forwarding=True, underlay=cfg.datapath_underlay)
+                                    forwarding=True, underlay=cfg.datapath_underlay,
+                                    redirect=cfg.datapath_redirect)
             sinks.append(datapath)
             extra.append(datapath)  # it also follows the node's pods
         pipeline = Pipeline(

@@ -29,3 +29,6 @@ class AgentConfig:
     # The node's device towards other nodes: packets for local pods arriving on it are
     # redirected into them too (None: only pod-to-pod on the node).
     datapath_underlay: str | None = None
+    # How the datapath hands connections to Envoy: "sk-assign" (bpf_sk_assign at tc) or
+    # "tproxy" (a mark at tc and netfilter's TPROXY); README "The L7 redirect" compares them.
+    datapath_redirect: str = "sk-assign"

@@ -87,11 +87,39 @@ def proxy_route(ip: Any) -> None:
                 raise
 
 
+TPROXY_TABLE = "mesh_tproxy"
+_TPROXY_RULESET = f"""
+table ip {TPROXY_TABLE} {{
+  chain prerouting {{
+    type filter hook prerouting priority mangle; policy accept;
+    meta l4proto tcp meta mark & 0x{PROXY_MASK:x} == 0x{PROXY_MARK:x} \\
+      tproxy to 127.0.0.1:{{port}} meta mark set 0x{PROXY_MARK:x} accept
+  }}
+}}
+"""
+
+
+def tproxy_rule(port: int = 15001) -> None:
+    """The TPROXY variant's netfilter side, a table of our own (replaced whole): a packet
+    the datapath marked TO_PROXY goes to Envoy's mesh listener (its original destination
+    kept), as Cilium's TPROXY rules do."""
+    import subprocess
+
+    subprocess.run(["nft", "-f", "-"], check=True, capture_output=True, text=True,
+                   input=f"table ip {TPROXY_TABLE}\ndelete table ip {TPROXY_TABLE}\n"
+                   + _TPROXY_RULESET.replace("{port}", str(port)))
+
+
 class Forwarding:
-    def __init__(self, pin_dir: Path, underlay: str | None = None) -> None:
+    def __init__(self, pin_dir: Path, underlay: str | None = None,
+                 redirect: str = "sk-assign") -> None:
         # Only the devices named here are touched: the CNI plugin's host-side veths (by
         # their exact name pattern) and `underlay` if given; on each, only our own filter.
-        self.loaded: Loaded = compile_program("fwd.c", pin_dir)
+        if redirect not in ("sk-assign", "tproxy"):
+            raise ValueError(f"redirect {redirect!r}: sk-assign or tproxy")
+        self.redirect = redirect
+        self.loaded: Loaded = compile_program(
+            "fwd.c", pin_dir, ("MESH_REDIRECT_TPROXY",) if redirect == "tproxy" else ())
         self.program = self.loaded.function("mesh_from_pod", _SCHED_CLS)
         self.underlay_program = self.loaded.function("mesh_from_underlay", _SCHED_CLS)
         self.endpoints = self.loaded.table("mesh_endpoints")
@@ -111,6 +139,8 @@ class Forwarding:
         with IPRoute() as ip:
             if not self._routed:
                 proxy_route(ip)
+                if self.redirect == "tproxy":
+                    tproxy_rule()
                 self._routed = True
             found = {e.address: e for e in local_endpoints(ip)}
             for address, e in found.items():

@@ -67,12 +67,14 @@ class Loaded:
         self.bpf.cleanup()
 
 
-def compile_program(source: str, pin_dir: Path) -> Loaded:
-    """Compile `bpf/<source>` with the shared headers, its maps pinned in `pin_dir`."""
+def compile_program(source: str, pin_dir: Path, defines: tuple[str, ...] = ()) -> Loaded:
+    """Compile `bpf/<source>` with the shared headers, its maps pinned in `pin_dir`;
+    `defines`: more -D macros (a build variant)."""
     from bcc import BPF
 
     ensure_bpffs(pin_dir)
-    cflags = [f"-I{BPF_DIR}", f'-DMESH_PIN_DIR="{pin_dir}"', "-Wno-unused-function"]
+    cflags = [f"-I{BPF_DIR}", f'-DMESH_PIN_DIR="{pin_dir}"', "-Wno-unused-function",
+              *(f"-D{d}" for d in defines)]
     # bcc prints compiler warnings to stderr; the C is ours and kept warning-free.
     return Loaded(BPF(src_file=str(BPF_DIR / source).encode(), cflags=cflags))
 

@@ -30,12 +30,12 @@ class DatapathSink:
     name = "datapath"
 
     def __init__(self, pin_dir: Path, cgroup: Path | None = None, forwarding: bool = False,
-                 underlay: str | None = None) -> None:
+                 underlay: str | None = None, redirect: str = "sk-assign") -> None:
         """`forwarding`: attach bpf/fwd.c to this namespace's pod veths (and `underlay`):
         only where this process runs in the node's own namespace."""
         self.pin_dir = pin_dir
         self.loaded: Loaded = compile_program("sock_lb.c", pin_dir)
-        self.forwarding = Forwarding(pin_dir, underlay) if forwarding else None
+        self.forwarding = Forwarding(pin_dir, underlay, redirect) if forwarding else None
         self.reconciler = ServiceReconciler(self.loaded.table("mesh_services"),
                                             self.loaded.table("mesh_backends"),
                                             self.loaded.table("mesh_rev_nat"),

@@ -56,7 +56,10 @@ def lab() -> None:
 @click.option("--name", default="lab", show_default=True)
 @click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C takes the lab down.")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for ready.")
-def up(nodes: int, manifests: Path | None, name: str, foreground: bool, timeout: float) -> None:
+@click.option("--redirect", type=click.Choice(["sk-assign", "tproxy"]), default="sk-assign",
+              show_default=True, help="How the nodes' datapath hands L7 flows to Envoy.")
+def up(nodes: int, manifests: Path | None, name: str, foreground: bool, timeout: float,
+       redirect: str) -> None:
     """Build the lab and return once every node and pod is ready."""
     try:
         cluster.check_name(name)
@@ -66,7 +69,8 @@ def up(nodes: int, manifests: Path | None, name: str, foreground: bool, timeout:
         raise click.ClickException(f"lab {name!r} is already up (`mesh lab down --name "
                                    f"{name}` first)")
     args = [sys.executable, "-m", "mesh.cli", "lab", "supervise", "--nodes", str(nodes),
-            "--name", name] + (["--manifests", str(manifests.resolve())] if manifests else [])
+            "--name", name, "--redirect", redirect] + (
+                ["--manifests", str(manifests.resolve())] if manifests else [])
     if foreground:
         os.execv(sys.executable, args)
     cluster.ROOT.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -91,7 +95,8 @@ def up(nodes: int, manifests: Path | None, name: str, foreground: bool, timeout:
 @click.option("--nodes", default=2, type=int)
 @click.option("--manifests", type=click.Path(path_type=Path))
 @click.option("--name", default="lab")
-def supervise(nodes: int, manifests: Path | None, name: str) -> None:
+@click.option("--redirect", default="sk-assign")
+def supervise(nodes: int, manifests: Path | None, name: str, redirect: str) -> None:
     """Run the lab in the foreground until SIGTERM or Ctrl-C, then take it down."""
     stop: list[bool] = []
 
@@ -100,7 +105,7 @@ def supervise(nodes: int, manifests: Path | None, name: str) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    cluster.Lab(name, nodes, manifests).run_forever(stop)
+    cluster.Lab(name, nodes, manifests, redirect).run_forever(stop)
 
 
 @lab.command()

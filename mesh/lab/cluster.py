@@ -134,8 +134,10 @@ def _free_index(name: str) -> int:
 
 
 class Lab:
-    def __init__(self, name: str, nodes: int, manifests: Path | None) -> None:
+    def __init__(self, name: str, nodes: int, manifests: Path | None,
+                 redirect: str = "sk-assign") -> None:
         self.name = name
+        self.redirect = redirect
         self.dir = lab_dir(name)
         self.index = _free_index(name)
         self.nodes = network.plan(name, nodes, self.index)
@@ -291,7 +293,7 @@ class Lab:
             ["ip", "netns", "exec", n.name, sys.executable, "-m", "mesh.cli", "run",
              "--manifests", str(self.dir / "cluster"), "--state-dir", str(state),
              "--node-id", n.name, "--datapath-cgroup", str(CGROUP_ROOT / self.name / n.name),
-             "--datapath-underlay", "eth0"],
+             "--datapath-underlay", "eth0", "--datapath-redirect", self.redirect],
             stdout=subprocess.DEVNULL, stderr=logf.open("ab"), start_new_session=True)
         self.agents[n.name] = Agent(n, proc, logf)
         self.state.agents[n.name] = proc.pid
