@@ -13,8 +13,9 @@ saturating one), and reports p50 and p99 from its histogram.
 Memory: the RSS of node2's Envoy with the lab's 20 routed Services, against the summed RSS
 of 20 sidecar Envoys (one route each), all on Envoy's default concurrency.
 
-Then the lab again with the other redirect (`--redirect tproxy`: a mark at tc, netfilter's
-TPROXY delivering to Envoy) for `node_envoy_tproxy`, beside the default (bpf_sk_assign).
+A second lab, the same but built for the other redirect (`--redirect tproxy`: a mark at tc,
+netfilter's TPROXY delivering to Envoy), runs beside the first for `node_envoy_tproxy`. The
+modes are measured in interleaved rounds (medians over the rounds).
 
     python benchmarks/l7_latency.py [--quick]
 
@@ -41,10 +42,11 @@ from google.protobuf import json_format
 
 from mesh.envoy.supervisor import envoy_binary
 from mesh.lab import cluster
-from mesh.sinks.envoy import httpfilters
+from mesh.sinks.envoy import httpfilters, listeners
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = "l7bench"
+LAB_TPROXY = "l7tproxy"  # the same, its datapath built for the TPROXY redirect
 ROUTED = 20  # Services with an HTTPRoute: the node Envoy's share of 20 pods' config
 GAP_MS = 4
 # The application: a minimal keep-alive HTTP/1.1 server (asyncio, a fixed small answer), so
@@ -109,9 +111,12 @@ def sidecar_config(listen: tuple[str, int], upstream: tuple[str, int], admin: Pa
                    ) -> dict[str, Any]:
     """A sidecar's Envoy: one HTTP listener, the node Envoy's HTTP filters, one route."""
     filters = [json_format.MessageToDict(f) for f in httpfilters.listener_filters()]
+    # ... and its access log (the mesh listener logs every request), on stdout as there.
+    access_log = json_format.MessageToDict(listeners.mesh_access_log())
     hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network."
                     "http_connection_manager.v3.HttpConnectionManager",
            "stat_prefix": "sidecar", "codec_type": "AUTO", "http_filters": filters,
+           "access_log": [access_log], "normalize_path": True, "merge_slashes": True,
            "route_config": {"name": "local", "virtual_hosts": [{
                "name": "all", "domains": ["*"],
                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]}]}}
@@ -160,13 +165,13 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def wrk(url: str, seconds: int, work: Path) -> dict[str, Any]:
-    """wrk from the client pod (its namespace and cgroup, through `mesh lab exec`)."""
+def wrk(lab: str, url: str, seconds: int, work: Path) -> dict[str, Any]:
+    """wrk from the lab's client pod (its namespace and cgroup, through `mesh lab exec`)."""
     script = work / "paced.lua"
     script.write_text(WRK_SCRIPT)
 
     def cmd(duration: int) -> list[str]:
-        return [sys.executable, "-m", "mesh.cli", "lab", "exec", "--name", LAB, "client", "--",
+        return [sys.executable, "-m", "mesh.cli", "lab", "exec", "--name", lab, "client", "--",
                 "env", f"WRK_GAP_MS={GAP_MS}", "wrk", "-t", "1", "-c", "4", "-d",
                 f"{duration}s", "-s", str(script), url]
 
@@ -182,36 +187,42 @@ def wrk(url: str, seconds: int, work: Path) -> dict[str, Any]:
     return figures
 
 
-def lab_up(work: Path, redirect: str = "sk-assign") -> dict[str, Any]:
+def lab_up(lab: str, work: Path, redirect: str) -> dict[str, Any]:
     (work / "app.yaml").write_text(yaml.safe_dump_all(manifests()))
-    lab_down()
+    lab_down(lab)
     subprocess.run([sys.executable, "-m", "mesh.cli", "lab", "up", "--nodes", "2", "--name",
-                    LAB, "--manifests", str(work), "--redirect", redirect],
+                    lab, "--manifests", str(work), "--redirect", redirect],
                    capture_output=True, check=True, cwd=ROOT)
-    state = cluster.read_state(LAB)
+    state = cluster.read_state(lab)
     assert state is not None
     pods = state["pods"]
     assert pods["default/server"]["node"] != pods["default/client"]["node"]
     return state
 
 
-def lab_down() -> None:
-    subprocess.run([sys.executable, "-m", "mesh.cli", "lab", "down", "--name", LAB],
+def lab_down(lab: str) -> None:
+    subprocess.run([sys.executable, "-m", "mesh.cli", "lab", "down", "--name", lab],
                    capture_output=True, cwd=ROOT, check=False)
+
+
+def median(values: list[int]) -> int:
+    return sorted(values)[len(values) // 2]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter samples (under 60 s)")
     args = parser.parse_args()
-    seconds = 3 if args.quick else 15
+    seconds, rounds = (3, 1) if args.quick else (10, 3)
     work = Path(tempfile.mkdtemp(prefix="mesh-l7-"))
+    (work / "tproxy").mkdir()
     procs: list[subprocess.Popen[bytes]] = []
     figures: dict[str, Any] = {"benchmark": "l7_latency", "quick": args.quick,
-                               "seconds_per_sample": seconds, "rate_per_connection_gap_ms":
-                               GAP_MS, "connections": 4}
+                               "seconds_per_sample": seconds, "rounds": rounds,
+                               "rate_per_connection_gap_ms": GAP_MS, "connections": 4}
     try:
-        state = lab_up(work)
+        state = lab_up(LAB, work, "sk-assign")
+        other = lab_up(LAB_TPROXY, work / "tproxy", "tproxy")
         pods, services = state["pods"], {s["name"]: s for s in state["services"]}
         server, client = pods["default/server"], pods["default/client"]
         # The sidecars: inbound beside the server, outbound beside the client.
@@ -221,14 +232,21 @@ def main() -> None:
             ("127.0.0.1", 15000), (server["ip"], 15006), work / "out.sock"), work, "out"))
         wait_ready(work / "in.sock")
         wait_ready(work / "out.sock")
-        urls = {"direct": f"http://{services['direct']['clusterIP']}/",
-                "node_envoy": f"http://{services['routed-0']['clusterIP']}/",
-                "two_envoys": "http://127.0.0.1:15000/"}
-        for mode, url in urls.items():
-            got = wrk(url, seconds, work)
-            figures[f"p50_us_{mode}"] = got["p50"]
-            figures[f"p99_us_{mode}"] = got["p99"]
-            figures[f"rps_{mode}"] = round(got["requests"] / got["seconds"])
+        routed = f"http://{services['routed-0']['clusterIP']}/"
+        routed_tproxy = "http://{}/".format(next(
+            s for s in other["services"] if s["name"] == "routed-0")["clusterIP"])
+        modes = [("direct", LAB, f"http://{services['direct']['clusterIP']}/"),
+                 ("node_envoy", LAB, routed), ("two_envoys", LAB, "http://127.0.0.1:15000/"),
+                 ("node_envoy_tproxy", LAB_TPROXY, routed_tproxy)]
+        samples: dict[str, list[dict[str, Any]]] = {m: [] for m, _, _ in modes}
+        for _ in range(rounds):  # interleaved, so that the machine's drift hits every mode
+            for mode, lab, url in modes:
+                samples[mode].append(wrk(lab, url, seconds, work))
+        for mode, got in samples.items():
+            figures[f"p50_us_{mode}"] = median([g["p50"] for g in got])
+            figures[f"p99_us_{mode}"] = median([g["p99"] for g in got])
+            figures[f"rps_{mode}"] = round(sum(g["requests"] / g["seconds"] for g in got)
+                                           / len(got))
         for q in ("p50", "p99"):
             added_node = figures[f"{q}_us_node_envoy"] - figures[f"{q}_us_direct"]
             added_two = figures[f"{q}_us_two_envoys"] - figures[f"{q}_us_direct"]
@@ -241,6 +259,7 @@ def main() -> None:
             os.killpg(p.pid, signal.SIGTERM)
             p.wait()
         procs.clear()
+        lab_down(LAB_TPROXY)
         # 20 sidecars, one route each (on this host: only their memory is measured).
         for i in range(20):
             procs.append(start_envoy(None, sidecar_config(
@@ -249,23 +268,13 @@ def main() -> None:
             wait_ready(work / f"s{i}.sock")
         time.sleep(1)
         figures["rss_mib_20_envoys"] = round(sum(rss_mib(p.pid) for p in procs), 1)
-        for p in procs:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait()
-        procs.clear()
-        # The other redirect: a mark at tc and netfilter's TPROXY, the same route.
-        state = lab_up(work, "tproxy")
-        services = {s["name"]: s for s in state["services"]}
-        got = wrk(f"http://{services['routed-0']['clusterIP']}/", seconds, work)
-        figures["p50_us_node_envoy_tproxy"] = got["p50"]
-        figures["p99_us_node_envoy_tproxy"] = got["p99"]
-        figures["rps_node_envoy_tproxy"] = round(got["requests"] / got["seconds"])
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-        lab_down()
+        lab_down(LAB)
+        lab_down(LAB_TPROXY)
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(figures))
 

@@ -32,7 +32,7 @@ MESH_ACCESS_LOG = (
     '"upstream": "%UPSTREAM_HOST%", "duration_ms": "%DURATION%"}\n')
 
 
-def _access_log() -> accesslog_pb2.AccessLog:
+def mesh_access_log() -> accesslog_pb2.AccessLog:
     out = stream_pb2.StdoutAccessLog(log_format=substitution_format_string_pb2.
                                      SubstitutionFormatString(
                                          text_format_source=base_pb2.DataSource(
@@ -56,7 +56,7 @@ def _hcm(table: str, stat_prefix: str, access_log: bool = False
             upgrade_type="websocket", enabled=wrappers_pb2.BoolValue(value=False))],
     )
     if access_log:
-        hcm.access_log.append(_access_log())
+        hcm.access_log.append(mesh_access_log())
     f = listener_components_pb2.Filter(name=r.HCM_FILTER)
     f.typed_config.Pack(hcm)
     return f
