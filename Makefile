@@ -61,8 +61,9 @@ run: $(STAMP) $(SYSTEM_STAMP)
 	@$(VENV)/bin/mesh lab status --name demo
 	@echo
 	@echo "Try:"
-	@echo "  $(VENV)/bin/mesh lab exec client -- curl -s http://echo/            # a ClusterIP, balanced in eBPF"
-	@echo "  $(VENV)/bin/mesh lab exec client -- curl -s -H 'Host: echo.example' http://172.30.0.11:8080/   # the Gateway on node1, 90/10 v1/v2"
+	@echo "  $(VENV)/bin/mesh lab exec client -- curl -si http://echo/         # a GAMMA route: the node's Envoy, 90/10 v1/v2, x-mesh header"
+	@echo "  $(VENV)/bin/mesh lab exec client -- curl -s http://echo-v2/        # no route: balanced in eBPF, no Envoy"
+	@echo "  curl -s -H 'Host: echo.example' http://172.30.0.11:8080/          # from this host: the Gateway on node1, 90/10 v1/v2"
 	@echo "  curl -s http://172.30.0.12:30080/                                  # from this host: the echo NodePort on node2 (Maglev)"
 	@echo "  $(VENV)/bin/mesh lab logs echo-v1-0"
 	@echo "  $(VENV)/bin/mesh lab down"

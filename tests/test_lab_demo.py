@@ -4,19 +4,23 @@ lab (172.30.0.0/24)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import urllib.request
 
 import pytest
 
-from tests.test_lab import ROOT, exec_in, mesh
+from tests.test_lab import ROOT, exec_in, mesh, state
 from tests.testbed import wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 
 def test_the_demo_gateway_answers_on_both_nodes() -> None:
-    """`make run`'s lab: the Gateway on each node's address, 90/10 over two versions."""
+    """`make run`'s lab: the Gateway on each node's address, 90/10 over two versions, from
+    a pod and from the host; a pod calling the echo Service through its node's Envoy (the
+    GAMMA route: 90/10, marked), the NodePort from the host in the kernel."""
     name = f"g{os.getpid() % 10000}"
     up = mesh("lab", "up", "--nodes", "2", "--name", name, "--manifests",
               str(ROOT / "examples" / "lab"))
@@ -34,5 +38,23 @@ for node in sys.argv[1:]:
                    timeout=10, what="both Gateways answering")
         got = exec_in(name, "client", code, *nodes * 10)
         assert set(got) <= {"echo-v1", "echo-v2"} and got.count("echo-v1") >= 12, got
+        # From the host, through either node's Gateway, to pods on both nodes.
+        pods: dict[str, set[str]] = {n: set() for n in nodes}
+        for node in nodes * 20:
+            r = urllib.request.Request(f"http://{node}:8080/", headers={"Host": "echo.example"})
+            pods[node].add(json.load(urllib.request.urlopen(r, timeout=5))["pod"])
+        where = {k.split("/")[1]: p["node"] for k, p in state(name)["pods"].items()}
+        for node, seen in pods.items():
+            assert len({where[p] for p in seen}) == 2, (node, seen)
+        mesh_code = """
+import json, urllib.request
+for _ in range(100):
+    r = urllib.request.urlopen("http://echo/", timeout=5)
+    print(json.load(r)["pod"].rsplit("-", 1)[0], r.headers.get("x-mesh"))
+"""
+        out = exec_in(name, "client", mesh_code)
+        versions, marks = out[0::2], set(out[1::2])
+        assert marks == {"node-envoy"}, marks
+        assert 75 <= versions.count("echo-v1") <= 98, versions
     finally:
         assert mesh("lab", "down", "--name", name).returncode == 0
