@@ -8,6 +8,7 @@ translator never looks at raw dictionaries. A value the schema would refuse rais
 from __future__ import annotations
 
 import base64
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,15 @@ def _list(v: Any) -> Sequence[Any]:
 
 
 as_list = _list  # for the translator: a field that must be a list, or nothing
+
+
+def is_ipv4(address: str) -> bool:
+    """Whether `address` is an IPv4 address (the datapath's frontends and backends are)."""
+    try:
+        ipaddress.IPv4Address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def _str(v: Any, default: str = "") -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from mesh import ir
 from mesh.store import kinds
 from mesh.store.store import StoreSnapshot
+from mesh.translate import model
 from mesh.translate.gateway.routes import RouteBuilder
 
 LB_ALGORITHM = "mesh.dev/lb-algorithm"
@@ -54,7 +55,7 @@ def translate_services(snapshot: StoreSnapshot, routes: RouteBuilder,
                 continue
             backends = tuple(ir.L4Backend(e.address, e.port)
                              for e in routes.endpoints(svc, port)
-                             if _ipv4(e.address) and 0 < e.port < 65536)
+                             if model.is_ipv4(e.address) and 0 < e.port < 65536)
             owners = frozenset({obj.key})
             proxy = redirects.get((str(address), port.port)) if port.protocol == "TCP" else None
             out.append(ir.ServiceFrontend(str(address), port.port, port.protocol, backends,
@@ -92,10 +93,3 @@ def _node_port_address(address: str) -> bool:
         return False
     return not (a.is_loopback or a.is_link_local or a.is_unspecified)
 
-
-def _ipv4(address: str) -> bool:
-    try:
-        ipaddress.IPv4Address(address)
-    except ValueError:
-        return False
-    return True

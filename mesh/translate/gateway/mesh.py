@@ -12,7 +12,6 @@ TCP for every other client, as if no route applied.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -62,7 +61,7 @@ def pod_addresses(snapshot: StoreSnapshot) -> dict[str, list[str]]:
         if not ips and status.get("podIP"):
             ips = [status.get("podIP")]
         for a in ips:
-            if isinstance(a, str) and _ipv4(a):
+            if isinstance(a, str) and model.is_ipv4(a):
                 out.setdefault(pod.namespace, []).append(a)
     return {ns: sorted(set(v)) for ns, v in out.items()}
 
@@ -82,7 +81,7 @@ def listener(snapshot: StoreSnapshot, routes: RouteBuilder, parents: Iterable[Me
         address = svc.obj.spec.get("clusterIP") if svc is not None else None
         sport = next((p for p in svc.ports if p.port == port), None) if svc else None
         if svc is None or sport is None or sport.protocol != "TCP" or \
-                not isinstance(address, str) or not _ipv4(address):
+                not isinstance(address, str) or not model.is_ipv4(address):
             continue  # headless (no ClusterIP to take the traffic at) or not TCP
         dest = (address, port)
         base = f"mesh/{ns}/{name}:{port}"
@@ -114,10 +113,3 @@ def listener(snapshot: StoreSnapshot, routes: RouteBuilder, parents: Iterable[Me
     return ir.Listener(name=NAME, address=ADDRESS, port=PORT, protocol="HTTP",
                        chains=tuple(chains), owners=owners, transparent=True), redirects
 
-
-def _ipv4(address: str) -> bool:
-    try:
-        ipaddress.IPv4Address(address)
-    except ValueError:
-        return False
-    return True
