@@ -8,7 +8,7 @@ and assembles route tables with the Gateway API's precedence order.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -542,12 +542,15 @@ class RouteBuilder:
 
 
 def _mesh_parent(route: KubeObject, ref: model.BackendObjectRef) -> bool:
-    """Whether the route's parentRefs name the Service `ref` refers to."""
-    parents = route.spec.get("parentRefs")
-    for p in parents if isinstance(parents, list) else ():
-        if isinstance(p, Mapping) and p.get("kind") == "Service" and \
-                p.get("group", "") == "" and p.get("name") == ref.name and \
-                p.get("namespace", route.namespace) == ref.namespace:
+    """Whether the route's parentRefs name the Service `ref` refers to (read as the
+    translator reads parents: a parentRef without a group is not a core Service)."""
+    for raw in model.as_list(route.spec.get("parentRefs")):
+        try:
+            p = model.parse_parent_ref(raw, route.namespace)
+        except model.Invalid:
+            continue
+        if GroupKind(p.group, p.kind) == kinds.SERVICE and \
+                (p.namespace, p.name) == (ref.namespace, ref.name):
             return True
     return False
 
