@@ -125,26 +125,25 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow4 *f,
 int mesh_from_pod(struct __sk_buff *skb)
 {
 	struct flow4 f = {};
-	if ((skb->mark & MESH_MARK_MASK) != MESH_MARK_FROM_PROXY && flow4_parse(skb, &f)) {
-		struct ct4_key rk = { .saddr = f.saddr, .daddr = f.daddr, .sport = f.sport,
-				      .dport = f.dport, .proto = f.proto };
-		struct ct4_rev *rev = mesh_ct4_rev.lookup(&rk);
-		if (rev)
-			return reverse_nat(skb, &f, rev);
-		if (f.proto == IPPROTO_TCP) {
-			/* Pods' connections to other frontends were rewritten to a backend at
-			 * connect(): a frontend on the wire is one for Envoy (or was). */
-			struct lb4_key sk = { .address = f.daddr, .dport = f.dport,
-					      .proto = IPPROTO_TCP };
-			struct lb4_service *svc = mesh_services.lookup(&sk);
-			if (svc) {
-				int verdict = to_proxy(skb, &f, svc);
-				if (verdict >= 0)
-					return verdict;
-			}
+	if ((skb->mark & MESH_MARK_MASK) == MESH_MARK_FROM_PROXY || !flow4_parse(skb, &f))
+		return to_local_pod(skb, ipv4_daddr(skb));
+	struct ct4_key rk = { .saddr = f.saddr, .daddr = f.daddr, .sport = f.sport,
+			      .dport = f.dport, .proto = f.proto };
+	struct ct4_rev *rev = mesh_ct4_rev.lookup(&rk);
+	if (rev)
+		return reverse_nat(skb, &f, rev);
+	if (f.proto == IPPROTO_TCP) {
+		/* Pods' connections to other frontends were rewritten to a backend at
+		 * connect(): a frontend on the wire is one for Envoy (or was). */
+		struct lb4_key sk = { .address = f.daddr, .dport = f.dport, .proto = IPPROTO_TCP };
+		struct lb4_service *svc = mesh_services.lookup(&sk);
+		if (svc) {
+			int verdict = to_proxy(skb, &f, svc);
+			if (verdict >= 0)
+				return verdict;
 		}
 	}
-	return to_local_pod(skb, ipv4_daddr(skb));
+	return to_local_pod(skb, f.daddr);  /* parsed already: no second read of the header */
 }
 
 /* A new flow to an external frontend: its backend (Maglev or random), or 0. */

@@ -135,8 +135,8 @@ def compare(case: dict[str, Any], status: int, headers: dict[str, list[str]], bo
                 f"{(echo.get('tls') or {}).get('serverName')!r}"
         if case.get("Namespace", "") != echo.get("namespace"):
             return f"expected namespace {case.get('Namespace')}, got {echo.get('namespace')}"
-        problem = _headers_problem("request", ereq.get("Headers") or {}, echoed) or \
-            _headers_problem("response", expected_resp.get("Headers") or {}, headers)
+        problem = headers_problem("request", ereq.get("Headers") or {}, echoed) or \
+            headers_problem("response", expected_resp.get("Headers") or {}, headers)
         if problem:
             return problem
         for name in exp.get("AbsentHeaders") or []:
@@ -172,7 +172,7 @@ def compare(case: dict[str, Any], status: int, headers: dict[str, list[str]], bo
     return None
 
 
-def _headers_problem(what: str, expected: dict[str, str],
+def headers_problem(what: str, expected: dict[str, str],
                      actual: dict[str, list[str]]) -> str | None:
     """Each expected header present with that value (repeated values joined with ",")."""
     for name, value in expected.items():

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from mesh.lab import cluster
-from tests.conformance.judge import CONSECUTIVE, MAX_TIME
+from tests.conformance.judge import consistently, headers_problem
 from tests.conformance.suite import DEFAULT_DATA
 
 MESH_DATA = DEFAULT_DATA.parent / f"{DEFAULT_DATA.name}-mesh"
@@ -134,9 +134,9 @@ def judge(case: dict[str, Any], answer: dict[str, Any]) -> str | None:
     headers: dict[str, list[str]] = {}
     for k, v in answer["headers"]:
         headers.setdefault(k, []).append(v)
-    for name, value in (expected.get("Headers") or {}).items():
-        if ",".join(headers.get(name.lower(), [])) != value:
-            return f"expected response header {name}={value}, got {headers.get(name.lower())}"
+    problem = headers_problem("response", expected.get("Headers") or {}, headers)
+    if problem:
+        return problem
     for name in expected.get("AbsentHeaders") or []:
         if name.lower() in headers:
             return f"response header {name} should be absent"
@@ -148,10 +148,11 @@ def judge(case: dict[str, Any], answer: dict[str, Any]) -> str | None:
         return f"not the echo's answer: {answer['body'][:100]!r}"
     exp = case.get("ExpectedRequest")
     if exp is not None:
-        seen = {k.lower(): ",".join(v) for k, v in (echo.get("headers") or {}).items()}
-        for name, value in ((exp.get("Request") or {}).get("Headers") or {}).items():
-            if seen.get(name.lower()) != value:
-                return f"expected the backend to see {name}={value}, got {seen.get(name.lower())}"
+        seen = {k.lower(): v for k, v in (echo.get("headers") or {}).items()}
+        problem = headers_problem("request", (exp.get("Request") or {}).get("Headers") or {},
+                                  seen)
+        if problem:
+            return problem
         for name in exp.get("AbsentHeaders") or []:
             if name.lower() in seen:
                 return f"the backend should not see {name}"
@@ -221,8 +222,9 @@ class MeshRunner:
         for case in spec["cases"]:
             client = self._client(case["client"])
             req = request_of(case, ips)
-            problem = _consistently(
+            outcome = consistently(
                 lambda c=case, cl=client, rq=req: judge(c, cl.send(rq)))  # type: ignore[misc]
+            problem = None if outcome.passed else outcome.detail
             label = case.get("TestCaseName") or f"{req['method']} {req['host']}{req['path']}"
             result.cases.append((label, "PASS" if problem is None else "FAIL"))
             if problem is not None:
@@ -262,21 +264,6 @@ class MeshRunner:
             for variant in spec.get("variants") or []:
                 out.append((f"{name}/{variant['shortName']}", {**spec, **variant}))
         return out
-
-
-def _consistently(attempt: Callable[[], str | None], max_time: float = MAX_TIME) -> str | None:
-    deadline = time.monotonic() + max_time
-    successes, last = 0, "no attempt"
-    while time.monotonic() < deadline:
-        problem = attempt()
-        if problem is None:
-            successes += 1
-            if successes >= CONSECUTIVE:
-                return None
-            continue
-        successes, last = 0, problem
-        time.sleep(0.2)
-    return last
 
 
 def run(patterns: list[str], log: Callable[[str], None] = print) -> list[MeshResult]:
