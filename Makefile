@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system
 # The machine's part of the datapath: bcc (compiles the eBPF programs; its Python module and
 # libbcc from Debian), kernel headers for it, the standard CNI plugins (host-local IPAM),
-# iproute2 and procps (ip, sysctl, ps), curl (the lab's demo); for the benchmarks, iperf3,
+# iproute2 and procps (ip, sysctl, ps), curl (the lab's demo), redis-server (the global rate
+# limits' counters, started by the lab and the tests); for the benchmarks, iperf3,
 # sockperf and iptables.
 DEBIAN_PACKAGES := python3-bpfcc linux-headers-amd64 containernetworking-plugins iproute2 procps \
-	curl
+	curl redis-server
 BENCH_PACKAGES := iperf3 sockperf iptables wrk
 
 .PHONY: install system debian run run-host test test-fast bench clean

@@ -30,11 +30,13 @@ CASES = sorted(p.stem for p in GOLDEN.glob("*.yaml"))
 
 
 def plain(value: Any) -> Any:
-    """The IR as YAML-friendly data: sets sorted, keys as text, bytes by size."""
+    """The IR as YAML-friendly data: sets sorted, keys as text, bytes by size, fields at
+    their defaults left out (so that a new optional IR field changes no golden file)."""
     if isinstance(value, ObjectKey):
         return str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.default is dataclasses.MISSING or getattr(value, f.name) != f.default}
     if isinstance(value, frozenset | set):
         return sorted(plain(v) for v in value)
     if isinstance(value, tuple | list):

@@ -30,6 +30,76 @@ class UpstreamTLS:
 
 
 @dataclass(frozen=True)
+class CircuitBreaker:
+    """Limits on what the node's proxy sends to one backend at a time (None: the default,
+    100,000, far above Envoy's 1,024: one node proxy serves every pod of the node)."""
+
+    max_connections: int | None = None
+    max_pending_requests: int | None = None
+    max_requests: int | None = None
+    max_retries: int | None = None
+    max_requests_per_connection: int | None = None
+    max_connections_per_endpoint: int | None = None
+    retry_budget_percent: float | None = None  # retries as a share of active requests
+    retry_budget_min_concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    """Passive health checking: endpoints that fail are ejected for a while."""
+
+    consecutive_5xx: int | None = 5
+    consecutive_gateway_errors: int | None = None
+    consecutive_local_origin_failures: int | None = None
+    split_local_origin_errors: bool = False
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_percent: int = 10
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """Active health checking of every endpoint."""
+
+    type: str  # HTTP | TCP | GRPC
+    interval: float = 3.0
+    timeout: float = 1.0
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 1
+    path: str = "/"
+    method: str = "GET"
+    expected_statuses: tuple[int, ...] = (200,)
+    host: str | None = None
+    send: bytes | None = None  # TCP: payload sent
+    receive: bytes | None = None  # TCP: payload expected back
+    grpc_service: str = ""
+
+
+@dataclass(frozen=True)
+class LoadBalancer:
+    type: str = "LeastRequest"  # RoundRobin | LeastRequest | Random | ConsistentHash
+    hash_algorithm: str = "Maglev"  # ConsistentHash: Maglev | RingHash
+    table_size: int | None = None
+    slow_start_window: float | None = None
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """How the proxy talks to a backend, from traffic policies (None: the defaults)."""
+
+    circuit_breaker: CircuitBreaker | None = None
+    outlier_detection: OutlierDetection | None = None
+    health_check: HealthCheck | None = None
+    load_balancer: LoadBalancer | None = None
+    connect_timeout: float | None = None
+    idle_timeout: float | None = None  # upstream connections
+    max_connection_duration: float | None = None
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f) is not None for f in self.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
 class Backend:
     """A set of endpoints Envoy forwards to: one Service port (an Envoy cluster)."""
 
@@ -38,6 +108,7 @@ class Backend:
     protocol: str = "http1"  # http1 | h2c | tcp
     tls: UpstreamTLS | None = None
     owners: Owners = frozenset()
+    settings: BackendSettings = BackendSettings()
 
 
 @dataclass(frozen=True)
@@ -68,8 +139,12 @@ class WeightedBackend:
 @dataclass(frozen=True)
 class Retry:
     attempts: int
-    codes: tuple[int, ...]
-    backoff: float | None = None
+    codes: tuple[int, ...]  # retriable status codes
+    backoff: float | None = None  # base interval
+    # Envoy's retry_on conditions (5xx, gateway-error, reset, connect-failure, ...); empty:
+    # connection failures and resets, and the codes (or any 5xx without codes).
+    triggers: tuple[str, ...] = ()
+    max_backoff: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +174,8 @@ class Forward:
     full_path_rewrite: str | None = None
     prefix_rewrite: tuple[str, str] | None = None  # (matched prefix, replacement)
     websocket: bool = False
+    idle_timeout: float | None = None  # the stream's, while no byte moves
+    regex_rewrite: tuple[str, str] | None = None  # (pattern, substitution with \\1 groups)
 
 
 @dataclass(frozen=True)
@@ -121,6 +198,59 @@ Action = Forward | Redirect | DirectResponse
 
 
 @dataclass(frozen=True)
+class RateLimitSelector:
+    """What a limit counts by, besides the route: a header or the client's address.
+
+    `match`: Distinct (a counter per value), Exact or RegularExpression (one counter for the
+    requests that match `value`); for the source address `value` is a CIDR (Exact: one
+    counter for the range, Distinct: one per address in it)."""
+
+    source: str  # Header | SourceIP
+    match: str = "Distinct"
+    name: str = ""  # the header
+    value: str = ""
+    invert: bool = False
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    id: str  # stable across nodes: the counter's identity (policy namespace/name/rule)
+    requests: int
+    unit: str  # Second | Minute | Hour | Day
+    selectors: tuple[RateLimitSelector, ...] = ()
+    scope: str = "Local"  # Local: this node's proxy alone; Global: every node's, shared
+    shadow: bool = False  # count and report, never refuse
+    fail_closed: bool = False  # Global: refuse when the rate limit service cannot decide
+
+    @property
+    def seconds(self) -> int:
+        return UNIT_SECONDS[self.unit]
+
+
+UNIT_SECONDS = {"Second": 1, "Minute": 60, "Hour": 3600, "Day": 86400}
+
+
+@dataclass(frozen=True)
+class HashPolicy:
+    """Consistent hashing key for a route's requests (with a ConsistentHash backend)."""
+
+    source: str  # Header | Cookie | SourceIP
+    name: str = ""
+    ttl: float | None = None  # Cookie: Envoy sets it when missing, with this lifetime
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class SessionPersistence:
+    """Sticky sessions: the endpoint a client was sent to is named in a cookie or header."""
+
+    type: str  # Cookie | Header
+    name: str
+    ttl: float | None = None  # Cookie: max age (None: a session cookie)
+    path: str = "/"
+
+
+@dataclass(frozen=True)
 class Route:
     name: str
     path: StringMatch
@@ -132,6 +262,10 @@ class Route:
     response_headers: HeaderOps = HeaderOps()
     cors: Cors | None = None
     owners: Owners = frozenset()
+    rule: str | None = None  # the name of the route rule it comes from (policies target it)
+    rate_limits: tuple[RateLimit, ...] = ()
+    hash_policy: HashPolicy | None = None
+    session: SessionPersistence | None = None
 
 
 @dataclass(frozen=True)

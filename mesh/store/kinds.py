@@ -10,6 +10,7 @@ GATEWAY_GROUP = "gateway.networking.k8s.io"
 GATEWAY_X_GROUP = "gateway.networking.x-k8s.io"  # experimental kinds (XListenerSet)
 NETWORKING_GROUP = "networking.k8s.io"
 DISCOVERY_GROUP = "discovery.k8s.io"
+MESH_GROUP = "mesh.dev"  # the project's own kinds (policies)
 
 
 class GroupKind(NamedTuple):
@@ -38,11 +39,12 @@ GRPC_ROUTE = GroupKind(GATEWAY_GROUP, "GRPCRoute")
 TLS_ROUTE = GroupKind(GATEWAY_GROUP, "TLSRoute")
 REFERENCE_GRANT = GroupKind(GATEWAY_GROUP, "ReferenceGrant")
 BACKEND_TLS_POLICY = GroupKind(GATEWAY_GROUP, "BackendTLSPolicy")
+TRAFFIC_POLICY = GroupKind(MESH_GROUP, "TrafficPolicy")
 
 KINDS = frozenset({
     NAMESPACE, SERVICE, SECRET, CONFIG_MAP, NODE, POD, ENDPOINT_SLICE, INGRESS, INGRESS_CLASS,
     GATEWAY_CLASS, GATEWAY, LISTENER_SET, X_LISTENER_SET, HTTP_ROUTE, GRPC_ROUTE, TLS_ROUTE,
-    REFERENCE_GRANT, BACKEND_TLS_POLICY,
+    REFERENCE_GRANT, BACKEND_TLS_POLICY, TRAFFIC_POLICY,
 })
 CLUSTER_SCOPED = frozenset({NAMESPACE, NODE, GATEWAY_CLASS, INGRESS_CLASS})
 # Kinds whose status the translator reads (a Node's addresses, a Pod's IPs): part of their

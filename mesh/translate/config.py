@@ -21,6 +21,8 @@ class TranslatorConfig:
     # Gateway's static addresses must be among); None, or no such Node: any address is
     # taken as usable, and Envoy says if it cannot bind.
     node_name: str | None = None
+    # Whether the node runs the rate limit service (global rate limits can be enforced).
+    global_rate_limits: bool = False
 
 
 @dataclass

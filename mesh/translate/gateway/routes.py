@@ -8,7 +8,7 @@ and assembles route tables with the Gateway API's precedence order.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,6 +19,14 @@ from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate import model
 from mesh.translate.gateway.durations import parse_duration
+from mesh.translate.gateway.policies import (
+    BACKEND_FEATURES,
+    Decision,
+    PolicyIndex,
+    Scope,
+    apply_route,
+    backend_settings,
+)
 from mesh.translate.status import Reason
 
 _H2C = "kubernetes.io/h2c"
@@ -53,6 +61,8 @@ class Entry:
 
     http: tuple[tuple[tuple[Any, ...], ir.Route], ...] = ()  # (precedence key, route)
     tls: tuple[tuple[ir.WeightedBackend, ...], frozenset[ObjectKey]] | None = None
+    # Copies of backends with a policy's settings, that the routes send to.
+    variants: tuple[ir.Backend, ...] = ()
 
 
 # A table's virtual host from the previous translation, by (table, host, port): its routes
@@ -71,9 +81,10 @@ class _TableEntries:
 
 class RouteBuilder:
     def __init__(self, snapshot: StoreSnapshot, grants: list[model.ReferenceGrant],
-                 vhosts: VhostCache | None = None) -> None:
+                 vhosts: VhostCache | None = None, policies: PolicyIndex | None = None) -> None:
         self.s = snapshot
         self.grants = grants
+        self.policies = policies
         self._backends: dict[str, ir.Backend] = {}
         self._certs: dict[str, ir.Certificate] = {}
         self._tables: dict[str, ir.RouteTable] = {}
@@ -216,8 +227,11 @@ class RouteBuilder:
             return None  # answers 500: see the BackendTLSPolicy's status
         protocol = "h2c" if grpc or port.app_protocol in (_H2C, "grpc") else "http1"
         name = f"{ref.namespace}/{ref.name}/{port.port}"
+        settings = self.policies.service_settings(ref.namespace, ref.name, port.name) \
+            if self.policies else ir.BackendSettings()
         self._backends[name] = ir.Backend(
-            name=name, endpoints=self.endpoints(svc, port), protocol=protocol, tls=tls)
+            name=name, endpoints=self.endpoints(svc, port), protocol=protocol, tls=tls,
+            settings=settings)
         self._owners.setdefault(name, set())
         return name
 
@@ -400,7 +414,7 @@ class RouteBuilder:
                 headers=tuple(_header(h) for h in m.headers),
                 query=tuple(ir.StringMatch(q.type, q.value, q.name) for q in m.query),
                 method=m.method, action=action, request_headers=req, response_headers=resp,
-                cors=cors, owners=frozenset({obj.key}))
+                cors=cors, owners=frozenset({obj.key}), rule=rule.name)
             res.routes.append((self._key(route, path, m.method, len(m.headers),
                                          len(m.query), i, j), r))
 
@@ -427,7 +441,7 @@ class RouteBuilder:
                 name=f"{obj.namespace}/{obj.name}/{label}/match{j}", path=path,
                 headers=tuple(_header(h) for h in m.headers),
                 action=action, request_headers=req, response_headers=resp,
-                owners=frozenset({obj.key}))
+                owners=frozenset({obj.key}), rule=rule.name)
             # gRPC precedence: exact method first, then service-wide, then headers.
             has_method = m.method is not None and m.method_type == "Exact"
             has_service = m.service is not None
@@ -438,18 +452,60 @@ class RouteBuilder:
     # -- assembly -----------------------------------------------------------------------------
 
     def add(self, route: model.Route, listener: str, names: tuple[str, ...],
-            res: Resolution, port: int | None = None) -> Entry:
-        """Add a route to a listener's table under `names`; the entry can be put again."""
+            res: Resolution, port: int | None = None,
+            scope: Callable[[str | None], Scope] | None = None) -> Entry:
+        """Add a route to a listener's table under `names`, with the traffic policies that
+        apply where `scope` (of a rule's name) says; the entry can be put again."""
         if route.kind == "TLSRoute":
             entry = Entry(tls=(tuple(res.tls), frozenset({route.obj.key})))
-        elif port is not None:
-            entry = Entry(http=tuple((k, with_listener_port(r, port)) for k, r in res.routes))
         else:
-            entry = Entry(http=tuple(res.routes))
+            http = tuple(res.routes)
+            if port is not None:
+                http = tuple((k, with_listener_port(r, port)) for k, r in http)
+            variants: dict[str, ir.Backend] = {}
+            if scope is not None and self.policies:
+                http = tuple((k, self._with_policies(r, scope(r.rule), variants))
+                             for k, r in http)
+            entry = Entry(http=http, variants=tuple(variants[k] for k in sorted(variants)))
         self.put(listener, names, entry)
         return entry
 
+    def _with_policies(self, route: ir.Route, scope: Scope,
+                       variants: dict[str, ir.Backend]) -> ir.Route:
+        assert self.policies is not None
+        decision = self.policies.decide(scope)
+        out = apply_route(route, decision)
+        a = out.action
+        backend_decision = Decision({f: p for f, p in decision.by_feature.items()
+                                     if f in BACKEND_FEATURES})
+        if not isinstance(a, ir.Forward) or not backend_decision.by_feature:
+            return out
+        suffix = "|policy=" + ",".join(sorted({f"{p.obj.namespace}/{p.obj.name}"
+                                               for p in backend_decision.by_feature.values()}))
+
+        def variant(name: str | None) -> str | None:
+            base = self._backends.get(name) if name is not None else None
+            if base is None:
+                return name
+            settings = backend_settings(backend_decision, base.settings)
+            if settings == base.settings:
+                return name
+            new = base.name + suffix
+            variants[new] = replace(base, name=new, settings=settings)
+            return new
+
+        backends = tuple(replace(w, backend=variant(w.backend)) for w in a.backends)
+        return replace(out, action=replace(a, backends=backends))
+
     def put(self, listener: str, names: tuple[str, ...], entry: Entry) -> None:
+        for v in entry.variants:
+            self._backends[v.name] = v
+            self._owners.setdefault(v.name, set())
+        for _, r in entry.http:
+            if isinstance(r.action, ir.Forward):
+                for w in r.action.backends:
+                    if w.backend is not None and "|policy=" in w.backend:
+                        self._owners.setdefault(w.backend, set()).update(r.owners)
         entries = self._entries.setdefault(listener, _TableEntries())
         if entry.tls is not None:
             entries.tls.append((names, *entry.tls))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from mesh import ir
@@ -21,6 +22,12 @@ from mesh.store.store import StoreSnapshot
 from mesh.translate import model
 from mesh.translate.config import Translation, TranslatorConfig
 from mesh.translate.gateway import hostnames, mesh
+from mesh.translate.gateway.policies import (
+    PolicyIndex,
+    affected,
+    scope_for_gateway,
+    scope_for_service,
+)
 from mesh.translate.gateway.routes import Entry, Resolution, RouteBuilder, VhostCache
 from mesh.translate.status import (
     ClassStatus,
@@ -129,8 +136,9 @@ class _Translator:
         self.grants = [model.parse_reference_grant(o)
                        for o in snapshot.of_kind(kinds.REFERENCE_GRANT)]
         self.local_addresses = _node_addresses(snapshot, cfg.node_name)
+        self.policies = PolicyIndex(snapshot, cfg.global_rate_limits)
         self.routes = RouteBuilder(snapshot, self.grants,
-                                   cache.vhosts if cache is not None else None)
+                                   cache.vhosts if cache is not None else None, self.policies)
         self.mesh_parents: set[mesh.MeshParent] = set()  # GAMMA routes' Service ports
         self.addresses: dict[str, str] = {}
         self.trust_bundles: dict[str, bytes] = {}  # name -> CA certificates (PEM)
@@ -147,6 +155,7 @@ class _Translator:
         self._attach_routes(gateways, listeners)
         self._gateway_status(gateways, listeners)
         self._policy_status()
+        self._traffic_policy_status()
         out_listeners = self._ir_listeners(listeners)
         mesh_listener, redirects = mesh.listener(self.s, self.routes, self.mesh_parents)
         if mesh_listener is not None:
@@ -508,8 +517,11 @@ class _Translator:
             parents.append(ParentStatus(ref, self.cfg.controller_name, conds))
             for li, names in attached:
                 li.attached += 1
+                scope = partial(scope_for_gateway, route.obj, gateway=(
+                    li.gateway.obj.namespace, li.gateway.obj.name), listener=li.spec.name,
+                    owner=li.owner.key)
                 attachments.append((li.key, names, self.routes.add(
-                    route, li.key, names, resolved, li.spec.port)))
+                    route, li.key, names, resolved, li.spec.port, scope)))
         status = RouteStatus(parents) if parents else None
         if status is not None:
             self.status[route.obj.key] = status
@@ -538,8 +550,10 @@ class _Translator:
             parent = mesh.MeshParent(ref.namespace, ref.name, port.port, consumer)
             self.mesh_parents.add(parent)
             key = mesh.key(parent)
+            scope = partial(scope_for_service, route.obj, namespace=ref.namespace,
+                            name=ref.name, port_name=port.name)
             attachments.append((key, ("*",), self.routes.add(route, key, ("*",), resolved,
-                                                              port.port)))
+                                                              port.port, scope)))
         which = "every client" if not consumer else f"clients in namespace {consumer}"
         return ParentStatus(ref, self.cfg.controller_name, Conditions([
             condition(Type.ACCEPTED, True, Reason.ACCEPTED,
@@ -784,6 +798,34 @@ class _Translator:
                 ParentStatus(model.ParentRef(GATEWAY_GROUP, "Gateway", ns, name),
                              self.cfg.controller_name, Conditions(conds))
                 for ns, name in sorted(gateways)])
+
+    # -- TrafficPolicy -----------------------------------------------------------------------
+
+    def _traffic_policy_status(self) -> None:
+        """Each policy's status, and on each target it applies to (a Gateway, or a route's
+        parents) the condition that says so."""
+        if not self.policies.policies and not self.policies.invalid:
+            return
+        statuses = self.policies.status(self.cfg.controller_name)
+        self.status.update(statuses)
+        by_target: dict[ObjectKey, list[str]] = {}
+        for p in self.policies.policies:
+            st = statuses[p.obj.key]
+            if not any(a.conditions.true(Type.ACCEPTED) for a in st.ancestors):
+                continue
+            for t in p.targets:
+                key = ObjectKey(t.group, t.kind, p.obj.namespace, t.name)
+                by_target.setdefault(key, []).append(f"{p.obj.namespace}/{p.obj.name}")
+        for key, names in by_target.items():
+            target = self.status.get(key)
+            obj = self.s.get(GroupKind(key.group, key.kind), key.namespace, key.name)
+            gen = obj.generation if obj is not None else 0
+            if isinstance(target, GatewayStatus):
+                affected(target.conditions, names, gen)
+            elif isinstance(target, RouteStatus):
+                for parent in target.parents:
+                    if parent.conditions.true(Type.ACCEPTED):
+                        affected(parent.conditions, names, gen)
 
     # -- IR listeners ------------------------------------------------------------------------
 
