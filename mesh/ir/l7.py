@@ -27,6 +27,7 @@ class UpstreamTLS:
     subject_alt_names: tuple[tuple[str, str], ...] = ()  # (Hostname | URI, value)
     client_cert: str | None = None  # secret name, for backend client certificates
     unusable: bool = False  # the policy is invalid: refuse to connect at all
+    verify: bool = True  # False: encrypt without checking the backend's certificate
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,8 @@ class RateLimit:
     scope: str = "Local"  # Local: this node's proxy alone; Global: every node's, shared
     shadow: bool = False  # count and report, never refuse
     fail_closed: bool = False  # Global: refuse when the rate limit service cannot decide
+    burst: int | None = None  # Local: the bucket's size (None: `requests`)
+    exempt_sources: tuple[str, ...] = ()  # CIDRs of clients the limit does not count
 
     @property
     def seconds(self) -> int:
@@ -266,6 +269,7 @@ class Route:
     rate_limits: tuple[RateLimit, ...] = ()
     hash_policy: HashPolicy | None = None
     session: SessionPersistence | None = None
+    allowed_sources: tuple[str, ...] = ()  # client CIDRs let in (empty: every client); 403
 
 
 @dataclass(frozen=True)
