@@ -19,6 +19,11 @@ from google.protobuf import json_format
 from meshxds.server import ListenAddress
 
 XDS_CLUSTER = "mesh_xds"
+# The node's rate limit service (mesh/ratelimit), for global rate limits. Always defined, as
+# every connection manager lists the rate limit filters; without the service its socket is
+# missing and each global limit's failure mode decides.
+RATELIMIT_CLUSTER = "mesh_ratelimit"
+NO_RATELIMIT = ListenAddress.parse("unix:/nonexistent/mesh-ratelimit.sock")
 Protocol = Literal["delta", "sotw"]
 
 
@@ -30,12 +35,36 @@ class BootstrapConfig:
     node_cluster: str = "mesh"
     protocol: Protocol = "delta"
     max_downstream_connections: int = 50_000
+    ratelimit: ListenAddress = NO_RATELIMIT
 
 
 def _address(addr: ListenAddress) -> dict[str, Any]:
     if addr.unix_path is not None:
         return {"pipe": {"path": str(addr.unix_path), "mode": 0o600}}
     return {"socket_address": {"address": addr.host, "port_value": addr.port}}
+
+
+def _grpc_cluster(name: str, addr: ListenAddress, connect_timeout: str,
+                  keepalive: bool) -> dict[str, Any]:
+    h2: dict[str, Any] = {}
+    if keepalive:
+        h2["connection_keepalive"] = {"interval": "30s", "timeout": "5s"}
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": connect_timeout,
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(addr)}}]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": h2},
+            }
+        },
+    }
 
 
 def _ads_source() -> dict[str, Any]:
@@ -70,26 +99,12 @@ def bootstrap(cfg: BootstrapConfig) -> dict[str, Any]:
             "lds_config": _ads_source(),
         },
         "static_resources": {
-            "clusters": [{
-                "name": XDS_CLUSTER,
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "load_assignment": {
-                    "cluster_name": XDS_CLUSTER,
-                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(cfg.xds)}}]}],
-                },
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/"
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {
-                            "http2_protocol_options": {
-                                "connection_keepalive": {"interval": "30s", "timeout": "5s"}
-                            }
-                        },
-                    }
-                },
-            }],
+            "clusters": [
+                _grpc_cluster(XDS_CLUSTER, cfg.xds, "1s", keepalive=True),
+                # A decision waits for the rate limit filter's timeout at most (50 ms):
+                # connecting must not take longer.
+                _grpc_cluster(RATELIMIT_CLUSTER, cfg.ratelimit, "0.05s", keepalive=False),
+            ],
         },
         "overload_manager": {
             "resource_monitors": [{

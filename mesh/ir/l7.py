@@ -78,7 +78,7 @@ class HealthCheck:
 
 @dataclass(frozen=True)
 class LoadBalancer:
-    type: str = "LeastRequest"  # RoundRobin | LeastRequest | Random | ConsistentHash
+    type: str = "RoundRobin"  # RoundRobin | LeastRequest | Random | ConsistentHash
     hash_algorithm: str = "Maglev"  # ConsistentHash: Maglev | RingHash
     table_size: int | None = None
     slow_start_window: float | None = None

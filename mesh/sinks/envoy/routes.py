@@ -109,16 +109,21 @@ def _forward(route: ir.Route, a: ir.Forward) -> rc.RouteAction:
     if a.retry is not None or a.per_try_timeout is not None:
         policy = act.retry_policy
         if a.retry is not None:
-            on = ["connect-failure", "refused-stream", "reset"]
+            on = list(a.retry.triggers) or ["connect-failure", "refused-stream", "reset"]
             if a.retry.codes:
-                on.append("retriable-status-codes")
+                if "retriable-status-codes" not in on:
+                    on.append("retriable-status-codes")
                 policy.retriable_status_codes.extend(a.retry.codes)
-            else:
+            elif not a.retry.triggers:
                 on.append("5xx")
             policy.retry_on = ",".join(on)
             policy.num_retries.value = a.retry.attempts
-            if a.retry.backoff:
-                policy.retry_back_off.base_interval.CopyFrom(r.duration(a.retry.backoff))
+            if a.retry.backoff or a.retry.max_backoff:
+                base = a.retry.backoff or 0.025  # Envoy's default base interval
+                policy.retry_back_off.base_interval.CopyFrom(r.duration(base))
+                if a.retry.max_backoff:
+                    policy.retry_back_off.max_interval.CopyFrom(
+                        r.duration(max(base, a.retry.max_backoff)))
         else:
             policy.num_retries.value = 0
         if a.per_try_timeout is not None:
@@ -132,8 +137,25 @@ def _forward(route: ir.Route, a: ir.Forward) -> rc.RouteAction:
     if a.host_rewrite:
         act.host_rewrite_literal = a.host_rewrite
     _path_rewrite(act.regex_rewrite, a.full_path_rewrite, a.prefix_rewrite)
+    if a.regex_rewrite is not None:
+        act.regex_rewrite.pattern.regex, act.regex_rewrite.substitution = a.regex_rewrite
     if a.websocket:
         act.upgrade_configs.add(upgrade_type="websocket")
+    if a.idle_timeout is not None:
+        act.idle_timeout.CopyFrom(r.duration(a.idle_timeout))
+    h = route.hash_policy
+    if h is not None:
+        hp = act.hash_policy.add()
+        if h.source == "Header":
+            hp.header.header_name = h.name
+        elif h.source == "Cookie":
+            hp.cookie.name = h.name
+            if h.ttl is not None:  # Envoy then sets the cookie when the client has none
+                hp.cookie.ttl.CopyFrom(r.duration(h.ttl))
+            if h.path:
+                hp.cookie.path = h.path
+        else:
+            hp.connection_properties.source_ip = True
     return act
 
 

@@ -17,7 +17,14 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf.message import Message
 
 from mesh import ir
-from mesh.sinks.envoy.httpfilters import cors, router
+from mesh.sinks.envoy.httpfilters import (
+    cors,
+    local_ratelimit,
+    ratelimit,
+    rbac,
+    router,
+    stateful_session,
+)
 
 
 class HTTPFilter(Protocol):
@@ -31,8 +38,13 @@ class HTTPFilter(Protocol):
     def route_config(self, route: ir.Route) -> Message | None: ...
 
 
-# The order requests go through them (RBAC and rate limits join here, before the router).
-ORDER: tuple[HTTPFilter, ...] = (cors.CORS, router.ROUTER)
+# The order requests go through them: CORS answers preflights first; the allow list refuses
+# before a refused request counts against a limit; local limits (cheap) before global ones
+# (a call to the rate limit service); sessions pick the endpoint just before the router.
+ORDER: tuple[HTTPFilter, ...] = (
+    cors.CORS, rbac.RBAC, local_ratelimit.LOCAL, local_ratelimit.LOCAL_SHADOW,
+    ratelimit.GLOBAL_FAIL_OPEN, ratelimit.GLOBAL_FAIL_CLOSED,
+    stateful_session.STATEFUL_SESSION, router.ROUTER)
 
 
 def listener_filters() -> list[hcm_pb2.HttpFilter]:
