@@ -74,7 +74,8 @@ def test_translation_matches_golden_files(case: str, tmp_path: Path) -> None:
     snapshot = load(tmp_path)
     assert dict(snapshot.errors) == {}
     # The node whose addresses NodePorts are served on, where a case has a Node of this name.
-    got = stages(translate(snapshot, TranslatorConfig(node_name="golden-node")))
+    got = stages(translate(snapshot, TranslatorConfig(node_name="golden-node",
+                                                    global_rate_limits=True)))
     expected_dir = GOLDEN / "expected"
     for stage, data in got.items():
         path = expected_dir / f"{case}.{stage}.yaml"

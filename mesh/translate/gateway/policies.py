@@ -199,7 +199,9 @@ class PolicyIndex:
                           f"{', '.join(older)} targets the same {kind} and is older: it "
                           "decides " + ", ".join(f for f, _ in lost), gen)
         else:
-            msg = f"applies to {kind} {ns}/{name}" + (f" {section}" if section else "")
+            what = "rule" if kind.endswith("Route") else "port" if kind == "Service" \
+                else "listener"
+            msg = f"applies to {kind} {ns}/{name}" + (f" {what} {section}" if section else "")
             if lost:
                 msg += "; " + ", ".join(f"{f} decided by the older TrafficPolicy "
                                         f"{w.obj.namespace}/{w.obj.name}" for f, w in lost)
@@ -278,6 +280,19 @@ def affected(conds: Conditions, names: list[str], generation: int) -> None:
 
 
 # -- applying a decision -----------------------------------------------------------------------
+
+def shapes_backend(feature: str, p: TrafficPolicy) -> bool:
+    """Whether the policy's `feature` sets anything of a backend's (its cluster's)."""
+    if feature in ("circuitBreaker", "healthCheck", "loadBalancer"):
+        return True
+    if feature == "retry":
+        return p.retry is not None and p.retry.budget_percent is not None
+    if feature == "timeout":
+        t = p.timeout
+        return t is not None and any(
+            v is not None for v in (t.connect, t.connection_idle, t.max_connection_duration))
+    return False
+
 
 def backend_settings(d: Decision, base: ir.BackendSettings) -> ir.BackendSettings:
     """`base` with the backend features `d` decides."""

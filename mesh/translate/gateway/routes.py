@@ -20,12 +20,12 @@ from mesh.store.store import StoreSnapshot
 from mesh.translate import model
 from mesh.translate.gateway.durations import parse_duration
 from mesh.translate.gateway.policies import (
-    BACKEND_FEATURES,
     Decision,
     PolicyIndex,
     Scope,
     apply_route,
     backend_settings,
+    shapes_backend,
 )
 from mesh.translate.status import Reason
 
@@ -477,7 +477,7 @@ class RouteBuilder:
         out = apply_route(route, decision)
         a = out.action
         backend_decision = Decision({f: p for f, p in decision.by_feature.items()
-                                     if f in BACKEND_FEATURES})
+                                     if shapes_backend(f, p)})
         if not isinstance(a, ir.Forward) or not backend_decision.by_feature:
             return out
         suffix = "|policy=" + ",".join(sorted({f"{p.obj.namespace}/{p.obj.name}"

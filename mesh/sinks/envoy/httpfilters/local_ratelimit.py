@@ -19,6 +19,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.type.v3 import http_status_pb2, percent_pb2, token_bucket_pb2
+from google.protobuf import wrappers_pb2
 
 from mesh import ir
 from mesh.sinks.envoy import resources as r
@@ -62,7 +63,7 @@ class _LocalRateLimit:
             cfg.descriptors.append(common_pb2.LocalRateLimitDescriptor(
                 entries=entries, token_bucket=token_bucket_pb2.TokenBucket(
                     max_tokens=limit.burst or limit.requests,
-                    tokens_per_fill=limit.requests,
+                    tokens_per_fill=wrappers_pb2.UInt32Value(value=limit.requests),
                     fill_interval=r.duration(limit.seconds))))
         if dynamic:
             cfg.max_dynamic_descriptors.value = MAX_DYNAMIC
