@@ -192,9 +192,19 @@ class PolicyStatus:
 @dataclass
 class IngressStatus:
     addresses: tuple[str, ...] = ()
+    # What was refused or ignored: annotations not supported, bad values, a canary with no
+    # main Ingress. The API's Ingress status has no conditions (ingress-nginx says these
+    # in Events), so they stay out of `to_kubernetes()`: see `events()`.
+    warnings: tuple[str, ...] = ()
 
     def to_kubernetes(self) -> dict[str, Any]:
         return {"loadBalancer": {"ingress": [{"ip": a} for a in self.addresses]}}
+
+    def events(self) -> list[dict[str, Any]]:
+        """The warnings in the shape of core Events (type, reason, message), for the status
+        file to show beside the Ingress."""
+        return [{"type": "Warning", "reason": "NotApplied", "message": w}
+                for w in self.warnings]
 
 
 ObjectStatus = ClassStatus | GatewayStatus | RouteStatus | PolicyStatus | IngressStatus
