@@ -80,11 +80,16 @@ _state_dir_option = click.option(
 @click.option("--keep-envoy", is_flag=True,
               help="When stopped, leave Envoy serving its last configuration; the next "
                    "`mesh run` with this --state-dir adopts it.")
+@click.option("--ratelimit-redis", metavar="URL",
+              help="Run the node's rate limit service (global rate limits) with its counters "
+                   "in this Redis: redis://HOST:PORT, unix:///PATH, "
+                   "redis-sentinel://H:P[,H:P]/MASTER, redis-cluster://H:P[,H:P].")
 def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         controller_name: str, node_id: str, state_dir: Path, xds_address: str | None,
         admin_address: str | None, protocol: str, envoy_log_level: str, max_connections: int,
         echo_address: str | None, datapath_cgroup: Path | None,
-        datapath_underlay: str | None, datapath_redirect: str, keep_envoy: bool) -> None:
+        datapath_underlay: str | None, datapath_redirect: str, keep_envoy: bool,
+        ratelimit_redis: str | None) -> None:
     """Run the node agent and the node's Envoy."""
     import ipaddress
 
@@ -116,6 +121,7 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
             datapath_cgroup=datapath_cgroup,
             datapath_underlay=datapath_underlay,
             datapath_redirect=datapath_redirect,
+            ratelimit_redis=ratelimit_redis,
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from e

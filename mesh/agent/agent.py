@@ -28,7 +28,7 @@ from mesh.sinks.status.writer import FileStatusWriter
 from mesh.store.store import Store
 from meshxds import types
 from meshxds.cache import SnapshotCache
-from meshxds.server import XdsServer
+from meshxds.server import ListenAddress, XdsServer
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,14 @@ class Agent:
                                     redirect=cfg.datapath_redirect)
             sinks.append(datapath)
             extra.append(datapath)  # it also follows the node's pods
+        if cfg.ratelimit_redis is not None:
+            from mesh.agent.ratelimit import RateLimitService
+
+            extra.append(RateLimitService(cfg.ratelimit_socket, cfg.ratelimit_redis,
+                                          cfg.state_dir / "ratelimit.log"))
         pipeline = Pipeline(
-            store, replace(cfg.translator, node_name=cfg.node_id), sinks,
+            store, replace(cfg.translator, node_name=cfg.node_id,
+                           global_rate_limits=cfg.ratelimit_redis is not None), sinks,
             FileStatusWriter(cfg.state_dir / "status.json"),
             AddressBook(cfg.state_dir / "addresses.json"),
             synced=[files.synced, node.synced])
@@ -91,6 +97,7 @@ class Agent:
                         admin=self.cfg.admin_address,
                         protocol=self.cfg.protocol,
                         max_downstream_connections=self.cfg.max_downstream_connections,
+                        ratelimit=ListenAddress(unix_path=self.cfg.ratelimit_socket),
                     ),
                     self.cfg.state_dir,
                     log_level=self.cfg.envoy_log_level,

@@ -32,3 +32,10 @@ class AgentConfig:
     # How the datapath hands connections to Envoy: "sk-assign" (bpf_sk_assign at tc) or
     # "tproxy" (a mark at tc and netfilter's TPROXY); README "The L7 redirect" compares them.
     datapath_redirect: str = "sk-assign"
+    # Redis for the node's rate limit service (global rate limits); None: no service, and
+    # policies with global limits are refused in their status.
+    ratelimit_redis: str | None = None
+
+    @property
+    def ratelimit_socket(self) -> Path:
+        return self.state_dir / "ratelimit.sock"

@@ -26,6 +26,7 @@ from mesh.sinks.envoy import resources as r
 from mesh.sinks.envoy.httpfilters import descriptors
 
 MAX_DYNAMIC = 10_000  # buckets per route for limits counted per value
+_UNLIMITED = 2**32 - 1
 
 
 def _percent(n: int) -> base_pb2.RuntimeFractionalPercent:
@@ -54,7 +55,13 @@ class _LocalRateLimit:
             status=http_status_pb2.HttpStatus(code=http_status_pb2.TooManyRequests),
             filter_enabled=_percent(100), filter_enforced=_percent(enforced),
             enable_x_ratelimit_headers=common_pb2.DRAFT_VERSION_03,
-            rate_limited_as_resource_exhausted=True)
+            rate_limited_as_resource_exhausted=True,
+            # Envoy wants a default bucket: requests that match none of the limits' descriptors
+            # draw from it, and it never runs dry.
+            token_bucket=token_bucket_pb2.TokenBucket(
+                max_tokens=_UNLIMITED, tokens_per_fill=wrappers_pb2.UInt32Value(value=_UNLIMITED),
+                fill_interval=r.duration(1)))
+        cfg.always_consume_default_token_bucket.value = False
         dynamic = False
         for limit in limits:
             actions, entries = descriptors.local(limit)

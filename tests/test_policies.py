@@ -1,0 +1,341 @@
+"""TrafficPolicies end to end: a real agent and Envoy, real echo backends, real traffic.
+
+Local rate limits (429 with retry-after and x-ratelimit-* headers, recovery after the window,
+per header value, a limit change that keeps connections), retries turning a flaky backend's
+errors into successes, 504 on a request timeout, 503 on circuit-breaker overflow, an ejected
+endpoint receiving no traffic, sticky sessions, and an invalid or conflicting policy reported
+while the rest keeps working.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mesh.echo import EchoIdentity, EchoServer
+from tests.testbed import Reply, wait_until
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+ADDRESS = "127.5.4.1"
+PORT = 8080
+
+
+class PolicyAgent:
+    """`mesh run --manifests DIR` with optional extra options, its status as users read it."""
+
+    def __init__(self, manifests: Path, state: Path, *extra: str) -> None:
+        self.state = state
+        self.log = state.parent / f"{state.name}.log"
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "status.json").unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh.cli", "run", "--manifests", str(manifests),
+             "--state-dir", str(state), "--node-id", state.name, *extra],
+            stderr=self.log.open("wb"), cwd=ROOT)
+        wait_until(lambda: b"node ready" in self.log.read_bytes(), timeout=30,
+                   what="mesh run to be ready")
+
+    def status(self, kind: str, name: str) -> dict[str, Any] | None:
+        try:
+            doc = json.loads((self.state / "status.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        for item in doc["items"]:
+            if item["kind"] == kind and item["metadata"]["name"] == name:
+                return dict(item["status"])
+        return None
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(15)
+        return self.log.read_text()
+
+
+def ancestor_condition(agent: PolicyAgent, name: str) -> dict[str, Any] | None:
+    st = agent.status("TrafficPolicy", name)
+    if not st or not st.get("ancestors"):
+        return None
+    return next(c for c in st["ancestors"][0]["conditions"] if c["type"] == "Accepted")
+
+
+def docs(*items: dict[str, Any]) -> str:
+    return yaml.safe_dump_all(items)
+
+
+def service(name: str, ports: list[int]) -> str:
+    """A Service whose endpoints are local ports, one EndpointSlice each."""
+    return docs(
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+         "spec": {"ports": [{"name": "http", "port": 80}]}},
+        *({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": f"{name}-{i}", "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": name}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": p}],
+           "endpoints": [{"addresses": ["127.0.0.1"]}]} for i, p in enumerate(ports)))
+
+
+def route(name: str, host: str, backend: str, rules: list[dict[str, Any]] | None = None) -> str:
+    return docs({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"parentRefs": [{"name": "gw"}], "hostnames": [host],
+                 "rules": rules or [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                                     "backendRefs": [{"name": backend, "port": 80}]}]}})
+
+
+def policy(name: str, target_route: str, **spec: Any) -> str:
+    return docs({
+        "apiVersion": "mesh.dev/v1alpha1", "kind": "TrafficPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                                 "name": target_route}], **spec}})
+
+
+GATEWAY = f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: mesh}}
+spec: {{controllerName: mesh.dev/gateway-controller}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: default}}
+spec:
+  gatewayClassName: mesh
+  addresses: [{{type: IPAddress, value: {ADDRESS}}}]
+  listeners: [{{name: http, port: {PORT}, protocol: HTTP}}]
+"""
+
+
+def get(host: str, path: str = "/", headers: dict[str, str] | None = None,
+        timeout: float = 5.0) -> Reply:
+    conn = http.client.HTTPConnection(ADDRESS, PORT, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": host, **(headers or {})})
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.read().decode(),
+                     {k.lower(): v for k, v in resp.getheaders()})
+    finally:
+        conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, PolicyAgent,
+                                                                   list[EchoServer], int]]:
+    tmp = tmp_path_factory.mktemp("policies")
+    echoes = [EchoServer("127.0.0.1", 0, EchoIdentity(pod=f"echo-{i}")).start()
+              for i in range(2)]
+    dead = free_port()  # an endpoint nothing listens on
+    manifests = tmp / "manifests"
+    manifests.mkdir()
+    (manifests / "gateway.yaml").write_text(GATEWAY)
+    (manifests / "services.yaml").write_text(
+        service("one", [echoes[0].port]) + "\n---\n" +
+        service("pair", [echoes[0].port, echoes[1].port]) + "\n---\n" +
+        service("half-dead", [echoes[0].port, dead]))
+    agent = PolicyAgent(manifests, Path(f"/tmp/mesh-policies-{os.getpid()}"))
+    yield manifests, agent, echoes, dead
+    log = agent.stop()
+    for e in echoes:
+        e.stop()
+    assert "Traceback" not in log, log
+
+
+def served(host: str, path: str = "/") -> bool:
+    return get(host, path).status != 404
+
+
+def test_local_limit_refuses_with_429_then_recovers(lab: Any) -> None:
+    manifests, agent, _, _ = lab
+    (manifests / "rl.yaml").write_text(route("rl", "rl.example", "one") + "\n---\n" + policy(
+        "rl", "rl", rateLimit={"local": {"rules": [{"limit": {"requests": 3, "unit": "Second"}}]}}))
+    wait_until(lambda: get("rl.example").status == 429, timeout=15, what="the limit to apply")
+    time.sleep(1.1)  # a full window: the bucket is full again
+    replies = [get("rl.example") for _ in range(4)]
+    assert [r.status for r in replies] == [200, 200, 200, 429]
+    refused = replies[-1]
+    assert refused.headers["retry-after"] == "1"
+    assert refused.headers["x-ratelimit-limit"].startswith("3")
+    assert refused.headers["x-ratelimit-remaining"] == "0"
+    time.sleep(1.1)
+    assert get("rl.example").status == 200
+    cond = ancestor_condition(agent, "rl")
+    assert cond is not None and cond["status"] == "True", cond
+
+
+def test_local_limit_per_header_value(lab: Any) -> None:
+    manifests, _, _, _ = lab
+    (manifests / "user.yaml").write_text(route("user", "user.example", "one") + "\n---\n" + policy(
+        "user", "user", rateLimit={"local": {"rules": [{
+            "clientSelectors": [{"headers": [{"name": "x-user", "type": "Distinct"}]}],
+            "limit": {"requests": 2, "unit": "Minute"}}]}}))
+    wait_until(lambda: served("user.example"), what="the route")
+    wait_until(lambda: get("user.example", headers={"x-user": "probe"}).status == 429,
+               what="the limit to apply")
+    assert [get("user.example", headers={"x-user": "alice"}).status for _ in range(3)] == \
+        [200, 200, 429]
+    assert get("user.example", headers={"x-user": "bob"}).status == 200  # a bucket of its own
+    assert get("user.example").status == 200  # no header: the limit does not apply
+
+
+def test_limit_change_keeps_connections(lab: Any) -> None:
+    manifests, _, _, _ = lab
+    path = manifests / "keep.yaml"
+
+    def write(requests: int) -> None:
+        path.write_text(route("keep", "keep.example", "one") + "\n---\n" + policy(
+            "keep", "keep", rateLimit={"local": {"rules": [
+                {"limit": {"requests": requests, "unit": "Hour"}}]}}))
+
+    write(1000)
+    wait_until(lambda: get("keep.example").headers.get("x-ratelimit-limit", "").startswith(
+        "1000"), what="the first limit")
+    conn = http.client.HTTPConnection(ADDRESS, PORT, timeout=5)
+    conn.request("GET", "/", headers={"Host": "keep.example"})
+    conn.getresponse().read()
+    write(2000)
+
+    def changed() -> bool:
+        # The same connection, still open after the change.
+        conn.request("GET", "/", headers={"Host": "keep.example"})
+        resp = conn.getresponse()
+        resp.read()
+        return (resp.getheader("x-ratelimit-limit") or "").startswith("2000")
+
+    wait_until(changed, what="the new limit on the same connection")
+    conn.close()
+
+
+def test_retries_turn_a_flaky_backends_errors_into_successes(lab: Any) -> None:
+    manifests, _, _, _ = lab
+    (manifests / "retry.yaml").write_text(
+        route("retry", "retry.example", "one") + "\n---\n" +
+        route("noretry", "noretry.example", "one") + "\n---\n" + policy(
+            "retry", "retry", retry={"numRetries": 3, "retryOn": {"triggers": ["5xx"]},
+                                     "perRetry": {"backOff": {"baseInterval": "10ms"}}}))
+    wait_until(lambda: served("retry.example") and served("noretry.example"),
+               what="the routes")
+    wait_until(lambda: get("retry.example", f"/?responseCode=503&succeedAfter=1&uuid="
+                       f"{uuid.uuid4()}").status == 200, what="the retry policy to apply")
+    flaky = f"/?responseCode=503&succeedAfter=2&uuid={uuid.uuid4()}"
+    assert get("retry.example", flaky).status == 200  # two failures retried away
+    assert get("noretry.example", f"/?responseCode=503&succeedAfter=2&uuid={uuid.uuid4()}"
+               ).status == 503
+
+
+def test_request_timeout_answers_504(lab: Any) -> None:
+    manifests, _, _, _ = lab
+    (manifests / "slow.yaml").write_text(route("slow", "slow.example", "one") + "\n---\n" + policy(
+        "slow", "slow", timeout={"http": {"requestTimeout": "300ms"}}))
+    wait_until(lambda: get("slow.example", "/?delay=2s").status == 504, timeout=15,
+               what="the timeout to apply")
+    started = time.monotonic()
+    assert get("slow.example", "/?delay=2s").status == 504
+    assert time.monotonic() - started < 1.5
+    assert get("slow.example", "/?delay=10ms").status == 200
+
+
+def test_circuit_breaker_overflow_answers_503(lab: Any) -> None:
+    manifests, _, _, _ = lab
+    (manifests / "cb.yaml").write_text(route("cb", "cb.example", "one") + "\n---\n" + policy(
+        "cb", "cb", circuitBreaker={"maxParallelRequests": 1, "maxPendingRequests": 1,
+                                    "maxConnections": 1}))
+    wait_until(lambda: served("cb.example"), what="the route")
+
+    def overflow() -> bool:
+        # One request active, one waiting (pending): the third overflows at once.
+        slow: list[Reply] = []
+        threads = [threading.Thread(target=lambda: slow.append(get("cb.example", "/?delay=1s")))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)
+        third = get("cb.example")
+        for t in threads:
+            t.join()
+        return sorted(r.status for r in slow) == [200, 200] and third.status == 503 and \
+            third.headers.get("x-envoy-overloaded") == "true"
+
+    wait_until(overflow, timeout=20, interval=0.2, what="a 503 on overflow")
+
+
+def test_ejected_endpoint_receives_no_traffic(lab: Any) -> None:
+    manifests, _, _, _ = lab
+    (manifests / "eject.yaml").write_text(
+        route("eject", "eject.example", "half-dead") + "\n---\n" + policy(
+            "eject", "eject", healthCheck={"passive": {
+                "consecutive5XxErrors": 2, "interval": "1s", "baseEjectionTime": "60s",
+                "maxEjectionPercent": 50}}))
+    wait_until(lambda: served("eject.example"), what="the route")
+    # The dead endpoint fails twice in a row, then it is ejected: no request reaches it.
+    wait_until(lambda: all(get("eject.example").status == 200 for _ in range(20)),
+               timeout=20, what="the dead endpoint to be ejected")
+    assert all(get("eject.example").status == 200 for _ in range(50))
+
+
+def test_sticky_sessions_by_cookie(lab: Any) -> None:
+    manifests, _, _, _ = lab
+    (manifests / "sticky.yaml").write_text(
+        route("sticky", "sticky.example", "pair") + "\n---\n" + policy(
+            "sticky", "sticky", sessionPersistence={"type": "Cookie", "sessionName": "sid"}))
+    wait_until(lambda: "set-cookie" in get("sticky.example").headers, what="the session cookie")
+    first = get("sticky.example")
+    cookie = first.headers["set-cookie"].split(";")[0]
+    pod = first.json()["pod"]
+    assert cookie.startswith("sid=")
+    assert {get("sticky.example", headers={"cookie": cookie}).json()["pod"]
+            for _ in range(20)} == {pod}
+    # Without the cookie both endpoints serve.
+    assert len({get("sticky.example").json()["pod"] for _ in range(20)}) == 2
+
+
+def test_invalid_and_conflicting_policies_are_reported_and_the_rest_works(lab: Any) -> None:
+    manifests, agent, _, _ = lab
+    (manifests / "bad.yaml").write_text(
+        route("bad", "bad.example", "one") + "\n---\n" +
+        policy("bad-invalid", "bad", retry={"numRetries": 99}) + "\n---\n" +
+        policy("bad-missing", "nosuchroute", retry={"numRetries": 1}) + "\n---\n" +
+        policy("bad-older", "bad", timeout={"http": {"requestTimeout": "5s"}}))
+    wait_until(lambda: ancestor_condition(agent, "bad-older") is not None, what="status")
+    (manifests / "bad2.yaml").write_text(
+        policy("bad-younger", "bad", timeout={"http": {"requestTimeout": "1s"}}))
+    wait_until(lambda: ancestor_condition(agent, "bad-younger") is not None, what="status")
+    invalid = ancestor_condition(agent, "bad-invalid")
+    assert invalid is not None and invalid["reason"] == "Invalid"
+    assert "numRetries" in invalid["message"]
+    missing = ancestor_condition(agent, "bad-missing")
+    assert missing is not None and missing["reason"] == "TargetNotFound"
+    younger = ancestor_condition(agent, "bad-younger")
+    assert younger is not None and younger["reason"] == "Conflicted"
+    assert "bad-older" in younger["message"]
+    assert ancestor_condition(agent, "bad-older")["status"] == "True"  # type: ignore[index]
+    # The older policy's 5 s timeout applies, not the younger's 1 s; other routes serve.
+    assert get("bad.example", "/?delay=1500ms").status == 200
+    assert get("rl.example").status in (200, 429)
+    route_status = agent.status("HTTPRoute", "bad")
+    assert route_status is not None
+    affected = [c for c in route_status["parents"][0]["conditions"]
+                if c["type"] == "mesh.dev/TrafficPolicyAffected"]
+    assert affected and "bad-older" in affected[0]["message"]
+
