@@ -70,7 +70,9 @@ def ancestor_condition(agent: PolicyAgent, name: str) -> dict[str, Any] | None:
     st = agent.status("TrafficPolicy", name)
     if not st or not st.get("ancestors"):
         return None
-    return next(c for c in st["ancestors"][0]["conditions"] if c["type"] == "Accepted")
+    found: dict[str, Any] = next(c for c in st["ancestors"][0]["conditions"]
+                                 if c["type"] == "Accepted")
+    return found
 
 
 def docs(*items: dict[str, Any]) -> str:
