@@ -255,6 +255,12 @@ def _rule(obj: KubeObject, raw: Any, index: int, scope: str, fail_closed: bool
                 net = ipaddress.ip_network(str(cm.get("value")), strict=False)
             except ValueError:
                 raise Invalid(f"{cw}.value must be a CIDR like 10.0.0.0/8") from None
+            if scope == "Global" and net.prefixlen:
+                # The rate limit service sees the client's address, not whether it is in a
+                # range: a global limit counts over every client.
+                raise Invalid(f"{cw}.value: global limits count by client address over "
+                              "every client (0.0.0.0/0 or ::/0); a narrower range is for "
+                              "local limits")
             selectors.append(ir.RateLimitSelector("SourceIP", match, value=str(net)))
     return ir.RateLimit(
         id=f"{obj.namespace}/{obj.name}/{scope.lower()}/{index}", requests=requests, unit=unit,
