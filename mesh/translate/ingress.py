@@ -4,21 +4,31 @@
 Paths: `Exact` matches exactly, `Prefix` by whole path segments, `ImplementationSpecific` as a
 plain string prefix. Longest path first, Exact before Prefix on equal length, then the oldest
 Ingress. The default backend answers what no rule matches, on every host.
+
+ingress-nginx's annotations (`ingress_annotations`) shape the routes and backends; a canary
+Ingress (`canary: "true"`) adds routes in front of its main Ingress's route for the same host
+and path, and turns that route into a weighted split. When some route redirects plain HTTP
+to HTTPS, port 443 gets a route table of its own, without the redirects.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mesh import ir
 from mesh.store import kinds
 from mesh.store.objects import ObjectKey
 from mesh.store.store import StoreSnapshot
+from mesh.translate import ingress_annotations as nginx
 from mesh.translate import model
-from mesh.translate.gateway.routes import Resolution, RouteBuilder
+from mesh.translate.gateway.routes import Entry, Resolution, RouteBuilder
+from mesh.translate.ingress_annotations import IngressSettings
 from mesh.translate.status import IngressStatus, ObjectStatus
+
+_TABLE = "ingress"
+_HTTPS_TABLE = "ingress-https"  # only when port 80 redirects somewhere
 
 
 @dataclass
@@ -26,6 +36,72 @@ class IngressResult:
     listeners: tuple[ir.Listener, ...] = ()
     status: dict[ObjectKey, ObjectStatus] = field(default_factory=dict)
     used_address: str | None = None
+
+
+@dataclass(frozen=True)
+class _Canary:
+    owner: ObjectKey
+    rules: nginx.Canary
+    backend: str
+
+
+@dataclass
+class _Slot:
+    """One main Ingress path as it serves, and the canary that takes some of it."""
+
+    route: ir.Route
+    forward: ir.Forward | None  # the route's action with a backend (None: it never forwards)
+    redirect: bool  # plain HTTP answers with a redirect to HTTPS
+    owner: ObjectKey
+    settings: IngressSettings
+    canary: _Canary | None = None
+
+    def routes(self, https: bool) -> list[ir.Route]:
+        r = self.route
+        owners = r.owners | ({self.canary.owner} if self.canary else set())
+        if self.redirect and not https:
+            # Before anything else, as ingress-nginx redirects before limits and access.
+            return [ir.Route(name=r.name, path=r.path, owners=frozenset(owners),
+                             action=ir.Redirect(nginx.REDIRECT_STATUS, scheme="https"))]
+        if self.canary is None:
+            return [r]
+        c = self.canary
+        return nginx.canary_routes(r, self.forward, c.rules, c.backend, c.owner)
+
+
+class _Variants:
+    """Copies of backends with an Ingress's backend settings, named after it. Routes name
+    them as they are built; the copies are made once every route is (from the backends
+    as the route builder has them, with their TLS, protocol and policies)."""
+
+    def __init__(self) -> None:
+        self.wanted: dict[str, tuple[str, IngressSettings]] = {}
+
+    def of(self, name: str | None, s: IngressSettings, owner: ObjectKey) -> str | None:
+        if name is None or not s.shapes_backend:
+            return name
+        # "|policy=" marks a backend copy: the route builder counts its routes' owners.
+        variant = f"{name}|policy=ingress/{owner.namespace}/{owner.name}"
+        self.wanted[variant] = (name, s)
+        return variant
+
+    def register(self, routes: RouteBuilder, used: list[ir.Route]) -> dict[str, str]:
+        """Make and register the copies; returns the ones that could not be made (copy ->
+        the backend itself)."""
+        if not self.wanted:
+            return {}
+        bases = {b.name: b for b in routes.backends()}
+        made, missing = [], {}
+        for variant, (name, s) in sorted(self.wanted.items()):
+            base = bases.get(name)
+            if base is None:
+                missing[variant] = name
+                continue
+            made.append(replace(nginx.shape_backend(s, base), name=variant,
+                                owners=frozenset()))
+        # No host: this entry only registers the copies and who uses them.
+        routes.put(_TABLE, (), Entry(http=tuple(((), r) for r in used), variants=tuple(made)))
+        return missing
 
 
 def _our_classes(snapshot: StoreSnapshot, controller: str) -> tuple[set[str], str | None]:
@@ -41,7 +117,7 @@ def _our_classes(snapshot: StoreSnapshot, controller: str) -> tuple[set[str], st
 def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
                         allocate: Callable[[], str | None]) -> IngressResult:
     classes, default = _our_classes(snapshot, cfg.ingress_controller)
-    ingresses = []
+    ingresses: list[tuple[model.Ingress, IngressSettings]] = []
     result = IngressResult()
     for obj in sorted(snapshot.of_kind(kinds.INGRESS), key=lambda o: (o.created, o.namespace,
                                                                   o.name)):
@@ -50,57 +126,162 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
         except model.Invalid:
             continue
         if (ing.class_name or default) in classes:
-            ingresses.append(ing)
+            ingresses.append((ing, nginx.parse(obj)))
     if not ingresses:
         return result
     address = allocate()
     if address is None:
         return result
     result.used_address = address
-    hosts: dict[str, list[tuple[tuple[Any, ...], ir.Route]]] = {}
-    defaults: list[ir.Route] = []
+    warnings = {ing.obj.key: list(s.warnings) for ing, s in ingresses}
+    # Certificates first: ssl-redirect depends on whether a host has one.
     tls: list[tuple[tuple[str, ...], str, ObjectKey]] = []
-    for ing in ingresses:
+    for ing, _ in ingresses:
+        for tls_hosts, secret_name in ing.tls:
+            secret = snapshot.get(kinds.SECRET, ing.obj.namespace, secret_name)
+            cert = routes.certificate(secret) if secret is not None else None
+            if cert is not None:
+                tls.append((tls_hosts, cert, ing.obj.key))
+    tls_names = {h for hosts, _, _ in tls for h in hosts}
+    variants = _Variants()
+    hosts: dict[str, list[tuple[tuple[Any, ...], _Slot]]] = {}
+    defaults: list[_Slot] = []
+    by_path: dict[tuple[str, str, bool], list[tuple[tuple[Any, ...], _Slot]]] = {}
+    for ing, s in ingresses:
+        if s.canary is not None:
+            continue
         obj = ing.obj
-        result.status[obj.key] = IngressStatus((address,))
         for i, rule in enumerate(ing.rules):
             host = rule.host or "*"
             for j, p in enumerate(rule.paths):
-                route = _route(routes, ing, p.backend, _path(p.path, p.path_type),
-                               f"{obj.namespace}/{obj.name}/rule{i}/path{j}")
+                slot = _main(routes, variants, ing, s, p.backend, p.path, p.path_type,
+                             f"{obj.namespace}/{obj.name}/rule{i}/path{j}",
+                             _has_tls(host, tls_names), warnings[obj.key])
                 exact = p.path_type == "Exact"
                 key = (-len(p.path), not exact, obj.created, obj.namespace, obj.name, i, j)
-                hosts.setdefault(host, []).append((key, route))
+                hosts.setdefault(host, []).append((key, slot))
+                by_path.setdefault((host, p.path, exact), []).append((key, slot))
         if ing.default_backend is not None:
-            defaults.append(_route(routes, ing, ing.default_backend,
-                                   ir.StringMatch("Prefix", "/"),
-                                   f"{obj.namespace}/{obj.name}/default"))
-        for tls_hosts, secret_name in ing.tls:
-            secret = snapshot.get(kinds.SECRET, obj.namespace, secret_name)
-            cert = routes.certificate(secret) if secret is not None else None
-            if cert is not None:
-                tls.append((tls_hosts, cert, obj.key))
+            defaults.append(_main(routes, variants, ing, s, ing.default_backend, None,
+                                  "Prefix", f"{obj.namespace}/{obj.name}/default", False,
+                                  warnings[obj.key]))
+    # The route that serves a host and path is the one its canary joins.
+    serving = {k: min(v, key=lambda kv: kv[0])[1] for k, v in by_path.items()}
+    for ing, s in ingresses:
+        if s.canary is not None:
+            _attach_canary(routes, variants, ing, s.canary, serving,
+                           defaults[0] if defaults else None, warnings[ing.obj.key])
     hosts.setdefault("*", [])
-    owners = frozenset(i.obj.key for i in ingresses)
-    vhosts = []
-    for host in sorted(hosts, key=lambda h: (h == "*", h.startswith("*"), h)):
-        ordered = [r for _, r in sorted(hosts[host], key=lambda kr: kr[0])]
-        domains = (host,)
-        vhosts.append(ir.VirtualHost(f"ingress/{host}", domains,
-                                     tuple(ordered) + tuple(defaults[:1])))
-    table = ir.RouteTable("ingress", tuple(vhosts), owners)
-    routes.put_table(table)
+    owners = frozenset(i.obj.key for i, _ in ingresses)
+    redirects = any(slot.redirect for v in hosts.values() for _, slot in v) or \
+        any(slot.redirect for slot in defaults[:1])
+    tables = [(_TABLE, False)] + ([(_HTTPS_TABLE, True)] if redirects and tls else [])
+    built = []
+    for table_name, https in tables:
+        vhosts = []
+        for host in sorted(hosts, key=lambda h: (h == "*", h.startswith("*"), h)):
+            ordered = [r for _, slot in sorted(hosts[host], key=lambda ks: ks[0])
+                       for r in slot.routes(https)]
+            fallback = [r for slot in defaults[:1] for r in slot.routes(https)]
+            vhosts.append(ir.VirtualHost(f"{table_name}/{host}", (host,),
+                                         tuple(ordered + fallback)))
+        built.append(ir.RouteTable(table_name, tuple(vhosts), owners))
+    missing = variants.register(routes, [r for t in built for vh in t.virtual_hosts
+                                         for r in vh.routes])
+    for table in built:
+        routes.put_table(_without(table, missing) if missing else table)
+    for ing, _ in ingresses:
+        result.status[ing.obj.key] = IngressStatus((address,), tuple(warnings[ing.obj.key]))
     listeners = [ir.Listener(f"{address}:80", address, 80, "HTTP",
-                             (ir.FilterChain("ingress-http", route_table="ingress",
+                             (ir.FilterChain("ingress-http", route_table=_TABLE,
                                              owners=owners),), owners)]
     if tls:
+        https_table = tables[-1][0]
         chains = tuple(ir.FilterChain(f"ingress-tls/{n}", server_names=tuple(h),
-                                      certificates=(cert,), route_table="ingress",
+                                      certificates=(cert,), route_table=https_table,
                                       owners=frozenset({key}))
                        for n, (h, cert, key) in enumerate(tls))
         listeners.append(ir.Listener(f"{address}:443", address, 443, "HTTPS", chains, owners))
     result.listeners = tuple(listeners)
     return result
+
+
+def _has_tls(host: str, names: set[str]) -> bool:
+    if host in names:
+        return True
+    parent = host.split(".", 1)[1] if "." in host and not host.startswith("*") else None
+    return parent is not None and f"*.{parent}" in names
+
+
+def _main(routes: RouteBuilder, variants: _Variants, ing: model.Ingress, s: IngressSettings,
+          backend: model.IngressBackend, path: str | None, path_type: str, name: str,
+          tls: bool, warnings: list[str]) -> _Slot:
+    """A main Ingress's path (`path` None: its default backend), its annotations applied."""
+    obj = ing.obj
+    match = _path(path or "/", path_type)
+    regex = None
+    if s.regex and path is not None:
+        problem = nginx.regex_problem(path)
+        if problem is None:
+            match, regex = nginx.regex_path(path), path
+        else:
+            warnings.append(f'{s.regex_by}: path "{path}" is refused as a regular expression '
+                            f"({problem}): it is matched as a plain path, without rewrite")
+    target = variants.of(_target(routes, ing, backend), s, obj.key)
+    route = nginx.shape_route(s, ir.Route(
+        name=name, path=match, action=ir.Forward((ir.WeightedBackend(target, 1),)),
+        owners=frozenset({obj.key})), regex)
+    forward = route.action if isinstance(route.action, ir.Forward) else None
+    if target is None and forward is not None:
+        route = replace(route, action=ir.DirectResponse(503, ""))
+    return _Slot(route, forward, s.force_ssl_redirect or (s.ssl_redirect and tls), obj.key, s)
+
+
+def _attach_canary(routes: RouteBuilder, variants: _Variants, ing: model.Ingress,
+                   canary: nginx.Canary, serving: dict[tuple[str, str, bool], _Slot],
+                   default: _Slot | None, warnings: list[str]) -> None:
+    """Join a canary Ingress's paths to the main routes for the same host and path (as
+    ingress-nginx: one canary per host and path, the oldest)."""
+    places: list[tuple[str, _Slot | None, model.IngressBackend]] = []
+    for i, rule in enumerate(ing.rules):
+        host = rule.host or "*"
+        for j, p in enumerate(rule.paths):
+            places.append((f"rule {i} path {j} ({host} {p.path})",
+                           serving.get((host, p.path, p.path_type == "Exact")), p.backend))
+    if ing.default_backend is not None:
+        places.append(("the default backend", default, ing.default_backend))
+    if not places:
+        warnings.append("a canary Ingress without rules or a default backend serves nothing")
+    for where, slot, backend in places:
+        if slot is None:
+            warnings.append(f"{where}: no main Ingress serves this host and path: the canary "
+                            "serves nothing there")
+        elif slot.canary is not None:
+            other = slot.canary.owner
+            warnings.append(f"{where}: Ingress {other.namespace}/{other.name} is already the "
+                            "canary there (one canary per host and path): ignored")
+        else:
+            name = _target(routes, ing, backend)
+            if name is None:
+                warnings.append(f"{where}: the canary's backend (Service {backend.service}) "
+                                "cannot be used: the canary serves nothing there")
+                continue
+            # The canary's backend is spoken to as the main Ingress says (protocol, TLS,
+            # timeouts), as ingress-nginx does within the same location.
+            slot.canary = _Canary(ing.obj.key, canary,
+                                  variants.of(name, slot.settings, slot.owner) or name)
+
+
+def _without(table: ir.RouteTable, missing: dict[str, str]) -> ir.RouteTable:
+    """The table with the backend copies that could not be made replaced by the backends."""
+    def fix(r: ir.Route) -> ir.Route:
+        a = r.action
+        if not isinstance(a, ir.Forward):
+            return r
+        return replace(r, action=replace(a, backends=tuple(
+            replace(w, backend=missing.get(w.backend or "", w.backend)) for w in a.backends)))
+    return replace(table, virtual_hosts=tuple(
+        replace(vh, routes=tuple(fix(r) for r in vh.routes)) for vh in table.virtual_hosts))
 
 
 def _path(path: str, path_type: str) -> ir.StringMatch:
@@ -111,17 +292,12 @@ def _path(path: str, path_type: str) -> ir.StringMatch:
     return ir.StringMatch("Prefix", path)
 
 
-def _route(routes: RouteBuilder, ing: model.Ingress, backend: model.IngressBackend,
-           path: ir.StringMatch, name: str) -> ir.Route:
+def _target(routes: RouteBuilder, ing: model.Ingress,
+            backend: model.IngressBackend) -> str | None:
     obj = ing.obj
     port = backend.port_number
     svc = routes.service(obj.namespace, backend.service)
     if port is None and svc is not None:
         port = next((p.port for p in svc.ports if p.name == backend.port_name), None)
-    res = Resolution()
-    target = routes.backend(model.BackendObjectRef("", "Service", obj.namespace,
-                                                   backend.service, port), obj, res)
-    action: ir.Action = ir.Forward((ir.WeightedBackend(target, 1),)) if target else \
-        ir.DirectResponse(503, "")
-    return ir.Route(name=name, path=path, action=action, owners=frozenset({obj.key}))
-
+    return routes.backend(model.BackendObjectRef("", "Service", obj.namespace,
+                                                 backend.service, port), obj, Resolution())

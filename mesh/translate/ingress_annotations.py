@@ -1,0 +1,582 @@
+"""ingress-nginx's Ingress annotations, parsed into typed settings and applied to IR routes.
+
+Users of ingress-nginx (retired) bring their Ingresses as they are: the annotations under
+`nginx.ingress.kubernetes.io/` keep ingress-nginx's meaning where the IR can say it. The same
+names under `mesh.dev/` are ours; when both are set, `mesh.dev/` wins. An annotation under
+either prefix that we do not support, or whose value we refuse, is never silently dropped:
+it becomes a warning on the Ingress's status (`IngressStatus.warnings`).
+
+docs/ingress-nginx-annotations.md lists each annotation and where we differ.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mesh import ir
+from mesh.store.objects import KubeObject, ObjectKey
+
+NGINX = "nginx.ingress.kubernetes.io/"
+MESH = "mesh.dev/"
+PREFIXES = (MESH, NGINX)  # the first one set wins
+
+CANARY_NAMES = frozenset({
+    "canary", "canary-by-header", "canary-by-header-value", "canary-by-header-pattern",
+    "canary-by-cookie", "canary-weight", "canary-weight-total"})
+SUPPORTED = CANARY_NAMES | frozenset({
+    "limit-rps", "limit-rpm", "limit-burst-multiplier", "limit-whitelist", "limit-allowlist",
+    "rewrite-target", "use-regex", "ssl-redirect", "force-ssl-redirect",
+    "proxy-connect-timeout", "proxy-read-timeout", "proxy-send-timeout",
+    "proxy-next-upstream", "proxy-next-upstream-tries",
+    "affinity", "affinity-mode", "session-cookie-name", "session-cookie-max-age",
+    "session-cookie-expires", "session-cookie-path",
+    "enable-cors", "cors-allow-origin", "cors-allow-methods", "cors-allow-headers",
+    "cors-expose-headers", "cors-allow-credentials", "cors-max-age",
+    "backend-protocol", "whitelist-source-range", "allowlist-source-range", "upstream-vhost"})
+# Why some well-known ones are not supported (the others get a plain "not supported").
+WHY_NOT = {
+    "limit-connections": "the IR has no limit on concurrent connections per client",
+    "proxy-next-upstream-timeout": "the IR has no time limit on retries alone",
+    "denylist-source-range": "the IR has allow lists only",
+    "configuration-snippet": "nginx configuration snippets have no meaning here",
+    "server-snippet": "nginx configuration snippets have no meaning here",
+    "session-cookie-samesite": "the IR's session cookie has no SameSite attribute",
+    "session-cookie-secure": "the IR's session cookie has no Secure attribute",
+    "session-cookie-domain": "the IR's session cookie has no Domain attribute",
+}
+
+_BOOLS = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}$")  # a header or cookie name
+_ORIGIN = re.compile(r"^(\*|[A-Za-z][A-Za-z0-9+.-]*://(\*\.)?[A-Za-z0-9.-]+(:\d{1,5})?)$")
+_METHOD = re.compile(r"^[A-Za-z]{1,32}$")
+_HEADER_LIST_ITEM = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+# Regular expression syntax Python accepts and RE2 (Envoy's engine) refuses: lookaround,
+# backreferences, atomic groups, possessive quantifiers, \Z.
+_NOT_RE2 = re.compile(r"\(\?[=!]|\(\?<[=!]|\(\?>|\(\?P=|\\[1-9]|[*+?}]\+|\\Z")
+_NUMBERED_GROUP = re.compile(r"\$(\d)|\$\{(\d)\}")
+
+DEFAULT_COOKIE = "INGRESSCOOKIE"
+DEFAULT_BURST_MULTIPLIER = 5
+DEFAULT_TRIES = 3  # ingress-nginx's proxy-next-upstream-tries
+UNLIMITED_RETRIES = 10  # tries "0" (no limit in nginx); the most a TrafficPolicy allows
+REDIRECT_STATUS = 308  # ingress-nginx's ssl-redirect code
+# ingress-nginx's CORS defaults
+CORS_METHODS = ("GET", "PUT", "POST", "DELETE", "PATCH", "OPTIONS")
+CORS_HEADERS = ("DNT", "Keep-Alive", "User-Agent", "X-Requested-With", "If-Modified-Since",
+                "Cache-Control", "Content-Type", "Range", "Authorization")
+CORS_MAX_AGE = 1728000
+# proxy-next-upstream conditions -> Envoy retry_on triggers; http_NNN are status codes.
+NEXT_UPSTREAM = {
+    "error": ("connect-failure", "refused-stream", "reset"),
+    "timeout": ("connect-failure",),
+    "invalid_header": ("reset",),
+    "non_idempotent": (),
+}
+NEXT_UPSTREAM_CODES = {f"http_{c}": c for c in (500, 502, 503, 504, 403, 404, 429)}
+
+
+@dataclass(frozen=True)
+class Canary:
+    """How a canary Ingress takes requests from the main one: header, then cookie, then
+    weight (ingress-nginx's precedence)."""
+
+    header: str | None = None  # lowercase; `always`/`never` unless value or pattern is set
+    header_value: str | None = None  # exact: overrides the pattern
+    header_pattern: str | None = None  # RE2, matched anywhere in the value (as nginx does)
+    cookie: str | None = None
+    weight: int = 0
+    weight_total: int = 100
+
+
+@dataclass(frozen=True)
+class Session:
+    name: str
+    ttl: float | None
+    path: str | None  # None: the Ingress path (ingress-nginx's default)
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    """One Ingress's annotations, as the IR can carry them."""
+
+    canary: Canary | None = None  # this Ingress is a canary of another
+    regex: bool = False  # paths are case-insensitive regular expressions (use-regex)
+    regex_by: str = ""  # the annotation that makes them so
+    rewrite: str | None = None  # rewrite-target, as an Envoy substitution (\\1 groups)
+    ssl_redirect: bool = False
+    force_ssl_redirect: bool = False
+    rate_limits: tuple[ir.RateLimit, ...] = ()
+    allowed_sources: tuple[str, ...] = ()
+    deny_all: bool = False  # the allow list was refused: no client is let in
+    cors: ir.Cors | None = None
+    session: Session | None = None
+    retry: ir.Retry | None = None
+    idle_timeout: float | None = None
+    host_rewrite: str | None = None
+    # The backend's (a copy of it, for this Ingress's routes)
+    connect_timeout: float | None = None
+    protocol: str | None = None  # h2c
+    upstream_tls: bool = False  # HTTPS to the backend, not verified (as ingress-nginx)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def shapes_backend(self) -> bool:
+        return self.connect_timeout is not None or self.protocol is not None or \
+            self.upstream_tls
+
+
+class _Refused(ValueError):
+    pass
+
+
+class _Reader:
+    """Annotation values by name, under either prefix (mesh.dev/ first), with the warnings
+    the parsing gives."""
+
+    def __init__(self, annotations: Mapping[str, Any]) -> None:
+        self.values: dict[str, tuple[str, Any]] = {}  # name -> (full key, value)
+        self.warnings: list[str] = []
+        for prefix in reversed(PREFIXES):  # mesh.dev/ last: it overwrites
+            for key, value in annotations.items():
+                if isinstance(key, str) and key.startswith(prefix) and len(key) > len(prefix):
+                    self.values[key[len(prefix):]] = (key, value)
+        self.unknown = sorted(key for key, _ in self.values.values()
+                              if key.split("/", 1)[1] not in SUPPORTED)
+        # A name set under both prefixes: the nginx one is ignored, and said so only when
+        # the two differ (a copy made for the migration is no news).
+        for name, (key, value) in self.values.items():
+            other = NGINX + name
+            if key.startswith(MESH) and other in annotations and annotations[other] != value:
+                self.warnings.append(f"{other} is ignored: {key} is set and wins")
+
+    def has(self, name: str) -> bool:
+        return name in self.values
+
+    def key(self, name: str) -> str:
+        return self.values[name][0] if name in self.values else NGINX + name
+
+    def text(self, name: str) -> str | None:
+        if name not in self.values:
+            return None
+        value = self.values[name][1]
+        if not isinstance(value, str):
+            raise _Refused("annotation values are strings")
+        return value.strip()
+
+    def refuse(self, name: str, why: str) -> None:
+        key, value = self.values[name]
+        shown = f'"{value}"' if isinstance(value, str) else repr(value)
+        self.warnings.append(f"{key}: {shown} is refused: {why}")
+
+    def get(self, name: str, conv: Any, default: Any = None) -> Any:
+        """The converted value; a value `conv` refuses is reported and `default` used."""
+        try:
+            text = self.text(name)
+            return default if text is None else conv(text)
+        except _Refused as e:
+            self.refuse(name, str(e))
+            return default
+
+    def ignore(self, names: Any, why: str) -> None:
+        for name in sorted(names):
+            if name in self.values:
+                self.warnings.append(f"{self.key(name)} is ignored: {why}")
+
+
+# -- value parsers -----------------------------------------------------------------------------
+
+def _bool(text: str) -> bool:
+    b = _BOOLS.get(text.lower())
+    if b is None:
+        raise _Refused('not a boolean ("true" or "false")')
+    return b
+
+
+def _int_between(lo: int, hi: int) -> Any:
+    def conv(text: str) -> int:
+        if not re.fullmatch(r"[+-]?\d{1,12}", text):
+            raise _Refused("not a whole number")
+        n = int(text)
+        if not lo <= n <= hi:
+            raise _Refused(f"must be between {lo} and {hi}")
+        return n
+    return conv
+
+
+def _seconds(text: str) -> float:
+    """nginx's seconds ("60"); a unit "s" is taken too."""
+    m = re.fullmatch(r"(\d{1,9}(?:\.\d{1,9})?)s?", text)
+    if m is None:
+        raise _Refused("not a number of seconds")
+    return float(m.group(1))
+
+
+def _token(text: str) -> str:
+    if not _TOKEN.match(text):
+        raise _Refused("not a valid header or cookie name")
+    return text
+
+
+def _cidrs(text: str) -> tuple[str, ...]:
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise _Refused(f"{item} is not an IP address or CIDR") from None
+    if not out:
+        raise _Refused("no CIDR given")
+    return tuple(out)
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why Envoy (RE2) cannot use `pattern`, or None."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return f"not a valid regular expression: {e}"
+    if _NOT_RE2.search(pattern):
+        return "uses syntax RE2 does not have (lookaround, backreferences, atomic groups, " \
+            "possessive quantifiers)"
+    return None
+
+
+def _regex(text: str) -> str:
+    problem = regex_problem(text)
+    if problem is not None:
+        raise _Refused(problem)
+    return text
+
+
+def _substitution(text: str) -> str:
+    """nginx's rewrite replacement ($1 groups) as an Envoy substitution (\\1 groups)."""
+    if not text.startswith("/"):
+        raise _Refused("must be a path starting with /")
+    if "?" in text:
+        raise _Refused("a query in the target is not supported")
+    rest = _NUMBERED_GROUP.sub("", text)
+    if "$" in rest:
+        raise _Refused("nginx variables other than $1..$9 are not supported")
+    escaped = text.replace("\\", "\\\\")
+    return _NUMBERED_GROUP.sub(lambda m: "\\" + (m.group(1) or m.group(2)), escaped)
+
+
+def _list(text: str, item: re.Pattern[str], what: str) -> tuple[str, ...]:
+    out = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in out if not item.match(t)]
+    if bad:
+        raise _Refused(f"{', '.join(bad)}: not {what}")
+    return out
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+def parse(obj: KubeObject) -> IngressSettings:
+    """An Ingress's annotations as typed settings, with a warning for each one refused or
+    ignored."""
+    r = _Reader(obj.annotations)
+    canary = _canary(r)
+    if canary is not None:
+        # As in ingress-nginx: a canary inherits everything else from its main Ingress.
+        r.ignore([n for n in r.values if n not in CANARY_NAMES and n in SUPPORTED],
+                 "a canary Ingress takes its main Ingress's settings")
+        for key in r.unknown:
+            r.warnings.append(f"{key} is not supported: ignored")
+        return IngressSettings(canary=canary, warnings=tuple(r.warnings))
+    r.ignore([n for n in r.values if n in CANARY_NAMES and n != "canary"],
+             f'only for a canary Ingress ({r.key("canary")}: "true")')
+    fields: dict[str, Any] = {
+        "regex": r.get("use-regex", _bool, False), "regex_by": r.key("use-regex"),
+        # ingress-nginx redirects to HTTPS by default where the host has TLS. So do we for
+        # an Ingress written for it (with annotations of ours); a plain Ingress keeps being
+        # served on both ports, as before.
+        "ssl_redirect": r.get("ssl-redirect", _bool, bool(r.values)),
+        "force_ssl_redirect": r.get("force-ssl-redirect", _bool, False),
+        "host_rewrite": r.get("upstream-vhost", _host),
+        "cors": _cors(r), "retry": _retry(r)}
+    for part in (_rewrite(r), _rate_limits(r, obj.key), _sources(r), _timeouts(r),
+                 _session(r), _protocol(r)):
+        fields.update(part)
+    for key in r.unknown:
+        why = WHY_NOT.get(key.split("/", 1)[1])
+        r.warnings.append(f"{key} is not supported" + (f" ({why})" if why else "") +
+                          ": ignored")
+    return IngressSettings(**fields, warnings=tuple(r.warnings))
+
+
+def _host(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}(:\d{1,5})?", text):
+        raise _Refused("not a host name")
+    return text
+
+
+def _canary(r: _Reader) -> Canary | None:
+    if not r.get("canary", _bool, False):
+        return None
+    header = r.get("canary-by-header", _token)
+    value = r.get("canary-by-header-value", lambda t: t if t else None)
+    pattern = r.get("canary-by-header-pattern", _regex)
+    if header is None:
+        r.ignore({"canary-by-header-value", "canary-by-header-pattern"} & r.values.keys(),
+                 f"it needs {r.key('canary-by-header')}")
+        value = pattern = None
+    elif value is not None and pattern is not None:
+        r.ignore(["canary-by-header-pattern"],
+                 f"{r.key('canary-by-header-value')} is set and wins")
+        pattern = None
+    total = r.get("canary-weight-total", _int_between(1, 1_000_000), 100)
+    weight = r.get("canary-weight", _int_between(0, total), 0)
+    return Canary(header=header.lower() if header else None, header_value=value,
+                  header_pattern=pattern, cookie=r.get("canary-by-cookie", _token),
+                  weight=weight, weight_total=total)
+
+
+def _rewrite(r: _Reader) -> dict[str, Any]:
+    target = r.get("rewrite-target", _substitution)
+    if target is None:
+        return {}
+    # As in ingress-nginx, a rewrite makes the paths regular expressions.
+    return {"rewrite": target, "regex": True, "regex_by": r.key("rewrite-target")}
+
+
+def _rate_limits(r: _Reader, key: ObjectKey) -> dict[str, Any]:
+    multiplier = r.get("limit-burst-multiplier", _int_between(1, 1000), DEFAULT_BURST_MULTIPLIER)
+    exempt: tuple[str, ...] = ()
+    for name in ("limit-allowlist", "limit-whitelist"):  # the new name first
+        if r.has(name):
+            # A refused list exempts nobody: the limit holds for every client.
+            exempt = r.get(name, _cidrs, ())
+            break
+    limits = []
+    for name, unit in (("limit-rps", "Second"), ("limit-rpm", "Minute")):
+        n = r.get(name, _int_between(0, 1_000_000), 0)
+        if n:  # 0: no limit, as in ingress-nginx
+            # One counter per client address, as nginx's limit_req zone on $remote_addr.
+            limits.append(ir.RateLimit(
+                id=f"{key.namespace}/{key.name}/{name}", requests=n, unit=unit,
+                selectors=(ir.RateLimitSelector("SourceIP", "Distinct", value="0.0.0.0/0"),),
+                scope="Local", burst=n * multiplier, exempt_sources=exempt))
+    if not limits:
+        r.ignore({"limit-burst-multiplier", "limit-whitelist", "limit-allowlist"} &
+                 r.values.keys(), "it needs limit-rps or limit-rpm")
+    return {"rate_limits": tuple(limits)}
+
+
+def _sources(r: _Reader) -> dict[str, Any]:
+    for name in ("allowlist-source-range", "whitelist-source-range"):
+        if not r.has(name):
+            continue
+        try:
+            text = r.text(name)
+            return {"allowed_sources": _cidrs(text or "")}
+        except _Refused as e:
+            # Fail closed: an allow list we cannot read lets nobody in, not everybody.
+            r.refuse(name, f"{e}; the paths answer 403 until it is fixed")
+            return {"deny_all": True}
+    return {}
+
+
+def _timeouts(r: _Reader) -> dict[str, Any]:
+    read = r.get("proxy-read-timeout", _seconds)
+    send = r.get("proxy-send-timeout", _seconds)
+    idle = max((t for t in (read, send) if t is not None), default=None)
+    return {"connect_timeout": r.get("proxy-connect-timeout", _seconds), "idle_timeout": idle}
+
+
+def _session(r: _Reader) -> dict[str, Any]:
+    affinity = r.get("affinity", lambda t: t if t == "cookie" else _fail(
+        'the only affinity is "cookie"'))
+    names = {"affinity-mode", "session-cookie-name", "session-cookie-max-age",
+             "session-cookie-expires", "session-cookie-path"}
+    if affinity is None:
+        r.ignore(names & r.values.keys(), f'it needs {r.key("affinity")}: "cookie"')
+        return {}
+    r.get("affinity-mode", lambda t: t if t in ("balanced", "persistent") else _fail(
+        'affinity-mode is "balanced" or "persistent"'))
+    ttl = r.get("session-cookie-max-age", _int_between(0, 10 ** 9))
+    if ttl is None:
+        ttl = r.get("session-cookie-expires", _int_between(0, 10 ** 9))
+    else:
+        r.ignore({"session-cookie-expires"} & r.values.keys(),
+                 f"{r.key('session-cookie-max-age')} is set and wins")
+    path = r.get("session-cookie-path", lambda t: t if t.startswith("/") else _fail(
+        "a cookie path starts with /"))
+    return {"session": Session(r.get("session-cookie-name", _token, DEFAULT_COOKIE),
+                               float(ttl) if ttl else None, path)}
+
+
+def _fail(why: str) -> Any:
+    raise _Refused(why)
+
+
+def _protocol(r: _Reader) -> dict[str, Any]:
+    p = r.get("backend-protocol", lambda t: t.upper())
+    if p is None or p == "HTTP":
+        return {}
+    if p == "HTTPS":
+        return {"upstream_tls": True}
+    if p in ("GRPC", "H2C"):
+        return {"protocol": "h2c"}
+    if p in ("GRPCS", "AUTO_HTTP", "FCGI"):
+        r.warnings.append(f'{r.key("backend-protocol")}: "{p}" is not supported: the '
+                          "backend is spoken to in HTTP/1.1")
+    else:
+        r.refuse("backend-protocol", "one of HTTP, HTTPS, GRPC, GRPCS, H2C, AUTO_HTTP, FCGI")
+    return {}
+
+
+def _cors(r: _Reader) -> ir.Cors | None:
+    names = {"cors-allow-origin", "cors-allow-methods", "cors-allow-headers",
+             "cors-expose-headers", "cors-allow-credentials", "cors-max-age"}
+    if not r.get("enable-cors", _bool, False):
+        r.ignore(names & r.values.keys(), f'it needs {r.key("enable-cors")}: "true"')
+        return None
+    # A refused origin list allows no origin rather than ingress-nginx's default, any.
+    origins = r.get("cors-allow-origin", lambda t: _list(t, _ORIGIN, "an origin"), None)
+    if origins is None:
+        origins = () if r.has("cors-allow-origin") else ("*",)
+    return ir.Cors(
+        allow_origins=origins,
+        allow_methods=tuple(m.upper() for m in r.get(
+            "cors-allow-methods", lambda t: _list(t, _METHOD, "a method"), CORS_METHODS)),
+        allow_headers=r.get("cors-allow-headers",
+                            lambda t: _list(t, _HEADER_LIST_ITEM, "a header name"),
+                            CORS_HEADERS),
+        expose_headers=r.get("cors-expose-headers", lambda t: _list(
+            t, re.compile(r"^(\*|[A-Za-z0-9_-]{1,256})$"), "a header name"), ()),
+        allow_credentials=r.get("cors-allow-credentials", _bool, True),
+        max_age=r.get("cors-max-age", _int_between(0, 10 ** 9), CORS_MAX_AGE))
+
+
+def _retry(r: _Reader) -> ir.Retry | None:
+    if not r.has("proxy-next-upstream") and not r.has("proxy-next-upstream-tries"):
+        return None
+    conditions = r.get("proxy-next-upstream", _next_upstream, ("error", "timeout"))
+    tries = r.get("proxy-next-upstream-tries", _int_between(0, 100), DEFAULT_TRIES)
+    if "off" in conditions:
+        r.ignore({"proxy-next-upstream-tries"} & r.values.keys(),
+                 f'{r.key("proxy-next-upstream")} is "off"')
+        return None
+    triggers: list[str] = []
+    for c in conditions:
+        triggers += [t for t in NEXT_UPSTREAM.get(c, ()) if t not in triggers]
+    codes = tuple(sorted({NEXT_UPSTREAM_CODES[c] for c in conditions
+                          if c in NEXT_UPSTREAM_CODES}))
+    if codes:
+        triggers.append("retriable-status-codes")
+    if not triggers:  # non_idempotent alone: nginx then retries on nothing either
+        return None
+    attempts = UNLIMITED_RETRIES if tries == 0 else tries - 1
+    return ir.Retry(attempts, codes, triggers=tuple(triggers))
+
+
+def _next_upstream(text: str) -> tuple[str, ...]:
+    words = tuple(text.split())
+    bad = [w for w in words if w not in NEXT_UPSTREAM and w not in NEXT_UPSTREAM_CODES and
+           w != "off"]
+    if bad or not words:
+        raise _Refused(f"{' '.join(bad) or 'nothing'}: not among error, timeout, "
+                       "invalid_header, http_500, http_502, http_503, http_504, http_403, "
+                       "http_404, http_429, non_idempotent, off")
+    return words
+
+
+# -- applying settings to IR routes and backends ------------------------------------------------
+
+def regex_path(path: str) -> ir.StringMatch:
+    """An ingress-nginx regex location (`~* "^path"`): case-insensitive, from the start of
+    the path, whatever follows (Envoy matches the whole path)."""
+    return ir.StringMatch("RegularExpression", f"(?i)(?:{path}).*")
+
+
+def shape_route(s: IngressSettings, route: ir.Route, path: str | None) -> ir.Route:
+    """The route with the Ingress's route settings; `path` is the Ingress path when it is
+    matched as a regular expression (rewrite-target's groups refer to it)."""
+    a = route.action
+    if s.deny_all:
+        a = ir.DirectResponse(403, "")
+    elif isinstance(a, ir.Forward):
+        a = replace(a, retry=s.retry, idle_timeout=s.idle_timeout, host_rewrite=s.host_rewrite,
+                    # nginx's `rewrite` replaces the whole path when the location matches.
+                    regex_rewrite=(f"(?i)^(?:{path}).*", s.rewrite)
+                    if s.rewrite is not None and path is not None else None)
+    session = None
+    if s.session is not None:
+        # ingress-nginx's default is the location's path; a regular expression is no
+        # cookie path (ingress-nginx asks for session-cookie-path then): "/".
+        cookie_path = s.session.path or ("/" if path is not None else _plain(route.path))
+        session = ir.SessionPersistence("Cookie", s.session.name, s.session.ttl, cookie_path)
+    return replace(route, action=a, rate_limits=s.rate_limits, cors=s.cors, session=session,
+                   allowed_sources=s.allowed_sources)
+
+
+def _plain(m: ir.StringMatch) -> str:
+    return m.value if m.type in ("Exact", "Prefix", "PathSeparatedPrefix") and m.value else "/"
+
+
+def shape_backend(s: IngressSettings, b: ir.Backend) -> ir.Backend:
+    """A copy of the backend with the Ingress's backend settings."""
+    out = b
+    if s.connect_timeout is not None:
+        out = replace(out, settings=replace(out.settings, connect_timeout=s.connect_timeout))
+    if s.protocol is not None:
+        out = replace(out, protocol=s.protocol)
+    # A BackendTLSPolicy on the Service wins: it verifies, ingress-nginx's HTTPS does not.
+    if s.upstream_tls and out.tls is None:
+        # ingress-nginx sends no SNI by default (proxy-ssl-server-name off).
+        out = replace(out, tls=ir.UpstreamTLS(sni="", ca_pem=None, verify=False))
+    return out
+
+
+def cookie_regex(name: str, value: str) -> str:
+    """A whole cookie `name=value` in a Cookie header (Envoy matches the whole header)."""
+    return rf"(.*;\s*)?{re.escape(name)}={re.escape(value)}(\s*;.*)?"
+
+
+def canary_routes(main: ir.Route, forward: ir.Forward | None, c: Canary, canary: str,
+                  owner: ObjectKey) -> list[ir.Route]:
+    """The routes a canary adds in front of its main route, then the main route as a
+    weighted split: header (always / never, or the value, or the pattern), cookie (always /
+    never), weight. `forward` is what the main route's action would be with a backend (its
+    settings; None: the main route answers on its own, and so does the canary)."""
+    owners = main.owners | {owner}
+
+    def to(backend: str | None, label: str, match: ir.StringMatch) -> ir.Route:
+        a = main.action
+        if forward is not None and backend is not None:
+            # Even when the main backend is missing: the canary's is not.
+            a = replace(forward, backends=(ir.WeightedBackend(backend, 1),))
+        return replace(main, name=f"{main.name}/canary-{label}", headers=(*main.headers, match),
+                       action=a, owners=owners)
+
+    main_backend = None  # `never` goes where the main route goes
+    out = []
+    if c.header is not None:
+        if c.header_value is not None:
+            out.append(to(canary, "header", ir.StringMatch("Exact", c.header_value, c.header)))
+        elif c.header_pattern is not None:
+            # nginx looks for the pattern anywhere in the value; Envoy matches the whole.
+            out.append(to(canary, "header", ir.StringMatch(
+                "RegularExpression", f".*(?:{c.header_pattern}).*", c.header)))
+        else:
+            out.append(to(canary, "header", ir.StringMatch("Exact", "always", c.header)))
+            out.append(to(main_backend, "header-never",
+                          ir.StringMatch("Exact", "never", c.header)))
+    if c.cookie is not None:
+        out.append(to(canary, "cookie", ir.StringMatch(
+            "RegularExpression", cookie_regex(c.cookie, "always"), "cookie")))
+        out.append(to(main_backend, "cookie-never", ir.StringMatch(
+            "RegularExpression", cookie_regex(c.cookie, "never"), "cookie")))
+    a = main.action
+    if isinstance(a, ir.Forward) and c.weight > 0:
+        a = replace(a, backends=(*(replace(w, weight=w.weight * (c.weight_total - c.weight))
+                                   for w in a.backends),
+                                 ir.WeightedBackend(canary, c.weight)))
+    out.append(replace(main, action=a, owners=owners))
+    return out
