@@ -34,6 +34,7 @@ def test_bootstrap_matches_golden_file() -> None:
         xds=ListenAddress.parse("unix:/run/mesh/xds.sock"),
         admin=ListenAddress.parse("unix:/run/mesh/envoy-admin.sock"),
         max_downstream_connections=1000,
+        ratelimit=ListenAddress.parse("unix:/run/mesh/ratelimit.sock"),
     )
     got = yaml.safe_dump(bootstrap(cfg), sort_keys=False)
     path = GOLDEN / "bootstrap.yaml"
