@@ -92,7 +92,12 @@ class _Variants:
             return {}
         bases = {b.name: b for b in routes.backends()}
         made, missing = [], {}
+        # Routes that never forward (a redirect, a refused allow list) need no copy.
+        sent_to = {w.backend for r in used if isinstance(r.action, ir.Forward)
+                   for w in r.action.backends}
         for variant, (name, s) in sorted(self.wanted.items()):
+            if variant not in sent_to:
+                continue
             base = bases.get(name)
             if base is None:
                 missing[variant] = name
