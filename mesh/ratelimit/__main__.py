@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def main(listen: str, redis_url: str, redis_timeout_ms: int, redis_connect_timeo
     from meshxds.server import ListenAddress
 
     logs.setup(log_level, log_format)
+    # hpack logs every header it decodes at debug: a line per header of every decision.
+    logging.getLogger("hpack").setLevel(logging.INFO)
     try:
         ListenAddress.parse(listen)
         RedisAddress.parse(redis_url)

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -44,11 +45,34 @@ class Stats:
     unavailable: int = 0  # requests answered UNAVAILABLE
 
 
+class _ShadowLog:
+    """A line per shadow limit that would deny, at most one a minute per limit (with how many
+    since the last): the metric counts them all."""
+
+    def __init__(self, every: float = 60.0, remember: int = 1024) -> None:
+        self._every = every
+        self._remember = remember
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def report(self, policy: str) -> None:
+        now = time.monotonic()
+        last, count = self._last.get(policy, (-math.inf, 0))
+        if now - last < self._every:
+            self._last[policy] = (last, count + 1)
+            return
+        if len(self._last) >= self._remember:
+            self._last.clear()
+        self._last[policy] = (now, 0)
+        log.info("shadow limit would deny", extra={"policy": policy,
+                                                   "since_last_line": count + 1})
+
+
 class Limiter:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.stats = Stats()
         self.problems = ProblemLog()
+        self._shadow_log = _ShadowLog()
 
     def decide(self, request: Any) -> rls_pb2.RateLimitResponse | Awaitable[
             rls_pb2.RateLimitResponse]:
@@ -113,7 +137,8 @@ class Limiter:
         if would_limit:
             self.stats.shadow_would_limit += len(would_limit)
             resp.response_headers_to_add.add(key=SHADOW_HEADER, value="would-limit")
-            log.info("shadow limit would deny", extra={"policies": would_limit})
+            for policy in would_limit:
+                self._shadow_log.report(policy)
         return resp
 
 
