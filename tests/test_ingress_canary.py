@@ -76,11 +76,11 @@ class Bed:
         self.conn = http.client.HTTPConnection(address, 80, timeout=5)
         self.step = 0
 
-    def get(self, headers: dict[str, str] | None = None, host: str = HOST
+    def get(self, headers: dict[str, str] | None = None, host: str = HOST, path: str = "/"
             ) -> tuple[int, bytes]:
         for attempt in range(2):
             try:
-                self.conn.request("GET", "/", headers={"Host": host, **(headers or {})})
+                self.conn.request("GET", path, headers={"Host": host, **(headers or {})})
                 resp = self.conn.getresponse()
                 return resp.status, resp.read()
             except (http.client.HTTPException, ConnectionError):
@@ -241,3 +241,36 @@ def test_canary_status_and_a_second_canary_is_ignored(bed: Bed) -> None:
             what="the late canary's status")
     finally:
         (bed.manifests / "late.yaml").unlink()
+
+
+def test_rewrite_target_and_redirect_in_envoy(bed: Bed) -> None:
+    """Not canaries, but the regular expressions Envoy (RE2) must take as ingress-nginx's:
+    a case-insensitive path from its start, rewrite-target's groups, the query kept."""
+    rewrite = _ingress("rewrite", "main", {NGINX + "rewrite-target": "/$2"},
+                       "2026-01-04T00:00:00Z", host="rewrite.example")
+    rewrite["spec"]["rules"][0]["http"]["paths"][0].update(
+        path="/api(/|$)(.*)", pathType="ImplementationSpecific")
+    redirect = _ingress("redirect", "main", {NGINX + "force-ssl-redirect": "true"},
+                        "2026-01-04T00:00:00Z", host="redirect.example")
+    (bed.manifests / "rewrite.yaml").write_text(yaml.safe_dump_all([rewrite, redirect]))
+    try:
+        wait_until(lambda: bed.get(host="rewrite.example", path="/api")[0] == 200,
+                   timeout=15, what="the rewrite Ingress")
+
+        def seen(path: str) -> str:
+            status, body = bed.get(host="rewrite.example", path=path)
+            assert status == 200, (path, status, body)
+            return str(json.loads(body)["path"])
+
+        assert seen("/api/users/7?x=1") == "/users/7?x=1"
+        assert seen("/API/users") == "/users"
+        assert seen("/api") == "/"
+        assert bed.get(host="rewrite.example", path="/apix")[0] == 404
+        assert bed.get(host="rewrite.example", path="/v1/api/x")[0] == 404
+        bed.conn.request("GET", "/a/b?c=d", headers={"Host": "redirect.example"})
+        resp = bed.conn.getresponse()
+        resp.read()
+        assert (resp.status, resp.getheader("location")) == (
+            308, "https://redirect.example/a/b?c=d")
+    finally:
+        (bed.manifests / "rewrite.yaml").unlink()
