@@ -92,6 +92,7 @@ def to_json_schema(node: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+Draft202012Validator.check_schema(to_json_schema(SCHEMA))
 VALIDATOR = Draft202012Validator(to_json_schema(SCHEMA))
 
 
@@ -591,6 +592,7 @@ def test_cel_rules_look_like_cel() -> None:
         rule, message = v["rule"], v["message"]
         assert isinstance(rule, str) and "self" in rule, path
         assert isinstance(message, str) and message.strip(), path
+        assert "\n" not in message, path  # an API server refuses line breaks in a message
         code = re.sub(r"'[^']*'", "''", rule)  # string literals out
         assert '"' not in code and code.count("'") % 2 == 0, rule
         for opening, closing in ("()", "[]", "{}"):
