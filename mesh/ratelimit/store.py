@@ -50,6 +50,8 @@ class Unavailable(Exception):
     """Redis cannot decide now: the caller answers UNAVAILABLE, Envoy's failure mode decides."""
 
 
+# A timer this late means the event loop was stalled (epoll's resolution is 1 ms).
+_STALL = 0.003
 # Failures that mean "Redis is not answering", as opposed to one call's error reply.
 _DOWN_ERRORS = (RedisError, OSError, TimeoutError, EOFError)
 
@@ -282,6 +284,33 @@ def _backend(address: RedisAddress, cfg: StoreConfig) -> _Backend:
     return _Cluster(RedisCluster(startup_nodes=nodes, **kwargs, **auth))
 
 
+class _Deadline:
+    """Expires `timeout` at `when`, but not for the event loop's own delay: a timer that
+    fires late means the loop was held up (a long callback, the collector), and the replies
+    may be in the socket already, their reader scheduled behind the timer; then they get
+    one more turn of the loop."""
+
+    def __init__(self, timeout: asyncio.Timeout, when: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._active = True
+        self._handle: asyncio.Handle = self._loop.call_at(when, self._fire, when)
+
+    def _fire(self, when: float) -> None:
+        if self._loop.time() - when > _STALL:
+            self._handle = self._loop.call_soon(self._expire)
+        else:
+            self._expire()
+
+    def _expire(self) -> None:
+        if self._active:
+            self._timeout.reschedule(self._loop.time())
+
+    def cancel(self) -> None:
+        self._active = False
+        self._handle.cancel()
+
+
 class Store:
     """The counters. `run` is the batcher (and, while Redis is down, the probe): the one
     task that talks to Redis; `decide` may be called by any number of requests at once."""
@@ -319,9 +348,14 @@ class Store:
         self.stats.batches += 1
         self.stats.calls += len(batch)
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.cfg.timeout):
-                replies = await self._backend.execute([call for call, _ in batch])
+            async with asyncio.timeout(None) as timeout:
+                deadline = _Deadline(timeout, loop.time() + self.cfg.timeout)
+                try:
+                    replies = await self._backend.execute([call for call, _ in batch])
+                finally:
+                    deadline.cancel()
         except _DOWN_ERRORS as e:
             self._went_down(e)
             for _, fut in batch:
