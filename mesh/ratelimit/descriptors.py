@@ -58,12 +58,11 @@ def _counter_key(domain: str, entries: list[tuple[str, str]], unit: str) -> str:
     # Length-prefixed, so no choice of keys and values can make two descriptors collide;
     # hashed, so client data never reaches a key raw. The limit and shadow entries are left
     # out: changing a limit keeps its counter.
-    h = hashlib.sha256()
+    parts: list[bytes] = []
     for part in (domain, unit, *(x for kv in entries for x in kv)):
         raw = part.encode()
-        h.update(len(raw).to_bytes(4, "big"))
-        h.update(raw)
-    return KEY_PREFIX + h.hexdigest()[:32]
+        parts += (len(raw).to_bytes(4, "big"), raw)
+    return KEY_PREFIX + hashlib.sha256(b"".join(parts)).hexdigest()[:32]
 
 
 def parse(domain: str, descriptor: Any, request_hits: int) -> Limit | Problem:
