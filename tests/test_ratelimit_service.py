@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import http.client
 import logging
+import random
 import signal
 import socket
 import stat
@@ -29,6 +30,7 @@ import yaml
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from hpack import Encoder
+from redis.crc import key_slot
 
 from mesh.echo import EchoServer
 from mesh.envoy.supervisor import envoy_binary
@@ -55,10 +57,13 @@ class RedisProcess:
     can be stopped, paused (SIGSTOP: it hangs without closing anything) and started again
     at the same address."""
 
-    def __init__(self, workdir: Path, unix: bool = False) -> None:
+    def __init__(self, workdir: Path, unix: bool = False, port: int | None = None,
+                 extra: tuple[str, ...] = (), config: str | None = None) -> None:
         self.workdir = workdir
-        self.port = 0 if unix else _free_port()
+        self.port = 0 if unix else port or _free_port()
         self.socket = workdir / "redis.sock" if unix else None
+        self.extra = extra
+        self.config = config  # a config file's text (sentinels need one they can write)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,8 +71,13 @@ class RedisProcess:
         return f"unix://{self.socket}" if self.socket else f"redis://127.0.0.1:{self.port}"
 
     def start(self) -> RedisProcess:
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [REDIS_SERVER]
+        if self.config is not None:
+            (self.workdir / "redis.conf").write_text(self.config)
+            args.append(str(self.workdir / "redis.conf"))
+        args += ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(self.workdir), *self.extra]
         if self.socket is not None:
             args += ["--unixsocket", str(self.socket), "--unixsocketperm", "700"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
@@ -539,6 +549,106 @@ def test_the_command_stops_on_sigterm(redis: RedisProcess, tmp_path: Path) -> No
     assert bad.returncode == 2 and "non-loopback" in bad.stderr
 
 
+# -- Sentinel and Cluster
+
+
+def _cluster_port() -> int:
+    # A cluster node also listens on its port + 10000 (the cluster bus).
+    while True:
+        port = random.randint(20000, 45000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+
+
+def test_redis_sentinel(tmp_path: Path) -> None:
+    master = RedisProcess(tmp_path / "master").start()
+    sentinel = RedisProcess(tmp_path / "sentinel", extra=("--sentinel",), config=(
+        f"sentinel monitor shared 127.0.0.1 {master.port} 1\n"))
+    try:
+        sentinel.start()
+        s = Service("127.0.0.1:0", f"redis-sentinel://127.0.0.1:{sentinel.port}/shared").start()
+        try:
+            with grpc.insecure_channel(s.target) as channel:
+                stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+                wait_until(lambda: _ready(channel), timeout=5, what="the service answering")
+                d = descriptor(policy(), "2/Minute")
+                assert [_decide(stub, d)[0] for _ in range(3)] == [Code.OK, Code.OK,
+                                                                   Code.OVER_LIMIT]
+        finally:
+            s.close()
+        assert b"mesh:rl:" in master.command("KEYS", "mesh:rl:*")
+    finally:
+        sentinel.stop()
+        master.stop()
+
+
+def test_redis_cluster(tmp_path: Path) -> None:
+    nodes = [RedisProcess(tmp_path / f"node{i}", port=_cluster_port(), extra=(
+        "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")) for i in range(3)]
+    try:
+        for node, (first, last) in zip(nodes, ((0, 5460), (5461, 10922), (10923, 16383)),
+                                       strict=True):
+            node.start()
+            assert node.command("CLUSTER", "ADDSLOTSRANGE", str(first), str(last)) == b"+OK\r\n"
+        for node in nodes[1:]:
+            nodes[0].command("CLUSTER", "MEET", "127.0.0.1", str(node.port))
+        wait_until(lambda: all(b"cluster_state:ok" in n.command("CLUSTER", "INFO")
+                               for n in nodes), timeout=10, what="the cluster")
+        s = Service("127.0.0.1:0", f"redis-cluster://127.0.0.1:{nodes[0].port}").start()
+        try:
+            with grpc.insecure_channel(s.target) as channel:
+                stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+                wait_until(lambda: _ready(channel), timeout=5, what="the service answering")
+                # Counters spread over slots (and nodes): one call per slot.
+                ds = [descriptor(policy(), "2/Minute") for _ in range(6)]
+                slots = {key_slot(descriptors.parse("mesh", d, 1).key.encode())  # type: ignore[union-attr]
+                         for d in ds}
+                assert len(slots) > 1
+                codes = [stub.ShouldRateLimit(request(*ds)).overall_code for _ in range(3)]
+                assert codes == [Code.OK, Code.OK, Code.OVER_LIMIT]
+                one = descriptor(policy(), "50/Minute")
+                assert asyncio.run(_hammer(s.target, one, 200, 10)) == 50
+                # Hung node: fast failures, then limiting resumes.
+                nodes[1].pause()
+                spread = _one_per_node([(0, 5460), (5461, 10922), (10923, 16383)])
+                for _ in range(3):
+                    code, elapsed = _decide_all(stub, spread)
+                    assert code == grpc.StatusCode.UNAVAILABLE and elapsed < 0.05
+                nodes[1].resume()
+                wait_until(lambda: _decide_all(stub, spread)[0] == Code.OK, timeout=5,
+                           what="decisions after the node resumed")
+        finally:
+            s.close()
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def _one_per_node(ranges: list[tuple[int, int]]) -> list[ratelimit_pb2.RateLimitDescriptor]:
+    found: dict[int, ratelimit_pb2.RateLimitDescriptor] = {}
+    while len(found) < len(ranges):
+        d = descriptor(policy(), "100/Minute")
+        limit = descriptors.parse("mesh", d, 1)
+        assert isinstance(limit, descriptors.Limit)
+        slot = key_slot(limit.key.encode())
+        found.setdefault(next(i for i, (a, b) in enumerate(ranges) if a <= slot <= b), d)
+    return list(found.values())
+
+
+def _decide_all(stub: Any, ds: list[ratelimit_pb2.RateLimitDescriptor]) -> tuple[Any, float]:
+    start = time.monotonic()
+    try:
+        result: Any = stub.ShouldRateLimit(request(*ds), timeout=2).overall_code
+    except grpc.RpcError as e:
+        result = e.code()
+    return result, time.monotonic() - start
+
+
 # -- the HTTP/2 transport's flow control, frame by frame
 
 
@@ -597,6 +707,28 @@ def test_h2_respects_the_clients_flow_control() -> None:
             frames += _read_frames(sock, lambda fs: any(
                 f[0] == h2grpc.HEADERS and f[1] & h2grpc.END_STREAM for f in fs))
             assert data(frames) == b"\x00" + struct.pack(">I", 30) + message * 3
+
+    asyncio.run(main())
+
+
+def test_h2_header_cache_follows_the_hpack_table() -> None:
+    async def main() -> None:
+        server = h2grpc.UnaryServer({})
+        conn = h2grpc._Connection(server)
+        encoder = Encoder()
+        first = encoder.encode([("x-a", "1")])  # inserts x-a: 1 in the dynamic table
+        again = encoder.encode([("x-a", "1")])  # refers to it
+        assert first != again
+        for _ in range(2):
+            assert conn._decode(first) == {b"x-a": b"1"}
+            assert conn._decode(again) == {b"x-a": b"1"}
+        # A new insertion moves every index: the same bytes now mean another field.
+        assert conn._decode(encoder.encode([("x-a", "2")])) == {b"x-a": b"2"}
+        assert conn._decode(again) == {b"x-a": b"2"}
+        # A literal never indexed changes nothing and may be cached as it is.
+        literal = b"\x00\x03x-b\x013"
+        assert conn._decode(literal) == conn._decode(literal) == {b"x-b": b"3"}
+        assert conn._decode(again) == {b"x-a": b"2"}
 
     asyncio.run(main())
 
