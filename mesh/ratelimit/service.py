@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -107,7 +107,7 @@ class Limiter:
         return self._response(parsed, admitted, iter(verdicts))
 
     def _response(self, parsed: list[Limit | Problem], admitted: bool,
-                  verdicts: Any) -> rls_pb2.RateLimitResponse:
+                  verdicts: Iterator[Verdict]) -> rls_pb2.RateLimitResponse:
         Status = rls_pb2.RateLimitResponse.DescriptorStatus
         resp = rls_pb2.RateLimitResponse(overall_code=OK if admitted else OVER_LIMIT)
         retry_ms = 0

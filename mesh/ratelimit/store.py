@@ -324,7 +324,6 @@ class Store:
         self._pending: list[tuple[_Call, asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._up = False
-        self.ready = asyncio.Event()  # set once Redis answered the first time
 
     @property
     def up(self) -> bool:
@@ -389,6 +388,7 @@ class Store:
     async def _probe(self, first: bool = False) -> None:
         """Return once Redis answers (connected, script loaded)."""
         started = time.monotonic()
+        attempts = 0
         while True:
             if not first:
                 await asyncio.sleep(self.cfg.down_for)
@@ -397,10 +397,13 @@ class Store:
                 async with asyncio.timeout(self.cfg.connect_timeout):
                     await self._backend.connect()
             except _DOWN_ERRORS as e:
-                log.debug("redis probe failed", extra={"error": str(e) or type(e).__name__})
+                # After a failure the warning is said; at the start, say it once here.
+                (log.warning if attempts == 0 and not self.stats.batches else log.debug)(
+                    "redis not reachable: decisions fail until it is", extra={
+                        "redis": str(self.address), "error": str(e) or type(e).__name__})
+                attempts += 1
                 continue
             self._up = True
-            self.ready.set()
             log.info("redis answering", extra={
                 "redis": str(self.address),
                 "after_s": round(time.monotonic() - started, 3)})
