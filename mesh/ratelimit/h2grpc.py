@@ -1,11 +1,12 @@
 """A small gRPC server for unary calls, on HTTP/2 written for it: the rate limit service's
 transport.
 
-Why not grpcio: measured here (2 cores, the server pinned to one), grpcio's asyncio server
-answers at most ~5,000 calls/s with a handler that does nothing (its per-call tasks and
-thread hand-offs cost ~200 us of the core), ~2,300/s with a Redis decision behind it; its
-threaded server ~8,000/s empty. This server answers the same empty calls at ~18,000/s with
-the core half idle, so a decision costs mostly its own work.
+Why not grpcio: measured here (2 cores, the server pinned to one, the load on the other),
+grpcio's asyncio server answers at most ~5,000 calls/s with a handler that does nothing
+(its per-call tasks and thread hand-offs cost ~200 us of the core), its threaded server
+~8,000/s; the rate limit service on grpcio's asyncio server (`--transport grpcio`) makes
+~2,600 decisions/s at ~385 us of CPU each. On this server the same decisions cost ~40 us
+(benchmarks/rls_load.py: ~17,000/s with the core two-thirds busy): mostly their own work.
 
 Scope: what a gRPC client (Envoy's, grpcio's) does with a unary method. HTTP/2 as RFC 9113
 has it for a server that never pushes: the preface and SETTINGS, HPACK header blocks (the
