@@ -66,3 +66,19 @@ def decode(tp: Any, data: Any) -> Any:
     if tp is float and isinstance(data, int):
         return float(data)
     return data
+
+
+# Protobuf map fields: their JSON key order follows the runtime's map iteration, which upb
+# does not keep stable from run to run.
+_MAP_FIELDS = frozenset({"typedPerFilterConfig", "typedExtensionProtocolOptions",
+                         "filterMetadata", "typedFilterMetadata"})
+
+
+def sorted_maps(value: Any) -> Any:
+    """Envoy JSON with protobuf map fields in key order (golden files compare as text)."""
+    if isinstance(value, dict):
+        return {k: sorted_maps(v) if k not in _MAP_FIELDS or not isinstance(v, dict)
+                else {mk: sorted_maps(v[mk]) for mk in sorted(v)} for k, v in value.items()}
+    if isinstance(value, list):
+        return [sorted_maps(v) for v in value]
+    return value

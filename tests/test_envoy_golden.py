@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from mesh import ir
 from mesh.sinks.envoy.translate import EnvoyCache, to_envoy
 from meshxds import types
-from tests.ircodec import decode, encode
+from tests.ircodec import decode, encode, sorted_maps
 
 GOLDEN = Path(__file__).parent / "golden" / "envoy"
 CASES = sorted(p.stem for p in GOLDEN.glob("*.yaml"))
@@ -31,7 +31,8 @@ def load_ir(case: str) -> ir.IR:
 def resources(model: ir.IR, cache: EnvoyCache | None = None) -> dict[str, Any]:
     envoy = to_envoy(model, cache)
     out = sorted(
-        ({"@type": types.type_url_of(m), **json.loads(json_format.MessageToJson(m))}
+        ({"@type": types.type_url_of(m),
+          **sorted_maps(json.loads(json_format.MessageToJson(m)))}
          for m in envoy.resources),
         key=lambda d: (types.PUSH_ORDER.index(d["@type"]), d.get("name") or
                        d.get("clusterName", "")))

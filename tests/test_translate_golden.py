@@ -24,6 +24,7 @@ from mesh.store.store import Store, StoreSnapshot
 from mesh.translate import Translation, TranslationMemo, TranslatorConfig, translate
 from mesh.translate.status import GatewayStatus
 from meshxds import types
+from tests.ircodec import sorted_maps
 
 GOLDEN = Path(__file__).parent / "golden" / "translate"
 CASES = sorted(p.stem for p in GOLDEN.glob("*.yaml"))
@@ -49,7 +50,8 @@ def plain(value: Any) -> Any:
 def stages(translation: Translation) -> dict[str, Any]:
     envoy = to_envoy(translation.ir)
     resources = sorted(
-        ({"@type": types.type_url_of(m), **json.loads(json_format.MessageToJson(m))}
+        ({"@type": types.type_url_of(m),
+          **sorted_maps(json.loads(json_format.MessageToJson(m)))}
          for m in envoy.resources),
         key=lambda d: (types.PUSH_ORDER.index(d["@type"]), types.SHORT_NAMES[d["@type"]],
                        d.get("name") or d.get("clusterName", "")))
