@@ -208,6 +208,9 @@ def status_cmd(state_dir: Path, output: str) -> None:
             continue
         meta = item["metadata"]
         accepted, programmed, detail = _summary(st)
+        events = item.get("events") or []
+        if events:  # what was refused or ignored (an Ingress's annotations)
+            detail = f"{detail}; {len(events)} warning(s): {events[0]['message']}"
         table.add_row(item["kind"], meta.get("namespace", ""), meta["name"], accepted,
                       programmed, detail)
     console.print(table)
@@ -220,6 +223,8 @@ def _summary(status: dict[str, Any]) -> tuple[str, str, str]:
         conds += parent.get("conditions", [])
     for li in status.get("listeners", []):
         conds += li.get("conditions", [])
+    for ancestor in status.get("ancestors", []):
+        conds += ancestor.get("conditions", [])
 
     def state(type_: str) -> str:
         found = [c for c in conds if c["type"] == type_]

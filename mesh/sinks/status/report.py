@@ -16,7 +16,11 @@ from mesh.sinks.sink import READY, Readiness, State, combine
 from mesh.store.kinds import NODE
 from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
-from mesh.translate.status import ObjectStatus, Reason, with_programmed
+from mesh.translate.status import IngressStatus, ObjectStatus, Reason, with_programmed
+
+# The key under which a status carries Event-like warnings that the API's status has no place
+# for (an Ingress's annotations refused): writers take it out and show it beside the status.
+EVENTS = "@events"
 
 
 def _now() -> str:
@@ -112,6 +116,9 @@ class StatusReport:
                 new[key] = self.current[key]
                 continue
             st = with_programmed(status, *programmed(r), obj.generation).to_kubernetes()
+            if isinstance(status, IngressStatus) and status.warnings:
+                # Not part of the API's status: the writers show them beside it (Events).
+                st[EVENTS] = status.events()
             stamp_transitions(st, self.current.get(key), now)
             changed = changed or st != self.current.get(key)
             new[key] = st

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from mesh.sinks.status.report import EVENTS
 from mesh.store.objects import KubeObject, ObjectKey
 
 
@@ -46,8 +47,12 @@ class FileStatusWriter:
                 if obj.namespace:
                     meta["namespace"] = obj.namespace
                 body["metadata"] = meta
+                status = dict(status)
+                events = status.pop(EVENTS, None)
                 if status:
                     body["status"] = status
+                if events:
+                    body["events"] = events
                 text = json.dumps(body, default=str)
             cache[key] = (obj.version, status, text)
             parts.append(text)
