@@ -294,13 +294,15 @@ def echo(listen: tuple[str, ...], tls_listen: tuple[str, ...], cert: str | None,
         pass
 
 
-def _add_lab() -> None:
+def _add_commands() -> None:
     from mesh.lab.cli import lab
+    from mesh.ratelimit.__main__ import main as ratelimit
 
     main.add_command(lab)
+    main.add_command(ratelimit)  # the node's rate limit service (mesh run starts it)
 
 
-_add_lab()
+_add_commands()
 
 if __name__ == "__main__":
     main()
