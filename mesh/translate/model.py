@@ -342,6 +342,7 @@ class HTTPRule:
     backends: tuple[BackendRef, ...]
     timeouts: Timeouts = Timeouts()
     retry: Retry | None = None
+    session_persistence: Mapping[str, Any] | None = None  # read by the route builder
 
 
 @dataclass(frozen=True)
@@ -393,6 +394,7 @@ def parse_http_route(obj: KubeObject) -> Route:
                 backend_request=t.get("backendRequest")
                 if isinstance(t.get("backendRequest"), str) else None),
             retry=retry,
+            session_persistence=_map(raw.get("sessionPersistence")) or None,
         ))
     return Route(obj, _parent_refs(obj), _hostnames(obj), http_rules=tuple(rules))
 

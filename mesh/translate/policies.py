@@ -440,11 +440,16 @@ def _load_balancer(raw: Any) -> Balancing | None:
     return Balancing(ir.LoadBalancer(kind, algorithm, table, window), hash_policy)
 
 
-def _session(raw: Any) -> ir.SessionPersistence | None:
-    m = _map(raw, "spec.sessionPersistence")
+def parse_session_persistence(raw: Any, where: str) -> ir.SessionPersistence | None:
+    """The Gateway API's SessionPersistence (an HTTPRoute rule's, or a policy's)."""
+    return _session(raw, where)
+
+
+def _session(raw: Any, where: str = "spec.sessionPersistence") -> ir.SessionPersistence | None:
+    m = _map(raw, where)
     if not m:
         return None
-    w = "spec.sessionPersistence."
+    w = where + "."
     kind = _enum(m.get("type"), w + "type", ("Cookie", "Header"), "Cookie")
     name = _name(m.get("sessionName", "mesh-session"), w + "sessionName")
     ttl = _duration(m.get("absoluteTimeout"), w + "absoluteTimeout")

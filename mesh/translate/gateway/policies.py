@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mesh import ir
+from mesh.store import kinds
 from mesh.store.kinds import GATEWAY_GROUP, GroupKind
 from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
@@ -104,6 +105,22 @@ class PolicyIndex:
                                          "service: run the agent with --ratelimit-redis URL")
                 continue
             self.policies.append(p)
+        # The Gateway API's own (experimental) XBackendTrafficPolicy, per Service: its retry
+        # budget and session persistence come before a TrafficPolicy's.
+        self.backend_policies: dict[tuple[str, str], XBackendPolicy] = {}
+        self.backend_invalid: dict[ObjectKey, tuple[KubeObject, str]] = {}
+        self.backend_conflicts: dict[ObjectKey, XBackendPolicy] = {}
+        for obj in sorted(snapshot.of_kind(kinds.X_BACKEND_TRAFFIC_POLICY),
+                          key=lambda o: (o.created, o.namespace, o.name)):
+            try:
+                xp = _parse_x_backend(obj)
+            except model.Invalid as e:
+                self.backend_invalid[obj.key] = (obj, str(e))
+                continue
+            for svc in xp.services:
+                winner = self.backend_policies.setdefault((obj.namespace, svc), xp)
+                if winner is not xp:
+                    self.backend_conflicts[obj.key] = winner
         self.by_target: dict[Target, list[TrafficPolicy]] = {}
         for p in self.policies:  # oldest first
             for t in p.targets:
@@ -118,7 +135,15 @@ class PolicyIndex:
                     self.conflicts[(loser.obj.key, target, feature)] = setting[0]
 
     def __bool__(self) -> bool:
-        return bool(self.policies)
+        return bool(self.policies) or bool(self.backend_policies)
+
+    def backend_session(self, backend: str | None) -> ir.SessionPersistence | None:
+        """An XBackendTrafficPolicy's session persistence for a backend (ns/svc/port)."""
+        if backend is None or not self.backend_policies:
+            return None
+        ns, name, _ = backend.split("|", 1)[0].split("/", 2)
+        xp = self.backend_policies.get((ns, name))
+        return xp.session if xp is not None else None
 
     def decide(self, scope: Scope, features: Iterable[str] = policies.FEATURES) -> Decision:
         out = Decision()
@@ -147,7 +172,14 @@ class PolicyIndex:
                 if winner is not None:
                     d.by_feature[feature] = winner
                     break
-        return backend_settings(d, ir.BackendSettings())
+        out = backend_settings(d, ir.BackendSettings())
+        xp = self.backend_policies.get((namespace, name))
+        if xp is not None and xp.budget_percent is not None:
+            out = replace(out, circuit_breaker=replace(
+                out.circuit_breaker or ir.CircuitBreaker(),
+                retry_budget_percent=xp.budget_percent,
+                retry_budget_min_concurrency=xp.min_retry_concurrency))
+        return out
 
     # -- status ------------------------------------------------------------------------------
 
@@ -165,6 +197,25 @@ class PolicyIndex:
                 ancestors.append(ParentStatus(ref, controller, Conditions([condition(
                     Type.ACCEPTED, False, Reason.INVALID, message, obj.generation)])))
             out[obj.key] = PolicyStatus(ancestors)
+        for obj, message in self.backend_invalid.values():
+            out[obj.key] = PolicyStatus([ParentStatus(
+                model.ParentRef("", "Service", obj.namespace, str(t.get("name", ""))),
+                controller, Conditions([condition(Type.ACCEPTED, False, Reason.INVALID,
+                                                  message, obj.generation)]))
+                for t in model.as_list(obj.spec.get("targetRefs"))[:policies.MAX_TARGETS]
+                if isinstance(t, dict)])
+        for xp in {id(v): v for v in self.backend_policies.values()}.values():
+            out[xp.obj.key] = self._x_backend_status(xp, controller)
+        for key, winner in self.backend_conflicts.items():
+            loser = self.s.get(kinds.X_BACKEND_TRAFFIC_POLICY, key.namespace, key.name)
+            if loser is not None and key not in out:
+                out[key] = PolicyStatus([ParentStatus(
+                    model.ParentRef("", "Service", key.namespace, svc), controller,
+                    Conditions([condition(
+                        Type.ACCEPTED, False, Reason.CONFLICTED,
+                        f"XBackendTrafficPolicy {winner.obj.namespace}/{winner.obj.name} "
+                        "targets the same Service and is older", loser.generation)]))
+                    for svc in _parse_x_backend(loser).services])
         overrides = self._overrides()
         for p in self.policies:
             ancestors = []
@@ -174,6 +225,24 @@ class PolicyIndex:
                               for ref, c in self._target_status(p, target, overrides)]
             out[p.obj.key] = PolicyStatus(ancestors)
         return out
+
+    def _x_backend_status(self, xp: XBackendPolicy, controller: str) -> PolicyStatus:
+        ancestors = []
+        for svc in xp.services:
+            ref = model.ParentRef("", "Service", xp.obj.namespace, svc)
+            if self.s.get(kinds.SERVICE, xp.obj.namespace, svc) is None:
+                c = condition(Type.ACCEPTED, False, Reason.TARGET_NOT_FOUND,
+                              f"Service {xp.obj.namespace}/{svc} does not exist",
+                              xp.obj.generation)
+            elif self.backend_policies.get((xp.obj.namespace, svc)) is not xp:
+                c = condition(Type.ACCEPTED, False, Reason.CONFLICTED,
+                              "an older XBackendTrafficPolicy targets the same Service",
+                              xp.obj.generation)
+            else:
+                c = condition(Type.ACCEPTED, True, Reason.ACCEPTED,
+                              f"applies to Service {xp.obj.namespace}/{svc}", xp.obj.generation)
+            ancestors.append(ParentStatus(ref, controller, Conditions([c])))
+        return PolicyStatus(ancestors)
 
     def _target_status(self, p: TrafficPolicy, target: Target,
                        overrides: dict[ObjectKey, list[str]]
@@ -262,6 +331,47 @@ class PolicyIndex:
         return out
 
 
+@dataclass(frozen=True)
+class XBackendPolicy:
+    """The parts of an XBackendTrafficPolicy (gateway.networking.x-k8s.io) we apply."""
+
+    obj: KubeObject
+    services: tuple[str, ...]
+    budget_percent: float | None = None
+    min_retry_concurrency: int | None = None
+    session: ir.SessionPersistence | None = None
+
+
+def _parse_x_backend(obj: KubeObject) -> XBackendPolicy:
+    services = []
+    for i, t in enumerate(model.as_list(obj.spec.get("targetRefs"))[:policies.MAX_TARGETS + 1]):
+        if not isinstance(t, dict) or t.get("group", "") != "" or t.get("kind") != "Service" \
+                or not isinstance(t.get("name"), str):
+            raise model.Invalid(f"spec.targetRefs[{i}] must name a Service (group \"\")")
+        services.append(t["name"])
+    if not services or len(services) > policies.MAX_TARGETS:
+        raise model.Invalid(f"spec.targetRefs needs 1 to {policies.MAX_TARGETS} Services")
+    rc = obj.spec.get("retryConstraint")
+    percent = count = None
+    if isinstance(rc, dict):
+        budget: dict[str, Any] = rc["budget"] if isinstance(rc.get("budget"), dict) else {}
+        percent = budget.get("percent", 20)
+        if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
+            raise model.Invalid("spec.retryConstraint.budget.percent must be 0 to 100")
+        rate: dict[str, Any] = rc["minRetryRate"] if isinstance(rc.get("minRetryRate"),
+                                                                dict) else {}
+        count = rate.get("count")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                                  or count < 1):
+            raise model.Invalid("spec.retryConstraint.minRetryRate.count must be 1 or more")
+    session = policies.parse_session_persistence(obj.spec.get("sessionPersistence"),
+                                                 "spec.sessionPersistence")
+    # Envoy's retry budget has a floor of concurrent retries, not a rate: the rate's count
+    # is taken as that floor.
+    return XBackendPolicy(obj, tuple(services), float(percent) if percent is not None else None,
+                          count, session)
+
+
 def _has_section(obj: KubeObject, section: str) -> bool:
     if obj.kind in ("HTTPRoute", "GRPCRoute"):
         return any(isinstance(r, dict) and r.get("name") == section
@@ -331,7 +441,7 @@ def apply_route(route: ir.Route, d: Decision) -> ir.Route:
     if lb is not None and lb.hash_policy is not None:
         out = replace(out, hash_policy=lb.hash_policy)
     session: ir.SessionPersistence | None = d.get("sessionPersistence")
-    if session is not None:
+    if session is not None and out.session is None:  # the route's own field first
         out = replace(out, session=session)
     a = out.action
     if isinstance(a, ir.Forward):

@@ -27,6 +27,7 @@ from mesh.translate.gateway.policies import (
     backend_settings,
     shapes_backend,
 )
+from mesh.translate.policies import parse_session_persistence
 from mesh.translate.status import Reason
 
 _H2C = "kubernetes.io/h2c"
@@ -386,6 +387,13 @@ class RouteBuilder:
             attempts = rule.retry.attempts
             retry = ir.Retry(_DEFAULT_RETRY_ATTEMPTS if attempts is None else attempts,
                              rule.retry.codes, backoff)
+        session = None
+        if rule.session_persistence is not None:
+            try:
+                session = parse_session_persistence(rule.session_persistence,
+                                                    f"rules[{i}].sessionPersistence")
+            except model.Invalid as e:
+                res.fail(Reason.UNSUPPORTED_VALUE, str(e))
         label = rule.name or f"rule{i}"
         for j, m in enumerate(rule.matches):
             path = _path_match(m.path)
@@ -414,7 +422,7 @@ class RouteBuilder:
                 headers=tuple(_header(h) for h in m.headers),
                 query=tuple(ir.StringMatch(q.type, q.value, q.name) for q in m.query),
                 method=m.method, action=action, request_headers=req, response_headers=resp,
-                cors=cors, owners=frozenset({obj.key}), rule=rule.name)
+                cors=cors, owners=frozenset({obj.key}), rule=rule.name, session=session)
             res.routes.append((self._key(route, path, m.method, len(m.headers),
                                          len(m.query), i, j), r))
 
@@ -474,7 +482,15 @@ class RouteBuilder:
                        variants: dict[str, ir.Backend]) -> ir.Route:
         assert self.policies is not None
         decision = self.policies.decide(scope)
-        out = apply_route(route, decision)
+        out = route
+        if out.session is None and isinstance(out.action, ir.Forward):
+            # The Gateway API's own XBackendTrafficPolicy comes before a TrafficPolicy.
+            session = next((s for w in out.action.backends
+                            if (s := self.policies.backend_session(w.backend)) is not None),
+                           None)
+            if session is not None:
+                out = replace(out, session=session)
+        out = apply_route(out, decision)
         a = out.action
         backend_decision = Decision({f: p for f, p in decision.by_feature.items()
                                      if shapes_backend(f, p)})

@@ -804,7 +804,8 @@ class _Translator:
     def _traffic_policy_status(self) -> None:
         """Each policy's status, and on each target it applies to (a Gateway, or a route's
         parents) the condition that says so."""
-        if not self.policies.policies and not self.policies.invalid:
+        if not self.policies and not self.policies.invalid and \
+                not self.policies.backend_invalid:
             return
         statuses = self.policies.status(self.cfg.controller_name)
         self.status.update(statuses)
