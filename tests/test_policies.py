@@ -341,3 +341,64 @@ def test_invalid_and_conflicting_policies_are_reported_and_the_rest_works(lab: A
                 if c["type"] == "mesh.dev/TrafficPolicyAffected"]
     assert affected and "bad-older" in affected[0]["message"]
 
+
+
+def pods_over(host: str, n: int, headers: dict[str, str] | None = None) -> dict[str, int]:
+    """Which pod answered each of `n` requests on one keep-alive connection."""
+    conn = http.client.HTTPConnection(ADDRESS, PORT, timeout=5)
+    counts: dict[str, int] = {}
+    try:
+        for _ in range(n):
+            conn.request("GET", "/", headers={"Host": host, **(headers or {})})
+            resp = conn.getresponse()
+            pod = json.loads(resp.read())["pod"]
+            counts[pod] = counts.get(pod, 0) + 1
+    finally:
+        conn.close()
+    return counts
+
+
+def test_canary_weights_and_matches(lab: Any) -> None:
+    manifests, _, echoes, _ = lab
+    (manifests / "canary-svc.yaml").write_text(
+        service("v1", [echoes[0].port]) + "\n---\n" + service("v2", [echoes[1].port]))
+
+    def canary(name: str, w1: int, w2: int) -> str:
+        return route(name, f"{name}.example", "v1", rules=[
+            {"matches": [{"headers": [{"name": "x-canary", "value": "yes"}]}],
+             "backendRefs": [{"name": "v2", "port": 80}]},
+            {"matches": [{"headers": [{"type": "RegularExpression", "name": "cookie",
+                                       "value": r"(.*;\s*)?canary=always(;.*)?"}]}],
+             "backendRefs": [{"name": "v2", "port": 80}]},
+            {"backendRefs": [{"name": "v1", "port": 80, "weight": w1},
+                             {"name": "v2", "port": 80, "weight": w2}]}])
+
+    (manifests / "canary.yaml").write_text("\n---\n".join([
+        canary("split", 70, 30), canary("none", 100, 0), canary("all", 0, 100)]))
+    wait_until(lambda: all(served(f"{n}.example") for n in ("split", "none", "all")),
+               what="the routes")
+    wait_until(lambda: pods_over("all.example", 5) == {"echo-1": 5}, what="the canary")
+    split = pods_over("split.example", 1000)
+    assert abs(split.get("echo-1", 0) - 300) <= 50, split  # 30% within +-5 points
+    assert pods_over("none.example", 200) == {"echo-0": 200}
+    assert pods_over("all.example", 200) == {"echo-1": 200}
+    assert pods_over("none.example", 50, {"x-canary": "yes"}) == {"echo-1": 50}
+    assert pods_over("none.example", 50, {"cookie": "a=1; canary=always"}) == {"echo-1": 50}
+    assert pods_over("none.example", 50, {"cookie": "canary=never"}) == {"echo-0": 50}
+
+
+def test_active_health_check_keeps_traffic_off_a_dead_endpoint(lab: Any) -> None:
+    manifests, _, _, _ = lab
+    (manifests / "hc.yaml").write_text(
+        route("hc", "hc.example", "half-dead") + "\n---\n" + docs({
+            "apiVersion": "mesh.dev/v1alpha1", "kind": "TrafficPolicy",
+            "metadata": {"name": "hc", "namespace": "default"},
+            "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": "half-dead"}],
+                     "healthCheck": {"active": {"type": "HTTP", "interval": "1s",
+                                                "timeout": "500ms", "unhealthyThreshold": 1,
+                                                "http": {"path": "/healthz"}}}}}))
+    wait_until(lambda: served("hc.example"), what="the route")
+    # No request of ours fails: the dead endpoint is out before it takes any.
+    wait_until(lambda: all(get("hc.example").status == 200 for _ in range(20)), timeout=20,
+               what="the dead endpoint to be found unhealthy")
+    assert all(get("hc.example").status == 200 for _ in range(50))
