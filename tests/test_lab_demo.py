@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import urllib.error
 import urllib.request
 
 import pytest
@@ -56,5 +57,16 @@ for _ in range(100):
         versions, marks = out[0::2], set(out[1::2])
         assert marks == {"node-envoy"}, marks
         assert 75 <= versions.count("echo-v1") <= 98, versions
+        # The global limit (examples/lab/policies.yaml): 5 a minute per x-user, counted
+        # once for both nodes' Gateways.
+        statuses = []
+        for node in nodes * 4:
+            r = urllib.request.Request(f"http://{node}:8080/", headers={
+                "Host": "echo.example", "x-user": "demo"})
+            try:
+                statuses.append(urllib.request.urlopen(r, timeout=5).status)
+            except urllib.error.HTTPError as e:
+                statuses.append(e.code)
+        assert statuses == [200] * 5 + [429] * 3, statuses
     finally:
         assert mesh("lab", "down", "--name", name).returncode == 0

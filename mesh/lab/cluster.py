@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 ROOT = Path("/run/mesh/lab")
 # The cgroup2 hierarchy, mounted under /run: `ip netns exec` gives the agents a /sys of
 # their node's namespace, where the host's cgroup mount is not to be seen.
+REDIS_PORT = 6379  # on the host's underlay address, one per lab
 CGROUP_MOUNT = Path("/run/mesh/lab-cgroup2")
 CGROUP_ROOT = CGROUP_MOUNT / "mesh-lab"
 WORKLOAD_KINDS = ("Deployment", "Pod")
@@ -107,6 +108,7 @@ class State:
     node_info: list[dict[str, Any]] = field(default_factory=list)
     index: int = 0  # the lab's underlay is 172.30.<index>.0/24
     host_address: str = ""  # the host's on the underlay
+    redis: int = 0  # the pid of the lab's redis-server (global rate limits' counters)
     ready: bool = False
 
 
@@ -277,10 +279,31 @@ class Lab:
             self._runtimes[n.name] = self._cni(n)
         self.save()
         self.write_cluster()
+        self._start_redis()
         for n in self.nodes:
             self._start_agent(n)
             self._start_dns(n)
         self.save()
+
+    def _start_redis(self) -> None:
+        """One redis-server for the lab, on the host's underlay address: every node's rate
+        limit service keeps the global limits' counters there, as a cluster's would."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            return  # the agents run without global rate limits (their policies say so)
+        proc = subprocess.Popen(
+            [binary, "--bind", self.state.host_address, "--port", str(REDIS_PORT),
+             "--protected-mode", "no", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir)],
+            stdout=(self.dir / "redis.log").open("ab"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.state.redis = proc.pid
+        self.save()
+
+    def redis_url(self) -> str | None:
+        if not self.state.redis:
+            return None
+        return f"redis://{self.state.host_address}:{REDIS_PORT}"
 
     def _cni(self, n: NodeNet) -> Runtime:
         return node_runtime(self.dir / n.name / "cni", n.pod_cidr, n.name)
@@ -293,7 +316,8 @@ class Lab:
             ["ip", "netns", "exec", n.name, sys.executable, "-m", "mesh.cli", "run",
              "--manifests", str(self.dir / "cluster"), "--state-dir", str(state),
              "--node-id", n.name, "--datapath-cgroup", str(CGROUP_ROOT / self.name / n.name),
-             "--datapath-underlay", "eth0", "--datapath-redirect", self.redirect],
+             "--datapath-underlay", "eth0", "--datapath-redirect", self.redirect,
+             *(["--ratelimit-redis", url] if (url := self.redis_url()) else [])],
             stdout=subprocess.DEVNULL, stderr=logf.open("ab"), start_new_session=True)
         self.agents[n.name] = Agent(n, proc, logf)
         self.state.agents[n.name] = proc.pid
@@ -566,6 +590,10 @@ def teardown(name: str) -> list[str]:
                 os.kill(pid, signal.SIGTERM)
                 envoys.append(pid)
     _wait_gone(envoys, 5)
+    redis = int(state.get("redis") or 0)
+    if redis:
+        _kill(redis)
+        _wait_gone([redis], 5)
     for mount in state.get("mounts", []):
         subprocess.run(["umount", mount], capture_output=True, check=False)
     for cg in reversed(state.get("cgroups", [])):
