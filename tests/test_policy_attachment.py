@@ -90,6 +90,11 @@ def forward(r: ir.Route) -> ir.Forward:
     return r.action
 
 
+def attempts(r: ir.Route) -> int | None:
+    retry = forward(r).retry
+    return retry.attempts if retry is not None else None
+
+
 def retries(n: int) -> dict[str, Any]:
     return {"retry": {"numRetries": n}}
 
@@ -103,8 +108,8 @@ def test_each_feature_decided_by_the_most_specific_policy(tmp_path: Path) -> Non
         policy("rule", "HTTPRoute", "r", "special", **retries(4)))
     got = routes(translate(snap, TranslatorConfig()).ir, "127.0.100.1:80")
     special, rest = got["ns/r/special/match0"], got["ns/r/rule1/match0"]
-    assert forward(special).retry is not None and forward(special).retry.attempts == 4
-    assert forward(rest).retry is not None and forward(rest).retry.attempts == 3
+    assert attempts(special) == 4
+    assert attempts(rest) == 3
     # The Gateway's timeout still applies: nothing more specific sets one.
     assert forward(special).timeout == forward(rest).timeout == 9.0
 
@@ -118,7 +123,7 @@ def test_east_west_scope_service_then_route(tmp_path: Path) -> None:
     mesh = routes(out, "mesh/")
     (r,) = mesh.values()
     assert [x.requests for x in r.rate_limits] == [7]  # from the Service's port
-    assert forward(r).retry is not None and forward(r).retry.attempts == 5  # the route's
+    assert attempts(r) == 5  # the route's
     # North-south routes to the same Service are not in the Service's mesh scope.
     assert all(not x.rate_limits for x in routes(out, "127.0.100.1:80").values())
 
