@@ -223,7 +223,6 @@ class RateLimit:
     shadow: bool = False  # count and report, never refuse
     fail_closed: bool = False  # Global: refuse when the rate limit service cannot decide
     burst: int | None = None  # Local: the bucket's size (None: `requests`)
-    exempt_sources: tuple[str, ...] = ()  # CIDRs of clients the limit does not count
 
     @property
     def seconds(self) -> int:

@@ -347,12 +347,11 @@ def _rewrite(r: _Reader) -> dict[str, Any]:
 
 def _rate_limits(r: _Reader, key: ObjectKey) -> dict[str, Any]:
     multiplier = r.get("limit-burst-multiplier", _int_between(1, 1000), DEFAULT_BURST_MULTIPLIER)
-    exempt: tuple[str, ...] = ()
-    for name in ("limit-allowlist", "limit-whitelist"):  # the new name first
-        if r.has(name):
-            # A refused list exempts nobody: the limit holds for every client.
-            exempt = r.get(name, _cidrs, ())
-            break
+    # Envoy's local rate limit matches a client's address, never "all but a range": no
+    # exemptions (the limit holds for every client), and a warning says so.
+    r.ignore({"limit-whitelist", "limit-allowlist"} & r.values.keys(),
+             "exempting clients by address from a limit is not supported: the limit holds "
+             "for every client")
     limits = []
     for name, unit in (("limit-rps", "Second"), ("limit-rpm", "Minute")):
         n = r.get(name, _int_between(0, 1_000_000), 0)
@@ -361,10 +360,9 @@ def _rate_limits(r: _Reader, key: ObjectKey) -> dict[str, Any]:
             limits.append(ir.RateLimit(
                 id=f"{key.namespace}/{key.name}/{name}", requests=n, unit=unit,
                 selectors=(ir.RateLimitSelector("SourceIP", "Distinct", value="0.0.0.0/0"),),
-                scope="Local", burst=n * multiplier, exempt_sources=exempt))
+                scope="Local", burst=n * multiplier))
     if not limits:
-        r.ignore({"limit-burst-multiplier", "limit-whitelist", "limit-allowlist"} &
-                 r.values.keys(), "it needs limit-rps or limit-rpm")
+        r.ignore({"limit-burst-multiplier"} & r.values.keys(), "it needs limit-rps or limit-rpm")
     return {"rate_limits": tuple(limits)}
 
 

@@ -149,6 +149,13 @@ def _load_balancer(c: cluster_pb2.Cluster, lb: ir.LoadBalancer) -> None:
 
 
 def _upstream_tls(tls: ir.UpstreamTLS) -> tls_pb2.UpstreamTlsContext:
+    if not tls.verify:
+        # Encrypted, the backend's certificate not checked (ingress-nginx's backend-protocol
+        # HTTPS): said so in the annotation table.
+        ctx = tls_pb2.UpstreamTlsContext(sni=tls.sni)
+        if tls.client_cert is not None:
+            ctx.common_tls_context.tls_certificate_sds_secret_configs.append(sds(tls.client_cert))
+        return ctx
     validation = common_pb2.CertificateValidationContext(
         trusted_ca=base_pb2.DataSource(inline_bytes=tls.ca_pem) if tls.ca_pem
         else base_pb2.DataSource(filename=SYSTEM_CA))
