@@ -6,7 +6,7 @@ names under `mesh.dev/` are ours; when both are set, `mesh.dev/` wins. An annota
 either prefix that we do not support, or whose value we refuse, is never silently dropped:
 it becomes a warning on the Ingress's status (`IngressStatus.warnings`).
 
-docs/ingress-nginx-annotations.md lists each annotation and where we differ.
+The README (Traffic policies, Canary) lists each annotation and where we differ.
 """
 
 from __future__ import annotations
