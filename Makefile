@@ -66,6 +66,7 @@ run: $(STAMP) $(SYSTEM_STAMP)
 	@echo "  $(VENV)/bin/mesh lab exec client -- curl -s http://echo-v2/        # no route: balanced in eBPF, no Envoy"
 	@echo "  curl -s -H 'Host: echo.example' http://172.30.0.11:8080/          # from this host: the Gateway on node1, 90/10 v1/v2"
 	@echo "  curl -s http://172.30.0.12:30080/                                  # from this host: the echo NodePort on node2 (Maglev)"
+	@echo "  curl -si -H 'Host: echo.example' -H 'x-user: me' http://172.30.0.12:8080/   # 5 a minute per x-user, shared by both nodes (429 after)"
 	@echo "  $(VENV)/bin/mesh lab logs echo-v1-0"
 	@echo "  $(VENV)/bin/mesh lab down"
 
