@@ -402,3 +402,39 @@ def test_active_health_check_keeps_traffic_off_a_dead_endpoint(lab: Any) -> None
     wait_until(lambda: all(get("hc.example").status == 200 for _ in range(20)), timeout=20,
                what="the dead endpoint to be found unhealthy")
     assert all(get("hc.example").status == 200 for _ in range(50))
+
+
+def test_consistent_hash_by_header_and_shadow_limits(lab: Any) -> None:
+    manifests, _, _, _ = lab
+    (manifests / "hash.yaml").write_text(
+        route("hash", "hash.example", "pair") + "\n---\n" + policy(
+            "hash", "hash",
+            loadBalancer={"type": "ConsistentHash",
+                          "consistentHash": {"type": "Header", "header": {"name": "x-user"}}},
+            rateLimit={"local": {"rules": [{"limit": {"requests": 1, "unit": "Hour"},
+                                            "shadowMode": True}]}}))
+    wait_until(lambda: served("hash.example"), what="the route")
+    wait_until(lambda: len(pods_over("hash.example", 10, {"x-user": "a"})) == 1,
+               what="hashing by x-user")
+    # Each user always lands on one pod; the users spread over both.
+    by_user = {}
+    for user in (f"user-{i}" for i in range(16)):
+        seen = pods_over("hash.example", 10, {"x-user": user})
+        assert len(seen) == 1, (user, seen)
+        by_user[user] = next(iter(seen))
+    assert set(by_user.values()) == {"echo-0", "echo-1"}
+    # The shadow limit (1 an hour) counted all of those and refused none.
+    assert get("hash.example").status == 200
+
+
+def test_session_persistence_by_header(lab: Any) -> None:
+    manifests, _, _, _ = lab
+    (manifests / "hsession.yaml").write_text(
+        route("hsession", "hsession.example", "pair") + "\n---\n" + policy(
+            "hsession", "hsession",
+            sessionPersistence={"type": "Header", "sessionName": "X-Session"}))
+    wait_until(lambda: "x-session" in get("hsession.example").headers, what="the session header")
+    first = get("hsession.example")
+    token, pod = first.headers["x-session"], first.json()["pod"]
+    assert {get("hsession.example", headers={"x-session": token}).json()["pod"]
+            for _ in range(20)} == {pod}
