@@ -230,5 +230,8 @@ class XdsServer:
 
 
 def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+    """A directory of our own for the socket: made 0700 when we create it; one that exists
+    (the state directory, or a shared one like /tmp) keeps its mode; the socket is 0600."""
+    if not path.exists():
+        path.mkdir(parents=True, mode=0o700)
+        os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
