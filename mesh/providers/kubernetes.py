@@ -1,0 +1,275 @@
+"""The Kubernetes provider: list+watch of every kind the store holds, into the same store
+the file provider fills.
+
+Client: `kubernetes_asyncio` (asyncio, on aiohttp, like the agent), for configuration (in
+cluster or a kubeconfig), authentication and TLS; the list and watch requests go through its
+`ApiClient.call_api` unparsed, so one loop serves every kind, core and custom, without a
+generated model per kind.
+
+Per kind: list (the collection's resourceVersion), then watch from it with bookmarks; a
+watch that ends (timeoutSeconds, a cut connection, a silent one past the client's read
+timeout) resumes from the last version seen, without a list; 410 Gone lists again; errors
+back off (0.2 s doubling to 5 s). A kind whose resource the server does not have (its CRD is
+not installed) is reported once, counted as synced and empty, and looked for again every
+`MISSING_RETRY` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+
+from mesh.store import kinds
+from mesh.store.kinds import GroupKind
+from mesh.store.objects import KubeObject, ObjectError, parse_object
+from mesh.store.store import Store
+
+log = logging.getLogger(__name__)
+WATCH_TIMEOUT = 300  # seconds the server keeps a watch open (timeoutSeconds)
+READ_TIMEOUT = 90  # a watch silent this long (no event, no bookmark) is dead: reconnect
+MISSING_RETRY = 10.0
+
+
+@dataclass(frozen=True)
+class Resource:
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool = True
+    field_selector: str | None = None
+
+    @property
+    def path(self) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        return f"{base}/{self.plural}"
+
+    @property
+    def group_kind(self) -> GroupKind:
+        return GroupKind(self.group, self.kind)
+
+
+def resources(node_name: str | None) -> list[Resource]:
+    """Every kind the store holds; this node's Pods only."""
+    pods = f"spec.nodeName={node_name}" if node_name else None
+    out = [
+        Resource("", "v1", "namespaces", "Namespace", namespaced=False),
+        Resource("", "v1", "services", "Service"),
+        Resource("", "v1", "secrets", "Secret"),
+        Resource("", "v1", "configmaps", "ConfigMap"),
+        Resource("", "v1", "nodes", "Node", namespaced=False),
+        Resource("", "v1", "pods", "Pod", field_selector=pods),
+        Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
+        Resource("networking.k8s.io", "v1", "ingresses", "Ingress"),
+        Resource("networking.k8s.io", "v1", "ingressclasses", "IngressClass", namespaced=False),
+        Resource("gateway.networking.k8s.io", "v1", "gatewayclasses", "GatewayClass",
+                 namespaced=False),
+        Resource("gateway.networking.k8s.io", "v1", "gateways", "Gateway"),
+        Resource("gateway.networking.k8s.io", "v1", "listenersets", "ListenerSet"),
+        Resource("gateway.networking.x-k8s.io", "v1alpha1", "xlistenersets", "XListenerSet"),
+        Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute"),
+        Resource("gateway.networking.k8s.io", "v1", "grpcroutes", "GRPCRoute"),
+        Resource("gateway.networking.k8s.io", "v1alpha2", "tlsroutes", "TLSRoute"),
+        Resource("gateway.networking.k8s.io", "v1beta1", "referencegrants", "ReferenceGrant"),
+        Resource("gateway.networking.k8s.io", "v1", "backendtlspolicies", "BackendTLSPolicy"),
+        Resource("gateway.networking.x-k8s.io", "v1alpha1", "xbackendtrafficpolicies",
+                 "XBackendTrafficPolicy"),
+        Resource("mesh.dev", "v1alpha1", "trafficpolicies", "TrafficPolicy"),
+    ]
+    missing = kinds.KINDS - {r.group_kind for r in out}
+    assert not missing, f"kinds the store holds without a resource to watch: {missing}"
+    return out
+
+
+class Gone(Exception):
+    """410: the version to resume from is too old: list again."""
+
+
+class NotInstalled(Exception):
+    """404 on the collection: the server has no such resource (its CRD is missing)."""
+
+
+def _created(meta: Mapping[str, Any]) -> float:
+    ts = meta.get("creationTimestamp")
+    try:
+        return datetime.fromisoformat(str(ts).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def to_object(raw: Mapping[str, Any], r: Resource) -> KubeObject:
+    body = dict(raw)
+    # Items of a list carry neither apiVersion nor kind.
+    body.setdefault("apiVersion", f"{r.group}/{r.version}" if r.group else r.version)
+    body.setdefault("kind", r.kind)
+    obj = parse_object(body, source=f"kubernetes:{r.plural}.{r.group}")
+    return replace(obj, created=_created(body.get("metadata") or {}))
+
+
+class KindWatch:
+    """One kind's list+watch loop, holding its objects as the server has them."""
+
+    def __init__(self, r: Resource, http: HTTP, store: Store) -> None:
+        self.r = r
+        self.http = http
+        self.store = store
+        self.objects: dict[tuple[str, str], KubeObject] = {}
+        self.version = ""
+        self.synced = asyncio.Event()
+        self.lists = 0  # how many times it listed (a resumed watch does not)
+        self._reported_missing = False
+
+    def _publish(self) -> None:
+        self.store.replace(f"kubernetes:{self.r.plural}.{self.r.group}",
+                           list(self.objects.values()))
+
+    async def run(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                if not self.version:
+                    await self._list()
+                await self._watch()
+                backoff = 0.2
+            except Gone:
+                log.info("watch expired: listing again", extra={"kind": self.r.kind})
+                self.version = ""
+            except NotInstalled:
+                if not self._reported_missing:
+                    log.warning("resource not served (CRD not installed?): retrying",
+                                extra={"kind": str(self.r.group_kind)})
+                    self._reported_missing = True
+                self.objects.clear()
+                self._publish()
+                self.synced.set()
+                self.version = ""
+                await asyncio.sleep(MISSING_RETRY)
+            except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as e:
+                log.warning("list/watch failed: backing off", extra={
+                    "kind": self.r.kind, "error": repr(e), "seconds": backoff})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _query(self, **extra: str) -> dict[str, str]:
+        q = dict(extra)
+        if self.r.field_selector:
+            q["fieldSelector"] = self.r.field_selector
+        return q
+
+    async def _list(self) -> None:
+        doc = await self.http.get_json(self.r.path, self._query())
+        objects = {}
+        for raw in doc.get("items") or []:
+            try:
+                obj = to_object(raw, self.r)
+            except ObjectError:
+                continue
+            objects[(obj.namespace, obj.name)] = obj
+        self.objects = objects
+        self.version = str((doc.get("metadata") or {}).get("resourceVersion") or "")
+        self.lists += 1
+        self._publish()
+        self.synced.set()
+        self._reported_missing = False
+
+    async def _watch(self) -> None:
+        query = self._query(watch="true", allowWatchBookmarks="true",
+                            resourceVersion=self.version, timeoutSeconds=str(WATCH_TIMEOUT))
+        async for event in self.http.stream(self.r.path, query):
+            kind, raw = event.get("type"), event.get("object") or {}
+            meta = raw.get("metadata") or {}
+            if kind == "ERROR":
+                if raw.get("code") == 410:
+                    raise Gone()
+                raise ValueError(f"watch error: {raw.get('message')}")
+            self.version = str(meta.get("resourceVersion") or self.version)
+            if kind == "BOOKMARK":
+                continue
+            try:
+                obj = to_object(raw, self.r)
+            except ObjectError:
+                continue
+            if kind == "DELETED":
+                self.objects.pop((obj.namespace, obj.name), None)
+            else:
+                self.objects[(obj.namespace, obj.name)] = obj
+            self._publish()
+
+
+class HTTP:
+    """The API server's HTTP, through kubernetes_asyncio's client (auth, TLS)."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api  # kubernetes_asyncio.client.ApiClient
+
+    async def _call(self, path: str, query: dict[str, str], read_timeout: float) -> Any:
+        resp = await self._request(path, query, read_timeout)
+        if resp.status < 400:
+            return resp
+        text = (await resp.read())[:500].decode(errors="replace")
+        resp.release()
+        if resp.status == 404:
+            raise NotInstalled()
+        if resp.status == 410:
+            raise Gone()
+        raise ValueError(f"{path}: {resp.status} {text}")
+
+    async def _request(self, path: str, query: dict[str, str], read_timeout: float) -> Any:
+        try:
+            return await self.api.call_api(
+                path, "GET", query_params=list(query.items()), auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=read_timeout))
+        except Exception as e:  # the client's ApiException carries the status
+            if getattr(e, "status", None) == 404:
+                raise NotInstalled() from e
+            if getattr(e, "status", None) == 410:
+                raise Gone() from e
+            raise
+
+    async def get_json(self, path: str, query: dict[str, str]) -> dict[str, Any]:
+        resp = await self._call(path, query, 60)
+        try:
+            data = json.loads(await resp.read())
+        finally:
+            resp.release()
+        if not isinstance(data, dict):
+            raise ValueError("not a list")
+        return data
+
+    async def stream(self, path: str, query: dict[str, str]) -> Any:
+        resp = await self._call(path, query, READ_TIMEOUT)
+        try:
+            async for line in resp.content:
+                if line.strip():
+                    yield json.loads(line)
+        finally:
+            resp.release()
+
+
+class KubernetesProvider:
+    """Every kind's watch, and `synced` once each has listed (or was found missing) once."""
+
+    def __init__(self, api: Any, store: Store, node_name: str | None) -> None:
+        http = HTTP(api)
+        self.watches = [KindWatch(r, http, store) for r in resources(node_name)]
+        self.synced = asyncio.Event()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for w in self.watches:
+                tg.create_task(w.run(), name=f"watch-{w.r.plural}")
+            await asyncio.gather(*(w.synced.wait() for w in self.watches))
+            self.synced.set()
+            log.info("kubernetes synced", extra={"kinds": len(self.watches)})
+
+    def status(self) -> dict[str, bool]:
+        """Per kind: synced at least once."""
+        return {str(w.r.group_kind): w.synced.is_set() for w in self.watches}
