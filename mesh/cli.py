@@ -80,6 +80,11 @@ _state_dir_option = click.option(
 @click.option("--keep-envoy", is_flag=True,
               help="When stopped, leave Envoy serving its last configuration; the next "
                    "`mesh run` with this --state-dir adopts it.")
+@click.option("--kubernetes", is_flag=True,
+              help="Read the objects from the Kubernetes API server (list+watch) instead of "
+                   "--manifests; in-cluster configuration unless --kubeconfig.")
+@click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False),
+              help="With --kubernetes: the kubeconfig to use.")
 @click.option("--ratelimit-redis", metavar="URL",
               help="Run the node's rate limit service (global rate limits) with its counters "
                    "in this Redis: redis://HOST:PORT, unix:///PATH, "
@@ -89,7 +94,7 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         admin_address: str | None, protocol: str, envoy_log_level: str, max_connections: int,
         echo_address: str | None, datapath_cgroup: Path | None,
         datapath_underlay: str | None, datapath_redirect: str, keep_envoy: bool,
-        ratelimit_redis: str | None) -> None:
+        kubernetes: bool, kubeconfig: str | None, ratelimit_redis: str | None) -> None:
     """Run the node agent and the node's Envoy."""
     import ipaddress
 
@@ -100,8 +105,10 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
     from mesh.translate.config import TranslatorConfig
     from meshxds.server import ListenAddress
 
-    if manifests is not None and resources_file is not None:
-        raise click.UsageError("--manifests and --resources exclude each other")
+    if sum((manifests is not None, resources_file is not None, kubernetes)) > 1:
+        raise click.UsageError("--manifests, --resources and --kubernetes exclude each other")
+    if kubeconfig is not None and not kubernetes:
+        raise click.UsageError("--kubeconfig goes with --kubernetes")
     try:
         ipaddress.ip_network(address_pool)
         cfg = AgentConfig(
@@ -122,6 +129,8 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
             datapath_underlay=datapath_underlay,
             datapath_redirect=datapath_redirect,
             ratelimit_redis=ratelimit_redis,
+            kubernetes=kubernetes,
+            kubeconfig=kubeconfig,
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from e

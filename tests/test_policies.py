@@ -38,13 +38,14 @@ PORT = 8080
 class PolicyAgent:
     """`mesh run --manifests DIR` with optional extra options, its status as users read it."""
 
-    def __init__(self, manifests: Path, state: Path, *extra: str) -> None:
+    def __init__(self, manifests: Path | None, state: Path, *extra: str) -> None:
         self.state = state
         self.log = state.parent / f"{state.name}.log"
         state.mkdir(parents=True, exist_ok=True)
         (state / "status.json").unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh.cli", "run", "--manifests", str(manifests),
+            [sys.executable, "-m", "mesh.cli", "run",
+             *(["--manifests", str(manifests)] if manifests is not None else []),
              "--state-dir", str(state), "--node-id", state.name, *extra],
             stderr=self.log.open("wb"), cwd=ROOT)
         wait_until(lambda: b"node ready" in self.log.read_bytes(), timeout=30,

@@ -20,6 +20,7 @@ from mesh.agent.pipeline import Pipeline
 from mesh.envoy.bootstrap import BootstrapConfig
 from mesh.envoy.supervisor import EnvoySupervisor
 from mesh.providers.files import FileProvider
+from mesh.providers.kubernetes import KubernetesSource
 from mesh.providers.node import NodeProvider
 from mesh.sinks.envoy.raw import RawResources
 from mesh.sinks.envoy.sink import EnvoySink
@@ -44,7 +45,7 @@ class Agent:
     def _components(self) -> tuple[list[object], asyncio.Event]:
         """The components of this mode, and the event set once the first build is served."""
         cfg = self.cfg
-        if cfg.manifests is None:
+        if cfg.manifests is None and not cfg.kubernetes:
             raw = RawResources(cfg.resources_file, self.cache, cfg.node_id) \
                 if cfg.resources_file is not None else None
             if raw is None:
@@ -54,7 +55,12 @@ class Agent:
                 return [], done
             return [raw], raw.built
         store = Store()
-        files = FileProvider(cfg.manifests, store)
+        source: FileProvider | KubernetesSource
+        if cfg.kubernetes:
+            source = KubernetesSource(store, cfg.node_id, cfg.kubeconfig)
+        else:
+            assert cfg.manifests is not None
+            source = FileProvider(cfg.manifests, store)
         node = NodeProvider(cfg.node_id, store)
         sinks: list[Sink] = [EnvoySink(self.cache, cfg.node_id)]
         extra: list[object] = []
@@ -76,8 +82,8 @@ class Agent:
                            global_rate_limits=cfg.ratelimit_redis is not None), sinks,
             FileStatusWriter(cfg.state_dir / "status.json"),
             AddressBook(cfg.state_dir / "addresses.json"),
-            synced=[files.synced, node.synced])
-        return [files, node, pipeline, *extra], pipeline.built
+            synced=[source.synced, node.synced])
+        return [source, node, pipeline, *extra], pipeline.built
 
     async def run(self) -> None:
         started = time.monotonic()

@@ -19,6 +19,10 @@ class AgentConfig:
     protocol: Protocol = "delta"
     resources_file: Path | None = None  # Envoy resources as they are
     manifests: Path | None = None  # Kubernetes manifests, translated
+    # The objects from a Kubernetes API server instead (list+watch); `kubeconfig` None: the
+    # in-cluster configuration (the pod's service account).
+    kubernetes: bool = False
+    kubeconfig: str | None = None
     translator: TranslatorConfig = field(default_factory=TranslatorConfig)
     envoy_log_level: str = "warning"
     max_downstream_connections: int = 50_000

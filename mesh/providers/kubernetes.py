@@ -273,3 +273,32 @@ class KubernetesProvider:
     def status(self) -> dict[str, bool]:
         """Per kind: synced at least once."""
         return {str(w.r.group_kind): w.synced.is_set() for w in self.watches}
+
+
+class KubernetesSource:
+    """The provider with its client: configuration loaded (a kubeconfig, or in-cluster),
+    the client opened for as long as the agent runs."""
+
+    def __init__(self, store: Store, node_name: str | None, kubeconfig: str | None) -> None:
+        self.store = store
+        self.node_name = node_name
+        self.kubeconfig = kubeconfig
+        self.synced = asyncio.Event()
+        self.provider: KubernetesProvider | None = None
+
+    async def run(self) -> None:
+        from kubernetes_asyncio import config
+        from kubernetes_asyncio.client import ApiClient, Configuration
+
+        cfg = Configuration()
+        if self.kubeconfig is not None:
+            await config.load_kube_config(config_file=self.kubeconfig,
+                                          client_configuration=cfg)
+        else:
+            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        async with ApiClient(cfg) as api:
+            self.provider = KubernetesProvider(api, self.store, self.node_name)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.provider.run(), name="kubernetes-provider")
+                await self.provider.synced.wait()
+                self.synced.set()

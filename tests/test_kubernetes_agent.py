@@ -1,0 +1,106 @@
+"""`mesh run --kubernetes` against the API test double: objects written to the "API server"
+reach the node's Envoy, and changes follow, as they do from a directory of manifests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mesh.echo import EchoIdentity, EchoServer
+from tests.kubeapi import FakeAPIServer
+from tests.test_policies import PolicyAgent
+from tests.testbed import http_get, wait_until
+
+pytestmark = pytest.mark.e2e
+ADDRESS = "127.5.6.1"
+GW = "gateway.networking.k8s.io"
+
+
+class BackgroundAPI:
+    """The double on an event loop of its own thread; tests call into it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.api = FakeAPIServer()
+        self.url = self.call(self.api.start())
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def put(self, group: str, plural: str, obj: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = self.call(self.api.put_object(group, plural, obj))
+        return out
+
+    def stop(self) -> None:
+        self.call(self.api.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[BackgroundAPI, PolicyAgent, EchoServer]]:
+    api = BackgroundAPI()
+    echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo-k8s")).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": api.url}}],
+        "users": [{"name": "test", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}]}))
+    api.put(GW, "gatewayclasses", {"metadata": {"name": "mesh"},
+                                   "spec": {"controllerName": "mesh.dev/gateway-controller"}})
+    api.put(GW, "gateways", {"metadata": {"name": "gw", "namespace": "default"},
+                             "spec": {"gatewayClassName": "mesh",
+                                      "addresses": [{"type": "IPAddress", "value": ADDRESS}],
+                                      "listeners": [{"name": "http", "port": 8080,
+                                                     "protocol": "HTTP"}]}})
+    api.put("", "services", {"metadata": {"name": "echo", "namespace": "default"},
+                             "spec": {"ports": [{"name": "http", "port": 80}]}})
+    api.put("discovery.k8s.io", "endpointslices", {
+        "metadata": {"name": "echo-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "echo"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": echo.port}],
+        "endpoints": [{"addresses": ["127.0.0.1"]}]})
+    agent = PolicyAgent(None, Path(f"/tmp/mesh-k8s-{os.getpid()}"), "--kubernetes",
+                        "--kubeconfig", str(kubeconfig))
+    try:
+        yield api, agent, echo
+    finally:
+        log = agent.stop()
+        echo.stop()
+        api.stop()
+    assert "Traceback" not in log, log
+
+
+def route(host: str, path: str = "/") -> dict[str, Any]:
+    return {"metadata": {"name": "r", "namespace": "default"},
+            "spec": {"parentRefs": [{"name": "gw"}], "hostnames": [host],
+                     "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": path}}],
+                                "backendRefs": [{"name": "echo", "port": 80}]}]}}
+
+
+def test_objects_from_the_api_server_reach_envoy(
+        cluster: tuple[BackgroundAPI, PolicyAgent, EchoServer]) -> None:
+    api, agent, _ = cluster
+    api.put(GW, "httproutes", route("k8s.example"))
+    wait_until(lambda: http_get(8080, "/", host="k8s.example", address=ADDRESS).status == 200,
+               timeout=15, what="the route from the API server")
+    assert http_get(8080, "/", host="k8s.example", address=ADDRESS).json()["pod"] == "echo-k8s"
+    api.put(GW, "httproutes", route("k8s.example", "/only"))  # a spec change
+    wait_until(lambda: http_get(8080, "/x", host="k8s.example", address=ADDRESS).status == 404,
+               timeout=15, what="the change")
+    assert http_get(8080, "/only", host="k8s.example", address=ADDRESS).status == 200
+    api.call(api.api.delete_object(GW, "httproutes", "default", "r"))
+    wait_until(lambda: http_get(8080, "/only", host="k8s.example",
+                                address=ADDRESS).status == 404, timeout=15, what="the delete")
+    st = agent.status("Gateway", "gw")
+    assert st is not None and any(c["type"] == "Accepted" for c in st["conditions"])
