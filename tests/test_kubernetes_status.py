@@ -1,0 +1,92 @@
+"""Status written back through the status subresource, against the API double: only when it
+changed (lastTransitionTime aside), 409 conflicts retried on a fresh read, a gone object
+dropped after a read confirms it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from mesh.providers.kubernetes import resources
+from mesh.sinks.status.kubernetes import StatusPublisher, aiohttp_call
+from mesh.store.objects import ObjectKey
+from tests.kubeapi import FakeAPIServer
+
+GW = "gateway.networking.k8s.io"
+KEY = ObjectKey(GW, "Gateway", "default", "gw")
+
+
+def status(reason: str, when: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
+    return {"conditions": [{"type": "Accepted", "status": "True", "reason": reason,
+                            "message": "", "observedGeneration": 1,
+                            "lastTransitionTime": when}]}
+
+
+def run(test: Callable[[FakeAPIServer, StatusPublisher, Any], Awaitable[None]]) -> None:
+    async def main() -> None:
+        api = FakeAPIServer()
+        base = await api.start()
+        await api.put_object(GW, "gateways", {"metadata": {"name": "gw", "namespace": "default"},
+                                              "spec": {"gatewayClassName": "mesh"}})
+        try:
+            async with aiohttp.ClientSession() as http:
+                call = aiohttp_call(http, base)
+                by_kind = {(r.group, r.kind): r for r in resources(None)}
+                await test(api, StatusPublisher(call, by_kind), call)
+        finally:
+            await api.stop()
+    asyncio.run(main())
+
+
+def server_status(api: FakeAPIServer) -> Any:
+    return api.resource(GW, "gateways").objects[("default", "gw")].get("status")
+
+
+def puts(api: FakeAPIServer) -> int:
+    return sum(1 for m, p in api.requests if m == "PUT")
+
+
+def test_written_only_when_changed() -> None:
+    async def t(api: FakeAPIServer, pub: StatusPublisher, _: Any) -> None:
+        await pub.publish({KEY: status("Accepted")})
+        assert server_status(api) == status("Accepted") and puts(api) == 1
+        await pub.publish({KEY: status("Accepted", when="2026-06-01T00:00:00Z")})
+        assert puts(api) == 1  # only the time differs: not written
+        await pub.publish({KEY: status("Other")})
+        assert server_status(api)["conditions"][0]["reason"] == "Other" and puts(api) == 2
+    run(t)
+
+
+def test_conflict_is_retried_on_a_fresh_read() -> None:
+    async def t(api: FakeAPIServer, pub: StatusPublisher, call: Any) -> None:
+        first = True
+
+        async def racing(method: str, path: str, body: Any) -> tuple[int, Any]:
+            nonlocal first
+            if method == "PUT" and first:
+                first = False  # someone else writes the object between our read and write
+                await api.put_object(GW, "gateways", {
+                    "metadata": {"name": "gw", "namespace": "default", "labels": {"x": "1"}},
+                    "spec": {"gatewayClassName": "mesh"}})
+            out: tuple[int, Any] = await call(method, path, body)
+            return out
+
+        pub.call = racing
+        await pub.publish({KEY: status("Accepted")})
+        assert pub.writes == 1 and puts(api) == 2  # a 409, then the write on the fresh read
+        obj = api.resource(GW, "gateways").objects[("default", "gw")]
+        assert obj["status"] == status("Accepted") and obj["metadata"]["labels"] == {"x": "1"}
+    run(t)
+
+
+def test_gone_object_is_dropped_after_a_read() -> None:
+    async def t(api: FakeAPIServer, pub: StatusPublisher, _: Any) -> None:
+        await api.delete_object(GW, "gateways", "default", "gw")
+        await pub.publish({KEY: status("Accepted")})
+        assert pub.writes == 0 and puts(api) == 0
+        assert ("GET", "/apis/gateway.networking.k8s.io/v1/namespaces/default/gateways/gw") \
+            in api.requests
+    run(t)
