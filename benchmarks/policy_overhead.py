@@ -24,23 +24,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 from l7_latency import SERVER
+from rls_load import free_port, start_redis, wait
 from rls_load import run as rls_run
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDRESS = "127.5.9.1"
 PORT = 8080
 VARIANTS = ("none", "local", "global")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def manifests(backend_port: int) -> list[dict[str, Any]]:
@@ -79,18 +75,6 @@ def manifests(backend_port: int) -> list[dict[str, Any]]:
 def percentile(values: list[int], p: float) -> int:
     s = sorted(values)
     return s[min(len(s) - 1, int(len(s) * p))]
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 def limited(host: str) -> bool:
@@ -160,10 +144,7 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         redis_port = free_port()
-        procs.append(subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(work)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(start_redis(redis_port, str(work)))
         backend_port = free_port()
         procs.append(subprocess.Popen(
             [sys.executable, "-c", SERVER.replace("8080", str(backend_port))]))
@@ -176,7 +157,7 @@ def main() -> None:
              "--ratelimit-redis", f"redis://127.0.0.1:{redis_port}"],
             stderr=log, cwd=ROOT))
         for v in VARIANTS:
-            wait_for(lambda v=v: limited(f"{v}.bench"), 60, f"route {v}")
+            wait(partial(limited, f"{v}.bench"), f"route {v}", timeout=60)
         measure(2, 200)  # warm up: connections, the service's Redis pool
         rounds, per_round = (10, 200) if args.quick else (40, 500)
         lat = measure(rounds, per_round)

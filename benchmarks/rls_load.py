@@ -41,7 +41,7 @@ def _pin(core: int) -> Callable[[], None]:
     return lambda: os.sched_setaffinity(0, {core})
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -52,7 +52,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _wait(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+def wait(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -70,25 +70,36 @@ def _redis_up(port: int) -> bool:
         return s.recv(16).startswith(b"+PONG")
 
 
+def start_redis(port: int, work: str, preexec: Callable[[], None] | None = None
+                ) -> subprocess.Popen[bytes]:
+    """A throwaway redis-server on a loopback port (no persistence), once it answers."""
+    redis = subprocess.Popen(
+        ["/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", work], stdout=subprocess.DEVNULL, preexec_fn=preexec)
+    try:
+        wait(lambda: _redis_up(port), "redis-server")
+    except BaseException:
+        redis.kill()
+        redis.wait()
+        raise
+    return redis
+
+
 def run(quick: bool) -> dict[str, float]:
     cores = sorted(os.sched_getaffinity(0))
     rls_core, load_core = cores[0], cores[-1]  # one core: both share it (said in the figures)
     seconds = 4.0 if quick else 10.0
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="mesh-rls-bench-") as work:
         sock = Path(work) / "rls.sock"
-        redis = subprocess.Popen(
-            ["/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save",
-             "", "--appendonly", "no", "--dir", work], stdout=subprocess.DEVNULL,
-            preexec_fn=_pin(load_core))
+        redis = start_redis(port, work, _pin(load_core))
         rls: subprocess.Popen[bytes] | None = None
         try:
-            _wait(lambda: _redis_up(port), "redis-server")
             rls = subprocess.Popen(
                 [sys.executable, "-m", "mesh.ratelimit", "--listen", f"unix://{sock}",
                  "--redis", f"redis://127.0.0.1:{port}", "--log-level", "warning"],
                 cwd=ROOT, preexec_fn=_pin(rls_core))
-            _wait(sock.exists, "the rate limit service's socket")
+            wait(sock.exists, "the rate limit service's socket")
 
             def generate(mode: str, duration: float) -> dict[str, float]:
                 out = subprocess.run(

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
 
 from mesh.echo import EchoIdentity, EchoServer
+from tests import testbed
 from tests.testbed import Harness
 
 
@@ -35,6 +35,4 @@ def echo_v2() -> Iterator[EchoServer]:
 
 @pytest.fixture
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return testbed.free_port()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.test_policies import PolicyAgent, docs, free_port, service
+from tests.test_policies import PolicyAgent, docs, service
+from tests.test_ratelimit_service import RedisProcess
 from tests.testbed import Reply, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
@@ -25,35 +25,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
     reason="redis-server is not installed (make install installs it from Debian)")]
 ADDRESSES = ("127.5.5.1", "127.5.5.2")
 PORT = 8080
-
-
-class Redis:
-    """A real redis-server on a loopback port, no persistence; stopped and started again on
-    the same port."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.tmp = tmp
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.tmp)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: subprocess.run(
-            ["redis-cli", "-p", str(self.port), "ping"], capture_output=True).stdout.strip()
-            == b"PONG", what="redis to start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
 
 
 def manifests(directory: Path, address: str, port: int) -> None:
@@ -99,12 +70,12 @@ def get(address: str, host: str) -> Reply:
 
 
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Redis, list[PolicyAgent]]]:
+def nodes(tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[tuple[RedisProcess, list[PolicyAgent]]]:
     from mesh.echo import EchoIdentity, EchoServer
 
     tmp = tmp_path_factory.mktemp("global")
-    redis = Redis(tmp)
-    redis.start()
+    redis = RedisProcess(tmp / "redis").start()
     echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo")).start()
     agents: list[PolicyAgent] = []
     try:
@@ -125,7 +96,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Redis, lis
 
 
 def test_one_limit_shared_by_two_envoys_admits_exactly_the_limit(
-        nodes: tuple[Redis, list[PolicyAgent]]) -> None:
+        nodes: tuple[RedisProcess, list[PolicyAgent]]) -> None:
     # The fixture's probes used some of the 20: count what is left, then hammer.
     left = int(get(ADDRESSES[0], "shared.example").headers["x-ratelimit-remaining"])
     statuses: list[int] = []
@@ -148,7 +119,7 @@ def test_one_limit_shared_by_two_envoys_admits_exactly_the_limit(
 
 
 def test_redis_down_fail_open_and_closed_decide_within_the_timeout_and_resume(
-        nodes: tuple[Redis, list[PolicyAgent]]) -> None:
+        nodes: tuple[RedisProcess, list[PolicyAgent]]) -> None:
     redis, _ = nodes
     address = ADDRESSES[0]
     assert get(address, "closed.example").status == 200

@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ import pytest
 import yaml
 
 from mesh.echo import EchoIdentity, EchoServer
-from tests.testbed import Reply, wait_until
+from tests.testbed import Reply, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,12 +134,6 @@ def get(host: str, path: str = "/", headers: dict[str, str] | None = None,
                      {k.lower(): v for k, v in resp.getheaders()})
     finally:
         conn.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

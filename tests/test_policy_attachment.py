@@ -9,10 +9,10 @@ from typing import Any
 import yaml
 
 from mesh import ir
-from mesh.providers.files import FileProvider
-from mesh.store.store import Store, StoreSnapshot
+from mesh.store.store import StoreSnapshot
 from mesh.translate import TranslatorConfig
 from mesh.translate.gateway.translate import TranslationMemo, translate
+from tests.test_translate_golden import load
 
 BASE = """
 apiVersion: gateway.networking.k8s.io/v1
@@ -75,9 +75,7 @@ def policy(name: str, kind: str, target: str, section: str | None = None,
 
 def snapshot(tmp: Path, *policies: dict[str, Any]) -> StoreSnapshot:
     (tmp / "in.yaml").write_text(BASE + "---\n" + yaml.safe_dump_all(policies))
-    store = Store()
-    FileProvider(tmp, store, clock=lambda: 0.0).load()
-    return store.snapshot()
+    return load(tmp)
 
 
 def routes(result: ir.IR, table_prefix: str) -> dict[str, ir.Route]:

@@ -37,19 +37,13 @@ from mesh.envoy.supervisor import envoy_binary
 from mesh.ratelimit import descriptors, h2grpc, service
 from mesh.ratelimit.store import RedisAddress
 from meshxds.server import ListenAddress
-from tests.testbed import http_get, wait_until
+from tests.testbed import free_port, http_get, wait_until
 
 pytestmark = pytest.mark.e2e
 
 REDIS_SERVER = "/usr/bin/redis-server"
 Code = rls_pb2.RateLimitResponse
 Entry = ratelimit_pb2.RateLimitDescriptor.Entry
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisProcess:
@@ -60,7 +54,7 @@ class RedisProcess:
     def __init__(self, workdir: Path, unix: bool = False, port: int | None = None,
                  extra: tuple[str, ...] = (), config: str | None = None) -> None:
         self.workdir = workdir
-        self.port = 0 if unix else port or _free_port()
+        self.port = 0 if unix else port or free_port()
         self.socket = workdir / "redis.sock" if unix else None
         self.extra = extra
         self.config = config  # a config file's text (sentinels need one they can write)
@@ -793,7 +787,7 @@ def test_envoy_limits_through_the_service(redis: RedisProcess, echo_v1: EchoServ
                                           tmp_path: Path) -> None:
     sock = tmp_path / "rls.sock"
     s = Service(f"unix://{sock}", redis.url).start()
-    port, admin = _free_port(), _free_port()
+    port, admin = free_port(), free_port()
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(_envoy_config(port, admin, echo_v1.port, sock)))
     envoy = subprocess.Popen([str(envoy_binary()), "-c", str(config), "--log-level", "warn",

@@ -11,6 +11,7 @@ import concurrent.futures
 import http.client
 import json
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -28,6 +29,13 @@ from meshxds.cache import Resource, SnapshotCache
 from meshxds.server import ListenAddress, XdsServer
 
 T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A loopback TCP port free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
