@@ -222,17 +222,12 @@ class HTTP:
         raise ValueError(f"{path}: {resp.status} {text}")
 
     async def _request(self, path: str, query: dict[str, str], read_timeout: float) -> Any:
-        try:
-            return await self.api.call_api(
-                path, "GET", query_params=list(query.items()), auth_settings=["BearerToken"],
-                _preload_content=False,
-                _request_timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=read_timeout))
-        except Exception as e:  # the client's ApiException carries the status
-            if getattr(e, "status", None) == 404:
-                raise NotInstalled() from e
-            if getattr(e, "status", None) == 410:
-                raise Gone() from e
-            raise
+        # Unparsed (_preload_content=False): the client hands the response back whatever
+        # its status; `_call` reads the status.
+        return await self.api.call_api(
+            path, "GET", query_params=list(query.items()), auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=read_timeout))
 
     async def get_json(self, path: str, query: dict[str, str]) -> dict[str, Any]:
         resp = await self._call(path, query, 60)

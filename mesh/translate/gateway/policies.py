@@ -146,8 +146,11 @@ class PolicyIndex:
         return xp.session if xp is not None else None
 
     def decide(self, scope: Scope, features: Iterable[str] = policies.FEATURES) -> Decision:
+        return self._decide(scope.levels(), features)
+
+    def _decide(self, levels: list[Target], features: Iterable[str]) -> Decision:
+        """Per feature, the oldest policy on the most specific of `levels` that sets it."""
         out = Decision()
-        levels = scope.levels()
         for feature in features:
             for target in levels:
                 winner = next((p for p in self.by_target.get(target, ()) if p.sets(feature)),
@@ -164,15 +167,7 @@ class PolicyIndex:
         if port_name:
             levels.append(("", "Service", namespace, name, port_name))
         levels.append(("", "Service", namespace, name, None))
-        d = Decision()
-        for feature in BACKEND_FEATURES:
-            for target in levels:
-                winner = next((p for p in self.by_target.get(target, ()) if p.sets(feature)),
-                              None)
-                if winner is not None:
-                    d.by_feature[feature] = winner
-                    break
-        out = backend_settings(d, ir.BackendSettings())
+        out = backend_settings(self._decide(levels, BACKEND_FEATURES), ir.BackendSettings())
         xp = self.backend_policies.get((namespace, name))
         if xp is not None and xp.budget_percent is not None:
             out = replace(out, circuit_breaker=replace(
@@ -255,8 +250,7 @@ class PolicyIndex:
             return [(ref, condition(Type.ACCEPTED, False, Reason.TARGET_NOT_FOUND,
                                     f"{kind} {ns}/{name} does not exist", gen))]
         if section is not None and not _has_section(obj, section):
-            what = "rule" if kind.endswith("Route") else "port" if kind == "Service" \
-                else "listener"
+            what = _section_word(kind)
             return [(ref, condition(Type.ACCEPTED, False, Reason.TARGET_NOT_FOUND,
                                     f"{kind} {ns}/{name} has no {what} named {section}", gen))]
         lost = [(f, w) for f in policies.FEATURES if p.sets(f)
@@ -268,8 +262,7 @@ class PolicyIndex:
                           f"{', '.join(older)} targets the same {kind} and is older: it "
                           "decides " + ", ".join(f for f, _ in lost), gen)
         else:
-            what = "rule" if kind.endswith("Route") else "port" if kind == "Service" \
-                else "listener"
+            what = _section_word(kind)
             msg = f"applies to {kind} {ns}/{name}" + (f" {what} {section}" if section else "")
             if lost:
                 msg += "; " + ", ".join(f"{f} decided by the older TrafficPolicy "
@@ -370,6 +363,11 @@ def _parse_x_backend(obj: KubeObject) -> XBackendPolicy:
     # is taken as that floor.
     return XBackendPolicy(obj, tuple(services), float(percent) if percent is not None else None,
                           count, session)
+
+
+def _section_word(kind: str) -> str:
+    """What a target's sectionName names."""
+    return "rule" if kind.endswith("Route") else "port" if kind == "Service" else "listener"
 
 
 def _has_section(obj: KubeObject, section: str) -> bool:
