@@ -281,7 +281,7 @@ def _retry(raw: Any) -> RetrySettings | None:
         return None
     on = _map(m.get("retryOn"), "spec.retry.retryOn")
     triggers = tuple(_list(on.get("triggers"), "spec.retry.retryOn.triggers", 16))
-    bad = [t for t in triggers if t not in RETRY_TRIGGERS]
+    bad = [t for t in triggers if not isinstance(t, str) or t not in RETRY_TRIGGERS]
     if bad:
         raise Invalid(f"spec.retry.retryOn.triggers: {', '.join(map(str, bad))} not supported "
                       f"(one of {', '.join(sorted(RETRY_TRIGGERS))})")

@@ -57,7 +57,7 @@ def pod_addresses(snapshot: StoreSnapshot) -> dict[str, list[str]]:
         status = pod.body.get("status")
         if not isinstance(status, dict):
             continue
-        ips = [i.get("ip") for i in status.get("podIPs") or () if isinstance(i, dict)]
+        ips = [i.get("ip") for i in model.as_list(status.get("podIPs")) if isinstance(i, dict)]
         if not ips and status.get("podIP"):
             ips = [status.get("podIP")]
         for a in ips:
