@@ -109,7 +109,7 @@ class PolicyIndex:
         # budget and session persistence come before a TrafficPolicy's.
         self.backend_policies: dict[tuple[str, str], XBackendPolicy] = {}
         self.backend_invalid: dict[ObjectKey, tuple[KubeObject, str]] = {}
-        self.backend_conflicts: dict[ObjectKey, XBackendPolicy] = {}
+        self.backend_all: list[XBackendPolicy] = []  # valid ones, oldest first
         for obj in sorted(snapshot.of_kind(kinds.X_BACKEND_TRAFFIC_POLICY),
                           key=lambda o: (o.created, o.namespace, o.name)):
             try:
@@ -117,10 +117,9 @@ class PolicyIndex:
             except model.Invalid as e:
                 self.backend_invalid[obj.key] = (obj, str(e))
                 continue
+            self.backend_all.append(xp)
             for svc in xp.services:
-                winner = self.backend_policies.setdefault((obj.namespace, svc), xp)
-                if winner is not xp:
-                    self.backend_conflicts[obj.key] = winner
+                self.backend_policies.setdefault((obj.namespace, svc), xp)  # the oldest wins
         self.by_target: dict[Target, list[TrafficPolicy]] = {}
         for p in self.policies:  # oldest first
             for t in p.targets:
@@ -199,18 +198,8 @@ class PolicyIndex:
                                                   message, obj.generation)]))
                 for t in model.as_list(obj.spec.get("targetRefs"))[:policies.MAX_TARGETS]
                 if isinstance(t, dict)])
-        for xp in {id(v): v for v in self.backend_policies.values()}.values():
+        for xp in self.backend_all:
             out[xp.obj.key] = self._x_backend_status(xp, controller)
-        for key, winner in self.backend_conflicts.items():
-            loser = self.s.get(kinds.X_BACKEND_TRAFFIC_POLICY, key.namespace, key.name)
-            if loser is not None and key not in out:
-                out[key] = PolicyStatus([ParentStatus(
-                    model.ParentRef("", "Service", key.namespace, svc), controller,
-                    Conditions([condition(
-                        Type.ACCEPTED, False, Reason.CONFLICTED,
-                        f"XBackendTrafficPolicy {winner.obj.namespace}/{winner.obj.name} "
-                        "targets the same Service and is older", loser.generation)]))
-                    for svc in _parse_x_backend(loser).services])
         overrides = self._overrides()
         for p in self.policies:
             ancestors = []
@@ -229,9 +218,10 @@ class PolicyIndex:
                 c = condition(Type.ACCEPTED, False, Reason.TARGET_NOT_FOUND,
                               f"Service {xp.obj.namespace}/{svc} does not exist",
                               xp.obj.generation)
-            elif self.backend_policies.get((xp.obj.namespace, svc)) is not xp:
+            elif (winner := self.backend_policies[(xp.obj.namespace, svc)]) is not xp:
                 c = condition(Type.ACCEPTED, False, Reason.CONFLICTED,
-                              "an older XBackendTrafficPolicy targets the same Service",
+                              f"XBackendTrafficPolicy {winner.obj.namespace}/"
+                              f"{winner.obj.name} targets the same Service and is older",
                               xp.obj.generation)
             else:
                 c = condition(Type.ACCEPTED, True, Reason.ACCEPTED,
