@@ -51,6 +51,7 @@ RESOURCES: dict[tuple[str, str, str], tuple[str, bool, bool]] = {
     ("gateway.networking.k8s.io", "v1", "grpcroutes"): ("GRPCRoute", True, True),
     ("gateway.networking.k8s.io", "v1beta1", "referencegrants"): ("ReferenceGrant", True, True),
     ("mesh.dev", "v1alpha1", "trafficpolicies"): ("TrafficPolicy", True, True),
+    ("mesh.dev", "v1alpha1", "meshnodes"): ("MeshNode", False, True),
 }
 HISTORY = 10_000  # events kept for watches to resume from
 BOOKMARK_EVERY = 1.0  # seconds

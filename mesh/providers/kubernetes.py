@@ -88,6 +88,50 @@ def resources(node_name: str | None) -> list[Resource]:
     return out
 
 
+# The kinds whose status the leader writes (each has a status subresource); the translator
+# gives status to nothing else that the API would take (an IngressClass has no status).
+STATUS_KINDS = frozenset({
+    kinds.GATEWAY_CLASS, kinds.GATEWAY, kinds.LISTENER_SET, kinds.X_LISTENER_SET,
+    kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE, kinds.BACKEND_TLS_POLICY,
+    kinds.X_BACKEND_TRAFFIC_POLICY, kinds.TRAFFIC_POLICY, kinds.INGRESS})
+MESH_NODE = Resource("mesh.dev", "v1alpha1", "meshnodes", "MeshNode", namespaced=False)
+LEASE = Resource("coordination.k8s.io", "v1", "leases", "Lease")
+
+
+def cluster_rules() -> list[dict[str, list[str]]]:
+    """The cluster-wide RBAC rules the agent needs, exactly: list+watch of every kind it
+    reads, get + update of the status of the kinds it writes status for (it reads an object
+    again before a write and after a conflict), and its own node's MeshNode (get, create,
+    update of the status; the leader lists and watches them all). The chart's ClusterRole is
+    checked against this in tests/test_chart.py."""
+    rules: list[dict[str, list[str]]] = []
+    by_group: dict[str, list[str]] = {}
+    for r in resources(None):
+        by_group.setdefault(r.group, []).append(r.plural)
+    for group, plurals in sorted(by_group.items()):
+        rules.append({"apiGroups": [group], "resources": sorted(plurals),
+                      "verbs": ["list", "watch"]})
+    status: dict[str, list[str]] = {}
+    for r in resources(None):
+        if r.group_kind in STATUS_KINDS:
+            status.setdefault(r.group, []).append(r.plural)
+    for group, plurals in sorted(status.items()):
+        rules.append({"apiGroups": [group], "resources": sorted(plurals), "verbs": ["get"]})
+        rules.append({"apiGroups": [group], "resources": sorted(f"{p}/status" for p in plurals),
+                      "verbs": ["update"]})
+    rules.append({"apiGroups": [MESH_NODE.group], "resources": [MESH_NODE.plural],
+                  "verbs": ["get", "list", "watch", "create"]})
+    rules.append({"apiGroups": [MESH_NODE.group], "resources": [f"{MESH_NODE.plural}/status"],
+                  "verbs": ["update"]})
+    return rules
+
+
+def namespace_rules() -> list[dict[str, list[str]]]:
+    """The rules in the agent's own namespace: the leader election's Lease."""
+    return [{"apiGroups": [LEASE.group], "resources": [LEASE.plural],
+             "verbs": ["get", "create", "update"]}]
+
+
 class Gone(Exception):
     """410: the version to resume from is too old: list again."""
 
