@@ -89,17 +89,38 @@ _state_dir_option = click.option(
               help="Run the node's rate limit service (global rate limits) with its counters "
                    "in this Redis: redis://HOST:PORT, unix:///PATH, "
                    "redis-sentinel://H:P[,H:P]/MASTER, redis-cluster://H:P[,H:P].")
+@click.option("--envoy", "envoy_mode", type=click.Choice(["supervised", "external"]),
+              default="supervised", show_default=True,
+              help="external: Envoy is started beside the agent by someone else (the chart's "
+                   "Envoy container, `mesh envoy`); the agent serves it and waits for it.")
+@click.option("--gateway-addresses", type=click.Choice(["pool", "node", "loadbalancer"]),
+              default="pool", show_default=True,
+              help="Where a Gateway without spec.addresses gets its address: the pool "
+                   "(--address-pool), the nodes' addresses, or a LoadBalancer Service "
+                   "labelled mesh.dev/gateway=<name> in its namespace.")
+@click.option("--leader-elect", is_flag=True,
+              help="With --kubernetes: elect the one agent that writes status on a Lease.")
+@click.option("--leader-namespace", default="mesh-system", show_default=True)
+@click.option("--leader-identity", help="This agent's name in the Lease (default: node id).")
+@click.option("--lease-name", default="mesh-status-writer", show_default=True)
+@click.option("--lease-duration", default=15.0, show_default=True, metavar="SECONDS")
+@click.option("--lease-renew-deadline", default=10.0, show_default=True, metavar="SECONDS")
+@click.option("--lease-retry", default=2.0, show_default=True, metavar="SECONDS")
 def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         controller_name: str, node_id: str, state_dir: Path, xds_address: str | None,
         admin_address: str | None, protocol: str, envoy_log_level: str, max_connections: int,
         echo_address: str | None, datapath_cgroup: Path | None,
         datapath_underlay: str | None, datapath_redirect: str, keep_envoy: bool,
-        kubernetes: bool, kubeconfig: str | None, ratelimit_redis: str | None) -> None:
+        kubernetes: bool, kubeconfig: str | None, ratelimit_redis: str | None,
+        envoy_mode: str, gateway_addresses: str, leader_elect: bool, leader_namespace: str,
+        leader_identity: str | None, lease_name: str, lease_duration: float,
+        lease_renew_deadline: float, lease_retry: float) -> None:
     """Run the node agent and the node's Envoy."""
     import ipaddress
 
     from mesh.agent.agent import Agent
     from mesh.agent.config import AgentConfig
+    from mesh.agent.leader import LeaseConfig
     from mesh.agent.signals import run_until_signalled
     from mesh.echo import EchoServer
     from mesh.translate.config import TranslatorConfig
@@ -107,14 +128,18 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
 
     if sum((manifests is not None, resources_file is not None, kubernetes)) > 1:
         raise click.UsageError("--manifests, --resources and --kubernetes exclude each other")
-    if kubeconfig is not None and not kubernetes:
-        raise click.UsageError("--kubeconfig goes with --kubernetes")
+    if (kubeconfig is not None or leader_elect) and not kubernetes:
+        raise click.UsageError("--kubeconfig and --leader-elect go with --kubernetes")
     try:
         ipaddress.ip_network(address_pool)
+        lease = LeaseConfig(leader_namespace, leader_identity or node_id, lease_name,
+                            lease_duration, lease_renew_deadline, lease_retry) \
+            if leader_elect else None
         cfg = AgentConfig(
             manifests=manifests,
             translator=TranslatorConfig(controller_name=controller_name,
-                                        address_pool=address_pool),
+                                        address_pool=address_pool,
+                                        gateway_addresses=gateway_addresses),
             node_id=node_id,
             state_dir=state_dir,
             xds_address=ListenAddress.parse(_address(xds_address, state_dir, "xds.sock")),
@@ -131,6 +156,9 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
             ratelimit_redis=ratelimit_redis,
             kubernetes=kubernetes,
             kubeconfig=kubeconfig,
+            lease=lease,
+            identity=leader_identity,
+            external_envoy=envoy_mode == "external",
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from e
@@ -268,6 +296,47 @@ def bootstrap_cmd(node_id: str, state_dir: Path, protocol: str) -> None:
         protocol="delta" if protocol == "delta" else "sotw",
     )
     yaml.safe_dump(bootstrap(cfg), sys.stdout, sort_keys=False)
+
+
+@main.command("envoy")
+@click.option("--node-id", default=socket.gethostname, show_default="host name")
+@_state_dir_option
+@click.option("--protocol", type=click.Choice(["delta", "sotw"]), default="delta")
+@click.option("--envoy-log-level", default="warning", show_default=True)
+@click.option("--max-connections", default=50_000, show_default=True)
+def envoy_cmd(node_id: str, state_dir: Path, protocol: str, envoy_log_level: str,
+              max_connections: int) -> None:
+    """Write the node's Envoy bootstrap and exec Envoy (the chart's Envoy container, beside
+    `mesh run --envoy external`, sharing the state directory)."""
+    from mesh.agent.agent import bootstrap_config
+    from mesh.agent.config import AgentConfig
+    from mesh.envoy.supervisor import EnvoySupervisor
+    from meshxds.server import ListenAddress
+
+    cfg = AgentConfig(
+        node_id=node_id, state_dir=state_dir,
+        xds_address=ListenAddress.parse(_address(None, state_dir, "xds.sock")),
+        admin_address=ListenAddress.parse(_address(None, state_dir, "envoy-admin.sock")),
+        protocol="delta" if protocol == "delta" else "sotw",
+        max_downstream_connections=max_connections)
+    supervisor = EnvoySupervisor(bootstrap_config(cfg), state_dir, log_level=envoy_log_level)
+    supervisor.write_bootstrap()
+    args = supervisor.args()
+    os.execv(args[0], args)
+
+
+@main.command("health")
+@_state_dir_option
+@click.option("--ready", is_flag=True, help="Readiness (synced, built, Envoy ready), not "
+              "liveness.")
+def health_cmd(state_dir: Path, ready: bool) -> None:
+    """Ask the agent how it is (its unix socket): exit 0 if healthy (or ready), else 1.
+    The chart's liveness and readiness probes."""
+    from mesh.agent.health import SOCKET, probe
+
+    code, body = asyncio.run(probe(state_dir / SOCKET, ready))
+    click.echo(json.dumps(body, indent=2))
+    sys.exit(0 if code == 200 else 1)
 
 
 @main.command()

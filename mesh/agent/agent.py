@@ -1,10 +1,12 @@
 """The composition root: which components run in which mode, and who owns what.
 
 Task ownership: `Agent.run` starts the xDS server, then every component of its mode in one
-task group (providers, the pipeline, the Envoy supervisor), and stops them all when it is
-cancelled or one of them fails. Envoy starts only after the first full build, so it never
-sees a partial configuration. A stop on purpose (cancellation) stops Envoy unless
-`keep_envoy`; a crash (any other exception) leaves it serving for the next agent to adopt.
+task group (providers, the pipeline, the health endpoint, the Envoy supervisor), and stops
+them all when it is cancelled or one of them fails. Envoy starts only after the first full
+build, so it never sees a partial configuration. A stop on purpose (cancellation) stops Envoy
+unless `keep_envoy`; a crash (any other exception) leaves it serving for the next agent to
+adopt. With `external_envoy` (the chart: Envoy in a container of its own) the agent never
+starts or stops Envoy; it serves xDS and waits for Envoy to be ready.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
+from typing import Any
 
 from mesh.addresses import AddressBook
 from mesh.agent.config import AgentConfig
+from mesh.agent.health import SOCKET, HealthServer
 from mesh.agent.pipeline import Pipeline
+from mesh.envoy.admin import EnvoyAdmin
 from mesh.envoy.bootstrap import BootstrapConfig
 from mesh.envoy.supervisor import EnvoySupervisor
 from mesh.providers.files import FileProvider
@@ -25,13 +30,25 @@ from mesh.providers.node import NodeProvider
 from mesh.sinks.envoy.raw import RawResources
 from mesh.sinks.envoy.sink import EnvoySink
 from mesh.sinks.sink import Sink
-from mesh.sinks.status.writer import FileStatusWriter
+from mesh.sinks.status.writer import FileStatusWriter, StatusWriter, Writers
 from mesh.store.store import Store
 from meshxds import types
 from meshxds.cache import SnapshotCache
 from meshxds.server import ListenAddress, XdsServer
 
 log = logging.getLogger(__name__)
+
+
+def bootstrap_config(cfg: AgentConfig) -> BootstrapConfig:
+    """The bootstrap of this agent's Envoy (also what `mesh envoy` starts Envoy with)."""
+    return BootstrapConfig(
+        node_id=cfg.node_id,
+        xds=cfg.xds_address,
+        admin=cfg.admin_address,
+        protocol=cfg.protocol,
+        max_downstream_connections=cfg.max_downstream_connections,
+        ratelimit=ListenAddress(unix_path=cfg.ratelimit_socket),
+    )
 
 
 class Agent:
@@ -41,6 +58,8 @@ class Agent:
         self.server = XdsServer(self.cache, cfg.xds_address)
         self.supervisor: EnvoySupervisor | None = None
         self.ready = asyncio.Event()
+        self._built: asyncio.Event | None = None
+        self._source: KubernetesSource | None = None
 
     def _components(self) -> tuple[list[object], asyncio.Event]:
         """The components of this mode, and the event set once the first build is served."""
@@ -56,8 +75,12 @@ class Agent:
             return [raw], raw.built
         store = Store()
         source: FileProvider | KubernetesSource
+        writer: StatusWriter = FileStatusWriter(cfg.state_dir / "status.json")
         if cfg.kubernetes:
-            source = KubernetesSource(store, cfg.node_id, cfg.kubeconfig)
+            source = self._source = KubernetesSource(
+                store, cfg.node_id, cfg.kubeconfig, cfg.lease, cfg.translator.controller_name,
+                cfg.identity)
+            writer = Writers(writer, source.status_writer)
         else:
             assert cfg.manifests is not None
             source = FileProvider(cfg.manifests, store)
@@ -80,9 +103,9 @@ class Agent:
         pipeline = Pipeline(
             store, replace(cfg.translator, node_name=cfg.node_id,
                            global_rate_limits=cfg.ratelimit_redis is not None), sinks,
-            FileStatusWriter(cfg.state_dir / "status.json"),
-            AddressBook(cfg.state_dir / "addresses.json"),
-            synced=[source.synced, node.synced])
+            writer, AddressBook(cfg.state_dir / "addresses.json"),
+            synced=[source.synced, node.synced],
+            cluster=source.cluster if isinstance(source, KubernetesSource) else None)
         return [source, node, pipeline, *extra], pipeline.built
 
     async def run(self) -> None:
@@ -92,23 +115,18 @@ class Agent:
         on_purpose = True
         try:
             components, built = self._components()
+            self._built = built
+            health = HealthServer(self.cfg.state_dir / SOCKET, self.health)
             async with asyncio.TaskGroup() as tg:
-                for c in components:
+                for c in [*components, health]:
                     tg.create_task(c.run(), name=type(c).__name__)  # type: ignore[attr-defined]
                 await built.wait()
-                self.supervisor = EnvoySupervisor(
-                    BootstrapConfig(
-                        node_id=self.cfg.node_id,
-                        xds=self.server.address,
-                        admin=self.cfg.admin_address,
-                        protocol=self.cfg.protocol,
-                        max_downstream_connections=self.cfg.max_downstream_connections,
-                        ratelimit=ListenAddress(unix_path=self.cfg.ratelimit_socket),
-                    ),
-                    self.cfg.state_dir,
-                    log_level=self.cfg.envoy_log_level,
-                )
-                self.supervisor.start()
+                if not self.cfg.external_envoy:
+                    self.supervisor = EnvoySupervisor(
+                        replace(bootstrap_config(self.cfg), xds=self.server.address),
+                        self.cfg.state_dir,
+                        log_level=self.cfg.envoy_log_level)
+                    self.supervisor.start()
                 tg.create_task(self._announce_ready(started), name="announce-ready")
         except BaseException as e:
             # A signal cancels the agent: a stop on purpose. Anything else is a crash, and a
@@ -123,14 +141,40 @@ class Agent:
                     await self.supervisor.detach()
             await self.server.stop(grace=1.0)
 
+    def health(self) -> dict[str, Any]:
+        """What the health endpoint answers (on the loop)."""
+        out: dict[str, Any] = {
+            "ready": self.ready.is_set(), "node": self.cfg.node_id,
+            "built": self._built is not None and self._built.is_set(),
+            "envoy": "ready" if self.ready.is_set() else "starting",
+            "externalEnvoy": self.cfg.external_envoy}
+        if self._source is not None:
+            out["kubernetes"] = self._source.health()
+        return out
+
+    async def _wait_external_envoy(self) -> None:
+        admin = EnvoyAdmin(self.cfg.admin_address, timeout=2.0)
+        while True:
+            try:
+                if await asyncio.to_thread(admin.ready):
+                    return
+            except OSError:
+                pass  # not started yet, or restarting: its container's business
+            await asyncio.sleep(0.5)
+
     async def _announce_ready(self, started: float) -> None:
-        assert self.supervisor is not None
-        await self.supervisor.wait_ready(timeout=60)
+        if self.supervisor is not None:
+            await self.supervisor.wait_ready(timeout=60)
+        else:
+            log.info("waiting for the external Envoy", extra={
+                "admin": str(self.cfg.admin_address)})
+            await self._wait_external_envoy()
         await self.cache.node(self.cfg.node_id).wait_settled()
         listeners = [s.name for s in self.cache.status(self.cfg.node_id)
                      if s.type_url == types.LISTENER]
         log.info("node ready", extra={
-            "node": self.cfg.node_id, "envoy_pid": self.supervisor.pid, "listeners": listeners,
+            "node": self.cfg.node_id, "listeners": listeners,
+            "envoy_pid": self.supervisor.pid if self.supervisor is not None else "external",
             "admin": str(self.cfg.admin_address),
             "seconds": round(time.monotonic() - started, 2)})
         self.ready.set()

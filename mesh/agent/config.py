@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.agent.leader import LeaseConfig
 from mesh.envoy.bootstrap import Protocol
 from mesh.translate import TranslatorConfig
 from meshxds.server import ListenAddress
@@ -23,6 +24,13 @@ class AgentConfig:
     # in-cluster configuration (the pod's service account).
     kubernetes: bool = False
     kubeconfig: str | None = None
+    # Kubernetes: the Lease on which agents elect the one that writes status (None: this
+    # agent writes, alone), and this agent's name in it and in its MeshNode (its pod's).
+    lease: LeaseConfig | None = None
+    identity: str | None = None
+    # Envoy runs beside the agent, started by someone else (the chart's own container): the
+    # agent serves it xDS and waits for it, but never starts, adopts or stops it.
+    external_envoy: bool = False
     translator: TranslatorConfig = field(default_factory=TranslatorConfig)
     envoy_log_level: str = "warning"
     max_downstream_connections: int = 50_000

@@ -14,9 +14,11 @@ import gc
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from mesh.addresses import AddressBook
 from mesh.sinks.sink import Readiness, Sink
+from mesh.sinks.status.nodes import ClusterStatus, NodeView, merged_readiness, node_view
 from mesh.sinks.status.report import StatusReport
 from mesh.sinks.status.writer import StatusWriter
 from mesh.store.objects import ObjectKey
@@ -31,7 +33,8 @@ STATUS_INTERVAL = 0.1  # seconds: lets a burst of ACKs land before status is rec
 class Pipeline:
     def __init__(self, store: Store, config: TranslatorConfig, sinks: Sequence[Sink],
                  writer: StatusWriter, addresses: AddressBook,
-                 synced: Sequence[asyncio.Event] = (), min_interval: float = 0.1) -> None:
+                 synced: Sequence[asyncio.Event] = (), min_interval: float = 0.1,
+                 cluster: ClusterStatus | None = None) -> None:
         self.store = store
         self.config = config
         self.sinks = list(sinks)
@@ -39,6 +42,9 @@ class Pipeline:
         self.addresses = addresses
         self.synced = list(synced)
         self.min_interval = min_interval
+        # Kubernetes: this node's readiness goes to its MeshNode, and the leader's Programmed
+        # is every node's, merged.
+        self.cluster = cluster
         self.report = StatusReport()
         self.built = asyncio.Event()  # set after the first build reached the sinks
         self._memo = TranslationMemo()
@@ -96,14 +102,15 @@ class Pipeline:
         """Recompute status after a build or any sink's progress, at most every
         STATUS_INTERVAL, on a thread: at 10,000 routes the first status after a full build
         takes about half a second, and a change arriving meanwhile must not wait for it."""
-        progress = [asyncio.create_task(s.wait_progress()) for s in self.sinks]
+        watched: list[Any] = [*self.sinks, *([self.cluster] if self.cluster else [])]
+        progress = [asyncio.create_task(s.wait_progress()) for s in watched]
         try:
             while True:
                 due = asyncio.create_task(self._status_due.wait())
                 await asyncio.wait({due, *progress}, return_when=asyncio.FIRST_COMPLETED)
                 due.cancel()
                 progress = [asyncio.create_task(s.wait_progress()) if t.done() else t
-                            for s, t in zip(self.sinks, progress, strict=True)]
+                            for s, t in zip(watched, progress, strict=True)]
                 self._status_due.clear()
                 started = time.perf_counter()
                 await asyncio.sleep(STATUS_INTERVAL)
@@ -111,7 +118,8 @@ class Pipeline:
                     continue
                 snapshot, translation = self._last
                 readiness = [s.readiness() for s in self.sinks]  # on the loop: a copy
-                await asyncio.to_thread(self._report, snapshot, translation, readiness)
+                others = self.cluster.views() if self.cluster is not None else None
+                await asyncio.to_thread(self._report, snapshot, translation, readiness, others)
                 # A big status file takes a while to write; do not rewrite it back to back
                 # while routes keep changing.
                 await asyncio.sleep(min(1.0, (time.perf_counter() - started) * 2))
@@ -120,8 +128,15 @@ class Pipeline:
                 t.cancel()
 
     def _report(self, snapshot: StoreSnapshot, translation: Translation,
-                readiness: list[Mapping[ObjectKey, Readiness]]) -> None:
+                readiness: list[Mapping[ObjectKey, Readiness]],
+                others: Mapping[str, NodeView] | None = None) -> None:
         """On the status thread: the report is only ever used from here."""
+        if self.cluster is not None:
+            own = node_view(snapshot, translation.status.keys(), readiness)
+            self.cluster.offer(own)
+            if others is not None:  # leading: Programmed is every live node's
+                views = {**others, self.cluster.own: own}
+                readiness = [merged_readiness(snapshot, translation.status.keys(), views)]
         if self.report.update(snapshot, translation.status, readiness) or self._unwritten:
             try:
                 self.writer.write(self.report.objects, self.report.current, self.report.errors)

@@ -316,8 +316,9 @@ class EnvoySupervisor:
         log.info("envoy started", extra={"pid": envoy.pid, "start": self.starts})
         return await self._watch(envoy)
 
-    def _spawn(self) -> _Envoy:
-        args = [
+    def args(self) -> list[str]:
+        """Envoy's command line (also `mesh envoy`'s, which execs it in a container)."""
+        return [
             str(self.binary),
             "--config-path", str(self.bootstrap_path),
             "--log-level", self.log_level,
@@ -327,6 +328,9 @@ class EnvoySupervisor:
             "--disable-hot-restart",
             "--drain-time-s", "5",
         ]
+
+    def _spawn(self) -> _Envoy:
+        args = self.args()
         out = self._new_log_file()
         try:
             child = subprocess.Popen(

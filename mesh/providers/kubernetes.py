@@ -26,9 +26,10 @@ from typing import Any
 
 import aiohttp
 
+from mesh.agent.leader import LeaseConfig
 from mesh.store import kinds
 from mesh.store.kinds import GroupKind
-from mesh.store.objects import KubeObject, ObjectError, parse_object
+from mesh.store.objects import KubeObject, ObjectError, ObjectKey, parse_object
 from mesh.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,10 @@ class KindWatch:
         self.http = http
         self.store = store
         self.objects: dict[tuple[str, str], KubeObject] = {}
+        # The status of the kinds we write status for, kept out of the objects: a status
+        # write (ours, echoed by the watch) must not look like a change to translate.
+        self.statuses: dict[tuple[str, str], Any] = {}
+        self._own_status = r.group_kind in STATUS_KINDS
         self.version = ""
         self.synced = asyncio.Event()
         self.lists = 0  # how many times it listed (a resumed watch does not)
@@ -210,9 +215,10 @@ class KindWatch:
     async def _list(self) -> None:
         doc = await self.http.get_json(self.r.path, self._query())
         objects = {}
+        self.statuses = {}
         for raw in doc.get("items") or []:
             try:
-                obj = to_object(raw, self.r)
+                obj = self._object(raw)
             except ObjectError:
                 continue
             objects[(obj.namespace, obj.name)] = obj
@@ -237,14 +243,28 @@ class KindWatch:
             if kind == "BOOKMARK":
                 continue
             try:
-                obj = to_object(raw, self.r)
+                obj = self._object(raw)
             except ObjectError:
                 continue
+            at = (obj.namespace, obj.name)
             if kind == "DELETED":
-                self.objects.pop((obj.namespace, obj.name), None)
+                self.statuses.pop(at, None)
+                if self.objects.pop(at, None) is not None:
+                    self._publish()
             else:
-                self.objects[(obj.namespace, obj.name)] = obj
-            self._publish()
+                prev = self.objects.get(at)
+                self.objects[at] = obj
+                if prev is None or prev.version != obj.version:
+                    self._publish()  # not for what the translator cannot see (a status)
+
+    def _object(self, raw: Mapping[str, Any]) -> KubeObject:
+        if self._own_status:
+            raw = dict(raw)
+            status = raw.pop("status", None)
+            obj = to_object(raw, self.r)
+            self.statuses[(obj.namespace, obj.name)] = status
+            return obj
+        return to_object(raw, self.r)
 
 
 class HTTP:
@@ -273,6 +293,23 @@ class HTTP:
             _preload_content=False,
             _request_timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=read_timeout))
 
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """One JSON request: (status code, the decoded body or None). For the writers (status,
+        MeshNode, the Lease), which decide per code what to do."""
+        resp = await self.api.call_api(
+            path, method, auth_settings=["BearerToken"], body=body,
+            header_params={"Content-Type": "application/json", "Accept": "application/json"},
+            _preload_content=False,
+            _request_timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=30))
+        try:
+            text = await resp.read()
+        finally:
+            resp.release()
+        try:
+            return resp.status, json.loads(text) if text else None
+        except ValueError:
+            return resp.status, None
+
     async def get_json(self, path: str, query: dict[str, str]) -> dict[str, Any]:
         resp = await self._call(path, query, 60)
         try:
@@ -298,7 +335,9 @@ class KubernetesProvider:
 
     def __init__(self, api: Any, store: Store, node_name: str | None) -> None:
         http = HTTP(api)
+        self.http = http
         self.watches = [KindWatch(r, http, store) for r in resources(node_name)]
+        self._by_kind = {w.r.group_kind: w for w in self.watches}
         self.synced = asyncio.Event()
 
     async def run(self) -> None:
@@ -313,17 +352,59 @@ class KubernetesProvider:
         """Per kind: synced at least once."""
         return {str(w.r.group_kind): w.synced.is_set() for w in self.watches}
 
+    def server_status(self, key: ObjectKey) -> Any:
+        """An object's status as the watch last saw it (kinds we write status for)."""
+        w = self._by_kind.get(key.group_kind)
+        return None if w is None else w.statuses.get((key.namespace, key.name))
+
 
 class KubernetesSource:
-    """The provider with its client: configuration loaded (a kubeconfig, or in-cluster),
-    the client opened for as long as the agent runs."""
+    """The provider with its client: configuration loaded (a kubeconfig, or in-cluster), the
+    client opened for as long as the agent runs, and what writes back through it: status
+    (the leader's, elected on a Lease when `lease` is given, else this agent's alone), this
+    node's MeshNode, and the watch on every node's for the leader's merge."""
 
-    def __init__(self, store: Store, node_name: str | None, kubeconfig: str | None) -> None:
+    def __init__(self, store: Store, node_name: str, kubeconfig: str | None,
+                 lease: LeaseConfig | None = None, controller: str = "",
+                 identity: str | None = None) -> None:
+        from mesh.agent.leader import LeaderElection
+        from mesh.sinks.status.kubernetes import KubernetesStatusWriter, StatusPublisher
+        from mesh.sinks.status.nodes import ClusterStatus, NodeReporter, NodeWatch
+
         self.store = store
         self.node_name = node_name
         self.kubeconfig = kubeconfig
         self.synced = asyncio.Event()
         self.provider: KubernetesProvider | None = None
+        self._http: HTTP | None = None
+        self._opened = asyncio.Event()
+        self.election = LeaderElection(self.call, lease) if lease is not None else None
+        by_kind = {(r.group, r.kind): r for r in resources(None)}
+        self.status_writer = KubernetesStatusWriter(
+            StatusPublisher(self.call, by_kind, controller, self.leading), self._server_status,
+            self.election.subscribe() if self.election is not None else None)
+        self.reporter = NodeReporter(self.call, node_name, identity or node_name)
+        self.node_watch = NodeWatch(node_name)
+        self.cluster = ClusterStatus(
+            node_name, self.reporter, self.node_watch, self.leading,
+            self.election.subscribe() if self.election is not None else None)
+
+    def leading(self) -> bool:
+        """Whether this agent writes status: the Lease's holder (or alone, with no Lease)."""
+        return self.election.leading if self.election is not None else True
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        await self._opened.wait()
+        assert self._http is not None
+        return await self._http.call(method, path, body)
+
+    def _server_status(self, key: ObjectKey) -> Any:
+        return self.provider.server_status(key) if self.provider is not None else None
+
+    def health(self) -> dict[str, Any]:
+        return {"synced": self.provider.status() if self.provider is not None else {},
+                "leader": self.election.status() if self.election is not None else None,
+                "meshNodeWrites": self.reporter.writes}
 
     async def run(self) -> None:
         from kubernetes_asyncio import config
@@ -337,7 +418,15 @@ class KubernetesSource:
             config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
         async with ApiClient(cfg) as api:
             self.provider = KubernetesProvider(api, self.store, self.node_name)
+            http = self._http = self.provider.http
+            self._opened.set()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.provider.run(), name="kubernetes-provider")
+                tg.create_task(self.status_writer.run(), name="kubernetes-status")
+                tg.create_task(self.reporter.run(), name="meshnode-reporter")
+                tg.create_task(self.node_watch.run(lambda st: KindWatch(MESH_NODE, http, st)),
+                               name="meshnode-watch")
+                if self.election is not None:
+                    tg.create_task(self.election.run(), name="leader-election")
                 await self.provider.synced.wait()
                 self.synced.set()

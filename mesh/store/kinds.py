@@ -50,7 +50,7 @@ KINDS = frozenset({
 CLUSTER_SCOPED = frozenset({NAMESPACE, NODE, GATEWAY_CLASS, INGRESS_CLASS})
 # Kinds whose status the translator reads (a Node's addresses, a Pod's IPs): part of their
 # content.
-STATUS_READ = frozenset({NODE, POD})
+STATUS_READ = frozenset({NODE, POD, SERVICE})  # a LoadBalancer's ingress: Gateway addresses
 # Groups whose kinds are known by kind alone in messages and `mesh status`.
 _WELL_KNOWN = frozenset({CORE, GATEWAY_GROUP, NETWORKING_GROUP, DISCOVERY_GROUP})
 

@@ -23,6 +23,17 @@ class TranslatorConfig:
     node_name: str | None = None
     # Whether the node runs the rate limit service (global rate limits can be enforced).
     global_rate_limits: bool = False
+    # Where a Gateway without spec.addresses gets its address: "pool" (one of address_pool,
+    # which this node serves), "node" (served on this node's addresses; the status lists
+    # every node's), "loadbalancer" (served on this node's addresses; the status lists the
+    # ingress addresses of the LoadBalancer Service labelled mesh.dev/gateway=<name> in the
+    # Gateway's namespace).
+    gateway_addresses: str = "pool"
+
+    def __post_init__(self) -> None:
+        if self.gateway_addresses not in ("pool", "node", "loadbalancer"):
+            raise ValueError(f"gateway_addresses: {self.gateway_addresses!r} is not one of "
+                             "pool, node, loadbalancer")
 
 
 @dataclass

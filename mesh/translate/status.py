@@ -9,6 +9,7 @@ depends on what the sinks did: the status sink adds both. `to_kubernetes()` give
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -137,6 +138,14 @@ class ListenerStatus:
                 "conditions": self.conditions.to_kubernetes()}
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass
 class GatewayStatus:
     """A Gateway's or a ListenerSet's status (a ListenerSet has no addresses and no count
@@ -151,7 +160,8 @@ class GatewayStatus:
     def to_kubernetes(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.addresses is not None:
-            out["addresses"] = [{"type": "IPAddress", "value": a} for a in self.addresses]
+            out["addresses"] = [{"type": "IPAddress" if _is_ip(a) else "Hostname", "value": a}
+                                for a in self.addresses]
         out["conditions"] = self.conditions.to_kubernetes()
         if self.listeners is not None:
             out["listeners"] = [li.to_kubernetes() for li in self.listeners]

@@ -1,24 +1,28 @@
 """Status written back to the Kubernetes API: the status subresource of each object whose
-status changed.
+status changed, by the elected leader only.
 
 Only a change is written: statuses are compared without `lastTransitionTime` (the time
 moves only when a condition does, but a status whose conditions did not change is not
-written again for it). A 409 Conflict (someone wrote the object since we read it) is
+written again for it). A condition that did not change keeps the server's time. A route's
+`parents` and a policy's `ancestors` entries of other controllers are kept as the server has
+them: we own only ours. A 409 Conflict (someone wrote the object since we read it) is
 retried: the object is read again, our status applied on the fresh version, written again.
 A 404 is confirmed by a read before the write is dropped: the cache may be behind the
-server. Not wired into the agent yet: the leader election that decides who writes comes
-with it.
+server. Leadership is checked before every write, so a leader that lost its Lease stops at
+once, even in the middle of a round.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from mesh.providers.kubernetes import Resource
-from mesh.store.objects import ObjectKey
+from mesh.providers.kubernetes import STATUS_KINDS, Resource
+from mesh.sinks.status.report import EVENTS, stamp_transitions
+from mesh.store.objects import KubeObject, ObjectKey
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 3
@@ -33,12 +37,32 @@ def comparable(status: Any) -> Any:
     return status
 
 
+OWNED_LISTS = ("parents", "ancestors")  # entries per controller (controllerName)
+
+
+def with_foreign(ours: Mapping[str, Any], theirs: Any, controller: str) -> dict[str, Any]:
+    """Our status, with the server's entries of other controllers kept in the per-controller
+    lists (theirs first, as they were, then ours)."""
+    out = dict(ours)
+    if not isinstance(theirs, Mapping):
+        return out
+    for field in OWNED_LISTS:
+        foreign = [e for e in theirs.get(field) or () if isinstance(e, Mapping) and
+                   e.get("controllerName") != controller]
+        if foreign and field in out:
+            out[field] = [*foreign, *out[field]]
+    return out
+
+
 class StatusPublisher:
     """Writes statuses through an API client (`call(method, path, body) -> (code, doc)`)."""
 
-    def __init__(self, call: Any, resources: Mapping[tuple[str, str], Resource]) -> None:
+    def __init__(self, call: Any, resources: Mapping[tuple[str, str], Resource],
+                 controller: str = "", allowed: Callable[[], bool] = lambda: True) -> None:
         self.call = call
         self.resources = resources  # (group, kind) -> its resource
+        self.controller = controller  # our controllerName in route and policy statuses
+        self.allowed = allowed  # leading: asked before every write
         self.written: dict[ObjectKey, Any] = {}  # what the server has, as we last wrote it
         self.writes = 0  # successful writes, for tests and metrics
 
@@ -56,8 +80,10 @@ class StatusPublisher:
         the watch last saw it; else what we last wrote)."""
         for key, status in statuses.items():
             seen = (server_status or {}).get(key, self.written.get(key))
-            if comparable(seen) == comparable(status):
+            if comparable(seen) == comparable(with_foreign(status, seen, self.controller)):
                 continue
+            if not self.allowed():
+                return
             await self._write(key, status)
 
     async def _write(self, key: ObjectKey, status: dict[str, Any]) -> None:
@@ -72,16 +98,20 @@ class StatusPublisher:
                 return
             if code != 200:
                 raise RuntimeError(f"GET {path}: {code}")
-            if comparable(current.get("status")) == comparable(status):
-                self.written[key] = status
+            desired = with_foreign(status, current.get("status"), self.controller)
+            if comparable(current.get("status")) == comparable(desired):
+                self.written[key] = desired
                 return  # the server has it already
+            stamp_transitions(desired, current.get("status"), None)
             body = {"apiVersion": current.get("apiVersion"), "kind": current.get("kind"),
                     "metadata": {"name": key.name, "namespace": key.namespace or None,
                                  "resourceVersion": current["metadata"]["resourceVersion"]},
-                    "status": status}
+                    "status": desired}
+            if not self.allowed():
+                return
             code, _ = await self.call("PUT", path + "/status", body)
             if code == 200:
-                self.written[key] = status
+                self.written[key] = desired
                 self.writes += 1
                 return
             if code == 404:
@@ -90,6 +120,58 @@ class StatusPublisher:
                 raise RuntimeError(f"PUT {path}/status: {code}")
             log.info("status conflict: read again and retry", extra={"object": str(key)})
         log.warning("status not written after conflicts", extra={"object": str(key)})
+
+
+class KubernetesStatusWriter:
+    """The pipeline's status writer in Kubernetes mode: `write` (on the status thread) hands
+    the latest statuses over to `run` (on the loop), which publishes them while this agent
+    leads, and again whenever it starts leading."""
+
+    def __init__(self, publisher: StatusPublisher, server_status: Callable[[ObjectKey], Any],
+                 leadership: asyncio.Event | None) -> None:
+        self.publisher = publisher
+        self.server_status = server_status  # the object's status as the watch last saw it
+        self.leadership = leadership  # set on each flip of leadership; None: always leads
+        self._latest: dict[ObjectKey, dict[str, Any]] | None = None
+        self._offered = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def write(self, objects: Mapping[ObjectKey, KubeObject],
+              statuses: Mapping[ObjectKey, dict[str, Any]], errors: Mapping[str, str]) -> None:
+        # Events (an Ingress's refused annotations) are not written: the status file shows them.
+        ours = {k: {f: v for f, v in st.items() if f != EVENTS} for k, st in statuses.items()
+                if k.group_kind in STATUS_KINDS}
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._take, ours)
+
+    def _take(self, statuses: dict[ObjectKey, dict[str, Any]]) -> None:
+        self._latest = statuses
+        self._offered.set()
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        while True:
+            waits = [asyncio.create_task(self._offered.wait())]
+            if self.leadership is not None:
+                waits.append(asyncio.create_task(self.leadership.wait()))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            self._offered.clear()
+            if self.leadership is not None:
+                self.leadership.clear()
+            if self._latest is None or not self.publisher.allowed():
+                continue
+            latest = self._latest
+            try:
+                await self.publisher.publish(
+                    latest, {k: self.server_status(k) for k in latest})
+            except (OSError, TimeoutError, RuntimeError) as e:
+                log.warning("status write failed: retrying", extra={"error": repr(e)})
+                await asyncio.sleep(1.0)
+                self._offered.set()
 
 
 def aiohttp_call(session: Any, base: str) -> Any:

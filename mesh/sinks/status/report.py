@@ -41,8 +41,9 @@ def _ident(item: Mapping[str, Any]) -> Any:
     return item.get("name") or (tuple(sorted(ref.items())) if isinstance(ref, dict) else None)
 
 
-def stamp_transitions(new: dict[str, Any], old: dict[str, Any] | None, now: str) -> None:
-    """Set lastTransitionTime on every condition list in `new`, from `old` when unchanged."""
+def stamp_transitions(new: dict[str, Any], old: dict[str, Any] | None, now: str | None) -> None:
+    """Set lastTransitionTime on every condition list in `new`, from `old` when unchanged
+    (else `now`; None: the condition's own)."""
     def walk(n: Any, o: Any) -> None:
         if isinstance(n, dict):
             for k, v in n.items():
@@ -52,8 +53,11 @@ def stamp_transitions(new: dict[str, Any], old: dict[str, Any] | None, now: str)
                         o, dict) else {}
                     for c in v:
                         p = prev.get(c["type"])
-                        c["lastTransitionTime"] = p["lastTransitionTime"] if p and p.get(
-                            "status") == c["status"] and "lastTransitionTime" in p else now
+                        if p and p.get("status") == c["status"] and \
+                                "lastTransitionTime" in p:
+                            c["lastTransitionTime"] = p["lastTransitionTime"]
+                        elif now is not None:
+                            c["lastTransitionTime"] = now
         elif isinstance(n, list):
             olist = o if isinstance(o, list) else []
             for i, item in enumerate(n):

@@ -1,5 +1,6 @@
 """Status writers: where each object's status goes. The file (`status.json`, mode 0600, what
-`mesh status` reads) in file and lab mode; the Kubernetes status subresource later."""
+`mesh status` reads) always; in Kubernetes mode also the API server's status subresource
+(mesh/sinks/status/kubernetes.py), by the leader."""
 
 from __future__ import annotations
 
@@ -69,3 +70,15 @@ class FileStatusWriter:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         tmp.replace(self.path)
+
+
+class Writers:
+    """Several writers, each given every status (the file, and the API server's)."""
+
+    def __init__(self, *writers: StatusWriter) -> None:
+        self.writers = writers
+
+    def write(self, objects: Mapping[ObjectKey, KubeObject],
+              statuses: Mapping[ObjectKey, dict[str, Any]], errors: Mapping[str, str]) -> None:
+        for w in self.writers:
+            w.write(objects, statuses, errors)

@@ -599,6 +599,7 @@ class _Translator:
             gen = g.obj.generation
             conds = Conditions()
             addresses, unusable = self._gateway_addresses(g)
+            shown, unassigned = self._status_addresses(g, addresses)
             own = [li for li in listeners if li.owner is g.obj]
             for li in listeners:
                 lconds = li.status.conditions
@@ -627,8 +628,14 @@ class _Translator:
                 conds.append(condition(Type.PROGRAMMED, False, Reason.ADDRESS_NOT_USABLE, msg,
                                        gen))
             elif not addresses:
-                conds.append(condition(Type.PROGRAMMED, False, Reason.ADDRESS_NOT_USABLE,
-                                       "no address left in the pool", gen))
+                conds.append(condition(
+                    Type.PROGRAMMED, False, Reason.ADDRESS_NOT_USABLE,
+                    "no address left in the pool" if self.cfg.gateway_addresses == "pool"
+                    else f"this node ({self.cfg.node_name}) has no Node object with an IP "
+                    "address to serve the Gateway on", gen))
+            elif unassigned:
+                conds.append(condition(Type.PROGRAMMED, False, Reason.ADDRESS_NOT_ASSIGNED,
+                                       unassigned, gen))
             unsupported = sorted({t for t, _ in g.addresses if t != "IPAddress"})
             if unsupported:
                 msg = f"address types {', '.join(unsupported)} are not supported " \
@@ -662,7 +669,7 @@ class _Translator:
                 for li in own:
                     li.valid = False
             self.status[g.obj.key] = GatewayStatus(
-                conds, [li.status for li in own], tuple(addresses),
+                conds, [li.status for li in own], tuple(shown),
                 attached_listener_sets=0)  # counted below
             for li in listeners:
                 if li.owner is not g.obj and li.gateway is g:
@@ -756,11 +763,48 @@ class _Translator:
                 ok = False
             (usable if ok else unusable).append(value)
         if not usable and not unusable:
+            if self.cfg.gateway_addresses != "pool":
+                return _ips(self.local_addresses or ()), []  # the node's: not allocated
             assigned = self._allocate(key)
             usable = [assigned] if assigned else []
         for i, address in enumerate(usable):
             self.addresses[key if i == 0 else f"{key}/{i}"] = address
         return usable, unusable
+
+    def _status_addresses(self, g: model.Gateway, served: list[str]) -> tuple[list[str], str]:
+        """(the addresses the Gateway's status lists, why there are none yet or ""). Where
+        clients reach it: what this node serves, unless the Gateway asked for nothing in
+        particular and the addresses come from the nodes or a LoadBalancer Service."""
+        mode = self.cfg.gateway_addresses
+        if mode == "pool" or any(value for _, value in g.addresses) or not served:
+            return served, ""
+        if mode == "node":
+            every = sorted({a for node in self.s.of_kind(kinds.NODE)
+                            for a in _ips(_node_address_list(node))}, key=_address_order)
+            return every or served, ""
+        services = sorted(
+            (svc for svc in self.s.of_kind(kinds.SERVICE)
+             if svc.namespace == g.obj.namespace and
+             svc.labels.get(GATEWAY_SERVICE_LABEL) == g.obj.name),
+            key=lambda svc: svc.name)
+        if not services:
+            return [], f"no LoadBalancer Service labelled {GATEWAY_SERVICE_LABEL}=" \
+                f"{g.obj.name} in {g.obj.namespace}"
+        out: list[str] = []
+        for svc in services:
+            if svc.spec.get("type") != "LoadBalancer":
+                continue
+            status = svc.body.get("status")
+            lb = status.get("loadBalancer") if isinstance(status, Mapping) else None
+            for entry in (lb.get("ingress") or []) if isinstance(lb, Mapping) else []:
+                if isinstance(entry, Mapping):
+                    value = entry.get("ip") or entry.get("hostname")
+                    if isinstance(value, str) and value and value not in out:
+                        out.append(value)
+        if not out:
+            return [], f"waiting for Service {g.obj.namespace}/{services[0].name} " \
+                "(type LoadBalancer) to be given an address"
+        return out, ""
 
     # -- BackendTLSPolicy --------------------------------------------------------------------
 
@@ -882,6 +926,34 @@ def _most_specific_first(lis: Iterable[_Listener]) -> list[_Listener]:
     return sorted(lis, key=lambda li: (li.spec.hostname is None,
                                        (li.spec.hostname or "").startswith("*"),
                                        -len(li.spec.hostname or "")))
+
+
+GATEWAY_SERVICE_LABEL = "mesh.dev/gateway"
+
+
+def _ips(values: Any) -> list[str]:
+    """The IP addresses among `values` (a Node also lists its Hostname), in a stable order."""
+    out = []
+    for v in values:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            continue
+        out.append(str(v))
+    return sorted(set(out), key=_address_order)
+
+
+def _address_order(a: str) -> tuple[int, Any]:
+    ip = ipaddress.ip_address(a)
+    return ip.version, ip
+
+
+def _node_address_list(node: Any) -> list[str]:
+    status = node.body.get("status")
+    entries = status.get("addresses") if isinstance(status, Mapping) else None
+    return [str(a.get("address")) for a in entries or ()
+            if isinstance(a, Mapping) and a.get("address") and
+            a.get("type") in ("InternalIP", "ExternalIP")] if isinstance(entries, list) else []
 
 
 def _node_addresses(snapshot: StoreSnapshot, node_name: str | None) -> frozenset[str] | None:

@@ -1,0 +1,294 @@
+"""Programmed over the cluster: each node says what its Envoy runs, the leader merges.
+
+Every agent writes its node's `MeshNode` (mesh.dev/v1alpha1, named after the Node): per
+object it carries, the generation its Envoy runs (`programmed`), or why it does not run it
+(`pending`: Pending, or Failed with the sink's error text, Envoy's NACK). The leader reads
+every MeshNode and decides each object's Programmed: True when every live node runs its
+current generation; else the message names the nodes that lag and quotes a refusal. A node
+whose heartbeat is older than `STALE_AFTER` is gone (its agent died or the node did) and is
+left out, so one dead node does not hold every object back.
+
+The view and the merge are pure (`node_view`, `merge`); `NodeReporter` writes the view,
+`NodeWatch` follows everyone's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from mesh.sinks.sink import READY, Readiness, State, combine
+from mesh.store.objects import ObjectKey
+from mesh.store.store import Store, StoreSnapshot
+
+log = logging.getLogger(__name__)
+Call = Callable[[str, str, Any], Awaitable[tuple[int, Any]]]
+HEARTBEAT = 30.0  # seconds between writes of an unchanged view
+STALE_AFTER = 3 * HEARTBEAT
+MIN_WRITE_INTERVAL = 1.0  # a burst of changes costs one write a second per node
+MESSAGE_MAX = 2048  # the CRD's bound on a refusal's text
+NODES_NAMED = 5  # nodes named in a message before "and N more"
+
+
+def key_text(key: ObjectKey) -> str:
+    return f"{key.group}/{key.kind}/{key.namespace}/{key.name}"
+
+
+@dataclass(frozen=True)
+class Pending:
+    generation: int
+    state: State
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What one node runs: object -> generation, and what it does not run (yet)."""
+
+    programmed: Mapping[str, int] = field(default_factory=dict)
+    pending: Mapping[str, Pending] = field(default_factory=dict)
+
+    def to_status(self) -> dict[str, Any]:
+        return {"programmedCount": len(self.programmed), "pendingCount": len(self.pending),
+                "programmed": dict(sorted(self.programmed.items())),
+                "pending": {k: {"generation": p.generation, "state": p.state.value,
+                                "message": p.message[:MESSAGE_MAX]}
+                            for k, p in sorted(self.pending.items())}}
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any]) -> NodeView:
+        """A MeshNode's status as written by some agent: anything malformed is skipped."""
+        programmed = {k: v for k, v in (status.get("programmed") or {}).items()
+                      if isinstance(k, str) and isinstance(v, int)} \
+            if isinstance(status.get("programmed"), Mapping) else {}
+        pending: dict[str, Pending] = {}
+        raw = status.get("pending")
+        for k, v in (raw.items() if isinstance(raw, Mapping) else ()):
+            if not isinstance(v, Mapping) or not isinstance(v.get("generation"), int):
+                continue
+            state = State.FAILED if v.get("state") == State.FAILED.value else State.PENDING
+            pending[str(k)] = Pending(v["generation"], state, str(v.get("message") or ""))
+        return cls(programmed, pending)
+
+
+def node_view(snapshot: StoreSnapshot, keys: Iterable[ObjectKey],
+              readiness: list[Mapping[ObjectKey, Readiness]]) -> NodeView:
+    """This node's view: every object with a status, by its sinks' readiness."""
+    programmed: dict[str, int] = {}
+    pending: dict[str, Pending] = {}
+    for key in keys:
+        obj = snapshot.get(key.group_kind, key.namespace, key.name)
+        if obj is None:
+            continue
+        r = combine(readiness, key) if readiness else READY
+        if r.ready:
+            programmed[key_text(key)] = obj.generation
+        else:
+            pending[key_text(key)] = Pending(obj.generation, r.state, r.message)
+    return NodeView(programmed, pending)
+
+
+def _names(nodes: list[str]) -> str:
+    shown = ", ".join(nodes[:NODES_NAMED])
+    return shown + (f" and {len(nodes) - NODES_NAMED} more" if len(nodes) > NODES_NAMED else "")
+
+
+def merge(key: ObjectKey, generation: int, views: Mapping[str, NodeView]) -> Readiness:
+    """One object's readiness over the nodes: Failed if some node refused its generation
+    (quoting the first refusal), Pending while some node does not run it yet, else Ready."""
+    text = key_text(key)
+    refused: list[tuple[str, str]] = []
+    lagging: list[str] = []
+    for node in sorted(views):
+        view = views[node]
+        ran = view.programmed.get(text)
+        if ran is not None and ran >= generation:
+            continue
+        p = view.pending.get(text)
+        if p is not None and p.state is State.FAILED and p.generation >= generation:
+            refused.append((node, p.message))
+        else:
+            lagging.append(node)
+    if refused:
+        msg = f"refused on {_names([n for n, _ in refused])}: {refused[0][1]}"
+        if lagging:
+            msg += f"; not yet programmed on {_names(lagging)}"
+        return Readiness(State.FAILED, msg)
+    if lagging:
+        return Readiness(State.PENDING, f"generation {generation} not yet programmed on "
+                         f"{_names(lagging)}")
+    return READY
+
+
+def merged_readiness(snapshot: StoreSnapshot, keys: Iterable[ObjectKey],
+                     views: Mapping[str, NodeView]) -> dict[ObjectKey, Readiness]:
+    out: dict[ObjectKey, Readiness] = {}
+    for key in keys:
+        obj = snapshot.get(key.group_kind, key.namespace, key.name)
+        if obj is not None:
+            out[key] = merge(key, obj.generation, views)
+    return out
+
+
+def _now_text() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _age(heartbeat: Any) -> float:
+    try:
+        then = datetime.fromisoformat(str(heartbeat).replace("Z", "+00:00"))
+    except ValueError:
+        return float("inf")
+    return (datetime.now(UTC) - then).total_seconds()
+
+
+class NodeReporter:
+    """Writes this node's MeshNode: created once (owned by the Node, so the garbage collector
+    removes it with the Node), its status when the view changed, else every HEARTBEAT."""
+
+    PATH = "/apis/mesh.dev/v1alpha1/meshnodes"
+
+    def __init__(self, call: Call, node: str, identity: str,
+                 heartbeat: float = HEARTBEAT) -> None:
+        self.call = call
+        self.node = node
+        self.identity = identity
+        self.heartbeat = heartbeat
+        self.writes = 0
+        self._view: NodeView | None = None
+        self._written: NodeView | None = None
+        self._offered = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def offer(self, view: NodeView) -> None:
+        """From any thread: the node's latest view."""
+        if self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._take, view)
+
+    def _take(self, view: NodeView) -> None:
+        self._view = view
+        self._offered.set()
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        last = 0.0
+        while True:
+            try:
+                async with asyncio.timeout(self.heartbeat):
+                    await self._offered.wait()
+            except TimeoutError:
+                pass
+            self._offered.clear()
+            await asyncio.sleep(max(0.0, MIN_WRITE_INTERVAL - (time.monotonic() - last)))
+            if self._view is None:
+                continue
+            view = self._view
+            try:
+                await self._write(view)
+                self._written = view
+                self.writes += 1
+            except (OSError, TimeoutError, RuntimeError) as e:
+                log.warning("cannot write the MeshNode: retrying", extra={"error": repr(e)})
+                self._offered.set()
+            last = time.monotonic()
+
+    async def _owner(self) -> list[dict[str, Any]]:
+        code, node = await self.call("GET", f"/api/v1/nodes/{self.node}", None)
+        if code != 200 or not (node.get("metadata") or {}).get("uid"):
+            return []  # no Node to own it (a test, a lab): it stays until removed by hand
+        return [{"apiVersion": "v1", "kind": "Node", "name": self.node,
+                 "uid": node["metadata"]["uid"]}]
+
+    async def _write(self, view: NodeView) -> None:
+        path = f"{self.PATH}/{self.node}"
+        for _ in range(3):
+            code, current = await self.call("GET", path, None)
+            if code == 404:
+                body = {"apiVersion": "mesh.dev/v1alpha1", "kind": "MeshNode",
+                        "metadata": {"name": self.node, "ownerReferences": await self._owner(),
+                                     "labels": {"app.kubernetes.io/part-of": "mesh"}},
+                        "spec": {}}
+                code, current = await self.call("POST", self.PATH, body)
+                if code not in (200, 201) and code != 409:
+                    raise RuntimeError(f"POST MeshNode: {code}")
+                continue
+            if code != 200:
+                raise RuntimeError(f"GET MeshNode: {code}")
+            status = {"agent": self.identity, "heartbeatTime": _now_text(), **view.to_status()}
+            body = {"apiVersion": "mesh.dev/v1alpha1", "kind": "MeshNode",
+                    "metadata": {"name": self.node,
+                                 "resourceVersion": current["metadata"]["resourceVersion"]},
+                    "status": status}
+            code, _ = await self.call("PUT", path + "/status", body)
+            if code == 200:
+                return
+            if code not in (404, 409):
+                raise RuntimeError(f"PUT MeshNode status: {code}")
+        raise RuntimeError("MeshNode kept changing under us")
+
+
+class NodeWatch:
+    """Every node's MeshNode, followed by list+watch (the leader's input for the merge)."""
+
+    def __init__(self, own: str) -> None:
+        self.store = Store()
+        self.own = own
+        self._seen = -1
+
+    async def run(self, make_watch: Callable[[Store], Any]) -> None:
+        """`make_watch(store)`: a list+watch of MeshNodes into `store` (a KindWatch)."""
+        await make_watch(self.store).run()
+
+    async def wait_progress(self) -> None:
+        self._seen = await self.store.wait_change(self._seen)
+
+    def views(self) -> dict[str, NodeView]:
+        """The live nodes' views but this node's (its own comes from its sinks). On the loop:
+        a copy the status thread can read."""
+        out = {}
+        for obj in self.store.snapshot():
+            status = obj.body.get("status")
+            if obj.name == self.own or not isinstance(status, Mapping):
+                continue
+            if _age(status.get("heartbeatTime")) > STALE_AFTER:
+                continue
+            out[obj.name] = NodeView.from_status(status)
+        return out
+
+
+class ClusterStatus:
+    """What the pipeline's status round knows of the cluster: this node's view goes to its
+    MeshNode; while this agent leads, every live node's view is merged into Programmed."""
+
+    def __init__(self, own: str, reporter: NodeReporter, watch: NodeWatch,
+                 leading: Callable[[], bool], flips: asyncio.Event | None) -> None:
+        self.own = own
+        self.reporter = reporter
+        self.watch = watch
+        self.leading = leading
+        self.flips = flips  # set when leadership flips (ours to clear)
+
+    def offer(self, view: NodeView) -> None:
+        self.reporter.offer(view)
+
+    def views(self) -> dict[str, NodeView] | None:
+        """The other nodes' views while leading, else None (no merge: status not written)."""
+        return self.watch.views() if self.leading() else None
+
+    async def wait_progress(self) -> None:
+        waits: list[asyncio.Task[Any]] = [asyncio.create_task(self.watch.wait_progress())]
+        if self.flips is not None:
+            waits.append(asyncio.create_task(self.flips.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self.flips is not None:
+            self.flips.clear()
