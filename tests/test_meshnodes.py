@@ -1,0 +1,147 @@
+"""Programmed over the cluster: each node's MeshNode, and the leader's merge of them."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio.client import ApiClient, Configuration
+
+from mesh.providers.kubernetes import MESH_NODE, HTTP, KindWatch
+from mesh.sinks.sink import READY, Readiness, State
+from mesh.sinks.status.kubernetes import aiohttp_call
+from mesh.sinks.status.nodes import (
+    NodeReporter,
+    NodeView,
+    NodeWatch,
+    Pending,
+    key_text,
+    merge,
+    merged_readiness,
+    node_view,
+)
+from mesh.store.objects import ObjectKey, parse_object
+from mesh.store.store import Store
+from tests.kubeapi import FakeAPIServer
+
+GW = "gateway.networking.k8s.io"
+ROUTE = ObjectKey(GW, "HTTPRoute", "default", "r")
+TEXT = key_text(ROUTE)
+
+
+def ran(generation: int) -> NodeView:
+    return NodeView({TEXT: generation})
+
+
+def test_programmed_when_every_node_runs_the_generation() -> None:
+    assert merge(ROUTE, 3, {"n1": ran(3), "n2": ran(4)}) == READY
+
+
+def test_the_lagging_nodes_are_named() -> None:
+    r = merge(ROUTE, 3, {"n1": ran(3), "n2": ran(2), "n3": NodeView(),
+                         "n4": NodeView(pending={TEXT: Pending(3, State.PENDING, "acks")})})
+    assert r.state is State.PENDING
+    assert r.message == "generation 3 not yet programmed on n2, n3, n4"
+
+
+def test_a_refusal_is_quoted_and_wins_over_lag() -> None:
+    nack = "Proto constraint validation failed: route: value length must be at least 1"
+    r = merge(ROUTE, 3, {"n1": ran(3), "n2": ran(1),
+                         "n3": NodeView(pending={TEXT: Pending(3, State.FAILED, nack)})})
+    assert r.state is State.FAILED
+    assert r.message == f"refused on n3: {nack}; not yet programmed on n2"
+    # A refusal of an older generation is only lag for the current one.
+    old = merge(ROUTE, 4, {"n3": NodeView(pending={TEXT: Pending(3, State.FAILED, nack)})})
+    assert old.state is State.PENDING
+
+
+def test_many_lagging_nodes_are_counted_not_listed() -> None:
+    r = merge(ROUTE, 1, {f"n{i:02}": NodeView() for i in range(12)})
+    assert r.message.endswith("n00, n01, n02, n03, n04 and 7 more")
+
+
+def test_a_view_round_trips_and_bad_entries_are_skipped() -> None:
+    view = NodeView({TEXT: 2}, {"a/B/c/d": Pending(1, State.FAILED, "x" * 5000)})
+    back = NodeView.from_status(view.to_status())
+    assert back.programmed == {TEXT: 2}
+    assert back.pending["a/B/c/d"].state is State.FAILED
+    assert len(back.pending["a/B/c/d"].message) == 2048  # the CRD's bound
+    junk = NodeView.from_status({"programmed": {"x": "1", "y": 2}, "pending": {
+        "p": "no", "q": {"state": "Failed"}, "s": {"generation": 1, "state": "Odd"}}})
+    assert junk.programmed == {"y": 2} and list(junk.pending) == ["s"]
+    assert junk.pending["s"].state is State.PENDING
+
+
+def test_node_view_and_merged_readiness_follow_the_snapshot() -> None:
+    store = Store()
+    store.replace("t", [parse_object({
+        "apiVersion": f"{GW}/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "default", "generation": 5}})])
+    snap = store.snapshot()
+    pending = {ROUTE: Readiness(State.PENDING, "waiting for Envoy")}
+    own = node_view(snap, [ROUTE], [pending])
+    assert own.pending[TEXT] == Pending(5, State.PENDING, "waiting for Envoy")
+    assert node_view(snap, [ROUTE], [{}]).programmed == {TEXT: 5}
+    merged = merged_readiness(snap, [ROUTE], {"me": node_view(snap, [ROUTE], [{}]),
+                                               "other": ran(4)})
+    assert merged[ROUTE].message == "generation 5 not yet programmed on other"
+
+
+def _heartbeat(age: float) -> str:
+    return (datetime.now(UTC) - timedelta(seconds=age)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_reporter_and_watch_against_the_api() -> None:
+    async def main() -> None:
+        api = FakeAPIServer()
+        base = await api.start()
+        await api.put_object("", "nodes", {"metadata": {"name": "n1"}})
+        try:
+            async with aiohttp.ClientSession() as session:
+                call = aiohttp_call(session, base)
+                reporter = NodeReporter(call, "n1", "mesh-abcde", heartbeat=0.5)
+                task = asyncio.create_task(reporter.run())
+                await asyncio.sleep(0)
+                reporter.offer(ran(1))
+                objs = api.resource("mesh.dev", "meshnodes").objects
+                for _ in range(100):
+                    if ("", "n1") in objs and objs[("", "n1")].get("status"):
+                        break
+                    await asyncio.sleep(0.05)
+                obj = objs[("", "n1")]
+                owner = obj["metadata"]["ownerReferences"][0]
+                node_uid = api.resource("", "nodes").objects[("", "n1")]["metadata"]["uid"]
+                assert owner == {"apiVersion": "v1", "kind": "Node", "name": "n1",
+                                 "uid": node_uid}
+                assert obj["status"]["programmed"] == {TEXT: 1}
+                assert obj["status"]["agent"] == "mesh-abcde"
+                await asyncio.sleep(1.3)  # unchanged: heartbeats only, every 0.5 s at most
+                assert 2 <= reporter.writes <= 4, reporter.writes
+                # Another node, alive, and one whose agent stopped long ago.
+                for name, age in (("n2", 0.0), ("n3", 600.0)):
+                    await api.put_object("mesh.dev", "meshnodes", {
+                        "metadata": {"name": name}, "spec": {},
+                        "status": {"heartbeatTime": _heartbeat(age),
+                                   **NodeView(pending={TEXT: Pending(
+                                       1, State.FAILED, "NACK")}).to_status()}})
+                watch = NodeWatch("n1")
+                client = ApiClient(Configuration(host=base))
+                http = HTTP(client)
+                wtask = asyncio.create_task(watch.run(
+                    lambda st: KindWatch(MESH_NODE, http, st)))
+                for _ in range(100):
+                    if watch.views():
+                        break
+                    await asyncio.sleep(0.05)
+                views = watch.views()
+                assert list(views) == ["n2"]  # not itself, not the stale one
+                assert merge(ROUTE, 1, {"n1": ran(1), **views}).message == "refused on n2: NACK"
+                for t in (task, wtask):
+                    t.cancel()
+                await asyncio.gather(task, wtask, return_exceptions=True)
+                await client.close()
+        finally:
+            await api.stop()
+    asyncio.run(main())
