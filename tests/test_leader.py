@@ -19,7 +19,9 @@ FAST = {"duration": 1.5, "renew_deadline": 1.0, "retry": 0.2}
 
 
 def lease(identity: str, **timing: float) -> LeaseConfig:
-    return LeaseConfig("mesh-system", identity, **{**FAST, **timing})
+    t = {**FAST, **timing}
+    return LeaseConfig("mesh-system", identity, duration=t["duration"],
+                       renew_deadline=t["renew_deadline"], retry=t["retry"])
 
 
 def run(test: Callable[[FakeAPIServer, Any], Awaitable[None]]) -> None:

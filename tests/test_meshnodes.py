@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import aiohttp
 from kubernetes_asyncio.client import ApiClient, Configuration
 
-from mesh.providers.kubernetes import MESH_NODE, HTTP, KindWatch
+from mesh.providers.kubernetes import HTTP, MESH_NODE, KindWatch
 from mesh.sinks.sink import READY, Readiness, State
 from mesh.sinks.status.kubernetes import aiohttp_call
 from mesh.sinks.status.nodes import (
@@ -130,7 +129,7 @@ def test_reporter_and_watch_against_the_api() -> None:
                 client = ApiClient(Configuration(host=base))
                 http = HTTP(client)
                 wtask = asyncio.create_task(watch.run(
-                    lambda st: KindWatch(MESH_NODE, http, st)))
+                    lambda nw: KindWatch(MESH_NODE, http, nw, follow_status=True)))
                 for _ in range(100):
                     if watch.views():
                         break

@@ -60,6 +60,13 @@ class PolicyAgent:
                 return dict(item["status"])
         return None
 
+    def health(self, ready: bool = False) -> str:
+        """What `mesh health` prints (the chart's probes)."""
+        return subprocess.run(
+            [sys.executable, "-m", "mesh.cli", "health", "--state-dir", str(self.state),
+             *(["--ready"] if ready else [])], capture_output=True, cwd=ROOT,
+            timeout=20).stdout.decode()
+
     def stop(self) -> str:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(15)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -158,11 +158,21 @@ def to_object(raw: Mapping[str, Any], r: Resource) -> KubeObject:
     return replace(obj, created=_created(body.get("metadata") or {}))
 
 
+class Target(Protocol):
+    """Where a watch puts its kind's objects: the store, or a MeshNode follower's own."""
+
+    def replace(self, source: str, objects: Iterable[KubeObject]) -> bool: ...
+
+
 class KindWatch:
     """One kind's list+watch loop, holding its objects as the server has them."""
 
-    def __init__(self, r: Resource, http: HTTP, store: Store) -> None:
+    def __init__(self, r: Resource, http: HTTP, store: Target,
+                 follow_status: bool = False) -> None:
         self.r = r
+        # Whether a change of status alone is a change (a MeshNode is all status); else only
+        # what the translator reads is (content versions).
+        self.follow_status = follow_status
         self.http = http
         self.store = store
         self.objects: dict[tuple[str, str], KubeObject] = {}
@@ -254,7 +264,8 @@ class KindWatch:
             else:
                 prev = self.objects.get(at)
                 self.objects[at] = obj
-                if prev is None or prev.version != obj.version:
+                if prev is None or prev.version != obj.version or (
+                        self.follow_status and prev.body.get("status") != obj.body.get("status")):
                     self._publish()  # not for what the translator cannot see (a status)
 
     def _object(self, raw: Mapping[str, Any]) -> KubeObject:
@@ -424,8 +435,9 @@ class KubernetesSource:
                 tg.create_task(self.provider.run(), name="kubernetes-provider")
                 tg.create_task(self.status_writer.run(), name="kubernetes-status")
                 tg.create_task(self.reporter.run(), name="meshnode-reporter")
-                tg.create_task(self.node_watch.run(lambda st: KindWatch(MESH_NODE, http, st)),
-                               name="meshnode-watch")
+                tg.create_task(self.node_watch.run(
+                    lambda nw: KindWatch(MESH_NODE, http, nw, follow_status=True)),
+                    name="meshnode-watch")
                 if self.election is not None:
                     tg.create_task(self.election.run(), name="leader-election")
                 await self.provider.synced.wait()

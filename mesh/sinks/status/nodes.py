@@ -23,8 +23,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mesh.sinks.sink import READY, Readiness, State, combine
-from mesh.store.objects import ObjectKey
-from mesh.store.store import Store, StoreSnapshot
+from mesh.store.objects import KubeObject, ObjectKey
+from mesh.store.store import StoreSnapshot
 
 log = logging.getLogger(__name__)
 Call = Callable[[str, str, Any], Awaitable[tuple[int, Any]]]
@@ -234,25 +234,35 @@ class NodeReporter:
 
 
 class NodeWatch:
-    """Every node's MeshNode, followed by list+watch (the leader's input for the merge)."""
+    """Every node's MeshNode, followed by list+watch (the leader's input for the merge). Not
+    the store: a MeshNode is all status, which the store does not count as a change."""
 
     def __init__(self, own: str) -> None:
-        self.store = Store()
         self.own = own
-        self._seen = -1
+        self.objects: list[KubeObject] = []
+        self.revision = 0
+        self._changed = asyncio.Event()
 
-    async def run(self, make_watch: Callable[[Store], Any]) -> None:
-        """`make_watch(store)`: a list+watch of MeshNodes into `store` (a KindWatch)."""
-        await make_watch(self.store).run()
+    def replace(self, source: str, objects: Iterable[KubeObject]) -> bool:
+        """The watch's whole list of MeshNodes, after each event."""
+        self.objects = list(objects)
+        self.revision += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return True
+
+    async def run(self, make_watch: Callable[[NodeWatch], Any]) -> None:
+        """`make_watch(self)`: a list+watch of MeshNodes into this (a KindWatch)."""
+        await make_watch(self).run()
 
     async def wait_progress(self) -> None:
-        self._seen = await self.store.wait_change(self._seen)
+        await self._changed.wait()
 
     def views(self) -> dict[str, NodeView]:
         """The live nodes' views but this node's (its own comes from its sinks). On the loop:
         a copy the status thread can read."""
         out = {}
-        for obj in self.store.snapshot():
+        for obj in self.objects:
             status = obj.body.get("status")
             if obj.name == self.own or not isinstance(status, Mapping):
                 continue
