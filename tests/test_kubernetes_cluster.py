@@ -10,8 +10,8 @@ import os
 import shutil
 import signal
 import time
-from functools import partial
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
