@@ -4,6 +4,7 @@ reach the node's Envoy, and changes follow, as they do from a directory of manif
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -104,3 +105,29 @@ def test_objects_from_the_api_server_reach_envoy(
                                 address=ADDRESS).status == 404, timeout=15, what="the delete")
     st = agent.status("Gateway", "gw")
     assert st is not None and any(c["type"] == "Accepted" for c in st["conditions"])
+
+
+def test_status_written_back_keeping_other_controllers_entries(
+        cluster: tuple[BackgroundAPI, PolicyAgent, EchoServer]) -> None:
+    api, agent, _ = cluster
+    foreign = {"parentRef": {"name": "theirs"}, "controllerName": "example.com/other",
+               "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                               "message": "", "observedGeneration": 1,
+                               "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    api.put(GW, "httproutes", {**route("k8s.example"), "status": {"parents": [foreign]}})
+
+    def parents() -> list[dict[str, Any]]:
+        obj = api.api.resource(GW, "httproutes").objects[("default", "r")]
+        found: list[dict[str, Any]] = (obj.get("status") or {}).get("parents") or []
+        return found
+
+    wait_until(lambda: len(parents()) == 2, timeout=15, what="our parent entry written")
+    ours = parents()[1]
+    assert parents()[0] == foreign  # theirs, untouched
+    assert ours["controllerName"] == "mesh.dev/gateway-controller"
+    assert {c["type"]: c["status"] for c in ours["conditions"]}["Accepted"] == "True"
+    gw = api.api.resource(GW, "gateways").objects[("default", "gw")]
+    assert gw["status"]["addresses"] == [{"type": "IPAddress", "value": ADDRESS}]
+    health = json.loads(agent.health(ready=True))
+    assert health["ready"] is True and health["kubernetes"]["leader"] is None  # no election
+    assert all(health["kubernetes"]["synced"].values())

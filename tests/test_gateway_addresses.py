@@ -1,0 +1,119 @@
+"""Where a Gateway's addresses come from (`--gateway-addresses`): the pool, the nodes, or a
+LoadBalancer Service; what the node's Envoy listens on, and what the status says."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mesh.store.objects import ObjectKey, parse_object
+from mesh.store.store import Store
+from mesh.translate import TranslatorConfig, translate
+from mesh.translate.status import GatewayStatus
+
+GW = "gateway.networking.k8s.io"
+KEY = ObjectKey(GW, "Gateway", "default", "gw")
+
+
+def objects(*extra: dict[str, Any], spec_addresses: list[dict[str, str]] | None = None,
+            nodes: bool = True) -> Store:
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": f"{GW}/v1", "kind": "GatewayClass", "metadata": {"name": "mesh"},
+         "spec": {"controllerName": "mesh.dev/gateway-controller"}},
+        {"apiVersion": f"{GW}/v1", "kind": "Gateway",
+         "metadata": {"name": "gw", "namespace": "default"},
+         "spec": {"gatewayClassName": "mesh", "addresses": spec_addresses or [],
+                  "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}},
+        *extra]
+    if nodes:
+        docs += [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+                  "status": {"addresses": [{"type": "InternalIP", "address": ip},
+                                           {"type": "Hostname", "address": name}]}}
+                 for name, ip in (("n1", "10.0.0.1"), ("n2", "10.0.0.2"))]
+    store = Store()
+    store.replace("t", [parse_object(d) for d in docs])
+    return store
+
+
+def run(store: Store, mode: str) -> tuple[list[str], dict[str, Any], list[str]]:
+    """(status addresses, the Programmed condition, what the node listens on)."""
+    t = translate(store.snapshot(), TranslatorConfig(node_name="n1", gateway_addresses=mode))
+    st = t.status[KEY]
+    assert isinstance(st, GatewayStatus)
+    k8s = st.to_kubernetes()
+    programmed = next((c for c in k8s["conditions"] if c["type"] == "Programmed"), {})
+    listens = sorted({li.address for li in t.ir.listeners if li.port == 80})
+    return [a["value"] for a in k8s["addresses"]], programmed, listens
+
+
+def lb_service(ingress: list[dict[str, str]] | None, name: str = "gw-lb") -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default",
+                         "labels": {"mesh.dev/gateway": "gw"}},
+            "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]},
+            "status": {"loadBalancer": {"ingress": ingress or []}}}
+
+
+def test_pool() -> None:
+    addresses, programmed, listens = run(objects(), "pool")
+    assert addresses == ["127.0.100.1"] and listens == ["127.0.100.1"]
+    assert programmed == {}  # no problem of the translator's: the sinks' Programmed follows
+
+
+def test_node_addresses() -> None:
+    addresses, programmed, listens = run(objects(), "node")
+    assert addresses == ["10.0.0.1", "10.0.0.2"]  # every node's, not the Hostname entries
+    assert listens == ["10.0.0.1"]  # this node's own
+    assert programmed == {}
+
+
+def test_node_mode_without_this_nodes_node_object() -> None:
+    addresses, programmed, listens = run(objects(nodes=False), "node")
+    assert addresses == [] and listens == []
+    assert programmed["status"] == "False" and programmed["reason"] == "AddressNotUsable"
+    assert "has no Node object" in programmed["message"]
+
+
+def test_loadbalancer_service_addresses() -> None:
+    addresses, programmed, listens = run(objects(lb_service(
+        [{"ip": "203.0.113.7"}, {"hostname": "gw.lb.example"}])), "loadbalancer")
+    assert addresses == ["203.0.113.7", "gw.lb.example"]
+    assert listens == ["10.0.0.1"]  # the load balancer sends to the nodes
+    assert programmed == {}
+    t = translate(objects(lb_service([{"hostname": "gw.lb.example"}])).snapshot(),
+                  TranslatorConfig(node_name="n1", gateway_addresses="loadbalancer"))
+    st = t.status[KEY]
+    assert isinstance(st, GatewayStatus)
+    assert st.to_kubernetes()["addresses"] == [{"type": "Hostname", "value": "gw.lb.example"}]
+
+
+def test_loadbalancer_not_there_yet() -> None:
+    addresses, programmed, listens = run(objects(lb_service(None)), "loadbalancer")
+    assert addresses == [] and listens == ["10.0.0.1"]  # served meanwhile
+    assert programmed["reason"] == "AddressNotAssigned"
+    assert programmed["message"] == \
+        "waiting for Service default/gw-lb (type LoadBalancer) to be given an address"
+    _, missing, _ = run(objects(), "loadbalancer")
+    assert missing["message"] == "no LoadBalancer Service labelled mesh.dev/gateway=gw in default"
+
+
+def test_the_load_balancers_address_arriving_changes_the_status() -> None:
+    store = objects(lb_service(None))
+    assert run(store, "loadbalancer")[0] == []
+    store.replace("lb", [parse_object(lb_service([{"ip": "203.0.113.9"}], name="gw-lb2"))])
+    assert run(store, "loadbalancer")[0] == ["203.0.113.9"]
+
+
+def test_static_addresses_win_in_every_mode() -> None:
+    for mode in ("pool", "node", "loadbalancer"):
+        addresses, _, listens = run(objects(spec_addresses=[
+            {"type": "IPAddress", "value": "10.0.0.1"}]), mode)
+        assert addresses == ["10.0.0.1"] and listens == ["10.0.0.1"], mode
+
+
+def test_a_bad_mode_is_refused() -> None:
+    try:
+        TranslatorConfig(gateway_addresses="dhcp")
+    except ValueError as e:
+        assert "pool, node, loadbalancer" in str(e)
+    else:
+        raise AssertionError("accepted")
