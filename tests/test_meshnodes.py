@@ -100,7 +100,8 @@ def test_reporter_and_watch_against_the_api() -> None:
         try:
             async with aiohttp.ClientSession() as session:
                 call = aiohttp_call(session, base)
-                reporter = NodeReporter(call, "n1", "mesh-abcde", heartbeat=0.5)
+                reporter = NodeReporter(call, "n1", "mesh-abcde", heartbeat=0.5,
+                                        min_interval=0.05)
                 task = asyncio.create_task(reporter.run())
                 await asyncio.sleep(0)
                 reporter.offer(ran(1))
@@ -116,7 +117,9 @@ def test_reporter_and_watch_against_the_api() -> None:
                                  "uid": node_uid}
                 assert obj["status"]["programmed"] == {TEXT: 1}
                 assert obj["status"]["agent"] == "mesh-abcde"
-                await asyncio.sleep(1.3)  # unchanged: heartbeats only, every 0.5 s at most
+                for _ in range(20):  # offered again and again, unchanged: heartbeats only
+                    reporter.offer(ran(1))
+                    await asyncio.sleep(0.065)
                 assert 2 <= reporter.writes <= 4, reporter.writes
                 # Another node, alive, and one whose agent stopped long ago.
                 for name, age in (("n2", 0.0), ("n3", 600.0)):

@@ -153,12 +153,13 @@ class NodeReporter:
 
     PATH = "/apis/mesh.dev/v1alpha1/meshnodes"
 
-    def __init__(self, call: Call, node: str, identity: str,
-                 heartbeat: float = HEARTBEAT) -> None:
+    def __init__(self, call: Call, node: str, identity: str, heartbeat: float = HEARTBEAT,
+                 min_interval: float = MIN_WRITE_INTERVAL) -> None:
         self.call = call
         self.node = node
         self.identity = identity
         self.heartbeat = heartbeat
+        self.min_interval = min_interval
         self.writes = 0
         self._view: NodeView | None = None
         self._written: NodeView | None = None
@@ -185,10 +186,12 @@ class NodeReporter:
             except TimeoutError:
                 pass
             self._offered.clear()
-            await asyncio.sleep(max(0.0, MIN_WRITE_INTERVAL - (time.monotonic() - last)))
+            await asyncio.sleep(max(0.0, self.min_interval - (time.monotonic() - last)))
             if self._view is None:
                 continue
             view = self._view
+            if view == self._written and time.monotonic() - last < self.heartbeat:
+                continue  # offered again, unchanged: the heartbeat is not due yet
             try:
                 await self._write(view)
                 self._written = view
