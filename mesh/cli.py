@@ -53,7 +53,8 @@ _state_dir_option = click.option(
               help="Addresses for Gateways that do not ask for one.")
 @click.option("--controller-name", default=DEFAULT_CONTROLLER, show_default=True,
               help="GatewayClasses with this controllerName are ours.")
-@click.option("--node-id", default=socket.gethostname, show_default="host name")
+@click.option("--node-id", "--node-name", "node_id", default=socket.gethostname,
+              show_default="host name", help="This node (on Kubernetes: its Node's name).")
 @_state_dir_option
 @click.option("--xds-address",
               help="unix:/path (default: STATE_DIR/xds.sock) or loopback HOST:PORT.")

@@ -40,7 +40,8 @@ def run(store: Store, mode: str) -> tuple[list[str], dict[str, Any], list[str]]:
     st = t.status[KEY]
     assert isinstance(st, GatewayStatus)
     k8s = st.to_kubernetes()
-    programmed: dict[str, Any] = next((c for c in k8s["conditions"] if c["type"] == "Programmed"), {})
+    programmed: dict[str, Any] = next(
+        (c for c in k8s["conditions"] if c["type"] == "Programmed"), {})
     listens = sorted({li.address for li in t.ir.listeners if li.port == 80})
     return [a["value"] for a in k8s["addresses"]], programmed, listens
 

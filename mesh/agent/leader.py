@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from mesh.providers.kubernetes import API_ERRORS
+
 log = logging.getLogger(__name__)
 Call = Callable[[str, str, Any], Awaitable[tuple[int, Any]]]
 
@@ -92,7 +94,7 @@ class LeaderElection:
                     # A hung API server must not keep a leader past its deadline.
                     async with asyncio.timeout(self.cfg.retry):
                         ok = await self._try()
-                except (OSError, TimeoutError, ValueError, RuntimeError) as e:
+                except API_ERRORS as e:
                     log.warning("lease request failed", extra={"error": repr(e)})
                     ok = False
                 now = self.clock()

@@ -22,15 +22,17 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
-from mesh.agent.leader import LeaseConfig
 from mesh.store import kinds
 from mesh.store.kinds import GroupKind
 from mesh.store.objects import KubeObject, ObjectError, ObjectKey, parse_object
 from mesh.store.store import Store
+
+if TYPE_CHECKING:
+    from mesh.agent.leader import LeaseConfig
 
 log = logging.getLogger(__name__)
 WATCH_TIMEOUT = 300  # seconds the server keeps a watch open (timeoutSeconds)
@@ -131,6 +133,13 @@ def namespace_rules() -> list[dict[str, list[str]]]:
     """The rules in the agent's own namespace: the leader election's Lease."""
     return [{"apiGroups": [LEASE.group], "resources": [LEASE.plural],
              "verbs": ["get", "create", "update"]}]
+
+
+# What a request to the API server may end in besides an answer: the network's errors, and a
+# body of the wrong shape (a proxy's error page, a truncated object). The writers' loops log
+# these and try again; nothing the server says may end the agent.
+API_ERRORS = (OSError, TimeoutError, aiohttp.ClientError, RuntimeError, ValueError, KeyError,
+              TypeError, AttributeError)
 
 
 class Gone(Exception):

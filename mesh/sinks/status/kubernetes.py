@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mesh.providers.kubernetes import STATUS_KINDS, Resource
+from mesh.providers.kubernetes import API_ERRORS, STATUS_KINDS, Resource
 from mesh.sinks.status.report import EVENTS, stamp_transitions
 from mesh.store.objects import KubeObject, ObjectKey
 
@@ -168,7 +168,7 @@ class KubernetesStatusWriter:
             try:
                 await self.publisher.publish(
                     latest, {k: self.server_status(k) for k in latest})
-            except (OSError, TimeoutError, RuntimeError) as e:
+            except API_ERRORS as e:
                 log.warning("status write failed: retrying", extra={"error": repr(e)})
                 await asyncio.sleep(1.0)
                 self._offered.set()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from mesh.providers.kubernetes import API_ERRORS
 from mesh.sinks.sink import READY, Readiness, State, combine
 from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
@@ -196,7 +197,7 @@ class NodeReporter:
                 await self._write(view)
                 self._written = view
                 self.writes += 1
-            except (OSError, TimeoutError, RuntimeError) as e:
+            except API_ERRORS as e:
                 log.warning("cannot write the MeshNode: retrying", extra={"error": repr(e)})
                 self._offered.set()
             last = time.monotonic()
