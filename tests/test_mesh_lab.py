@@ -179,7 +179,9 @@ def test_a_gamma_route_splits_90_10_and_envoy_sees_the_client(lab: str) -> None:
     got = get(lab, *["http://echo/"] * 200)
     assert all(r[0] == 200 and r[3] for r in got), got[:3]  # through Envoy: x-request-id
     shares = Counter(r[1].rsplit("-", 1)[0] for r in got)
-    assert set(shares) == {"echo-v1", "echo-v2"} and 10 <= shares["echo-v2"] <= 35, shares
+    # 10% of 200 is 20 with a standard deviation of 4.2: 5..40 is beyond 3.5 of them, so the
+    # split is checked without a flaky bound (10..35 failed about one run in a hundred).
+    assert set(shares) == {"echo-v1", "echo-v2"} and 5 <= shares["echo-v2"] <= 40, shares
     assert mesh_connections(lab) - before == 200  # one connection each, no loop
     # Envoy's access log: the client pod's own address and the ClusterIP it called.
     client = state(lab)["pods"]["default/client"]
