@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,3 +132,54 @@ def test_status_written_back_keeping_other_controllers_entries(
     health = json.loads(agent.health(ready=True))
     assert health["ready"] is True and health["kubernetes"]["leader"] is None  # no election
     assert all(health["kubernetes"]["synced"].values())
+
+
+def test_a_status_change_reaches_envoy(tmp_path: Path) -> None:
+    """A Node's addresses are status (no generation): in `node` mode they are what the
+    Gateway listens on, so a change of them alone must move the listener."""
+    api = BackgroundAPI()
+    echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo-node")).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "t",
+        "clusters": [{"name": "t", "cluster": {"server": api.url}}],
+        "users": [{"name": "t", "user": {"token": "t"}}],
+        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}]}))
+    state = Path(f"/tmp/mesh-k8s-node-{os.getpid()}")
+
+    def node(address: str) -> None:
+        api.put("", "nodes", {"metadata": {"name": state.name}, "status": {
+            "addresses": [{"type": "InternalIP", "address": address}]}})
+
+    node("127.5.6.11")
+    api.put(GW, "gatewayclasses", {"metadata": {"name": "mesh"},
+                                   "spec": {"controllerName": "mesh.dev/gateway-controller"}})
+    api.put(GW, "gateways", {"metadata": {"name": "gw", "namespace": "default"},
+                             "spec": {"gatewayClassName": "mesh", "listeners": [
+                                 {"name": "http", "port": 8080, "protocol": "HTTP"}]}})
+    api.put("", "services", {"metadata": {"name": "echo", "namespace": "default"},
+                             "spec": {"ports": [{"name": "http", "port": 80}]}})
+    api.put("discovery.k8s.io", "endpointslices", {
+        "metadata": {"name": "echo-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "echo"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": echo.port}],
+        "endpoints": [{"addresses": ["127.0.0.1"]}]})
+    api.put(GW, "httproutes", route("n.example"))
+    agent = PolicyAgent(None, state, "--kubernetes", "--kubeconfig", str(kubeconfig),
+                        "--gateway-addresses", "node")
+    try:
+        wait_until(lambda: http_get(8080, "/", host="n.example", address="127.5.6.11").status
+                   == 200, timeout=15, what="the Gateway on the node's address")
+        node("127.5.6.12")
+        wait_until(lambda: http_get(8080, "/", host="n.example", address="127.5.6.12").status
+                   == 200, timeout=15, what="the Gateway on the node's new address")
+        wait_until(lambda: (api.api.resource(GW, "gateways").objects[("default", "gw")]
+                            .get("status") or {}).get("addresses") ==
+                   [{"type": "IPAddress", "value": "127.5.6.12"}], timeout=10,
+                   what="the Gateway's status address")
+    finally:
+        log = agent.stop()
+        echo.stop()
+        api.stop()
+        shutil.rmtree(state, ignore_errors=True)
+    assert "Traceback" not in log, log
