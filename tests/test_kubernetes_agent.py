@@ -42,6 +42,33 @@ class BackgroundAPI:
         out: dict[str, Any] = self.call(self.api.put_object(group, plural, obj))
         return out
 
+    def kubeconfig(self, path: Path) -> Path:
+        """A kubeconfig for `mesh run --kubeconfig` that points at the double."""
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {"server": self.url}}],
+            "users": [{"name": "test", "user": {"token": "test-token"}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}]}))
+        return path
+
+    def gateway_and_echo(self, echo_port: int, *addresses: str) -> None:
+        """Our GatewayClass, a Gateway `default/gw` with an HTTP listener on 8080 (on
+        `addresses`, else as the agent's --gateway-addresses says) and a Service `echo` whose
+        one endpoint is 127.0.0.1:`echo_port`."""
+        self.put(GW, "gatewayclasses", {"metadata": {"name": "mesh"}, "spec": {
+            "controllerName": "mesh.dev/gateway-controller"}})
+        self.put(GW, "gateways", {"metadata": {"name": "gw", "namespace": "default"}, "spec": {
+            "gatewayClassName": "mesh",
+            "addresses": [{"type": "IPAddress", "value": a} for a in addresses],
+            "listeners": [{"name": "http", "port": 8080, "protocol": "HTTP"}]}})
+        self.put("", "services", {"metadata": {"name": "echo", "namespace": "default"},
+                                  "spec": {"ports": [{"name": "http", "port": 80}]}})
+        self.put("discovery.k8s.io", "endpointslices", {
+            "metadata": {"name": "echo-1", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "echo"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": echo_port}],
+            "endpoints": [{"addresses": ["127.0.0.1"]}]})
+
     def stop(self) -> None:
         self.call(self.api.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -52,26 +79,8 @@ class BackgroundAPI:
 def cluster(tmp_path: Path) -> Iterator[tuple[BackgroundAPI, PolicyAgent, EchoServer]]:
     api = BackgroundAPI()
     echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo-k8s")).start()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "test", "cluster": {"server": api.url}}],
-        "users": [{"name": "test", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}]}))
-    api.put(GW, "gatewayclasses", {"metadata": {"name": "mesh"},
-                                   "spec": {"controllerName": "mesh.dev/gateway-controller"}})
-    api.put(GW, "gateways", {"metadata": {"name": "gw", "namespace": "default"},
-                             "spec": {"gatewayClassName": "mesh",
-                                      "addresses": [{"type": "IPAddress", "value": ADDRESS}],
-                                      "listeners": [{"name": "http", "port": 8080,
-                                                     "protocol": "HTTP"}]}})
-    api.put("", "services", {"metadata": {"name": "echo", "namespace": "default"},
-                             "spec": {"ports": [{"name": "http", "port": 80}]}})
-    api.put("discovery.k8s.io", "endpointslices", {
-        "metadata": {"name": "echo-1", "namespace": "default",
-                     "labels": {"kubernetes.io/service-name": "echo"}},
-        "addressType": "IPv4", "ports": [{"name": "http", "port": echo.port}],
-        "endpoints": [{"addresses": ["127.0.0.1"]}]})
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+    api.gateway_and_echo(echo.port, ADDRESS)
     agent = PolicyAgent(None, Path(f"/tmp/mesh-k8s-{os.getpid()}"), "--kubernetes",
                         "--kubeconfig", str(kubeconfig))
     try:
@@ -139,12 +148,7 @@ def test_a_status_change_reaches_envoy(tmp_path: Path) -> None:
     Gateway listens on, so a change of them alone must move the listener."""
     api = BackgroundAPI()
     echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo-node")).start()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "t",
-        "clusters": [{"name": "t", "cluster": {"server": api.url}}],
-        "users": [{"name": "t", "user": {"token": "t"}}],
-        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}]}))
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
     state = Path(f"/tmp/mesh-k8s-node-{os.getpid()}")
 
     def node(address: str) -> None:
@@ -152,18 +156,7 @@ def test_a_status_change_reaches_envoy(tmp_path: Path) -> None:
             "addresses": [{"type": "InternalIP", "address": address}]}})
 
     node("127.5.6.11")
-    api.put(GW, "gatewayclasses", {"metadata": {"name": "mesh"},
-                                   "spec": {"controllerName": "mesh.dev/gateway-controller"}})
-    api.put(GW, "gateways", {"metadata": {"name": "gw", "namespace": "default"},
-                             "spec": {"gatewayClassName": "mesh", "listeners": [
-                                 {"name": "http", "port": 8080, "protocol": "HTTP"}]}})
-    api.put("", "services", {"metadata": {"name": "echo", "namespace": "default"},
-                             "spec": {"ports": [{"name": "http", "port": 80}]}})
-    api.put("discovery.k8s.io", "endpointslices", {
-        "metadata": {"name": "echo-1", "namespace": "default",
-                     "labels": {"kubernetes.io/service-name": "echo"}},
-        "addressType": "IPv4", "ports": [{"name": "http", "port": echo.port}],
-        "endpoints": [{"addresses": ["127.0.0.1"]}]})
+    api.gateway_and_echo(echo.port)
     api.put(GW, "httproutes", route("n.example"))
     agent = PolicyAgent(None, state, "--kubernetes", "--kubeconfig", str(kubeconfig),
                         "--gateway-addresses", "node")

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from mesh.echo import EchoIdentity, EchoServer
 from tests.test_kubernetes_agent import BackgroundAPI
@@ -33,31 +32,14 @@ class Cluster:
     def __init__(self, tmp: Path) -> None:
         self.api = BackgroundAPI()
         self.echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo")).start()
-        self.kubeconfig = tmp / "kubeconfig"
-        self.kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "t",
-            "clusters": [{"name": "t", "cluster": {"server": self.api.url}}],
-            "users": [{"name": "t", "user": {"token": "t"}}],
-            "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}]}))
+        self.kubeconfig = self.api.kubeconfig(tmp / "kubeconfig")
         self.base = Path(f"/tmp/mesh-kc-{os.getpid()}")
         self.agents: dict[str, PolicyAgent] = {}
         for name, address in NODES.items():
             self.api.put("", "nodes", {"metadata": {"name": name}, "status": {"addresses": [
                 {"type": "InternalIP", "address": address},
                 {"type": "Hostname", "address": name}]}})
-        self.api.put(GW, "gatewayclasses", {
-            "metadata": {"name": "mesh"},
-            "spec": {"controllerName": "mesh.dev/gateway-controller"}})
-        self.api.put(GW, "gateways", {"metadata": {"name": "gw", "namespace": "default"},
-                                      "spec": {"gatewayClassName": "mesh", "listeners": [
-                                          {"name": "http", "port": 8080, "protocol": "HTTP"}]}})
-        self.api.put("", "services", {"metadata": {"name": "echo", "namespace": "default"},
-                                      "spec": {"ports": [{"name": "http", "port": 80}]}})
-        self.api.put("discovery.k8s.io", "endpointslices", {
-            "metadata": {"name": "echo-1", "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": "echo"}},
-            "addressType": "IPv4", "ports": [{"name": "http", "port": self.echo.port}],
-            "endpoints": [{"addresses": ["127.0.0.1"]}]})
+        self.api.gateway_and_echo(self.echo.port)
         self.route("/")
 
     def route(self, prefix: str) -> None:
