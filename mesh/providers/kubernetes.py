@@ -193,6 +193,7 @@ class KindWatch:
         self.synced = asyncio.Event()
         self.lists = 0  # how many times it listed (a resumed watch does not)
         self._reported_missing = False
+        self.missing = False  # the last list found no such resource
 
     def _publish(self) -> None:
         self.store.replace(f"kubernetes:{self.r.plural}.{self.r.group}",
@@ -214,6 +215,7 @@ class KindWatch:
                     log.warning("resource not served (CRD not installed?): retrying",
                                 extra={"kind": str(self.r.group_kind)})
                     self._reported_missing = True
+                self.missing = True
                 self.objects.clear()
                 self._publish()
                 self.synced.set()
@@ -246,7 +248,7 @@ class KindWatch:
         self.lists += 1
         self._publish()
         self.synced.set()
-        self._reported_missing = False
+        self._reported_missing = self.missing = False
 
     async def _watch(self) -> None:
         query = self._query(watch="true", allowWatchBookmarks="true",
@@ -368,9 +370,11 @@ class KubernetesProvider:
             self.synced.set()
             log.info("kubernetes synced", extra={"kinds": len(self.watches)})
 
-    def status(self) -> dict[str, bool]:
-        """Per kind: synced at least once."""
-        return {str(w.r.group_kind): w.synced.is_set() for w in self.watches}
+    def status(self) -> dict[str, str]:
+        """Per kind: "synced" (listed at least once), "not installed" (the server has no such
+        resource: counted as synced, empty, looked for again) or "listing"."""
+        return {str(w.r.group_kind): "not installed" if w.missing else
+                "synced" if w.synced.is_set() else "listing" for w in self.watches}
 
     def server_status(self, key: ObjectKey) -> Any:
         """An object's status as the watch last saw it (kinds we write status for)."""
