@@ -497,3 +497,43 @@ def test_plugin_executable_holds_the_plugin_and_pyroute2() -> None:
     names = zipfile.ZipFile(io.BytesIO(data[len(cni.SHEBANG):])).namelist()
     assert names[0] == "__main__.py" and "pyroute2/__init__.py" in names
     assert any(n.startswith("pyroute2-licenses/LICENSE") for n in names)
+
+
+HOST_LOCAL = Path("/usr/lib/cni/host-local")  # Debian's containernetworking-plugins
+
+
+@pytest.mark.netns
+@needs_python3
+@pytest.mark.skipif(os.geteuid() != 0 or not HOST_LOCAL.exists(),
+                    reason="needs root (network namespaces) and host-local")
+def test_installed_plugin_adds_and_deletes_a_pod(tmp_path: Path) -> None:
+    """The installed file, run with the node's python3 (no pyroute2 of its own) in a node
+    namespace, gives a pod namespace its eth0 and takes it back."""
+    bin_dir, conf_dir = tmp_path / "bin", tmp_path / "net.d"
+    cni.install(bin_dir, conf_dir, "10.250.9.0/24")
+    (bin_dir / "host-local").symlink_to(HOST_LOCAL)
+    network = json.loads((conf_dir / cni.CONFLIST_NAME).read_text())
+    conf = {**network["plugins"][0], "name": network["name"],
+            "cniVersion": network["cniVersion"]}
+    conf["ipam"]["dataDir"] = str(tmp_path / "ipam")
+    node, pod = f"chart-node-{os.getpid()}", f"chart-pod-{os.getpid()}"
+    for ns in (node, pod):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        env = {"PATH": "/usr/bin:/bin", "CNI_CONTAINERID": "chart", "CNI_IFNAME": "eth0",
+               "CNI_PATH": str(bin_dir), "CNI_NETNS": f"/var/run/netns/{pod}"}
+        for command in ("ADD", "DEL"):
+            out = subprocess.run(["ip", "netns", "exec", node, str(bin_dir / "mesh-cni")],
+                                 input=json.dumps(conf).encode(), capture_output=True,
+                                 env={**env, "CNI_COMMAND": command}, timeout=30, check=False)
+            assert out.returncode == 0, out.stdout + out.stderr
+            addrs = subprocess.run(["ip", "-n", pod, "-j", "addr", "show", "eth0"],
+                                   capture_output=True, text=True, check=False)
+            if command == "ADD":
+                assert json.loads(out.stdout)["ips"][0]["address"] == "10.250.9.2/32"
+                assert "10.250.9.2" in addrs.stdout
+            else:
+                assert addrs.returncode != 0  # eth0 went with its host side
+    finally:
+        for ns in (node, pod):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
