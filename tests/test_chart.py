@@ -226,9 +226,10 @@ def test_daemonset(name: str) -> None:
     assert "ports" not in agent and "ports" not in envoy
 
     # Capabilities, exactly.
-    agent_caps = ["NET_ADMIN", "BPF", "PERFMON"] if v["datapath"]["enabled"] else []
-    if v["datapath"]["enabled"] and v["securityContext"]["legacySysAdmin"]:
-        agent_caps.append("SYS_ADMIN")
+    agent_caps = []
+    if v["datapath"]["enabled"]:
+        agent_caps = ["NET_ADMIN", "SYS_ADMIN"] if v["securityContext"]["legacySysAdmin"] \
+            else ["NET_ADMIN", "BPF", "PERFMON"]
     assert agent["securityContext"]["capabilities"].get("add", []) == agent_caps
     assert envoy["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_BIND_SERVICE"]
     assert envoy["securityContext"]["readOnlyRootFilesystem"] is True
