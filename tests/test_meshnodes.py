@@ -115,6 +115,8 @@ def test_reporter_and_watch_against_the_api() -> None:
                 node_uid = api.resource("", "nodes").objects[("", "n1")]["metadata"]["uid"]
                 assert owner == {"apiVersion": "v1", "kind": "Node", "name": "n1",
                                  "uid": node_uid}
+                # Found by a list: the RBAC has no get on Nodes.
+                assert not any(p.startswith("/api/v1/nodes/") for _, p in api.requests)
                 assert obj["status"]["programmed"] == {TEXT: 1}
                 assert obj["status"]["agent"] == "mesh-abcde"
                 for _ in range(20):  # offered again and again, unchanged: heartbeats only

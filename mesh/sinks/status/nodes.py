@@ -203,11 +203,14 @@ class NodeReporter:
             last = time.monotonic()
 
     async def _owner(self) -> list[dict[str, Any]]:
-        code, node = await self.call("GET", f"/api/v1/nodes/{self.node}", None)
-        if code != 200 or not (node.get("metadata") or {}).get("uid"):
+        # A list by name, not a get: the agent's RBAC reads Nodes with list and watch only.
+        code, nodes = await self.call(
+            "GET", f"/api/v1/nodes?fieldSelector=metadata.name%3D{self.node}", None)
+        items = (nodes.get("items") or []) if code == 200 and isinstance(nodes, dict) else []
+        uid = (items[0].get("metadata") or {}).get("uid") if items else None
+        if not uid:
             return []  # no Node to own it (a test, a lab): it stays until removed by hand
-        return [{"apiVersion": "v1", "kind": "Node", "name": self.node,
-                 "uid": node["metadata"]["uid"]}]
+        return [{"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": uid}]
 
     async def _write(self, view: NodeView) -> None:
         path = f"{self.PATH}/{self.node}"
