@@ -81,6 +81,15 @@ class ListenAddress:
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     def __init__(self, cache: SnapshotCache) -> None:
         self._cache = cache
+        self._streams: set[Stream] = set()
+        self._closing = False
+
+    def close_streams(self) -> None:
+        """End every stream: each handler returns (the RPC ends OK, Envoy reconnects to the
+        next server), rather than be cancelled by grpc at the end of the stop's grace."""
+        self._closing = True
+        for stream in self._streams:
+            stream.wake.set()
 
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[pb.DiscoveryRequest], context: Any
@@ -105,6 +114,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         closed = asyncio.Event()
         handle = stream.handle_delta_request if delta else stream.handle_sotw_request
         node.streams.add(stream)
+        self._streams.add(stream)
         handle(first)
         protocol = "delta" if delta else "sotw"
         log.info("envoy connected", extra={"node": node_id, "protocol": protocol})
@@ -120,7 +130,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
 
         reader = asyncio.create_task(read(), name=f"ads-read-{node_id}")
         try:
-            while not closed.is_set():
+            while not closed.is_set() and not self._closing:
                 stream.wake.clear()
                 out = stream.delta_responses() if delta else stream.sotw_responses()
                 for response in out:
@@ -135,6 +145,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             node.streams.discard(stream)
+            self._streams.discard(stream)
             node.progressed()
             log.info("envoy disconnected", extra={"node": node_id, "protocol": protocol})
 
@@ -198,12 +209,12 @@ class XdsServer:
         self.cache = cache
         self.address = address
         self._server: grpc.aio.Server | None = None
+        self._ads: AdsServicer | None = None
 
     async def start(self) -> None:
         server = grpc.aio.server(options=_GRPC_OPTIONS)
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-            AdsServicer(self.cache), server
-        )
+        self._ads = AdsServicer(self.cache)
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self._ads, server)
         csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(
             CsdsServicer(self.cache), server
         )
@@ -224,6 +235,8 @@ class XdsServer:
 
     async def stop(self, grace: float | None = None) -> None:
         if self._server is not None:
+            if self._ads is not None:
+                self._ads.close_streams()
             await self._server.stop(grace)
             self._server = None
             log.info("xds server stopped", extra={"address": str(self.address)})

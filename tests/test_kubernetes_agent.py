@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import yaml
 
 from mesh.echo import EchoIdentity, EchoServer
 from tests.kubeapi import FakeAPIServer
-from tests.test_policies import PolicyAgent
+from tests.test_policies import ROOT, PolicyAgent
 from tests.testbed import http_get, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -136,8 +138,9 @@ def test_status_written_back_keeping_other_controllers_entries(
     assert parents()[0] == foreign  # theirs, untouched
     assert ours["controllerName"] == "mesh.dev/gateway-controller"
     assert {c["type"]: c["status"] for c in ours["conditions"]}["Accepted"] == "True"
-    gw = api.api.resource(GW, "gateways").objects[("default", "gw")]
-    assert gw["status"]["addresses"] == [{"type": "IPAddress", "value": ADDRESS}]
+    wait_until(lambda: (api.api.resource(GW, "gateways").objects[("default", "gw")].get(
+        "status") or {}).get("addresses") == [{"type": "IPAddress", "value": ADDRESS}],
+        timeout=10, what="the Gateway's status")
     health = json.loads(agent.health(ready=True))
     assert health["ready"] is True and health["kubernetes"]["leader"] is None  # no election
     assert health["kubernetes"]["synced"]["Gateway.gateway.networking.k8s.io"] == "synced"
@@ -174,6 +177,47 @@ def test_a_status_change_reaches_envoy(tmp_path: Path) -> None:
                    what="the Gateway's status address")
     finally:
         log = agent.stop()
+        echo.stop()
+        api.stop()
+        shutil.rmtree(state, ignore_errors=True)
+    assert "Traceback" not in log, log
+
+
+def test_envoy_in_a_container_of_its_own_outlives_the_agent(tmp_path: Path) -> None:
+    """The chart's two containers: `mesh envoy` and `mesh run --envoy external` sharing the
+    state directory. The agent restarted (an upgrade), Envoy keeps serving meanwhile and
+    takes the next agent's configuration."""
+    api = BackgroundAPI()
+    echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo-ext")).start()
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+    api.gateway_and_echo(echo.port, "127.5.6.21")
+    api.put(GW, "httproutes", route("x.example"))
+    state = Path(f"/tmp/mesh-k8s-ext-{os.getpid()}")
+    state.mkdir(parents=True, exist_ok=True)
+    envoy = subprocess.Popen(
+        [sys.executable, "-m", "mesh.cli", "envoy", "--node-id", state.name,
+         "--state-dir", str(state)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT)
+    args = ("--kubernetes", "--kubeconfig", str(kubeconfig), "--envoy", "external")
+    agent = PolicyAgent(None, state, *args)
+    try:
+        def served(path: str = "/") -> bool:
+            return http_get(8080, path, host="x.example", address="127.5.6.21").status == 200
+
+        wait_until(served, timeout=15, what="the route through the external Envoy")
+        assert json.loads(agent.health(ready=True))["externalEnvoy"] is True
+        log = agent.stop()
+        assert envoy.poll() is None, "the agent's stop took Envoy along"
+        assert served(), "Envoy stopped serving without its agent"
+        api.put(GW, "httproutes", route("x.example", "/v2"))  # changed while no agent runs
+        agent = PolicyAgent(None, state, *args)
+        wait_until(lambda: served("/v2/x") and not served("/"), timeout=15,
+                   what="the next agent's configuration in the same Envoy")
+        assert envoy.poll() is None
+    finally:
+        log = agent.stop()
+        envoy.terminate()
+        envoy.wait(10)
         echo.stop()
         api.stop()
         shutil.rmtree(state, ignore_errors=True)
