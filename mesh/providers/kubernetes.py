@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 WATCH_TIMEOUT = 300  # seconds the server keeps a watch open (timeoutSeconds)
 READ_TIMEOUT = 90  # a watch silent this long (no event, no bookmark) is dead: reconnect
 MISSING_RETRY = 10.0
+COALESCE = 0.02  # seconds: watch events within this window reach the store together
 
 
 @dataclass(frozen=True)
@@ -194,8 +195,23 @@ class KindWatch:
         self.lists = 0  # how many times it listed (a resumed watch does not)
         self._reported_missing = False
         self.missing = False  # the last list found no such resource
+        self._pending: asyncio.TimerHandle | None = None  # a publish due (coalescing)
+
+    def _publish_soon(self) -> None:
+        """Publish within COALESCE seconds: a burst of events (10,000 routes applied at
+        once) costs one publish per window, not one per event (each is a pass over the
+        kind's objects)."""
+        if self._pending is None:
+            self._pending = asyncio.get_running_loop().call_later(COALESCE, self._flush)
+
+    def _flush(self) -> None:
+        self._pending = None
+        self._publish()
 
     def _publish(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
         self.store.replace(f"kubernetes:{self.r.plural}.{self.r.group}",
                            list(self.objects.values()))
 
@@ -271,13 +287,13 @@ class KindWatch:
             if kind == "DELETED":
                 self.statuses.pop(at, None)
                 if self.objects.pop(at, None) is not None:
-                    self._publish()
+                    self._publish_soon()
             else:
                 prev = self.objects.get(at)
                 self.objects[at] = obj
                 if prev is None or prev.version != obj.version or (
                         self.follow_status and prev.body.get("status") != obj.body.get("status")):
-                    self._publish()  # not for what the translator cannot see (a status)
+                    self._publish_soon()  # not for what the translator cannot see
 
     def _object(self, raw: Mapping[str, Any]) -> KubeObject:
         if self._own_status:
