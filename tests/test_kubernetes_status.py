@@ -90,3 +90,33 @@ def test_gone_object_is_dropped_after_a_read() -> None:
         assert ("GET", "/apis/gateway.networking.k8s.io/v1/namespaces/default/gateways/gw") \
             in api.requests
     run(t)
+
+
+def test_many_statuses_are_written_a_few_at_a_time() -> None:
+    async def t(api: FakeAPIServer, pub: StatusPublisher, call: Any) -> None:
+        keys = []
+        for i in range(40):
+            await api.put_object(GW, "gateways", {
+                "metadata": {"name": f"g{i}", "namespace": "default"},
+                "spec": {"gatewayClassName": "mesh"}})
+            keys.append(ObjectKey(GW, "Gateway", "default", f"g{i}"))
+        in_flight = peak = 0
+
+        async def slow(method: str, path: str, body: Any) -> tuple[int, Any]:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                await asyncio.sleep(0.01)  # an API server's round trip
+                out: tuple[int, Any] = await call(method, path, body)
+                return out
+            finally:
+                in_flight -= 1
+
+        pub.call = slow
+        await pub.publish({k: status("Accepted") for k in keys})
+        assert pub.writes == 40
+        assert 1 < peak <= 8, peak
+        written = api.resource(GW, "gateways").objects
+        assert all(written[("default", k.name)]["status"] == status("Accepted") for k in keys)
+    run(t)

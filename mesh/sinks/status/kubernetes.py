@@ -26,6 +26,7 @@ from mesh.store.objects import KubeObject, ObjectKey
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 3
+CONCURRENCY = 8  # status writes in flight at once
 
 
 def comparable(status: Any) -> Any:
@@ -77,14 +78,26 @@ class StatusPublisher:
     async def publish(self, statuses: Mapping[ObjectKey, dict[str, Any]],
                       server_status: Mapping[ObjectKey, Any] | None = None) -> None:
         """Write each status that differs from what the server holds (`server_status`: as
-        the watch last saw it; else what we last wrote)."""
-        for key, status in statuses.items():
-            seen = (server_status or {}).get(key, self.written.get(key))
-            if comparable(seen) == comparable(with_foreign(status, seen, self.controller)):
-                continue
-            if not self.allowed():
-                return
-            await self._write(key, status)
+        the watch last saw it; else what we last wrote), up to CONCURRENCY at a time: each
+        write is a read and a write, and 10,000 routes one after the other would take
+        minutes. A failed write fails the round (the caller tries again) once the others
+        have finished."""
+        due = [(key, status) for key, status in statuses.items()
+               if comparable(seen := (server_status or {}).get(key, self.written.get(key)))
+               != comparable(with_foreign(status, seen, self.controller))]
+        if not due:
+            return
+        slots = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(key: ObjectKey, status: dict[str, Any]) -> None:
+            async with slots:
+                if self.allowed():
+                    await self._write(key, status)
+
+        results = await asyncio.gather(*(one(k, st) for k, st in due), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     async def _write(self, key: ObjectKey, status: dict[str, Any]) -> None:
         path = self._path(key)
