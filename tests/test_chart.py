@@ -9,14 +9,12 @@ runs into temporary directories; its Node lookup runs against tests/kubeapi.py.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import os
 import re
 import stat
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from mesh.cni.runtime import NetworkList
 from mesh.install import CHART_DIR, InstallError, Manifest, render
 from mesh.providers.kubernetes import cluster_rules, namespace_rules
 from mesh.translate.config import DEFAULT_CONTROLLER, DEFAULT_INGRESS_CONTROLLER
-from tests.kubeapi import FakeAPIServer
+from tests.kubeapi import BackgroundAPI
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE_VERSION = "1.33"
@@ -434,35 +432,8 @@ def test_cni_install_refuses_bad_input(tmp_path: Path) -> None:
     assert not (tmp_path / "b" / "mesh-cni").exists()
 
 
-class _API:
-    """The API server double on a loop of its own (the command runs asyncio.run)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.api = FakeAPIServer()
-        self.url = self.call(self.api.start())
-
-    def call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def kubeconfig(self, path: Path) -> Path:
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "test",
-            "clusters": [{"name": "test", "cluster": {"server": self.url}}],
-            "users": [{"name": "test", "user": {"token": "test-token"}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}]}))
-        return path
-
-    def stop(self) -> None:
-        self.call(self.api.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 def test_cni_install_reads_the_nodes_pod_cidr(tmp_path: Path) -> None:
-    api = _API()
+    api = BackgroundAPI()
     try:
         for name, spec in (("node-a", {"podCIDR": "fd00:1::/64",
                                        "podCIDRs": ["fd00:1::/64", "10.244.7.0/24"]}),

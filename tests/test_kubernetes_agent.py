@@ -3,78 +3,25 @@ reach the node's Envoy, and changes follow, as they do from a directory of manif
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from mesh.echo import EchoIdentity, EchoServer
-from tests.kubeapi import FakeAPIServer
+from tests.kubeapi import BackgroundAPI
 from tests.test_policies import ROOT, PolicyAgent
 from tests.testbed import http_get, wait_until
 
 pytestmark = pytest.mark.e2e
 ADDRESS = "127.5.6.1"
 GW = "gateway.networking.k8s.io"
-
-
-class BackgroundAPI:
-    """The double on an event loop of its own thread; tests call into it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.api = FakeAPIServer()
-        self.url = self.call(self.api.start())
-
-    def call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def put(self, group: str, plural: str, obj: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = self.call(self.api.put_object(group, plural, obj))
-        return out
-
-    def kubeconfig(self, path: Path) -> Path:
-        """A kubeconfig for `mesh run --kubeconfig` that points at the double."""
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "test",
-            "clusters": [{"name": "test", "cluster": {"server": self.url}}],
-            "users": [{"name": "test", "user": {"token": "test-token"}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}]}))
-        return path
-
-    def gateway_and_echo(self, echo_port: int, *addresses: str) -> None:
-        """Our GatewayClass, a Gateway `default/gw` with an HTTP listener on 8080 (on
-        `addresses`, else as the agent's --gateway-addresses says) and a Service `echo` whose
-        one endpoint is 127.0.0.1:`echo_port`."""
-        self.put(GW, "gatewayclasses", {"metadata": {"name": "mesh"}, "spec": {
-            "controllerName": "mesh.dev/gateway-controller"}})
-        self.put(GW, "gateways", {"metadata": {"name": "gw", "namespace": "default"}, "spec": {
-            "gatewayClassName": "mesh",
-            "addresses": [{"type": "IPAddress", "value": a} for a in addresses],
-            "listeners": [{"name": "http", "port": 8080, "protocol": "HTTP"}]}})
-        self.put("", "services", {"metadata": {"name": "echo", "namespace": "default"},
-                                  "spec": {"ports": [{"name": "http", "port": 80}]}})
-        self.put("discovery.k8s.io", "endpointslices", {
-            "metadata": {"name": "echo-1", "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": "echo"}},
-            "addressType": "IPv4", "ports": [{"name": "http", "port": echo_port}],
-            "endpoints": [{"addresses": ["127.0.0.1"]}]})
-
-    def stop(self) -> None:
-        self.call(self.api.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from mesh.echo import EchoIdentity, EchoServer
-from tests.test_kubernetes_agent import BackgroundAPI
+from tests.kubeapi import BackgroundAPI
 from tests.test_policies import PolicyAgent
 from tests.testbed import http_get, wait_until
 
