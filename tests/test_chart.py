@@ -31,6 +31,7 @@ from mesh.install import CHART_DIR, InstallError, Manifest, render
 from mesh.providers.kubernetes import cluster_rules, namespace_rules
 from mesh.translate.config import DEFAULT_CONTROLLER, DEFAULT_INGRESS_CONTROLLER
 from tests.kubeapi import BackgroundAPI
+from tests.test_crds import refusals
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE_VERSION = "1.33"
@@ -46,6 +47,15 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "cni": {"install": True},
         "logLevel": "debug",
         "podAnnotations": {"example.com/team": "net"},
+        "trafficPolicies": [
+            {"name": "gateway-limit", "namespace": "infra", "spec": {
+                "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                                "name": "public"}],
+                "rateLimit": {"local": {"rules": [{"limit": {"requests": 100,
+                                                             "unit": "Second"}}]}}}},
+            {"name": "retries", "spec": {
+                "targetRefs": [{"group": "", "kind": "Service", "name": "api"}],
+                "retry": {"numRetries": 3}}}],
     },
     "legacy-secret-podcidr": {
         "gatewayAddresses": {"source": "loadbalancer"},
@@ -141,6 +151,10 @@ def test_manifests_validate(name: str) -> None:
             assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}
             assert set(obj["spec"]) <= {"controllerName", "description", "parametersRef"}
             assert CONTROLLER_NAME.match(obj["spec"]["controllerName"])
+            continue
+        if m.kind == "TrafficPolicy":  # ours: against its CRD, as the API server would
+            errors, _ = refusals(obj)
+            assert not errors, errors
             continue
         try:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
@@ -265,6 +279,16 @@ def test_daemonset(name: str) -> None:
 
 
 # -- RBAC --------------------------------------------------------------------------------------
+
+def test_traffic_policies_from_the_values() -> None:
+    assert _objects("default", "TrafficPolicy") == []
+    got = {p["metadata"]["name"]: p for p in _objects("pool-datapath-redis-cni", "TrafficPolicy")}
+    assert got["gateway-limit"]["metadata"]["namespace"] == "infra"
+    assert got["retries"]["metadata"]["namespace"] == "mesh-system"  # the release's
+    wanted = {p["name"]: p["spec"] for p in VALUE_SETS["pool-datapath-redis-cni"][
+        "trafficPolicies"]}
+    assert {n: p["spec"] for n, p in got.items()} == wanted
+
 
 @pytest.mark.parametrize("name", ["default", "legacy-secret-podcidr"])
 def test_rbac_is_what_the_code_uses(name: str) -> None:
