@@ -166,6 +166,7 @@ def test_manifests_validate(name: str) -> None:
             "DaemonSet", "IngressClass"]
     if VALUE_SETS[name].get("gatewayClass", {}).get("create", True):
         want.append("GatewayClass")
+    want += ["TrafficPolicy"] * len(VALUE_SETS[name].get("trafficPolicies", []))
     assert kinds == want
 
 
