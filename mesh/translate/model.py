@@ -32,6 +32,15 @@ def _list(v: Any) -> Sequence[Any]:
 as_list = _list  # for the translator: a field that must be a list, or nothing
 
 
+def is_ip(text: str) -> bool:
+    """Whether `text` is an IP address (a status's address, not a hostname)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def is_ipv4(address: str) -> bool:
     """Whether `address` is an IPv4 address (the datapath's frontends and backends are)."""
     try:

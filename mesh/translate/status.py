@@ -9,11 +9,10 @@ depends on what the sinks did: the status sink adds both. `to_kubernetes()` give
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mesh.translate.model import ParentRef
+from mesh.translate.model import ParentRef, is_ip
 
 
 class Type:
@@ -138,14 +137,6 @@ class ListenerStatus:
                 "conditions": self.conditions.to_kubernetes()}
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 @dataclass
 class GatewayStatus:
     """A Gateway's or a ListenerSet's status (a ListenerSet has no addresses and no count
@@ -160,7 +151,7 @@ class GatewayStatus:
     def to_kubernetes(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.addresses is not None:
-            out["addresses"] = [{"type": "IPAddress" if _is_ip(a) else "Hostname", "value": a}
+            out["addresses"] = [{"type": "IPAddress" if is_ip(a) else "Hostname", "value": a}
                                 for a in self.addresses]
         out["conditions"] = self.conditions.to_kubernetes()
         if self.listeners is not None:

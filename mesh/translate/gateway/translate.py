@@ -933,14 +933,7 @@ GATEWAY_SERVICE_LABEL = "mesh.dev/gateway"
 
 def _ips(values: Any) -> list[str]:
     """The IP addresses among `values` (a Node also lists its Hostname), in a stable order."""
-    out = []
-    for v in values:
-        try:
-            ipaddress.ip_address(v)
-        except ValueError:
-            continue
-        out.append(str(v))
-    return sorted(set(out), key=_address_order)
+    return sorted({str(v) for v in values if model.is_ip(str(v))}, key=_address_order)
 
 
 def _address_order(a: str) -> tuple[int, Any]:
