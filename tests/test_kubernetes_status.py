@@ -120,3 +120,35 @@ def test_many_statuses_are_written_a_few_at_a_time() -> None:
         written = api.resource(GW, "gateways").objects
         assert all(written[("default", k.name)]["status"] == status("Accepted") for k in keys)
     run(t)
+
+
+def test_a_refused_status_is_said_once_and_the_rest_goes_on() -> None:
+    async def t(api: FakeAPIServer, pub: StatusPublisher, call: Any) -> None:
+        await api.put_object(GW, "gateways", {"metadata": {"name": "ok", "namespace": "default"},
+                                              "spec": {"gatewayClassName": "mesh"}})
+        ok = ObjectKey(GW, "Gateway", "default", "ok")
+        throttled = True
+
+        async def server(method: str, path: str, body: Any) -> tuple[int, Any]:
+            nonlocal throttled
+            if method == "PUT" and path.endswith("/gw/status"):
+                return 422, {"kind": "Status", "message": "status.conditions: Too many: 9"}
+            if method == "PUT" and path.endswith("/ok/status") and throttled:
+                throttled = False
+                return 429, {"kind": "Status", "message": "too many requests"}
+            out: tuple[int, Any] = await call(method, path, body)
+            return out
+
+        pub.call = server
+        await pub.publish({KEY: status("Accepted"), ok: status("Accepted")})
+        assert server_status(api) is None and KEY in pub.refused  # refused, not retried
+        assert api.resource(GW, "gateways").objects[("default", "ok")]["status"] == \
+            status("Accepted")  # after the 429, written
+        before = len(api.requests)
+        await pub.publish({KEY: status("Accepted"), ok: status("Accepted")})
+        assert len(api.requests) == before  # the same refused status is not sent again
+        pub.call = call
+        await pub.publish({KEY: status("Changed"), ok: status("Accepted")})
+        assert server_status(api)["conditions"][0]["reason"] == "Changed"
+        assert KEY not in pub.refused
+    run(t)

@@ -27,6 +27,7 @@ from mesh.store.objects import KubeObject, ObjectKey
 log = logging.getLogger(__name__)
 ATTEMPTS = 3
 CONCURRENCY = 8  # status writes in flight at once
+RETRY_AFTER = 1.0  # seconds after a 429 Too Many Requests
 
 
 def comparable(status: Any) -> Any:
@@ -65,6 +66,8 @@ class StatusPublisher:
         self.controller = controller  # our controllerName in route and policy statuses
         self.allowed = allowed  # leading: asked before every write
         self.written: dict[ObjectKey, Any] = {}  # what the server has, as we last wrote it
+        # Statuses the server refused as invalid (422, 400): not sent again until they change.
+        self.refused: dict[ObjectKey, Any] = {}
         self.writes = 0  # successful writes, for tests and metrics
 
     def _path(self, key: ObjectKey) -> str | None:
@@ -84,7 +87,8 @@ class StatusPublisher:
         have finished."""
         due = [(key, status) for key, status in statuses.items()
                if comparable(seen := (server_status or {}).get(key, self.written.get(key)))
-               != comparable(with_foreign(status, seen, self.controller))]
+               != comparable(want := with_foreign(status, seen, self.controller))
+               and self.refused.get(key) != comparable(want)]
         if not due:
             return
         slots = asyncio.Semaphore(CONCURRENCY)
@@ -122,13 +126,26 @@ class StatusPublisher:
                     "status": desired}
             if not self.allowed():
                 return
-            code, _ = await self.call("PUT", path + "/status", body)
+            code, answer = await self.call("PUT", path + "/status", body)
             if code == 200:
                 self.written[key] = desired
+                self.refused.pop(key, None)
                 self.writes += 1
                 return
             if code == 404:
                 continue  # read again: gone, or a cache behind the server
+            if code in (400, 422):
+                # Ours is invalid for the server (a CRD's bounds): say it once, keep the rest
+                # going, try again only when the status changes.
+                log.warning("status refused by the API server", extra={
+                    "object": str(key), "code": code,
+                    "error": str((answer or {}).get("message", ""))[:500]})
+                self.refused[key] = comparable(with_foreign(status, current.get("status"),
+                                                            self.controller))
+                return
+            if code == 429:
+                await asyncio.sleep(RETRY_AFTER)  # the server's flow control: slow down
+                continue
             if code != 409:
                 raise RuntimeError(f"PUT {path}/status: {code}")
             log.info("status conflict: read again and retry", extra={"object": str(key)})
