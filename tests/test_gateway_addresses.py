@@ -93,6 +93,10 @@ def test_loadbalancer_not_there_yet() -> None:
     assert programmed["reason"] == "AddressNotAssigned"
     assert programmed["message"] == \
         "waiting for Service default/gw-lb (type LoadBalancer) to be given an address"
+    cluster_ip = {**lb_service(None), "spec": {"type": "ClusterIP", "ports": [{"port": 80}]}}
+    _, wrong, _ = run(objects(cluster_ip), "loadbalancer")
+    assert wrong["message"] == "Service default/gw-lb (labelled mesh.dev/gateway=gw) is not " \
+        "of type LoadBalancer"
     _, missing, _ = run(objects(), "loadbalancer")
     assert missing["message"] == "no LoadBalancer Service labelled mesh.dev/gateway=gw in default"
 

@@ -152,3 +152,16 @@ def test_a_refused_status_is_said_once_and_the_rest_goes_on() -> None:
         assert server_status(api)["conditions"][0]["reason"] == "Changed"
         assert KEY not in pub.refused
     run(t)
+
+
+def test_our_entries_stay_where_they_were_among_other_controllers() -> None:
+    from mesh.sinks.status.kubernetes import with_foreign
+
+    a = {"parentRef": {"name": "a"}, "controllerName": "other/a"}
+    b = {"parentRef": {"name": "b"}, "controllerName": "other/b"}
+    ours_old = {"parentRef": {"name": "gw"}, "controllerName": "mesh", "conditions": []}
+    ours_new = {**ours_old, "conditions": [{"type": "Accepted"}]}
+    merged = with_foreign({"parents": [ours_new]}, {"parents": [a, ours_old, b]}, "mesh")
+    assert merged["parents"] == [a, ours_new, b]  # no reordering fight with a or b
+    assert with_foreign({"parents": [ours_new]}, {"parents": [a]}, "mesh")["parents"] == \
+        [a, ours_new]  # first time: after theirs

@@ -12,6 +12,7 @@ from mesh.providers.kubernetes import HTTP, MESH_NODE, KindWatch
 from mesh.sinks.sink import READY, Readiness, State
 from mesh.sinks.status.kubernetes import aiohttp_call
 from mesh.sinks.status.nodes import (
+    STALE_AFTER,
     NodeReporter,
     NodeView,
     NodeWatch,
@@ -123,14 +124,18 @@ def test_reporter_and_watch_against_the_api() -> None:
                     reporter.offer(ran(1))
                     await asyncio.sleep(0.065)
                 assert 2 <= reporter.writes <= 4, reporter.writes
-                # Another node, alive, and one whose agent stopped long ago.
-                for name, age in (("n2", 0.0), ("n3", 600.0)):
+                # Two other nodes. Their heartbeatTime is only text (a skewed clock, no
+                # zone at all): staleness is timed on the watcher's own clock.
+                async def beat(name: str, when: str) -> None:
                     await api.put_object("mesh.dev", "meshnodes", {
                         "metadata": {"name": name}, "spec": {},
-                        "status": {"heartbeatTime": _heartbeat(age),
-                                   **NodeView(pending={TEXT: Pending(
-                                       1, State.FAILED, "NACK")}).to_status()}})
-                watch = NodeWatch("n1")
+                        "status": {"heartbeatTime": when, **NodeView(pending={TEXT: Pending(
+                            1, State.FAILED, "NACK")}).to_status()}})
+
+                await beat("n2", _heartbeat(0))
+                await beat("n3", "2020-01-01T00:00:00")
+                clock = [1000.0]
+                watch = NodeWatch("n1", clock=lambda: clock[0])
                 client = ApiClient(Configuration(host=base))
                 http = HTTP(client)
                 wtask = asyncio.create_task(watch.run(
@@ -139,8 +144,17 @@ def test_reporter_and_watch_against_the_api() -> None:
                     if watch.views():
                         break
                     await asyncio.sleep(0.05)
+                assert sorted(watch.views()) == ["n2", "n3"]  # not itself; both just seen
+                clock[0] += 60
+                seen = watch.revision
+                await beat("n2", "2026-12-02T23:59:59Z")  # n2 beats again, n3 does not
+                for _ in range(100):
+                    if watch.revision > seen:
+                        break
+                    await asyncio.sleep(0.02)
+                clock[0] = 1000.0 + STALE_AFTER + 1
                 views = watch.views()
-                assert list(views) == ["n2"]  # not itself, not the stale one
+                assert list(views) == ["n2"]  # n3 silent for more than STALE_AFTER
                 assert merge(ROUTE, 1, {"n1": ran(1), **views}).message == "refused on n2: NACK"
                 for t in (task, wtask):
                     t.cancel()

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,11 @@ class HealthServer:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         self.path.unlink(missing_ok=True)
-        old = os.umask(0o177)  # the socket is born 0600: no window where others may connect
-        try:
-            site = web.UnixSite(runner, str(self.path))
-            await site.start()
-        finally:
-            os.umask(old)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.path))
+        os.chmod(self.path, 0o600)  # before listen: nobody else can connect, ever
+        site = web.SockSite(runner, sock)
+        await site.start()
         try:
             await asyncio.Event().wait()
         finally:

@@ -5,7 +5,9 @@ takes it when nobody holds it or when the holder has not renewed for `duration` 
 measured on the candidate's own clock from the moment it saw the record last change (the
 holder's timestamps are not trusted: clocks differ between nodes). The leader renews every
 `retry` seconds; when it could not renew for `renew_deadline` seconds (< `duration`, so it
-stops before anyone can take over), or finds another holder, it stops leading at once. A
+stops before anyone can take over: a round is bounded by the time left to the deadline, and
+the deadline counts from before the last successful request), or finds another holder, it
+stops leading at once. A
 stop on purpose releases the Lease, so that the next leader need not wait out the duration.
 Writes use the Lease's resourceVersion: two candidates racing for it cannot both win.
 
@@ -90,19 +92,25 @@ class LeaderElection:
     async def run(self) -> None:
         try:
             while True:
+                started = self.clock()
+                # A slow API server gets until the deadline (client-go's renewDeadline); a
+                # hung one must not keep a leader past it.
+                left = self._renewed_at + self.cfg.renew_deadline - started \
+                    if self.leading else self.cfg.renew_deadline
                 try:
-                    # A hung API server must not keep a leader past its deadline.
-                    async with asyncio.timeout(self.cfg.retry):
+                    async with asyncio.timeout(max(0.05, left)):
                         ok = await self._try()
                 except API_ERRORS as e:
                     log.warning("lease request failed", extra={"error": repr(e)})
                     ok = False
                 now = self.clock()
                 if ok:
-                    self._renewed_at = now
+                    # From before the request: others measure from when they saw it change,
+                    # which is later, so our deadline always comes first.
+                    self._renewed_at = started
                     self._set(True, "lease acquired or renewed")
                 elif self.leading and (self.holder not in (None, self.cfg.identity) or
-                                       now - self._renewed_at > self.cfg.renew_deadline):
+                                       now - self._renewed_at >= self.cfg.renew_deadline):
                     self._set(False, "lease lost" if self.holder != self.cfg.identity
                               else "could not renew within the deadline")
                 await asyncio.sleep(self.cfg.retry)

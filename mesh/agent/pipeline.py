@@ -131,13 +131,16 @@ class Pipeline:
                 readiness: list[Mapping[ObjectKey, Readiness]],
                 others: Mapping[str, NodeView] | None = None) -> None:
         """On the status thread: the report is only ever used from here."""
+        forced = False
         if self.cluster is not None:
             own = node_view(snapshot, translation.status.keys(), readiness)
             self.cluster.offer(own)
             if others is not None:  # leading: Programmed is every live node's
                 views = {**others, self.cluster.own: own}
                 readiness = [merged_readiness(snapshot, translation.status.keys(), views)]
-        if self.report.update(snapshot, translation.status, readiness) or self._unwritten:
+            forced = self.cluster.take_forced(others is not None)
+        if self.report.update(snapshot, translation.status, readiness) or self._unwritten or \
+                forced:
             try:
                 self.writer.write(self.report.objects, self.report.current, self.report.errors)
                 self._unwritten = False

@@ -105,8 +105,9 @@ LEASE = Resource("coordination.k8s.io", "v1", "leases", "Lease")
 def cluster_rules() -> list[dict[str, list[str]]]:
     """The cluster-wide RBAC rules the agent needs, exactly: list+watch of every kind it
     reads, get + update of the status of the kinds it writes status for (it reads an object
-    again before a write and after a conflict), and its own node's MeshNode (get, create,
-    update of the status; the leader lists and watches them all). The chart's ClusterRole is
+    again before a write and after a conflict), and MeshNodes (get, create and update of the
+    status, which each agent does for its own node's only, though RBAC cannot say "own";
+    the leader lists and watches them all). The chart's ClusterRole is
     checked against this in tests/test_chart.py."""
     rules: list[dict[str, list[str]]] = []
     by_group: dict[str, list[str]] = {}
@@ -270,6 +271,8 @@ class KindWatch:
         query = self._query(watch="true", allowWatchBookmarks="true",
                             resourceVersion=self.version, timeoutSeconds=str(WATCH_TIMEOUT))
         async for event in self.http.stream(self.r.path, query):
+            if not isinstance(event, dict) or not isinstance(event.get("object") or {}, dict):
+                raise ValueError("a watch event that is not an object")  # backs off, resumes
             kind, raw = event.get("type"), event.get("object") or {}
             meta = raw.get("metadata") or {}
             if kind == "ERROR":
@@ -419,15 +422,15 @@ class KubernetesSource:
         self._http: HTTP | None = None
         self._opened = asyncio.Event()
         self.election = LeaderElection(self.call, lease) if lease is not None else None
-        by_kind = {(r.group, r.kind): r for r in resources(None)}
-        self.status_writer = KubernetesStatusWriter(
-            StatusPublisher(self.call, by_kind, controller, self.leading), self._server_status,
-            self.election.subscribe() if self.election is not None else None)
         self.reporter = NodeReporter(self.call, node_name, identity or node_name)
         self.node_watch = NodeWatch(node_name)
         self.cluster = ClusterStatus(
             node_name, self.reporter, self.node_watch, self.leading,
             self.election.subscribe() if self.election is not None else None)
+        by_kind = {(r.group, r.kind): r for r in resources(None)}
+        self.status_writer = KubernetesStatusWriter(
+            StatusPublisher(self.call, by_kind, controller, self.cluster.may_write),
+            self._server_status, self.election.subscribe() if self.election is not None else None)
 
     def leading(self) -> bool:
         """Whether this agent writes status: the Lease's holder (or alone, with no Lease)."""

@@ -44,15 +44,24 @@ OWNED_LISTS = ("parents", "ancestors")  # entries per controller (controllerName
 
 def with_foreign(ours: Mapping[str, Any], theirs: Any, controller: str) -> dict[str, Any]:
     """Our status, with the server's entries of other controllers kept in the per-controller
-    lists (theirs first, as they were, then ours)."""
+    lists, in the server's order; ours where ours were (else last)."""
     out = dict(ours)
     if not isinstance(theirs, Mapping):
         return out
     for field in OWNED_LISTS:
-        foreign = [e for e in theirs.get(field) or () if isinstance(e, Mapping) and
-                   e.get("controllerName") != controller]
-        if foreign and field in out:
-            out[field] = [*foreign, *out[field]]
+        if field not in out or not isinstance(theirs.get(field), list):
+            continue
+        merged: list[Any] = []
+        placed = False
+        for e in theirs[field]:
+            if isinstance(e, Mapping) and e.get("controllerName") != controller:
+                merged.append(e)
+            elif not placed:  # ours go where ours were: no reordering fight with others
+                merged.extend(out[field])
+                placed = True
+        if not placed:
+            merged.extend(out[field])
+        out[field] = merged
     return out
 
 
@@ -149,7 +158,9 @@ class StatusPublisher:
             if code != 409:
                 raise RuntimeError(f"PUT {path}/status: {code}")
             log.info("status conflict: read again and retry", extra={"object": str(key)})
-        log.warning("status not written after conflicts", extra={"object": str(key)})
+        # The round fails, and the writer tries again a second later: never dropped.
+        raise RuntimeError(f"{key}: status not written after {ATTEMPTS} attempts (conflicts, "
+                           "throttling)")
 
 
 class KubernetesStatusWriter:
@@ -190,8 +201,11 @@ class KubernetesStatusWriter:
                 for w in waits:
                     w.cancel()
             self._offered.clear()
-            if self.leadership is not None:
+            if self.leadership is not None and self.leadership.is_set():
                 self.leadership.clear()
+                # What we hold was made while following (this node's Programmed alone): the
+                # pipeline's next round, merged, is what a leader writes.
+                self._latest = None
             if self._latest is None or not self.publisher.allowed():
                 continue
             latest = self._latest

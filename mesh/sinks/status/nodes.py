@@ -140,14 +140,6 @@ def _now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _age(heartbeat: Any) -> float:
-    try:
-        then = datetime.fromisoformat(str(heartbeat).replace("Z", "+00:00"))
-    except ValueError:
-        return float("inf")
-    return (datetime.now(UTC) - then).total_seconds()
-
-
 class NodeReporter:
     """Writes this node's MeshNode: created once (owned by the Node, so the garbage collector
     removes it with the Node), its status when the view changed, else every HEARTBEAT."""
@@ -244,16 +236,29 @@ class NodeWatch:
     """Every node's MeshNode, followed by list+watch (the leader's input for the merge). Not
     the store: a MeshNode is all status, which the store does not count as a change."""
 
-    def __init__(self, own: str) -> None:
+    def __init__(self, own: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.own = own
+        self.clock = clock
         self.objects: list[KubeObject] = []
         self.revision = 0
+        self.synced = asyncio.Event()  # listed once: the merge may start
         self._changed = asyncio.Event()
+        # When each node's status last changed, on our own clock: nodes' clocks differ, and a
+        # heartbeatTime is only text someone wrote (as leader election does it).
+        self._seen: dict[str, tuple[Any, float]] = {}
 
     def replace(self, source: str, objects: Iterable[KubeObject]) -> bool:
         """The watch's whole list of MeshNodes, after each event."""
         self.objects = list(objects)
+        now = self.clock()
+        seen = {}
+        for obj in self.objects:
+            status = obj.body.get("status")
+            last = self._seen.get(obj.name)
+            seen[obj.name] = last if last is not None and last[0] == status else (status, now)
+        self._seen = seen
         self.revision += 1
+        self.synced.set()
         self._changed.set()
         self._changed = asyncio.Event()
         return True
@@ -269,12 +274,14 @@ class NodeWatch:
         """The live nodes' views but this node's (its own comes from its sinks). On the loop:
         a copy the status thread can read."""
         out = {}
+        now = self.clock()
         for obj in self.objects:
             status = obj.body.get("status")
             if obj.name == self.own or not isinstance(status, Mapping):
                 continue
-            if _age(status.get("heartbeatTime")) > STALE_AFTER:
-                continue
+            _, changed = self._seen.get(obj.name, (None, now))
+            if now - changed > STALE_AFTER:
+                continue  # no heartbeat for three intervals: its agent is gone
             out[obj.name] = NodeView.from_status(status)
         return out
 
@@ -290,18 +297,36 @@ class ClusterStatus:
         self.watch = watch
         self.leading = leading
         self.flips = flips  # set when leadership flips (ours to clear)
+        self._merging = False  # whether the last round merged
 
     def offer(self, view: NodeView) -> None:
         self.reporter.offer(view)
 
+    def may_write(self) -> bool:
+        """Whether status may go to the API server: leading, and every node's view known
+        (a new leader's first round must not publish its own node's alone)."""
+        return self.leading() and self.watch.synced.is_set()
+
     def views(self) -> dict[str, NodeView] | None:
-        """The other nodes' views while leading, else None (no merge: status not written)."""
-        return self.watch.views() if self.leading() else None
+        """The other nodes' views while this agent may write, else None (no merge)."""
+        return self.watch.views() if self.may_write() else None
+
+    def take_forced(self, merging: bool) -> bool:
+        """Whether this round must be written even if unchanged: the first merged round
+        after a flip (the writer dropped what it held)."""
+        forced = merging and not self._merging
+        self._merging = merging
+        return forced
 
     async def wait_progress(self) -> None:
-        waits: list[asyncio.Task[Any]] = [asyncio.create_task(self.watch.wait_progress())]
+        # A follower does not merge: other nodes' heartbeats are no news to it.
+        waits: list[asyncio.Task[Any]] = []
+        if self.may_write() or not self.watch.synced.is_set():
+            waits.append(asyncio.create_task(self.watch.wait_progress()))
         if self.flips is not None:
             waits.append(asyncio.create_task(self.flips.wait()))
+        if not waits:
+            await asyncio.Event().wait()  # no election, nothing to follow
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:

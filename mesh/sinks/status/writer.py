@@ -80,5 +80,11 @@ class Writers:
 
     def write(self, objects: Mapping[ObjectKey, KubeObject],
               statuses: Mapping[ObjectKey, dict[str, Any]], errors: Mapping[str, str]) -> None:
+        failed: OSError | None = None
         for w in self.writers:
-            w.write(objects, statuses, errors)
+            try:  # a full disk must not keep status from the API server
+                w.write(objects, statuses, errors)
+            except OSError as e:
+                failed = e
+        if failed is not None:
+            raise failed

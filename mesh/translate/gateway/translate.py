@@ -801,8 +801,12 @@ class _Translator:
                     value = entry.get("ip") or entry.get("hostname")
                     if isinstance(value, str) and value and value not in out:
                         out.append(value)
+        balancers = [svc for svc in services if svc.spec.get("type") == "LoadBalancer"]
+        if not balancers:
+            return [], f"Service {g.obj.namespace}/{services[0].name} (labelled " \
+                f"{GATEWAY_SERVICE_LABEL}={g.obj.name}) is not of type LoadBalancer"
         if not out:
-            return [], f"waiting for Service {g.obj.namespace}/{services[0].name} " \
+            return [], f"waiting for Service {g.obj.namespace}/{balancers[0].name} " \
                 "(type LoadBalancer) to be given an address"
         return out, ""
 
