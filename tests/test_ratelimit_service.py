@@ -866,3 +866,41 @@ def test_descriptor_contract() -> None:
     assert isinstance(parse(descriptor("p", "1/minute")), descriptors.Problem)
     assert isinstance(parse(descriptor("p", "+1/Minute")), descriptors.Problem)
     assert isinstance(parse(descriptor("p", "\u0661/Minute")), descriptors.Problem)
+
+
+def test_the_service_ends_with_the_agent_that_started_it_even_when_killed(
+        tmp_path: Path) -> None:
+    """The agent starts the service with --parent-pid: an agent SIGKILLed (no chance to stop
+    its child) must not leave the service running."""
+    import signal
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import os, subprocess, sys, time
+p = subprocess.Popen([sys.executable, "-m", "mesh.ratelimit", "--listen",
+                      "unix://{tmp_path}/rl.sock", "--redis", "redis://127.0.0.1:1",
+                      "--parent-pid", str(os.getpid())])
+print(p.pid, flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+
+        def state() -> str:
+            try:
+                return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                return "gone"
+
+        assert state() not in ("Z", "gone")
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(5)
+        deadline = time.monotonic() + 10
+        while state() not in ("Z", "gone") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state() in ("Z", "gone"), "the service outlived its agent"
+    finally:
+        parent.kill()
+        parent.wait(5)

@@ -2,13 +2,15 @@
 
 A process of its own, so that its decisions (the hot path of every globally limited request)
 never wait behind a translation. Restarted with a growing backoff when it exits; stopped with
-the agent. Envoy reaches it on a unix socket in the state directory (mode 0600).
+the agent, also when the agent is killed (it follows the agent's death). Envoy reaches it
+on a unix socket in the state directory (mode 0600).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +32,8 @@ class RateLimitService:
                 self.proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "mesh.ratelimit", "--listen",
                     f"unix://{self.socket}", "--redis", self.redis_url,
+                    # A killed agent (SIGKILL: no chance to stop it) takes it along.
+                    "--parent-pid", str(os.getpid()),
                     stdout=out, stderr=out)
             log.info("rate limit service started", extra={"pid": self.proc.pid,
                                                            "socket": str(self.socket)})

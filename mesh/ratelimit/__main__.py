@@ -42,14 +42,18 @@ def _default_listen() -> str:
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", default="text", show_default=True,
               type=click.Choice(["text", "json"]))
+@click.option("--parent-pid", type=int, metavar="PID",
+              help="End when this process (the agent that started us) ends, even by SIGKILL.")
 def main(listen: str, redis_url: str, redis_timeout_ms: int, redis_connect_timeout_ms: int,
-         transport: str, log_level: str, log_format: str) -> None:
+         transport: str, log_level: str, log_format: str, parent_pid: int | None) -> None:
     """Serve Envoy's global rate limits (ShouldRateLimit), counters in Redis."""
     from mesh.ratelimit.service import run
     from mesh.ratelimit.store import RedisAddress
     from meshxds.server import ListenAddress
 
     logs.setup(log_level, log_format)
+    if parent_pid is not None:
+        _die_with(parent_pid)
     # hpack logs every header it decodes at debug: a line per header of every decision.
     logging.getLogger("hpack").setLevel(logging.INFO)
     try:
@@ -65,6 +69,22 @@ def main(listen: str, redis_url: str, redis_timeout_ms: int, redis_connect_timeo
     run(listen, redis_url, redis_timeout=redis_timeout_ms / 1000,
         redis_connect_timeout=redis_connect_timeout_ms / 1000,
         transport="grpcio" if transport == "grpcio" else "h2")
+
+
+def _die_with(parent: int) -> None:
+    """SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG), so that a killed agent
+    leaves no service behind; if it died before we got here, end now."""
+    import ctypes
+    import signal
+    import sys
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+        logging.getLogger(__name__).warning("cannot follow the parent's death", extra={
+            "errno": ctypes.get_errno()})
+    if os.getppid() != parent:
+        sys.exit(0)
 
 
 if __name__ == "__main__":
