@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import socket
 from collections.abc import Callable
@@ -21,7 +20,6 @@ from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, UnixConnector, web
 
-log = logging.getLogger(__name__)
 SOCKET = "agent.sock"
 
 

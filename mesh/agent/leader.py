@@ -7,8 +7,8 @@ holder's timestamps are not trusted: clocks differ between nodes). The leader re
 `retry` seconds; when it could not renew for `renew_deadline` seconds (< `duration`, so it
 stops before anyone can take over: a round is bounded by the time left to the deadline, and
 the deadline counts from before the last successful request), or finds another holder, it
-stops leading at once. A
-stop on purpose releases the Lease, so that the next leader need not wait out the duration.
+stops leading at once. A stop on purpose releases the Lease, so that the next leader need not
+wait out the duration.
 Writes use the Lease's resourceVersion: two candidates racing for it cannot both win.
 
 `leading` is what the writers look at before each write; `subscribe()` gives each of them an
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from mesh.providers.kubernetes import API_ERRORS
+from mesh.providers.kubernetes import API_ERRORS, LEASE
 
 log = logging.getLogger(__name__)
 Call = Callable[[str, str, Any], Awaitable[tuple[int, Any]]]
@@ -72,8 +72,7 @@ class LeaderElection:
 
     @property
     def path(self) -> str:
-        return (f"/apis/coordination.k8s.io/v1/namespaces/{self.cfg.namespace}"
-                f"/leases/{self.cfg.name}")
+        return LEASE.item(self.cfg.namespace, self.cfg.name)
 
     def status(self) -> dict[str, Any]:
         return {"leading": self.leading, "holder": self.holder, "identity": self.cfg.identity,
@@ -134,7 +133,7 @@ class LeaderElection:
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": self.cfg.name, "namespace": self.cfg.namespace},
                     "spec": self._spec(0, None)}
-            code, _ = await self.call("POST", self.path.rsplit("/", 1)[0], body)
+            code, _ = await self.call("POST", LEASE.collection(self.cfg.namespace), body)
             if code in (200, 201):
                 self.holder = self.cfg.identity
                 return True

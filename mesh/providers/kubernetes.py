@@ -51,13 +51,32 @@ class Resource:
     field_selector: str | None = None
 
     @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
     def path(self) -> str:
-        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-        return f"{base}/{self.plural}"
+        """The collection over every namespace (list and watch)."""
+        return self.collection("")
+
+    def collection(self, namespace: str) -> str:
+        """The collection in one namespace (create); "" or a cluster-scoped kind: all."""
+        base = f"/apis/{self.api_version}" if self.group else f"/api/{self.version}"
+        ns = f"/namespaces/{namespace}" if namespace and self.namespaced else ""
+        return f"{base}{ns}/{self.plural}"
+
+    def item(self, namespace: str, name: str) -> str:
+        """One object (get, replace; + "/status" for the status subresource)."""
+        return f"{self.collection(namespace)}/{name}"
 
     @property
     def group_kind(self) -> GroupKind:
         return GroupKind(self.group, self.kind)
+
+
+MESH_NODE = Resource("mesh.dev", "v1alpha1", "meshnodes", "MeshNode", namespaced=False)
+LEASE = Resource("coordination.k8s.io", "v1", "leases", "Lease")
+NODES = Resource("", "v1", "nodes", "Node", namespaced=False)
 
 
 def resources(node_name: str | None) -> list[Resource]:
@@ -68,7 +87,7 @@ def resources(node_name: str | None) -> list[Resource]:
         Resource("", "v1", "services", "Service"),
         Resource("", "v1", "secrets", "Secret"),
         Resource("", "v1", "configmaps", "ConfigMap"),
-        Resource("", "v1", "nodes", "Node", namespaced=False),
+        NODES,
         Resource("", "v1", "pods", "Pod", field_selector=pods),
         Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
         Resource("networking.k8s.io", "v1", "ingresses", "Ingress"),
@@ -98,8 +117,6 @@ STATUS_KINDS = frozenset({
     kinds.GATEWAY_CLASS, kinds.GATEWAY, kinds.LISTENER_SET, kinds.X_LISTENER_SET,
     kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE, kinds.BACKEND_TLS_POLICY,
     kinds.X_BACKEND_TRAFFIC_POLICY, kinds.TRAFFIC_POLICY, kinds.INGRESS})
-MESH_NODE = Resource("mesh.dev", "v1alpha1", "meshnodes", "MeshNode", namespaced=False)
-LEASE = Resource("coordination.k8s.io", "v1", "leases", "Lease")
 
 
 def cluster_rules() -> list[dict[str, list[str]]]:
@@ -163,7 +180,7 @@ def _created(meta: Mapping[str, Any]) -> float:
 def to_object(raw: Mapping[str, Any], r: Resource) -> KubeObject:
     body = dict(raw)
     # Items of a list carry neither apiVersion nor kind.
-    body.setdefault("apiVersion", f"{r.group}/{r.version}" if r.group else r.version)
+    body.setdefault("apiVersion", r.api_version)
     body.setdefault("kind", r.kind)
     obj = parse_object(body, source=f"kubernetes:{r.plural}.{r.group}")
     return replace(obj, created=_created(body.get("metadata") or {}))

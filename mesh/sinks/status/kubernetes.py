@@ -81,11 +81,7 @@ class StatusPublisher:
 
     def _path(self, key: ObjectKey) -> str | None:
         r = self.resources.get((key.group, key.kind))
-        if r is None:
-            return None
-        base = f"/apis/{r.group}/{r.version}" if r.group else f"/api/{r.version}"
-        ns = f"/namespaces/{key.namespace}" if r.namespaced else ""
-        return f"{base}{ns}/{r.plural}/{key.name}"
+        return None if r is None else r.item(key.namespace, key.name)
 
     async def publish(self, statuses: Mapping[ObjectKey, dict[str, Any]],
                       server_status: Mapping[ObjectKey, Any] | None = None) -> None:

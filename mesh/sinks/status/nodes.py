@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from mesh.providers.kubernetes import API_ERRORS
+from mesh.providers.kubernetes import API_ERRORS, MESH_NODE, NODES
 from mesh.sinks.sink import READY, Readiness, State, combine
 from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
@@ -144,8 +144,6 @@ class NodeReporter:
     """Writes this node's MeshNode: created once (owned by the Node, so the garbage collector
     removes it with the Node), its status when the view changed, else every HEARTBEAT."""
 
-    PATH = "/apis/mesh.dev/v1alpha1/meshnodes"
-
     def __init__(self, call: Call, node: str, identity: str, heartbeat: float = HEARTBEAT,
                  min_interval: float = MIN_WRITE_INTERVAL) -> None:
         self.call = call
@@ -197,7 +195,7 @@ class NodeReporter:
     async def _owner(self) -> list[dict[str, Any]]:
         # A list by name, not a get: the agent's RBAC reads Nodes with list and watch only.
         code, nodes = await self.call(
-            "GET", f"/api/v1/nodes?fieldSelector=metadata.name%3D{self.node}", None)
+            "GET", f"{NODES.path}?fieldSelector=metadata.name%3D{self.node}", None)
         items = (nodes.get("items") or []) if code == 200 and isinstance(nodes, dict) else []
         uid = (items[0].get("metadata") or {}).get("uid") if items else None
         if not uid:
@@ -205,7 +203,7 @@ class NodeReporter:
         return [{"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": uid}]
 
     async def _write(self, view: NodeView) -> None:
-        path = f"{self.PATH}/{self.node}"
+        path = MESH_NODE.item("", self.node)
         for _ in range(3):
             code, current = await self.call("GET", path, None)
             if code == 404:
@@ -213,7 +211,7 @@ class NodeReporter:
                         "metadata": {"name": self.node, "ownerReferences": await self._owner(),
                                      "labels": {"app.kubernetes.io/part-of": "mesh"}},
                         "spec": {}}
-                code, current = await self.call("POST", self.PATH, body)
+                code, current = await self.call("POST", MESH_NODE.path, body)
                 if code not in (200, 201) and code != 409:
                     raise RuntimeError(f"POST MeshNode: {code}")
                 continue

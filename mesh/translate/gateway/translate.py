@@ -945,12 +945,17 @@ def _address_order(a: str) -> tuple[int, Any]:
     return ip.version, ip
 
 
-def _node_address_list(node: Any) -> list[str]:
+def _node_address_entries(node: KubeObject) -> list[tuple[Any, str]]:
+    """A Node's status.addresses as (type, address), entries of the wrong shape left out."""
     status = node.body.get("status")
     entries = status.get("addresses") if isinstance(status, Mapping) else None
-    return [str(a.get("address")) for a in entries or ()
-            if isinstance(a, Mapping) and a.get("address") and
-            a.get("type") in ("InternalIP", "ExternalIP")] if isinstance(entries, list) else []
+    return [(a.get("type"), str(a.get("address"))) for a in entries or ()
+            if isinstance(a, Mapping) and a.get("address")] if isinstance(entries, list) else []
+
+
+def _node_address_list(node: KubeObject) -> list[str]:
+    """The addresses a Node is reached at (InternalIP, ExternalIP: not its Hostname)."""
+    return [a for t, a in _node_address_entries(node) if t in ("InternalIP", "ExternalIP")]
 
 
 def _node_addresses(snapshot: StoreSnapshot, node_name: str | None) -> frozenset[str] | None:
@@ -959,10 +964,7 @@ def _node_addresses(snapshot: StoreSnapshot, node_name: str | None) -> frozenset
     node = snapshot.get(kinds.NODE, "", node_name) if node_name else None
     if node is None:
         return None
-    status = node.body.get("status")
-    entries = status.get("addresses") if isinstance(status, Mapping) else None
-    return frozenset(str(a.get("address")) for a in entries or ()
-                     if isinstance(a, Mapping) and a.get("address"))
+    return frozenset(a for _, a in _node_address_entries(node))
 
 
 def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
