@@ -38,11 +38,10 @@ from typing import Any
 import click
 
 from mesh.cni import plugin
+from mesh.cni.runtime import PLUGIN, mesh_network
 
-PLUGIN_NAME = "mesh-cni"
+PLUGIN_NAME = PLUGIN
 CONFLIST_NAME = "05-mesh.conflist"  # sorts before other networks' files: the runtime's first
-NETWORK_NAME = "mesh"
-CNI_VERSION = "1.0.0"
 SHEBANG = b"#!/usr/bin/env python3\n"
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamps: the same source gives the same bytes
 
@@ -72,15 +71,7 @@ def plugin_executable() -> bytes:
 
 
 def conflist(pod_cidr: str, mtu: int = 1500) -> dict[str, Any]:
-    return {
-        "cniVersion": CNI_VERSION,
-        "name": NETWORK_NAME,
-        "plugins": [{
-            "type": PLUGIN_NAME,
-            "mtu": mtu,
-            "ipam": {"type": "host-local", "ranges": [[{"subnet": pod_cidr}]]},
-        }],
-    }
+    return mesh_network(pod_cidr, mtu).to_json()
 
 
 def write_atomic(path: Path, data: bytes, mode: int) -> bool:

@@ -17,6 +17,8 @@ from typing import Any
 
 from mesh.cni.plugin import CNIError
 
+PLUGIN = "mesh-cni"  # the plugin's binary, which is its `type` in a network configuration
+
 
 @dataclass(frozen=True)
 class NetworkList:
@@ -29,10 +31,22 @@ class NetworkList:
         doc = json.loads(path.read_text())
         return cls(str(doc["name"]), str(doc["cniVersion"]), tuple(doc["plugins"]))
 
+    def to_json(self) -> dict[str, Any]:
+        return {"cniVersion": self.version, "name": self.name, "plugins": list(self.plugins)}
+
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"cniVersion": self.version, "name": self.name,
-                                    "plugins": list(self.plugins)}, indent=2))
+        path.write_text(json.dumps(self.to_json(), indent=2))
+
+
+def mesh_network(pod_cidr: str, mtu: int = 1500, ipam_dir: Path | None = None) -> NetworkList:
+    """The mesh's network: our plugin, addresses from host-local over the node's pod CIDR
+    (in `ipam_dir`, else host-local's default). On a node (`mesh cni-install`) and in the
+    lab alike."""
+    ipam: dict[str, Any] = {"type": "host-local", "ranges": [[{"subnet": pod_cidr}]]}
+    if ipam_dir is not None:
+        ipam["dataDir"] = str(ipam_dir)
+    return NetworkList("mesh", "1.0.0", ({"type": PLUGIN, "mtu": mtu, "ipam": ipam},))
 
 
 class Runtime:
@@ -110,15 +124,12 @@ def node_runtime(base: Path, pod_cidr: str, node_netns: str) -> Runtime:
     results cache beside them; plugins run in the node's network namespace."""
     bin_dir = base / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
-    for name, target in (("mesh-cni", Path(sys.executable).parent / "mesh-cni"),
+    for name, target in ((PLUGIN, Path(sys.executable).parent / PLUGIN),
                          ("host-local", HOST_LOCAL)):
         link = bin_dir / name
         if not link.is_symlink():
             link.symlink_to(target)
-    NetworkList("mesh", "1.0.0", ({
-        "type": "mesh-cni", "mtu": 1500,
-        "ipam": {"type": "host-local", "ranges": [[{"subnet": pod_cidr}]],
-                 "dataDir": str(base / "ipam")}},)).write(base / CONFLIST)
+    mesh_network(pod_cidr, ipam_dir=base / "ipam").write(base / CONFLIST)
     return existing_runtime(base, node_netns)
 
 
