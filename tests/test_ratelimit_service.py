@@ -872,10 +872,6 @@ def test_the_service_ends_with_the_agent_that_started_it_even_when_killed(
         tmp_path: Path) -> None:
     """The agent starts the service with --parent-pid: an agent SIGKILLed (no chance to stop
     its child) must not leave the service running."""
-    import signal
-    import subprocess
-    import sys
-
     parent = subprocess.Popen([sys.executable, "-c", f"""
 import os, subprocess, sys, time
 p = subprocess.Popen([sys.executable, "-m", "mesh.ratelimit", "--listen",
