@@ -5,6 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system
+# uv installs exactly uv.lock (every dependency, direct and transitive, with hashes); uv
+# itself comes from requirements-uv.txt, pinned by hash, into a venv of its own.
+UV_VENV := .venv-uv
+UV := $(UV_VENV)/bin/uv
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON := python3
+export UV_PYTHON_DOWNLOADS := never
 # The machine's part of the datapath: bcc (compiles the eBPF programs; its Python module and
 # libbcc from Debian), kernel headers for it, the standard CNI plugins (host-local IPAM),
 # iproute2 and procps (ip, sysctl, ps), curl (the lab's demo), redis-server (the global rate
@@ -14,13 +21,29 @@ DEBIAN_PACKAGES := python3-bpfcc linux-headers-amd64 containernetworking-plugins
 	curl redis-server
 BENCH_PACKAGES := iperf3 sockperf iptables wrk
 
-.PHONY: install system debian run run-host test test-fast bench clean
+.PHONY: install system debian run run-host test test-fast bench clean lock upgrade
 
-$(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+$(UV): requirements-uv.txt
+	python3 -m venv $(UV_VENV)
+	$(UV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		--require-hashes -r requirements-uv.txt
+	touch $(UV)
+
+# --locked: install uv.lock as it is, and stop if it no longer matches pyproject.toml.
+$(STAMP): pyproject.toml uv.lock $(UV)
+	@$(UV) sync --locked --extra dev --quiet || { \
+		echo "error: uv.lock does not match pyproject.toml (or could not be installed)." >&2; \
+		echo "       If pyproject.toml changed on purpose, run 'make lock' and commit uv.lock." >&2; \
+		exit 1; }
 	touch $(STAMP)
+
+# Refresh the lock on purpose: `make lock` after editing pyproject.toml (keeps every other
+# pin), `make upgrade` to move every dependency to its newest allowed version. Either is a
+# commit of its own that passes `make test`.
+lock: $(UV)
+	$(UV) lock
+upgrade: $(UV)
+	$(UV) lock --upgrade
 
 # Debian packages (as root; `apt-get update` only if the lists are stale), then: where the
 # running kernel ships no headers, Debian's linux-headers-amd64 stand in (the programs use
@@ -86,4 +109,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/xds_push.py --quick
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(UV_VENV) .mypy_cache .pytest_cache .ruff_cache

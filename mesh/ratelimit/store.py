@@ -276,7 +276,7 @@ def _backend(address: RedisAddress, cfg: StoreConfig) -> _Backend:
         return _Direct(aioredis.Redis.from_url(address.url, **kwargs))
     auth: dict[str, Any] = {"username": address.username, "password": address.password}
     if address.kind == "sentinel":
-        sentinel = Sentinel(list(address.nodes), sentinel_kwargs={  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(list(address.nodes), sentinel_kwargs={
             "socket_timeout": cfg.connect_timeout,
             "socket_connect_timeout": cfg.connect_timeout}, **kwargs)
         return _Direct(sentinel.master_for(address.master, db=address.db, **auth))
