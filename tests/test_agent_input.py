@@ -4,16 +4,16 @@ backend in the same process) and a real Envoy, fed pathological manifests."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.test_gateway_agent import ADDRESS, GATEWAY, ROOT, route
+from tests.manifests import docs, local_service
+from tests.meshrun import ROOT, MeshRun
+from tests.test_gateway_agent import ADDRESS, GATEWAY, route
 from tests.test_manifest_input import billion_laughs
 from tests.testbed import http_get, wait_until
 
@@ -29,40 +29,12 @@ def rss_mib(pid: int) -> float:
 
 
 def service() -> str:
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: echo, namespace: default}}
-spec: {{ports: [{{name: http, port: 80, targetPort: {ECHO_PORT}}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: echo-1, namespace: default, labels: {{kubernetes.io/service-name: echo}}}}
-ports: [{{name: http, port: {ECHO_PORT}}}]
-endpoints: [{{addresses: [127.0.0.1]}}]
-"""
+    return docs(*local_service("echo", [ECHO_PORT], target_port=ECHO_PORT))
 
 
-def start(manifests: Path, state: Path, log: Path) -> subprocess.Popen[bytes]:
-    (state / "status.json").unlink(missing_ok=True)
-    return subprocess.Popen(
-        [sys.executable, "-m", "mesh.cli", "run", "--manifests", str(manifests),
-         "--state-dir", str(state), "--node-id", "input",
-         "--echo", f"127.0.0.1:{ECHO_PORT}"],
-        stderr=log.open("wb"), cwd=ROOT)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> float:
-    """SIGTERM; how long the agent took to exit."""
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return float("inf")
-    return time.monotonic() - started
+def start(manifests: Path, state: Path, log: Path) -> MeshRun:
+    return MeshRun(manifests, state, "--echo", f"127.0.0.1:{ECHO_PORT}", node_id="input",
+                   log=log, wait=False)
 
 
 @pytest.fixture
@@ -81,9 +53,9 @@ def test_an_alias_bomb_is_refused_and_everything_else_keeps_working(
     (manifests / "gateway.yaml").write_text(GATEWAY)
     (manifests / "service.yaml").write_text(service())
     (manifests / "a.yaml").write_text(route("a", "a.example"))
-    proc = start(manifests, state, log)
+    agent = start(manifests, state, log)
     try:
-        wait_until(lambda: b"node ready" in log.read_bytes(), timeout=30, what="ready")
+        agent.wait_ready()
         wait_until(lambda: http_get(8080, "/", host="a.example", address=ADDRESS).status == 200,
                    what="route a")
         (manifests / "bomb.yaml").write_text(billion_laughs())
@@ -112,10 +84,11 @@ def test_an_alias_bomb_is_refused_and_everything_else_keeps_working(
         assert http_get(8080, "/", host="a.example", address=ADDRESS).status == 200
         # The echo backend in the same process still answers, and memory stayed bounded.
         assert http_get(ECHO_PORT, "/", address="127.0.0.1").status == 200
-        assert rss_mib(proc.pid) < 400
+        assert rss_mib(agent.proc.pid) < 400
     finally:
-        took = stop(proc)
-    assert took < 5, f"SIGTERM took {took:.1f}s"
+        agent.stop(timeout=30)
+    took = agent.stopped_in
+    assert took is not None and took < 5, f"SIGTERM took {took:.1f}s"
     assert "Traceback" not in log.read_text()
 
 
@@ -126,9 +99,10 @@ def test_sigterm_during_a_big_first_build_stops_within_seconds(
     (manifests / "service.yaml").write_text(service())
     (manifests / "routes.yaml").write_text("---\n".join(
         route(f"r{i}", f"r{i}.example") for i in range(5000)))
-    proc = start(manifests, state, log)
+    agent = start(manifests, state, log)
     wait_until(lambda: b"xds server listening" in log.read_bytes(), timeout=30,
                what="the agent to start")
-    took = stop(proc)
-    assert took < 6, f"SIGTERM took {took:.1f}s"
-    assert proc.returncode is not None
+    agent.stop(timeout=30)
+    took = agent.stopped_in
+    assert took is not None and took < 6, f"SIGTERM took {took:.1f}s"
+    assert agent.proc.returncode is not None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,97 +14,44 @@ import pytest
 import yaml
 
 from mesh.echo import EchoIdentity, EchoServer
+from tests.manifests import (
+    docs,
+    gateway,
+    gateway_class,
+    gateway_with_class,
+    http_route,
+    local_service,
+)
+from tests.meshrun import ROOT, MeshRun, condition
 from tests.testbed import http_get, wait_until
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parent.parent
 ADDRESS = "127.5.0.1"
-
-GATEWAY = f"""
-apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {{name: mesh}}
-spec: {{controllerName: mesh.dev/gateway-controller}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: gw, namespace: default}}
-spec:
-  gatewayClassName: mesh
-  addresses: [{{type: IPAddress, value: {ADDRESS}}}]
-  listeners: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
+GATEWAY = gateway_with_class(ADDRESS)
+PREFIX = {"path": {"type": "PathPrefix", "value": "/"}}
 
 
 def route(name: str, host: str, extra_match: dict[str, Any] | None = None) -> str:
-    match: dict[str, Any] = {"path": {"type": "PathPrefix", "value": "/"}}
-    match.update(extra_match or {})
-    return yaml.safe_dump({
-        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"parentRefs": [{"name": "gw"}], "hostnames": [host],
-                 "rules": [{"matches": [match], "backendRefs": [{"name": "echo", "port": 80}]}]},
-    })
+    return docs(http_route(name, [host], matches=[{**PREFIX, **(extra_match or {})}]))
 
 
 def service(port: int) -> str:
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: echo, namespace: default}}
-spec: {{ports: [{{name: http, port: 80, targetPort: {port}}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: echo-1, namespace: default, labels: {{kubernetes.io/service-name: echo}}}}
-ports: [{{name: http, port: {port}}}]
-endpoints: [{{addresses: [127.0.0.1]}}]
-"""
+    return docs(*local_service("echo", [port], target_port=port))
 
 
-class Agent:
-    def __init__(self, manifests: Path, state: Path) -> None:
-        self.state = state
-        self.log = manifests.parent / "agent.log"
-        # A status file left by an earlier agent must not be read as this one's.
-        (state / "status.json").unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh.cli", "run", "--manifests", str(manifests),
-             "--state-dir", str(state), "--node-id", "e2e"],
-            stderr=self.log.open("wb"), cwd=ROOT)
-        wait_until(lambda: b"node ready" in self.log.read_bytes(), timeout=30,
-                   what="mesh run to be ready")
-
-    def items(self) -> dict[tuple[str, str], dict[str, Any]]:
-        try:
-            doc = json.loads((self.state / "status.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-        return {(i["kind"], i["metadata"]["name"]): i for i in doc["items"]}
-
-    def file_errors(self) -> dict[str, str]:
-        return dict(json.loads((self.state / "status.json").read_text())["fileErrors"])
-
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(15)
-        return self.log.read_text()
-
-
-def condition(item: dict[str, Any], type_: str) -> dict[str, Any]:
-    conds = item["status"].get("conditions") or item["status"]["parents"][0]["conditions"]
-    return next(c for c in conds if c["type"] == type_)
+def start(manifests: Path, state: Path) -> MeshRun:
+    return MeshRun(manifests, state, node_id="e2e", log=manifests.parent / "agent.log")
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[Path, Agent, EchoServer]]:
+def setup(tmp_path: Path) -> Iterator[tuple[Path, MeshRun, EchoServer]]:
     echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo-1")).start()
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     (manifests / "gateway.yaml").write_text(GATEWAY)
     (manifests / "service.yaml").write_text(service(echo.port))
     (manifests / "a.yaml").write_text(route("a", "a.example"))
-    agent = Agent(manifests, Path(f"/tmp/mesh-e2e-{os.getpid()}"))
+    agent = start(manifests, Path(f"/tmp/mesh-e2e-{os.getpid()}"))
     yield manifests, agent, echo
     log = agent.stop()
     echo.stop()
@@ -113,7 +59,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[Path, Agent, EchoServer]]:
 
 
 def test_routes_served_and_status_programmed(
-        setup: tuple[Path, Agent, EchoServer]) -> None:
+        setup: tuple[Path, MeshRun, EchoServer]) -> None:
     manifests, agent, _ = setup
     wait_until(lambda: http_get(8080, "/x", host="a.example", address=ADDRESS).status == 200,
                what="route a answering")
@@ -141,7 +87,7 @@ def test_routes_served_and_status_programmed(
 
 
 def test_envoy_rejection_reaches_status_and_nothing_else_breaks(
-        setup: tuple[Path, Agent, EchoServer]) -> None:
+        setup: tuple[Path, MeshRun, EchoServer]) -> None:
     manifests, agent, _ = setup
     wait_until(lambda: http_get(8080, "/", host="a.example", address=ADDRESS).status == 200,
                what="route a answering")
@@ -176,31 +122,20 @@ def test_envoy_rejection_reaches_status_and_nothing_else_breaks(
     assert "Envoy rejected route" in table
 
 
-def _pool_gateway(name: str) -> str:
-    return f"""
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: {name}, namespace: default}}
-spec:
-  gatewayClassName: mesh
-  listeners: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
-
-
 def test_pool_addresses_survive_a_restart(tmp_path: Path) -> None:
     manifests = tmp_path / "manifests"
     manifests.mkdir()
-    (manifests / "class.yaml").write_text(GATEWAY.split("---")[0])
-    (manifests / "a.yaml").write_text(_pool_gateway("a"))
-    (manifests / "b.yaml").write_text(_pool_gateway("b"))
+    (manifests / "class.yaml").write_text(docs(gateway_class()))
+    (manifests / "a.yaml").write_text(docs(gateway(None, name="a")))
+    (manifests / "b.yaml").write_text(docs(gateway(None, name="b")))
     state = Path(f"/tmp/mesh-e2e-addr-{os.getpid()}")
 
-    def address(agent: Agent, name: str) -> str | None:
+    def address(agent: MeshRun, name: str) -> str | None:
         item = agent.items().get(("Gateway", name))
         addresses = (item or {}).get("status", {}).get("addresses") or []
         return addresses[0]["value"] if addresses else None
 
-    agent = Agent(manifests, state)
+    agent = start(manifests, state)
     try:
         before = wait_until(lambda: address(agent, "b"), what="b's address")
         assert address(agent, "a") != before
@@ -208,7 +143,7 @@ def test_pool_addresses_survive_a_restart(tmp_path: Path) -> None:
         agent.stop()
     # Without a record of the allocations, b would now get a's old address, the first free.
     (manifests / "a.yaml").unlink()
-    agent = Agent(manifests, state)
+    agent = start(manifests, state)
     try:
         assert wait_until(lambda: address(agent, "b"), what="b's address") == before
         assert oct((state / "addresses.json").stat().st_mode & 0o777) == "0o600"
@@ -229,7 +164,7 @@ def test_ingress_served_over_http_and_https(tmp_path: Path) -> None:
     fallback = EchoServer("127.0.0.1", 0, EchoIdentity(pod="fallback-1")).start()
     manifests = tmp_path / "manifests"
     manifests.mkdir()
-    docs: list[dict[str, Any]] = [
+    objects: list[dict[str, Any]] = [
         {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
          "metadata": {"name": "mesh", "annotations": {
              "ingressclass.kubernetes.io/is-default-class": "true"}},
@@ -247,17 +182,9 @@ def test_ingress_served_over_http_and_https(tmp_path: Path) -> None:
                   "tls.key": base64.b64encode(key).decode()}},
     ]
     for name, server in (("shop", echo), ("fallback", fallback)):
-        docs += [
-            {"apiVersion": "v1", "kind": "Service",
-             "metadata": {"name": name, "namespace": "default"},
-             "spec": {"ports": [{"name": "http", "port": 80, "targetPort": server.port}]}},
-            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-             "metadata": {"name": f"{name}-1", "namespace": "default",
-                          "labels": {"kubernetes.io/service-name": name}},
-             "ports": [{"name": "http", "port": server.port}],
-             "endpoints": [{"addresses": ["127.0.0.1"]}]}]
-    (manifests / "ingress.yaml").write_text(yaml.safe_dump_all(docs))
-    agent = Agent(manifests, Path(f"/tmp/mesh-e2e-ing-{os.getpid()}"))
+        objects += local_service(name, [server.port], target_port=server.port)
+    (manifests / "ingress.yaml").write_text(docs(*objects))
+    agent = start(manifests, Path(f"/tmp/mesh-e2e-ing-{os.getpid()}"))
     try:
         def ip() -> str | None:
             item = agent.items().get(("Ingress", "shop"))
@@ -324,31 +251,23 @@ def test_client_certificates_checked_at_the_gateway(tmp_path: Path) -> None:
               "tls": {"certificateRefs": [{"name": "server-tls"}]}} for port in (8443, 9443)]
     validation = {"caCertificateRefs": [{"group": "", "kind": "ConfigMap",
                                          "name": "clients-ca"}]}
-    docs: list[dict[str, Any]] = [
-        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
-         "metadata": {"name": "mesh"}, "spec": {"controllerName": "mesh.dev/gateway-controller"}},
-        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-         "metadata": {"name": "gw", "namespace": "default"},
-         "spec": {"gatewayClassName": "mesh",
-                  "addresses": [{"type": "IPAddress", "value": ADDRESS}],
-                  "tls": {"frontend": {
-                      "default": {"validation": validation},
-                      "perPort": [{"port": 9443, "tls": {"validation": {
-                          **validation, "mode": "AllowInsecureFallback"}}}]}},
-                  "listeners": https}},
-        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-         "metadata": {"name": "secure", "namespace": "default"},
-         "spec": {"parentRefs": [{"name": "gw"}], "hostnames": ["secure.example"],
-                  "rules": [{"backendRefs": [{"name": "echo", "port": 80}]}]}},
+    objects: list[dict[str, Any]] = [
+        gateway_class(),
+        gateway(ADDRESS, *https, tls={"frontend": {
+            "default": {"validation": validation},
+            "perPort": [{"port": 9443, "tls": {"validation": {
+                **validation, "mode": "AllowInsecureFallback"}}}]}}),
+        http_route("secure", ["secure.example"],
+                   rules=[{"backendRefs": [{"name": "echo", "port": 80}]}]),
         {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
          "metadata": {"name": "server-tls", "namespace": "default"},
          "data": {"tls.crt": base64.b64encode(server_cert).decode(),
                   "tls.key": base64.b64encode(server_key).decode()}},
     ]
-    (manifests / "gateway.yaml").write_text(yaml.safe_dump_all(docs))
+    (manifests / "gateway.yaml").write_text(docs(*objects))
     (manifests / "service.yaml").write_text(service(echo.port))
     (manifests / "ca.yaml").write_text(trust(ca1))
-    agent = Agent(manifests, Path(f"/tmp/mesh-e2e-mtls-{os.getpid()}"))
+    agent = start(manifests, Path(f"/tmp/mesh-e2e-mtls-{os.getpid()}"))
 
     def get(port: int, client: str | None) -> int | str:
         """The answer's status, or the error that stopped the request."""

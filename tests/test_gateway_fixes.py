@@ -12,12 +12,8 @@
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +22,11 @@ from typing import Any
 import pytest
 
 from mesh.echo import EchoIdentity, EchoServer
+from tests.manifests import docs, local_service
+from tests.meshrun import MeshRun
 from tests.testbed import Reply, http_get, wait_until
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parent.parent
 ADDRESS = "127.5.9.1"  # not test_gateway_agent's: both may run at once
 PORT, OTHER_PORT = 8080, 8091
 
@@ -102,30 +99,18 @@ spec:
 
 
 def service(namespace: str, port: int) -> str:
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: echo, namespace: {namespace}}}
-spec: {{ports: [{{name: http, port: 80, targetPort: {port}}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: echo-1, namespace: {namespace}, labels: {{kubernetes.io/service-name: echo}}}}
-ports: [{{name: http, port: {port}}}]
-endpoints: [{{addresses: [127.0.0.1]}}]
-"""
+    return docs(*local_service("echo", [port], namespace, target_port=port))
 
 
 @dataclass
 class Mesh:
-    state: Path
+    agent: MeshRun
     echo: EchoServer
 
     def status(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
-        doc = json.loads((self.state / "status.json").read_text())
-        return next(i["status"] for i in doc["items"] if i["kind"] == kind
-                    and i["metadata"].get("namespace") == namespace
-                    and i["metadata"]["name"] == name)
+        found = self.agent.status(kind, name, namespace)
+        assert found is not None, (kind, namespace, name)
+        return found
 
 
 @pytest.fixture(scope="module")
@@ -135,27 +120,20 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     manifests.mkdir()
     (manifests / "mesh.yaml").write_text(MANIFESTS)
     (manifests / "services.yaml").write_text(
-        service("default", echo.port) + "---" + service("team", echo.port))
+        service("default", echo.port) + "---\n" + service("team", echo.port))
     state = Path(f"/tmp/mesh-fixes-{os.getpid()}")  # short: it holds unix sockets
-    shutil.rmtree(state, ignore_errors=True)
-    log = manifests.parent / "agent.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh.cli", "run", "--manifests", str(manifests),
-         "--state-dir", str(state), "--node-id", "e2e-fixes"],
-        stderr=log.open("wb"), cwd=ROOT)
+    agent = MeshRun(manifests, state, node_id="e2e-fixes", fresh=True,
+                    log=manifests.parent / "agent.log", wait=False)
     try:
-        wait_until(lambda: b"node ready" in log.read_bytes(), timeout=30,
-                   what="mesh run to be ready")
+        agent.wait_ready()
         wait_until(lambda: http_get(PORT, "/", host="very.specific.com",
                                     address=ADDRESS).status == 200,
                    timeout=15, what="the gateway answering")
-        yield Mesh(state, echo)
+        yield Mesh(agent, echo)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(15)
+        text = agent.stop()
         echo.stop()
         shutil.rmtree(state, ignore_errors=True)
-    text = log.read_text()
     assert "Traceback" not in text, text
 
 

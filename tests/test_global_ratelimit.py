@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.test_policies import PolicyAgent, docs, service
+from tests.manifests import docs
+from tests.meshrun import MeshRun
+from tests.test_policies import service
 from tests.test_ratelimit_service import RedisProcess
 from tests.testbed import Reply, wait_until
 
@@ -71,17 +73,17 @@ def get(address: str, host: str) -> Reply:
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory: pytest.TempPathFactory
-          ) -> Iterator[tuple[RedisProcess, list[PolicyAgent]]]:
+          ) -> Iterator[tuple[RedisProcess, list[MeshRun]]]:
     from mesh.echo import EchoIdentity, EchoServer
 
     tmp = tmp_path_factory.mktemp("global")
     redis = RedisProcess(tmp / "redis").start()
     echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo")).start()
-    agents: list[PolicyAgent] = []
+    agents: list[MeshRun] = []
     try:
         for i, address in enumerate(ADDRESSES):
             manifests(tmp / f"node{i}", address, echo.port)
-            agents.append(PolicyAgent(tmp / f"node{i}", Path(f"/tmp/mesh-rl{i}-{os.getpid()}"),
+            agents.append(MeshRun(tmp / f"node{i}", Path(f"/tmp/mesh-rl{i}-{os.getpid()}"),
                                       "--ratelimit-redis", redis.url))
         for address in ADDRESSES:
             wait_until(lambda a=address: get(a, "shared.example").headers.get(  # type: ignore[misc]
@@ -96,7 +98,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory
 
 
 def test_one_limit_shared_by_two_envoys_admits_exactly_the_limit(
-        nodes: tuple[RedisProcess, list[PolicyAgent]]) -> None:
+        nodes: tuple[RedisProcess, list[MeshRun]]) -> None:
     # The fixture's probes used some of the 20: count what is left, then hammer.
     left = int(get(ADDRESSES[0], "shared.example").headers["x-ratelimit-remaining"])
     statuses: list[int] = []
@@ -119,7 +121,7 @@ def test_one_limit_shared_by_two_envoys_admits_exactly_the_limit(
 
 
 def test_redis_down_fail_open_and_closed_decide_within_the_timeout_and_resume(
-        nodes: tuple[RedisProcess, list[PolicyAgent]]) -> None:
+        nodes: tuple[RedisProcess, list[MeshRun]]) -> None:
     redis, _ = nodes
     address = ADDRESSES[0]
     assert get(address, "closed.example").status == 200

@@ -11,10 +11,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,38 +20,14 @@ import pytest
 import yaml
 
 from mesh.echo import EchoIdentity, EchoServer
+from tests.manifests import docs, local_service
+from tests.meshrun import MeshRun
 from tests.testbed import wait_until
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parent.parent
 POOL = "127.5.3.0/24"  # not the other agent tests' addresses: they may run at once
 HOST = "canary.example"
 NGINX = "nginx.ingress.kubernetes.io/"
-
-
-class Agent:
-    def __init__(self, manifests: Path, state: Path) -> None:
-        self.state = state
-        self.log = manifests.parent / "agent.log"
-        shutil.rmtree(state, ignore_errors=True)  # no address or status of an earlier run
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh.cli", "run", "--manifests", str(manifests),
-             "--state-dir", str(state), "--node-id", "e2e-canary", "--address-pool", POOL],
-            stderr=self.log.open("wb"), cwd=ROOT)
-        wait_until(lambda: b"node ready" in self.log.read_bytes(), timeout=30,
-                   what="mesh run to be ready")
-
-    def items(self) -> dict[tuple[str, str], dict[str, Any]]:
-        try:
-            doc = json.loads((self.state / "status.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-        return {(i["kind"], i["metadata"]["name"]): i for i in doc["items"]}
-
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(15)
-        return self.log.read_text()
 
 
 def _ingress(name: str, service: str, annotations: dict[str, str], created: str,
@@ -69,7 +41,7 @@ def _ingress(name: str, service: str, annotations: dict[str, str], created: str,
 
 
 class Bed:
-    def __init__(self, manifests: Path, agent: Agent, address: str) -> None:
+    def __init__(self, manifests: Path, agent: MeshRun, address: str) -> None:
         self.manifests = manifests
         self.agent = agent
         self.address = address
@@ -103,10 +75,10 @@ class Bed:
         """Serve this canary Ingress, and wait until Envoy does."""
         self.step += 1
         probe = f"step-{self.step}.example"
-        docs = [_ingress("shop-canary", "canary", {NGINX + "canary": "true", **annotations},
+        objects = [_ingress("shop-canary", "canary", {NGINX + "canary": "true", **annotations},
                          "2026-01-02T00:00:00Z"),
                 _ingress("probe", "main", {}, "2026-01-02T00:00:00Z", host=probe)]
-        (self.manifests / "canary.yaml").write_text(yaml.safe_dump_all(docs))
+        (self.manifests / "canary.yaml").write_text(docs(*objects))
         wait_until(lambda: self.get(host=probe)[0] == 200, timeout=15,
                    what=f"step {self.step}'s configuration")
 
@@ -117,22 +89,15 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     canary = EchoServer("127.0.0.1", 0, EchoIdentity(pod="canary-1")).start()
     manifests = tmp_path_factory.mktemp("canary") / "manifests"
     manifests.mkdir()
-    docs: list[dict[str, Any]] = [
+    objects: list[dict[str, Any]] = [
         {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
          "metadata": {"name": "mesh"}, "spec": {"controller": "mesh.dev/ingress-controller"}},
         _ingress("shop", "main", {}, "2026-01-01T00:00:00Z")]
     for name, server in (("main", main), ("canary", canary)):
-        docs += [
-            {"apiVersion": "v1", "kind": "Service",
-             "metadata": {"name": name, "namespace": "default"},
-             "spec": {"ports": [{"name": "http", "port": 80, "targetPort": server.port}]}},
-            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-             "metadata": {"name": f"{name}-1", "namespace": "default",
-                          "labels": {"kubernetes.io/service-name": name}},
-             "ports": [{"name": "http", "port": server.port}],
-             "endpoints": [{"addresses": ["127.0.0.1"]}]}]
-    (manifests / "main.yaml").write_text(yaml.safe_dump_all(docs))
-    agent = Agent(manifests, Path(f"/tmp/mesh-e2e-canary-{os.getpid()}"))
+        objects += local_service(name, [server.port], target_port=server.port)
+    (manifests / "main.yaml").write_text(docs(*objects))
+    agent = MeshRun(manifests, Path(f"/tmp/mesh-e2e-canary-{os.getpid()}"), "--address-pool",
+                    POOL, node_id="e2e-canary", fresh=True, log=manifests.parent / "agent.log")
 
     def ip() -> str | None:
         item = agent.items().get(("Ingress", "shop"))

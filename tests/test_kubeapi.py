@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 
+from tests import manifests
 from tests.kubeapi import FakeAPIServer, label_selector_matches
 
 GW = "/apis/gateway.networking.k8s.io/v1"
@@ -29,10 +30,8 @@ def run(test: Callable[[FakeAPIServer, aiohttp.ClientSession, str], Awaitable[No
 
 
 def gateway(name: str, port: int = 80, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-            "metadata": {"name": name, "namespace": "default", "labels": labels or {}},
-            "spec": {"gatewayClassName": "mesh",
-                     "listeners": [{"name": "http", "port": port, "protocol": "HTTP"}]}}
+    return manifests.gateway(None, manifests.listener("http", port), name=name,
+                             labels=labels or {})
 
 
 async def events(http: aiohttp.ClientSession, url: str, n: int) -> list[dict[str, Any]]:

@@ -16,7 +16,8 @@ import pytest
 
 from mesh.echo import EchoIdentity, EchoServer
 from tests.kubeapi import BackgroundAPI
-from tests.test_policies import ROOT, PolicyAgent
+from tests.manifests import http_route
+from tests.meshrun import ROOT, MeshRun
 from tests.testbed import http_get, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -25,12 +26,12 @@ GW = "gateway.networking.k8s.io"
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[BackgroundAPI, PolicyAgent, EchoServer]]:
+def cluster(tmp_path: Path) -> Iterator[tuple[BackgroundAPI, MeshRun, EchoServer]]:
     api = BackgroundAPI()
     echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo-k8s")).start()
     kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
     api.gateway_and_echo(echo.port, ADDRESS)
-    agent = PolicyAgent(None, Path(f"/tmp/mesh-k8s-{os.getpid()}"), "--kubernetes",
+    agent = MeshRun(None, Path(f"/tmp/mesh-k8s-{os.getpid()}"), "--kubernetes",
                         "--kubeconfig", str(kubeconfig))
     try:
         yield api, agent, echo
@@ -42,14 +43,11 @@ def cluster(tmp_path: Path) -> Iterator[tuple[BackgroundAPI, PolicyAgent, EchoSe
 
 
 def route(host: str, path: str = "/") -> dict[str, Any]:
-    return {"metadata": {"name": "r", "namespace": "default"},
-            "spec": {"parentRefs": [{"name": "gw"}], "hostnames": [host],
-                     "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": path}}],
-                                "backendRefs": [{"name": "echo", "port": 80}]}]}}
+    return http_route("r", [host], matches=[{"path": {"type": "PathPrefix", "value": path}}])
 
 
 def test_objects_from_the_api_server_reach_envoy(
-        cluster: tuple[BackgroundAPI, PolicyAgent, EchoServer]) -> None:
+        cluster: tuple[BackgroundAPI, MeshRun, EchoServer]) -> None:
     api, agent, _ = cluster
     api.put(GW, "httproutes", route("k8s.example"))
     wait_until(lambda: http_get(8080, "/", host="k8s.example", address=ADDRESS).status == 200,
@@ -67,7 +65,7 @@ def test_objects_from_the_api_server_reach_envoy(
 
 
 def test_status_written_back_keeping_other_controllers_entries(
-        cluster: tuple[BackgroundAPI, PolicyAgent, EchoServer]) -> None:
+        cluster: tuple[BackgroundAPI, MeshRun, EchoServer]) -> None:
     api, agent, _ = cluster
     foreign = {"parentRef": {"name": "theirs"}, "controllerName": "example.com/other",
                "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
@@ -110,7 +108,7 @@ def test_a_status_change_reaches_envoy(tmp_path: Path) -> None:
     node("127.5.6.11")
     api.gateway_and_echo(echo.port)
     api.put(GW, "httproutes", route("n.example"))
-    agent = PolicyAgent(None, state, "--kubernetes", "--kubeconfig", str(kubeconfig),
+    agent = MeshRun(None, state, "--kubernetes", "--kubeconfig", str(kubeconfig),
                         "--gateway-addresses", "node")
     try:
         wait_until(lambda: http_get(8080, "/", host="n.example", address="127.5.6.11").status
@@ -146,7 +144,7 @@ def test_envoy_in_a_container_of_its_own_outlives_the_agent(tmp_path: Path) -> N
          "--state-dir", str(state)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         cwd=ROOT)
     args = ("--kubernetes", "--kubeconfig", str(kubeconfig), "--envoy", "external")
-    agent = PolicyAgent(None, state, *args)
+    agent = MeshRun(None, state, *args)
     try:
         def served(path: str = "/") -> bool:
             return http_get(8080, path, host="x.example", address="127.5.6.21").status == 200
@@ -157,7 +155,7 @@ def test_envoy_in_a_container_of_its_own_outlives_the_agent(tmp_path: Path) -> N
         assert envoy.poll() is None, "the agent's stop took Envoy along"
         assert served(), "Envoy stopped serving without its agent"
         api.put(GW, "httproutes", route("x.example", "/v2"))  # changed while no agent runs
-        agent = PolicyAgent(None, state, *args)
+        agent = MeshRun(None, state, *args)
         wait_until(lambda: served("/v2/x") and not served("/"), timeout=15,
                    what="the next agent's configuration in the same Envoy")
         assert envoy.poll() is None

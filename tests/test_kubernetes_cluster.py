@@ -19,7 +19,7 @@ import pytest
 
 from mesh.echo import EchoIdentity, EchoServer
 from tests.kubeapi import BackgroundAPI
-from tests.test_policies import PolicyAgent
+from tests.meshrun import MeshRun
 from tests.testbed import http_get, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -34,7 +34,7 @@ class Cluster:
         self.echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo")).start()
         self.kubeconfig = self.api.kubeconfig(tmp / "kubeconfig")
         self.base = Path(f"/tmp/mesh-kc-{os.getpid()}")
-        self.agents: dict[str, PolicyAgent] = {}
+        self.agents: dict[str, MeshRun] = {}
         for name, address in NODES.items():
             self.api.put("", "nodes", {"metadata": {"name": name}, "status": {"addresses": [
                 {"type": "InternalIP", "address": address},
@@ -49,8 +49,8 @@ class Cluster:
                 {"matches": [{"path": {"type": "PathPrefix", "value": prefix}}],
                  "backendRefs": [{"name": "echo", "port": 80}]}]}})
 
-    def start(self, name: str) -> PolicyAgent:
-        agent = PolicyAgent(None, self.base / name, "--kubernetes", "--kubeconfig",
+    def start(self, name: str) -> MeshRun:
+        agent = MeshRun(None, self.base / name, "--kubernetes", "--kubeconfig",
                             str(self.kubeconfig), "--leader-elect", *LEASE,
                             "--gateway-addresses", "node")
         self.agents[name] = agent

@@ -14,15 +14,14 @@ from kubernetes_asyncio.client import ApiClient, Configuration
 from mesh.providers.kubernetes import KubernetesProvider
 from mesh.store import kinds
 from mesh.store.store import Store
+from tests import manifests
 from tests.kubeapi import FakeAPIServer
 
 GW = "gateway.networking.k8s.io"
 
 
 def gateway(name: str, port: int = 80) -> dict[str, Any]:
-    return {"metadata": {"name": name, "namespace": "default"},
-            "spec": {"gatewayClassName": "mesh",
-                     "listeners": [{"name": "http", "port": port, "protocol": "HTTP"}]}}
+    return manifests.gateway(None, manifests.listener("http", port), name=name)
 
 
 async def until(predicate: Callable[[], Any], timeout: float = 5.0) -> None:

@@ -12,9 +12,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -23,57 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from mesh.echo import EchoIdentity, EchoServer
+from tests.manifests import docs, gateway_with_class, http_route, listener, local_service
+from tests.meshrun import MeshRun
 from tests.testbed import Reply, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parent.parent
 ADDRESS = "127.5.4.1"
 PORT = 8080
 
 
-class PolicyAgent:
-    """`mesh run --manifests DIR` with optional extra options, its status as users read it."""
-
-    def __init__(self, manifests: Path | None, state: Path, *extra: str) -> None:
-        self.state = state
-        self.log = state.parent / f"{state.name}.log"
-        state.mkdir(parents=True, exist_ok=True)
-        (state / "status.json").unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh.cli", "run",
-             *(["--manifests", str(manifests)] if manifests is not None else []),
-             "--state-dir", str(state), "--node-id", state.name, *extra],
-            stderr=self.log.open("wb"), cwd=ROOT)
-        wait_until(lambda: b"node ready" in self.log.read_bytes(), timeout=30,
-                   what="mesh run to be ready")
-
-    def status(self, kind: str, name: str) -> dict[str, Any] | None:
-        try:
-            doc = json.loads((self.state / "status.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        for item in doc["items"]:
-            if item["kind"] == kind and item["metadata"]["name"] == name:
-                return dict(item["status"])
-        return None
-
-    def health(self, ready: bool = False) -> str:
-        """What `mesh health` prints (the chart's probes)."""
-        return subprocess.run(
-            [sys.executable, "-m", "mesh.cli", "health", "--state-dir", str(self.state),
-             *(["--ready"] if ready else [])], capture_output=True, cwd=ROOT,
-            timeout=20).stdout.decode()
-
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(15)
-        return self.log.read_text()
-
-
-def ancestor_condition(agent: PolicyAgent, name: str) -> dict[str, Any] | None:
+def ancestor_condition(agent: MeshRun, name: str) -> dict[str, Any] | None:
     st = agent.status("TrafficPolicy", name)
     if not st or not st.get("ancestors"):
         return None
@@ -82,29 +40,13 @@ def ancestor_condition(agent: PolicyAgent, name: str) -> dict[str, Any] | None:
     return found
 
 
-def docs(*items: dict[str, Any]) -> str:
-    return yaml.safe_dump_all(items)
-
-
 def service(name: str, ports: list[int]) -> str:
     """A Service whose endpoints are local ports, one EndpointSlice each."""
-    return docs(
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
-         "spec": {"ports": [{"name": "http", "port": 80}]}},
-        *({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-           "metadata": {"name": f"{name}-{i}", "namespace": "default",
-                        "labels": {"kubernetes.io/service-name": name}},
-           "addressType": "IPv4", "ports": [{"name": "http", "port": p}],
-           "endpoints": [{"addresses": ["127.0.0.1"]}]} for i, p in enumerate(ports)))
+    return docs(*local_service(name, ports))
 
 
 def route(name: str, host: str, backend: str, rules: list[dict[str, Any]] | None = None) -> str:
-    return docs({
-        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"parentRefs": [{"name": "gw"}], "hostnames": [host],
-                 "rules": rules or [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
-                                     "backendRefs": [{"name": backend, "port": 80}]}]}})
+    return docs(http_route(name, [host], backend, rules=rules))
 
 
 def policy(name: str, target_route: str, **spec: Any) -> str:
@@ -115,20 +57,7 @@ def policy(name: str, target_route: str, **spec: Any) -> str:
                                  "name": target_route}], **spec}})
 
 
-GATEWAY = f"""
-apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {{name: mesh}}
-spec: {{controllerName: mesh.dev/gateway-controller}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: gw, namespace: default}}
-spec:
-  gatewayClassName: mesh
-  addresses: [{{type: IPAddress, value: {ADDRESS}}}]
-  listeners: [{{name: http, port: {PORT}, protocol: HTTP}}]
-"""
+GATEWAY = gateway_with_class(ADDRESS, listener("http", PORT))
 
 
 def get(host: str, path: str = "/", headers: dict[str, str] | None = None,
@@ -144,7 +73,7 @@ def get(host: str, path: str = "/", headers: dict[str, str] | None = None,
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, PolicyAgent,
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, MeshRun,
                                                                    list[EchoServer], int]]:
     tmp = tmp_path_factory.mktemp("policies")
     echoes = [EchoServer("127.0.0.1", 0, EchoIdentity(pod=f"echo-{i}")).start()
@@ -157,7 +86,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Policy
         service("one", [echoes[0].port]) + "\n---\n" +
         service("pair", [echoes[0].port, echoes[1].port]) + "\n---\n" +
         service("half-dead", [echoes[0].port, dead]))
-    agent = PolicyAgent(manifests, Path(f"/tmp/mesh-policies-{os.getpid()}"))
+    agent = MeshRun(manifests, Path(f"/tmp/mesh-policies-{os.getpid()}"))
     yield manifests, agent, echoes, dead
     log = agent.stop()
     for e in echoes:
