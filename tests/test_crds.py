@@ -1,6 +1,6 @@
 """The TrafficPolicy CRD (gateway-api/trafficpolicy.yaml) against the parser
-(mesh/translate/policies.py): a structural schema with the parser's bounds, which accepts the
-policies the parser accepts and refuses the ones it refuses.
+(mesh/translate/traffic_policy.py): a structural schema with the parser's bounds, which
+accepts the policies the parser accepts and refuses the ones it refuses.
 
 jsonschema checks the OpenAPI part after what an API server does first: defaults filled in,
 unknown fields refused (an API server prunes them; kubectl's strict field validation, its
@@ -28,8 +28,8 @@ from mesh import ir
 from mesh.sinks.status.report import stamp_transitions
 from mesh.store.kinds import MESH_GROUP, TRAFFIC_POLICY
 from mesh.store.objects import KubeObject, parse_object
-from mesh.translate import policies
-from mesh.translate.gateway.durations import parse_duration
+from mesh.translate import traffic_policy as policies
+from mesh.translate.durations import parse_duration
 from mesh.translate.model import Invalid
 
 ROOT = Path(__file__).resolve().parent.parent

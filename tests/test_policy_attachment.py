@@ -10,8 +10,7 @@ import yaml
 
 from mesh import ir
 from mesh.store.store import StoreSnapshot
-from mesh.translate import TranslatorConfig
-from mesh.translate.gateway.translate import TranslationMemo, translate
+from mesh.translate import TranslationMemo, TranslatorConfig, translate
 from tests.test_translate_golden import load
 
 BASE = """

@@ -23,8 +23,8 @@ from mesh.store.objects import ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate import ingress_annotations as nginx
 from mesh.translate import model
-from mesh.translate.gateway.routes import Entry, Resolution, RouteBuilder
 from mesh.translate.ingress_annotations import IngressSettings
+from mesh.translate.route_builder import Entry, Resolution, RouteBuilder
 from mesh.translate.status import IngressStatus, ObjectStatus
 
 _TABLE = "ingress"

@@ -26,8 +26,7 @@ from mesh.store import kinds
 from mesh.store.kinds import GATEWAY_GROUP, GroupKind
 from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
-from mesh.translate import model, policies
-from mesh.translate.policies import TrafficPolicy
+from mesh.translate import model, traffic_policy
 from mesh.translate.status import (
     Condition,
     Conditions,
@@ -37,6 +36,7 @@ from mesh.translate.status import (
     Type,
     condition,
 )
+from mesh.translate.traffic_policy import TrafficPolicy
 
 AFFECTED = "mesh.dev/TrafficPolicyAffected"
 # Features that shape the backend (an Envoy cluster) rather than the route.
@@ -93,10 +93,10 @@ class PolicyIndex:
         self.s = snapshot
         self.invalid: dict[ObjectKey, tuple[KubeObject, str]] = {}
         self.policies: list[TrafficPolicy] = []
-        for obj in sorted(snapshot.of_kind(policies.TRAFFIC_POLICY),
+        for obj in sorted(snapshot.of_kind(traffic_policy.TRAFFIC_POLICY),
                           key=lambda o: (o.created, o.namespace, o.name)):
             try:
-                p = policies.parse_traffic_policy(obj)
+                p = traffic_policy.parse_traffic_policy(obj)
             except model.Invalid as e:
                 self.invalid[obj.key] = (obj, str(e))
                 continue
@@ -128,7 +128,7 @@ class PolicyIndex:
         # (policy, target, feature) -> the older policy on the same target that decides it
         self.conflicts: dict[tuple[ObjectKey, Target, str], TrafficPolicy] = {}
         for target, ps in self.by_target.items():
-            for feature in policies.FEATURES:
+            for feature in traffic_policy.FEATURES:
                 setting = [p for p in ps if p.sets(feature)]
                 for loser in setting[1:]:
                     self.conflicts[(loser.obj.key, target, feature)] = setting[0]
@@ -144,7 +144,7 @@ class PolicyIndex:
         xp = self.backend_policies.get((ns, name))
         return xp.session if xp is not None else None
 
-    def decide(self, scope: Scope, features: Iterable[str] = policies.FEATURES) -> Decision:
+    def decide(self, scope: Scope, features: Iterable[str] = traffic_policy.FEATURES) -> Decision:
         return self._decide(scope.levels(), features)
 
     def _decide(self, levels: list[Target], features: Iterable[str]) -> Decision:
@@ -182,7 +182,7 @@ class PolicyIndex:
         out: dict[ObjectKey, PolicyStatus] = {}
         for obj, message in self.invalid.values():
             ancestors = []
-            for raw in model.as_list(obj.spec.get("targetRefs"))[:policies.MAX_TARGETS]:
+            for raw in model.as_list(obj.spec.get("targetRefs"))[:traffic_policy.MAX_TARGETS]:
                 m = raw if isinstance(raw, dict) else {}
                 ref = model.ParentRef(str(m.get("group", "")), str(m.get("kind", "")),
                                       obj.namespace, str(m.get("name", "")),
@@ -196,7 +196,7 @@ class PolicyIndex:
                 model.ParentRef("", "Service", obj.namespace, str(t.get("name", ""))),
                 controller, Conditions([condition(Type.ACCEPTED, False, Reason.INVALID,
                                                   message, obj.generation)]))
-                for t in model.as_list(obj.spec.get("targetRefs"))[:policies.MAX_TARGETS]
+                for t in model.as_list(obj.spec.get("targetRefs"))[:traffic_policy.MAX_TARGETS]
                 if isinstance(t, dict)])
         for xp in self.backend_all:
             out[xp.obj.key] = self._x_backend_status(xp, controller)
@@ -243,9 +243,9 @@ class PolicyIndex:
             what = _section_word(kind)
             return [(ref, condition(Type.ACCEPTED, False, Reason.TARGET_NOT_FOUND,
                                     f"{kind} {ns}/{name} has no {what} named {section}", gen))]
-        lost = [(f, w) for f in policies.FEATURES if p.sets(f)
+        lost = [(f, w) for f in traffic_policy.FEATURES if p.sets(f)
                 if (w := self.conflicts.get((p.obj.key, target, f))) is not None]
-        set_features = [f for f in policies.FEATURES if p.sets(f)]
+        set_features = [f for f in traffic_policy.FEATURES if p.sets(f)]
         if lost and len(lost) == len(set_features):
             older = sorted({f"TrafficPolicy {w.obj.namespace}/{w.obj.name}" for _, w in lost})
             c = condition(Type.ACCEPTED, False, Reason.CONFLICTED,
@@ -282,7 +282,7 @@ class PolicyIndex:
         out: dict[ObjectKey, list[str]] = {}
         for target, ps in self.by_target.items():
             for p in ps:
-                for f in policies.FEATURES:
+                for f in traffic_policy.FEATURES:
                     if not p.sets(f):
                         continue
                     for narrow in beneath.get(target, ()):
@@ -327,13 +327,14 @@ class XBackendPolicy:
 
 def _parse_x_backend(obj: KubeObject) -> XBackendPolicy:
     services = []
-    for i, t in enumerate(model.as_list(obj.spec.get("targetRefs"))[:policies.MAX_TARGETS + 1]):
+    targets = model.as_list(obj.spec.get("targetRefs"))[:traffic_policy.MAX_TARGETS + 1]
+    for i, t in enumerate(targets):
         if not isinstance(t, dict) or t.get("group", "") != "" or t.get("kind") != "Service" \
                 or not isinstance(t.get("name"), str):
             raise model.Invalid(f"spec.targetRefs[{i}] must name a Service (group \"\")")
         services.append(t["name"])
-    if not services or len(services) > policies.MAX_TARGETS:
-        raise model.Invalid(f"spec.targetRefs needs 1 to {policies.MAX_TARGETS} Services")
+    if not services or len(services) > traffic_policy.MAX_TARGETS:
+        raise model.Invalid(f"spec.targetRefs needs 1 to {traffic_policy.MAX_TARGETS} Services")
     rc = obj.spec.get("retryConstraint")
     percent = count = None
     if isinstance(rc, dict):
@@ -347,7 +348,7 @@ def _parse_x_backend(obj: KubeObject) -> XBackendPolicy:
         if count is not None and (isinstance(count, bool) or not isinstance(count, int)
                                   or count < 1):
             raise model.Invalid("spec.retryConstraint.minRetryRate.count must be 1 or more")
-    session = policies.parse_session_persistence(obj.spec.get("sessionPersistence"),
+    session = traffic_policy.parse_session_persistence(obj.spec.get("sessionPersistence"),
                                                  "spec.sessionPersistence")
     # Envoy's retry budget has a floor of concurrent retries, not a rate: the rate's count
     # is taken as that floor.
@@ -396,19 +397,19 @@ def backend_settings(d: Decision, base: ir.BackendSettings) -> ir.BackendSetting
     """`base` with the backend features `d` decides."""
     out = base
     cb: ir.CircuitBreaker | None = d.get("circuitBreaker")
-    retry: policies.RetrySettings | None = d.get("retry")
+    retry: traffic_policy.RetrySettings | None = d.get("retry")
     if retry is not None and retry.budget_percent is not None:
         cb = replace(cb or ir.CircuitBreaker(), retry_budget_percent=retry.budget_percent,
                      retry_budget_min_concurrency=retry.budget_min_concurrency)
     if cb is not None:
         out = replace(out, circuit_breaker=cb)
-    hc: policies.HealthChecks | None = d.get("healthCheck")
+    hc: traffic_policy.HealthChecks | None = d.get("healthCheck")
     if hc is not None:
         out = replace(out, health_check=hc.active, outlier_detection=hc.passive)
-    lb: policies.Balancing | None = d.get("loadBalancer")
+    lb: traffic_policy.Balancing | None = d.get("loadBalancer")
     if lb is not None:
         out = replace(out, load_balancer=lb.balancer)
-    t: policies.Timeouts | None = d.get("timeout")
+    t: traffic_policy.Timeouts | None = d.get("timeout")
     if t is not None:
         out = replace(out, connect_timeout=t.connect or out.connect_timeout,
                       idle_timeout=t.connection_idle or out.idle_timeout,
@@ -422,10 +423,10 @@ def apply_route(route: ir.Route, d: Decision) -> ir.Route:
     if not d.by_feature:
         return route
     out = route
-    rl: policies.RateLimits | None = d.get("rateLimit")
+    rl: traffic_policy.RateLimits | None = d.get("rateLimit")
     if rl is not None:
         out = replace(out, rate_limits=rl.local + rl.global_)
-    lb: policies.Balancing | None = d.get("loadBalancer")
+    lb: traffic_policy.Balancing | None = d.get("loadBalancer")
     if lb is not None and lb.hash_policy is not None:
         out = replace(out, hash_policy=lb.hash_policy)
     session: ir.SessionPersistence | None = d.get("sessionPersistence")
@@ -433,12 +434,12 @@ def apply_route(route: ir.Route, d: Decision) -> ir.Route:
         out = replace(out, session=session)
     a = out.action
     if isinstance(a, ir.Forward):
-        retry: policies.RetrySettings | None = d.get("retry")
+        retry: traffic_policy.RetrySettings | None = d.get("retry")
         if retry is not None and a.retry is None and retry.retry is not None:
             a = replace(a, retry=retry.retry)
         if retry is not None and a.per_try_timeout is None and retry.per_try_timeout:
             a = replace(a, per_try_timeout=retry.per_try_timeout)
-        t: policies.Timeouts | None = d.get("timeout")
+        t: traffic_policy.Timeouts | None = d.get("timeout")
         if t is not None:
             if not a.timeout and t.request:
                 a = replace(a, timeout=t.request)

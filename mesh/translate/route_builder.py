@@ -18,8 +18,8 @@ from mesh.store.kinds import GATEWAY_GROUP, GroupKind
 from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate import model
-from mesh.translate.gateway.durations import parse_duration
-from mesh.translate.gateway.policies import (
+from mesh.translate.durations import parse_duration
+from mesh.translate.policy_attachment import (
     Decision,
     PolicyIndex,
     Scope,
@@ -27,8 +27,8 @@ from mesh.translate.gateway.policies import (
     backend_settings,
     shapes_backend,
 )
-from mesh.translate.policies import parse_session_persistence
 from mesh.translate.status import Reason
+from mesh.translate.traffic_policy import parse_session_persistence
 
 _H2C = "kubernetes.io/h2c"
 _WS = "kubernetes.io/ws"

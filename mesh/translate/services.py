@@ -16,7 +16,7 @@ from mesh import ir
 from mesh.store import kinds
 from mesh.store.store import StoreSnapshot
 from mesh.translate import model
-from mesh.translate.gateway.routes import RouteBuilder
+from mesh.translate.route_builder import RouteBuilder
 
 LB_ALGORITHM = "mesh.dev/lb-algorithm"
 ALGORITHMS = ("random", "maglev")

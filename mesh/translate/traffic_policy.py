@@ -20,7 +20,7 @@ from typing import Any
 from mesh import ir
 from mesh.store.kinds import MESH_GROUP, TRAFFIC_POLICY
 from mesh.store.objects import KubeObject
-from mesh.translate.gateway.durations import parse_duration
+from mesh.translate.durations import parse_duration
 from mesh.translate.model import Invalid
 
 __all__ = ["MESH_GROUP", "TRAFFIC_POLICY", "TrafficPolicy", "parse_traffic_policy"]

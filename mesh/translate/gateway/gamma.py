@@ -19,7 +19,7 @@ from mesh import ir
 from mesh.store import kinds
 from mesh.store.store import StoreSnapshot
 from mesh.translate import model
-from mesh.translate.gateway.routes import Resolution, RouteBuilder
+from mesh.translate.route_builder import Resolution, RouteBuilder
 
 # The mesh listener. Bound to the any-address: only there does Envoy read each accepted
 # socket's own local address (the original destination the chains match on); bound to one

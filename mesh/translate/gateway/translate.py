@@ -21,14 +21,14 @@ from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate import model
 from mesh.translate.config import Translation, TranslatorConfig
-from mesh.translate.gateway import hostnames, mesh
-from mesh.translate.gateway.policies import (
+from mesh.translate.gateway import gamma, hostnames
+from mesh.translate.policy_attachment import (
     PolicyIndex,
     affected,
     scope_for_gateway,
     scope_for_service,
 )
-from mesh.translate.gateway.routes import Entry, Resolution, RouteBuilder, VhostCache
+from mesh.translate.route_builder import Entry, Resolution, RouteBuilder, VhostCache
 from mesh.translate.status import (
     ClassStatus,
     Conditions,
@@ -139,7 +139,7 @@ class _Translator:
         self.policies = PolicyIndex(snapshot, cfg.global_rate_limits)
         self.routes = RouteBuilder(snapshot, self.grants,
                                    cache.vhosts if cache is not None else None, self.policies)
-        self.mesh_parents: set[mesh.MeshParent] = set()  # GAMMA routes' Service ports
+        self.mesh_parents: set[gamma.MeshParent] = set()  # GAMMA routes' Service ports
         self.addresses: dict[str, str] = {}
         self.trust_bundles: dict[str, bytes] = {}  # name -> CA certificates (PEM)
         self._listener_set_parents: dict[ObjectKey, ObjectKey] = {}  # allowed ones
@@ -157,7 +157,7 @@ class _Translator:
         self._policy_status()
         self._traffic_policy_status()
         out_listeners = self._ir_listeners(listeners)
-        mesh_listener, redirects = mesh.listener(self.s, self.routes, self.mesh_parents)
+        mesh_listener, redirects = gamma.listener(self.s, self.routes, self.mesh_parents)
         if mesh_listener is not None:
             out_listeners.append(mesh_listener)
         from mesh.translate.ingress import translate_ingresses
@@ -478,8 +478,8 @@ class _Translator:
         if old.resolved is not None:
             self.routes.replay(old.obj, old.resolved)
             for key, names, entry in old.attachments:
-                if key.startswith(mesh.KEY_PREFIX):
-                    self.mesh_parents.add(mesh.parse_key(key))
+                if key.startswith(gamma.KEY_PREFIX):
+                    self.mesh_parents.add(gamma.parse_key(key))
                 else:
                     by_key[key].attached += 1
                 self.routes.put(key, names, entry)
@@ -547,9 +547,9 @@ class _Translator:
                           gen)]))
         consumer = "" if route.obj.namespace == ref.namespace else route.obj.namespace
         for port in ports:
-            parent = mesh.MeshParent(ref.namespace, ref.name, port.port, consumer)
+            parent = gamma.MeshParent(ref.namespace, ref.name, port.port, consumer)
             self.mesh_parents.add(parent)
-            key = mesh.key(parent)
+            key = gamma.key(parent)
             scope = partial(scope_for_service, route.obj, namespace=ref.namespace,
                             name=ref.name, port_name=port.name)
             attachments.append((key, ("*",), self.routes.add(route, key, ("*",), resolved,

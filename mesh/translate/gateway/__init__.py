@@ -1,0 +1,2 @@
+"""The Gateway API translator: GatewayClasses, Gateways, ListenerSets, routes (GAMMA's too),
+BackendTLSPolicies and TrafficPolicies to IR listeners and status."""
