@@ -15,9 +15,9 @@ import math
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
@@ -34,6 +34,18 @@ OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
 SHADOW_HEADER = "x-ratelimit-shadow"
 Transport = Literal["h2", "grpcio"]
+
+
+class UnaryServer(Protocol):
+    """What the "h2" transport runs: h2grpc.UnaryServer, or another server of the same
+    contract (benchmarks/rls_load.py measures one on the `h2` library this way)."""
+
+    async def start(self, address: ListenAddress) -> ListenAddress: ...
+
+    async def stop(self, grace: float) -> None: ...
+
+
+UnaryServerFactory = Callable[[Mapping[str, h2grpc.Handler]], UnaryServer]
 
 
 @dataclass
@@ -182,10 +194,11 @@ def _h2_handler(limiter: Limiter) -> h2grpc.Handler:
 class _Listener:
     """The gRPC server of either transport, on a unix socket (mode 0600) or loopback."""
 
-    def __init__(self, limiter: Limiter, address: ListenAddress, transport: Transport) -> None:
+    def __init__(self, limiter: Limiter, address: ListenAddress, transport: Transport,
+                 unary_server: UnaryServerFactory = h2grpc.UnaryServer) -> None:
         self.address = address
         self._transport = transport
-        self._h2 = h2grpc.UnaryServer({METHOD: _h2_handler(limiter)})
+        self._h2 = unary_server({METHOD: _h2_handler(limiter)})
         self._grpc: grpc.aio.Server | None = None
         self._limiter = limiter
 
@@ -236,14 +249,15 @@ async def _report(limiter: Limiter, every: float) -> None:
 async def serve(listen: str, redis_url: str, redis_timeout: float = 0.020,
                 redis_connect_timeout: float = 0.25, transport: Transport = "h2",
                 grace: float = 2.0, stats_every: float = 60.0,
-                started: Callable[[ListenAddress], None] | None = None) -> None:
+                started: Callable[[ListenAddress], None] | None = None,
+                unary_server: UnaryServerFactory = h2grpc.UnaryServer) -> None:
     """Serve until cancelled or SIGTERM/SIGINT, then stop gracefully: refuse new calls,
     answer those in flight (within `grace` seconds), remove the socket."""
     address = ListenAddress.parse(listen)
     store = Store(RedisAddress.parse(redis_url),
                   StoreConfig(timeout=redis_timeout, connect_timeout=redis_connect_timeout))
     limiter = Limiter(store)
-    listener = _Listener(limiter, address, transport)
+    listener = _Listener(limiter, address, transport, unary_server)
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
     signals: list[signal.Signals] = []
