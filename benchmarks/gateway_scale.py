@@ -6,9 +6,10 @@ changing one route at 10,000 routes to the change answering, and the agent's and
 resident memory. Then the same 10,000 routes as one multi-document YAML file, and one change
 in it (the whole file rewritten): it should go live as fast as a change in a 100-route file.
 
-    python benchmarks/gateway_scale.py [--quick]
+    python benchmarks/gateway_scale.py [--quick] [--sizes 1000,10000] [--plot PATH]
 
-The last line printed is one JSON object with every figure.
+The last line printed is one JSON object with every figure. `--sizes` are the route counts
+applied (the changes are measured at the largest); `--plot` draws them as a PNG.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import plots
 import yaml
 from manifests import base, host_and_path, route
 
@@ -129,10 +131,32 @@ def one_change(directory: Path, count: int, trial: int) -> float:
     return time.perf_counter() - start
 
 
+def plot(path: Path, sizes: list[int], figures: dict[str, Any],
+         changes: dict[str, list[float]]) -> None:
+    n = max(sizes)
+    plots.save(path, "Gateway API at scale: a real mesh run --manifests (agent and Envoy)", [
+        plots.Panel("routes written, until every sampled route answers", "routes", "seconds",
+                    {"HTTPRoutes, files of 100": [
+                        (k, figures[f"apply_to_answering_s_{k}"]) for k in sizes]},
+                    targets={"target at 10,000 routes: 10 s": 10.0}),
+        plots.Panel(f"one route change at {n:,} routes, until it answers", "trial",
+                    "milliseconds",
+                    {label: [(i + 1, ms) for i, ms in enumerate(trials)]
+                     for label, trials in changes.items()},
+                    targets={"target: 300 ms": 300.0}, lines=False),
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples (under 60 s)")
+    parser.add_argument("--sizes", default="1000,10000",
+                        help="route counts, comma-separated (default: 1000,10000)")
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="also draw the figures (PNG)")
     args = parser.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    n = max(sizes)
+    trial_times: dict[str, list[float]] = {}
     samples, trials = (100, 3) if args.quick else (500, 11)
     work = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
     manifests = work / "manifests"
@@ -155,7 +179,7 @@ def main() -> None:
             time.sleep(0.05)
         envoy_pid = int(re.findall(r"envoy started pid=(\d+)", log_path.read_text())[-1])
         rng = random.Random(1)
-        for count in (1000, 10000):
+        for count in sizes:
             sample = rng.sample(range(count), min(samples, count))
             start = time.perf_counter()
             apply_routes(manifests, count)
@@ -164,12 +188,13 @@ def main() -> None:
             figures[f"apply_to_answering_s_{count}"] = round(took, 2)
             print(f"{count} routes: sampled routes answering after {took:.2f}s",
                   file=sys.stderr)
-            if count == 10000:
-                figures["agent_rss_mib_10000"] = round(rss_mib(agent.pid), 1)
-                figures["envoy_rss_mib_10000"] = round(rss_mib(envoy_pid), 1)
+            if count == n:
+                figures[f"agent_rss_mib_{n}"] = round(rss_mib(agent.pid), 1)
+                figures[f"envoy_rss_mib_{n}"] = round(rss_mib(envoy_pid), 1)
                 changes = [one_change(manifests, count, t) * 1000 for t in range(trials)]
-                figures["one_change_live_ms_10000"] = round(statistics.median(changes), 1)
-                figures["one_change_live_ms_10000_max"] = round(max(changes), 1)
+                trial_times["in a file of 100 routes"] = changes
+                figures[f"one_change_live_ms_{n}"] = round(statistics.median(changes), 1)
+                figures[f"one_change_live_ms_{n}_max"] = round(max(changes), 1)
                 print(f"one change at {count}: {[round(c) for c in changes]} ms",
                       file=sys.stderr)
             else:
@@ -178,17 +203,20 @@ def main() -> None:
         # One file of 10,000 routes: a change in it parses one document, not 10,000.
         remove_routes(manifests)
         one_file = manifests / "all-routes.yaml"
-        write_text(one_file, yaml_text([route(i) for i in range(10000)]))
-        wait_answering(rng.sample(range(10000), samples))
-        changes = [one_change_one_file(one_file, 10000, 100 + t) * 1000 for t in range(trials)]
-        figures["one_change_live_ms_10000_one_file"] = round(statistics.median(changes), 1)
+        write_text(one_file, yaml_text([route(i) for i in range(n)]))
+        wait_answering(rng.sample(range(n), min(samples, n)))
+        changes = [one_change_one_file(one_file, n, 100 + t) * 1000 for t in range(trials)]
+        trial_times[f"in one file of {n:,} routes"] = changes
+        figures[f"one_change_live_ms_{n}_one_file"] = round(statistics.median(changes), 1)
         figures["one_file_over_100_route_files"] = round(
-            figures["one_change_live_ms_10000_one_file"] / figures["one_change_live_ms_10000"],
-            2)
-        print(f"one change in one file of 10000: {[round(c) for c in changes]} ms",
+            figures[f"one_change_live_ms_{n}_one_file"] / figures[f"one_change_live_ms_{n}"], 2)
+        print(f"one change in one file of {n}: {[round(c) for c in changes]} ms",
               file=sys.stderr)
-        figures["scaling_10000_over_1000"] = round(
-            figures["apply_to_answering_s_10000"] / figures["apply_to_answering_s_1000"], 1)
+        figures[f"scaling_{n}_over_{sizes[0]}"] = round(
+            figures[f"apply_to_answering_s_{n}"] / figures[f"apply_to_answering_s_{sizes[0]}"],
+            1)
+        if args.plot:
+            plot(args.plot, sizes, figures, trial_times)
     finally:
         agent.send_signal(signal.SIGTERM)
         try:

@@ -8,10 +8,11 @@ per change), and the sink's whole apply, which also diffs every frontend of the 
 writes for the same Services, restored whole with `iptables-restore --noflush`, as
 kube-proxy does on every change (`iptables_update_ms_N`).
 
-    python benchmarks/service_update.py [--quick]
+    python benchmarks/service_update.py [--quick] [--sizes 1000,10000] [--plot PATH]
 
-`--quick` leaves out the iptables restore at 10,000 Services (it takes minutes here) and
-prints null for it; the full run measures everything.
+`--quick` leaves out the iptables restore above 2,000 Services (at 10,000 it takes minutes
+here) and prints null for it; the full run measures everything. `--sizes` are the Service
+counts; `--plot` draws the figures as a PNG.
 
 The last line printed is one JSON object with every figure.
 """
@@ -29,11 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import plots
+
 from mesh import ir
 from mesh.datapath.programs import compile_program, unmount_bpffs
 from mesh.datapath.services import ServiceReconciler
 
 BACKENDS = 4
+QUICK_IPTABLES_MAX = 2000  # --quick: iptables-restore measured up to this many Services
 
 
 def service_ip(i: int) -> str:
@@ -90,10 +94,30 @@ def restore(netns: str, text: str) -> float:
     return time.perf_counter() - start
 
 
+def plot(path: Path, sizes: list[int], figures: dict[str, object]) -> None:
+    def series(key: str) -> list[tuple[float, float | None]]:
+        return [(n, None if figures[f"{key}_{n}"] is None
+                 else float(figures[f"{key}_{n}"])) for n in sizes]  # type: ignore[arg-type]
+
+    plots.save(path, f"One Service change ({BACKENDS} backends replaced one), eBPF vs iptables", [
+        plots.Panel("time for one change, by Services installed", "Services",
+                    "milliseconds (log scale)", {
+                        "eBPF: the map writes of the change": series("bpf_update_ms"),
+                        "eBPF: the sink's whole apply (diff + writes)": series("bpf_apply_ms"),
+                        "kube-proxy: iptables-restore of the table": series(
+                            "iptables_update_ms"),
+                    }, logy=True),
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer trials (under 60 s)")
+    parser.add_argument("--sizes", default="1000,10000",
+                        help="Service counts, comma-separated (default: 1000,10000)")
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="also draw the figures (PNG)")
     args = parser.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
     trials = 3 if args.quick else 11
     work = Path(tempfile.mkdtemp(prefix="mesh-svc-bench-"))
     netns = f"mesh-svc-bench-{os.getpid()}"
@@ -101,7 +125,7 @@ def main() -> None:
     figures: dict[str, object] = {"benchmark": "service_update", "quick": args.quick,
                                   "backends_per_service": BACKENDS}
     try:
-        for count in (1000, 10000):
+        for count in sizes:
             pins = work / f"bpffs-{count}"
             loaded = compile_program("sock_lb.c", pins)
             try:
@@ -124,10 +148,10 @@ def main() -> None:
             finally:
                 loaded.close()
                 unmount_bpffs(pins)
-            if args.quick and count == 10000:
+            if args.quick and count > QUICK_IPTABLES_MAX:
                 # One restore of 10,000 Services' rules takes minutes here (iptables-nft):
                 # only the full run measures it.
-                figures["iptables_update_ms_10000"] = None
+                figures[f"iptables_update_ms_{count}"] = None
                 continue
             restore(netns, iptables_rules(frontends(count)))  # the rules as they were
             times = [restore(netns, iptables_rules(frontends(count, (t * 7919) % count, t)))
@@ -138,13 +162,15 @@ def main() -> None:
             print(f"{count} services: bpf {figures[f'bpf_update_ms_{count}']} ms "
                   f"(apply with diff {figures[f'bpf_apply_ms_{count}']} ms), iptables "
                   f"{figures[f'iptables_update_ms_{count}']} ms", file=sys.stderr)
-        ipt = figures["iptables_update_ms_10000"]
-        figures["ratio_10000"] = None if ipt is None else round(
-            float(ipt) / float(figures["bpf_update_ms_10000"]), 1)  # type: ignore[arg-type]
-        figures["ratio_1000"] = round(float(figures["iptables_update_ms_1000"]) /  # type: ignore[arg-type]
-                                      float(figures["bpf_update_ms_1000"]), 1)  # type: ignore[arg-type]
-        figures["bpf_10000_over_1000"] = round(
-            float(figures["bpf_update_ms_10000"]) / float(figures["bpf_update_ms_1000"]), 2)  # type: ignore[arg-type]
+        for count in reversed(sizes):
+            ipt = figures[f"iptables_update_ms_{count}"]
+            figures[f"ratio_{count}"] = None if ipt is None else round(
+                float(ipt) / float(figures[f"bpf_update_ms_{count}"]), 1)  # type: ignore[arg-type]
+        lo, hi = sizes[0], sizes[-1]
+        figures[f"bpf_{hi}_over_{lo}"] = round(
+            float(figures[f"bpf_update_ms_{hi}"]) / float(figures[f"bpf_update_ms_{lo}"]), 2)  # type: ignore[arg-type]
+        if args.plot:
+            plot(args.plot, sizes, figures)
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False)
     print(json.dumps(figures))

@@ -4,9 +4,10 @@ Measures, per protocol: push-to-ACK time for 1,000 and 10,000 routes; for one ro
 at 10,000 routes, the time to its ACK and to the first request that sees it, and the bytes
 sent; the agent's (this process's) resident memory at 10,000 routes, and Envoy's.
 
-    python benchmarks/xds_push.py [--quick]
+    python benchmarks/xds_push.py [--quick] [--sizes 1000,10000] [--plot PATH]
 
-The last line printed is one JSON object with every figure.
+The last line printed is one JSON object with every figure. `--sizes` are the route counts
+pushed (the one change is measured at the largest); `--plot` draws them as a PNG.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import plots
 from envoy.config.core.v3 import base_pb2
 from google.protobuf.message import Message
 
@@ -174,16 +176,36 @@ def run_protocol(protocol: str, sizes: list[int], trials: int, backend: int) -> 
     return out
 
 
+def plot(path: Path, sizes: list[int], results: dict[str, dict[str, object]]) -> None:
+    n = max(sizes)
+    names = {"delta": "delta", "sotw": "SotW"}
+    plots.save(path, "xDS push to a real Envoy (100 clusters, 100 virtual hosts)", [
+        plots.Panel("routes pushed, until Envoy ACKed them", "routes", "seconds", {
+            names[p]: [(k, float(res[f"push_ack_s_{k}"])) for k in sizes]  # type: ignore[arg-type]
+            for p, res in results.items()}),
+        plots.Panel(f"one route change at {n:,} routes (median)", "", "milliseconds", {
+            names[p]: [(0, float(res[f"change_ack_ms_{n}"])),  # type: ignore[arg-type]
+                       (1, float(res[f"change_live_ms_{n}"]))]  # type: ignore[arg-type]
+            for p, res in results.items()},
+            categories=["to the ACK", "to the first request\nthat sees it"],
+            targets={"target: 100 ms": 100.0}),
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer trials (under 60 s)")
+    parser.add_argument("--sizes", default="1000,10000",
+                        help="route counts, comma-separated (default: 1000,10000)")
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="also draw the figures (PNG)")
     args = parser.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
     trials = 3 if args.quick else 21
     echo = EchoServer("127.0.0.1", 0).start()
     try:
         results = {}
         for protocol in ("delta", "sotw"):
-            results[protocol] = run_protocol(protocol, [1000, 10000], trials, echo.port)
+            results[protocol] = run_protocol(protocol, sizes, trials, echo.port)
     finally:
         echo.stop()
     d, s = results["delta"], results["sotw"]
@@ -191,8 +213,11 @@ def main() -> None:
     for proto, res in results.items():
         for k, v in res.items():
             figures[f"{proto}_{k}"] = v
+    n = max(sizes)
     figures["sotw_over_delta_change_bytes"] = round(
-        float(s["change_bytes_10000"]) / float(d["change_bytes_10000"]), 2)  # type: ignore[arg-type]
+        float(s[f"change_bytes_{n}"]) / float(d[f"change_bytes_{n}"]), 2)  # type: ignore[arg-type]
+    if args.plot:
+        plot(args.plot, sizes, results)
     print(json.dumps(figures))
 
 
