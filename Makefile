@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (Debian, root, Python 3.11):
 #   make run    installs everything and brings up the lab (two nodes) with examples/lab
-#   make test   installs everything and runs lint, type checks and the test suite
+#   make test   installs everything and runs lint, type checks, the docs build and the test suite
+#   make docs   serves the documentation site on http://127.0.0.1:8000 (loopback only)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -20,8 +21,11 @@ export UV_PYTHON_DOWNLOADS := never
 DEBIAN_PACKAGES := python3-bpfcc linux-headers-amd64 containernetworking-plugins iproute2 procps \
 	curl redis-server
 BENCH_PACKAGES := iperf3 sockperf iptables wrk
+# The documentation site (mkdocs.yml, docs/), built into $(SITE) (git-ignored).
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
+SITE := .site
 
-.PHONY: install system debian run run-host test test-fast bench clean lock upgrade
+.PHONY: install system debian run run-host test test-fast bench docs clean lock upgrade
 
 $(UV): requirements-uv.txt
 	python3 -m venv $(UV_VENV)
@@ -98,15 +102,21 @@ run-host: $(STAMP)
 	$(VENV)/bin/mesh run --manifests examples/gateway --echo 127.0.0.1:18080
 
 test: $(STAMP) $(SYSTEM_STAMP)
-	$(VENV)/bin/ruff check mesh meshxds tests benchmarks
+	$(VENV)/bin/ruff check mesh meshxds tests benchmarks docs
 	$(VENV)/bin/mypy
+	$(MKDOCS) build --strict --quiet --site-dir $(SITE)
 	$(PY) -m pytest -q -ra
 
 test-fast: $(STAMP) $(SYSTEM_STAMP)
 	$(PY) -m pytest -q -ra -m 'not slow'
 
+# The documentation site (mkdocs.yml, docs/): strict, so a broken link, anchor or generated
+# reference fails the build; served on loopback only.
+docs: $(STAMP)
+	$(MKDOCS) serve --strict -a 127.0.0.1:8000
+
 bench: $(STAMP)
 	$(PY) benchmarks/xds_push.py --quick
 
 clean:
-	rm -rf $(VENV) $(UV_VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(UV_VENV) .mypy_cache .pytest_cache .ruff_cache $(SITE)

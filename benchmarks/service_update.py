@@ -99,7 +99,8 @@ def plot(path: Path, sizes: list[int], figures: dict[str, object]) -> None:
         return [(n, None if figures[f"{key}_{n}"] is None
                  else float(figures[f"{key}_{n}"])) for n in sizes]  # type: ignore[arg-type]
 
-    plots.save(path, f"One Service change ({BACKENDS} backends replaced one), eBPF vs iptables", [
+    title = f"One Service change (one of its {BACKENDS} backends replaced): eBPF against iptables"
+    plots.save(path, title, [
         plots.Panel("time for one change, by Services installed", "Services",
                     "milliseconds (log scale)", {
                         "eBPF: the map writes of the change": series("bpf_update_ms"),

@@ -1,0 +1,102 @@
+"""The documentation site against the repository: what the pages name must exist.
+
+`mkdocs build --strict` (in `make test`) already fails on a broken link, anchor, snippet or
+generated reference; these tests cover what it cannot see: a path of the repository quoted
+in backticks (`mesh/agent/pipeline.py`, `bpf/lib/`) that no longer exists, so that the code
+map and the other pages cannot go stale silently, and the ingress-nginx annotation tables
+against the parser's own lists.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mesh.translate import ingress_annotations
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.rglob("*.md"))
+TOP = ("mesh", "meshxds", "tests", "benchmarks", "bpf", "charts", "examples", "gateway-api",
+       "docs")
+# A code span that is a path of the repository: a top-level directory, then a path (a
+# pytest node id's `::test` and a trailing `:LINE` are cut off first).
+PATH = re.compile(rf"^(?:{'|'.join(map(re.escape, TOP))})/[A-Za-z0-9_.*/-]*$")
+CODE_SPAN = re.compile(r"(`+)(.+?)\1")
+FENCE = re.compile(r"^(```|~~~)")
+
+
+def code_spans(text: str) -> list[tuple[int, str]]:
+    """(line number, content) of every inline code span outside fenced blocks."""
+    out, fenced = [], False
+    for n, line in enumerate(text.splitlines(), 1):
+        if FENCE.match(line.lstrip()):
+            fenced = not fenced
+            continue
+        if not fenced:
+            out += [(n, m[2].strip()) for m in CODE_SPAN.finditer(line)]
+    return out
+
+
+def repo_paths(text: str) -> list[tuple[int, str]]:
+    out = []
+    for n, span in code_spans(text):
+        path = span.split("::")[0]
+        if PATH.match(path):
+            out.append((n, path))
+    return out
+
+
+def exists(path: str) -> bool:
+    if "*" in path:
+        return any(ROOT.glob(path))
+    return (ROOT / path.rstrip("/")).exists()
+
+
+def test_the_site_has_pages() -> None:
+    assert len(PAGES) > 10
+    assert (DOCS / "development" / "how-it-is-built.md") in PAGES
+
+
+@pytest.mark.parametrize("page", [*PAGES, ROOT / "README.md"],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_quoted_path_exists(page: Path) -> None:
+    missing = [f"{page.relative_to(ROOT)}:{n}: `{path}`"
+               for n, path in repo_paths(page.read_text()) if not exists(path)]
+    assert not missing, "paths named in the docs that are not in the repository:\n" + \
+        "\n".join(missing)
+
+
+def test_the_path_check_sees_paths() -> None:
+    text = ("See `mesh/agent/` and `bpf/lib/lb.h`, `tests/test_x.py::test_y`, not "
+            "`mesh.dev/canary` or `mesh/default/echo:80`.\n```\n`mesh/in/a/fence.py`\n```\n")
+    assert [p for _, p in repo_paths(text)] == ["mesh/agent/", "bpf/lib/lb.h",
+                                                "tests/test_x.py"]
+    assert exists("mesh/agent/") and exists("bpf/lib/lb.h") and not exists("mesh/nothing.py")
+
+
+def annotation_table() -> dict[str, str]:
+    """Annotation name -> its Support column, from the tables of the reference page."""
+    out = {}
+    text = (DOCS / "reference" / "ingress-annotations.md").read_text()
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or not cells[0].startswith("`"):
+            continue
+        names = re.findall(r"`([^`]+)`", cells[0])
+        prefix = names[0].rsplit("-", 1)[0]
+        for name in names:
+            # `session-cookie-samesite`, `-secure`: the second is session-cookie-secure.
+            out[prefix + name if name.startswith("-") else name] = cells[1]
+    return out
+
+
+def test_every_annotation_the_parser_knows_is_documented() -> None:
+    table = annotation_table()
+    known = set(ingress_annotations.SUPPORTED) | set(ingress_annotations.WHY_NOT)
+    assert known - set(table) == set(), "annotations missing from the docs' tables"
+    claimed = {name for name, support in table.items() if support in ("Supported", "Partly")}
+    assert claimed - set(ingress_annotations.SUPPORTED) == set(), \
+        "the docs call these supported; the parser does not know them"
