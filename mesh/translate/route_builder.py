@@ -1,14 +1,17 @@
-"""Routes to IR: references resolved, filters turned into actions, precedence applied.
+"""The route builder: routes to IR route tables and backends, for every translator that
+serves HTTP or TLS routes (Gateway API, GAMMA, Ingress) and the Services' frontends.
 
-`RouteBuilder` is part of the pure translator. It resolves each route's backends (with
-ReferenceGrants and BackendTLSPolicies), turns rules into IR routes, collects them per listener
-and assembles route tables with the Gateway API's precedence order.
+`RouteBuilder` is part of the pure translator, one per translation. It resolves each route's
+backends (with ReferenceGrants and BackendTLSPolicies), turns rules into IR routes, collects
+them per listener and assembles route tables with the Gateway API's precedence order. It
+accumulates what the IR gets (route tables, backends, certificates); what the status needs
+of it is handed out as data (`backend_tls_use`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -57,6 +60,35 @@ class Resolution:
 
 
 @dataclass(frozen=True)
+class BackendTLSUse:
+    """Which BackendTLSPolicies the resolved backends fall under: each with the routes whose
+    backends it targets (by policy key), and the ones that apply (the most specific, then
+    oldest, for a Service port); the others are Conflicted."""
+
+    users: tuple[tuple[model.BackendTLSPolicy, frozenset[ObjectKey]], ...]
+    applied: frozenset[ObjectKey]
+
+
+def backend_tls_ca(snapshot: StoreSnapshot, policy: model.BackendTLSPolicy
+                   ) -> tuple[bytes | None, tuple[str, str] | None]:
+    """(a BackendTLSPolicy's CA certificates, or why the policy cannot be used)."""
+    ca: bytes | None = None
+    for group, kind, name in policy.ca_refs:
+        if group != "" or kind not in ("ConfigMap", "Secret"):
+            return None, (Reason.INVALID_KIND, f"caCertificateRef {group}/{kind} {name} is not "
+                          "a ConfigMap or Secret")
+        data = model.ca_certificates(snapshot.get(GroupKind("", kind), policy.obj.namespace,
+                                                  name))
+        if data is None:
+            return None, (Reason.INVALID_CA_CERTIFICATE_REF,
+                          f"{kind} {name} holds no CA certificate in ca.crt")
+        ca = (ca or b"") + data
+    if ca is None and policy.well_known_ca != "System":
+        return None, (Reason.INVALID_CA_CERTIFICATE_REF, "no CA certificate given")
+    return ca, None
+
+
+@dataclass(frozen=True)
 class Entry:
     """What one route adds to one listener's table, kept to be added again as it is."""
 
@@ -81,7 +113,7 @@ class _TableEntries:
 
 
 class RouteBuilder:
-    def __init__(self, snapshot: StoreSnapshot, grants: list[model.ReferenceGrant],
+    def __init__(self, snapshot: StoreSnapshot, grants: Sequence[model.ReferenceGrant],
                  vhosts: VhostCache | None = None, policies: PolicyIndex | None = None) -> None:
         self.s = snapshot
         self.grants = grants
@@ -97,7 +129,7 @@ class RouteBuilder:
         self.vhosts: VhostCache = {}  # this translation's, for the next one
         self._owners: dict[str, set[ObjectKey]] = {}  # backend -> routes that use it
         # BackendTLSPolicy -> routes whose backends it targets; the policies that apply.
-        self.policy_users: dict[ObjectKey, set[ObjectKey]] = {}
+        self._policy_users: dict[ObjectKey, set[ObjectKey]] = {}
         self._policy_winners: set[ObjectKey] = set()
         # Indexes built once per translation: routes refer to the same few Services often.
         self._services: dict[tuple[str, str], model.Service] = {
@@ -113,7 +145,7 @@ class RouteBuilder:
             for group, kind, name, _ in policy.targets:
                 if group == "" and kind == "Service":
                     self._policies.setdefault((o.namespace, name), []).append(policy)
-        self.policies_by_key = {p.obj.key: p for ps in self._policies.values() for p in ps}
+        self._policies_by_key = {p.obj.key: p for ps in self._policies.values() for p in ps}
 
     # -- outputs ------------------------------------------------------------------------------
 
@@ -191,7 +223,7 @@ class RouteBuilder:
             memo = self._memo[memo_key] = (name, probe, policies)
         name, probe, policies = memo
         for policy in policies:
-            self.policy_users.setdefault(policy, set()).add(route.key)
+            self._policy_users.setdefault(policy, set()).add(route.key)
         if probe.ok and name is not None:
             self._owners[name].add(route.key)
         return name, probe
@@ -268,26 +300,12 @@ class RouteBuilder:
                     break
         return [t[-1] for t in sorted(scored, key=lambda t: t[:-1])]
 
-    def policy_applies(self, key: ObjectKey) -> bool:
-        return key in self._policy_winners
-
-    def policy_check(self, policy: model.BackendTLSPolicy
-                     ) -> tuple[bytes | None, tuple[str, str] | None]:
-        """(the CA certificates, or why the policy cannot be used)."""
-        ca: bytes | None = None
-        for group, kind, name in policy.ca_refs:
-            if group != "" or kind not in ("ConfigMap", "Secret"):
-                return None, (Reason.INVALID_KIND, f"caCertificateRef {group}/{kind} {name} is not "
-                              "a ConfigMap or Secret")
-            data = model.ca_certificates(self.s.get(GroupKind("", kind), policy.obj.namespace,
-                                                    name))
-            if data is None:
-                return None, (Reason.INVALID_CA_CERTIFICATE_REF,
-                              f"{kind} {name} holds no CA certificate in ca.crt")
-            ca = (ca or b"") + data
-        if ca is None and policy.well_known_ca != "System":
-            return None, (Reason.INVALID_CA_CERTIFICATE_REF, "no CA certificate given")
-        return ca, None
+    def backend_tls_use(self) -> BackendTLSUse:
+        """The BackendTLSPolicies of the backends resolved so far, for their status."""
+        return BackendTLSUse(
+            tuple((self._policies_by_key[k], frozenset(users))
+                  for k, users in sorted(self._policy_users.items())),
+            frozenset(self._policy_winners))
 
     def _backend_tls(self, svc: model.Service, port: model.ServicePort,
                      res: Resolution) -> ir.UpstreamTLS | None:
@@ -296,7 +314,7 @@ class RouteBuilder:
             return None
         winner = candidates[0]
         self._policy_winners.add(winner.obj.key)
-        ca, problem = self.policy_check(winner)
+        ca, problem = backend_tls_ca(self.s, winner)
         if problem is not None:
             # Fail closed: never fall back to plaintext. The share of this backend answers
             # 500 until the policy is fixed; the policy's status says why.

@@ -1,2 +1,3 @@
-"""The Gateway API translator: GatewayClasses, Gateways, ListenerSets, routes (GAMMA's too),
-BackendTLSPolicies and TrafficPolicies to IR listeners and status."""
+"""The Gateway API translator: GatewayClasses, Gateways, ListenerSets, routes (GAMMA's
+too), BackendTLSPolicies and TrafficPolicies to IR listeners and status. Its phases, in
+order, are listed in `translator`."""
