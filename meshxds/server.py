@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from google.protobuf import timestamp_pb2
 
 from meshxds.acks import AckState
+from meshxds.address import ListenAddress
 from meshxds.cache import SnapshotCache
 from meshxds.stream import Stream
 
@@ -39,43 +38,6 @@ _GRPC_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
-
-
-@dataclass(frozen=True)
-class ListenAddress:
-    """A local-only address: `unix:/path` or a loopback `host:port`."""
-
-    unix_path: Path | None = None
-    host: str = ""
-    port: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> ListenAddress:
-        if text.startswith("unix:"):
-            path = text.removeprefix("unix:").removeprefix("//")
-            if not path.startswith("/"):
-                raise ValueError(f"unix socket path must be absolute: {text!r}")
-            return cls(unix_path=Path(path))
-        host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"expected unix:/path or HOST:PORT, got {text!r}")
-        host = host.strip("[]")
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise ValueError(f"refusing to listen on non-loopback address {host!r}")
-        return cls(host=host, port=int(port))
-
-    def grpc_target(self) -> str:
-        if self.unix_path is not None:
-            return f"unix://{self.unix_path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    def __str__(self) -> str:
-        return f"unix:{self.unix_path}" if self.unix_path else self.grpc_target()
 
 
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]

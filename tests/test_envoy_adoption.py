@@ -26,7 +26,7 @@ import pytest
 from mesh.echo import EchoIdentity, EchoServer
 from mesh.envoy.admin import EnvoyAdmin
 from mesh.envoy.supervisor import proc_start_time
-from meshxds.server import ListenAddress
+from meshxds.address import ListenAddress
 from tests.test_gateway_agent import GATEWAY, route, service
 from tests.testbed import http_get, wait_until
 

@@ -36,7 +36,7 @@ from mesh.echo import EchoServer
 from mesh.envoy.supervisor import envoy_binary
 from mesh.ratelimit import descriptors, h2grpc, service
 from mesh.ratelimit.store import RedisAddress
-from meshxds.server import ListenAddress
+from meshxds.address import ListenAddress
 from tests.testbed import free_port, http_get, wait_until
 
 pytestmark = pytest.mark.e2e

@@ -25,8 +25,9 @@ from google.protobuf.message import Message
 from mesh.envoy.bootstrap import BootstrapConfig, Protocol
 from mesh.envoy.supervisor import Backoff, EnvoySupervisor
 from meshxds.acks import ResourceStatus
+from meshxds.address import ListenAddress
 from meshxds.cache import Resource, SnapshotCache
-from meshxds.server import ListenAddress, XdsServer
+from meshxds.server import XdsServer
 
 T = TypeVar("T")
 

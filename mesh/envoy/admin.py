@@ -7,7 +7,7 @@ import json
 import socket
 from typing import Any
 
-from meshxds.server import ListenAddress
+from meshxds.address import ListenAddress
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

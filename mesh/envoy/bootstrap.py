@@ -16,7 +16,7 @@ from envoy.extensions.resource_monitors.downstream_connections.v3 import (  # no
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from google.protobuf import json_format
 
-from meshxds.server import ListenAddress
+from meshxds.address import ListenAddress
 
 XDS_CLUSTER = "mesh_xds"
 # The node's rate limit service (mesh/ratelimit), for global rate limits. Always defined, as

@@ -49,7 +49,7 @@ def main(listen: str, redis_url: str, redis_timeout_ms: int, redis_connect_timeo
     """Serve Envoy's global rate limits (ShouldRateLimit), counters in Redis."""
     from mesh.ratelimit.service import run
     from mesh.ratelimit.store import RedisAddress
-    from meshxds.server import ListenAddress
+    from meshxds.address import ListenAddress
 
     logs.setup(log_level, log_format)
     if parent_pid is not None:

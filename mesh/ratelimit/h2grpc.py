@@ -35,7 +35,7 @@ from urllib.parse import quote
 from hpack import Decoder, HPACKError
 from hpack.table import HeaderTable
 
-from meshxds.server import ListenAddress
+from meshxds.address import ListenAddress
 
 log = logging.getLogger(__name__)
 

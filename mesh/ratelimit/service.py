@@ -25,7 +25,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from mesh.ratelimit import h2grpc
 from mesh.ratelimit.descriptors import Limit, Problem, ProblemLog, parse_request
 from mesh.ratelimit.store import RedisAddress, Store, StoreConfig, Unavailable, Verdict
-from meshxds.server import ListenAddress
+from meshxds.address import ListenAddress
 
 log = logging.getLogger(__name__)
 
