@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.providers import documents
-from mesh.providers.documents import DocumentError, Limits
+from mesh import documents
+from mesh.documents import DocumentError, Limits
 from mesh.providers.files import FileProvider
 from mesh.store.kinds import HTTP_ROUTE, SERVICE
 from mesh.store.store import Store

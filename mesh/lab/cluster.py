@@ -29,13 +29,13 @@ from typing import Any
 
 import yaml
 
+from mesh import documents
 from mesh.cni.plugin import CNIError
 from mesh.cni.runtime import HOST_LOCAL, Runtime, existing_runtime, node_runtime
 from mesh.datapath.programs import ensure_bpffs
 from mesh.lab import dns, network, workloads
 from mesh.lab.network import LabError, NodeNet
 from mesh.lab.workloads import PodSpec, ServiceSpec
-from mesh.providers import documents
 
 log = logging.getLogger(__name__)
 ROOT = Path("/run/mesh/lab")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import watchfiles
 
-from mesh.providers import documents
-from mesh.providers.documents import DocumentError, Limits
+from mesh import documents
+from mesh.documents import DocumentError, Limits
 from mesh.store.kinds import KINDS
 from mesh.store.objects import KubeObject, ObjectError, ObjectKey, hashes, parse_object
 from mesh.store.store import Store

@@ -19,6 +19,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# The contract's keys, declared here once; the translator's side (the Envoy sink) imports them.
 POLICY_KEY = "mesh.dev/policy"
 LIMIT_KEY = "mesh.dev/limit"
 SHADOW_KEY = "mesh.dev/shadow"

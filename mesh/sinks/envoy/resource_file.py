@@ -2,7 +2,7 @@
 
 This is Envoy's own JSON mapping of its protobuf API, so any Envoy resource can be written
 by hand (for the demo, for debugging) without a translator in between. The file is bounded
-like any manifest (`mesh.providers.documents`).
+like any manifest (`mesh.documents`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2  # noqa: F401
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
-from mesh.providers import documents
+from mesh import documents
 from meshxds import types
 
 

@@ -4,6 +4,7 @@ One contract for the local filter and the rate limit service (mesh/ratelimit): a
 starts with `mesh.dev/policy` = the limit's id, then one entry per selector; a global one
 then carries its limit (`mesh.dev/limit` = requests/unit) and, in shadow mode,
 `mesh.dev/shadow` = true, so that the service needs no configuration and every node agrees.
+The keys are the service's (mesh/ratelimit/descriptors.py), which reads them.
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 
 from mesh import ir
-
-POLICY_KEY = "mesh.dev/policy"
-LIMIT_KEY = "mesh.dev/limit"
-SHADOW_KEY = "mesh.dev/shadow"
+from mesh.ratelimit.descriptors import LIMIT_KEY, POLICY_KEY, SHADOW_KEY
 
 Entry = common_pb2.RateLimitDescriptor.Entry
 EntryT = Any  # Envoy's generated classes are untyped
