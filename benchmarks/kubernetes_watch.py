@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kubernetes_asyncio.client import ApiClient, Configuration
 
-from mesh.providers import kubernetes
+from mesh.kube.client import HTTP
+from mesh.kube.watch import KindWatch
+from mesh.providers.kubernetes import KubernetesProvider
 from mesh.store import kinds
 from mesh.store.store import Store
 from tests.kubeapi import FakeAPIServer
@@ -38,12 +40,12 @@ async def burst(n: int, coalesce: bool) -> tuple[float, int]:
     api = FakeAPIServer()
     base = await api.start()
     store = Store()
-    original = kubernetes.KindWatch._publish_soon
+    original = KindWatch._publish_soon
     if not coalesce:
-        kubernetes.KindWatch._publish_soon = kubernetes.KindWatch._publish  # type: ignore[method-assign]
+        KindWatch._publish_soon = KindWatch._publish  # type: ignore[method-assign]
     try:
         async with ApiClient(Configuration(host=base)) as client:
-            provider = kubernetes.KubernetesProvider(client, store, "n1")
+            provider = KubernetesProvider(HTTP(client), store, "n1")
             task = asyncio.create_task(provider.run())
             await provider.synced.wait()
             before = store.revision
@@ -61,7 +63,7 @@ async def burst(n: int, coalesce: bool) -> tuple[float, int]:
             await asyncio.gather(task, return_exceptions=True)
         return took, store.revision - before
     finally:
-        kubernetes.KindWatch._publish_soon = original  # type: ignore[method-assign]
+        KindWatch._publish_soon = original  # type: ignore[method-assign]
         await api.stop()
 
 

@@ -121,11 +121,11 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
 
     from mesh.agent.agent import Agent
     from mesh.agent.config import AgentConfig
-    from mesh.agent.leader import LeaseConfig
     from mesh.agent.signals import run_until_signalled
     from mesh.echo import EchoServer
+    from mesh.kube.leader import LeaseConfig
     from mesh.translate.config import TranslatorConfig
-    from meshxds.server import ListenAddress
+    from meshxds.address import ListenAddress
 
     if sum((manifests is not None, resources_file is not None, kubernetes)) > 1:
         raise click.UsageError("--manifests, --resources and --kubernetes exclude each other")
@@ -188,7 +188,7 @@ def xds_status(state_dir: Path, xds_address: str | None, node_id: str, output: s
     from rich.console import Console
     from rich.table import Table
 
-    from meshxds.server import ListenAddress
+    from meshxds.address import ListenAddress
 
     target = ListenAddress.parse(_address(xds_address, state_dir, "xds.sock")).grpc_target()
     try:
@@ -288,7 +288,7 @@ def _summary(status: dict[str, Any]) -> tuple[str, str, str]:
 def bootstrap_cmd(node_id: str, state_dir: Path, protocol: str) -> None:
     """Print the bootstrap the agent gives its Envoy."""
     from mesh.envoy.bootstrap import BootstrapConfig, bootstrap
-    from meshxds.server import ListenAddress
+    from meshxds.address import ListenAddress
 
     cfg = BootstrapConfig(
         node_id=node_id,
@@ -312,7 +312,7 @@ def envoy_cmd(node_id: str, state_dir: Path, protocol: str, envoy_log_level: str
     from mesh.agent.agent import bootstrap_config
     from mesh.agent.config import AgentConfig
     from mesh.envoy.supervisor import EnvoySupervisor
-    from meshxds.server import ListenAddress
+    from meshxds.address import ListenAddress
 
     cfg = AgentConfig(
         node_id=node_id, state_dir=state_dir,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -19,8 +20,8 @@ import yaml
 
 from mesh.echo import EchoServer
 from mesh.envoy.bootstrap import BootstrapConfig, bootstrap
-from mesh.envoy.supervisor import Backoff, EnvoySupervisor
-from meshxds.server import ListenAddress
+from mesh.envoy.supervisor import Backoff, EnvoySupervisor, proc_start_time
+from meshxds.address import ListenAddress
 from tests.test_xds_envoy import config, pod
 from tests.testbed import Harness, http_get, wait_until
 
@@ -148,6 +149,43 @@ def test_supervisor_stop_ends_envoy(harness: Harness) -> None:
         os.kill(pid, 0)
     time.sleep(0.3)
     assert sup.starts == 1  # a requested stop is not a crash
+
+
+@pytest.mark.parametrize(("on_purpose", "keep", "survives"), [
+    (False, False, True),  # a cancellation alone (a crash elsewhere in the agent): detached
+    (True, False, False),  # a stop on purpose: Envoy ends with the agent
+    (True, True, True),  # a stop on purpose with --keep-envoy: left serving
+])
+def test_supervisor_component_detaches_unless_stopped_on_purpose(
+        tmp_path: Path, on_purpose: bool, keep: bool, survives: bool) -> None:
+    fake = tmp_path / "envoy"  # stands for Envoy: runs until signalled
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+
+    async def run() -> int:
+        stopping = asyncio.Event()
+        sup = EnvoySupervisor(
+            BootstrapConfig(node_id="x", xds=ListenAddress.parse("unix:/nonexistent/x.sock"),
+                            admin=ListenAddress.parse(f"unix:{tmp_path}/admin.sock")),
+            tmp_path / "state", binary=fake, stopping=stopping, keep=keep)
+        task = asyncio.create_task(sup.run())
+        async with asyncio.timeout(10):
+            while sup.pid is None:
+                await asyncio.sleep(0.01)
+        pid = sup.pid
+        if on_purpose:
+            stopping.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return pid
+
+    pid = asyncio.run(run())
+    try:
+        assert (proc_start_time(pid) is not None) == survives
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _free_port() -> int:

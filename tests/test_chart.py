@@ -28,7 +28,7 @@ from mesh.cli import main
 from mesh.cni import install as cni
 from mesh.cni.runtime import NetworkList
 from mesh.install import CHART_DIR, InstallError, Manifest, render
-from mesh.providers.kubernetes import cluster_rules, namespace_rules
+from mesh.kube.rbac import cluster_rules, namespace_rules
 from mesh.translate.config import DEFAULT_CONTROLLER, DEFAULT_INGRESS_CONTROLLER
 from tests.kubeapi import BackgroundAPI
 from tests.test_crds import refusals

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from mesh.cni.plugin import host_ifname
+from mesh.cni.interfaces import host_ifname
 from mesh.cni.runtime import HOST_LOCAL, NetworkList, Runtime
 
 pytestmark = pytest.mark.netns

@@ -22,7 +22,7 @@ from mesh import ir
 from mesh.datapath import layout
 from mesh.datapath.programs import compile_program, unmount_bpffs
 from mesh.datapath.services import ServiceReconciler
-from mesh.datapath.sink import DatapathSink
+from mesh.sinks.datapath import DatapathSink
 from tests.test_cni import Node, node  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.netns

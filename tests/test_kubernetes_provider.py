@@ -11,6 +11,7 @@ from typing import Any
 
 from kubernetes_asyncio.client import ApiClient, Configuration
 
+from mesh.kube.client import HTTP
 from mesh.providers.kubernetes import KubernetesProvider
 from mesh.store import kinds
 from mesh.store.store import Store
@@ -40,7 +41,7 @@ def run(test: Callable[[FakeAPIServer, Store, KubernetesProvider], Awaitable[Non
         store = Store()
         cfg = Configuration(host=base)
         async with ApiClient(cfg) as client:
-            provider = KubernetesProvider(client, store, node_name="node1")
+            provider = KubernetesProvider(HTTP(client), store, node_name="node1")
             task = asyncio.create_task(provider.run())
             try:
                 await asyncio.wait_for(provider.synced.wait(), 10)

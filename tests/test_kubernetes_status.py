@@ -10,8 +10,9 @@ from typing import Any
 
 import aiohttp
 
-from mesh.providers.kubernetes import resources
-from mesh.sinks.status.kubernetes import StatusPublisher, aiohttp_call
+from mesh.kube.client import aiohttp_call
+from mesh.kube.resources import resources
+from mesh.kube.status import StatusPublisher
 from mesh.store.objects import ObjectKey
 from tests.kubeapi import FakeAPIServer
 
@@ -155,7 +156,7 @@ def test_a_refused_status_is_said_once_and_the_rest_goes_on() -> None:
 
 
 def test_our_entries_stay_where_they_were_among_other_controllers() -> None:
-    from mesh.sinks.status.kubernetes import with_foreign
+    from mesh.kube.status import with_foreign
 
     a = {"parentRef": {"name": "a"}, "controllerName": "other/a"}
     b = {"parentRef": {"name": "b"}, "controllerName": "other/b"}

@@ -11,8 +11,8 @@ from typing import Any
 
 import aiohttp
 
-from mesh.agent.leader import LeaderElection, LeaseConfig
-from mesh.sinks.status.kubernetes import aiohttp_call
+from mesh.kube.client import aiohttp_call
+from mesh.kube.leader import LeaderElection, LeaseConfig
 from tests.kubeapi import FakeAPIServer
 
 FAST = {"duration": 1.5, "renew_deadline": 1.0, "retry": 0.2}

@@ -8,10 +8,8 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 from kubernetes_asyncio.client import ApiClient, Configuration
 
-from mesh.providers.kubernetes import HTTP, MESH_NODE, KindWatch
-from mesh.sinks.sink import READY, Readiness, State
-from mesh.sinks.status.kubernetes import aiohttp_call
-from mesh.sinks.status.nodes import (
+from mesh.kube.client import HTTP, aiohttp_call
+from mesh.kube.meshnodes import (
     STALE_AFTER,
     NodeReporter,
     NodeView,
@@ -22,6 +20,7 @@ from mesh.sinks.status.nodes import (
     merged_readiness,
     node_view,
 )
+from mesh.sinks.sink import READY, Readiness, State
 from mesh.store.objects import ObjectKey, parse_object
 from mesh.store.store import Store
 from tests.kubeapi import FakeAPIServer
@@ -135,11 +134,10 @@ def test_reporter_and_watch_against_the_api() -> None:
                 await beat("n2", _heartbeat(0))
                 await beat("n3", "2020-01-01T00:00:00")
                 clock = [1000.0]
-                watch = NodeWatch("n1", clock=lambda: clock[0])
                 client = ApiClient(Configuration(host=base))
                 http = HTTP(client)
-                wtask = asyncio.create_task(watch.run(
-                    lambda nw: KindWatch(MESH_NODE, http, nw, follow_status=True)))
+                watch = NodeWatch("n1", http, clock=lambda: clock[0])
+                wtask = asyncio.create_task(watch.run())
                 for _ in range(100):
                     if watch.views():
                         break

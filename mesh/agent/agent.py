@@ -3,38 +3,53 @@
 Task ownership: `Agent.run` starts the xDS server, then every component of its mode in one
 task group (providers, the pipeline, the health endpoint, the Envoy supervisor), and stops
 them all when it is cancelled or one of them fails. Envoy starts only after the first full
-build, so it never sees a partial configuration. A stop on purpose (cancellation) stops Envoy
-unless `keep_envoy`; a crash (any other exception) leaves it serving for the next agent to
-adopt. With `external_envoy` (the chart: Envoy in a container of its own) the agent never
-starts or stops Envoy; it serves xDS and waits for Envoy to be ready.
+build, so it never sees a partial configuration. A stop on purpose (`stop()`, on SIGINT or
+SIGTERM) stops Envoy unless `keep_envoy`; a crash (any other exception) leaves it serving for
+the next agent to adopt: the supervisor detaches when cancelled, unless the agent said first
+that it stops on purpose (mesh/envoy/supervisor.py). With `external_envoy` (the chart: Envoy
+in a container of its own) the agent never starts or stops Envoy; it serves xDS and waits for
+Envoy to be ready.
+
+In Kubernetes mode the API client is opened before the components start and closed after
+they have all ended: the leader's last request, releasing its Lease, comes after its
+cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mesh.addresses import AddressBook
 from mesh.agent.config import AgentConfig
 from mesh.agent.health import SOCKET, HealthServer
 from mesh.agent.pipeline import Pipeline
+from mesh.component import Component
 from mesh.envoy.admin import EnvoyAdmin
 from mesh.envoy.bootstrap import BootstrapConfig
 from mesh.envoy.supervisor import EnvoySupervisor
+from mesh.kube.client import connect
+from mesh.kube.leader import LeaderElection
+from mesh.kube.meshnodes import MeshNodes
+from mesh.kube.status import KubernetesStatusWriter, StatusPublisher
+from mesh.providers import Provider
 from mesh.providers.files import FileProvider
-from mesh.providers.kubernetes import KubernetesSource
+from mesh.providers.kubernetes import KubernetesProvider
 from mesh.providers.node import NodeProvider
 from mesh.sinks.envoy.raw import RawResources
 from mesh.sinks.envoy.sink import EnvoySink
 from mesh.sinks.sink import Sink
+from mesh.sinks.status.report import ReadinessSource
 from mesh.sinks.status.writer import FileStatusWriter, StatusWriter, Writers
 from mesh.store.store import Store
 from meshxds import types
+from meshxds.address import ListenAddress
 from meshxds.cache import SnapshotCache
-from meshxds.server import ListenAddress, XdsServer
+from meshxds.server import XdsServer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +66,20 @@ def bootstrap_config(cfg: AgentConfig) -> BootstrapConfig:
     )
 
 
+@dataclass(frozen=True)
+class _Kubernetes:
+    """The Kubernetes components the health endpoint reports on."""
+
+    provider: KubernetesProvider
+    election: LeaderElection | None
+    meshnodes: MeshNodes
+
+    def health(self) -> dict[str, Any]:
+        return {"synced": self.provider.status(),
+                "leader": self.election.status() if self.election is not None else None,
+                "meshNodeWrites": self.meshnodes.reporter.writes}
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
@@ -58,11 +87,22 @@ class Agent:
         self.server = XdsServer(self.cache, cfg.xds_address)
         self.supervisor: EnvoySupervisor | None = None
         self.ready = asyncio.Event()
+        self.stopping = asyncio.Event()  # a stop on purpose: see stop()
         self._built: asyncio.Event | None = None
-        self._source: KubernetesSource | None = None
+        self._kubernetes: _Kubernetes | None = None
+        self._task: asyncio.Task[Any] | None = None
 
-    def _components(self) -> tuple[list[object], asyncio.Event]:
-        """The components of this mode, and the event set once the first build is served."""
+    def stop(self) -> None:
+        """A stop on purpose (on the loop): said to the components that tell it from a crash
+        (the Envoy supervisor), then the agent is cancelled."""
+        self.stopping.set()
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _components(self, opened: contextlib.AsyncExitStack
+                          ) -> tuple[list[Component], asyncio.Event]:
+        """The components of this mode, and the event set once the first build is served;
+        what they share and must outlive them (the Kubernetes client) goes on `opened`."""
         cfg = self.cfg
         if cfg.manifests is None and not cfg.kubernetes:
             raw = RawResources(cfg.resources_file, self.cache, cfg.node_id) \
@@ -74,71 +114,72 @@ class Agent:
                 return [], done
             return [raw], raw.built
         store = Store()
-        source: FileProvider | KubernetesSource
-        writer: StatusWriter = FileStatusWriter(cfg.state_dir / "status.json")
+        writers: list[StatusWriter] = [FileStatusWriter(cfg.state_dir / "status.json")]
+        sources: list[ReadinessSource] = []
+        components: list[Component] = []
+        source: Provider
         if cfg.kubernetes:
-            source = self._source = KubernetesSource(
-                store, cfg.node_id, cfg.kubeconfig, cfg.lease, cfg.translator.controller_name,
-                cfg.identity)
-            writer = Writers(writer, source.status_writer)
+            kube = await opened.enter_async_context(connect(cfg.kubeconfig))
+            election = LeaderElection(kube.call, cfg.lease) if cfg.lease is not None else None
+            provider = KubernetesProvider(kube, store, cfg.node_id)
+            meshnodes = MeshNodes(kube, cfg.node_id, cfg.identity or cfg.node_id, election)
+            status = KubernetesStatusWriter(StatusPublisher(
+                kube.call, controller=cfg.translator.controller_name,
+                allowed=meshnodes.may_write), provider.server_status, election)
+            source = provider
+            writers.append(status)
+            sources.append(meshnodes)
+            components += [meshnodes, status, *([election] if election is not None else [])]
+            self._kubernetes = _Kubernetes(provider, election, meshnodes)
         else:
             assert cfg.manifests is not None
             source = FileProvider(cfg.manifests, store)
         node = NodeProvider(cfg.node_id, store)
         sinks: list[Sink] = [EnvoySink(self.cache, cfg.node_id)]
-        extra: list[object] = []
         if cfg.datapath_cgroup is not None:
-            from mesh.datapath.sink import DatapathSink
+            # Imported only with a datapath: it needs bcc and the kernel's BPF.
+            from mesh.sinks.datapath import DatapathSink
 
             datapath = DatapathSink(cfg.state_dir / "bpffs", cfg.datapath_cgroup,
                                     forwarding=True, underlay=cfg.datapath_underlay,
                                     redirect=cfg.datapath_redirect)
             sinks.append(datapath)
-            extra.append(datapath)  # it also follows the node's pods
+            components.append(datapath)  # it also follows the node's pods
         if cfg.ratelimit_redis is not None:
             from mesh.agent.ratelimit import RateLimitService
 
-            extra.append(RateLimitService(cfg.ratelimit_socket, cfg.ratelimit_redis,
-                                          cfg.state_dir / "ratelimit.log"))
+            components.append(RateLimitService(cfg.ratelimit_socket, cfg.ratelimit_redis,
+                                               cfg.state_dir / "ratelimit.log"))
         pipeline = Pipeline(
             store, replace(cfg.translator, node_name=cfg.node_id,
                            global_rate_limits=cfg.ratelimit_redis is not None), sinks,
-            writer, AddressBook(cfg.state_dir / "addresses.json"),
-            synced=[source.synced, node.synced],
-            cluster=source.cluster if isinstance(source, KubernetesSource) else None)
-        return [source, node, pipeline, *extra], pipeline.built
+            Writers(*writers), AddressBook(cfg.state_dir / "addresses.json"),
+            synced=[source.synced, node.synced], sources=sources)
+        return [source, node, pipeline, *components], pipeline.built
 
     async def run(self) -> None:
         started = time.monotonic()
+        self._task = asyncio.current_task()
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.server.start()
-        on_purpose = True
         try:
-            components, built = self._components()
-            self._built = built
-            health = HealthServer(self.cfg.state_dir / SOCKET, self.health)
-            async with asyncio.TaskGroup() as tg:
-                for c in [*components, health]:
-                    tg.create_task(c.run(), name=type(c).__name__)  # type: ignore[attr-defined]
-                await built.wait()
+            async with contextlib.AsyncExitStack() as opened:
+                components, built = await self._components(opened)
+                self._built = built
                 if not self.cfg.external_envoy:
                     self.supervisor = EnvoySupervisor(
                         replace(bootstrap_config(self.cfg), xds=self.server.address),
-                        self.cfg.state_dir,
-                        log_level=self.cfg.envoy_log_level)
-                    self.supervisor.start()
-                tg.create_task(self._announce_ready(started), name="announce-ready")
-        except BaseException as e:
-            # A signal cancels the agent: a stop on purpose. Anything else is a crash, and a
-            # crash never takes Envoy along (the next agent adopts it).
-            on_purpose = isinstance(e, asyncio.CancelledError)
-            raise
+                        self.cfg.state_dir, log_level=self.cfg.envoy_log_level,
+                        stopping=self.stopping, keep=self.cfg.keep_envoy)
+                health = HealthServer(self.cfg.state_dir / SOCKET, self.health)
+                async with asyncio.TaskGroup() as tg:
+                    for c in [*components, health]:
+                        tg.create_task(c.run(), name=type(c).__name__)
+                    await built.wait()
+                    if self.supervisor is not None:
+                        tg.create_task(self.supervisor.run(), name="EnvoySupervisor")
+                    tg.create_task(self._announce_ready(started), name="announce-ready")
         finally:
-            if self.supervisor is not None:
-                if on_purpose and not self.cfg.keep_envoy:
-                    await self.supervisor.stop()
-                else:
-                    await self.supervisor.detach()
             await self.server.stop(grace=1.0)
 
     def health(self) -> dict[str, Any]:
@@ -148,8 +189,8 @@ class Agent:
             "built": self._built is not None and self._built.is_set(),
             "envoy": "ready" if self.ready.is_set() else "starting",
             "externalEnvoy": self.cfg.external_envoy}
-        if self._source is not None:
-            out["kubernetes"] = self._source.health()
+        if self._kubernetes is not None:
+            out["kubernetes"] = self._kubernetes.health()
         return out
 
     async def _wait_external_envoy(self) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh.agent.leader import LeaseConfig
 from mesh.envoy.bootstrap import Protocol
+from mesh.kube.leader import LeaseConfig
 from mesh.translate import TranslatorConfig
-from meshxds.server import ListenAddress
+from meshxds.address import ListenAddress
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,12 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from mesh.addresses import AddressBook
-from mesh.sinks.sink import Readiness, Sink
-from mesh.sinks.status.nodes import ClusterStatus, NodeView, merged_readiness, node_view
-from mesh.sinks.status.report import StatusReport
+from mesh.sinks.sink import Sink
+from mesh.sinks.status.report import Readinesses, ReadinessSource, ReadinessView, StatusReport
 from mesh.sinks.status.writer import StatusWriter
-from mesh.store.objects import ObjectKey
 from mesh.store.store import Store, StoreSnapshot
 from mesh.translate import Translation, TranslationMemo, TranslatorConfig, translate
 
@@ -34,7 +31,7 @@ class Pipeline:
     def __init__(self, store: Store, config: TranslatorConfig, sinks: Sequence[Sink],
                  writer: StatusWriter, addresses: AddressBook,
                  synced: Sequence[asyncio.Event] = (), min_interval: float = 0.1,
-                 cluster: ClusterStatus | None = None) -> None:
+                 sources: Sequence[ReadinessSource] = ()) -> None:
         self.store = store
         self.config = config
         self.sinks = list(sinks)
@@ -42,9 +39,8 @@ class Pipeline:
         self.addresses = addresses
         self.synced = list(synced)
         self.min_interval = min_interval
-        # Kubernetes: this node's readiness goes to its MeshNode, and the leader's Programmed
-        # is every node's, merged.
-        self.cluster = cluster
+        # Readiness besides the sinks' (Kubernetes: every node's), read by the status report.
+        self.sources = list(sources)
         self.report = StatusReport()
         self.built = asyncio.Event()  # set after the first build reached the sinks
         self._memo = TranslationMemo()
@@ -102,7 +98,7 @@ class Pipeline:
         """Recompute status after a build or any sink's progress, at most every
         STATUS_INTERVAL, on a thread: at 10,000 routes the first status after a full build
         takes about half a second, and a change arriving meanwhile must not wait for it."""
-        watched: list[Any] = [*self.sinks, *([self.cluster] if self.cluster else [])]
+        watched: list[Sink | ReadinessSource] = [*self.sinks, *self.sources]
         progress = [asyncio.create_task(s.wait_progress()) for s in watched]
         try:
             while True:
@@ -118,8 +114,8 @@ class Pipeline:
                     continue
                 snapshot, translation = self._last
                 readiness = [s.readiness() for s in self.sinks]  # on the loop: a copy
-                others = self.cluster.views() if self.cluster is not None else None
-                await asyncio.to_thread(self._report, snapshot, translation, readiness, others)
+                views = [s.view() for s in self.sources]  # likewise
+                await asyncio.to_thread(self._report, snapshot, translation, readiness, views)
                 # A big status file takes a while to write; do not rewrite it back to back
                 # while routes keep changing.
                 await asyncio.sleep(min(1.0, (time.perf_counter() - started) * 2))
@@ -128,19 +124,10 @@ class Pipeline:
                 t.cancel()
 
     def _report(self, snapshot: StoreSnapshot, translation: Translation,
-                readiness: list[Mapping[ObjectKey, Readiness]],
-                others: Mapping[str, NodeView] | None = None) -> None:
+                readiness: Readinesses, views: Sequence[ReadinessView]) -> None:
         """On the status thread: the report is only ever used from here."""
-        forced = False
-        if self.cluster is not None:
-            own = node_view(snapshot, translation.status.keys(), readiness)
-            self.cluster.offer(own)
-            if others is not None:  # leading: Programmed is every live node's
-                views = {**others, self.cluster.own: own}
-                readiness = [merged_readiness(snapshot, translation.status.keys(), views)]
-            forced = self.cluster.take_forced(others is not None)
-        if self.report.update(snapshot, translation.status, readiness) or self._unwritten or \
-                forced:
+        if self.report.update(snapshot, translation.status, readiness, views) or \
+                self._unwritten:
             try:
                 self.writer.write(self.report.objects, self.report.current, self.report.errors)
                 self._unwritten = False

@@ -1,10 +1,10 @@
 """Run the agent until SIGINT or SIGTERM, and make sure it then stops within seconds.
 
-The signal cancels the agent's task (a stop on purpose). Python runs the handler between
-bytecodes even while the event loop is busy, and a watchdog thread ends the process if the
-agent has not stopped within `grace` seconds (a worker thread still translating, a stuck
-cleanup): a stop must never hang. Before it exits that way it stops Envoy as a clean stop
-would, unless Envoy is to be kept.
+The signal stops the agent on purpose (`Agent.stop`: its task cancelled). Python runs the
+handler between bytecodes even while the event loop is busy, and a watchdog thread ends the
+process if the agent has not stopped within `grace` seconds (a worker thread still
+translating, a stuck cleanup): a stop must never hang. Before it exits that way it stops
+Envoy as a clean stop would, unless Envoy is to be kept.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ def run_until_signalled(agent: Agent, grace: float = 5.0) -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
 
         def force_exit() -> None:
             log.error("agent did not stop in time, exiting", extra={"grace_s": grace})
@@ -40,7 +38,7 @@ def run_until_signalled(agent: Agent, grace: float = 5.0) -> None:
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("stopping", extra={"signal": signal.Signals(signum).name})
-            loop.call_soon_threadsafe(task.cancel)
+            loop.call_soon_threadsafe(agent.stop)
             if not watchdog:
                 timer = threading.Timer(grace, force_exit)
                 timer.daemon = True

@@ -3,8 +3,10 @@
 The chart's init container runs it with the node's CNI directories mounted:
 
 - `BIN_DIR/mesh-cni`: the plugin (`mesh/cni/plugin.py`) as one executable file, a Python
-  zip application (`#!/usr/bin/env python3`, then a zip archive: the plugin as `__main__.py`
-  and the pure-Python `pyroute2` package it uses for netlink, with its licence files). The
+  zip application (`#!/usr/bin/env python3`, then a zip archive: the plugin as `__main__.py`,
+  the one module of the project it imports (`mesh/cni/interfaces.py`, with its packages'
+  `__init__.py`), and the pure-Python `pyroute2` package it uses for netlink, with its
+  licence files). The
   container runtime runs it with the node's own `python3` (3.9 or later), which needs
   nothing installed besides.
 - `CONF_DIR/05-mesh.conflist`: CNI 1.0.0, the plugin with `host-local` IPAM over the node's
@@ -37,7 +39,7 @@ from typing import Any
 
 import click
 
-from mesh.cni import plugin
+from mesh.cni import interfaces, plugin
 from mesh.cni.runtime import PLUGIN, mesh_network
 
 PLUGIN_NAME = PLUGIN
@@ -62,6 +64,11 @@ def plugin_executable() -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         _add(zf, "__main__.py", Path(plugin.__file__).read_bytes())
+        # What the plugin imports of the project: stdlib-only modules, as they are here.
+        package = Path(interfaces.__file__).parent
+        for path in (package.parent / "__init__.py", package / "__init__.py",
+                     Path(interfaces.__file__)):
+            _add(zf, path.relative_to(package.parent.parent).as_posix(), path.read_bytes())
         for path in sorted(pyroute2.rglob("*.py")):
             _add(zf, f"pyroute2/{path.relative_to(pyroute2).as_posix()}", path.read_bytes())
         for dist in sorted(pyroute2.parent.glob("pyroute2-*.dist-info")):
@@ -132,24 +139,17 @@ async def node_pod_cidr(node: str, kubeconfig: str | None, timeout: float,
     kubeconfig is given), waiting up to `timeout` seconds for the controller manager to
     allocate it. A list with a field selector: the agent's ClusterRole lists nodes, it does
     not get them."""
-    from kubernetes_asyncio import config
-    from kubernetes_asyncio.client import ApiClient, Configuration
+    # Imported here: `mesh cni-install --pod-cidr` (and the CLI's other commands) need no
+    # Kubernetes client.
+    from mesh.kube.client import connect
+    from mesh.kube.resources import NODES
 
-    from mesh.providers.kubernetes import HTTP, Resource
-
-    cfg = Configuration()
-    if kubeconfig is not None:
-        await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-    else:
-        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-    nodes = Resource("", "v1", "nodes", "Node", namespaced=False)
     deadline = time.monotonic() + timeout
-    async with ApiClient(cfg) as api:
-        http = HTTP(api)
+    async with connect(kubeconfig) as http:
         while True:
             problem: str
             try:
-                data = await http.get_json(nodes.path, {"fieldSelector": f"metadata.name={node}"})
+                data = await http.get_json(NODES.path, {"fieldSelector": f"metadata.name={node}"})
                 items = data.get("items") or []
                 if not items:
                     problem = f"no Node named {node}"

@@ -20,7 +20,6 @@ exists, and succeeds.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
 import json
 import os
@@ -30,9 +29,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.cni.interfaces import HOST_PREFIX, host_ifname
+
 SUPPORTED_VERSIONS = ("0.4.0", "1.0.0")
 GATEWAY = "169.254.1.1"  # the pod's next hop: answered by the host side's MAC
-HOST_PREFIX = "mesh"
 
 # Error codes of the CNI specification (1-99 are the spec's; 100+ are the plugin's own).
 INCOMPATIBLE_VERSION = 1
@@ -71,12 +71,6 @@ class Request:
     @property
     def version(self) -> str:
         return str(self.config.get("cniVersion", "1.0.0"))
-
-
-def host_ifname(container_id: str, ifname: str) -> str:
-    """The host side's name: stable per (container, interface), at most 15 characters."""
-    digest = hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()
-    return HOST_PREFIX + digest[: 15 - len(HOST_PREFIX)]
 
 
 def parse_request(env: Mapping[str, str], stdin: bytes) -> Request:

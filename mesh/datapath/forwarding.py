@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mesh.cni.plugin import HOST_PREFIX
+from mesh.cni.interfaces import HOST_PREFIX
 from mesh.datapath.layout import EndpointInfo, address_of, be32
 from mesh.datapath.programs import Loaded, compile_program
 

@@ -7,6 +7,13 @@ is. An agent that starts with the same state directory finds that Envoy, checks 
 and healthy, and adopts it instead of starting another: Envoy reconnects to the new xDS
 server and keeps serving its last configuration meanwhile. Only a stop on purpose
 (`stop()`) ends Envoy; `detach()` leaves it running for the next agent.
+
+As one of the agent's components (`run()`), a cancellation detaches. A cancellation is all a
+component learns when the agent stops, whether on purpose (SIGINT, SIGTERM) or because
+another component crashed and its task group cancels the rest; a crash must never take Envoy
+along. A stop on purpose is told apart by the `stopping` event the agent sets before it
+cancels its components: if it is set when the cancellation comes, `run()` stops Envoy
+instead, unless `keep` (--keep-envoy: a stop on purpose that leaves Envoy serving too).
 """
 
 from __future__ import annotations
@@ -174,7 +181,8 @@ class _Envoy:
 class EnvoySupervisor:
     """Owns one Envoy process at a time. `start()` spawns the supervising task (which adopts
     the Envoy an earlier agent left running, if it is ours and healthy), `stop()` ends it and
-    the process, `detach()` ends it and leaves the process running."""
+    the process, `detach()` ends it and leaves the process running; `run()` is all three as
+    a component (see the module's docstring)."""
 
     def __init__(
         self,
@@ -183,8 +191,12 @@ class EnvoySupervisor:
         log_level: str = "warning",
         backoff: Backoff | None = None,
         binary: Path | None = None,
+        stopping: asyncio.Event | None = None,
+        keep: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.stopping = stopping  # set by the agent on a stop on purpose, before it cancels
+        self.keep = keep  # a stop on purpose leaves Envoy serving too
         self.state_dir = state_dir
         self.log_level = log_level
         self.backoff = backoff or Backoff()
@@ -234,6 +246,23 @@ class EnvoySupervisor:
         self.write_bootstrap()
         self._stopping = self._detaching = False
         self._task = asyncio.create_task(self._supervise(), name="envoy-supervisor")
+
+    async def run(self) -> None:
+        """Start (or adopt) Envoy and supervise it until cancelled; then detach, or stop it on
+        a stop on purpose (`stopping` set) unless `keep`."""
+        self.start()
+        task = self._task
+        assert task is not None
+        try:
+            # Not `await task`: a cancellation would reach the supervision itself, which
+            # kills the Envoy it watches; detach() and stop() below end it as they should.
+            await asyncio.wait({task})
+            task.result()  # the supervision ends only on a bug: the component fails with it
+        finally:
+            if self.stopping is not None and self.stopping.is_set() and not self.keep:
+                await self.stop()
+            else:
+                await self.detach()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop on purpose: Envoy ends too (SIGTERM, then SIGKILL after `timeout`)."""

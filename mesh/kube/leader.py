@@ -21,15 +21,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from mesh.providers.kubernetes import API_ERRORS, LEASE
+from mesh.kube.client import API_ERRORS, Call
+from mesh.kube.resources import LEASE
 
 log = logging.getLogger(__name__)
-Call = Callable[[str, str, Any], Awaitable[tuple[int, Any]]]
 
 
 @dataclass(frozen=True)

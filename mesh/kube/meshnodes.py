@@ -9,7 +9,8 @@ whose heartbeat is older than `STALE_AFTER` is gone (its agent died or the node 
 left out, so one dead node does not hold every object back.
 
 The view and the merge are pure (`node_view`, `merge`); `NodeReporter` writes the view,
-`NodeWatch` follows everyone's.
+`NodeWatch` follows everyone's, and `MeshNodes`, the component the agent runs, holds both and
+is a readiness source of the status report (mesh/sinks/status/report.py).
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from mesh.providers.kubernetes import API_ERRORS, MESH_NODE, NODES
+from mesh.kube.client import API_ERRORS, HTTP, Call
+from mesh.kube.leader import LeaderElection
+from mesh.kube.resources import MESH_NODE, NODES
+from mesh.kube.watch import KindWatch
 from mesh.sinks.sink import READY, Readiness, State, combine
 from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
 
 log = logging.getLogger(__name__)
-Call = Callable[[str, str, Any], Awaitable[tuple[int, Any]]]
 HEARTBEAT = 30.0  # seconds between writes of an unchanged view
 STALE_AFTER = 3 * HEARTBEAT
 MIN_WRITE_INTERVAL = 1.0  # a burst of changes costs one write a second per node
@@ -234,8 +237,10 @@ class NodeWatch:
     """Every node's MeshNode, followed by list+watch (the leader's input for the merge). Not
     the store: a MeshNode is all status, which the store does not count as a change."""
 
-    def __init__(self, own: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, own: str, http: HTTP,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.own = own
+        self.http = http
         self.clock = clock
         self.objects: list[KubeObject] = []
         self.revision = 0
@@ -261,9 +266,8 @@ class NodeWatch:
         self._changed = asyncio.Event()
         return True
 
-    async def run(self, make_watch: Callable[[NodeWatch], Any]) -> None:
-        """`make_watch(self)`: a list+watch of MeshNodes into this (a KindWatch)."""
-        await make_watch(self).run()
+    async def run(self) -> None:
+        await KindWatch(MESH_NODE, self.http, self, follow_status=True).run()
 
     async def wait_progress(self) -> None:
         await self._changed.wait()
@@ -284,37 +288,60 @@ class NodeWatch:
         return out
 
 
-class ClusterStatus:
-    """What the pipeline's status round knows of the cluster: this node's view goes to its
-    MeshNode; while this agent leads, every live node's view is merged into Programmed."""
+@dataclass(frozen=True)
+class ClusterView:
+    """One status round's look at the cluster, taken on the loop and read on the status
+    thread: the other live nodes' views while this agent may write status, else None."""
 
-    def __init__(self, own: str, reporter: NodeReporter, watch: NodeWatch,
-                 leading: Callable[[], bool], flips: asyncio.Event | None) -> None:
-        self.own = own
-        self.reporter = reporter
-        self.watch = watch
-        self.leading = leading
-        self.flips = flips  # set when leadership flips (ours to clear)
-        self._merging = False  # whether the last round merged
+    own: str
+    reporter: NodeReporter
+    others: Mapping[str, NodeView] | None
 
-    def offer(self, view: NodeView) -> None:
-        self.reporter.offer(view)
+    def readiness(self, snapshot: StoreSnapshot, keys: Collection[ObjectKey],
+                  local: list[Mapping[ObjectKey, Readiness]]
+                  ) -> list[Mapping[ObjectKey, Readiness]] | None:
+        """This node's view (from its sinks' readiness, `local`) goes to its MeshNode; while
+        leading, Programmed is every live node's, merged; else this node's sinks' alone."""
+        own = node_view(snapshot, keys, local)
+        self.reporter.offer(own)
+        if self.others is None:
+            return None
+        return [merged_readiness(snapshot, keys, {**self.others, self.own: own})]
+
+
+class MeshNodes:
+    """MeshNode reporting, the component the agent runs: this node's MeshNode written, every
+    node's followed, and, for the status report, a readiness source: while this agent leads,
+    Programmed is every live node's view merged."""
+
+    def __init__(self, http: HTTP, node: str, identity: str,
+                 election: LeaderElection | None) -> None:
+        self.own = node
+        self.reporter = NodeReporter(http.call, node, identity)
+        self.watch = NodeWatch(node, http)
+        self.election = election
+        # Set when leadership flips (ours to clear); None: no election, always leading.
+        self.flips = election.subscribe() if election is not None else None
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.reporter.run(), name="meshnode-reporter")
+            tg.create_task(self.watch.run(), name="meshnode-watch")
+
+    def leading(self) -> bool:
+        """Whether this agent writes status: the Lease's holder (or alone, with no Lease)."""
+        return self.election.leading if self.election is not None else True
 
     def may_write(self) -> bool:
         """Whether status may go to the API server: leading, and every node's view known
         (a new leader's first round must not publish its own node's alone)."""
         return self.leading() and self.watch.synced.is_set()
 
-    def views(self) -> dict[str, NodeView] | None:
-        """The other nodes' views while this agent may write, else None (no merge)."""
-        return self.watch.views() if self.may_write() else None
-
-    def take_forced(self, merging: bool) -> bool:
-        """Whether this round must be written even if unchanged: the first merged round
-        after a flip (the writer dropped what it held)."""
-        forced = merging and not self._merging
-        self._merging = merging
-        return forced
+    def view(self) -> ClusterView:
+        """On the loop: the other nodes' views while this agent may write (a copy the status
+        thread can read), else none (no merge)."""
+        return ClusterView(self.own, self.reporter,
+                           self.watch.views() if self.may_write() else None)
 
     async def wait_progress(self) -> None:
         # A follower does not merge: other nodes' heartbeats are no news to it.

@@ -15,12 +15,13 @@ once, even in the middle of a round.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mesh.providers.kubernetes import API_ERRORS, STATUS_KINDS, Resource
+from mesh.kube.client import API_ERRORS, Call
+from mesh.kube.leader import LeaderElection
+from mesh.kube.resources import STATUS_KINDS, Resource, resources
 from mesh.sinks.status.report import EVENTS, stamp_transitions
 from mesh.store.objects import KubeObject, ObjectKey
 
@@ -37,6 +38,10 @@ def comparable(status: Any) -> Any:
     if isinstance(status, list):
         return [comparable(v) for v in status]
     return status
+
+
+def _by_kind() -> dict[tuple[str, str], Resource]:
+    return {(r.group, r.kind): r for r in resources(None)}
 
 
 OWNED_LISTS = ("parents", "ancestors")  # entries per controller (controllerName)
@@ -68,10 +73,12 @@ def with_foreign(ours: Mapping[str, Any], theirs: Any, controller: str) -> dict[
 class StatusPublisher:
     """Writes statuses through an API client (`call(method, path, body) -> (code, doc)`)."""
 
-    def __init__(self, call: Any, resources: Mapping[tuple[str, str], Resource],
+    def __init__(self, call: Call,
+                 resources: Mapping[tuple[str, str], Resource] | None = None,
                  controller: str = "", allowed: Callable[[], bool] = lambda: True) -> None:
         self.call = call
-        self.resources = resources  # (group, kind) -> its resource
+        # (group, kind) -> its resource; by default every kind the agent reads.
+        self.resources = resources if resources is not None else _by_kind()
         self.controller = controller  # our controllerName in route and policy statuses
         self.allowed = allowed  # leading: asked before every write
         self.written: dict[ObjectKey, Any] = {}  # what the server has, as we last wrote it
@@ -165,10 +172,11 @@ class KubernetesStatusWriter:
     leads, and again whenever it starts leading."""
 
     def __init__(self, publisher: StatusPublisher, server_status: Callable[[ObjectKey], Any],
-                 leadership: asyncio.Event | None) -> None:
+                 election: LeaderElection | None) -> None:
         self.publisher = publisher
         self.server_status = server_status  # the object's status as the watch last saw it
-        self.leadership = leadership  # set on each flip of leadership; None: always leads
+        # Set on each flip of leadership; None: no election, this agent always leads.
+        self.leadership = election.subscribe() if election is not None else None
         self._latest: dict[ObjectKey, dict[str, Any]] | None = None
         self._offered = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -212,15 +220,3 @@ class KubernetesStatusWriter:
                 log.warning("status write failed: retrying", extra={"error": repr(e)})
                 await asyncio.sleep(1.0)
                 self._offered.set()
-
-
-def aiohttp_call(session: Any, base: str) -> Any:
-    """A `call` for StatusPublisher over an aiohttp session (tests; the agent will use its
-    Kubernetes client's)."""
-    async def call(method: str, path: str, body: Any) -> tuple[int, Any]:
-        async with session.request(method, base + path,
-                                   data=None if body is None else json.dumps(body),
-                                   headers={"Content-Type": "application/json"}) as resp:
-            text = await resp.text()
-            return resp.status, json.loads(text) if text else None
-    return call

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from mesh.component import Component
 
-class Provider(Protocol):
+
+class Provider(Component, Protocol):
     synced: asyncio.Event
-
-    async def run(self) -> None: ...

@@ -3,14 +3,18 @@
 `Programmed` is True only once every sink runs what carries the object; a failure puts the
 sink's error text (Envoy's NACK) in the condition's message. `lastTransitionTime` keeps the
 old time while a condition's status does not change.
+
+Readiness comes from this node's sinks, and from the readiness sources besides them: in
+Kubernetes mode, every node's, which the leader merges (mesh/kube/meshnodes.py), so that
+Programmed says the whole cluster runs an object.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from mesh.sinks.sink import READY, Readiness, State, combine
 from mesh.store.kinds import NODE
@@ -21,6 +25,28 @@ from mesh.translate.status import IngressStatus, ObjectStatus, Reason, with_prog
 # The key under which a status carries Event-like warnings that the API's status has no place
 # for (an Ingress's annotations refused): writers take it out and show it beside the status.
 EVENTS = "@events"
+Readinesses = list[Mapping[ObjectKey, Readiness]]  # one mapping per sink
+
+
+class ReadinessView(Protocol):
+    """One status round's look at a readiness source: taken on the loop, read on the status
+    thread."""
+
+    def readiness(self, snapshot: StoreSnapshot, keys: Collection[ObjectKey],
+                  local: Readinesses) -> Readinesses | None:
+        """The readiness Programmed is made of this round, given the readiness so far
+        (`local`: this node's sinks', or what an earlier source made of it); None: that
+        readiness as it is."""
+
+
+class ReadinessSource(Protocol):
+    """Readiness besides this node's sinks', which the report reads at every round."""
+
+    def view(self) -> ReadinessView:
+        """On the loop: what this round reads of it (the report runs on the status thread)."""
+
+    async def wait_progress(self) -> None:
+        """Return when its readiness may have changed."""
 
 
 def _now() -> str:
@@ -92,10 +118,20 @@ class StatusReport:
         self.objects: dict[ObjectKey, KubeObject] = {}
         self.errors: dict[str, str] = {}
         self._inputs: dict[ObjectKey, _Inputs] = {}
+        self._sourced = False  # whether the last round's readiness was a source's
 
     def update(self, snapshot: StoreSnapshot, statuses: Mapping[ObjectKey, ObjectStatus],
-               readiness: list[Mapping[ObjectKey, Readiness]]) -> bool:
-        """Recompute every status. Returns whether anything changed."""
+               readiness: Readinesses, sources: Sequence[ReadinessView] = ()) -> bool:
+        """Recompute every status. Returns whether anything changed, or whether it must be
+        written anyway: at the first round on a source's readiness (a node that starts
+        leading), whose writer dropped what it held before."""
+        sourced = False
+        for source in sources:
+            theirs = source.readiness(snapshot, statuses.keys(), readiness)
+            if theirs is not None:
+                readiness, sourced = theirs, True
+        forced = sourced and not self._sourced
+        self._sourced = sourced
         now = self._clock()
         new: dict[ObjectKey, dict[str, Any]] = {}
         inputs: dict[ObjectKey, _Inputs] = {}
@@ -129,4 +165,4 @@ class StatusReport:
         changed = changed or new.keys() != self.current.keys()
         self.current, self.objects, self.errors = new, objects, dict(snapshot.errors)
         self._inputs = inputs
-        return changed
+        return changed or forced

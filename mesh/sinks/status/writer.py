@@ -1,6 +1,6 @@
 """Status writers: where each object's status goes. The file (`status.json`, mode 0600, what
 `mesh status` reads) always; in Kubernetes mode also the API server's status subresource
-(mesh/sinks/status/kubernetes.py), by the leader."""
+(mesh/kube/status.py), by the leader."""
 
 from __future__ import annotations
 

@@ -1,0 +1,40 @@
+"""The RBAC rules the agent needs, derived from what it reads and writes. The chart's
+ClusterRole and Role are checked against these in tests/test_chart.py."""
+
+from __future__ import annotations
+
+from mesh.kube.resources import LEASE, MESH_NODE, STATUS_KINDS, resources
+
+
+def cluster_rules() -> list[dict[str, list[str]]]:
+    """The cluster-wide RBAC rules the agent needs, exactly: list+watch of every kind it
+    reads, get + update of the status of the kinds it writes status for (it reads an object
+    again before a write and after a conflict), and MeshNodes (get, create and update of the
+    status, which each agent does for its own node's only, though RBAC cannot say "own";
+    the leader lists and watches them all)."""
+    rules: list[dict[str, list[str]]] = []
+    by_group: dict[str, list[str]] = {}
+    for r in resources(None):
+        by_group.setdefault(r.group, []).append(r.plural)
+    for group, plurals in sorted(by_group.items()):
+        rules.append({"apiGroups": [group], "resources": sorted(plurals),
+                      "verbs": ["list", "watch"]})
+    status: dict[str, list[str]] = {}
+    for r in resources(None):
+        if r.group_kind in STATUS_KINDS:
+            status.setdefault(r.group, []).append(r.plural)
+    for group, plurals in sorted(status.items()):
+        rules.append({"apiGroups": [group], "resources": sorted(plurals), "verbs": ["get"]})
+        rules.append({"apiGroups": [group], "resources": sorted(f"{p}/status" for p in plurals),
+                      "verbs": ["update"]})
+    rules.append({"apiGroups": [MESH_NODE.group], "resources": [MESH_NODE.plural],
+                  "verbs": ["get", "list", "watch", "create"]})
+    rules.append({"apiGroups": [MESH_NODE.group], "resources": [f"{MESH_NODE.plural}/status"],
+                  "verbs": ["update"]})
+    return rules
+
+
+def namespace_rules() -> list[dict[str, list[str]]]:
+    """The rules in the agent's own namespace: the leader election's Lease."""
+    return [{"apiGroups": [LEASE.group], "resources": [LEASE.plural],
+             "verbs": ["get", "create", "update"]}]
