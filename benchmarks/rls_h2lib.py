@@ -28,7 +28,7 @@ from mesh.ratelimit.h2grpc import (
     GrpcError,
     Handler,
 )
-from meshxds.server import ListenAddress
+from meshxds.address import ListenAddress
 
 log = logging.getLogger(__name__)
 
