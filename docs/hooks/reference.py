@@ -97,7 +97,7 @@ def crd_reference(path: Path, shown: str) -> str:
         f"{'namespaced' if spec['scope'] == 'Namespaced' else 'cluster-scoped'} "
         f"(from `{shown}`).",
         "",
-        "| | |",
+        "| name | value |",
         "|---|---|",
         f"| plural, singular | `{names['plural']}`, `{names['singular']}` |",
     ]
@@ -341,12 +341,17 @@ def values_comments(text: str) -> dict[str, str]:
 
 
 def _comment(lines: list[str]) -> str:
-    out = ""
+    """Prose lines run on; an indented line (a list item, an example's line) starts a line of
+    its own, keeping its indentation, unless it is indented far past the line before (the
+    rest of that item's text, aligned under it)."""
+    out, last = "", 0
     for line in lines:
         body = line[1:] if line.startswith(" ") else line
         indent = len(body) - len(body.lstrip())
-        if indent and out:
+        if indent and out and not (last and indent > last + 4):
             out += "<br>" + "&nbsp;" * (indent - 2) + prose(body)
+            last = indent
         else:
             out += (" " if out else "") + prose(body)
+            last = last if indent else 0
     return out
