@@ -1,7 +1,9 @@
-"""The IR as plain YAML data and back, so golden tests can take IR as their input (as Envoy
-Gateway's `testdata/in/xds-ir/*.yaml`). Bytes are YAML `!!binary`; object keys are
+"""The IR as plain YAML data and back: the one encoding of the golden files' IR, which the
+translator's golden test expects and the Envoy sink's golden test takes as its input (as
+Envoy Gateway's `testdata/in/xds-ir/*.yaml`). Bytes are YAML `!!binary`; object keys are
 [group, kind, namespace, name]; a route's action is a one-key map keyed by its kind
-(`Forward: {...}`); fields at their defaults are left out."""
+(`Forward: {...}`); fields at their defaults are left out, so that a new optional IR field
+changes no golden file."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import functools
 import types
 import typing
 from typing import Any
+
+import yaml
 
 from mesh import ir
 from mesh.store.objects import ObjectKey
@@ -66,6 +70,18 @@ def decode(tp: Any, data: Any) -> Any:
     if tp is float and isinstance(data, int):
         return float(data)
     return data
+
+
+def dump(model: ir.IR) -> str:
+    """The IR as golden-file text."""
+    return yaml.safe_dump(encode(model), sort_keys=False, width=100, default_flow_style=None)
+
+
+def load(text: str) -> ir.IR:
+    """The IR from golden-file text (`dump`'s)."""
+    model = decode(ir.IR, yaml.safe_load(text))
+    assert isinstance(model, ir.IR)
+    return model
 
 
 # Protobuf map fields: their JSON key order follows the runtime's map iteration, which upb

@@ -1,6 +1,8 @@
-"""Golden files for the Envoy sink alone: IR in (tests/golden/envoy/*.yaml), Envoy resources
-out (tests/golden/envoy/expected/). UPDATE_GOLDEN=1 rewrites the expected files after a
-deliberate change; then read the diff."""
+"""Golden files for the Envoy sink alone: the translator's expected IR in
+(tests/golden/translate/expected/*.ir.yaml: the IR as a test input, as Envoy Gateway's
+testdata/in/xds-ir), Envoy resources out (expected/*.envoy.yaml beside it). UPDATE_GOLDEN=1
+rewrites the Envoy files from the IR files after a deliberate change (test_translate_golden
+rewrites the IR files and these after them); then read the diff."""
 
 from __future__ import annotations
 
@@ -16,16 +18,15 @@ from google.protobuf import json_format
 from mesh import ir
 from mesh.sinks.envoy.translate import EnvoyCache, to_envoy
 from meshxds import types
+from tests import ircodec
 from tests.ircodec import decode, encode, sorted_maps
 
-GOLDEN = Path(__file__).parent / "golden" / "envoy"
-CASES = sorted(p.stem for p in GOLDEN.glob("*.yaml"))
+EXPECTED = Path(__file__).parent / "golden" / "translate" / "expected"
+CASES = sorted(p.name.removesuffix(".ir.yaml") for p in EXPECTED.glob("*.ir.yaml"))
 
 
 def load_ir(case: str) -> ir.IR:
-    model = decode(ir.IR, yaml.safe_load((GOLDEN / f"{case}.yaml").read_text()))
-    assert isinstance(model, ir.IR)
-    return model
+    return ircodec.load((EXPECTED / f"{case}.ir.yaml").read_text())
 
 
 def resources(model: ir.IR, cache: EnvoyCache | None = None) -> dict[str, Any]:
@@ -47,13 +48,21 @@ def test_the_ir_codec_round_trips() -> None:
         assert decode(ir.IR, yaml.safe_load(yaml.safe_dump(encode(model)))) == model
 
 
+def envoy_text(model: ir.IR) -> str:
+    return yaml.safe_dump(resources(model), sort_keys=False, width=100)
+
+
+def update(case: str) -> None:
+    """Rewrite a case's Envoy file from its IR file."""
+    (EXPECTED / f"{case}.envoy.yaml").write_text(envoy_text(load_ir(case)))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_envoy_resources_match_golden_files(case: str) -> None:
-    got = yaml.safe_dump(resources(load_ir(case)), sort_keys=False, width=100)
-    path = GOLDEN / "expected" / f"{case}.envoy.yaml"
     if os.environ.get("UPDATE_GOLDEN"):
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(got)
+        update(case)
+    got = envoy_text(load_ir(case))
+    path = EXPECTED / f"{case}.envoy.yaml"
     assert got == path.read_text(), f"{case}: differs from {path}"
 
 

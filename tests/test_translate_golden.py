@@ -1,10 +1,11 @@
-"""Golden files for each stage of the translator: input manifests -> IR -> Envoy resources,
-and -> status. Set UPDATE_GOLDEN=1 to rewrite the expected files after a deliberate change,
-then read the diff."""
+"""Golden files for the translator: input manifests -> IR, and -> status. The expected IR
+is in the encoding of tests/ircodec.py, which the Envoy sink's golden test
+(test_envoy_golden) reads back as its input: IR -> Envoy resources. Set UPDATE_GOLDEN=1 to
+rewrite the expected files (the Envoy ones too, from the IR written) after a deliberate
+change, then read the diff."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -14,7 +15,6 @@ from typing import Any
 
 import pytest
 import yaml
-from google.protobuf import json_format
 
 from mesh.providers.files import FileProvider
 from mesh.sinks.envoy.translate import EnvoyCache, to_envoy
@@ -23,45 +23,23 @@ from mesh.store.objects import ObjectKey, parse_object
 from mesh.store.store import Store, StoreSnapshot
 from mesh.translate import Translation, TranslationMemo, TranslatorConfig, translate
 from mesh.translate.status import GatewayStatus
-from meshxds import types
-from tests.ircodec import sorted_maps
+from tests import ircodec, test_envoy_golden
 
 GOLDEN = Path(__file__).parent / "golden" / "translate"
 CASES = sorted(p.stem for p in GOLDEN.glob("*.yaml"))
 
 
-def plain(value: Any) -> Any:
-    """The IR as YAML-friendly data: sets sorted, keys as text, bytes by size, fields at
-    their defaults left out (so that a new optional IR field changes no golden file)."""
-    if isinstance(value, ObjectKey):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if f.default is dataclasses.MISSING or getattr(value, f.name) != f.default}
-    if isinstance(value, frozenset | set):
-        return sorted(plain(v) for v in value)
-    if isinstance(value, tuple | list):
-        return [plain(v) for v in value]
-    if isinstance(value, bytes):
-        return f"<{len(value)} bytes>"
-    return value
+def golden_files(translation: Translation) -> dict[str, str]:
+    """The expected files' text, by stage."""
+    status = {str(k): v.to_kubernetes() for k, v in sorted(translation.status.items())}
+    return {"ir": ircodec.dump(translation.ir),
+            "status": yaml.safe_dump(status, sort_keys=False, width=100)}
 
 
 def stages(translation: Translation) -> dict[str, Any]:
-    envoy = to_envoy(translation.ir)
-    resources = sorted(
-        ({"@type": types.type_url_of(m),
-          **sorted_maps(json.loads(json_format.MessageToJson(m)))}
-         for m in envoy.resources),
-        key=lambda d: (types.PUSH_ORDER.index(d["@type"]), types.SHORT_NAMES[d["@type"]],
-                       d.get("name") or d.get("clusterName", "")))
-    return {
-        "ir": plain(translation.ir),
-        "envoy": {"resources": resources,
-                  "owned": {str(k): sorted(f"{types.SHORT_NAMES[t]}/{n}" for t, n in v)
-                            for k, v in sorted(envoy.owned.items())}},
-        "status": {str(k): v.to_kubernetes() for k, v in sorted(translation.status.items())},
-    }
+    """Every stage's output, to compare translations by."""
+    return {**golden_files(translation),
+            "envoy": test_envoy_golden.resources(translation.ir)}
 
 
 def load(directory: Path) -> StoreSnapshot:
@@ -76,16 +54,19 @@ def test_translation_matches_golden_files(case: str, tmp_path: Path) -> None:
     snapshot = load(tmp_path)
     assert dict(snapshot.errors) == {}
     # The node whose addresses NodePorts are served on, where a case has a Node of this name.
-    got = stages(translate(snapshot, TranslatorConfig(node_name="golden-node",
-                                                    global_rate_limits=True)))
+    translation = translate(snapshot, TranslatorConfig(node_name="golden-node",
+                                                       global_rate_limits=True))
     expected_dir = GOLDEN / "expected"
-    for stage, data in got.items():
+    for stage, text in golden_files(translation).items():
         path = expected_dir / f"{case}.{stage}.yaml"
-        text = yaml.safe_dump(data, sort_keys=False, width=100)
         if os.environ.get("UPDATE_GOLDEN"):
             expected_dir.mkdir(exist_ok=True)
             path.write_text(text)
         assert text == path.read_text(), f"{case}: {stage} differs from {path}"
+    # The IR file is the Envoy stage's input: it must be this IR, nothing left out.
+    assert ircodec.load((expected_dir / f"{case}.ir.yaml").read_text()) == translation.ir
+    if os.environ.get("UPDATE_GOLDEN"):
+        test_envoy_golden.update(case)
 
 
 def test_translation_is_deterministic(tmp_path: Path) -> None:
