@@ -77,6 +77,17 @@ def test_the_path_check_sees_paths() -> None:
     assert exists("mesh/agent/") and exists("bpf/lib/lb.h") and not exists("mesh/nothing.py")
 
 
+def test_the_code_map_names_every_package() -> None:
+    """A new package of mesh/ or meshxds/ is not left out of the map."""
+    page = DOCS / "development" / "how-it-is-built.md"
+    named = {path for _, path in repo_paths(page.read_text())}
+    packages = {str(init.parent.relative_to(ROOT))
+                for top in ("mesh", "meshxds") for init in (ROOT / top).rglob("__init__.py")}
+    missing = {pkg for pkg in packages
+               if not any(p == pkg + "/" or p.startswith(pkg + "/") for p in named)}
+    assert not missing, f"packages the code map ({page.relative_to(ROOT)}) does not name"
+
+
 def annotation_table() -> dict[str, str]:
     """Annotation name -> its Support column, from the tables of the reference page."""
     out = {}
