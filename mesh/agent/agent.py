@@ -115,7 +115,7 @@ class Agent:
             return [raw], raw.built
         store = Store()
         writers: list[StatusWriter] = [FileStatusWriter(cfg.state_dir / "status.json")]
-        sources: list[ReadinessSource] = []
+        readiness: list[ReadinessSource] = []  # besides the sinks'
         components: list[Component] = []
         source: Provider
         if cfg.kubernetes:
@@ -128,7 +128,7 @@ class Agent:
                 allowed=meshnodes.may_write), provider.server_status, election)
             source = provider
             writers.append(status)
-            sources.append(meshnodes)
+            readiness.append(meshnodes)
             components += [meshnodes, status, *([election] if election is not None else [])]
             self._kubernetes = _Kubernetes(provider, election, meshnodes)
         else:
@@ -154,7 +154,7 @@ class Agent:
             store, replace(cfg.translator, node_name=cfg.node_id,
                            global_rate_limits=cfg.ratelimit_redis is not None), sinks,
             Writers(*writers), AddressBook(cfg.state_dir / "addresses.json"),
-            synced=[source.synced, node.synced], sources=sources)
+            synced=[source.synced, node.synced], sources=readiness)
         return [source, node, pipeline, *components], pipeline.built
 
     async def run(self) -> None:
