@@ -111,3 +111,11 @@ def test_every_annotation_the_parser_knows_is_documented() -> None:
     claimed = {name for name, support in table.items() if support in ("Supported", "Partly")}
     assert claimed - set(ingress_annotations.SUPPORTED) == set(), \
         "the docs call these supported; the parser does not know them"
+
+
+def test_the_readme_links_into_the_docs() -> None:
+    """The README is not part of the site (mkdocs checks the site's links, not these)."""
+    links = re.findall(r"\]\(((?:docs|charts|gateway-api|examples)/[^)#\s]*)",
+                       (ROOT / "README.md").read_text())
+    assert links
+    assert [link for link in links if not (ROOT / link).exists()] == []
