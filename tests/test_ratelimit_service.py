@@ -1,6 +1,7 @@
 """The rate limit service (mesh/ratelimit) against a real redis-server, through real gRPC:
 limits, the sliding window, shadow mode, exactness under concurrency, bad descriptors,
-Redis failing and coming back, and Envoy's own rate limit filter calling it."""
+Redis failing and coming back, and Envoy's own rate limit filter calling it. (The HTTP/2
+server, frame by frame: tests/test_h2grpc.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import random
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import tempfile
@@ -29,12 +29,11 @@ import pytest
 import yaml
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from hpack import Encoder
 from redis.crc import key_slot
 
 from mesh.echo import EchoServer
 from mesh.envoy.supervisor import envoy_binary
-from mesh.ratelimit import descriptors, h2grpc, service
+from mesh.ratelimit import descriptors, service
 from mesh.ratelimit.store import RedisAddress
 from meshxds.address import ListenAddress
 from tests.testbed import free_port, http_get, wait_until
@@ -641,90 +640,6 @@ def _decide_all(stub: Any, ds: list[ratelimit_pb2.RateLimitDescriptor]) -> tuple
     except grpc.RpcError as e:
         result = e.code()
     return result, time.monotonic() - start
-
-
-# -- the HTTP/2 transport's flow control, frame by frame
-
-
-def _frame(type_: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">I", len(payload))[1:] + bytes((type_, flags)) + \
-        struct.pack(">I", stream) + payload
-
-
-def _read_frames(sock: socket.socket, until: Any) -> list[tuple[int, int, int, bytes]]:
-    buf, frames = b"", list[tuple[int, int, int, bytes]]()
-    sock.settimeout(2)
-    while not until(frames):
-        buf += sock.recv(65536)
-        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
-            n = int.from_bytes(buf[:3], "big")
-            frames.append((buf[3], buf[4], int.from_bytes(buf[5:9], "big"), buf[9:9 + n]))
-            buf = buf[9 + n:]
-    return frames
-
-
-def test_h2_respects_the_clients_flow_control() -> None:
-    async def main() -> None:
-        server = h2grpc.UnaryServer({"/x/Echo": lambda body: body * 3})
-        address = await server.start(ListenAddress.parse("127.0.0.1:0"))
-        try:
-            await asyncio.to_thread(_client, address.port)
-        finally:
-            await server.stop(1)
-
-    def _client(port: int) -> None:
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            # A stream window of 10 bytes: the 5 + 30 byte answer must come in pieces.
-            sock.sendall(h2grpc.PREFACE + _frame(h2grpc.SETTINGS, 0, 0,
-                                                 struct.pack(">HI", 4, 10)))
-            block = Encoder().encode([(":method", "POST"), (":scheme", "http"),
-                                      (":path", "/x/Echo"), (":authority", "x"),
-                                      ("content-type", "application/grpc")])
-            message = b"0123456789"
-            sock.sendall(_frame(h2grpc.HEADERS, h2grpc.END_HEADERS, 1, block) +
-                         _frame(h2grpc.DATA, h2grpc.END_STREAM, 1,
-                                b"\x00" + struct.pack(">I", len(message)) + message) +
-                         _frame(h2grpc.PING, 0, 0, b"pingpong"))
-
-            def data(frames: list[Any]) -> bytes:
-                return b"".join(f[3] for f in frames if f[0] == h2grpc.DATA and f[2] == 1)
-
-            frames = _read_frames(sock, lambda fs: len(data(fs)) >= 10 and any(
-                f[0] == h2grpc.PING for f in fs))
-            assert (h2grpc.PING, h2grpc.ACK, 0, b"pingpong") in frames
-            time.sleep(0.1)  # nothing more may come until the window grows
-            sock.settimeout(0.1)
-            with contextlib.suppress(TimeoutError):
-                assert not sock.recv(100)
-            assert len(data(frames)) == 10
-            sock.sendall(_frame(h2grpc.WINDOW_UPDATE, 0, 1, struct.pack(">I", 100)))
-            frames += _read_frames(sock, lambda fs: any(
-                f[0] == h2grpc.HEADERS and f[1] & h2grpc.END_STREAM for f in fs))
-            assert data(frames) == b"\x00" + struct.pack(">I", 30) + message * 3
-
-    asyncio.run(main())
-
-
-def test_h2_header_cache_follows_the_hpack_table() -> None:
-    async def main() -> None:
-        server = h2grpc.UnaryServer({})
-        conn = h2grpc._Connection(server)
-        encoder = Encoder()
-        first = encoder.encode([("x-a", "1")])  # inserts x-a: 1 in the dynamic table
-        again = encoder.encode([("x-a", "1")])  # refers to it
-        assert first != again
-        for _ in range(2):
-            assert conn._decode(first) == {b"x-a": b"1"}
-            assert conn._decode(again) == {b"x-a": b"1"}
-        # A new insertion moves every index: the same bytes now mean another field.
-        assert conn._decode(encoder.encode([("x-a", "2")])) == {b"x-a": b"2"}
-        assert conn._decode(again) == {b"x-a": b"2"}
-        # A literal never indexed changes nothing and may be cached as it is.
-        literal = b"\x00\x03x-b\x013"
-        assert conn._decode(literal) == conn._decode(literal) == {b"x-b": b"3"}
-        assert conn._decode(again) == {b"x-a": b"2"}
-
-    asyncio.run(main())
 
 
 # -- Envoy's own rate limit filter as the client
