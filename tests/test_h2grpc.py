@@ -556,8 +556,12 @@ def test_streams_beyond_the_limit_are_refused() -> None:
     # Before the server's SETTINGS reach it, a client may open more.
     peer = Peer(server)
     try:
-        sids = [peer.start("/t.T/Wait", b"%d" % i) for i in range(3)]
+        sids = [peer.start("/t.T/Wait", b"%d" % i, end=i < 2) for i in range(3)]
         assert peer.reset(sids[2]).error_code == ErrorCodes.REFUSED_STREAM
+        # The rest of the refused request, sent before the client knew: ignored.
+        trailers = peer.h2.encoder.encode([(b"x-trailer", b"1")])
+        peer.raw(frame(0, 0, sids[2], grpc_message(b"2")) +
+                 frame(1, 0x4 | 0x1, sids[2], trailers))
         server.call_soon(server.release.set)
         assert [peer.answer(s)[1] for s in sids[:2]] == [b"released 0", b"released 1"]
         assert peer.call("/t.T/Echo", b"again") == (0, b"again", "")
@@ -591,6 +595,13 @@ def test_frames_a_client_must_not_send_end_the_connection(
     peer.read(lambda es: any(isinstance(e, h2.events.SettingsAcknowledged) for e in es))
     peer.raw(frames())
     assert peer.terminated().error_code == code
+
+
+def test_headers_on_a_closed_stream_end_the_connection(peer: Peer) -> None:
+    sid = peer.start("/t.T/Echo", b"1")
+    assert peer.answer(sid) == (0, b"1", "")
+    peer.raw(frame(1, 0x4 | 0x1, sid, peer.h2.encoder.encode([(b"x-trailer", b"1")])))
+    assert peer.terminated().error_code == ErrorCodes.STREAM_CLOSED
 
 
 def test_frames_to_ignore(peer: Peer) -> None:
@@ -812,14 +823,17 @@ def test_the_header_cache_follows_the_hpack_table() -> None:
         literal = b"\x00\x03x-b\x013"
         assert conn._decode(literal) == conn._decode(literal) == {b"x-b": b"3"}
         assert conn._decode(again) == {b"x-a": b"2"}
-        # The table emptied (size 0) and filled again to as many entries at the same
-        # size limit, in one block: the new newest entry may well sit where the old one
-        # did in memory, but holds another field.
-        assert conn._decode(b"\x20\x3f\xe1\x1f\x40\x03x-a\x013") == {b"x-a": b"3"}
-        assert conn._decode(again) == {b"x-a": b"3"}
+        # The table emptied (size 0) and filled again to as many entries at the same size
+        # limit, in one block: the newest entry may well sit where the old one did in
+        # memory (an id() would not tell them apart), but holds another field.
+        conn = h2grpc._Connection(h2grpc.UnaryServer({}))
+        refill = b"\x20\x3f\xe1\x1f\x40\x03x-a\x01"  # sizes 0 and 4096, insert x-a: ...
+        for value in b"123":
+            assert conn._decode(refill + bytes((value,))) == {b"x-a": bytes((value,))}
+            assert conn._decode(b"\xbe") == conn._decode(b"\xbe") == {b"x-a": bytes((value,))}
         # A block that leaves the table as it was (the same entry evicted and inserted
         # again) changes no index: the cache stays.
-        assert conn._decode(b"\x20\x3f\xe1\x1f\x40\x03x-a\x013") == {b"x-a": b"3"}
-        assert again in conn._header_cache
+        assert conn._decode(refill + b"3") == {b"x-a": b"3"}
+        assert b"\xbe" in conn._header_cache
 
     asyncio.run(main())

@@ -162,6 +162,7 @@ class _Connection(asyncio.Protocol):
         self._header_cache: dict[bytes, dict[bytes, bytes]] = {}
         self._streams: dict[int, _Stream] = {}
         self._last_stream = 0
+        self._reset_streams: dict[int, None] = {}  # the last we reset, oldest first
         self._headers: tuple[int, int, bytearray] | None = None  # stream, flags, block
         self._peer_window = 65535  # connection-level, for what we send
         self._peer_initial = 65535  # each new stream's send window
@@ -377,11 +378,13 @@ class _Connection(asyncio.Protocol):
             self._dispatch(s)
             return
         if stream <= self._last_stream:
+            if stream in self._reset_streams:
+                return  # sent before the client knew (decoded all the same, for HPACK)
             raise _ConnectionError(STREAM_CLOSED, f"HEADERS on closed stream {stream}")
         self._last_stream = stream
         s = _Stream(stream, self._peer_initial)
         if self._goaway_sent or len(self._streams) >= self._server.max_streams:
-            self._send(_frame(RST_STREAM, 0, stream, _U32.pack(REFUSED_STREAM)))
+            self._rst(stream, REFUSED_STREAM)
             return
         self._streams[stream] = s
         self.idle.clear()
@@ -530,14 +533,22 @@ class _Connection(asyncio.Protocol):
         self._streams.pop(s.id, None)
         if not s.ended:
             # We answered before the client finished sending: tell it to stop.
-            self._send(_frame(RST_STREAM, 0, s.id, _U32.pack(NO_ERROR)))
+            self._rst(s.id, NO_ERROR)
         self._check_idle()
 
     def _reset(self, s: _Stream, code: int) -> None:
         self._streams.pop(s.id, None)
         s.cancel()
-        self._send(_frame(RST_STREAM, 0, s.id, _U32.pack(code)))
+        self._rst(s.id, code)
         self._check_idle()
+
+    def _rst(self, stream: int, code: int) -> None:
+        """RST_STREAM; the stream's frames still on their way are to be ignored (RFC 9113
+        section 5.1: DATA on any closed stream is; HEADERS only on those we reset)."""
+        self._send(_frame(RST_STREAM, 0, stream, _U32.pack(code)))
+        if len(self._reset_streams) >= 1024:
+            del self._reset_streams[next(iter(self._reset_streams))]
+        self._reset_streams[stream] = None
 
     def _check_idle(self) -> None:
         if not self._streams:
