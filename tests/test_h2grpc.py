@@ -605,8 +605,8 @@ def test_headers_on_a_closed_stream_end_the_connection(peer: Peer) -> None:
 
 
 def test_frames_to_ignore(peer: Peer) -> None:
-    # An unknown type, PRIORITY of a stream, a PING's ACK, a stream window of 0 on a
-    # stream already answered (the client may not know yet).
+    # An unknown type, PRIORITY of a stream not yet open, a PING's ACK, a WINDOW_UPDATE
+    # for a stream already answered (the client may not know yet).
     sid = peer.start("/t.T/Echo", b"1")
     assert peer.answer(sid) == (0, b"1", "")
     peer.raw(frame(0xAA, 0xFF, 0, b"whatever") + frame(2, 0, 3, b"\0\0\0\0\x10") +
