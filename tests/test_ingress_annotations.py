@@ -538,25 +538,25 @@ def test_values_that_are_not_strings_are_refused() -> None:
 
 
 def test_unsupported_annotations_are_named_and_the_rest_works() -> None:
-    t = run(ingress("shop", {NGINX + "configuration-snippet": "x", NGINX + "auth-url": "y",
+    t = run(ingress("shop", {NGINX + "configuration-snippet": "x", NGINX + "made-up": "y",
                              "mesh.dev/whatever": "z", NGINX + "limit-rps": "3",
                              "other.io/ignored": "not ours"}))
     ws = warnings(t)
     assert any("configuration-snippet is not supported (nginx configuration snippets" in w
                for w in ws)
-    assert any(f"{NGINX}auth-url is not supported: ignored" == w for w in ws)
+    assert any(f"{NGINX}made-up is not supported: ignored" == w for w in ws)
     assert any("mesh.dev/whatever is not supported" in w for w in ws)
     assert not any("other.io" in w for w in ws)
     assert route(t).rate_limits[0].requests == 3
 
 
 def test_warnings_stay_out_of_the_api_status_and_come_as_events() -> None:
-    t = run(ingress("shop", {NGINX + "auth-url": "y"}))
+    t = run(ingress("shop", {NGINX + "made-up": "y"}))
     status = t.status[ObjectKey("networking.k8s.io", "Ingress", "default", "shop")]
     assert isinstance(status, IngressStatus)
     assert set(status.to_kubernetes()) == {"loadBalancer"}
     assert status.events() == [{"type": "Warning", "reason": "NotApplied",
-                                "message": f"{NGINX}auth-url is not supported: ignored"}]
+                                "message": f"{NGINX}made-up is not supported: ignored"}]
 
 
 def test_plain_ingress_is_unchanged() -> None:

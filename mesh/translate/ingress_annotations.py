@@ -19,6 +19,7 @@ from typing import Any
 
 from mesh import ir
 from mesh.store.objects import KubeObject, ObjectKey
+from mesh.translate import ingress_nginx_compat as compat
 
 NGINX = "nginx.ingress.kubernetes.io/"
 MESH = "mesh.dev/"
@@ -27,27 +28,10 @@ PREFIXES = (MESH, NGINX)  # the first one set wins
 CANARY_NAMES = frozenset({
     "canary", "canary-by-header", "canary-by-header-value", "canary-by-header-pattern",
     "canary-by-cookie", "canary-weight", "canary-weight-total"})
-SUPPORTED = CANARY_NAMES | frozenset({
-    "limit-rps", "limit-rpm", "limit-burst-multiplier", "limit-whitelist", "limit-allowlist",
-    "rewrite-target", "use-regex", "ssl-redirect", "force-ssl-redirect",
-    "proxy-connect-timeout", "proxy-read-timeout", "proxy-send-timeout",
-    "proxy-next-upstream", "proxy-next-upstream-tries",
-    "affinity", "affinity-mode", "session-cookie-name", "session-cookie-max-age",
-    "session-cookie-expires", "session-cookie-path",
-    "enable-cors", "cors-allow-origin", "cors-allow-methods", "cors-allow-headers",
-    "cors-expose-headers", "cors-allow-credentials", "cors-max-age",
-    "backend-protocol", "whitelist-source-range", "allowlist-source-range", "upstream-vhost"})
-# Why some well-known ones are not supported (the others get a plain "not supported").
-WHY_NOT = {
-    "limit-connections": "the IR has no limit on concurrent connections per client",
-    "proxy-next-upstream-timeout": "the IR has no time limit on retries alone",
-    "denylist-source-range": "the IR has allow lists only",
-    "configuration-snippet": "nginx configuration snippets have no meaning here",
-    "server-snippet": "nginx configuration snippets have no meaning here",
-    "session-cookie-samesite": "the IR's session cookie has no SameSite attribute",
-    "session-cookie-secure": "the IR's session cookie has no Secure attribute",
-    "session-cookie-domain": "the IR's session cookie has no Domain attribute",
-}
+# What the parser reads (Supported or Partly), and why the others are ignored: from the one
+# table of every ingress-nginx annotation (ingress_nginx_compat).
+SUPPORTED = compat.supported()
+WHY_NOT = compat.why_not()
 
 _BOOLS = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}$")  # a header or cookie name
@@ -347,11 +331,7 @@ def _rewrite(r: _Reader) -> dict[str, Any]:
 
 def _rate_limits(r: _Reader, key: ObjectKey) -> dict[str, Any]:
     multiplier = r.get("limit-burst-multiplier", _int_between(1, 1000), DEFAULT_BURST_MULTIPLIER)
-    # Envoy's local rate limit matches a client's address, never "all but a range": no
-    # exemptions (the limit holds for every client), and a warning says so.
-    r.ignore({"limit-whitelist", "limit-allowlist"} & r.values.keys(),
-             "exempting clients by address from a limit is not supported: the limit holds "
-             "for every client")
+    # limit-whitelist / limit-allowlist: not supported (WHY_NOT says why), so a warning.
     limits = []
     for name, unit in (("limit-rps", "Second"), ("limit-rpm", "Minute")):
         n = r.get(name, _int_between(0, 1_000_000), 0)

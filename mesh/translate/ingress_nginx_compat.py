@@ -1,0 +1,380 @@
+"""Every ingress-nginx Ingress annotation, and how far the mesh honours it: the one table the
+parser (`ingress_annotations`: which names it reads, why the others are ignored), the
+reference page (docs/reference/ingress-annotations.md, rendered by docs/hooks/reference.py)
+and `mesh ingress-nginx check` all read.
+
+The names are those ingress-nginx documents (docs/user-guide/nginx-configuration/
+annotations.md upstream, controller v1.15), plus the few its controller reads without
+documenting them (`allowlist-source-range`, `limit-allowlist`, ...). Each has a level:
+
+- Supported: the same behaviour.
+- Partly: it works, with the differences told in `difference`.
+- Not supported: ignored, with a warning on the Ingress's status; `difference` says why.
+
+`here` says what the annotation does in the mesh (what it maps to in the IR). The texts are
+Markdown (code spans), shown as they are by the CLI. No I/O here: plain data.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class Level(enum.Enum):
+    SUPPORTED = "Supported"
+    PARTLY = "Partly"
+    NOT_SUPPORTED = "Not supported"
+
+
+@dataclass(frozen=True)
+class Annotation:
+    name: str  # without the prefix: `canary-weight`
+    level: Level
+    family: str  # the group it belongs to (the reference page's sections)
+    here: str  # what it does in the mesh ("" when not supported)
+    difference: str  # where it differs from ingress-nginx ("" when it does not), or why not
+
+    @property
+    def supported(self) -> bool:
+        """Read by the parser: Supported or Partly."""
+        return self.level is not Level.NOT_SUPPORTED
+
+
+_Row = tuple[str, Level, str, str]
+
+
+def yes(name: str, here: str, difference: str = "") -> _Row:
+    return (name, Level.SUPPORTED, here, difference)
+
+
+def partly(name: str, here: str, difference: str) -> _Row:
+    return (name, Level.PARTLY, here, difference)
+
+
+def no(name: str, why: str) -> _Row:
+    return (name, Level.NOT_SUPPORTED, "", why)
+
+
+def family(title: str, *rows: _Row) -> tuple[Annotation, ...]:
+    return tuple(Annotation(name, level, title, here, diff) for name, level, here, diff in rows)
+
+
+SNIPPET = "nginx configuration snippets have no meaning here"
+BUFFERS = "nginx's buffers have no counterpart: Envoy streams requests and responses"
+EXT_AUTH = "external authentication (`auth-url`) is not supported"
+BASIC_AUTH = "the IR has no HTTP basic or digest authentication"
+CLIENT_CERTS = "the IR has no client certificate authentication on Ingress hosts"
+BACKEND_TLS = ("backend TLS settings beyond `backend-protocol: HTTPS` are not supported: a "
+               "BackendTLSPolicy on the Service verifies the backend")
+WAF = "the mesh has no web application firewall (ModSecurity)"
+ACCESS_LOG = "the node's proxy logs every request the same way; no per-Ingress switch"
+TRACING = "the IR has no per-Ingress tracing settings"
+
+ANNOTATIONS: tuple[Annotation, ...] = (
+    # -- canaries: `canary: "true"` makes an Ingress the canary of the main one ------------
+    *family(
+        "Canary",
+        yes("canary", '`"true"`: this Ingress is the canary of the main Ingress with the same '
+            "host and path",
+            "An invalid value is refused and the Ingress is a plain one (as ingress-nginx "
+            "does)."),
+        yes("canary-by-header", "A route before the main one: header `= always` → canary; "
+            "`= never` → main; any other value falls through to the cookie, then the weight",
+            "Header names are matched case-insensitively, values exactly."),
+        yes("canary-by-header-value", "Instead of `always`/`never`: header `=` the value → "
+            "canary (Exact match)",
+            "With a value, `always` and `never` are values like any other (as in "
+            "ingress-nginx). It wins over the pattern (the pattern gets a warning)."),
+        yes("canary-by-header-pattern", "Header matching the pattern → canary "
+            "(RegularExpression `.*(?:pattern).*`)",
+            "RE2, not PCRE: lookaround and backreferences are refused. The pattern is found "
+            "anywhere in the value, as nginx's `ngx.re.match`."),
+        yes("canary-by-cookie", "Cookie `name=always` → canary; `name=never` → main",
+            "If a request carries the same cookie twice, `always` wins; nginx reads the "
+            "first."),
+        yes("canary-weight", "The main route becomes a weighted split: main `total - w`, "
+            "canary `w`; 0 and `total` are exact", "Refused outside 0..total."),
+        yes("canary-weight-total", "The total of the weights (default 100)"),
+    ),
+    # -- paths, rewrites and redirects -------------------------------------------------------
+    *family(
+        "Paths, rewrites and redirects",
+        partly("rewrite-target", "`Forward.regex_rewrite`: the whole path replaced, `$1`..`$9` "
+               "as `\\1`..`\\9`; makes the paths regular expressions",
+               "Only `$N` groups: other nginx variables, and a query in the target, are "
+               "refused. The path is rewritten as the client sent it (nginx: decoded and "
+               "normalised)."),
+        partly("use-regex", "Paths as case-insensitive regular expressions from the start of "
+               "the path (nginx's `~* \"^path\"`)",
+               "Only this Ingress's paths (ingress-nginx: every path of the host, from any "
+               "Ingress). A path RE2 cannot run is matched as a plain path, with a warning."),
+        no("app-root", "the IR has no redirect of `/` alone to the application's root"),
+        no("permanent-redirect", "redirects to a URL given in an annotation are not "
+           "supported"),
+        no("permanent-redirect-code", "`permanent-redirect` is not supported"),
+        no("temporal-redirect", "redirects to a URL given in an annotation are not "
+           "supported"),
+        no("temporal-redirect-code", "`temporal-redirect` is not supported"),
+        no("from-to-www-redirect", "the IR has no redirect between `www.` and the bare host"),
+        no("preserve-trailing-slash", "the redirects to HTTPS keep the path as it is; there "
+           "is no slash to keep or drop"),
+        no("use-port-in-redirects", "nginx's own redirects (`port_in_redirect`) have no "
+           "counterpart"),
+        no("relative-redirects", "nginx's own redirects (`absolute_redirect`) have no "
+           "counterpart"),
+        no("x-forwarded-prefix", "the IR adds no `X-Forwarded-Prefix` request header"),
+        no("server-alias", "an Ingress serves the hosts of its rules only: no alias names"),
+        no("enable-rewrite-log", "nginx's rewrite log has no counterpart"),
+    ),
+    # -- HTTPS ------------------------------------------------------------------------------
+    *family(
+        "HTTPS",
+        partly("ssl-redirect", "Plain HTTP → `Redirect` 308 to `https`, where the host has a "
+               "TLS certificate from one of our Ingresses",
+               "The default (`true`) applies to Ingresses with at least one annotation under "
+               "our prefixes; a plain Ingress is served on both ports, as before. No "
+               "exception for `/.well-known/acme-challenge`."),
+        yes("force-ssl-redirect", "The same redirect, with or without TLS here",
+            "`X-Forwarded-Proto` is not looked at."),
+        no("ssl-passthrough", "an Ingress host's TLS is ended by the node's proxy; TLS "
+           "passthrough is a Gateway API TLSRoute's"),
+        no("ssl-ciphers", "the listeners' TLS settings are the mesh's, not an Ingress's"),
+        no("ssl-prefer-server-ciphers", "the listeners' TLS settings are the mesh's, not an "
+           "Ingress's"),
+    ),
+    # -- authentication: basic and digest ---------------------------------------------------
+    *family(
+        "Authentication",
+        no("auth-type", BASIC_AUTH),
+        no("auth-secret", BASIC_AUTH),
+        no("auth-secret-type", BASIC_AUTH),
+        no("auth-realm", BASIC_AUTH),
+        no("satisfy", "no authentication to combine with the allow lists"),
+    ),
+    # -- client certificates (mTLS from the client) -----------------------------------------
+    *family(
+        "Client certificates",
+        no("auth-tls-secret", CLIENT_CERTS),
+        no("auth-tls-verify-client", CLIENT_CERTS),
+        no("auth-tls-verify-depth", CLIENT_CERTS),
+        no("auth-tls-error-page", CLIENT_CERTS),
+        no("auth-tls-pass-certificate-to-upstream", CLIENT_CERTS),
+        no("auth-tls-match-cn", CLIENT_CERTS),
+    ),
+    # -- external authentication (auth_request) ---------------------------------------------
+    *family(
+        "External authentication",
+        no("auth-url", "the IR has no external authentication (a subrequest before the "
+           "backend)"),
+        no("auth-method", EXT_AUTH),
+        no("auth-signin", EXT_AUTH),
+        no("auth-signin-redirect-param", EXT_AUTH),
+        no("auth-response-headers", EXT_AUTH),
+        no("auth-proxy-set-headers", EXT_AUTH),
+        no("auth-request-redirect", EXT_AUTH),
+        no("auth-cache-key", EXT_AUTH),
+        no("auth-cache-duration", EXT_AUTH),
+        no("auth-keepalive", EXT_AUTH),
+        no("auth-keepalive-requests", EXT_AUTH),
+        no("auth-keepalive-timeout", EXT_AUTH),
+        no("auth-keepalive-share-vars", EXT_AUTH),
+        no("auth-always-set-cookie", EXT_AUTH),
+        no("auth-snippet", SNIPPET),
+        no("enable-global-auth", "there is no global external authentication to opt out of"),
+    ),
+    # -- rate limits ------------------------------------------------------------------------
+    *family(
+        "Rate limits",
+        partly("limit-rps", "`RateLimit` Local, per client address (SourceIP Distinct "
+               "`0.0.0.0/0`), per second; `0`: no limit",
+               "Refused requests get 429 (ingress-nginx: 503, `limit-req-status-code`). IPv4 "
+               "clients only are counted. The counter is the node's proxy's, per route "
+               "(nginx: per nginx instance, per Ingress): a canary's extra routes (header, "
+               "cookie) count on their own."),
+        partly("limit-rpm", "The same, per minute", "As `limit-rps`."),
+        yes("limit-burst-multiplier", "`RateLimit.burst = requests * multiplier` (default 5)"),
+        no("limit-connections", "the IR has no limit on concurrent connections per client"),
+        no("limit-whitelist", "Envoy's local rate limit matches a client's address or range, "
+           "never \"all but a range\": the limit holds for every client"),
+        no("limit-allowlist", "Envoy's local rate limit matches a client's address or range, "
+           "never \"all but a range\": the limit holds for every client"),
+        no("limit-rate", "the IR has no bandwidth limit on responses"),
+        no("limit-rate-after", "the IR has no bandwidth limit on responses"),
+    ),
+    # -- access by client address -----------------------------------------------------------
+    *family(
+        "Client addresses",
+        yes("whitelist-source-range", "`Route.allowed_sources` (comma-separated CIDRs or "
+            "addresses); others get 403",
+            "A list that does not parse lets nobody in: the paths answer 403 until it is "
+            "fixed."),
+        yes("allowlist-source-range", "The same as `whitelist-source-range` (its newer name)",
+            "As `whitelist-source-range`."),
+        no("denylist-source-range", "the IR has allow lists only"),
+    ),
+    # -- CORS -------------------------------------------------------------------------------
+    *family(
+        "CORS",
+        yes("enable-cors", "`Route.cors`, with ingress-nginx's defaults"),
+        yes("cors-allow-origin", "`Cors.allow_origins`: comma-separated, `*`, "
+            "`https://*.example.com` (default `*`)",
+            "A list with an origin that does not parse allows no origin (not `*`)."),
+        yes("cors-allow-methods", "`Cors.allow_methods` (default `GET, PUT, POST, DELETE, "
+            "PATCH, OPTIONS`)"),
+        yes("cors-allow-headers", "`Cors.allow_headers` (default `DNT, Keep-Alive, "
+            "User-Agent, X-Requested-With, If-Modified-Since, Cache-Control, Content-Type, "
+            "Range, Authorization`)"),
+        yes("cors-expose-headers", "`Cors.expose_headers` (default none)"),
+        yes("cors-allow-credentials", "`Cors.allow_credentials` (default `true`)"),
+        yes("cors-max-age", "`Cors.max_age` (default 1728000)"),
+    ),
+    # -- session affinity -------------------------------------------------------------------
+    *family(
+        "Session affinity",
+        partly("affinity", '`"cookie"` → `SessionPersistence` Cookie',
+               "Only `cookie` (as ingress-nginx)."),
+        partly("affinity-mode", "`balanced` and `persistent` are accepted",
+               "Sessions stick until their endpoint goes (nginx `balanced` moves some when "
+               "the backend scales)."),
+        no("affinity-canary-behavior", "a canary inherits its main Ingress's settings, "
+           "affinity included"),
+        yes("session-cookie-name", "`SessionPersistence.name` (default `INGRESSCOOKIE`)"),
+        yes("session-cookie-path", "`SessionPersistence.path` (default: the Ingress path; `/` "
+            "for a regex path)"),
+        yes("session-cookie-max-age", "`SessionPersistence.ttl` (seconds)"),
+        partly("session-cookie-expires", "`SessionPersistence.ttl` when `max-age` is not set",
+               "The cookie gets Max-Age, not Expires."),
+        no("session-cookie-domain", "the IR's session cookie has no Domain attribute"),
+        no("session-cookie-secure", "the IR's session cookie has no Secure attribute"),
+        no("session-cookie-samesite", "the IR's session cookie has no SameSite attribute"),
+        no("session-cookie-conditional-samesite-none", "the IR's session cookie has no "
+           "SameSite attribute"),
+        no("session-cookie-change-on-failure", "a session keeps its endpoint until the "
+           "endpoint goes"),
+    ),
+    # -- backends and load balancing --------------------------------------------------------
+    *family(
+        "Backends",
+        partly("backend-protocol", "`HTTP`: nothing; `HTTPS`: `UpstreamTLS` without "
+               "verification and without SNI (as ingress-nginx); `GRPC`, `H2C`: backend "
+               "protocol h2c",
+               "`GRPCS`, `AUTO_HTTP`, `FCGI`: not supported (warning; HTTP/1.1 is used). A "
+               "BackendTLSPolicy on the Service wins over `HTTPS` (it verifies)."),
+        yes("upstream-vhost", "`Forward.host_rewrite`"),
+        no("load-balance", "the backends' load balancing is a TrafficPolicy's, not an "
+           "Ingress's"),
+        no("upstream-hash-by", "the IR's consistent hashing is a TrafficPolicy's; nginx "
+           "variables have no meaning here"),
+        no("upstream-hash-by-subset", "`upstream-hash-by` is not supported"),
+        no("upstream-hash-by-subset-size", "`upstream-hash-by` is not supported"),
+        no("service-upstream", "the mesh balances over the Service's endpoints itself"),
+        no("default-backend", "an Ingress's own `defaultBackend` is served; a backend for "
+           "errors is not"),
+        no("custom-http-errors", "the IR does not send error responses to another backend"),
+        no("disable-proxy-intercept-errors", "`custom-http-errors` is not supported"),
+        no("fastcgi-index", "the IR has no FastCGI backends"),
+        no("fastcgi-params-configmap", "the IR has no FastCGI backends"),
+    ),
+    # -- timeouts and retries ---------------------------------------------------------------
+    *family(
+        "Timeouts and retries",
+        yes("proxy-connect-timeout", "A copy of the backend with "
+            "`BackendSettings.connect_timeout` (seconds; `5` or `5s`)"),
+        partly("proxy-read-timeout", "`Forward.idle_timeout`: the larger of "
+               "`proxy-read-timeout` and `proxy-send-timeout`",
+               "One timeout for both directions; nginx's 60 s defaults are not applied."),
+        partly("proxy-send-timeout", "As `proxy-read-timeout`", "As `proxy-read-timeout`."),
+        partly("proxy-next-upstream", "`Retry` triggers: `error` → connect-failure, "
+               "refused-stream, reset; `timeout` → connect-failure; `invalid_header` → reset; "
+               "`http_500/502/503/504/403/404/429` → retriable-status-codes with those codes; "
+               "`off` → no retries",
+               "A response timeout is not retried (only connection timeouts). Non-idempotent "
+               "requests (POST, PATCH, LOCK) are retried too, `non_idempotent` or not. A retry "
+               "may go to the same endpoint (nginx: the next one). Without the annotation "
+               "there are no retries (ingress-nginx: `error timeout`, 3 tries)."),
+        yes("proxy-next-upstream-tries", "`Retry.attempts = tries - 1` (default 3 tries); `0` "
+            "(no limit) → 10 retries"),
+        no("proxy-next-upstream-timeout", "the IR has no time limit on retries alone"),
+    ),
+    # -- TLS to the backend -----------------------------------------------------------------
+    *family(
+        "TLS to the backend",
+        no("proxy-ssl-secret", BACKEND_TLS),
+        no("proxy-ssl-verify", BACKEND_TLS),
+        no("proxy-ssl-verify-depth", BACKEND_TLS),
+        no("proxy-ssl-name", BACKEND_TLS),
+        no("proxy-ssl-server-name", BACKEND_TLS),
+        no("proxy-ssl-ciphers", BACKEND_TLS),
+        no("proxy-ssl-protocols", BACKEND_TLS),
+    ),
+    # -- requests, responses and buffers ----------------------------------------------------
+    *family(
+        "Requests and responses",
+        no("proxy-body-size", "the IR has no limit on a request body's size"),
+        no("client-body-buffer-size", BUFFERS),
+        no("proxy-buffering", BUFFERS),
+        no("proxy-buffers-number", BUFFERS),
+        no("proxy-buffer-size", BUFFERS),
+        no("proxy-busy-buffers-size", BUFFERS),
+        no("proxy-max-temp-file-size", BUFFERS),
+        no("proxy-request-buffering", BUFFERS),
+        no("proxy-http-version", "the backend protocol is `backend-protocol`'s (HTTP/1.1 by "
+           "default)"),
+        no("proxy-cookie-domain", "the IR does not rewrite the backend's Set-Cookie headers"),
+        no("proxy-cookie-path", "the IR does not rewrite the backend's Set-Cookie headers"),
+        no("proxy-redirect-from", "the IR does not rewrite the backend's Location headers"),
+        no("proxy-redirect-to", "the IR does not rewrite the backend's Location headers"),
+        no("connection-proxy-header", "the IR sets no Connection header to the backend"),
+        no("custom-headers", "response headers from a ConfigMap are not supported"),
+        no("http2-push-preload", "HTTP/2 server push is gone from browsers and from Envoy"),
+    ),
+    # -- mirroring --------------------------------------------------------------------------
+    *family(
+        "Mirroring",
+        no("mirror-target", "the IR mirrors to a backend of the mesh, not to a URL"),
+        no("mirror-host", "`mirror-target` is not supported"),
+        no("mirror-request-body", "`mirror-target` is not supported"),
+    ),
+    # -- logs and traces --------------------------------------------------------------------
+    *family(
+        "Logs and traces",
+        no("enable-access-log", ACCESS_LOG),
+        no("enable-opentelemetry", TRACING),
+        no("opentelemetry-trust-incoming-span", TRACING),
+        no("opentelemetry-operation-name", TRACING),
+    ),
+    # -- web application firewall -----------------------------------------------------------
+    *family(
+        "ModSecurity",
+        no("enable-modsecurity", WAF),
+        no("enable-owasp-core-rules", WAF),
+        no("modsecurity-transaction-id", WAF),
+        no("modsecurity-snippet", WAF),
+    ),
+    # -- nginx configuration ----------------------------------------------------------------
+    *family(
+        "nginx snippets",
+        no("configuration-snippet", SNIPPET),
+        no("server-snippet", SNIPPET),
+        no("stream-snippet", SNIPPET),
+    ),
+)
+
+BY_NAME: dict[str, Annotation] = {a.name: a for a in ANNOTATIONS}
+FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(a.family for a in ANNOTATIONS))
+
+
+def supported() -> frozenset[str]:
+    """The names the parser reads: Supported or Partly."""
+    return frozenset(a.name for a in ANNOTATIONS if a.supported)
+
+
+def why_not() -> dict[str, str]:
+    """Why each annotation that is not supported is not."""
+    return {a.name: a.difference for a in ANNOTATIONS if not a.supported}
+
+
+def of_family(name: str) -> Iterable[Annotation]:
+    return (a for a in ANNOTATIONS if a.family == name)
