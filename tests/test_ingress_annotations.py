@@ -443,7 +443,7 @@ def test_backend_protocol(value: str, protocol: str, tls: ir.UpstreamTLS | None)
     assert (b.protocol, b.tls) == (protocol, tls)
 
 
-@pytest.mark.parametrize("value", ["GRPCS", "AUTO_HTTP", "FCGI", "SPDY"])
+@pytest.mark.parametrize("value", ["AUTO_HTTP", "FCGI", "SPDY"])
 def test_backend_protocols_not_supported(value: str) -> None:
     t = run(ingress("shop", {NGINX + "backend-protocol": value}))
     assert forward(route(t)).backends[0].backend == "default/main/80"

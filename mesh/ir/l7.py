@@ -253,6 +253,24 @@ class SessionPersistence:
 
 
 @dataclass(frozen=True)
+class ExtAuth:
+    """An external HTTP authorization service asked before each request of a route
+    (ingress-nginx's auth-url): a 200 lets the request on, with `upstream_headers` of the
+    answer copied onto it (the client's own are removed first); any other answer is sent to
+    the client, except a 401 when `signin` is set: a redirect to `signin`, the request's URL
+    in its `signin_param` query parameter. The check carries the client's headers (no body)
+    and ingress-nginx's X-Original-URL, X-Original-Method, X-Auth-Request-Redirect."""
+
+    backend: str | None  # None: the service cannot be reached: every request answers 500
+    path: str  # the service's path, with its query (the request's path follows in the query)
+    upstream_headers: tuple[str, ...] = ()
+    signin: str | None = None
+    signin_param: str = "rd"
+    redirect: str | None = None  # X-Auth-Request-Redirect (None: the request's path)
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Route:
     name: str
     path: StringMatch
@@ -269,6 +287,8 @@ class Route:
     hash_policy: HashPolicy | None = None
     session: SessionPersistence | None = None
     allowed_sources: tuple[str, ...] = ()  # client CIDRs let in (empty: every client); 403
+    ext_auth: ExtAuth | None = None
+    max_request_bytes: int | None = None  # a larger request body answers 413
 
 
 @dataclass(frozen=True)

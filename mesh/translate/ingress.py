@@ -19,10 +19,10 @@ from typing import Any
 
 from mesh import ir
 from mesh.store import kinds
-from mesh.store.objects import ObjectKey
+from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate import ingress_annotations as nginx
-from mesh.translate import model
+from mesh.translate import ingress_auth, ingress_extras, model
 from mesh.translate.ingress_annotations import IngressSettings
 from mesh.translate.route_builder import Entry, Resolution, RouteBuilder
 from mesh.translate.status import IngressStatus, ObjectStatus
@@ -236,6 +236,8 @@ def _main(routes: RouteBuilder, variants: _Variants, ing: model.Ingress, s: Ingr
     route = nginx.shape_route(s, ir.Route(
         name=name, path=match, action=ir.Forward((ir.WeightedBackend(target, 1),)),
         owners=frozenset({obj.key})), regex)
+    route = ingress_extras.apply(s.max_request_bytes, ingress_auth.apply(
+        s.auth, route, lambda ns, svc, port: _service(routes, obj, ns, svc, port), warnings))
     forward = route.action if isinstance(route.action, ir.Forward) else None
     if target is None and forward is not None:
         route = replace(route, action=ir.DirectResponse(503, ""))
@@ -306,3 +308,10 @@ def _target(routes: RouteBuilder, ing: model.Ingress,
         port = next((p.port for p in svc.ports if p.name == backend.port_name), None)
     return routes.backend(model.BackendObjectRef("", "Service", obj.namespace,
                                                  backend.service, port), obj, Resolution())
+
+
+def _service(routes: RouteBuilder, obj: KubeObject, namespace: str, name: str,
+             port: int) -> str | None:
+    """The IR backend of a Service port an annotation names (auth-url), or None."""
+    return routes.backend(model.BackendObjectRef("", "Service", namespace, name, port), obj,
+                          Resolution())

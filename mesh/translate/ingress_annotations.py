@@ -19,6 +19,7 @@ from typing import Any
 
 from mesh import ir
 from mesh.store.objects import KubeObject, ObjectKey
+from mesh.translate import ingress_auth, ingress_extras
 from mesh.translate import ingress_nginx_compat as compat
 
 NGINX = "nginx.ingress.kubernetes.io/"
@@ -30,7 +31,7 @@ CANARY_NAMES = frozenset({
     "canary-by-cookie", "canary-weight", "canary-weight-total"})
 # What the parser reads (Supported or Partly), and why the others are ignored: from the one
 # table of every ingress-nginx annotation (ingress_nginx_compat).
-SUPPORTED = compat.supported()
+SUPPORTED = compat.supported() | ingress_auth.NAMES | ingress_extras.NAMES
 WHY_NOT = compat.why_not()
 
 _BOOLS = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}
@@ -105,6 +106,8 @@ class IngressSettings:
     connect_timeout: float | None = None
     protocol: str | None = None  # h2c
     upstream_tls: bool = False  # HTTPS to the backend, not verified (as ingress-nginx)
+    auth: ingress_auth.Auth | None = None  # auth-url and its family (ingress_auth)
+    max_request_bytes: int | None = None  # proxy-body-size (ingress_extras)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -285,7 +288,8 @@ def parse(obj: KubeObject) -> IngressSettings:
         "host_rewrite": r.get("upstream-vhost", _host),
         "cors": _cors(r), "retry": _retry(r)}
     for part in (_rewrite(r), _rate_limits(r, obj.key), _sources(r), _timeouts(r),
-                 _session(r), _protocol(r)):
+                 _session(r), _protocol(r), ingress_auth.parse(r, obj.namespace),
+                 ingress_extras.parse(r)):
         fields.update(part)
     for key in r.unknown:
         why = WHY_NOT.get(key.split("/", 1)[1])
@@ -401,7 +405,9 @@ def _protocol(r: _Reader) -> dict[str, Any]:
         return {"upstream_tls": True}
     if p in ("GRPC", "H2C"):
         return {"protocol": "h2c"}
-    if p in ("GRPCS", "AUTO_HTTP", "FCGI"):
+    if p == "GRPCS":  # HTTP/2 over TLS, not verified (as HTTPS)
+        return {"protocol": "h2c", "upstream_tls": True}
+    if p in ("AUTO_HTTP", "FCGI"):
         r.warnings.append(f'{r.key("backend-protocol")}: "{p}" is not supported: the '
                           "backend is spoken to in HTTP/1.1")
     else:

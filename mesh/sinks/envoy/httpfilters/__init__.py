@@ -18,7 +18,9 @@ from google.protobuf.message import Message
 
 from mesh import ir
 from mesh.sinks.envoy.httpfilters import (
+    buffer,
     cors,
+    ext_authz,
     local_ratelimit,
     ratelimit,
     rbac,
@@ -40,10 +42,13 @@ class HTTPFilter(Protocol):
 
 # The order requests go through them: CORS answers preflights first; the allow list refuses
 # before a refused request counts against a limit; local limits (cheap) before global ones
-# (a call to the rate limit service); sessions pick the endpoint just before the router.
+# (a call to the rate limit service); then external authorization (after limits, as nginx's
+# access phase), body size limits (no body is held for a request refused earlier); sessions
+# pick the endpoint just before the router.
 ORDER: tuple[HTTPFilter, ...] = (
     cors.CORS, rbac.RBAC, local_ratelimit.LOCAL, local_ratelimit.LOCAL_SHADOW,
     ratelimit.GLOBAL_FAIL_OPEN, ratelimit.GLOBAL_FAIL_CLOSED,
+    ext_authz.STRIP, ext_authz.EXT_AUTHZ, buffer.BUFFER,
     stateful_session.STATEFUL_SESSION, router.ROUTER)
 
 

@@ -1,0 +1,159 @@
+"""ingress-nginx's external authentication annotations (auth-url and its family), parsed
+into typed settings and applied to an Ingress's IR routes as `ir.ExtAuth`.
+
+The auth service must be a Service of the cluster, named by its DNS name in auth-url
+(`http://name.namespace.svc.cluster.local[:port]/path?query`), in the Ingress's namespace or
+one whose ReferenceGrant lets Ingresses in. Whatever we cannot do as nginx would fails
+closed: the paths answer 500 and the Ingress gets a warning, never an open door. Settings
+that only tune the check (cache, keep-alive) are ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from mesh import ir
+
+NAMES = frozenset({
+    "auth-url", "auth-method", "auth-signin", "auth-signin-redirect-param",
+    "auth-response-headers", "auth-request-redirect", "auth-snippet", "auth-cache-key",
+    "auth-cache-duration", "auth-keepalive", "auth-keepalive-share-vars",
+    "auth-keepalive-requests", "auth-keepalive-timeout", "auth-proxy-set-headers",
+    "auth-always-set-cookie", "auth-type", "auth-secret", "auth-secret-type", "auth-realm"})
+MAX_URL = 2048
+MAX_HEADERS = 32
+# Ignored with a warning: they tune the check, they do not decide it.
+_TUNING = {
+    "auth-cache-key": "every request is checked (no cache of answers)",
+    "auth-cache-duration": "every request is checked (no cache of answers)",
+    "auth-keepalive": "the proxy keeps its own connections to the service",
+    "auth-keepalive-share-vars": "the proxy keeps its own connections to the service",
+    "auth-keepalive-requests": "the proxy keeps its own connections to the service",
+    "auth-keepalive-timeout": "the proxy keeps its own connections to the service",
+    "auth-method": "the check is made with the request's method",
+    "auth-always-set-cookie": "the service's Set-Cookie reaches the client only on a refusal",
+    "auth-proxy-set-headers": "the check carries the client's headers, not a ConfigMap's",
+}
+_SERVICE_HOST = re.compile(
+    r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)\.([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)"
+    r"(\.svc(\.[a-z0-9.-]{1,200})?)?$")
+_HEADER = re.compile(r"^[A-Za-z0-9!#$&'*+.^_`|~-]{1,128}$")  # no % (Envoy's formatter)
+_PATH = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(\?[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*)?$")
+
+
+@dataclass(frozen=True)
+class Auth:
+    """auth-url as the IR needs it; `closed`: why every request is refused instead."""
+
+    namespace: str = ""
+    service: str = ""
+    port: int = 80
+    path: str = "/"
+    upstream_headers: tuple[str, ...] = ()
+    redirect: str | None = None
+    closed: str | None = None
+
+
+def parse(r: Any, namespace: str) -> dict[str, Any]:
+    """{"auth": Auth} when the Ingress asks for authentication (any auth-url or auth-type)."""
+    if r.has("auth-type") or r.has("auth-secret"):
+        # Basic and digest authentication against a Secret: not done here. Closed rather
+        # than open: the paths it protects answer 500 until it is replaced.
+        key = r.key("auth-type") if r.has("auth-type") else r.key("auth-secret")
+        r.warnings.append(f"{key}: basic/digest authentication is not supported: the paths "
+                          "answer 500 (closed) until it is removed or replaced by auth-url")
+        r.ignore({"auth-realm", "auth-secret-type"} & r.values.keys(), "with auth-type")
+        return {"auth": Auth(closed="auth-type")}
+    r.ignore({"auth-realm", "auth-secret-type"} & r.values.keys(), "it needs auth-type")
+    if not r.has("auth-url"):
+        r.ignore(sorted((NAMES - {"auth-url", "auth-type", "auth-secret"}) & r.values.keys()),
+                 f"it needs {r.key('auth-url')}")
+        return {}
+    try:
+        ns, name, port, path = _url(r.text("auth-url") or "", namespace)
+    except ValueError as e:
+        r.refuse("auth-url", f"{e}; the paths answer 500 (closed) until it is fixed")
+        return {"auth": Auth(closed="auth-url")}
+    if r.has("auth-snippet"):
+        r.refuse("auth-snippet", "nginx configuration has no meaning here; the paths answer "
+                 "500 (closed) until it is removed")
+        return {"auth": Auth(closed="auth-snippet")}
+    for n in sorted(_TUNING.keys() & r.values.keys()):
+        r.warnings.append(f"{r.key(n)} is ignored: {_TUNING[n]}")
+    if r.has("auth-signin"):
+        # Fails safe: the 401 reaches the client, without the redirect to sign in.
+        r.warnings.append(f"{r.key('auth-signin')} is not supported: a 401 from the service "
+                          "is sent to the client as it is, without the redirect")
+    r.ignore({"auth-signin-redirect-param"} & r.values.keys(), "auth-signin is not supported")
+    headers = r.get("auth-response-headers", _headers, ())
+    redirect = r.get("auth-request-redirect", _redirect)
+    return {"auth": Auth(ns, name, port, path, headers, redirect)}
+
+
+def _url(text: str, namespace: str) -> tuple[str, str, int, str]:
+    if len(text) > MAX_URL:
+        raise _no(f"longer than {MAX_URL} characters")
+    if "$" in text:
+        raise _no("nginx variables are not supported")
+    try:
+        u = urlsplit(text)
+        port = u.port
+    except ValueError as e:
+        raise _no(f"not a URL: {e}") from None
+    if u.scheme != "http":
+        raise _no("only http:// auth services are supported")
+    host = (u.hostname or "").lower()
+    m = _SERVICE_HOST.match(host)
+    if m is None:
+        raise _no("the host must be a Service's DNS name (name.namespace.svc...)")
+    path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    if not _PATH.match(path) or u.fragment or u.username or u.password:
+        raise _no("not a plain path and query")
+    return m.group(3) or namespace, m.group(1), port or 80, path
+
+
+def _headers(text: str) -> tuple[str, ...]:
+    out = tuple(dict.fromkeys(t.strip().lower() for t in text.split(",") if t.strip()))
+    bad = [h for h in out if not _HEADER.match(h) or h.startswith(":") or h == "host"]
+    if bad:
+        raise _no(f"{', '.join(bad)}: not a header name")
+    if len(out) > MAX_HEADERS:
+        raise _no(f"more than {MAX_HEADERS} headers")
+    return out
+
+
+def _redirect(text: str) -> str:
+    if len(text) > MAX_URL or any(c in text for c in "\r\n\0") or not text.isprintable():
+        raise _no("not a header value")
+    return text.replace("%", "%%")  # literal for Envoy's formatter
+
+
+def apply(auth: Auth | None, route: ir.Route,
+          resolve: Callable[[str, str, int], str | None], warnings: list[str]) -> ir.Route:
+    """The route with its authentication: `resolve(namespace, service, port)` is the IR
+    backend of the auth service (None: it cannot be used)."""
+    if auth is None or not isinstance(route.action, ir.Forward):
+        return route
+    if auth.closed is not None:
+        return replace(route, action=ir.DirectResponse(500, ""))
+    backend = resolve(auth.namespace, auth.service, auth.port)
+    if backend is None:
+        msg = (f"auth-url: Service {auth.namespace}/{auth.service} port {auth.port} cannot be "
+               "used (missing, or in another namespace without a ReferenceGrant): the paths "
+               "answer 500 (closed)")
+        if msg not in warnings:
+            warnings.append(msg)
+        return replace(route, action=ir.DirectResponse(500, ""))
+    return replace(route, ext_auth=ir.ExtAuth(
+        backend=backend, path=auth.path, upstream_headers=auth.upstream_headers,
+        redirect=auth.redirect))
+
+
+def _no(why: str) -> ValueError:
+    """A refused value, as the annotation reader reports it."""
+    from mesh.translate.ingress_annotations import _Refused  # imports this module
+    return _Refused(why)
