@@ -375,6 +375,7 @@ def echo(listen: tuple[str, ...], tls_listen: tuple[str, ...], cert: str | None,
 
 def _add_commands() -> None:
     from mesh.cni.install import cni_install
+    from mesh.ingress_nginx_check import ingress_nginx
     from mesh.install import install
     from mesh.lab.cli import lab
     from mesh.ratelimit.__main__ import main as ratelimit
@@ -383,6 +384,7 @@ def _add_commands() -> None:
     main.add_command(ratelimit)  # the node's rate limit service (mesh run starts it)
     main.add_command(install)  # the Helm chart rendered (charts/mesh)
     main.add_command(cni_install)  # the chart's init container: the CNI plugin on the node
+    main.add_command(ingress_nginx)  # `mesh ingress-nginx check`: Ingresses before a move
 
 
 _add_commands()

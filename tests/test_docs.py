@@ -3,18 +3,21 @@
 `mkdocs build --strict` (in `make test`) already fails on a broken link, anchor, snippet or
 generated reference; these tests cover what it cannot see: a path of the repository quoted
 in backticks (`mesh/agent/pipeline.py`, `bpf/lib/`) that no longer exists, so that the code
-map and the other pages cannot go stale silently, and the ingress-nginx annotation tables
-against the parser's own lists.
+map and the other pages cannot go stale silently, and the ingress-nginx annotation table (the
+docs hook renders it from `mesh/translate/ingress_nginx_compat.py`) against the parser.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mesh.translate import ingress_annotations
+from mesh.translate import ingress_nginx_compat as compat
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -88,29 +91,47 @@ def test_the_code_map_names_every_package() -> None:
     assert not missing, f"packages the code map ({page.relative_to(ROOT)}) does not name"
 
 
-def annotation_table() -> dict[str, str]:
-    """Annotation name -> its Support column, from the tables of the reference page."""
-    out = {}
-    text = (DOCS / "reference" / "ingress-annotations.md").read_text()
-    for line in text.splitlines():
+def reference_hook() -> Any:
+    spec = importlib.util.spec_from_file_location("_docs_reference_hook",
+                                                  DOCS / "hooks" / "reference.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def annotation_table() -> dict[str, list[str]]:
+    """Annotation name -> its Support column(s), from the table the docs hook renders for the
+    reference page's marker."""
+    page = (DOCS / "reference" / "ingress-annotations.md").read_text()
+    marker = reference_hook().MARKER.search(page)
+    assert marker is not None and marker["kind"] == "ingress-nginx", \
+        "the reference page has no ingress-nginx table marker"
+    rendered = reference_hook().ingress_nginx_annotations(ROOT / marker["args"])
+    out: dict[str, list[str]] = {}
+    for line in rendered.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) < 4 or not cells[0].startswith("`"):
-            continue
-        names = re.findall(r"`([^`]+)`", cells[0])
-        prefix = names[0].rsplit("-", 1)[0]
-        for name in names:
-            # `session-cookie-samesite`, `-secure`: the second is session-cookie-secure.
-            out[prefix + name if name.startswith("-") else name] = cells[1]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            out.setdefault(cells[0].strip("`"), []).append(cells[1])
     return out
 
 
-def test_every_annotation_the_parser_knows_is_documented() -> None:
+def test_every_annotation_is_in_the_docs_once_with_its_level() -> None:
     table = annotation_table()
-    known = set(ingress_annotations.SUPPORTED) | set(ingress_annotations.WHY_NOT)
-    assert known - set(table) == set(), "annotations missing from the docs' tables"
-    claimed = {name for name, support in table.items() if support in ("Supported", "Partly")}
-    assert claimed - set(ingress_annotations.SUPPORTED) == set(), \
-        "the docs call these supported; the parser does not know them"
+    assert {name: levels for name, levels in table.items() if len(levels) > 1} == {}
+    assert set(table) == set(compat.BY_NAME)
+    assert {name: levels[0] for name, levels in table.items()} == \
+        {a.name: a.level.value for a in compat.ANNOTATIONS}
+    # What the parser reads is what the docs call supported.
+    claimed = {name for name, levels in table.items() if levels[0] != "Not supported"}
+    assert claimed == set(ingress_annotations.SUPPORTED)
+
+
+def test_the_annotation_table_is_not_written_by_hand() -> None:
+    """The page keeps its prose; the rows are the hook's."""
+    page = (DOCS / "reference" / "ingress-annotations.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
+    assert rows == []
 
 
 def test_the_readme_links_into_the_docs() -> None:

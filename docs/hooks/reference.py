@@ -4,12 +4,16 @@ A page asks for one with a marker line:
 
     <!-- reference: crd gateway-api/trafficpolicy.yaml -->
     <!-- reference: chart-values charts/mesh/values.schema.json charts/mesh/values.yaml -->
+    <!-- reference: ingress-nginx mesh/translate/ingress_nginx_compat.py -->
 
 `crd FILE`: the CustomResourceDefinition's names and printer columns, then a table of every
 field of each version's openAPIV3Schema (type, bounds, defaults, CEL rules' messages).
 `chart-values SCHEMA VALUES`: a table of every value of the chart: its type from the JSON
 schema, its default from values.yaml, its description from the schema and from the comment
 above it in values.yaml.
+`ingress-nginx MODULE`: the table of every ingress-nginx annotation (`ANNOTATIONS` of the
+module, loaded from its file: plain data, no I/O), one table per family: the annotation, its
+level, what it does here and how it differs from ingress-nginx (or why it is not supported).
 
 An unknown marker or a file that does not parse fails the build. `mkdocs serve` watches the
 files the markers name.
@@ -17,8 +21,10 @@ files the markers name.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +37,8 @@ from mkdocs.structure.files import Files
 from mkdocs.structure.pages import Page
 
 MARKER = re.compile(r"^<!-- reference: (?P<kind>[a-z-]+) (?P<args>[^>]*?) -->$", re.MULTILINE)
-WATCHED = ("gateway-api", "charts/mesh/values.schema.json", "charts/mesh/values.yaml")
+WATCHED = ("gateway-api", "charts/mesh/values.schema.json", "charts/mesh/values.yaml",
+           "mesh/translate/ingress_nginx_compat.py")
 
 
 def _root(config: MkDocsConfig) -> Path:
@@ -55,7 +62,10 @@ def on_page_markdown(markdown: str, *, page: Page, config: MkDocsConfig,
                 return crd_reference(root / args[0], args[0])
             if kind == "chart-values" and len(args) == 2:
                 return chart_values(root / args[0], root / args[1])
-        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
+            if kind == "ingress-nginx" and len(args) == 1:
+                return ingress_nginx_annotations(root / args[0])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError,
+                yaml.YAMLError) as e:
             raise PluginError(f"{page.file.src_path}: {match[0]}: {e}") from e
         raise PluginError(f"{page.file.src_path}: unknown reference marker {match[0]}")
 
@@ -82,6 +92,46 @@ def prose(text: str) -> str:
     for i in range(0, len(parts), 2):
         parts[i] = parts[i].replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
     return "`".join(parts)
+
+
+# ingress-nginx's annotations -------------------------------------------------------------
+
+def load_module(path: Path) -> Any:
+    """A module of the repository, loaded from its file each time (`mkdocs serve` sees an
+    edit), under a name of its own."""
+    name = "_docs_" + "_".join(path.with_suffix("").parts[-3:])
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+def ingress_nginx_annotations(path: Path) -> str:
+    table = load_module(path)
+    rows = table.ANNOTATIONS
+    counts = {level.value: sum(a.level is level for a in rows) for level in table.Level}
+    out = [f"{len(rows)} annotations: " + ", ".join(
+        f"{n} {level.lower()}" for level, n in counts.items()) + ".", ""]
+    for family in table.FAMILIES:
+        out += [f"### {family}", "",
+                "| Annotation | Support | What it does here | Difference from ingress-nginx |",
+                "|---|---|---|---|"]
+        out += [f"| {code(a.name)} | {a.level.value} | {prose(a.here) or '—'} | "
+                f"{prose(a.difference if a.supported else _sentence(a.difference))} |"
+                for a in table.of_family(family)]
+        out.append("")
+    return "\n".join(out)
+
+
+def _sentence(text: str) -> str:
+    """A reason as the warnings say it ("the IR has no ...") as a sentence of the table."""
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
 # CRDs ----------------------------------------------------------------------------------
