@@ -22,6 +22,7 @@ still reported).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -303,7 +304,8 @@ def _print_table(report: Report) -> None:
 
     for where, why in report.errors:
         click.echo(f"cannot read {where}: {why}", err=True)
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    # A terminal's width, or $COLUMNS; else (a pipe, a file) 160 columns.
+    console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
     table = Table("INGRESS", "ANNOTATION", "SUPPORT", "DETAIL")
     for i in report.ingresses:
         ingress = f"{i.namespace}/{i.name}"
