@@ -218,7 +218,7 @@ def test_auth_url_lets_in_with_the_response_headers(bed: Bed) -> None:
     assert check["headers"]["x-original-method"] == "GET"
     assert check["headers"]["x-auth-request-redirect"] == "/app/x?q=1&r=2"
     assert check["headers"]["authorization"] == "Bearer good"
-    assert any("auth-cache-key is ignored" in w for w in bed.warnings("guarded"))
+    assert any("auth-cache-key is not supported" in w for w in bed.warnings("guarded"))
 
 
 def test_auth_response_headers_cannot_be_forged(bed: Bed) -> None:

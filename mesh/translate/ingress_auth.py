@@ -18,26 +18,11 @@ from urllib.parse import urlsplit
 
 from mesh import ir
 
-NAMES = frozenset({
-    "auth-url", "auth-method", "auth-signin", "auth-signin-redirect-param",
-    "auth-response-headers", "auth-request-redirect", "auth-snippet", "auth-cache-key",
-    "auth-cache-duration", "auth-keepalive", "auth-keepalive-share-vars",
-    "auth-keepalive-requests", "auth-keepalive-timeout", "auth-proxy-set-headers",
-    "auth-always-set-cookie", "auth-type", "auth-secret", "auth-secret-type", "auth-realm"})
+# What is read here. The rest of the family is not supported (the annotation table says
+# why, and the Ingress gets the warning): auth-type and auth-snippet still close the paths.
+NAMES = frozenset({"auth-url", "auth-response-headers", "auth-request-redirect"})
 MAX_URL = 2048
 MAX_HEADERS = 32
-# Ignored with a warning: they tune the check, they do not decide it.
-_TUNING = {
-    "auth-cache-key": "every request is checked (no cache of answers)",
-    "auth-cache-duration": "every request is checked (no cache of answers)",
-    "auth-keepalive": "the proxy keeps its own connections to the service",
-    "auth-keepalive-share-vars": "the proxy keeps its own connections to the service",
-    "auth-keepalive-requests": "the proxy keeps its own connections to the service",
-    "auth-keepalive-timeout": "the proxy keeps its own connections to the service",
-    "auth-method": "the check is made with the request's method",
-    "auth-always-set-cookie": "the service's Set-Cookie reaches the client only on a refusal",
-    "auth-proxy-set-headers": "the check carries the client's headers, not a ConfigMap's",
-}
 _SERVICE_HOST = re.compile(
     r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)\.([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)"
     r"(\.svc(\.[a-z0-9.-]{1,200})?)?$")
@@ -59,18 +44,13 @@ class Auth:
 
 
 def parse(r: Any, namespace: str) -> dict[str, Any]:
-    """{"auth": Auth} when the Ingress asks for authentication (any auth-url or auth-type)."""
+    """{"auth": Auth} when the Ingress asks for authentication (auth-url or auth-type)."""
     if r.has("auth-type") or r.has("auth-secret"):
-        # Basic and digest authentication against a Secret: not done here. Closed rather
-        # than open: the paths it protects answer 500 until it is replaced.
-        key = r.key("auth-type") if r.has("auth-type") else r.key("auth-secret")
-        r.warnings.append(f"{key}: basic/digest authentication is not supported: the paths "
-                          "answer 500 (closed) until it is removed or replaced by auth-url")
-        r.ignore({"auth-realm", "auth-secret-type"} & r.values.keys(), "with auth-type")
+        # Basic and digest authentication against a Secret: not done here (a warning says
+        # so). Closed rather than open: the paths answer 500 until it is removed.
         return {"auth": Auth(closed="auth-type")}
-    r.ignore({"auth-realm", "auth-secret-type"} & r.values.keys(), "it needs auth-type")
     if not r.has("auth-url"):
-        r.ignore(sorted((NAMES - {"auth-url", "auth-type", "auth-secret"}) & r.values.keys()),
+        r.ignore(sorted((NAMES - {"auth-url"}) & r.values.keys()),
                  f"it needs {r.key('auth-url')}")
         return {}
     try:
@@ -78,17 +58,8 @@ def parse(r: Any, namespace: str) -> dict[str, Any]:
     except ValueError as e:
         r.refuse("auth-url", f"{e}; the paths answer 500 (closed) until it is fixed")
         return {"auth": Auth(closed="auth-url")}
-    if r.has("auth-snippet"):
-        r.refuse("auth-snippet", "nginx configuration has no meaning here; the paths answer "
-                 "500 (closed) until it is removed")
+    if r.has("auth-snippet"):  # not supported (a warning says so): closed
         return {"auth": Auth(closed="auth-snippet")}
-    for n in sorted(_TUNING.keys() & r.values.keys()):
-        r.warnings.append(f"{r.key(n)} is ignored: {_TUNING[n]}")
-    if r.has("auth-signin"):
-        # Fails safe: the 401 reaches the client, without the redirect to sign in.
-        r.warnings.append(f"{r.key('auth-signin')} is not supported: a 401 from the service "
-                          "is sent to the client as it is, without the redirect")
-    r.ignore({"auth-signin-redirect-param"} & r.values.keys(), "auth-signin is not supported")
     headers = r.get("auth-response-headers", _headers, ())
     redirect = r.get("auth-request-redirect", _redirect)
     return {"auth": Auth(ns, name, port, path, headers, redirect)}

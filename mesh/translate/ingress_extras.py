@@ -1,5 +1,5 @@
 """ingress-nginx annotations beyond the first table's, parsed into typed settings: request
-body size (proxy-body-size) and service-upstream. The auth family is `ingress_auth`.
+body size (proxy-body-size). The auth family is `ingress_auth`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from mesh import ir
 
-NAMES = frozenset({"proxy-body-size", "service-upstream"})
+NAMES = frozenset({"proxy-body-size"})
 # A body is held whole in the node's proxy while it is checked: no more than this.
 MAX_BODY = 64 * 1024 * 1024
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
@@ -25,9 +25,6 @@ def parse(r: Any) -> dict[str, Any]:
                           "would be held in memory); bodies of any size pass")
     elif size:  # 0: no limit, as nginx's client_max_body_size 0
         out["max_request_bytes"] = size
-    # service-upstream: nginx sends to the Service's ClusterIP rather than its endpoints.
-    # Here the node's proxy balances over the endpoints itself either way: nothing to do.
-    r.get("service-upstream", _bool)
     return out
 
 
@@ -49,8 +46,3 @@ def _no(why: str) -> ValueError:
     from mesh.translate.ingress_annotations import _Refused  # imports this module
     return _Refused(why)
 
-
-def _bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0", "t", "f"):
-        raise _no('not a boolean ("true" or "false")')
-    return text.lower() in ("true", "1", "t")

@@ -64,7 +64,8 @@ def family(title: str, *rows: _Row) -> tuple[Annotation, ...]:
 SNIPPET = "nginx configuration snippets have no meaning here"
 BUFFERS = "nginx's buffers have no counterpart: Envoy streams requests and responses"
 EXT_AUTH = "external authentication (`auth-url`) is not supported"
-BASIC_AUTH = "the IR has no HTTP basic or digest authentication"
+BASIC_AUTH = ("the IR has no HTTP basic or digest authentication: the paths answer 500 "
+              "(closed) until it is removed")
 CLIENT_CERTS = "the IR has no client certificate authentication on Ingress hosts"
 BACKEND_TLS = ("backend TLS settings beyond `backend-protocol: HTTPS` are not supported: a "
                "BackendTLSPolicy on the Service verifies the backend")
@@ -166,22 +167,39 @@ ANNOTATIONS: tuple[Annotation, ...] = (
     # -- external authentication (auth_request) ---------------------------------------------
     *family(
         "External authentication",
-        no("auth-url", "the IR has no external authentication (a subrequest before the "
-           "backend)"),
-        no("auth-method", EXT_AUTH),
-        no("auth-signin", EXT_AUTH),
-        no("auth-signin-redirect-param", EXT_AUTH),
-        no("auth-response-headers", EXT_AUTH),
-        no("auth-proxy-set-headers", EXT_AUTH),
-        no("auth-request-redirect", EXT_AUTH),
-        no("auth-cache-key", EXT_AUTH),
-        no("auth-cache-duration", EXT_AUTH),
-        no("auth-keepalive", EXT_AUTH),
-        no("auth-keepalive-requests", EXT_AUTH),
-        no("auth-keepalive-timeout", EXT_AUTH),
-        no("auth-keepalive-share-vars", EXT_AUTH),
-        no("auth-always-set-cookie", EXT_AUTH),
-        no("auth-snippet", SNIPPET),
+        partly("auth-url", "`Route.ext_auth`: Envoy's `ext_authz` asks the Service "
+               "(`http://name.namespace.svc...`) at its path and query before each request; "
+               "200 lets it on, another answer goes to the client, an unreachable service or "
+               "a 5xx gives 500",
+               "Only `http://` to a Service of the Ingress's namespace (or one a "
+               "ReferenceGrant opens); anything else answers 500 (closed), with a warning. "
+               "The check keeps the request's method and Host (nginx: the auth URL's host) "
+               "and has `mesh-original-path=<path>` appended to its query. Only 200 lets a "
+               "request on (nginx: any 2xx); a 3xx or 4xx other than 401/403 goes to the "
+               "client (nginx: 500)."),
+        no("auth-method", "the check is made with the request's method (Envoy cannot "
+           "change it)"),
+        no("auth-signin", "a 401 from the auth service reaches the client as it is, without "
+           "the redirect to sign in"),
+        no("auth-signin-redirect-param", "`auth-signin` is not supported"),
+        yes("auth-response-headers", "`ExtAuth.upstream_headers`: copied from the service's "
+            "answer onto the request; the client's own copies are removed first"),
+        no("auth-proxy-set-headers", "the check carries the client's headers, not a "
+           "ConfigMap's"),
+        yes("auth-request-redirect", "`ExtAuth.redirect`: the check's "
+            "`X-Auth-Request-Redirect` (default: the request's path)"),
+        no("auth-cache-key", "every request is checked: answers are not cached"),
+        no("auth-cache-duration", "every request is checked: answers are not cached"),
+        no("auth-keepalive", "the node's proxy pools its connections to the service itself"),
+        no("auth-keepalive-requests", "the node's proxy pools its connections to the "
+           "service itself"),
+        no("auth-keepalive-timeout", "the node's proxy pools its connections to the service "
+           "itself"),
+        no("auth-keepalive-share-vars", "the node's proxy pools its connections to the "
+           "service itself"),
+        no("auth-always-set-cookie", "the service's Set-Cookie reaches the client only with "
+           "a refusal"),
+        no("auth-snippet", SNIPPET + "; with `auth-url` the paths answer 500 (closed)"),
         no("enable-global-auth", "there is no global external authentication to opt out of"),
     ),
     # -- rate limits ------------------------------------------------------------------------
@@ -259,9 +277,10 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         "Backends",
         partly("backend-protocol", "`HTTP`: nothing; `HTTPS`: `UpstreamTLS` without "
                "verification and without SNI (as ingress-nginx); `GRPC`, `H2C`: backend "
-               "protocol h2c",
-               "`GRPCS`, `AUTO_HTTP`, `FCGI`: not supported (warning; HTTP/1.1 is used). A "
-               "BackendTLSPolicy on the Service wins over `HTTPS` (it verifies)."),
+               "protocol h2c; `GRPCS`: HTTP/2 over TLS, not verified",
+               "`AUTO_HTTP`, `FCGI`: not supported (warning; HTTP/1.1 is used). A "
+               "BackendTLSPolicy on the Service wins over `HTTPS` and `GRPCS` (it "
+               "verifies)."),
         yes("upstream-vhost", "`Forward.host_rewrite`"),
         no("load-balance", "the backends' load balancing is a TrafficPolicy's, not an "
            "Ingress's"),
@@ -312,7 +331,10 @@ ANNOTATIONS: tuple[Annotation, ...] = (
     # -- requests, responses and buffers ----------------------------------------------------
     *family(
         "Requests and responses",
-        no("proxy-body-size", "the IR has no limit on a request body's size"),
+        partly("proxy-body-size", "`Route.max_request_bytes` (`k`, `m`, `g`; `0`: no "
+               "limit): Envoy's buffer filter reads the body whole, a larger one answers 413",
+               "No limit by default (nginx: 1m). Limits above 64m are not enforced (the "
+               "body would be held in memory), with a warning."),
         no("client-body-buffer-size", BUFFERS),
         no("proxy-buffering", BUFFERS),
         no("proxy-buffers-number", BUFFERS),
