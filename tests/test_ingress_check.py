@@ -101,11 +101,17 @@ def _parsed(annotations: dict[str, str]) -> ingress_annotations.IngressSettings:
 
 @pytest.mark.parametrize("name", [a.name for a in compat.ANNOTATIONS if not a.supported])
 def test_a_not_supported_annotation_is_not_parsed(name: str) -> None:
-    """It does what an unknown name does (nothing), and its warning gives the reason."""
+    """It does what an unknown name does (nothing), and its warning gives the reason; or,
+    the table says so (`closes`), it closes the paths rather than leave them open."""
     s = _parsed({NGINX + name: "1"})
-    assert replace(s, warnings=()) == replace(_parsed({NGINX + "made-up": "1"}), warnings=())
-    assert s.warnings == (f"{NGINX}{name} is not supported "
-                          f"({compat.BY_NAME[name].difference}): ignored",)
+    assert (f"{NGINX}{name} is not supported ({compat.BY_NAME[name].difference}): ignored"
+            in s.warnings)
+    unknown = replace(_parsed({NGINX + "made-up": "1"}), warnings=())
+    if compat.BY_NAME[name].closes:
+        assert s.auth is not None and s.auth.closed
+    else:
+        assert replace(s, warnings=()) == unknown
+        assert len(s.warnings) == 1
 
 
 @pytest.mark.parametrize("name", sorted(ingress_annotations.SUPPORTED))

@@ -35,6 +35,9 @@ class Annotation:
     family: str  # the group it belongs to (the reference page's sections)
     here: str  # what it does in the mesh ("" when not supported)
     difference: str  # where it differs from ingress-nginx ("" when it does not), or why not
+    # Not supported, and read all the same to fail closed: the Ingress's paths answer 500
+    # rather than serve without the protection the annotation asks for.
+    closes: bool = False
 
     @property
     def supported(self) -> bool:
@@ -42,23 +45,24 @@ class Annotation:
         return self.level is not Level.NOT_SUPPORTED
 
 
-_Row = tuple[str, Level, str, str]
+_Row = tuple[str, Level, str, str, bool]
 
 
 def yes(name: str, here: str, difference: str = "") -> _Row:
-    return (name, Level.SUPPORTED, here, difference)
+    return (name, Level.SUPPORTED, here, difference, False)
 
 
 def partly(name: str, here: str, difference: str) -> _Row:
-    return (name, Level.PARTLY, here, difference)
+    return (name, Level.PARTLY, here, difference, False)
 
 
-def no(name: str, why: str) -> _Row:
-    return (name, Level.NOT_SUPPORTED, "", why)
+def no(name: str, why: str, closes: bool = False) -> _Row:
+    return (name, Level.NOT_SUPPORTED, "", why, closes)
 
 
 def family(title: str, *rows: _Row) -> tuple[Annotation, ...]:
-    return tuple(Annotation(name, level, title, here, diff) for name, level, here, diff in rows)
+    return tuple(Annotation(name, level, title, here, diff, closes)
+                 for name, level, here, diff, closes in rows)
 
 
 SNIPPET = "nginx configuration snippets have no meaning here"
@@ -148,8 +152,8 @@ ANNOTATIONS: tuple[Annotation, ...] = (
     # -- authentication: basic and digest ---------------------------------------------------
     *family(
         "Authentication",
-        no("auth-type", BASIC_AUTH),
-        no("auth-secret", BASIC_AUTH),
+        no("auth-type", BASIC_AUTH, closes=True),
+        no("auth-secret", BASIC_AUTH, closes=True),
         no("auth-secret-type", BASIC_AUTH),
         no("auth-realm", BASIC_AUTH),
         no("satisfy", "no authentication to combine with the allow lists"),
