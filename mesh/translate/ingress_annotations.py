@@ -21,6 +21,7 @@ from mesh import ir
 from mesh.store.objects import KubeObject, ObjectKey
 from mesh.translate import ingress_auth, ingress_extras
 from mesh.translate import ingress_nginx_compat as compat
+from mesh.translate.annotation_values import Refused
 
 NGINX = "nginx.ingress.kubernetes.io/"
 MESH = "mesh.dev/"
@@ -116,8 +117,7 @@ class IngressSettings:
             self.upstream_tls
 
 
-class _Refused(ValueError):
-    pass
+_Refused = Refused  # the name the parsers below use
 
 
 class _Reader:

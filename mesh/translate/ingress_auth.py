@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mesh import ir
+from mesh.translate.annotation_values import Refused
 
 # What is read here. The rest of the family is not supported (the annotation table says
 # why, and the Ingress gets the warning): auth-type and auth-snippet still close the paths.
@@ -126,5 +127,4 @@ def apply(auth: Auth | None, route: ir.Route,
 
 def _no(why: str) -> ValueError:
     """A refused value, as the annotation reader reports it."""
-    from mesh.translate.ingress_annotations import _Refused  # imports this module
-    return _Refused(why)
+    return Refused(why)

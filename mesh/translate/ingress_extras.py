@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from mesh import ir
+from mesh.translate.annotation_values import Refused
 
 NAMES = frozenset({"proxy-body-size"})
 # A body is held whole in the node's proxy while it is checked: no more than this.
@@ -43,6 +44,5 @@ def apply(max_request_bytes: int | None, route: ir.Route) -> ir.Route:
 
 def _no(why: str) -> ValueError:
     """A refused value, as the annotation reader reports it."""
-    from mesh.translate.ingress_annotations import _Refused  # imports this module
-    return _Refused(why)
+    return Refused(why)
 
