@@ -152,6 +152,7 @@ class Retry:
 class Mirror:
     backend: str
     percent: float | None = None
+    host: str | None = None  # the copy's Host header (None: the request's, marked as a copy)
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ UNIT_SECONDS = {"Second": 1, "Minute": 60, "Hour": 3600, "Day": 86400}
 class HashPolicy:
     """Consistent hashing key for a route's requests (with a ConsistentHash backend)."""
 
-    source: str  # Header | Cookie | SourceIP
+    source: str  # Header | Cookie | SourceIP | Path (the request's path and query)
     name: str = ""
     ttl: float | None = None  # Cookie: Envoy sets it when missing, with this lifetime
     path: str | None = None

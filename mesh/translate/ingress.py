@@ -236,7 +236,7 @@ def _main(routes: RouteBuilder, variants: _Variants, ing: model.Ingress, s: Ingr
     route = nginx.shape_route(s, ir.Route(
         name=name, path=match, action=ir.Forward((ir.WeightedBackend(target, 1),)),
         owners=frozenset({obj.key})), regex)
-    route = ingress_extras.apply(s.max_request_bytes, ingress_auth.apply(
+    route = ingress_extras.apply(s.max_request_bytes, s.extras, ingress_auth.apply(
         s.auth, route, lambda ns, svc, port: _service(routes, obj, ns, svc, port), warnings))
     forward = route.action if isinstance(route.action, ir.Forward) else None
     if target is None and forward is not None:

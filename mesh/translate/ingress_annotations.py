@@ -109,12 +109,13 @@ class IngressSettings:
     upstream_tls: bool = False  # HTTPS to the backend, not verified (as ingress-nginx)
     auth: ingress_auth.Auth | None = None  # auth-url and its family (ingress_auth)
     max_request_bytes: int | None = None  # proxy-body-size (ingress_extras)
+    extras: ingress_extras.Extras = ingress_extras.NOTHING  # the rest of ingress_extras
     warnings: tuple[str, ...] = ()
 
     @property
     def shapes_backend(self) -> bool:
         return self.connect_timeout is not None or self.protocol is not None or \
-            self.upstream_tls
+            self.upstream_tls or self.extras.hash_policy is not None
 
 
 _Refused = Refused  # the name the parsers below use
@@ -515,6 +516,9 @@ def shape_backend(s: IngressSettings, b: ir.Backend) -> ir.Backend:
     if s.upstream_tls and out.tls is None:
         # ingress-nginx sends no SNI by default (proxy-ssl-server-name off).
         out = replace(out, tls=ir.UpstreamTLS(sni="", ca_pem=None, verify=False))
+    if s.extras.hash_policy is not None:  # upstream-hash-by: consistent hashing
+        out = replace(out, settings=replace(out.settings, load_balancer=ir.LoadBalancer(
+            "ConsistentHash")))
     return out
 
 

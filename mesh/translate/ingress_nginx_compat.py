@@ -288,10 +288,22 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         yes("upstream-vhost", "`Forward.host_rewrite`"),
         no("load-balance", "the backends' load balancing is a TrafficPolicy's, not an "
            "Ingress's"),
-        no("upstream-hash-by", "the IR's consistent hashing is a TrafficPolicy's; nginx "
-           "variables have no meaning here"),
-        no("upstream-hash-by-subset", "`upstream-hash-by` is not supported"),
-        no("upstream-hash-by-subset-size", "`upstream-hash-by` is not supported"),
+        partly("upstream-hash-by", "`Route.hash_policy` and a copy of the backend with a "
+               "ConsistentHash (Maglev) load balancer: `$request_uri` → the path and query, "
+               "`$remote_addr` → the client's address, `$http_<name>` → the header "
+               "(`_` as `-`), `$cookie_<name>` → the cookie",
+               "One of these variables alone (`$x` or `${x}`): other variables, text and "
+               "combinations (`$request_uri$host`) are refused with a warning, and the "
+               "requests are then balanced without hashing. A request without the header or "
+               "cookie goes to any endpoint (nginx hashes the empty value: always the same "
+               "one). Which endpoint a key maps to differs from nginx's (Maglev, not nginx's "
+               "ring); it is as stable. Ignored on a canary Ingress (ingress-nginx honours "
+               "it there). It wins over a TrafficPolicy's load balancer for the Ingress's "
+               "routes; cookie affinity (`affinity`) wins over it, as in ingress-nginx."),
+        no("upstream-hash-by-subset", "Envoy's consistent hashing sends a key to one "
+           "endpoint, not to a subset of them: with `upstream-hash-by`, each key goes to one "
+           "endpoint"),
+        no("upstream-hash-by-subset-size", "`upstream-hash-by-subset` is not supported"),
         no("service-upstream", "the mesh balances over the Service's endpoints itself"),
         no("default-backend", "an Ingress's own `defaultBackend` is served; a backend for "
            "errors is not"),

@@ -130,6 +130,9 @@ def _forward(route: ir.Route, a: ir.Forward) -> rc.RouteAction:
             policy.per_try_timeout.CopyFrom(r.duration(a.per_try_timeout))
     for m in a.mirrors:
         mp = act.request_mirror_policies.add(cluster=m.backend)
+        if m.host is not None:
+            mp.host_rewrite_literal = m.host
+            mp.disable_shadow_host_suffix_append = True
         if m.percent is not None:
             mp.runtime_fraction.default_value.CopyFrom(percent_pb2.FractionalPercent(
                 numerator=int(m.percent * 10_000),
@@ -148,6 +151,8 @@ def _forward(route: ir.Route, a: ir.Forward) -> rc.RouteAction:
         hp = act.hash_policy.add()
         if h.source == "Header":
             hp.header.header_name = h.name
+        elif h.source == "Path":
+            hp.header.header_name = ":path"
         elif h.source == "Cookie":
             hp.cookie.name = h.name
             if h.ttl is not None:  # Envoy then sets the cookie when the client has none

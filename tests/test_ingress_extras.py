@@ -1,0 +1,202 @@
+"""ingress-nginx's upstream-hash-by (and the annotations that follow it in ingress_extras)
+through a real agent (`mesh run --manifests`) and a real Envoy, against echo backends.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh import ir
+from mesh.echo import EchoIdentity, EchoServer
+from mesh.store.objects import parse_object
+from mesh.translate import ingress_annotations
+from tests.manifests import docs, local_service
+from tests.meshrun import MeshRun
+from tests.testbed import wait_until
+
+pytestmark = pytest.mark.e2e
+POOL = "127.5.9.0/24"  # not the other agent tests' addresses: they may run at once
+NGINX = "nginx.ingress.kubernetes.io/"
+
+
+class Recorder(ThreadingHTTPServer):
+    """Answers 200 and keeps what it was sent: method, path, Host, body."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                server.seen.append({"method": self.command, "path": self.path,
+                                    "host": self.headers.get("Host"), "body": body})
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            do_POST = do_GET
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def _ingress(name: str, host: str, service: str, annotations: dict[str, str]
+             ) -> dict[str, Any]:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+            "metadata": {"name": name, "namespace": "default", "annotations": annotations,
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"ingressClassName": "mesh", "rules": [{"host": host, "http": {"paths": [
+                {"path": "/", "pathType": "Prefix", "backend": {
+                    "service": {"name": service, "port": {"number": 80}}}}]}}]}}
+
+
+class Bed:
+    def __init__(self, agent: MeshRun, address: str, mirror: Recorder) -> None:
+        self.agent = agent
+        self.address = address
+        self.mirror = mirror
+
+    def request(self, host: str, path: str = "/", method: str = "GET",
+                headers: dict[str, str] | None = None, body: bytes | None = None
+                ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection(self.address, 80, timeout=5)
+        try:
+            conn.request(method, path, body=body, headers={"Host": host, **(headers or {})})
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def pod(self, host: str, path: str = "/", headers: dict[str, str] | None = None) -> str:
+        status, _, body = self.request(host, path, headers=headers)
+        assert status == 200, body
+        return str(json.loads(body)["pod"])
+
+    def warnings(self, name: str) -> list[str]:
+        item = self.agent.items().get(("Ingress", name)) or {}
+        return [str(e["message"]) for e in item.get("events") or ()]
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    root = tmp_path_factory.mktemp("extras")
+    echoes = [EchoServer("127.0.0.1", 0, EchoIdentity(pod=f"app-{i}")).start()
+              for i in range(1, 5)]
+    mirror = Recorder()
+    manifests = root / "manifests"
+    manifests.mkdir()
+    objects: list[dict[str, Any]] = [
+        {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+         "metadata": {"name": "mesh"}, "spec": {"controller": "mesh.dev/ingress-controller"}},
+        _ingress("open", "open.example", "app", {}),
+        _ingress("by-uri", "by-uri.example", "app", {NGINX + "upstream-hash-by": "$request_uri"}),
+        _ingress("by-header", "by-header.example", "app", {
+            NGINX + "upstream-hash-by": "${http_x_user}"}),
+        _ingress("by-cookie", "by-cookie.example", "app", {
+            NGINX + "upstream-hash-by": "$cookie_session"}),
+        _ingress("by-mix", "by-mix.example", "app", {
+            NGINX + "upstream-hash-by": "$request_uri$host",
+            NGINX + "upstream-hash-by-subset": "true"}),
+    ]
+    objects += local_service("app", [e.server_address[1] for e in echoes])
+    objects += local_service("mirror", [mirror.port], target_port=mirror.port)
+    (manifests / "all.yaml").write_text(docs(*objects))
+    agent = MeshRun(manifests, Path(f"/tmp/mesh-e2e-extras-{os.getpid()}"), "--address-pool",
+                    POOL, node_id="e2e-extras", fresh=True, log=root / "agent.log")
+
+    def ip() -> str | None:
+        item = agent.items().get(("Ingress", "open"))
+        lb = ((item or {}).get("status") or {}).get("loadBalancer", {}).get("ingress")
+        return lb[0]["ip"] if lb else None
+
+    try:
+        address = wait_until(ip, timeout=15, what="the Ingress address")
+        b = Bed(agent, address, mirror)
+        wait_until(lambda: b.request("open.example")[0] == 200, timeout=15,
+                   what="the Ingresses serving")
+        yield b
+    finally:
+        log = agent.stop(timeout=30)
+        for s in echoes:
+            s.stop()
+        mirror.shutdown()
+        assert "Traceback" not in log, log
+
+
+def _spread(pods: dict[str, set[str]]) -> set[str]:
+    """Every key went to one pod; the pods the keys went to."""
+    assert all(len(p) == 1 for p in pods.values()), pods
+    return {p for ps in pods.values() for p in ps}
+
+
+def test_without_hashing_requests_spread(bed: Bed) -> None:
+    assert len({bed.pod("open.example", "/same") for _ in range(40)}) > 1
+
+
+def test_upstream_hash_by_request_uri(bed: Bed) -> None:
+    pods: dict[str, set[str]] = {}
+    for i in range(12):
+        for _ in range(4):
+            pods.setdefault(f"/p{i}?q={i}", set()).add(bed.pod("by-uri.example", f"/p{i}?q={i}"))
+    assert len(_spread(pods)) > 1  # different keys, different endpoints
+
+
+def test_upstream_hash_by_header(bed: Bed) -> None:
+    pods: dict[str, set[str]] = {}
+    for i in range(12):
+        for n in range(4):
+            # The path changes: only the header counts.
+            pods.setdefault(f"u{i}", set()).add(bed.pod("by-header.example", f"/{n}", headers={
+                "X-User": f"u{i}"}))
+    assert len(_spread(pods)) > 1
+
+
+def test_upstream_hash_by_cookie(bed: Bed) -> None:
+    pods: dict[str, set[str]] = {}
+    for i in range(12):
+        for n in range(4):
+            pods.setdefault(f"s{i}", set()).add(bed.pod("by-cookie.example", f"/{n}", headers={
+                "Cookie": f"other={n}; session=s{i}"}))
+    assert len(_spread(pods)) > 1
+
+
+def test_upstream_hash_by_refused_balances_without_hashing(bed: Bed) -> None:
+    assert len({bed.pod("by-mix.example", "/same") for _ in range(40)}) > 1
+    warnings = bed.warnings("by-mix")
+    assert any("upstream-hash-by" in w and "refused" in w for w in warnings), warnings
+    assert any("upstream-hash-by-subset is not supported" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("value,policy", [
+    ("$request_uri", ir.HashPolicy("Path")),
+    ("${remote_addr}", ir.HashPolicy("SourceIP")),
+    ("$http_x_user_id", ir.HashPolicy("Header", "x-user-id")),
+    ("$cookie_SID", ir.HashPolicy("Cookie", "SID")),
+    ("$request_uri$host", None), ("${request_uri}-text", None), ("$host", None),
+    ("$http_", None), ("x" * 300, None)])
+def test_upstream_hash_by_values(value: str, policy: ir.HashPolicy | None) -> None:
+    s = ingress_annotations.parse(parse_object(_ingress(
+        "i", "h.example", "app", {NGINX + "upstream-hash-by": value})))
+    assert s.extras.hash_policy == policy
+    assert s.shapes_backend == (policy is not None)
+    assert bool(s.warnings) == (policy is None)
