@@ -99,6 +99,11 @@ _state_dir_option = click.option(
               help="Where a Gateway without spec.addresses gets its address: the pool "
                    "(--address-pool), the nodes' addresses, or a LoadBalancer Service "
                    "labelled mesh.dev/gateway=<name> in its namespace.")
+@click.option("--use-forwarded-headers", is_flag=True,
+              help="Ingresses: trust X-Forwarded-For (its last address is the client for "
+                   "the allow and deny lists) and X-Forwarded-Proto (not \"http\": no redirect "
+                   "to HTTPS), as ingress-nginx's use-forwarded-headers, behind a load "
+                   "balancer that writes them.")
 @click.option("--leader-elect", is_flag=True,
               help="With --kubernetes: elect the one agent that writes status on a Lease.")
 @click.option("--leader-namespace", default="mesh-system", show_default=True)
@@ -113,7 +118,8 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         echo_address: str | None, datapath_cgroup: Path | None,
         datapath_underlay: str | None, datapath_redirect: str, keep_envoy: bool,
         kubernetes: bool, kubeconfig: str | None, ratelimit_redis: str | None,
-        envoy_mode: str, gateway_addresses: str, leader_elect: bool, leader_namespace: str,
+        envoy_mode: str, gateway_addresses: str, use_forwarded_headers: bool,
+        leader_elect: bool, leader_namespace: str,
         leader_identity: str | None, lease_name: str, lease_duration: float,
         lease_renew_deadline: float, lease_retry: float) -> None:
     """Run the node agent and the node's Envoy."""
@@ -140,7 +146,8 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
             manifests=manifests,
             translator=TranslatorConfig(controller_name=controller_name,
                                         address_pool=address_pool,
-                                        gateway_addresses=gateway_addresses),
+                                        gateway_addresses=gateway_addresses,
+                                        use_forwarded_headers=use_forwarded_headers),
             node_id=node_id,
             state_dir=state_dir,
             xds_address=ListenAddress.parse(_address(xds_address, state_dir, "xds.sock")),

@@ -64,7 +64,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "rateLimit": {"redisFromSecret": {"name": "redis-url", "key": "url"}},
         "cni": {"install": True, "podCIDR": "10.244.0.0/24", "mtu": 1450},
         "gatewayClass": {"create": False, "controllerName": "example.com/mesh"},
-        "ingressClass": {"default": True},
+        "ingressClass": {"default": True, "useForwardedHeaders": True},
         "image": {"repository": "registry.example.com/mesh", "tag": "sha256:" + "a" * 64},
     },
 }
@@ -179,6 +179,8 @@ def _expected_args(v: dict[str, Any]) -> list[str]:
             "--leader-identity", "$(POD_NAME)",
             "--controller-name", v["gatewayClass"]["controllerName"],
             "--gateway-addresses", v["gatewayAddresses"]["source"]]
+    if v["ingressClass"]["useForwardedHeaders"]:
+        args.append("--use-forwarded-headers")
     if v["gatewayAddresses"]["source"] == "pool":
         args += ["--address-pool", v["gatewayAddresses"]["pool"]]
     if v["rateLimit"]["redis"]:

@@ -12,7 +12,7 @@ import pytest
 from mesh import ir
 from mesh.store.objects import ObjectKey, parse_object
 from mesh.store.store import StoreSnapshot
-from mesh.translate import Translation, translate
+from mesh.translate import Translation, TranslatorConfig, translate
 from mesh.translate.status import IngressStatus
 
 NGINX = "nginx.ingress.kubernetes.io/"
@@ -49,7 +49,7 @@ def canary(name: str, annotations: dict[str, str], backend: str = "canary",
                    paths or [("/", "Prefix", backend)])
 
 
-def run(*docs: dict[str, Any]) -> Translation:
+def run(*docs: dict[str, Any], cfg: TranslatorConfig | None = None) -> Translation:
     objects = [parse_object(CLASS)]
     for n, d in enumerate(docs):  # created in the order given
         objects.append(replace(parse_object(d), created=float(n + 1)))
@@ -61,7 +61,7 @@ def run(*docs: dict[str, Any]) -> Translation:
         "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
         "metadata": {"name": "shop-tls", "namespace": "default"},
         "stringData": {"tls.crt": CERT.decode(), "tls.key": KEY.decode()}}))
-    return translate(StoreSnapshot.of(objects))
+    return translate(StoreSnapshot.of(objects), cfg)
 
 
 def routes(t: Translation, host: str = HOST, table: str = "ingress") -> list[ir.Route]:
@@ -518,6 +518,35 @@ def test_bad_whitelist_source_range_lets_nobody_in() -> None:
     assert all(r.action == ir.DirectResponse(403, "") for r in routes(t))
     assert any('whitelist-source-range: "10.0.0.0/8,nope" is refused: nope is not' in w
                for w in warnings(t))
+
+
+def test_denylist_source_range_before_the_allow_list() -> None:
+    t = run(ingress("shop", {NGINX + "denylist-source-range": "18.0.0.0/8, 56.0.0.1"}))
+    r = route(t)
+    assert (r.denied_sources, r.allowed_sources) == (("18.0.0.0/8", "56.0.0.1/32"), ())
+    assert not r.sources_from_forwarded_for and not warnings(t)
+    t = run(ingress("shop", {NGINX + "denylist-source-range": "10.1.0.0/16",
+                             NGINX + "allowlist-source-range": "10.0.0.0/8"}))
+    assert (route(t).denied_sources, route(t).allowed_sources) == (("10.1.0.0/16",),
+                                                                   ("10.0.0.0/8",))
+    # A deny list that does not parse: closed, as a bad allow list.
+    t = run(ingress("shop", {NGINX + "denylist-source-range": "10.0.0.0/8, 300.1.1.1"}))
+    assert route(t).action == ir.DirectResponse(403, "")
+    assert any('denylist-source-range: "10.0.0.0/8, 300.1.1.1" is refused' in w
+               for w in warnings(t))
+
+
+def test_use_forwarded_headers_takes_the_client_from_x_forwarded_for() -> None:
+    docs = [ingress("shop", {NGINX + "denylist-source-range": "18.0.0.0/8"}),
+            ingress("other", {NGINX + "allowlist-source-range": "10.0.0.0/8"},
+                    host="other.example"),
+            ingress("plain", {NGINX + "enable-cors": "true"}, host="plain.example")]
+    t = run(*docs, cfg=TranslatorConfig(use_forwarded_headers=True))
+    assert route(t).sources_from_forwarded_for
+    assert route(t, "default/other/rule0/path0", host="other.example").sources_from_forwarded_for
+    assert not route(t, "default/plain/rule0/path0",
+                     host="plain.example").sources_from_forwarded_for
+    assert not any(r.sources_from_forwarded_for for r in routes(run(*docs)))
 
 
 # -- values and unsupported annotations ------------------------------------------------------

@@ -29,6 +29,11 @@ class TranslatorConfig:
     # ingress addresses of the LoadBalancer Service labelled mesh.dev/gateway=<name> in the
     # Gateway's namespace).
     gateway_addresses: str = "pool"
+    # ingress-nginx's use-forwarded-headers: the Ingress proxy sits behind a load balancer
+    # that writes X-Forwarded-For and X-Forwarded-Proto. The client's address for the
+    # Ingresses' allow and deny lists is then X-Forwarded-For's last one, and a request
+    # with X-Forwarded-Proto other than "http" is not redirected to HTTPS.
+    use_forwarded_headers: bool = False
 
     def __post_init__(self) -> None:
         if self.gateway_addresses not in ("pool", "node", "loadbalancer"):
