@@ -1,4 +1,4 @@
-"""ingress-nginx's upstream-hash-by (and the annotations that follow it in ingress_extras)
+"""ingress-nginx's upstream-hash-by and mirror-target (the annotations of ingress_extras)
 through a real agent (`mesh run --manifests`) and a real Envoy, against echo backends.
 """
 
@@ -117,6 +117,15 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         _ingress("by-mix", "by-mix.example", "app", {
             NGINX + "upstream-hash-by": "$request_uri$host",
             NGINX + "upstream-hash-by-subset": "true"}),
+        _ingress("mirrored", "mirrored.example", "app", {
+            NGINX + "mirror-target": "http://mirror.default.svc.cluster.local$request_uri"}),
+        _ingress("mirrored-host", "mirrored-host.example", "app", {
+            NGINX + "mirror-target": "http://mirror.default.svc:80${request_uri}",
+            NGINX + "mirror-host": "test.env.com", NGINX + "mirror-request-body": "off"}),
+        _ingress("mirror-url", "mirror-url.example", "app", {
+            NGINX + "mirror-target": "https://test.env.com$request_uri"}),
+        _ingress("mirror-lost", "mirror-lost.example", "app", {
+            NGINX + "mirror-target": "http://nowhere.default.svc$request_uri"}),
     ]
     objects += local_service("app", [e.server_address[1] for e in echoes])
     objects += local_service("mirror", [mirror.port], target_port=mirror.port)
@@ -200,3 +209,38 @@ def test_upstream_hash_by_values(value: str, policy: ir.HashPolicy | None) -> No
     assert s.extras.hash_policy == policy
     assert s.shapes_backend == (policy is not None)
     assert bool(s.warnings) == (policy is None)
+
+
+def _mirrored(bed: Bed, n: int) -> list[dict[str, Any]]:
+    wait_until(lambda: len(bed.mirror.seen) >= n, timeout=5, what="the mirrored requests")
+    return bed.mirror.seen
+
+
+def test_mirror_target(bed: Bed) -> None:
+    bed.mirror.seen.clear()
+    status, _, body = bed.request("mirrored.example", "/a/b?c=1", "POST", body=b"payload")
+    assert status == 200 and json.loads(body)["pod"].startswith("app-"), body
+    copy = _mirrored(bed, 1)[0]
+    assert copy["method"] == "POST" and copy["path"] == "/a/b?c=1", copy
+    assert copy["body"] == b"payload"
+    # The target's host, not the request's with "-shadow" (Envoy's default).
+    assert copy["host"] == "mirror.default.svc.cluster.local", copy
+
+
+def test_mirror_host_and_request_body_off(bed: Bed) -> None:
+    bed.mirror.seen.clear()
+    assert bed.request("mirrored-host.example", "/x", "POST", body=b"data")[0] == 200
+    copy = _mirrored(bed, 1)[0]
+    assert copy["host"] == "test.env.com" and copy["path"] == "/x", copy
+    assert copy["body"] == b"data"  # off is not supported: said so
+    assert any("mirror-request-body" in w and "not supported" in w
+               for w in bed.warnings("mirrored-host")), bed.warnings("mirrored-host")
+
+
+@pytest.mark.parametrize("name", ["mirror-url", "mirror-lost"])
+def test_mirror_target_refused_mirrors_nothing(bed: Bed, name: str) -> None:
+    bed.mirror.seen.clear()
+    assert bed.request(f"{name}.example", "/")[0] == 200
+    assert any("mirror-target" in w for w in bed.warnings(name)), bed.warnings(name)
+    assert bed.request("mirrored.example", "/after")[0] == 200
+    assert [c["path"] for c in _mirrored(bed, 1)] == ["/after"]

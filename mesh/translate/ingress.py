@@ -131,10 +131,7 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
         except model.Invalid:
             continue
         if (ing.class_name or default) in classes:
-            settings = nginx.parse(obj)
-            if cfg.use_forwarded_headers:
-                settings = replace(settings, forwarded_headers=True)
-            ingresses.append((ing, settings))
+            ingresses.append((ing, nginx.parse(obj)))
     if not ingresses:
         return result
     address = allocate()
@@ -240,7 +237,8 @@ def _main(routes: RouteBuilder, variants: _Variants, ing: model.Ingress, s: Ingr
         name=name, path=match, action=ir.Forward((ir.WeightedBackend(target, 1),)),
         owners=frozenset({obj.key})), regex)
     route = ingress_extras.apply(s.max_request_bytes, s.extras, ingress_auth.apply(
-        s.auth, route, lambda ns, svc, port: _service(routes, obj, ns, svc, port), warnings))
+        s.auth, route, lambda ns, svc, port: _service(routes, obj, ns, svc, port), warnings),
+        lambda ns, svc, port: _service(routes, obj, ns, svc, port), warnings)
     forward = route.action if isinstance(route.action, ir.Forward) else None
     if target is None and forward is not None:
         route = replace(route, action=ir.DirectResponse(503, ""))

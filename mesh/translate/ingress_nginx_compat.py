@@ -92,11 +92,9 @@ ANNOTATIONS: tuple[Annotation, ...] = (
             "canary (Exact match)",
             "With a value, `always` and `never` are values like any other (as in "
             "ingress-nginx). It wins over the pattern (the pattern gets a warning)."),
-        partly("canary-by-header-pattern", "Header matching the pattern → canary "
-               "(RegularExpression `.*(?:pattern).*`)",
-            "RE2, not PCRE: a pattern with lookaround or backreferences is refused with a "
-            "warning, and a request with the header then goes to the main Ingress (as with a "
-            "pattern that does not compile, where nginx does the same). The pattern is found "
+        yes("canary-by-header-pattern", "Header matching the pattern → canary "
+            "(RegularExpression `.*(?:pattern).*`)",
+            "RE2, not PCRE: lookaround and backreferences are refused. The pattern is found "
             "anywhere in the value, as nginx's `ngx.re.match`."),
         yes("canary-by-cookie", "Cookie `name=always` → canary; `name=never` → main",
             "If a request carries the same cookie twice, `always` wins; nginx reads the "
@@ -231,17 +229,12 @@ ANNOTATIONS: tuple[Annotation, ...] = (
     *family(
         "Client addresses",
         yes("whitelist-source-range", "`Route.allowed_sources` (comma-separated CIDRs or "
-            "addresses); others get 403; with `--use-forwarded-headers` the client is "
-            "X-Forwarded-For's last address",
+            "addresses); others get 403",
             "A list that does not parse lets nobody in: the paths answer 403 until it is "
             "fixed."),
         yes("allowlist-source-range", "The same as `whitelist-source-range` (its newer name)",
             "As `whitelist-source-range`."),
-        yes("denylist-source-range", "`Route.denied_sources` (comma-separated CIDRs or "
-            "addresses) get 403, before the allow list; with `--use-forwarded-headers` the "
-            "client is X-Forwarded-For's last address",
-            "A list that does not parse lets nobody in: the paths answer 403 until it is "
-            "fixed (ingress-nginx: 503)."),
+        no("denylist-source-range", "the IR has allow lists only"),
     ),
     # -- CORS -------------------------------------------------------------------------------
     *family(
@@ -378,9 +371,17 @@ ANNOTATIONS: tuple[Annotation, ...] = (
     # -- mirroring --------------------------------------------------------------------------
     *family(
         "Mirroring",
-        no("mirror-target", "the IR mirrors to a backend of the mesh, not to a URL"),
-        no("mirror-host", "`mirror-target` is not supported"),
-        no("mirror-request-body", "`mirror-target` is not supported"),
+        partly("mirror-target", "`Forward.mirrors`: every request of the Ingress's paths is "
+               "copied to the Service (`http://name.namespace.svc...[:port]$request_uri`), "
+               "its answer ignored; the copy's Host is the URL's host",
+               "Only `http://` to a Service of the Ingress's namespace (or one a "
+               "ReferenceGrant opens), ending in `$request_uri`: anything else is refused "
+               "with a warning, and nothing is mirrored. The request does not wait for the "
+               "copy (nginx: a slow mirror slows the request down)."),
+        yes("mirror-host", "`Mirror.host`: the copy's Host header (default: the target's "
+            "host)"),
+        partly("mirror-request-body", "`on` (the default): the copy carries the body",
+               "`off` is not supported (warning): the copy always carries the body."),
     ),
     # -- logs and traces --------------------------------------------------------------------
     *family(
