@@ -252,12 +252,28 @@ def test_bad_canary_header_name_is_refused() -> None:
     assert any('canary-by-header: "bad header" is refused' in w for w in warnings(t, "c"))
 
 
-def test_bad_canary_pattern_is_refused() -> None:
+@pytest.mark.parametrize("pattern", ["(unclosed", "[][**da?$&*", "^v(?=2)"])
+def test_canary_pattern_that_cannot_run_sends_the_header_to_main(pattern: str) -> None:
+    """As nginx, where a pattern that errors ends the canary's rules for requests with the
+    header (the cookie is not read); one RE2 cannot run is treated the same (safe)."""
     t = run(ingress("shop"), canary("c", {NGINX + "canary-by-header": "x",
-                                          NGINX + "canary-by-header-pattern": "(unclosed"}))
-    # The header falls back to always / never.
+                                          NGINX + "canary-by-header-pattern": pattern,
+                                          NGINX + "canary-by-cookie": "k"}))
+    rs = routes(t)
+    assert rs[0].headers == (ir.StringMatch("Present", "", "x"),)
+    assert forward(rs[0]).backends == forward(rs[-1]).backends  # main
+    assert [r.name.rsplit("/", 1)[1] for r in rs] == [
+        "canary-header-never", "canary-cookie", "canary-cookie-never", "path0"]
+    assert any(f'canary-by-header-pattern: "{pattern}" is refused' in w and
+               "goes to the main Ingress" in w for w in warnings(t, "c"))
+
+
+def test_canary_pattern_ingress_nginx_drops_leaves_always_and_never() -> None:
+    t = run(ingress("shop"), canary("c", {NGINX + "canary-by-header": "x",
+                                          NGINX + "canary-by-header-pattern": "a{1,2}"}))
+    # ingress-nginx's validation refuses the comma: the header's always / never apply.
     assert [r.headers[0].value for r in routes(t)[:2]] == ["always", "never"]
-    assert any('canary-by-header-pattern: "(unclosed" is refused' in w
+    assert any('canary-by-header-pattern: "a{1,2}" is refused: characters' in w
                for w in warnings(t, "c"))
 
 

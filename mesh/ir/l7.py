@@ -288,6 +288,11 @@ class Route:
     hash_policy: HashPolicy | None = None
     session: SessionPersistence | None = None
     allowed_sources: tuple[str, ...] = ()  # client CIDRs let in (empty: every client); 403
+    denied_sources: tuple[str, ...] = ()  # client CIDRs refused (403), whatever is allowed
+    # The client's address for allowed_sources and denied_sources: the last address of
+    # X-Forwarded-For (a load balancer in front wrote it) when the request has one, instead
+    # of the connection's peer.
+    sources_from_forwarded_for: bool = False
     ext_auth: ExtAuth | None = None
     max_request_bytes: int | None = None  # a larger request body answers 413
 

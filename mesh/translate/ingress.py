@@ -131,7 +131,10 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
         except model.Invalid:
             continue
         if (ing.class_name or default) in classes:
-            ingresses.append((ing, nginx.parse(obj)))
+            settings = nginx.parse(obj)
+            if cfg.use_forwarded_headers:
+                settings = replace(settings, forwarded_headers=True)
+            ingresses.append((ing, settings))
     if not ingresses:
         return result
     address = allocate()

@@ -73,6 +73,9 @@ class Canary:
     header: str | None = None  # lowercase; `always`/`never` unless value or pattern is set
     header_value: str | None = None  # exact: overrides the pattern
     header_pattern: str | None = None  # RE2, matched anywhere in the value (as nginx does)
+    # The pattern cannot be run (nginx: it errors, and a request with the header goes to
+    # the main Ingress, cookie and weight unread); requests without the header go on.
+    header_unmatchable: bool = False
     cookie: str | None = None
     weight: int = 0
     weight_total: int = 100
@@ -97,7 +100,11 @@ class IngressSettings:
     force_ssl_redirect: bool = False
     rate_limits: tuple[ir.RateLimit, ...] = ()
     allowed_sources: tuple[str, ...] = ()
-    deny_all: bool = False  # the allow list was refused: no client is let in
+    denied_sources: tuple[str, ...] = ()
+    deny_all: bool = False  # the allow or deny list was refused: no client is let in
+    # The controller's use-forwarded-headers (TranslatorConfig), not an annotation: the
+    # client's address from X-Forwarded-For, X-Forwarded-Proto trusted by the redirects.
+    forwarded_headers: bool = False
     cors: ir.Cors | None = None
     session: Session | None = None
     retry: ir.Retry | None = None
@@ -310,20 +317,45 @@ def _canary(r: _Reader) -> Canary | None:
         return None
     header = r.get("canary-by-header", _token)
     value = r.get("canary-by-header-value", lambda t: t if t else None)
-    pattern = r.get("canary-by-header-pattern", _regex)
+    pattern, unmatchable = _header_pattern(r)
     if header is None:
         r.ignore({"canary-by-header-value", "canary-by-header-pattern"} & r.values.keys(),
                  f"it needs {r.key('canary-by-header')}")
         value = pattern = None
-    elif value is not None and pattern is not None:
+        unmatchable = False
+    elif value is not None and (pattern is not None or unmatchable):
         r.ignore(["canary-by-header-pattern"],
                  f"{r.key('canary-by-header-value')} is set and wins")
-        pattern = None
+        pattern, unmatchable = None, False
     total = r.get("canary-weight-total", _int_between(1, 1_000_000), 100)
     weight = r.get("canary-weight", _int_between(0, total), 0)
     return Canary(header=header.lower() if header else None, header_value=value,
-                  header_pattern=pattern, cookie=r.get("canary-by-cookie", _token),
-                  weight=weight, weight_total=total)
+                  header_pattern=pattern, header_unmatchable=unmatchable,
+                  cookie=r.get("canary-by-cookie", _token), weight=weight, weight_total=total)
+
+
+# The characters ingress-nginx's annotation validation lets through in a pattern
+# (parser.IsValidRegex); a pattern with others is dropped there.
+_NGINX_PATTERN = re.compile(r"^[-/.\w~:^$\[\](){}*+?|&=\\]*$", re.ASCII)
+
+
+def _header_pattern(r: _Reader) -> tuple[str | None, bool]:
+    """canary-by-header-pattern: (the pattern, or None; whether it cannot be run)."""
+    text = r.get("canary-by-header-pattern", lambda t: t)
+    if not text:
+        return None, False
+    if not _NGINX_PATTERN.match(text):
+        r.refuse("canary-by-header-pattern", "characters ingress-nginx's validation refuses "
+                 "(it drops the pattern too): the header's always and never apply")
+        return None, False
+    problem = regex_problem(text)
+    if problem is not None:
+        # nginx compiles the pattern per request; one that fails matches nothing and ends
+        # the canary's rules there. Safe either way: such a request goes to the main Ingress.
+        r.refuse("canary-by-header-pattern", f"{problem}; a request with the header goes "
+                 "to the main Ingress")
+        return None, True
+    return text, False
 
 
 def _rewrite(r: _Reader) -> dict[str, Any]:
@@ -352,17 +384,22 @@ def _rate_limits(r: _Reader, key: ObjectKey) -> dict[str, Any]:
 
 
 def _sources(r: _Reader) -> dict[str, Any]:
-    for name in ("allowlist-source-range", "whitelist-source-range"):
-        if not r.has(name):
+    out: dict[str, Any] = {}
+    # nginx's `deny` lines, then `allow` lines and `deny all`: a denied client is refused
+    # whatever the allow list says.
+    for field, names in (("allowed_sources", ("allowlist-source-range",
+                                              "whitelist-source-range")),
+                         ("denied_sources", ("denylist-source-range",))):
+        name = next((n for n in names if r.has(n)), None)
+        if name is None:
             continue
         try:
-            text = r.text(name)
-            return {"allowed_sources": _cidrs(text or "")}
+            out[field] = _cidrs(r.text(name) or "")
         except _Refused as e:
-            # Fail closed: an allow list we cannot read lets nobody in, not everybody.
+            # Fail closed: a list we cannot read lets nobody in, not everybody.
             r.refuse(name, f"{e}; the paths answer 403 until it is fixed")
-            return {"deny_all": True}
-    return {}
+            out["deny_all"] = True
+    return out
 
 
 def _timeouts(r: _Reader) -> dict[str, Any]:
@@ -498,7 +535,9 @@ def shape_route(s: IngressSettings, route: ir.Route, path: str | None) -> ir.Rou
         cookie_path = s.session.path or ("/" if path is not None else _plain(route.path))
         session = ir.SessionPersistence("Cookie", s.session.name, s.session.ttl, cookie_path)
     return replace(route, action=a, rate_limits=s.rate_limits, cors=s.cors, session=session,
-                   allowed_sources=s.allowed_sources)
+                   allowed_sources=s.allowed_sources, denied_sources=s.denied_sources,
+                   sources_from_forwarded_for=s.forwarded_headers and bool(
+                       s.allowed_sources or s.denied_sources))
 
 
 def _plain(m: ir.StringMatch) -> str:
@@ -552,6 +591,9 @@ def canary_routes(main: ir.Route, forward: ir.Forward | None, c: Canary, canary:
             # nginx looks for the pattern anywhere in the value; Envoy matches the whole.
             out.append(to(canary, "header", ir.StringMatch(
                 "RegularExpression", f".*(?:{c.header_pattern}).*", c.header)))
+        elif c.header_unmatchable:
+            out.append(to(main_backend, "header-never", ir.StringMatch("Present", "",
+                                                                     c.header)))
         else:
             out.append(to(canary, "header", ir.StringMatch("Exact", "always", c.header)))
             out.append(to(main_backend, "header-never",

@@ -92,9 +92,11 @@ ANNOTATIONS: tuple[Annotation, ...] = (
             "canary (Exact match)",
             "With a value, `always` and `never` are values like any other (as in "
             "ingress-nginx). It wins over the pattern (the pattern gets a warning)."),
-        yes("canary-by-header-pattern", "Header matching the pattern → canary "
-            "(RegularExpression `.*(?:pattern).*`)",
-            "RE2, not PCRE: lookaround and backreferences are refused. The pattern is found "
+        partly("canary-by-header-pattern", "Header matching the pattern → canary "
+               "(RegularExpression `.*(?:pattern).*`)",
+            "RE2, not PCRE: a pattern with lookaround or backreferences is refused with a "
+            "warning, and a request with the header then goes to the main Ingress (as with a "
+            "pattern that does not compile, where nginx does the same). The pattern is found "
             "anywhere in the value, as nginx's `ngx.re.match`."),
         yes("canary-by-cookie", "Cookie `name=always` → canary; `name=never` → main",
             "If a request carries the same cookie twice, `always` wins; nginx reads the "
@@ -229,12 +231,17 @@ ANNOTATIONS: tuple[Annotation, ...] = (
     *family(
         "Client addresses",
         yes("whitelist-source-range", "`Route.allowed_sources` (comma-separated CIDRs or "
-            "addresses); others get 403",
+            "addresses); others get 403; with `--use-forwarded-headers` the client is "
+            "X-Forwarded-For's last address",
             "A list that does not parse lets nobody in: the paths answer 403 until it is "
             "fixed."),
         yes("allowlist-source-range", "The same as `whitelist-source-range` (its newer name)",
             "As `whitelist-source-range`."),
-        no("denylist-source-range", "the IR has allow lists only"),
+        yes("denylist-source-range", "`Route.denied_sources` (comma-separated CIDRs or "
+            "addresses) get 403, before the allow list; with `--use-forwarded-headers` the "
+            "client is X-Forwarded-For's last address",
+            "A list that does not parse lets nobody in: the paths answer 403 until it is "
+            "fixed (ingress-nginx: 503)."),
     ),
     # -- CORS -------------------------------------------------------------------------------
     *family(

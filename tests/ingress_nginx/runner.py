@@ -104,7 +104,14 @@ class Agent:
                            log=self.dir / "agent.log", wait=False)
 
     def start(self) -> None:
-        self.run.wait_ready(timeout=60)
+        deadline = time.monotonic() + 60
+        while b"node ready" not in self.run.log.read_bytes():
+            if self.run.proc.poll() is not None:
+                raise RuntimeError(f"mesh run exited with {self.run.proc.returncode}:\n"
+                                   f"{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("mesh run was not ready within 60s")
+            time.sleep(0.1)
 
         def address() -> str | None:
             item = self.run.items().get(("Ingress", PROBE))
@@ -284,7 +291,7 @@ def run(pattern: str | None = None, data_dir: Path | None = None,
                 agent.start()
                 down = ""
             except (RuntimeError, AssertionError) as e:
-                down = f"mesh run ({name}) did not start: {e}"
+                down = f"mesh run ({name}) did not start: {str(e).splitlines()[0]}"
                 notes.append(f"{down}\n{agent.log_tail()}")
             if verbose and not down:
                 log(f"agent {name}: Ingress address {agent.address}, log {agent.run.log}")
