@@ -1,4 +1,4 @@
-"""ingress-nginx's upstream-hash-by and mirror-target (the annotations of ingress_extras)
+"""ingress-nginx's upstream-hash-by, mirror-target, default-backend (ingress_extras' annotations)
 through a real agent (`mesh run --manifests`) and a real Envoy, against echo backends.
 """
 
@@ -103,6 +103,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     echoes = [EchoServer("127.0.0.1", 0, EchoIdentity(pod=f"app-{i}")).start()
               for i in range(1, 5)]
     mirror = Recorder()
+    spare = EchoServer("127.0.0.1", 0, EchoIdentity(pod="spare-1")).start()
     manifests = root / "manifests"
     manifests.mkdir()
     objects: list[dict[str, Any]] = [
@@ -126,9 +127,18 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
             NGINX + "mirror-target": "https://test.env.com$request_uri"}),
         _ingress("mirror-lost", "mirror-lost.example", "app", {
             NGINX + "mirror-target": "http://nowhere.default.svc$request_uri"}),
+        _ingress("fallback", "fallback.example", "empty", {NGINX + "default-backend": "spare"}),
+        _ingress("fallback-gone", "fallback-gone.example", "gone", {
+            NGINX + "default-backend": "spare"}),
+        _ingress("fallback-unused", "fallback-unused.example", "app", {
+            NGINX + "default-backend": "spare"}),
+        _ingress("fallback-lost", "fallback-lost.example", "empty", {
+            NGINX + "default-backend": "nowhere"}),
     ]
     objects += local_service("app", [e.server_address[1] for e in echoes])
     objects += local_service("mirror", [mirror.port], target_port=mirror.port)
+    objects += local_service("spare", [spare.server_address[1]])
+    objects += local_service("empty", [])
     (manifests / "all.yaml").write_text(docs(*objects))
     agent = MeshRun(manifests, Path(f"/tmp/mesh-e2e-extras-{os.getpid()}"), "--address-pool",
                     POOL, node_id="e2e-extras", fresh=True, log=root / "agent.log")
@@ -146,7 +156,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         yield b
     finally:
         log = agent.stop(timeout=30)
-        for s in echoes:
+        for s in (*echoes, spare):
             s.stop()
         mirror.shutdown()
         assert "Traceback" not in log, log
@@ -244,3 +254,17 @@ def test_mirror_target_refused_mirrors_nothing(bed: Bed, name: str) -> None:
     assert any("mirror-target" in w for w in bed.warnings(name)), bed.warnings(name)
     assert bed.request("mirrored.example", "/after")[0] == 200
     assert [c["path"] for c in _mirrored(bed, 1)] == ["/after"]
+
+
+@pytest.mark.parametrize("name", ["fallback", "fallback-gone"])
+def test_default_backend_when_the_service_has_no_endpoints(bed: Bed, name: str) -> None:
+    assert bed.pod(f"{name}.example", "/x") == "spare-1"
+
+
+def test_default_backend_unused_while_the_service_has_endpoints(bed: Bed) -> None:
+    assert bed.pod("fallback-unused.example").startswith("app-")
+
+
+def test_default_backend_that_cannot_be_used(bed: Bed) -> None:
+    assert bed.request("fallback-lost.example")[0] == 503
+    assert any("default-backend" in w for w in bed.warnings("fallback-lost"))

@@ -235,7 +235,7 @@ def _main(routes: RouteBuilder, variants: _Variants, ing: model.Ingress, s: Ingr
         else:
             warnings.append(f'{s.regex_by}: path "{path}" is refused as a regular expression '
                             f"({problem}): it is matched as a plain path, without rewrite")
-    target = variants.of(_target(routes, ing, backend), s, obj.key)
+    target = variants.of(_fallback(routes, ing, backend, s, warnings), s, obj.key)
     route = nginx.shape_route(s, ir.Route(
         name=name, path=match, action=ir.Forward((ir.WeightedBackend(target, 1),)),
         owners=frozenset({obj.key})), regex)
@@ -312,6 +312,33 @@ def _target(routes: RouteBuilder, ing: model.Ingress,
         port = next((p.port for p in svc.ports if p.name == backend.port_name), None)
     return routes.backend(model.BackendObjectRef("", "Service", obj.namespace,
                                                  backend.service, port), obj, Resolution())
+
+
+def _fallback(routes: RouteBuilder, ing: model.Ingress, backend: model.IngressBackend,
+              s: IngressSettings, warnings: list[str]) -> str | None:
+    """The path's backend, or the default-backend annotation's Service (its first port)
+    when the path's Service has no endpoints (as ingress-nginx)."""
+    name = _target(routes, ing, backend)
+    other = s.extras.default_backend
+    if other is None:
+        return name
+    ns = ing.obj.namespace
+    svc = routes.service(ns, backend.service)
+    port = next((p for p in svc.ports if p.port == backend.port_number or (
+        backend.port_name is not None and p.name == backend.port_name)), None) if svc else None
+    if name is not None and svc is not None and port is not None and \
+            routes.endpoints(svc, port):
+        return name
+    fallback = routes.service(ns, other)
+    used = _service(routes, ing.obj, ns, other, fallback.ports[0].port) \
+        if fallback is not None and fallback.ports else None
+    if used is None:
+        msg = (f"default-backend: Service {ns}/{other} cannot be used (missing, or without "
+               "ports)")
+        if msg not in warnings:
+            warnings.append(msg)
+        return name
+    return used
 
 
 def _service(routes: RouteBuilder, obj: KubeObject, namespace: str, name: str,

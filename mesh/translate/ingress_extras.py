@@ -1,6 +1,7 @@
 """ingress-nginx annotations beyond the first table's, parsed into typed settings: request
 body size (proxy-body-size), consistent hashing (upstream-hash-by), mirroring to a Service
-(mirror-target). The auth family is `ingress_auth`.
+(mirror-target), a Service for paths whose Service has no endpoints (default-backend). The
+auth family is `ingress_auth`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from mesh.translate.annotation_values import Refused
 from mesh.translate.ingress_auth import _SERVICE_HOST
 
 NAMES = frozenset({"proxy-body-size", "upstream-hash-by", "mirror-target", "mirror-host",
-                   "mirror-request-body"})
+                   "mirror-request-body", "default-backend"})
 MAX_URL = 2048
 # A body is held whole in the node's proxy while it is checked: no more than this.
 MAX_BODY = 64 * 1024 * 1024
@@ -33,6 +34,7 @@ class Extras:
 
     hash_policy: ir.HashPolicy | None = None  # upstream-hash-by (the backend copy hashes)
     mirror: Mirror | None = None  # mirror-target
+    default_backend: str | None = None  # a Service of the Ingress's namespace
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ def parse(r: Any, namespace: str) -> dict[str, Any]:
     # A value we cannot hash by is refused: the requests are then balanced as without the
     # annotation (fail safe: hashing is about where a request goes, not whether it may).
     out["extras"] = Extras(hash_policy=r.get("upstream-hash-by", _hash_by),
-                           mirror=_mirror(r, namespace))
+                           mirror=_mirror(r, namespace),
+                           default_backend=r.get("default-backend", _service_name))
     return out
 
 
@@ -104,6 +107,12 @@ def _mirror_target(text: str, namespace: str) -> tuple[str, str, int, str]:
         raise _no("the target must end in $request_uri, after the host and port (the copy "
                   "keeps the request's path and query); nothing is mirrored")
     return svc.group(3) or namespace, svc.group(1), port or 80, host
+
+
+def _service_name(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", text):
+        raise _no("not a Service name (a Service of the Ingress's namespace)")
+    return text
 
 
 def _fail(why: str) -> Any:

@@ -312,9 +312,16 @@ ANNOTATIONS: tuple[Annotation, ...] = (
            "endpoint"),
         no("upstream-hash-by-subset-size", "`upstream-hash-by-subset` is not supported"),
         no("service-upstream", "the mesh balances over the Service's endpoints itself"),
-        no("default-backend", "an Ingress's own `defaultBackend` is served; a backend for "
-           "errors is not"),
-        no("custom-http-errors", "the IR does not send error responses to another backend"),
+        partly("default-backend", "A Service of the Ingress's namespace (its first port) "
+               "that the Ingress's paths are sent to while their Service has no endpoints, "
+               "or is missing",
+               "Decided when the configuration is built, from the EndpointSlices (as "
+               "ingress-nginx): endpoints that exist but fail are not replaced. Errors are "
+               "not sent to it (`custom-http-errors` is not supported)."),
+        no("custom-http-errors", "error responses are not replaced by another backend's: "
+           "Envoy's custom_response filter could send them there, but only as an internal "
+           "redirect through the route table (a route per Ingress for it, and the headers "
+           "nginx adds, X-Code and the like, cannot be set); not done yet"),
         no("disable-proxy-intercept-errors", "`custom-http-errors` is not supported"),
         no("fastcgi-index", "the IR has no FastCGI backends"),
         no("fastcgi-params-configmap", "the IR has no FastCGI backends"),
