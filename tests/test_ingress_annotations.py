@@ -13,6 +13,7 @@ from mesh import ir
 from mesh.store.objects import ObjectKey, parse_object
 from mesh.store.store import StoreSnapshot
 from mesh.translate import Translation, TranslatorConfig, translate
+from mesh.translate import ingress_annotations as nginx
 from mesh.translate.status import IngressStatus
 
 NGINX = "nginx.ingress.kubernetes.io/"
@@ -393,8 +394,53 @@ def test_ssl_redirect_needs_tls_and_force_does_not() -> None:
 def test_redirect_comes_before_the_canary() -> None:
     t = run(ingress("shop", {NGINX + "limit-rps": "100"}, tls=True),
             canary("c", {NGINX + "canary-by-header": "x-canary"}))
-    assert [r.action for r in routes(t)] == [ir.Redirect(308, scheme="https")]
+    assert [r.action for r in routes(t)] == [
+        ir.DirectResponse(308), ir.Redirect(308, scheme="https", strip_trailing_slash=True),
+        ir.Redirect(308, scheme="https")]
     assert len(routes(t, table="ingress-https")) == 3
+
+
+def test_redirect_to_https_drops_a_trailing_slash_unless_preserved() -> None:
+    """nginx drops the request URI's last character when it is `/`: a path ending with one
+    and no query (`/a/` -> https://host/a, `/` -> https://host); not with
+    preserve-trailing-slash."""
+    t = run(ingress("shop", {NGINX + "force-ssl-redirect": "true"}))
+    root, slash, other = routes(t)
+    # `/` alone: no path at all, which only a whole URL can say (the host is known).
+    assert (root.path, root.headers, root.action, root.response_headers) == (
+        ir.StringMatch("Exact", "/"), (ir.StringMatch("Exact", "/", ":path"),),
+        ir.DirectResponse(308), ir.HeaderOps(set=(("location", "https://shop.example"),)))
+    assert slash.headers == (ir.StringMatch("RegularExpression", "[^?]*/", ":path"),)
+    assert re.fullmatch(slash.headers[0].value, "/a/")
+    assert not re.fullmatch(slash.headers[0].value, "/a/?b=/")
+    assert slash.action == ir.Redirect(308, scheme="https", strip_trailing_slash=True)
+    assert other.action == ir.Redirect(308, scheme="https") and not other.headers
+    t = run(ingress("shop", {NGINX + "force-ssl-redirect": "true",
+                             NGINX + "preserve-trailing-slash": "true"}))
+    assert [r.action for r in routes(t)] == [ir.Redirect(308, scheme="https")]
+    # A host with a wildcard, or none: the redirect keeps the `/`.
+    t = run(ingress("shop", {NGINX + "force-ssl-redirect": "true"}, host=None))
+    assert [r.action for r in routes(t, host="*")] == [
+        ir.Redirect(308, scheme="https", strip_trailing_slash=True),
+        ir.Redirect(308, scheme="https")]
+
+
+def test_use_forwarded_headers_serves_what_came_in_as_https() -> None:
+    """Behind a load balancer that ends TLS, X-Forwarded-Proto says how the request came
+    in: anything but `http` is served, not redirected (ingress-nginx's
+    use-forwarded-headers)."""
+    docs = (ingress("shop", {NGINX + "force-ssl-redirect": "true"}),
+            canary("c", {NGINX + "canary-by-header": "x-canary"}))
+    rs = routes(run(*docs, cfg=TranslatorConfig(use_forwarded_headers=True)))
+    proto = ir.StringMatch("RegularExpression", nginx.NOT_HTTP, "x-forwarded-proto")
+    served = [r for r in rs if isinstance(r.action, ir.Forward)]
+    assert len(served) == 3 and all(r.headers[-1] == proto for r in served)
+    assert rs[:3] == served and len(rs) == 6
+    assert not any(isinstance(r.action, ir.Forward) for r in rs[3:])
+    for value, is_http in (("http", True), ("https", False), ("", False), ("HTTP", False),
+                           ("htt", False), ("https2", False), ("wss", False)):
+        assert (re.fullmatch(proto.value, value) is None) == is_http, value
+    assert len(routes(run(*docs))) == 3  # without the option, X-Forwarded-Proto is not read
 
 
 # -- timeouts, retries, backends ------------------------------------------------------------
@@ -491,12 +537,31 @@ def test_cookie_affinity() -> None:
     assert any("session-cookie-name is ignored: it needs" in w for w in warnings(t))
 
 
-def test_cors_with_ingress_nginx_defaults() -> None:
-    t = run(ingress("shop", {NGINX + "enable-cors": "true"}))
-    assert route(t).cors == ir.Cors(
-        ("*",), ("GET", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"),
-        ("DNT", "Keep-Alive", "User-Agent", "X-Requested-With", "If-Modified-Since",
-         "Cache-Control", "Content-Type", "Range", "Authorization"), (), True, 1728000)
+CORS_STAR = (("access-control-allow-origin", "*"), ("access-control-allow-credentials", "true"),
+             ("access-control-allow-methods", "GET, PUT, POST, DELETE, PATCH, OPTIONS"),
+             ("access-control-allow-headers", "DNT, Keep-Alive, User-Agent, X-Requested-With, "
+              "If-Modified-Since, Cache-Control, Content-Type, Range, Authorization"),
+             ("access-control-max-age", "1728000"))
+
+
+@pytest.mark.parametrize("origin", [None, "*", "", "  ", "*, foo.bar.com", "https://a.example, *"])
+def test_cors_any_origin_as_nginx_sends_it(origin: str | None) -> None:
+    """Origin `*` (the default; blank; or a list with `*`): every response carries
+    `Access-Control-Allow-Origin: *` and the rest, Origin or not, and every OPTIONS request
+    is answered 204 before the allow lists and limits, as nginx's CORS block does."""
+    ann = {NGINX + "enable-cors": "true", NGINX + "limit-rps": "5",
+           NGINX + "allowlist-source-range": "10.0.0.0/8"}
+    if origin is not None:
+        ann[NGINX + "cors-allow-origin"] = origin
+    t = run(ingress("shop", ann))
+    preflight, main = routes(t)
+    assert main.cors is None and main.response_headers == ir.HeaderOps(set=CORS_STAR)
+    assert main.allowed_sources and main.rate_limits
+    assert preflight == ir.Route(
+        name="default/shop/rule0/path0/cors-preflight", path=main.path, method="OPTIONS",
+        action=ir.DirectResponse(204), owners=main.owners,
+        response_headers=ir.HeaderOps(set=CORS_STAR))
+    assert not [w for w in warnings(t) if "cors" in w]
 
 
 def test_cors_settings() -> None:
@@ -507,15 +572,26 @@ def test_cors_settings() -> None:
         NGINX + "cors-expose-headers": "X-C", NGINX + "cors-allow-credentials": "false",
         NGINX + "cors-max-age": "60"}))
     assert route(t).cors == ir.Cors(("https://a.example", "https://*.b.example"),
-                                    ("GET", "POST"), ("X-A", "X-B"), ("X-C",), False, 60)
+                                    ("get", "POST"), ("X-A", "X-B"), ("X-C",), False, 60,
+                                    origin_wildcard="Label")
+    assert len(routes(t)) == 1  # Envoy's CORS filter answers the preflights of listed origins
 
 
-def test_bad_cors_origin_allows_no_origin() -> None:
+def test_a_bad_cors_origin_is_skipped_the_others_kept() -> None:
+    t = run(ingress("shop", {NGINX + "enable-cors": "true", NGINX + "cors-allow-origin":
+                             "https://ok.example, not an origin, origin.example:80, null, "
+                             "test://localhost, tauri://localhost:3000"}))
+    cors = route(t).cors
+    assert cors is not None and cors.allow_origins == (
+        "https://ok.example", "null", "test://localhost", "tauri://localhost:3000")
+    assert [w for w in warnings(t) if "cors-allow-origin" in w] == [
+        f'{NGINX}cors-allow-origin: "{o}" is skipped: not an origin (scheme://host[:port], '
+        "scheme://*.host[:port], null or *)" for o in ("not an origin", "origin.example:80")]
+    # None left: no origin is allowed (as ingress-nginx), not any.
     t = run(ingress("shop", {NGINX + "enable-cors": "true",
-                             NGINX + "cors-allow-origin": "https://ok.example, not an origin"}))
+                             NGINX + "cors-allow-origin": "HTTPS://upper.example"}))
     cors = route(t).cors
     assert cors is not None and cors.allow_origins == ()
-    assert any("cors-allow-origin" in w and "refused" in w for w in warnings(t))
     t = run(ingress("shop", {NGINX + "cors-allow-origin": "https://a.example"}))
     assert route(t).cors is None
     assert any("cors-allow-origin is ignored: it needs" in w for w in warnings(t))

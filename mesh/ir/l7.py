@@ -163,6 +163,9 @@ class Cors:
     expose_headers: tuple[str, ...]
     allow_credentials: bool
     max_age: int
+    # How an origin with `*` matches: "Any" characters (the Gateway API's), or "Label": one
+    # DNS label, and origins compared case-insensitively (ingress-nginx's)
+    origin_wildcard: str = "Any"
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ class Redirect:
     port: int | None = None
     full_path: str | None = None
     prefix: tuple[str, str] | None = None  # (matched prefix, replacement)
+    strip_trailing_slash: bool = False  # a path ending with `/` loses it (`/` becomes empty)
 
 
 @dataclass(frozen=True)

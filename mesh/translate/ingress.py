@@ -55,18 +55,46 @@ class _Slot:
     owner: ObjectKey
     settings: IngressSettings
     canary: _Canary | None = None
+    preflight: ir.Route | None = None  # CORS with origin `*`: OPTIONS answered first
 
-    def routes(self, https: bool) -> list[ir.Route]:
+    def routes(self, https: bool, host: str = "*") -> list[ir.Route]:
+        first = [self.preflight] if self.preflight is not None else []
+        serve = self._serving()
+        if not self.redirect or https:
+            return first + serve
+        # Before anything else, as ingress-nginx redirects before limits and access.
         r = self.route
-        owners = r.owners | ({self.canary.owner} if self.canary else set())
-        if self.redirect and not https:
-            # Before anything else, as ingress-nginx redirects before limits and access.
-            return [ir.Route(name=r.name, path=r.path, owners=frozenset(owners),
-                             action=ir.Redirect(nginx.REDIRECT_STATUS, scheme="https"))]
+        owners = frozenset(o for x in serve for o in x.owners)
+        redirect = ir.Redirect(nginx.REDIRECT_STATUS, scheme="https")
+        out = [ir.Route(name=r.name, path=r.path, owners=owners, action=redirect)]
+        if not self.settings.preserve_trailing_slash:
+            # nginx drops the last character of the request URI when it is a slash: a path
+            # that ends with one, when there is no query.
+            out.insert(0, replace(out[0], name=f"{r.name}/trailing-slash", headers=(
+                ir.StringMatch("RegularExpression", "[^?]*/", ":path"),),
+                action=replace(redirect, strip_trailing_slash=True)))
+            if "*" not in host and r.path in (ir.StringMatch("Prefix", "/"),
+                                               ir.StringMatch("Exact", "/")):
+                # `/` alone becomes no path at all (https://host), which a redirect cannot
+                # say (an empty path is `/`): the host is known, the whole URL is given.
+                out.insert(0, ir.Route(
+                    name=f"{r.name}/root", path=ir.StringMatch("Exact", "/"),
+                    headers=(ir.StringMatch("Exact", "/", ":path"),), owners=owners,
+                    action=ir.DirectResponse(nginx.REDIRECT_STATUS),
+                    response_headers=ir.HeaderOps(set=(("location", f"https://{host}"),))))
+        if self.settings.forwarded_headers:
+            # A load balancer in front said the request came in another way than http
+            # (X-Forwarded-Proto): served, not redirected.
+            other = ir.StringMatch("RegularExpression", nginx.NOT_HTTP, "x-forwarded-proto")
+            out = [replace(x, name=f"{x.name}/forwarded-proto", headers=(*x.headers, other))
+                   for x in serve] + out
+        return first + out
+
+    def _serving(self) -> list[ir.Route]:
         if self.canary is None:
-            return [r]
+            return [self.route]
         c = self.canary
-        return nginx.canary_routes(r, self.forward, c.rules, c.backend, c.owner)
+        return nginx.canary_routes(self.route, self.forward, c.rules, c.backend, c.owner)
 
 
 class _Variants:
@@ -189,8 +217,8 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
         vhosts = []
         for host in sorted(hosts, key=lambda h: (h == "*", h.startswith("*"), h)):
             ordered = [r for _, slot in sorted(hosts[host], key=lambda ks: ks[0])
-                       for r in slot.routes(https)]
-            fallback = [r for slot in defaults[:1] for r in slot.routes(https)]
+                       for r in slot.routes(https, host)]
+            fallback = [r for slot in defaults[:1] for r in slot.routes(https, host)]
             vhosts.append(ir.VirtualHost(f"{table_name}/{host}", (host,),
                                          tuple(ordered + fallback)))
         built.append(ir.RouteTable(table_name, tuple(vhosts), owners))
@@ -245,7 +273,8 @@ def _main(routes: RouteBuilder, variants: _Variants, ing: model.Ingress, s: Ingr
     forward = route.action if isinstance(route.action, ir.Forward) else None
     if target is None and forward is not None:
         route = replace(route, action=ir.DirectResponse(503, ""))
-    return _Slot(route, forward, s.force_ssl_redirect or (s.ssl_redirect and tls), obj.key, s)
+    return _Slot(route, forward, s.force_ssl_redirect or (s.ssl_redirect and tls), obj.key, s,
+                 preflight=nginx.cors_preflight(s, route))
 
 
 def _attach_canary(routes: RouteBuilder, variants: _Variants, ing: model.Ingress,

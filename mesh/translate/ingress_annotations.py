@@ -37,7 +37,9 @@ WHY_NOT = compat.why_not()
 
 _BOOLS = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}$")  # a header or cookie name
-_ORIGIN = re.compile(r"^(\*|[A-Za-z][A-Za-z0-9+.-]*://(\*\.)?[A-Za-z0-9.-]+(:\d{1,5})?)$")
+# One origin of cors-allow-origin, as ingress-nginx takes it (corsOriginRegex): a lowercase
+# scheme, an optional `*.` for one label, a host, a port; or null.
+_ORIGIN = re.compile(r"^([a-z]+://(\*\.)?[A-Za-z0-9.-]*(:\d+)?|null)$")
 _METHOD = re.compile(r"^[A-Za-z]{1,32}$")
 _HEADER_LIST_ITEM = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 # Regular expression syntax Python accepts and RE2 (Envoy's engine) refuses: lookaround,
@@ -50,6 +52,9 @@ DEFAULT_BURST_MULTIPLIER = 5
 DEFAULT_TRIES = 3  # ingress-nginx's proxy-next-upstream-tries
 UNLIMITED_RETRIES = 10  # tries "0" (no limit in nginx); the most a TrafficPolicy allows
 REDIRECT_STATUS = 308  # ingress-nginx's ssl-redirect code
+# An X-Forwarded-Proto that is not exactly `http` (RE2 has no lookahead): nginx with
+# use-forwarded-headers then takes the request for an HTTPS one.
+NOT_HTTP = "|[^h].*|h|h[^t].*|ht|ht[^t].*|htt|htt[^p].*|http.+"
 # ingress-nginx's CORS defaults
 CORS_METHODS = ("GET", "PUT", "POST", "DELETE", "PATCH", "OPTIONS")
 CORS_HEADERS = ("DNT", "Keep-Alive", "User-Agent", "X-Requested-With", "If-Modified-Since",
@@ -98,6 +103,7 @@ class IngressSettings:
     rewrite: str | None = None  # rewrite-target, as an Envoy substitution (\\1 groups)
     ssl_redirect: bool = False
     force_ssl_redirect: bool = False
+    preserve_trailing_slash: bool = False  # the redirects to HTTPS keep a trailing `/`
     rate_limits: tuple[ir.RateLimit, ...] = ()
     allowed_sources: tuple[str, ...] = ()
     denied_sources: tuple[str, ...] = ()
@@ -293,6 +299,7 @@ def parse(obj: KubeObject) -> IngressSettings:
         # served on both ports, as before.
         "ssl_redirect": r.get("ssl-redirect", _bool, bool(r.values)),
         "force_ssl_redirect": r.get("force-ssl-redirect", _bool, False),
+        "preserve_trailing_slash": r.get("preserve-trailing-slash", _bool, False),
         "host_rewrite": r.get("upstream-vhost", _host),
         "cors": _cors(r), "retry": _retry(r)}
     for part in (_rewrite(r), _rate_limits(r, obj.key), _sources(r), _timeouts(r),
@@ -459,21 +466,42 @@ def _cors(r: _Reader) -> ir.Cors | None:
     if not r.get("enable-cors", _bool, False):
         r.ignore(names & r.values.keys(), f'it needs {r.key("enable-cors")}: "true"')
         return None
-    # A refused origin list allows no origin rather than ingress-nginx's default, any.
-    origins = r.get("cors-allow-origin", lambda t: _list(t, _ORIGIN, "an origin"), None)
-    if origins is None:
-        origins = () if r.has("cors-allow-origin") else ("*",)
     return ir.Cors(
-        allow_origins=origins,
-        allow_methods=tuple(m.upper() for m in r.get(
-            "cors-allow-methods", lambda t: _list(t, _METHOD, "a method"), CORS_METHODS)),
+        allow_origins=_origins(r),
+        allow_methods=r.get("cors-allow-methods", lambda t: _list(
+            t, _METHOD, "a method") or CORS_METHODS, CORS_METHODS),
         allow_headers=r.get("cors-allow-headers",
-                            lambda t: _list(t, _HEADER_LIST_ITEM, "a header name"),
-                            CORS_HEADERS),
+                            lambda t: _list(t, _HEADER_LIST_ITEM, "a header name") or
+                            CORS_HEADERS, CORS_HEADERS),
         expose_headers=r.get("cors-expose-headers", lambda t: _list(
             t, re.compile(r"^(\*|[A-Za-z0-9_-]{1,256})$"), "a header name"), ()),
         allow_credentials=r.get("cors-allow-credentials", _bool, True),
-        max_age=r.get("cors-max-age", _int_between(0, 10 ** 9), CORS_MAX_AGE))
+        max_age=r.get("cors-max-age", _int_between(0, 10 ** 9), CORS_MAX_AGE),
+        origin_wildcard="Label")
+
+
+def _origins(r: _Reader) -> tuple[str, ...]:
+    """cors-allow-origin as ingress-nginx reads it: blank or absent is `*`, and so is a list
+    with `*` in it; an entry that is no origin is skipped (with a warning), the others
+    kept; none left allows no origin."""
+    try:
+        text = r.text("cors-allow-origin")
+    except _Refused as e:
+        r.refuse("cors-allow-origin", f"{e}; no origin is allowed")
+        return ()
+    out: list[str] = []
+    for item in (t.strip() for t in (text or "").split(",")):
+        if item == "*":
+            return ("*",)
+        if not item:
+            continue
+        if _ORIGIN.match(item):
+            out.append(item)
+        else:
+            r.warnings.append(f'{r.key("cors-allow-origin")}: "{item}" is skipped: not an '
+                              "origin (scheme://host[:port], scheme://*.host[:port], null or "
+                              "*)")
+    return tuple(out) if out or (text or "").strip() else ("*",)
 
 
 def _retry(r: _Reader) -> ir.Retry | None:
@@ -534,10 +562,42 @@ def shape_route(s: IngressSettings, route: ir.Route, path: str | None) -> ir.Rou
         # cookie path (ingress-nginx asks for session-cookie-path then): "/".
         cookie_path = s.session.path or ("/" if path is not None else _plain(route.path))
         session = ir.SessionPersistence("Cookie", s.session.name, s.session.ttl, cookie_path)
-    return replace(route, action=a, rate_limits=s.rate_limits, cors=s.cors, session=session,
+    cors, headers = s.cors, route.response_headers
+    if cors is not None and cors.allow_origins == ("*",):
+        # nginx's `*`: every response says so, Origin or not (Envoy's CORS filter answers
+        # only requests with an Origin, and with the origin itself).
+        cors, headers = None, ir.HeaderOps(set=(*headers.set, *cors_headers(cors)),
+                                           add=headers.add, remove=headers.remove)
+    return replace(route, action=a, rate_limits=s.rate_limits, cors=cors, session=session,
+                   response_headers=headers,
                    allowed_sources=s.allowed_sources, denied_sources=s.denied_sources,
                    sources_from_forwarded_for=s.forwarded_headers and bool(
                        s.allowed_sources or s.denied_sources))
+
+
+def cors_headers(c: ir.Cors) -> tuple[tuple[str, str], ...]:
+    """The headers nginx sets on every response of a location with CORS and origin `*`."""
+    out = [("access-control-allow-origin", "*")]
+    if c.allow_credentials:
+        out.append(("access-control-allow-credentials", "true"))
+    out += [("access-control-allow-methods", ", ".join(c.allow_methods)),
+            ("access-control-allow-headers", ", ".join(c.allow_headers))]
+    if c.expose_headers:
+        out.append(("access-control-expose-headers", ", ".join(c.expose_headers)))
+    out.append(("access-control-max-age", str(c.max_age)))
+    return tuple(out)
+
+
+def cors_preflight(s: IngressSettings, route: ir.Route) -> ir.Route | None:
+    """With CORS and origin `*`, nginx answers every OPTIONS request itself (204), before
+    its allow lists, limits and authentication: a route before the path's others."""
+    c = s.cors
+    if c is None or c.allow_origins != ("*",):
+        return None
+    return ir.Route(name=f"{route.name}/cors-preflight", path=route.path, headers=route.headers,
+                    query=route.query, method="OPTIONS", action=ir.DirectResponse(204),
+                    response_headers=ir.HeaderOps(set=cors_headers(c)),
+                    owners=route.owners)
 
 
 def _plain(m: ir.StringMatch) -> str:

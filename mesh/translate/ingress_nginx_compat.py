@@ -125,8 +125,8 @@ ANNOTATIONS: tuple[Annotation, ...] = (
            "supported"),
         no("temporal-redirect-code", "`temporal-redirect` is not supported"),
         no("from-to-www-redirect", "the IR has no redirect between `www.` and the bare host"),
-        no("preserve-trailing-slash", "the redirects to HTTPS keep the path as it is; there "
-           "is no slash to keep or drop"),
+        yes("preserve-trailing-slash", "The redirects to HTTPS keep a trailing `/` (by "
+            "default they drop it, as ingress-nginx: `/a/` → `https://host/a`)"),
         no("use-port-in-redirects", "nginx's own redirects (`port_in_redirect`) have no "
            "counterpart"),
         no("relative-redirects", "nginx's own redirects (`absolute_redirect`) have no "
@@ -139,12 +139,17 @@ ANNOTATIONS: tuple[Annotation, ...] = (
     *family(
         "HTTPS",
         partly("ssl-redirect", "Plain HTTP → `Redirect` 308 to `https`, where the host has a "
-               "TLS certificate from one of our Ingresses",
+               "TLS certificate from one of our Ingresses (a trailing `/` dropped and "
+               "`X-Forwarded-Proto` read as for `force-ssl-redirect`)",
                "The default (`true`) applies to Ingresses with at least one annotation under "
                "our prefixes; a plain Ingress is served on both ports, as before. No "
                "exception for `/.well-known/acme-challenge`."),
-        yes("force-ssl-redirect", "The same redirect, with or without TLS here",
-            "`X-Forwarded-Proto` is not looked at."),
+        yes("force-ssl-redirect", "The same redirect, with or without TLS here; a path "
+            "ending with `/` (and no query) loses it, as ingress-nginx; with "
+            "`--use-forwarded-headers`, a request whose `X-Forwarded-Proto` is not `http` is "
+            "served",
+            "`X-Forwarded-Host` and `X-Forwarded-Port` are not looked at. On a host with a "
+            "wildcard or none, `/` keeps its slash (`https://host/`)."),
         no("ssl-passthrough", "an Ingress host's TLS is ended by the node's proxy; TLS "
            "passthrough is a Gateway API TLSRoute's"),
         no("ssl-ciphers", "the listeners' TLS settings are the mesh's, not an Ingress's"),
@@ -246,10 +251,22 @@ ANNOTATIONS: tuple[Annotation, ...] = (
     # -- CORS -------------------------------------------------------------------------------
     *family(
         "CORS",
-        yes("enable-cors", "`Route.cors`, with ingress-nginx's defaults"),
-        yes("cors-allow-origin", "`Cors.allow_origins`: comma-separated, `*`, "
-            "`https://*.example.com` (default `*`)",
-            "A list with an origin that does not parse allows no origin (not `*`)."),
+        yes("enable-cors", "With origin `*` (the default): every response gets "
+            "`Access-Control-Allow-Origin: *` and the other headers, Origin or not "
+            "(`Route.response_headers`), and every `OPTIONS` request is answered 204 first "
+            "(before allow lists, limits and authentication), as nginx; with a list of "
+            "origins: `Route.cors` (Envoy's CORS filter)"),
+        yes("cors-allow-origin", "`Cors.allow_origins`: comma-separated `scheme://host[:port]`, "
+            "`scheme://*.host` (one label), `null`, `*`; blank or absent: `*`; compared "
+            "case-insensitively",
+            "An entry that is no origin is skipped with a warning, the others kept (as "
+            "ingress-nginx; where its validation refuses the whole value, an `_` or `/` in a "
+            "host, it allows every origin). With a list: a preflight needs "
+            "`Access-Control-Request-Method` and is answered 200 (nginx: any `OPTIONS`, 204), "
+            "one from an origin not listed is answered without CORS headers (nginx passes it "
+            "on); other responses carry `Allow-Origin`, `-Credentials`, `Expose-Headers` only "
+            "(nginx adds `Allow-Methods`, `-Headers`, `Max-Age`, which browsers ignore there); "
+            "the origin is matched whole (nginx's regex is not anchored at the start)."),
         yes("cors-allow-methods", "`Cors.allow_methods` (default `GET, PUT, POST, DELETE, "
             "PATCH, OPTIONS`)"),
         yes("cors-allow-headers", "`Cors.allow_headers` (default `DNT, Keep-Alive, "

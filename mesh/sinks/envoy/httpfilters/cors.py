@@ -35,13 +35,18 @@ class _Cors:
             # A preflight from an origin the route does not allow is answered here, without
             # access-control-allow-origin, rather than passed on to the backend.
             forward_not_matching_preflights=wrappers_pb2.BoolValue(value=False))
+        label = c.origin_wildcard == "Label"
         for origin in c.allow_origins:
             if "*" in origin:
-                regex = "^" + re.escape(origin).replace(r"\*", ".*") + "$"
+                # Anything (Gateway API), or one DNS label for the first `*`, the origin
+                # case-insensitive (ingress-nginx).
+                escaped = re.escape(origin)
+                regex = "(?i)^" + escaped.replace(r"\*", "[A-Za-z0-9-]+", 1) + "$" \
+                    if label else "^" + escaped.replace(r"\*", ".*") + "$"
                 policy.allow_origin_string_match.add(
                     safe_regex=regex_pb2.RegexMatcher(regex=regex))
             else:
-                policy.allow_origin_string_match.add(exact=origin)
+                policy.allow_origin_string_match.add(exact=origin, ignore_case=label)
         return policy
 
 
