@@ -61,7 +61,8 @@ class Response:
 
     def seen(self, name: str) -> list[str] | None:
         """A request header as the backend received it."""
-        return self.json.get("headers", {}).get(name)
+        seen: list[str] | None = self.json.get("headers", {}).get(name)
+        return seen
 
 
 class Bed:

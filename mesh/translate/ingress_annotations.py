@@ -566,8 +566,9 @@ def shape_route(s: IngressSettings, route: ir.Route, path: str | None) -> ir.Rou
     if cors is not None and cors.allow_origins == ("*",):
         # nginx's `*`: every response says so, Origin or not (Envoy's CORS filter answers
         # only requests with an Origin, and with the origin itself).
-        cors, headers = None, ir.HeaderOps(set=(*headers.set, *cors_headers(cors)),
-                                           add=headers.add, remove=headers.remove)
+        headers = ir.HeaderOps(set=(*headers.set, *cors_headers(cors)), add=headers.add,
+                               remove=headers.remove)
+        cors = None
     return replace(route, action=a, rate_limits=s.rate_limits, cors=cors, session=session,
                    response_headers=headers,
                    allowed_sources=s.allowed_sources, denied_sources=s.denied_sources,
