@@ -530,8 +530,22 @@ def test_cookie_affinity() -> None:
                              NGINX + "session-cookie-path": "/", NGINX + "affinity-mode":
                              "persistent", NGINX + "session-cookie-samesite": "Lax"},
                     [("/cart", "Prefix", "main")]))
-    assert route(t).session == ir.SessionPersistence("Cookie", "s", 60.0, "/")
-    assert any("session-cookie-samesite is not supported" in w for w in warnings(t))
+    assert route(t).session == ir.SessionPersistence("Cookie", "s", None, "/", expires=60.0,
+                                                     same_site="Lax")
+    assert not warnings(t)
+    # Both max-age and expires: Max-Age and Expires, as ingress-nginx; Domain, Secure.
+    t = run(ingress("shop", {NGINX + "affinity": "cookie", NGINX + "session-cookie-expires": "60",
+                             NGINX + "session-cookie-max-age": "30",
+                             NGINX + "session-cookie-domain": ".foo.bar",
+                             NGINX + "session-cookie-secure": "true"}))
+    assert route(t).session == ir.SessionPersistence(
+        "Cookie", "INGRESSCOOKIE", 30.0, "/", expires=60.0, domain=".foo.bar", secure=True)
+    assert not warnings(t)
+    t = run(ingress("shop", {NGINX + "affinity": "cookie",
+                             NGINX + "session-cookie-domain": "foo.bar; Secure",
+                             NGINX + "session-cookie-samesite": "sometimes"}))
+    assert route(t).session == ir.SessionPersistence("Cookie", "INGRESSCOOKIE", None, "/")
+    assert len([w for w in warnings(t) if "is refused" in w]) == 2
     t = run(ingress("shop", {NGINX + "session-cookie-name": "s"}))
     assert route(t).session is None
     assert any("session-cookie-name is ignored: it needs" in w for w in warnings(t))
@@ -595,6 +609,68 @@ def test_a_bad_cors_origin_is_skipped_the_others_kept() -> None:
     t = run(ingress("shop", {NGINX + "cors-allow-origin": "https://a.example"}))
     assert route(t).cors is None
     assert any("cors-allow-origin is ignored: it needs" in w for w in warnings(t))
+
+
+def _slice(service: str, address: str) -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": service, "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": [address]}]}
+
+
+@pytest.mark.parametrize("behavior", [None, "sticky", "legacy"])
+def test_canary_affinity_behavior(behavior: str | None) -> None:
+    """With the main Ingress's cookie affinity, the canary's routes set the same cookie;
+    each backend knows the other's endpoints as sticky ones: a client the canary served
+    stays on it (sticky; legacy: the main backend does not know the canary's), and one
+    stuck to the main backend stays there whatever the canary's rules say (both)."""
+    ann = {NGINX + "canary-by-header": "x-canary", NGINX + "canary-weight": "1"}
+    if behavior:
+        ann[NGINX + "affinity-canary-behavior"] = behavior
+    t = run(_slice("main", "10.0.0.1"), _slice("canary", "10.0.0.2"),
+            ingress("shop", {NGINX + "affinity": "cookie", NGINX + "session-cookie-name": "aff"}),
+            canary("c", ann))
+    rs = routes(t)
+    assert all(r.session is not None and r.session.name == "aff" for r in rs)
+    main = forward(rs[-1]).backends
+    to_canary = forward(rs[0]).backends[0].backend or ""
+    assert [w.weight for w in main] == [99, 1] and main[1].backend == to_canary
+    assert backend(t, to_canary).endpoints == (ir.Endpoint("10.0.0.2", 8080),)
+    assert backend(t, to_canary).sticky_endpoints == (ir.Endpoint("10.0.0.1", 8080),)
+    main_backend = backend(t, main[0].backend or "")
+    assert main_backend.endpoints == (ir.Endpoint("10.0.0.1", 8080),)
+    assert main_backend.sticky_endpoints == (
+        () if behavior == "legacy" else (ir.Endpoint("10.0.0.2", 8080),))
+    assert not warnings(t, "c")
+    # Without affinity: nothing sticky, the backends as they are.
+    t = run(_slice("main", "10.0.0.1"), _slice("canary", "10.0.0.2"), ingress("shop"),
+            canary("c", ann))
+    assert [w.backend for w in forward(routes(t)[-1]).backends] == [
+        "default/main/80", "default/canary/80"]
+
+
+def test_affinity_canary_behavior_belongs_on_the_canary() -> None:
+    t = run(ingress("shop", {NGINX + "affinity-canary-behavior": "legacy"}))
+    assert any("affinity-canary-behavior is ignored: only for a canary" in w
+               for w in warnings(t))
+    t = run(ingress("shop"), canary("c", {NGINX + "affinity-canary-behavior": "sometimes"}))
+    assert any('affinity-canary-behavior: "sometimes" is refused' in w
+               for w in warnings(t, "c"))
+
+
+def test_session_cookie_is_secure_over_https() -> None:
+    """ingress-nginx's cookie is Secure when the request came over HTTPS, or always with
+    session-cookie-secure: port 443 gets a table of its own for it."""
+    t = run(ingress("shop", {NGINX + "affinity": "cookie", NGINX + "ssl-redirect": "false",
+                             NGINX + "session-cookie-secure": "false"}, tls=True))
+    plain, https = route(t).session, route(t, table="ingress-https").session
+    assert plain is not None and not plain.secure and https is not None and https.secure
+    t = run(ingress("shop", {NGINX + "affinity": "cookie", NGINX + "ssl-redirect": "false",
+                             NGINX + "session-cookie-secure": "true"}, tls=True))
+    assert {rt.name for rt in t.ir.route_tables} == {"ingress"}
+    session = route(t).session
+    assert session is not None and session.secure
 
 
 def test_whitelist_source_range() -> None:

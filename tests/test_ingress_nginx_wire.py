@@ -9,6 +9,7 @@ test's Ingresses too.
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import json
 import os
@@ -220,3 +221,78 @@ def test_cors_origin_list_wildcard_is_one_label(bed: Bed) -> None:
     assert allowed("https://exact.example:8443") == "https://exact.example:8443"
     assert allowed("https://exact.example") is None
     assert bed.request("/", "cors.example").header("access-control-allow-origin") is None
+
+
+# -- session affinity --------------------------------------------------------------------------
+
+def _cookie(r: Response, name: str) -> tuple[str, dict[str, str]]:
+    """The value of a Set-Cookie `name`, and its attributes (lowercase names)."""
+    line = next(v for v in r.all("set-cookie") if v.startswith(name + "="))
+    first, *attrs = [p.strip() for p in line.split(";")]
+    return first.split("=", 1)[1], {a.partition("=")[0].lower(): a.partition("=")[2]
+                                    for a in attrs}
+
+
+def test_session_cookie_attributes(bed: Bed) -> None:
+    bed.serve(
+        ingress("both", "both.example", {
+            NGINX + "affinity": "cookie", NGINX + "session-cookie-name": "SERVERID",
+            NGINX + "session-cookie-expires": "3600", NGINX + "session-cookie-max-age": "60",
+            NGINX + "session-cookie-domain": "foo.bar",
+            NGINX + "session-cookie-samesite": "Lax", NGINX + "session-cookie-secure": "true"},
+            paths=("/bar",)),
+        ingress("expires", "expires.example", {
+            NGINX + "affinity": "cookie", NGINX + "session-cookie-expires": "120"}))
+    r = bed.request("/bar/x", "both.example")
+    value, attrs = _cookie(r, "SERVERID")
+    assert value and attrs["path"] == "/bar" and attrs["max-age"] == "60"
+    assert (attrs["domain"], attrs["samesite"]) == ("foo.bar", "Lax")
+    assert "secure" in attrs and "httponly" in attrs
+    expires = datetime.datetime.strptime(attrs["expires"], "%a, %d-%b-%y %H:%M:%S GMT")
+    left = expires.replace(tzinfo=datetime.UTC) - datetime.datetime.now(datetime.UTC)
+    assert 3590 <= left.total_seconds() <= 3601, attrs["expires"]
+    # expires alone: Expires and no Max-Age, as ingress-nginx; not Secure over HTTP.
+    _, attrs = _cookie(bed.request("/", "expires.example"), "INGRESSCOOKIE")
+    assert "expires" in attrs and "max-age" not in attrs and "secure" not in attrs
+    assert "domain" not in attrs
+    # A client with the cookie is not given another.
+    r = bed.request("/bar", "both.example", headers={"Cookie": f"SERVERID={value}"})
+    assert r.status == 200 and not r.all("set-cookie")
+
+
+def test_canary_affinity_sticky_and_legacy(bed: Bed) -> None:
+    def serve(behavior: str) -> None:
+        bed.serve(ingress("main", "aff.example", {NGINX + "affinity": "cookie",
+                                                   NGINX + "session-cookie-name": "aff"}),
+                  ingress("main-canary", "aff.example", {
+                      NGINX + "canary": "true", NGINX + "canary-by-header": "ForceCanary",
+                      NGINX + "canary-by-header-value": "yes",
+                      NGINX + "affinity-canary-behavior": behavior}, service="canary",
+                      created="2026-01-03T00:00:00Z"))
+
+    def get(headers: dict[str, str]) -> Response:
+        r = bed.request("/", "aff.example", headers=headers)
+        assert r.status == 200
+        return r
+
+    serve("sticky")
+    first = get({"ForceCanary": "yes"})
+    assert first.pod == "canary-1"
+    aff, _ = _cookie(first, "aff")
+    # The canary served it: it stays there, without the header.
+    assert {get({"Cookie": f"aff={aff}"}).pod for _ in range(20)} == {"canary-1"}
+    # A client stuck to the main backend stays there, the header or not.
+    plain = get({})
+    assert plain.pod == "main-1"
+    main_aff, _ = _cookie(plain, "aff")
+    assert {get({"Cookie": f"aff={main_aff}", "ForceCanary": "yes"}).pod
+            for _ in range(20)} == {"main-1"}
+
+    serve("legacy")
+    first = get({"ForceCanary": "yes"})
+    assert first.pod == "canary-1"
+    aff, _ = _cookie(first, "aff")
+    # Legacy: the canary's client goes by the rules again (here: to the main backend).
+    assert {get({"Cookie": f"aff={aff}"}).pod for _ in range(20)} == {"main-1"}
+    assert {get({"Cookie": f"aff={main_aff}", "ForceCanary": "yes"}).pod
+            for _ in range(20)} == {"main-1"}

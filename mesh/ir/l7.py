@@ -110,6 +110,9 @@ class Backend:
     tls: UpstreamTLS | None = None
     owners: Owners = frozenset()
     settings: BackendSettings = BackendSettings()
+    # Endpoints new requests never go to, but a session stuck to one (its cookie names it)
+    # keeps going there: an ingress-nginx canary's, in its main backend, and the reverse.
+    sticky_endpoints: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,12 @@ class SessionPersistence:
     name: str
     ttl: float | None = None  # Cookie: max age (None: a session cookie)
     path: str = "/"
+    # Cookie attributes: Expires this many seconds after the cookie is set, Domain, Secure,
+    # SameSite (Strict | Lax | None, as written); the cookie is always HttpOnly.
+    expires: float | None = None
+    domain: str | None = None
+    secure: bool = False
+    same_site: str | None = None
 
 
 @dataclass(frozen=True)

@@ -56,10 +56,24 @@ class _Slot:
     settings: IngressSettings
     canary: _Canary | None = None
     preflight: ir.Route | None = None  # CORS with origin `*`: OPTIONS answered first
+    backend: str | None = None  # the backend the path goes to, before any copy of it
+
+    def retarget(self, old: str | None, new: str | None) -> None:
+        """Send what went to backend `old` to `new`."""
+        def swap(a: ir.Forward) -> ir.Forward:
+            return replace(a, backends=tuple(replace(w, backend=new) if w.backend == old
+                                             else w for w in a.backends))
+        if isinstance(self.route.action, ir.Forward):
+            self.route = replace(self.route, action=swap(self.route.action))
+        if self.forward is not None:
+            self.forward = swap(self.forward)
 
     def routes(self, https: bool, host: str = "*") -> list[ir.Route]:
         first = [self.preflight] if self.preflight is not None else []
         serve = self._serving()
+        if https:  # a session cookie set over HTTPS is Secure
+            serve = [replace(x, session=replace(x.session, secure=True))
+                     if x.session is not None else x for x in serve]
         if not self.redirect or https:
             return first + serve
         # Before anything else, as ingress-nginx redirects before limits and access.
@@ -103,14 +117,18 @@ class _Variants:
     as the route builder has them, with their TLS, protocol and policies)."""
 
     def __init__(self) -> None:
-        self.wanted: dict[str, tuple[str, IngressSettings]] = {}
+        self.wanted: dict[str, tuple[str, IngressSettings, str | None]] = {}
 
-    def of(self, name: str | None, s: IngressSettings, owner: ObjectKey) -> str | None:
-        if name is None or not s.shapes_backend:
+    def of(self, name: str | None, s: IngressSettings, owner: ObjectKey,
+           sticky: str | None = None) -> str | None:
+        """`sticky`: another backend whose endpoints a session may stick to through this
+        one (a canary's and its main backend's, each other's)."""
+        if name is None or not (s.shapes_backend or sticky):
             return name
         # "|policy=" marks a backend copy: the route builder counts its routes' owners.
-        variant = f"{name}|policy=ingress/{owner.namespace}/{owner.name}"
-        self.wanted[variant] = (name, s)
+        variant = f"{name}|policy=ingress/{owner.namespace}/{owner.name}" + (
+            f"|sticky={sticky}" if sticky else "")
+        self.wanted[variant] = (name, s, sticky)
         return variant
 
     def register(self, routes: RouteBuilder, used: list[ir.Route]) -> dict[str, str]:
@@ -123,15 +141,18 @@ class _Variants:
         # Routes that never forward (a redirect, a refused allow list) need no copy.
         sent_to = {w.backend for r in used if isinstance(r.action, ir.Forward)
                    for w in r.action.backends}
-        for variant, (name, s) in sorted(self.wanted.items()):
+        for variant, (name, s, sticky) in sorted(self.wanted.items()):
             if variant not in sent_to:
                 continue
             base = bases.get(name)
             if base is None:
                 missing[variant] = name
                 continue
-            made.append(replace(nginx.shape_backend(s, base), name=variant,
-                                owners=frozenset()))
+            other = bases.get(sticky) if sticky else None
+            made.append(replace(nginx.shape_backend(s, base), name=variant, owners=frozenset(),
+                                sticky_endpoints=tuple(e for e in other.endpoints
+                                                       if e not in base.endpoints)
+                                if other is not None else ()))
         # No host: this entry only registers the copies and who uses them.
         routes.put(_TABLE, (), Entry(http=tuple(((), r) for r in used), variants=tuple(made)))
         return missing
@@ -209,9 +230,12 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
                            defaults[0] if defaults else None, warnings[ing.obj.key])
     hosts.setdefault("*", [])
     owners = frozenset(i.obj.key for i, _ in ingresses)
-    redirects = any(slot.redirect for v in hosts.values() for _, slot in v) or \
-        any(slot.redirect for slot in defaults[:1])
-    tables = [(_TABLE, False)] + ([(_HTTPS_TABLE, True)] if redirects and tls else [])
+    slots = [slot for v in hosts.values() for _, slot in v] + defaults[:1]
+    # Port 443 has a table of its own when it serves differently: no redirects, session
+    # cookies Secure (ingress-nginx's default on HTTPS).
+    https_differs = any(slot.redirect or (slot.settings.session is not None and
+                                          not slot.settings.session.secure) for slot in slots)
+    tables = [(_TABLE, False)] + ([(_HTTPS_TABLE, True)] if https_differs and tls else [])
     built = []
     for table_name, https in tables:
         vhosts = []
@@ -263,7 +287,8 @@ def _main(routes: RouteBuilder, variants: _Variants, ing: model.Ingress, s: Ingr
         else:
             warnings.append(f'{s.regex_by}: path "{path}" is refused as a regular expression '
                             f"({problem}): it is matched as a plain path, without rewrite")
-    target = variants.of(_fallback(routes, ing, backend, s, warnings), s, obj.key)
+    base = _fallback(routes, ing, backend, s, warnings)
+    target = variants.of(base, s, obj.key)
     route = nginx.shape_route(s, ir.Route(
         name=name, path=match, action=ir.Forward((ir.WeightedBackend(target, 1),)),
         owners=frozenset({obj.key})), regex)
@@ -274,7 +299,7 @@ def _main(routes: RouteBuilder, variants: _Variants, ing: model.Ingress, s: Ingr
     if target is None and forward is not None:
         route = replace(route, action=ir.DirectResponse(503, ""))
     return _Slot(route, forward, s.force_ssl_redirect or (s.ssl_redirect and tls), obj.key, s,
-                 preflight=nginx.cors_preflight(s, route))
+                 preflight=nginx.cors_preflight(s, route), backend=base)
 
 
 def _attach_canary(routes: RouteBuilder, variants: _Variants, ing: model.Ingress,
@@ -308,8 +333,17 @@ def _attach_canary(routes: RouteBuilder, variants: _Variants, ing: model.Ingress
                 continue
             # The canary's backend is spoken to as the main Ingress says (protocol, TLS,
             # timeouts), as ingress-nginx does within the same location.
-            slot.canary = _Canary(ing.obj.key, canary,
-                                  variants.of(name, slot.settings, slot.owner) or name)
+            # With the main Ingress's cookie affinity, as ingress-nginx: a client stuck to
+            # the main backend stays there whatever the canary's rules say, and (sticky)
+            # one the canary served stays on the canary: each backend knows the other's
+            # endpoints as sticky ones.
+            sessions = slot.settings.session is not None and slot.backend is not None
+            if sessions and canary.sticky:
+                slot.retarget(variants.of(slot.backend, slot.settings, slot.owner),
+                              variants.of(slot.backend, slot.settings, slot.owner, sticky=name))
+            slot.canary = _Canary(ing.obj.key, canary, variants.of(
+                name, slot.settings, slot.owner, sticky=slot.backend if sessions else None)
+                or name)
 
 
 def _without(table: ir.RouteTable, missing: dict[str, str]) -> ir.RouteTable:

@@ -29,7 +29,7 @@ PREFIXES = (MESH, NGINX)  # the first one set wins
 
 CANARY_NAMES = frozenset({
     "canary", "canary-by-header", "canary-by-header-value", "canary-by-header-pattern",
-    "canary-by-cookie", "canary-weight", "canary-weight-total"})
+    "canary-by-cookie", "canary-weight", "canary-weight-total", "affinity-canary-behavior"})
 # What the parser reads (Supported or Partly), and why the others are ignored: from the one
 # table of every ingress-nginx annotation (ingress_nginx_compat).
 SUPPORTED = compat.supported() | ingress_auth.NAMES | ingress_extras.NAMES
@@ -41,6 +41,7 @@ _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}$")  # a header or cooki
 # scheme, an optional `*.` for one label, a host, a port; or null.
 _ORIGIN = re.compile(r"^([a-z]+://(\*\.)?[A-Za-z0-9.-]*(:\d+)?|null)$")
 _METHOD = re.compile(r"^[A-Za-z]{1,32}$")
+_COOKIE_DOMAIN = re.compile(r"^\.?[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63}){0,126}$")
 _HEADER_LIST_ITEM = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 # Regular expression syntax Python accepts and RE2 (Envoy's engine) refuses: lookaround,
 # backreferences, atomic groups, possessive quantifiers, \Z.
@@ -84,13 +85,20 @@ class Canary:
     cookie: str | None = None
     weight: int = 0
     weight_total: int = 100
+    # affinity-canary-behavior: with the main Ingress's cookie affinity, a client the canary
+    # served stays on it (sticky, the default), or goes by the rules again (legacy).
+    sticky: bool = True
 
 
 @dataclass(frozen=True)
 class Session:
     name: str
-    ttl: float | None
+    ttl: float | None  # Max-Age
     path: str | None  # None: the Ingress path (ingress-nginx's default)
+    expires: float | None = None  # Expires, this many seconds after the cookie is set
+    domain: str | None = None
+    secure: bool = False  # always Secure (otherwise: on HTTPS only, as ingress-nginx)
+    same_site: str | None = None
 
 
 @dataclass(frozen=True)
@@ -338,7 +346,10 @@ def _canary(r: _Reader) -> Canary | None:
     weight = r.get("canary-weight", _int_between(0, total), 0)
     return Canary(header=header.lower() if header else None, header_value=value,
                   header_pattern=pattern, header_unmatchable=unmatchable,
-                  cookie=r.get("canary-by-cookie", _token), weight=weight, weight_total=total)
+                  cookie=r.get("canary-by-cookie", _token), weight=weight, weight_total=total,
+                  sticky=r.get("affinity-canary-behavior", lambda t: t.lower() == "sticky" if
+                               t.lower() in ("sticky", "legacy") else _fail(
+                                   'one of "sticky", "legacy"'), True))
 
 
 # The characters ingress-nginx's annotation validation lets through in a pattern
@@ -420,22 +431,26 @@ def _session(r: _Reader) -> dict[str, Any]:
     affinity = r.get("affinity", lambda t: t if t == "cookie" else _fail(
         'the only affinity is "cookie"'))
     names = {"affinity-mode", "session-cookie-name", "session-cookie-max-age",
-             "session-cookie-expires", "session-cookie-path"}
+             "session-cookie-expires", "session-cookie-path", "session-cookie-domain",
+             "session-cookie-secure", "session-cookie-samesite"}
     if affinity is None:
         r.ignore(names & r.values.keys(), f'it needs {r.key("affinity")}: "cookie"')
         return {}
     r.get("affinity-mode", lambda t: t if t in ("balanced", "persistent") else _fail(
         'affinity-mode is "balanced" or "persistent"'))
+    # Both, as ingress-nginx: max-age gives Max-Age, expires an Expires date.
     ttl = r.get("session-cookie-max-age", _int_between(0, 10 ** 9))
-    if ttl is None:
-        ttl = r.get("session-cookie-expires", _int_between(0, 10 ** 9))
-    else:
-        r.ignore({"session-cookie-expires"} & r.values.keys(),
-                 f"{r.key('session-cookie-max-age')} is set and wins")
+    expires = r.get("session-cookie-expires", _int_between(0, 10 ** 9))
     path = r.get("session-cookie-path", lambda t: t if t.startswith("/") else _fail(
         "a cookie path starts with /"))
-    return {"session": Session(r.get("session-cookie-name", _token, DEFAULT_COOKIE),
-                               float(ttl) if ttl else None, path)}
+    return {"session": Session(
+        r.get("session-cookie-name", _token, DEFAULT_COOKIE), float(ttl) if ttl else None,
+        path, expires=float(expires) if expires else None,
+        domain=r.get("session-cookie-domain", lambda t: t if _COOKIE_DOMAIN.match(t) else
+                     _fail("not a cookie domain")),
+        secure=r.get("session-cookie-secure", _bool, False),
+        same_site=r.get("session-cookie-samesite", lambda t: t if t.lower() in (
+            "none", "lax", "strict") else _fail('one of "None", "Lax", "Strict"')))}
 
 
 def _fail(why: str) -> Any:
@@ -561,7 +576,10 @@ def shape_route(s: IngressSettings, route: ir.Route, path: str | None) -> ir.Rou
         # ingress-nginx's default is the location's path; a regular expression is no
         # cookie path (ingress-nginx asks for session-cookie-path then): "/".
         cookie_path = s.session.path or ("/" if path is not None else _plain(route.path))
-        session = ir.SessionPersistence("Cookie", s.session.name, s.session.ttl, cookie_path)
+        x = s.session
+        session = ir.SessionPersistence("Cookie", x.name, x.ttl, cookie_path, expires=x.expires,
+                                        domain=x.domain, secure=x.secure,
+                                        same_site=x.same_site)
     cors, headers = s.cors, route.response_headers
     if cors is not None and cors.allow_origins == ("*",):
         # nginx's `*`: every response says so, Origin or not (Envoy's CORS filter answers

@@ -284,19 +284,29 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         partly("affinity-mode", "`balanced` and `persistent` are accepted",
                "Sessions stick until their endpoint goes (nginx `balanced` moves some when "
                "the backend scales)."),
-        no("affinity-canary-behavior", "a canary inherits its main Ingress's settings, "
-           "affinity included"),
+        yes("affinity-canary-behavior", "On the canary Ingress, with the main Ingress's cookie "
+            "affinity: `sticky` (default): a client the canary served keeps going to its "
+            "endpoint (the main and canary backends each know the other's endpoints as "
+            "`Backend.sticky_endpoints`), and one stuck to the main Ingress's stays there "
+            "whatever the canary rules say; `legacy`: the canary's clients go by the rules "
+            "again",
+            "`legacy`: the canary's responses set the cookie too (ingress-nginx sets none); "
+            "the next request goes by the rules all the same."),
         yes("session-cookie-name", "`SessionPersistence.name` (default `INGRESSCOOKIE`)"),
         yes("session-cookie-path", "`SessionPersistence.path` (default: the Ingress path; `/` "
             "for a regex path)"),
         yes("session-cookie-max-age", "`SessionPersistence.ttl` (seconds)"),
-        partly("session-cookie-expires", "`SessionPersistence.ttl` when `max-age` is not set",
-               "The cookie gets Max-Age, not Expires."),
-        no("session-cookie-domain", "the IR's session cookie has no Domain attribute"),
-        no("session-cookie-secure", "the IR's session cookie has no Secure attribute"),
-        no("session-cookie-samesite", "the IR's session cookie has no SameSite attribute"),
-        no("session-cookie-conditional-samesite-none", "the IR's session cookie has no "
-           "SameSite attribute"),
+        yes("session-cookie-expires", "`SessionPersistence.expires`: an `Expires` date that many "
+            "seconds after the response (nginx's format), with `Max-Age` beside it when "
+            "`max-age` is set too, as ingress-nginx"),
+        yes("session-cookie-domain", "`SessionPersistence.domain`: the cookie's `Domain`"),
+        yes("session-cookie-secure", "`\"true\"`: the cookie is always `Secure`; otherwise it is "
+            "`Secure` over HTTPS only (`SessionPersistence.secure`), as ingress-nginx"),
+        yes("session-cookie-samesite", "`SessionPersistence.same_site`: `SameSite=None`, `Lax` "
+            "or `Strict`, as written"),
+        no("session-cookie-conditional-samesite-none", "the session cookie is the same for "
+           "every browser: `SameSite=None` is not left out for the User-Agents that "
+           "mishandle it"),
         no("session-cookie-change-on-failure", "a session keeps its endpoint until the "
            "endpoint goes"),
     ),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2, socket_option_pb2
+from envoy.config.core.v3 import base_pb2, health_check_pb2, socket_option_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
@@ -47,6 +47,13 @@ def cluster(b: ir.Backend) -> cluster_pb2.Cluster:
     if s.health_check is not None:
         _health_check(c, s.health_check, b.protocol)
     _load_balancer(c, s.load_balancer or ir.LoadBalancer())
+    if b.sticky_endpoints:
+        # They come as DRAINING (resources.load_assignment): never picked by the load
+        # balancer, nor counted towards its panic threshold, but a session's override host
+        # (stateful_session) may name them.
+        c.common_lb_config.override_host_status.statuses.extend([
+            health_check_pb2.UNKNOWN, health_check_pb2.HEALTHY, health_check_pb2.DEGRADED,
+            health_check_pb2.DRAINING])
     opts = http_protocol_options_pb2.HttpProtocolOptions()
     if b.protocol == "h2c" or (b.tls is not None and b.protocol != "http1"):
         opts.explicit_http_config.http2_protocol_options.SetInParent()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -60,13 +60,22 @@ def eds_cluster(name: str, connect_timeout: float = 1.0) -> cluster_pb2.Cluster:
 
 
 def load_assignment(
-    cluster: str, endpoints: Iterable[tuple[str, int]]
+    cluster: str, endpoints: Iterable[tuple[str, int]],
+    draining: Iterable[tuple[str, int]] = (),
 ) -> endpoint_pb2.ClusterLoadAssignment:
+    """`draining`: endpoints the load balancer never picks, that a request may still be
+    sent to by name (a session's override host)."""
     lb_endpoints = [
         endpoint_components_pb2.LbEndpoint(
             endpoint=endpoint_components_pb2.Endpoint(address=socket_address(host, port))
         )
         for host, port in endpoints
+    ] + [
+        endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(address=socket_address(host, port)),
+            health_status=health_check_pb2.DRAINING,
+        )
+        for host, port in draining
     ]
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=cluster,

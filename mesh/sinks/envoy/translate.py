@@ -71,7 +71,8 @@ def to_envoy(model: ir.IR, cache: EnvoyCache | None = None) -> EnvoyConfig:
 
     for b in model.backends:
         out.resources += [clusters.cluster(b), r.load_assignment(
-            b.name, [(e.address, e.port) for e in b.endpoints])]
+            b.name, [(e.address, e.port) for e in b.endpoints],
+            [(e.address, e.port) for e in b.sticky_endpoints])]
         out.own(b.owners, types.CLUSTER, b.name)
     out.resources += [secrets.certificate(c) for c in model.certificates]
     out.resources += [secrets.trust_bundle(b) for b in model.trust_bundles]

@@ -35,6 +35,12 @@ class _StatefulSession:
             cookie = http_cookie_pb2.Cookie(name=s.name, path=s.path)
             if s.ttl is not None:
                 cookie.ttl.CopyFrom(r.duration(s.ttl))
+            # HttpOnly Envoy adds by itself; Expires is the cookie_expires filter's.
+            for name, value in (("Domain", s.domain), ("SameSite", s.same_site)):
+                if value:
+                    cookie.attributes.add(name=name, value=value)
+            if s.secure:
+                cookie.attributes.add(name="Secure")
             state.name = "envoy.http.stateful_session.cookie"
             state.typed_config.Pack(cookie_pb2.CookieBasedSessionState(cookie=cookie))
         else:
