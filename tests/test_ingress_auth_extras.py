@@ -152,6 +152,19 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         _ingress("redirected", "redirected.example", "app", {
             NGINX + "auth-url": "http://auth.default.svc/check",
             NGINX + "auth-request-redirect": "https://login.example/back%20here"}),
+        _ingress("signin", "signin.example", "app", {
+            NGINX + "auth-url": "http://auth.default.svc/check",
+            NGINX + "auth-signin": "https://login.example/oauth2/start"}),
+        _ingress("signin-vars", "signin-vars.example", "app", {
+            NGINX + "auth-url": "http://auth.default.svc/check",
+            NGINX + "auth-signin": "https://$host/oauth2/start?rd=$escaped_request_uri"}),
+        _ingress("signin-param", "signin-param.example", "app", {
+            NGINX + "auth-url": "http://auth.default.svc/check",
+            NGINX + "auth-signin": "https://login.example/start?client=web",
+            NGINX + "auth-signin-redirect-param": "return_to"}),
+        _ingress("signin-bad", "signin-bad.example", "app", {
+            NGINX + "auth-url": "http://auth.default.svc/check",
+            NGINX + "auth-signin": "https://login.example/$arg_next"}),
         _ingress("lost", "lost.example", "app", {
             NGINX + "auth-url": "http://nowhere.default.svc.cluster.local/auth"}),
         _ingress("external", "external.example", "app", {
@@ -269,3 +282,38 @@ def test_backend_protocol_grpcs(bed: Bed) -> None:
     code, resp = grpcecho.call(f"{bed.address}:80", "Echo", authority="grpcs.example")
     assert code == grpc.StatusCode.OK, code
     assert resp.assertions.context.pod == "grpcs-1"
+
+
+def test_auth_signin_redirects_a_401(bed: Bed) -> None:
+    status, headers, body = bed.request("signin.example", "/app/x%20y?q=1&r=/2")
+    assert status == 302, (status, body)
+    # The request's URL as nginx puts it: scheme and Host as they are, the path and query
+    # escaped as set_escape_uri does.
+    assert headers["location"] == ("https://login.example/oauth2/start?rd=http://"
+                                   "signin.example%2Fapp%2Fx%2520y%3Fq%3D1%26r%3D%2F2"), headers
+    assert body == b""
+    # The service's 200 lets the request on; its 500 stays 500; the backend's own 401 is no
+    # refusal of the service and reaches the client.
+    assert bed.request("signin.example", "/", headers={"Authorization": "Bearer good"}
+                       )[0] == 200
+    assert bed.request("signin.example", "/", headers={"Authorization": "Bearer broken"}
+                       )[0] == 500
+    status, headers, _ = bed.request("signin.example", "/status/401", headers={
+        "Authorization": "Bearer good"})
+    assert status == 401 and "location" not in headers
+
+
+def test_auth_signin_variables_and_parameter(bed: Bed) -> None:
+    status, headers, _ = bed.request("signin-vars.example:8080", "/a?b=c")
+    assert status == 302
+    assert headers["location"] == "https://signin-vars.example/oauth2/start?rd=%2Fa%3Fb%3Dc"
+    status, headers, _ = bed.request("signin-param.example", "/a")
+    assert status == 302
+    assert headers["location"] == ("https://login.example/start?client=web&return_to="
+                                   "http://signin-param.example%2Fa")
+
+
+def test_auth_signin_that_cannot_be_used_keeps_the_401(bed: Bed) -> None:
+    status, headers, _ = bed.request("signin-bad.example", "/")
+    assert status == 401 and "location" not in headers
+    assert any("$arg_next" in w for w in bed.warnings("signin-bad"))

@@ -273,7 +273,11 @@ class ExtAuth:
     answer copied onto it (the client's own are removed first); any other answer is sent to
     the client, except a 401 when `signin` is set: a redirect to `signin`, the request's URL
     in its `signin_param` query parameter. The check carries the client's headers (no body)
-    and ingress-nginx's X-Original-URL, X-Original-Method, X-Auth-Request-Redirect."""
+    and ingress-nginx's X-Original-URL, X-Original-Method, X-Auth-Request-Redirect.
+    `signin` may hold nginx variables of the request, filled in when redirecting: $scheme,
+    $pass_access_scheme, $host, $http_host, $best_http_host, $request_uri,
+    $escaped_request_uri (the URL put in `signin_param` is
+    `$pass_access_scheme://$http_host$escaped_request_uri`)."""
 
     backend: str | None  # None: the service cannot be reached: every request answers 500
     path: str  # the service's path, with its query (the request's path follows in the query)

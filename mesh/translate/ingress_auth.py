@@ -21,13 +21,22 @@ from mesh.translate.annotation_values import Refused
 
 # What is read here. The rest of the family is not supported (the annotation table says
 # why, and the Ingress gets the warning): auth-type and auth-snippet still close the paths.
-NAMES = frozenset({"auth-url", "auth-response-headers", "auth-request-redirect"})
+NAMES = frozenset({"auth-url", "auth-response-headers", "auth-request-redirect",
+                   "auth-signin", "auth-signin-redirect-param"})
 MAX_URL = 2048
 MAX_HEADERS = 32
 _SERVICE_HOST = re.compile(
     r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)\.([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)"
     r"(\.svc(\.[a-z0-9.-]{1,200})?)?$")
 _HEADER = re.compile(r"^[A-Za-z0-9!#$&'*+.^_`|~-]{1,128}$")  # no % (Envoy's formatter)
+# auth-signin: an http(s) URL or a path, with nginx variables of the request (the sign-in
+# redirect fills them in); no quote, space, backslash, angle bracket or brace.
+_URL_REST = r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%?#|]*"
+_SIGNIN = re.compile(rf"^(https?://[A-Za-z0-9.\-\[\]:$_]+([/?#]{_URL_REST})?|/{_URL_REST})$")
+SIGNIN_VARIABLES = frozenset({"scheme", "pass_access_scheme", "host", "http_host",
+                              "best_http_host", "request_uri", "escaped_request_uri"})
+_VARIABLE = re.compile(r"\$([A-Za-z0-9_]*)")
+_PARAM = re.compile(r"^[A-Za-z0-9._~-]{1,64}$")
 _PATH = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(\?[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*)?$")
 
 
@@ -42,6 +51,8 @@ class Auth:
     upstream_headers: tuple[str, ...] = ()
     redirect: str | None = None
     closed: str | None = None
+    signin: str | None = None
+    signin_param: str = "rd"
 
 
 def parse(r: Any, namespace: str) -> dict[str, Any]:
@@ -63,7 +74,13 @@ def parse(r: Any, namespace: str) -> dict[str, Any]:
         return {"auth": Auth(closed="auth-snippet")}
     headers = r.get("auth-response-headers", _headers, ())
     redirect = r.get("auth-request-redirect", _redirect)
-    return {"auth": Auth(ns, name, port, path, headers, redirect)}
+    signin = r.get("auth-signin", _signin)
+    param = r.get("auth-signin-redirect-param", _param, "rd")
+    if signin is None:
+        r.ignore({"auth-signin-redirect-param"} & r.values.keys(),
+                 f"it needs {r.key('auth-signin')}")
+    return {"auth": Auth(ns, name, port, path, headers, redirect, signin=signin,
+                         signin_param=param)}
 
 
 def _url(text: str, namespace: str) -> tuple[str, str, int, str]:
@@ -104,6 +121,24 @@ def _redirect(text: str) -> str:
     return text.replace("%", "%%")  # literal for Envoy's formatter
 
 
+def _signin(text: str) -> str:
+    text = text.replace(" ", "")  # as ingress-nginx's validation
+    if len(text) > MAX_URL or not _SIGNIN.match(text):
+        raise _no("not an http(s) URL or a path; 401 answers go to the client as they are")
+    unknown = sorted({v for v in _VARIABLE.findall(text) if v not in SIGNIN_VARIABLES})
+    if unknown:
+        raise _no(f"{', '.join('$' + v for v in unknown)}: only the variables "
+                  f"{', '.join('$' + v for v in sorted(SIGNIN_VARIABLES))} are known; 401 "
+                  "answers go to the client as they are")
+    return text
+
+
+def _param(text: str) -> str:
+    if not _PARAM.match(text):
+        raise _no("not a query parameter name (letters, digits, ._~-); rd is used")
+    return text
+
+
 def apply(auth: Auth | None, route: ir.Route,
           resolve: Callable[[str, str, int], str | None], warnings: list[str]) -> ir.Route:
     """The route with its authentication: `resolve(namespace, service, port)` is the IR
@@ -122,7 +157,7 @@ def apply(auth: Auth | None, route: ir.Route,
         return replace(route, action=ir.DirectResponse(500, ""))
     return replace(route, ext_auth=ir.ExtAuth(
         backend=backend, path=auth.path, upstream_headers=auth.upstream_headers,
-        redirect=auth.redirect))
+        redirect=auth.redirect, signin=auth.signin, signin_param=auth.signin_param))
 
 
 def _no(why: str) -> ValueError:

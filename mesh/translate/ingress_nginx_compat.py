@@ -190,9 +190,18 @@ ANNOTATIONS: tuple[Annotation, ...] = (
                "client (nginx: 500)."),
         no("auth-method", "the check is made with the request's method (Envoy cannot "
            "change it)"),
-        no("auth-signin", "a 401 from the auth service reaches the client as it is, without "
-           "the redirect to sign in"),
-        no("auth-signin-redirect-param", "`auth-signin` is not supported"),
+        partly("auth-signin", "`ExtAuth.signin`: a 401 of the auth service becomes a 302 to "
+               "the URL, with `rd=<scheme>://<Host><escaped path and query>` added to its "
+               "query (unless the query has the parameter already), as nginx",
+               "An `http(s)://` URL or a path, with the request's `$scheme`, "
+               "`$pass_access_scheme`, `$host`, `$http_host`, `$best_http_host`, "
+               "`$request_uri`, `$escaped_request_uri` only; another variable or value is "
+               "refused with a warning, and the 401 reaches the client. A path stays relative "
+               "in Location (nginx: made absolute). `$pass_access_scheme` is the request's "
+               "scheme as the node's proxy sees it. The redirect keeps the auth service's "
+               "other headers, with no body (nginx: its 302 page)."),
+        yes("auth-signin-redirect-param", "`ExtAuth.signin_param` (default `rd`); a name "
+            "other than letters, digits and `._~-` is refused (`rd` is used), with a warning"),
         yes("auth-response-headers", "`ExtAuth.upstream_headers`: copied from the service's "
             "answer onto the request; the client's own copies are removed first"),
         no("auth-proxy-set-headers", "the check carries the client's headers, not a "

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from mesh import ir
 from mesh.sinks.envoy.httpfilters import (
+    auth_signin,
     buffer,
     cookie_expires,
     cors,
@@ -44,13 +45,15 @@ class HTTPFilter(Protocol):
 # The order requests go through them: CORS answers preflights first; the allow list refuses
 # before a refused request counts against a limit; local limits (cheap) before global ones
 # (a call to the rate limit service); then external authorization (after limits, as nginx's
-# access phase), body size limits (no body is held for a request refused earlier); sessions
+# access phase; the redirect to sign in comes before it, to see its refusals on their way
+# back), body size limits (no body is held for a request refused earlier); sessions
 # pick the endpoint just before the router. Responses go through them the other way: the
 # session cookie's Expires is added after the session filter has set the cookie.
 ORDER: tuple[HTTPFilter, ...] = (
     cors.CORS, rbac.RBAC, local_ratelimit.LOCAL, local_ratelimit.LOCAL_SHADOW,
     ratelimit.GLOBAL_FAIL_OPEN, ratelimit.GLOBAL_FAIL_CLOSED,
-    ext_authz.STRIP, ext_authz.EXT_AUTHZ, buffer.BUFFER, cookie_expires.COOKIE_EXPIRES,
+    auth_signin.AUTH_SIGNIN, ext_authz.STRIP, ext_authz.EXT_AUTHZ, auth_signin.PASSED,
+    buffer.BUFFER, cookie_expires.COOKIE_EXPIRES,
     stateful_session.STATEFUL_SESSION, router.ROUTER)
 
 
