@@ -515,6 +515,108 @@ def test_backend_protocols_not_supported(value: str) -> None:
 def test_upstream_vhost() -> None:
     t = run(ingress("shop", {NGINX + "upstream-vhost": "internal.svc"}))
     assert forward(route(t)).host_rewrite == "internal.svc"
+    # The variables ingress-nginx sets in every location, filled in per path.
+    t = run(ingress("shop", {NGINX + "upstream-vhost":
+                             "${service_name}.$namespace.$ingress_name:$service_port"}))
+    assert forward(route(t)).host_rewrite == "main.default.shop:80"
+    t = run(ingress("shop", {NGINX + "upstream-vhost": "$host"}))
+    assert forward(route(t)).host_rewrite is None
+    assert any('upstream-vhost: "$host" is refused: nginx variables other than' in w
+               for w in warnings(t))
+
+
+# -- redirects, more names, headers to the backend ------------------------------------------
+
+def test_permanent_and_temporal_redirects() -> None:
+    t = run(ingress("shop", {NGINX + "permanent-redirect": "https://new.example/a?b=c",
+                             NGINX + "force-ssl-redirect": "true", NGINX + "limit-rps": "5",
+                             NGINX + "affinity": "cookie"}),
+            canary("c", {NGINX + "canary-weight": "50"}))
+    for r in routes(t):  # before the redirect to HTTPS, limits, sessions and the canary
+        assert r.action == ir.DirectResponse(301)
+        assert r.response_headers == ir.HeaderOps(set=(("location", "https://new.example/a?b=c"),))
+        assert (r.rate_limits, r.session) == ((), None)
+    t = run(ingress("shop", {NGINX + "permanent-redirect": "/elsewhere",
+                             NGINX + "permanent-redirect-code": "308"}))
+    assert route(t).action == ir.DirectResponse(308)
+    t = run(ingress("shop", {NGINX + "temporal-redirect": "http://t.example",
+                             NGINX + "permanent-redirect": "http://p.example",
+                             NGINX + "temporal-redirect-code": "399"}))
+    assert route(t).action == ir.DirectResponse(302)
+    assert route(t).response_headers.set == (("location", "http://t.example"),)
+    assert any("permanent-redirect is ignored: " in w and "temporal-redirect is set" in w
+               for w in warnings(t))
+    assert any('temporal-redirect-code: "399" is refused' in w for w in warnings(t))
+
+
+@pytest.mark.parametrize("name, value", [
+    ("permanent-redirect", "ftp://x.example"), ("permanent-redirect", "https://$host/x"),
+    ("temporal-redirect", "/relative"), ("app-root", "app"), ("app-root", "/$host"),
+    ("app-root", "/a?b=c"), ("server-alias", "~^www\\d+\\.example\\.com$"),
+    ("server-alias", "www.example.*"), ("connection-proxy-header", "upgrade"),
+    ("x-forwarded-prefix", "/$1")])
+def test_bad_redirect_alias_and_header_values_are_refused(name: str, value: str) -> None:
+    t = run(ingress("shop", {NGINX + name: value, NGINX + "rewrite-target": "/"}))
+    assert any(f'{name}: "{value}" is refused' in w for w in warnings(t))
+    r = route(t)
+    assert isinstance(r.action, ir.Forward) and not r.request_headers
+    assert len(routes(t)) == 1
+    assert {d for vh in t.ir.route_tables[0].virtual_hosts for d in vh.domains} == {HOST, "*"}
+
+
+def test_app_root_comes_first_on_the_hosts() -> None:
+    t = run(ingress("other", paths=[("/", "Prefix", "other")]),
+            ingress("shop", {NGINX + "app-root": "/app"}, [("/api", "Prefix", "main")]))
+    first, *rest = routes(t)
+    assert first == ir.Route(name="default/shop/app-root", path=ir.StringMatch("Exact", "/"),
+                             action=ir.Redirect(302, full_path="/app", strip_query=True),
+                             owners=frozenset({ObjectKey("networking.k8s.io", "Ingress",
+                                                         "default", "shop")}))
+    assert len(rest) == 2 and all(isinstance(r.action, ir.Forward) for r in rest)
+
+
+def test_server_alias() -> None:
+    t = run(ingress("shop", {NGINX + "server-alias":
+                             "Alias.example, *.wild.example, other.example"}),
+            ingress("other", {NGINX + "server-alias": "alias.example, more.example"},
+                    host="other.example"),
+            ingress("late", {NGINX + "server-alias": "late.example"}))
+    domains = {vh.domains[0]: vh.domains for vh in t.ir.route_tables[0].virtual_hosts}
+    assert domains[HOST] == (HOST, "alias.example", "*.wild.example")
+    assert domains["other.example"] == ("other.example", "more.example")
+    assert any("other.example is a host of its own or another's alias" in w
+               for w in warnings(t))
+    assert any("alias.example is a host of its own or another's alias" in w
+               for w in warnings(t, "other"))
+    assert any(f"host {HOST} has its aliases from an older Ingress" in w
+               for w in warnings(t, "late"))
+
+
+def test_from_to_www_redirect() -> None:
+    t = run(ingress("shop", {NGINX + "from-to-www-redirect": "true"}),
+            ingress("www", {NGINX + "from-to-www-redirect": "true"}, host="www.b.example"),
+            ingress("c", {NGINX + "from-to-www-redirect": "true"}, host="c.example"),
+            ingress("c-www", host="www.c.example"))
+    vhosts = {vh.domains: vh for vh in t.ir.route_tables[0].virtual_hosts}
+    slash, rest = vhosts[("www.shop.example",)].routes
+    assert slash.action == ir.Redirect(308, host=HOST, strip_trailing_slash=True)
+    assert rest.action == ir.Redirect(308, host=HOST) and rest.path.value == "/"
+    assert vhosts[("b.example",)].routes[1].action == ir.Redirect(308, host="www.b.example")
+    assert ("www.c.example",) in vhosts  # served: no redirect from it
+    assert isinstance(vhosts[("www.c.example",)].routes[0].action, ir.Forward)
+    assert any("www.c.example is served already" in w for w in warnings(t, "c"))
+
+
+def test_x_forwarded_prefix_and_connection_header() -> None:
+    t = run(ingress("shop", {NGINX + "rewrite-target": "/x", NGINX + "x-forwarded-prefix": "/api",
+                             NGINX + "connection-proxy-header": "close"}))
+    assert route(t).request_headers == ir.HeaderOps(set=(
+        ("x-forwarded-prefix", "/api"), ("connection", "close")))
+    t = run(ingress("shop", {NGINX + "x-forwarded-prefix": "/api"}))
+    assert not route(t).request_headers
+    assert any("x-forwarded-prefix is ignored: it needs" in w for w in warnings(t))
+    t = run(ingress("shop", {NGINX + "rewrite-target": "/x", NGINX + "x-forwarded-prefix": ""}))
+    assert not route(t).request_headers and not warnings(t)
 
 
 # -- affinity, CORS, allow lists -------------------------------------------------------------

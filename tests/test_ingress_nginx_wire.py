@@ -296,3 +296,64 @@ def test_canary_affinity_sticky_and_legacy(bed: Bed) -> None:
     assert {get({"Cookie": f"aff={aff}"}).pod for _ in range(20)} == {"main-1"}
     assert {get({"Cookie": f"aff={main_aff}", "ForceCanary": "yes"}).pod
             for _ in range(20)} == {"main-1"}
+
+
+# -- redirects to a URL, app-root, more names, headers to the backend --------------------------
+
+def test_redirects_app_root_aliases_and_www(bed: Bed) -> None:
+    bed.serve(
+        ingress("perm", "perm.example", {NGINX + "permanent-redirect":
+                                         "https://new.example/landing?from=perm",
+                                         NGINX + "force-ssl-redirect": "true",
+                                         NGINX + "allowlist-source-range": "192.0.2.0/24"}),
+        ingress("temp", "temp.example", {NGINX + "temporal-redirect": "http://t.example",
+                                         NGINX + "temporal-redirect-code": "307",
+                                         NGINX + "permanent-redirect": "http://ignored.example"}),
+        ingress("app", "app.example", {NGINX + "app-root": "/app1",
+                                       NGINX + "server-alias": "alias.example, *.wild.example",
+                                       NGINX + "from-to-www-redirect": "true"}),
+        ingress("www", "www.both.example", {NGINX + "from-to-www-redirect": "true"}))
+
+    def answer(path: str, host: str) -> tuple[int, str | None]:
+        r = bed.request(path, host)
+        return r.status, r.header("location")
+
+    # Before the redirect to HTTPS and the allow list, as nginx's `return`.
+    assert answer("/x?y=1", "perm.example") == (301, "https://new.example/landing?from=perm")
+    assert answer("/", "temp.example") == (307, "http://t.example")
+    # app-root: `/` alone, the query dropped, the host (and port) kept.
+    assert answer("/", "app.example") == (302, "http://app.example/app1")
+    assert answer("/?a=b", "app.example") == (302, "http://app.example/app1")
+    assert answer("/", "app.example:80") == (302, "http://app.example:80/app1")
+    r = bed.request("/other", "app.example")
+    assert (r.status, r.json["host"]) == (200, "app.example")
+    # server-alias: the same paths for other names, the Host kept.
+    for host in ("alias.example", "a.wild.example"):
+        r = bed.request("/other", host)
+        assert (r.status, r.pod, r.json["host"]) == (200, "main-1", host)
+    assert answer("/", "alias.example") == (302, "http://alias.example/app1")
+    assert bed.request("/", "unknown.example").status == 404
+    # from-to-www-redirect, both ways; a trailing slash dropped.
+    assert answer("/p/", "www.app.example") == (308, "http://app.example/p")
+    assert answer("/p?q=1", "www.app.example") == (308, "http://app.example/p?q=1")
+    assert answer("/p", "both.example") == (308, "http://www.both.example/p")
+    assert bed.request("/p", "www.both.example").status == 200
+
+
+def test_headers_to_the_backend(bed: Bed) -> None:
+    bed.serve(
+        ingress("prefix", "prefix.example", {NGINX + "rewrite-target": "/rewritten",
+                                             NGINX + "x-forwarded-prefix": "/api"}),
+        ingress("empty", "empty.example", {NGINX + "rewrite-target": "/rewritten",
+                                           NGINX + "x-forwarded-prefix": ""}),
+        ingress("conn", "conn.example", {NGINX + "connection-proxy-header": "keep-alive",
+                                         NGINX + "upstream-vhost":
+                                         "$service_name.$namespace.svc:$service_port"}))
+    r = bed.request("/x", "prefix.example", headers={"X-Forwarded-Prefix": "/client"})
+    assert (r.status, r.json["path"], r.seen("X-Forwarded-Prefix")) == (
+        200, "/rewritten", ["/api"])
+    r = bed.request("/x", "empty.example")
+    assert (r.status, r.seen("X-Forwarded-Prefix")) == (200, None)
+    r = bed.request("/", "conn.example")
+    assert (r.status, r.seen("Connection")) == (200, ["keep-alive"])
+    assert r.json["host"] == "main.default.svc:80"

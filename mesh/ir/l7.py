@@ -195,6 +195,7 @@ class Redirect:
     full_path: str | None = None
     prefix: tuple[str, str] | None = None  # (matched prefix, replacement)
     strip_trailing_slash: bool = False  # a path ending with `/` loses it (`/` becomes empty)
+    strip_query: bool = False  # the request's query is not kept
 
 
 @dataclass(frozen=True)

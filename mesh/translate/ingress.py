@@ -229,6 +229,8 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
             _attach_canary(routes, variants, ing, s.canary, serving,
                            defaults[0] if defaults else None, warnings[ing.obj.key])
     hosts.setdefault("*", [])
+    aliases, www = _server_names(ingresses, set(hosts), warnings)
+    app_roots = _app_roots(ingresses)
     owners = frozenset(i.obj.key for i, _ in ingresses)
     slots = [slot for v in hosts.values() for _, slot in v] + defaults[:1]
     # Port 443 has a table of its own when it serves differently: no redirects, session
@@ -243,8 +245,12 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
             ordered = [r for _, slot in sorted(hosts[host], key=lambda ks: ks[0])
                        for r in slot.routes(https, host)]
             fallback = [r for slot in defaults[:1] for r in slot.routes(https, host)]
-            vhosts.append(ir.VirtualHost(f"{table_name}/{host}", (host,),
-                                         tuple(ordered + fallback)))
+            # app-root is the server's, before any of its locations.
+            first = [app_roots[host]] if host in app_roots else []
+            vhosts.append(ir.VirtualHost(f"{table_name}/{host}", (host, *aliases.get(host, ())),
+                                         tuple(first + ordered + fallback)))
+        for name, (to, by) in sorted(www.items()):
+            vhosts.append(_www_redirect(table_name, name, to, by))
         built.append(ir.RouteTable(table_name, tuple(vhosts), owners))
     missing = variants.register(routes, [r for t in built for vh in t.virtual_hosts
                                          for r in vh.routes])
@@ -264,6 +270,84 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
         listeners.append(ir.Listener(f"{address}:443", address, 443, "HTTPS", chains, owners))
     result.listeners = tuple(listeners)
     return result
+
+
+_Redirects = dict[str, tuple[str, frozenset[ObjectKey]]]  # name -> (host, owners)
+
+
+def _server_names(ingresses: list[tuple[model.Ingress, IngressSettings]], hosts: set[str],
+                  warnings: dict[ObjectKey, list[str]]
+                  ) -> tuple[dict[str, tuple[str, ...]], _Redirects]:
+    """More names for the hosts, as ingress-nginx gives them: server-alias (the first
+    Ingress of a host with aliases names them) and from-to-www-redirect (the name with or
+    without `www.` redirects to the host). A name that is a host of its own, or already
+    another's, is not taken, with a warning."""
+    used = set(hosts)
+    aliases: dict[str, tuple[str, ...]] = {}
+    for ing, s in ingresses:
+        if s.canary is not None or not s.aliases:
+            continue
+        said = warnings[ing.obj.key]
+        for host in dict.fromkeys(r.host for r in ing.rules if r.host):
+            if host in aliases:
+                said.append(f"server-alias: host {host} has its aliases from an older Ingress: "
+                            "ignored there")
+                continue
+            names = []
+            for name in s.aliases:
+                if name in used:
+                    if name != host:
+                        said.append(f"server-alias: {name} is a host of its own or another's "
+                                    f"alias: not an alias of {host}")
+                    continue
+                names.append(name)
+                used.add(name)
+            aliases[host] = tuple(names)
+    www: _Redirects = {}
+    for ing, s in ingresses:
+        if s.canary is not None or not s.from_to_www:
+            continue
+        for host in dict.fromkeys(r.host for r in ing.rules if r.host and "*" not in r.host):
+            other = host[4:] if host.startswith("www.") else f"www.{host}"
+            if other in www and www[other][0] == host:
+                www[other] = (host, www[other][1] | {ing.obj.key})
+            elif other in used:
+                warnings[ing.obj.key].append(
+                    f"from-to-www-redirect: {other} is served already (a host or an alias): "
+                    f"no redirect from it to {host}")
+            else:
+                www[other] = (host, frozenset({ing.obj.key}))
+                used.add(other)
+    return aliases, www
+
+
+def _www_redirect(table: str, name: str, to: str, owners: frozenset[ObjectKey]) -> ir.VirtualHost:
+    """from-to-www-redirect's other name: every request redirected (308) to the host, the
+    scheme and path kept, a trailing `/` dropped, as ingress-nginx's redirect server."""
+    redirect = ir.Redirect(nginx.REDIRECT_STATUS, host=to)
+    everything = ir.StringMatch("Prefix", "/")
+    return ir.VirtualHost(f"{table}/{name}", (name,), (
+        ir.Route(name=f"from-to-www/{name}/trailing-slash", path=everything, headers=(
+            ir.StringMatch("RegularExpression", "[^?]*/", ":path"),),
+            action=replace(redirect, strip_trailing_slash=True), owners=owners),
+        ir.Route(name=f"from-to-www/{name}", path=everything, action=redirect, owners=owners)))
+
+
+def _app_roots(ingresses: list[tuple[model.Ingress, IngressSettings]]) -> dict[str, ir.Route]:
+    """app-root: `/` alone (any query) answers 302 to the application's root, on the
+    Ingress's hosts, before any path (nginx's `if ($uri = /)` in the server); the first
+    Ingress of a host with one decides."""
+    out: dict[str, ir.Route] = {}
+    for ing, s in ingresses:
+        if s.canary is not None or s.app_root is None:
+            continue
+        obj = ing.obj
+        for host in dict.fromkeys(r.host or "*" for r in ing.rules):
+            out.setdefault(host, ir.Route(
+                name=f"{obj.namespace}/{obj.name}/app-root", path=ir.StringMatch("Exact", "/"),
+                action=ir.Redirect(302, full_path=s.app_root, strip_query=True),
+                owners=frozenset({obj.key})))
+    return out
 
 
 def _has_tls(host: str, names: set[str]) -> bool:
@@ -289,7 +373,10 @@ def _main(routes: RouteBuilder, variants: _Variants, ing: model.Ingress, s: Ingr
                             f"({problem}): it is matched as a plain path, without rewrite")
     base = _fallback(routes, ing, backend, s, warnings)
     target = variants.of(base, s, obj.key)
-    route = nginx.shape_route(s, ir.Route(
+    vhost = nginx.expand_vhost(s.host_rewrite, {
+        "namespace": obj.namespace, "ingress_name": obj.name, "service_name": backend.service,
+        "service_port": str(backend.port_number or backend.port_name or "")})
+    route = nginx.shape_route(replace(s, host_rewrite=vhost), ir.Route(
         name=name, path=match, action=ir.Forward((ir.WeightedBackend(target, 1),)),
         owners=frozenset({obj.key})), regex)
     route = ingress_extras.apply(s.max_request_bytes, s.extras, ingress_auth.apply(
@@ -298,7 +385,10 @@ def _main(routes: RouteBuilder, variants: _Variants, ing: model.Ingress, s: Ingr
     forward = route.action if isinstance(route.action, ir.Forward) else None
     if target is None and forward is not None:
         route = replace(route, action=ir.DirectResponse(503, ""))
-    return _Slot(route, forward, s.force_ssl_redirect or (s.ssl_redirect and tls), obj.key, s,
+    # A redirect to a URL (permanent-redirect...) comes before the one to HTTPS, as nginx's
+    # `return` before its rewrite_by_lua.
+    redirect = (s.force_ssl_redirect or (s.ssl_redirect and tls)) and s.url_redirect is None
+    return _Slot(route, forward, redirect, obj.key, s,
                  preflight=nginx.cors_preflight(s, route), backend=base)
 
 

@@ -131,6 +131,14 @@ class IngressSettings:
     auth: ingress_auth.Auth | None = None  # auth-url and its family (ingress_auth)
     max_request_bytes: int | None = None  # proxy-body-size (ingress_extras)
     extras: ingress_extras.Extras = ingress_extras.NOTHING  # the rest of ingress_extras
+    # Redirects and hosts (ingress-nginx's rewrite, redirect and alias annotations)
+    app_root: str | None = None  # `/` alone answers 302 to this path on the same host
+    url_redirect: tuple[int, str] | None = None  # permanent- or temporal-redirect: code, URL
+    from_to_www: bool = False  # the host with or without `www.` redirects to this one
+    aliases: tuple[str, ...] = ()  # server-alias: more names for the Ingress's hosts
+    # Request headers to the backend
+    forwarded_prefix: str | None = None  # X-Forwarded-Prefix, with rewrite-target
+    connection_header: str | None = None  # Connection: close | keep-alive
     warnings: tuple[str, ...] = ()
 
     @property
@@ -309,7 +317,8 @@ def parse(obj: KubeObject) -> IngressSettings:
         "force_ssl_redirect": r.get("force-ssl-redirect", _bool, False),
         "preserve_trailing_slash": r.get("preserve-trailing-slash", _bool, False),
         "host_rewrite": r.get("upstream-vhost", _host),
-        "cors": _cors(r), "retry": _retry(r)}
+        "cors": _cors(r), "retry": _retry(r), **_redirects(r), **_backend_headers(r),
+        "aliases": r.get("server-alias", _aliases, ())}
     for part in (_rewrite(r), _rate_limits(r, obj.key), _sources(r), _timeouts(r),
                  _session(r), _protocol(r), ingress_auth.parse(r, obj.namespace),
                  ingress_extras.parse(r, obj.namespace)):
@@ -321,10 +330,104 @@ def parse(obj: KubeObject) -> IngressSettings:
     return IngressSettings(**fields, warnings=tuple(r.warnings))
 
 
+# What ingress-nginx's validation lets through in a redirect URL (URLIsValidRegex): no
+# nginx variable can get in.
+_URL = re.compile(r"^[-\w.~/:,?&=]*$", re.ASCII)
+PERMANENT_CODE, TEMPORAL_CODE = 301, 302
+
+
+def _redirects(r: _Reader) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "app_root": r.get("app-root", lambda t: t if re.fullmatch(r"/[-\w.~/:]*", t, re.ASCII)
+                          else _fail("a path from / (no nginx variable, no query)")),
+        "from_to_www": r.get("from-to-www-redirect", _bool, False)}
+    # ingress-nginx: temporal-redirect first, then permanent-redirect; a code out of range
+    # is the default one.
+    for name, lo, hi, default, check in (
+            ("temporal-redirect", 300, 307, TEMPORAL_CODE, _http_url),
+            ("permanent-redirect", 300, 308, PERMANENT_CODE, _redirect_url)):
+        url = r.get(name, check)
+        if url is None:
+            r.ignore({f"{name}-code"} & r.values.keys(), f"it needs {r.key(name)}")
+            continue
+        code = r.get(f"{name}-code", _int_between(lo, hi), default)
+        out["url_redirect"] = (code, url)
+        r.ignore({"permanent-redirect", "permanent-redirect-code"} & r.values.keys()
+                 if name == "temporal-redirect" else set(),
+                 f"{r.key('temporal-redirect')} is set and wins")
+        break
+    return out
+
+
+def _redirect_url(text: str) -> str:
+    if not text or not _URL.match(text):
+        raise _Refused("not a URL (letters, digits and -._~/:,?&= only)")
+    if not re.match(r"(https?://[^/?]+|/)", text):
+        raise _Refused("not an http:// or https:// URL, nor a path from /")
+    return text
+
+
+def _http_url(text: str) -> str:
+    if not re.match(r"https?://", text):
+        raise _Refused("only http:// and https:// URLs")
+    return _redirect_url(text)
+
+
+_LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+_ALIAS = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
+
+
+def _aliases(text: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for item in (t.strip().lower() for t in text.split(",")):
+        if not item or item in out:
+            continue
+        if not _ALIAS.fullmatch(item):
+            raise _Refused(f"{item}: not a host name or *.domain (nginx's regular expression "
+                           "and suffix names are not supported)")
+        out.append(item)
+    return tuple(out)
+
+
+def _backend_headers(r: _Reader) -> dict[str, Any]:
+    def prefix(text: str) -> str | None:
+        if _NUMBERED_GROUP.search(text) or "$" in text:
+            raise _Refused("capture groups ($1) and nginx variables are not supported")
+        if not re.fullmatch(r"[-\w.~/:]*", text, re.ASCII):
+            raise _Refused("not a path prefix")
+        return text or None  # empty: no header, as ingress-nginx
+    forwarded_prefix = r.get("x-forwarded-prefix", prefix)
+    if forwarded_prefix is not None and not r.has("rewrite-target"):
+        # ingress-nginx sets it where the path is rewritten only.
+        r.ignore(["x-forwarded-prefix"], f"it needs {r.key('rewrite-target')}")
+        forwarded_prefix = None
+    return {"forwarded_prefix": forwarded_prefix,
+            "connection_header": r.get("connection-proxy-header", lambda t: t if t in (
+                "close", "keep-alive") else _fail('"close" or "keep-alive"'))}
+
+
+# The variables ingress-nginx sets in every location, which upstream-vhost may use: known
+# here for each path (VHOST_VARIABLES), so they are filled in when the routes are made.
+_VHOST_VARIABLE = re.compile(r"\$(?:(namespace|ingress_name|service_name|service_port)\b|"
+                             r"\{(namespace|ingress_name|service_name|service_port)\})")
+
+
 def _host(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}(:\d{1,5})?", text):
+    plain = _VHOST_VARIABLE.sub(lambda m: "1" if "port" in m.group(0) else "a", text)
+    if "$" in plain:
+        raise _Refused("nginx variables other than $namespace, $ingress_name, $service_name "
+                       "and $service_port are not supported")
+    if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}(:\d{1,5})?", plain):
         raise _Refused("not a host name")
     return text
+
+
+def expand_vhost(text: str | None, values: Mapping[str, str]) -> str | None:
+    """upstream-vhost with its variables filled in (namespace, ingress_name, service_name,
+    service_port)."""
+    if text is None or "$" not in text:
+        return text
+    return _VHOST_VARIABLE.sub(lambda m: values.get(m.group(1) or m.group(2), ""), text)
 
 
 def _canary(r: _Reader) -> Canary | None:
@@ -571,6 +674,14 @@ def shape_route(s: IngressSettings, route: ir.Route, path: str | None) -> ir.Rou
                     # nginx's `rewrite` replaces the whole path when the location matches.
                     regex_rewrite=(f"(?i)^(?:{path}).*", s.rewrite)
                     if s.rewrite is not None and path is not None else None)
+    request_headers = route.request_headers
+    if isinstance(a, ir.Forward):
+        extra = [("x-forwarded-prefix", s.forwarded_prefix)] \
+            if s.forwarded_prefix is not None and s.rewrite is not None else []
+        if s.connection_header is not None:
+            extra.append(("connection", s.connection_header))
+        if extra:
+            request_headers = replace(request_headers, set=(*request_headers.set, *extra))
     session = None
     if s.session is not None:
         # ingress-nginx's default is the location's path; a regular expression is no
@@ -587,11 +698,20 @@ def shape_route(s: IngressSettings, route: ir.Route, path: str | None) -> ir.Rou
         headers = ir.HeaderOps(set=(*headers.set, *cors_headers(cors)), add=headers.add,
                                remove=headers.remove)
         cors = None
-    return replace(route, action=a, rate_limits=s.rate_limits, cors=cors, session=session,
-                   response_headers=headers,
-                   allowed_sources=s.allowed_sources, denied_sources=s.denied_sources,
-                   sources_from_forwarded_for=s.forwarded_headers and bool(
-                       s.allowed_sources or s.denied_sources))
+    out = replace(route, action=a, rate_limits=s.rate_limits, cors=cors, session=session,
+                  response_headers=headers, request_headers=request_headers,
+                  allowed_sources=s.allowed_sources, denied_sources=s.denied_sources,
+                  sources_from_forwarded_for=s.forwarded_headers and bool(
+                      s.allowed_sources or s.denied_sources))
+    if s.url_redirect is not None:
+        # nginx's `return`, in the rewrite phase: before allow lists, limits, sessions and
+        # the redirect to HTTPS; the Location as written.
+        code, url = s.url_redirect
+        out = replace(out, action=ir.DirectResponse(code), rate_limits=(), session=None,
+                      allowed_sources=(), denied_sources=(), sources_from_forwarded_for=False,
+                      request_headers=ir.HeaderOps(),
+                      response_headers=replace(headers, set=(*headers.set, ("location", url))))
+    return out
 
 
 def cors_headers(c: ir.Cors) -> tuple[tuple[str, str], ...]:

@@ -117,22 +117,43 @@ ANNOTATIONS: tuple[Annotation, ...] = (
                "the path (nginx's `~* \"^path\"`)",
                "Only this Ingress's paths (ingress-nginx: every path of the host, from any "
                "Ingress). A path RE2 cannot run is matched as a plain path, with a warning."),
-        no("app-root", "the IR has no redirect of `/` alone to the application's root"),
-        no("permanent-redirect", "redirects to a URL given in an annotation are not "
-           "supported"),
-        no("permanent-redirect-code", "`permanent-redirect` is not supported"),
-        no("temporal-redirect", "redirects to a URL given in an annotation are not "
-           "supported"),
-        no("temporal-redirect-code", "`temporal-redirect` is not supported"),
-        no("from-to-www-redirect", "the IR has no redirect between `www.` and the bare host"),
+        yes("app-root", "`/` alone (whatever the query) on the Ingress's hosts → `Redirect` 302 "
+            "to that path, scheme and host kept, before any path of the host (the first "
+            "Ingress of a host with one decides)",
+            "A path with nginx variables (`$`) is refused with a warning."),
+        yes("permanent-redirect", "The paths answer 301 (`DirectResponse`) with `Location` as "
+            "written, before allow lists, limits and the redirect to HTTPS",
+            "The answer has no body (nginx: its HTML page). A URL that is neither `http(s)://` "
+            "nor a path from `/` is refused with a warning."),
+        yes("permanent-redirect-code", "The code instead of 301 (300 to 308; another is 301)",
+            "A code out of range is said in a warning (ingress-nginx: silently 301)."),
+        yes("temporal-redirect", "As `permanent-redirect`, with 302; it wins over "
+            "`permanent-redirect` (as ingress-nginx); `http(s)://` URLs only"),
+        yes("temporal-redirect-code", "The code instead of 302 (300 to 307; another is 302)",
+            "A code out of range is said in a warning (ingress-nginx: silently 302)."),
+        partly("from-to-www-redirect", "The host with `www.` (or without, when the rule's host "
+               "has it) redirects every request (308) to the rule's host, scheme and path kept, "
+               "a trailing `/` dropped; not when that name is served by an Ingress or an alias "
+               "(a warning)",
+               "The `Location` has no port (nginx writes the server's: `http://host:80/p`). "
+               "Over HTTPS, only when a TLS host of our Ingresses covers that name (nginx: when "
+               "the certificate does)."),
         yes("preserve-trailing-slash", "The redirects to HTTPS keep a trailing `/` (by "
             "default they drop it, as ingress-nginx: `/a/` → `https://host/a`)"),
         no("use-port-in-redirects", "nginx's own redirects (`port_in_redirect`) have no "
            "counterpart"),
         no("relative-redirects", "nginx's own redirects (`absolute_redirect`) have no "
            "counterpart"),
-        no("x-forwarded-prefix", "the IR adds no `X-Forwarded-Prefix` request header"),
-        no("server-alias", "an Ingress serves the hosts of its rules only: no alias names"),
+        partly("x-forwarded-prefix", "With `rewrite-target`: the request header "
+               "`X-Forwarded-Prefix` to the backend (`Route.request_headers`); empty: none",
+               "A value with capture groups (`$1`) or nginx variables is refused with a "
+               "warning (no header)."),
+        partly("server-alias", "More names for the Ingress's hosts (`VirtualHost.domains`): host "
+               "names and `*.domain`; the first Ingress of a host with aliases names them; a "
+               "name that is a host of its own or another's alias is left out with a warning",
+               "nginx's regular expression (`~^...`) and suffix (`www.example.*`) names are "
+               "refused with a warning. Over HTTPS, an alias is served only when a TLS host of "
+               "our Ingresses covers it."),
         no("enable-rewrite-log", "nginx's rewrite log has no counterpart"),
     ),
     # -- HTTPS ------------------------------------------------------------------------------
@@ -328,7 +349,10 @@ ANNOTATIONS: tuple[Annotation, ...] = (
                "`AUTO_HTTP`, `FCGI`: not supported (warning; HTTP/1.1 is used). A "
                "BackendTLSPolicy on the Service wins over `HTTPS` and `GRPCS` (it "
                "verifies)."),
-        yes("upstream-vhost", "`Forward.host_rewrite`"),
+        yes("upstream-vhost", "`Forward.host_rewrite`; `$namespace`, `$ingress_name`, "
+            "`$service_name`, `$service_port` filled in per path",
+            "Other nginx variables (`$host`...) are refused with a warning: the Host is then "
+            "the client's."),
         no("load-balance", "the backends' load balancing is a TrafficPolicy's, not an "
            "Ingress's"),
         partly("upstream-hash-by", "`Route.hash_policy` and a copy of the backend with a "
@@ -414,7 +438,8 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         no("proxy-cookie-path", "the IR does not rewrite the backend's Set-Cookie headers"),
         no("proxy-redirect-from", "the IR does not rewrite the backend's Location headers"),
         no("proxy-redirect-to", "the IR does not rewrite the backend's Location headers"),
-        no("connection-proxy-header", "the IR sets no Connection header to the backend"),
+        yes("connection-proxy-header", "`close` or `keep-alive`: the `Connection` header to the "
+            "backend (`Route.request_headers`)"),
         no("custom-headers", "response headers from a ConfigMap are not supported"),
         no("http2-push-preload", "HTTP/2 server push is gone from browsers and from Envoy"),
     ),

@@ -176,6 +176,7 @@ def _redirect(a: ir.Redirect) -> rc.RedirectAction:
     if port is not None and port != _DEFAULT_PORT.get(a.scheme or "http"):
         red.port_redirect = port
     _path_rewrite(red.regex_rewrite, a.full_path, a.prefix)
+    red.strip_query = a.strip_query
     if a.strip_trailing_slash:
         red.regex_rewrite.pattern.regex, red.regex_rewrite.substitution = "^(.*)/$", r"\1"
     return red
