@@ -176,6 +176,17 @@ def test_canary_weight_and_total(weight: str, total: str | None,
     assert targets(route(t)) == expected
 
 
+def test_canary_weight_total_under_100_is_said_to_differ() -> None:
+    t = run(ingress("shop"), canary("c", {NGINX + "canary-weight": "1",
+                                          NGINX + "canary-weight-total": "4"}))
+    assert targets(route(t)) == [("default/main/80", 3), ("default/canary/80", 1)]
+    assert any("canary gets 1 of 4 requests; ingress-nginx's balancer used 100" in w
+               for w in warnings(t, "c"))
+    t = run(ingress("shop"), canary("c", {NGINX + "canary-weight": "1",
+                                          NGINX + "canary-weight-total": "200"}))
+    assert not warnings(t, "c")
+
+
 def test_canary_weight_above_the_total_is_refused() -> None:
     t = run(ingress("shop"), canary("c", {NGINX + "canary-weight": "150"}))
     assert targets(route(t)) == [("default/main/80", 1)]

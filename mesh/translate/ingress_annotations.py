@@ -447,6 +447,12 @@ def _canary(r: _Reader) -> Canary | None:
         pattern, unmatchable = None, False
     total = r.get("canary-weight-total", _int_between(1, 1_000_000), 100)
     weight = r.get("canary-weight", _int_between(0, total), 0)
+    if total < 100:
+        # ingress-nginx's balancer takes a total under 100 for 100 (its documentation
+        # does not): the split changes on the way over, say so.
+        r.warnings.append(f'{r.key("canary-weight-total")}: "{total}": the canary gets '
+                          f"{weight} of {total} requests; ingress-nginx's balancer used 100 "
+                          f"for a total under 100 ({weight} of 100)")
     return Canary(header=header.lower() if header else None, header_value=value,
                   header_pattern=pattern, header_unmatchable=unmatchable,
                   cookie=r.get("canary-by-cookie", _token), weight=weight, weight_total=total,

@@ -103,7 +103,9 @@ ANNOTATIONS: tuple[Annotation, ...] = (
             "first."),
         yes("canary-weight", "The main route becomes a weighted split: main `total - w`, "
             "canary `w`; 0 and `total` are exact", "Refused outside 0..total."),
-        yes("canary-weight-total", "The total of the weights (default 100)"),
+        yes("canary-weight-total", "The total of the weights (default 100)",
+            "A total under 100 is honoured as documented, with a warning: ingress-nginx's "
+            "balancer took it for 100."),
     ),
     # -- paths, rewrites and redirects -------------------------------------------------------
     *family(
