@@ -5,11 +5,14 @@ through a real agent (`mesh run --manifests`) and a real Envoy: a real HTTP auth
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import os
+import shutil
+import socket
 import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -70,29 +73,48 @@ class AuthService(ThreadingHTTPServer):
 
 
 class GrpcTLS:
-    """The gRPC echo over TLS, on its own event loop thread."""
+    """The gRPC echo over TLS, in a process of its own: grpc's asyncio server on a second
+    event loop of the test process (the testbed runs one) can hang in stop()."""
+
+    SCRIPT = """
+import asyncio, sys
+import grpc
+from mesh import grpcecho
+
+async def main() -> None:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpcecho.handler("grpcs-1", "default"),))
+    key, cert = open(sys.argv[2], "rb").read(), open(sys.argv[3], "rb").read()
+    server.add_secure_port(f"127.0.0.1:{sys.argv[1]}", grpc.ssl_server_credentials([(key, cert)]))
+    await server.start()
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
 
     def __init__(self, cert: bytes, key: bytes) -> None:
         self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
+        self.dir = Path(tempfile.mkdtemp(prefix="grpcs-"))
+        (self.dir / "tls.key").write_bytes(key)
+        (self.dir / "tls.crt").write_bytes(cert)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self.SCRIPT, str(self.port), str(self.dir / "tls.key"),
+             str(self.dir / "tls.crt")], cwd=Path(__file__).resolve().parent.parent)
 
-        async def run() -> None:
-            self.server = grpc.aio.server()
-            self.server.add_generic_rpc_handlers((grpcecho.handler("grpcs-1", "default"),))
-            self.server.add_secure_port(f"127.0.0.1:{self.port}",
-                                        grpc.ssl_server_credentials([(key, cert)]))
-            await self.server.start()
-            ready.set()
-            await self.server.wait_for_termination()
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
 
-        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(run(),),
-                                       daemon=True)
-        self.thread.start()
-        ready.wait(10)
+        wait_until(listening, timeout=20, what="the gRPC TLS echo")
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _ingress(name: str, host: str, service: str, annotations: dict[str, str]
