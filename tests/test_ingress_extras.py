@@ -5,8 +5,10 @@ through a real agent (`mesh run --manifests`) and a real Envoy, against echo bac
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -134,6 +136,8 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
             NGINX + "default-backend": "spare"}),
         _ingress("fallback-lost", "fallback-lost.example", "empty", {
             NGINX + "default-backend": "nowhere"}),
+        _ingress("limited", "limited.example", "app", {NGINX + "limit-rpm": "2",
+                                                       NGINX + "limit-burst-multiplier": "1"}),
     ]
     objects += local_service("app", [e.server_address[1] for e in echoes])
     objects += local_service("mirror", [mirror.port], target_port=mirror.port)
@@ -166,6 +170,29 @@ def _spread(pods: dict[str, set[str]]) -> set[str]:
     """Every key went to one pod; the pods the keys went to."""
     assert all(len(p) == 1 for p in pods.values()), pods
     return {p for ps in pods.values() for p in ps}
+
+
+def local_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """This host's addresses (the test's connections come from one of them)."""
+    out = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True,
+                         check=True).stdout
+    return {ipaddress.ip_interface(line.split()[3]).ip for line in out.splitlines()}
+
+
+def test_the_client_is_the_connections_peer_not_what_it_writes(bed: Bed) -> None:
+    """An Ingress's listener is the edge: a client cannot dodge its per-client limit by
+    writing X-Forwarded-For, and the backend gets the peer appended to that header, as
+    from ingress-nginx (without use-forwarded-headers)."""
+    statuses = [bed.request("limited.example", headers={"X-Forwarded-For": f"198.51.100.{i}"})[0]
+                for i in range(1, 7)]
+    assert 429 in statuses, statuses
+    _, _, body = bed.request("open.example", headers={"X-Forwarded-For": "198.51.100.9"})
+    seen = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+    forwarded = seen["x-forwarded-for"]
+    forwarded = forwarded[0] if isinstance(forwarded, list) else forwarded
+    written, peer = forwarded.replace(" ", "").split(",")
+    assert written == "198.51.100.9", forwarded
+    assert ipaddress.ip_address(peer) in local_addresses(), forwarded  # this host's address
 
 
 def test_without_hashing_requests_spread(bed: Bed) -> None:

@@ -25,7 +25,7 @@ from tests.meshrun import MeshRun
 from tests.testbed import wait_until
 
 pytestmark = pytest.mark.e2e
-POOL = "127.5.7.0/24"  # not the other agent tests' addresses: they may run at once
+POOL = "127.5.13.0/24"  # not the other agent tests' addresses: they may run at once
 NGINX = "nginx.ingress.kubernetes.io/"
 
 

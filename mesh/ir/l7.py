@@ -380,3 +380,7 @@ class Listener:
     # The mesh listener: connections the datapath hands over keep their original
     # destination (the Service's ClusterIP) as local address (IP_TRANSPARENT).
     transparent: bool = False
+    # Proxies in front of this listener whose X-Forwarded-For entries are trusted: the
+    # client is the entry before theirs (0: the connection's peer is the client, and what a
+    # client writes in X-Forwarded-For decides nothing).
+    trusted_proxy_hops: int = 0

@@ -258,16 +258,19 @@ def translate_ingresses(snapshot: StoreSnapshot, cfg: Any, routes: RouteBuilder,
         routes.put_table(_without(table, missing) if missing else table)
     for ing, _ in ingresses:
         result.status[ing.obj.key] = IngressStatus((address,), tuple(warnings[ing.obj.key]))
+    # use-forwarded-headers: one load balancer in front, whose X-Forwarded-For is believed.
+    hops = 1 if cfg.use_forwarded_headers else 0
     listeners = [ir.Listener(f"{address}:80", address, 80, "HTTP",
                              (ir.FilterChain("ingress-http", route_table=_TABLE,
-                                             owners=owners),), owners)]
+                                             owners=owners),), owners, trusted_proxy_hops=hops)]
     if tls:
         https_table = tables[-1][0]
         chains = tuple(ir.FilterChain(f"ingress-tls/{n}", server_names=tuple(h),
                                       certificates=(cert,), route_table=https_table,
                                       owners=frozenset({key}))
                        for n, (h, cert, key) in enumerate(tls))
-        listeners.append(ir.Listener(f"{address}:443", address, 443, "HTTPS", chains, owners))
+        listeners.append(ir.Listener(f"{address}:443", address, 443, "HTTPS", chains, owners,
+                                     trusted_proxy_hops=hops))
     result.listeners = tuple(listeners)
     return result
 

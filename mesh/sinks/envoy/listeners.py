@@ -42,8 +42,13 @@ def mesh_access_log() -> accesslog_pb2.AccessLog:
     return log
 
 
-def _hcm(table: str, stat_prefix: str, access_log: bool = False
-         ) -> listener_components_pb2.Filter:
+def _hcm(table: str, stat_prefix: str, access_log: bool = False,
+         edge_hops: int | None = None) -> listener_components_pb2.Filter:
+    """`edge_hops`: a listener clients reach from outside (a Gateway's, an Ingress's). Envoy
+    then takes the client's address from the connection (or from X-Forwarded-For behind that
+    many trusted proxies) and appends it to X-Forwarded-For for the backend; otherwise the
+    client address that rate limits and hashing use would be the last X-Forwarded-For entry,
+    which any client can write."""
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -55,6 +60,9 @@ def _hcm(table: str, stat_prefix: str, access_log: bool = False
         upgrade_configs=[hcm_pb2.HttpConnectionManager.UpgradeConfig(
             upgrade_type="websocket", enabled=wrappers_pb2.BoolValue(value=False))],
     )
+    if edge_hops is not None:
+        hcm.use_remote_address.value = True
+        hcm.xff_num_trusted_hops = edge_hops
     if access_log:
         hcm.access_log.append(mesh_access_log())
     f = listener_components_pb2.Filter(name=r.HCM_FILTER)
@@ -148,7 +156,8 @@ def listener(li: ir.Listener) -> listener_pb2.Listener:
             fc.transport_socket.CopyFrom(_downstream_tls(chain.certificates, alpn,
                                                          chain.client_validation))
         if chain.route_table is not None:
-            fc.filters.append(_hcm(chain.route_table, _stat(chain.route_table)))
+            fc.filters.append(_hcm(chain.route_table, _stat(chain.route_table),
+                                   edge_hops=li.trusted_proxy_hops))
         else:
             fc.filters.append(_tcp_proxy(chain))
     if not out.filter_chains:
