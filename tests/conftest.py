@@ -6,6 +6,7 @@ import pytest
 
 from mesh.echo import EchoIdentity, EchoServer
 from tests import testbed
+from tests.cluster import control_plane  # noqa: F401  (the session's cluster)
 from tests.testbed import Harness
 
 

@@ -1,0 +1,48 @@
+"""One real Kubernetes control plane (mesh.lab.controlplane) for the whole test run: the
+session fixture `control_plane`, for every test that needs a cluster. Started on first use,
+stopped (processes ended, certificates and etcd data removed) when the run ends; one that a
+killed run left behind is removed by the next run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh.lab.controlplane import Binaries, ControlPlane
+
+log = logging.getLogger(__name__)
+# Each run's control plane lives in PARENT/<pid of the test run>.
+PARENT = Path(tempfile.gettempdir()) / f"mesh-test-control-plane-{os.getuid()}"
+
+
+def _remove_leftovers() -> None:
+    """Control planes of runs that are gone (killed before their teardown)."""
+    if not PARENT.is_dir():
+        return
+    for state in PARENT.iterdir():
+        if state.name.isdigit() and Path(f"/proc/{state.name}").exists():
+            continue
+        ControlPlane.cleanup(state)
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    binaries = Binaries.at()
+    missing = binaries.missing()
+    if missing:
+        pytest.skip(f"no {', '.join(p.name for p in missing)} in {missing[0].parent}: "
+                    "run make kube-bin")
+    _remove_leftovers()
+    PARENT.mkdir(mode=0o700, exist_ok=True)
+    cp = ControlPlane(PARENT / str(os.getpid()), binaries)
+    try:
+        seconds = cp.start()
+        log.info("control plane ready in %.1fs", seconds)
+        yield cp
+    finally:
+        cp.stop()
