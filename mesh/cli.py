@@ -337,9 +337,26 @@ def envoy_cmd(node_id: str, state_dir: Path, protocol: str, envoy_log_level: str
 @_state_dir_option
 @click.option("--ready", is_flag=True, help="Readiness (synced, built, Envoy ready), not "
               "liveness.")
-def health_cmd(state_dir: Path, ready: bool) -> None:
+@click.option("--envoy", "envoy", is_flag=True, help="Ask the node's Envoy instead (its admin "
+              "socket in the state directory): alive if it answers, ready once it serves.")
+def health_cmd(state_dir: Path, ready: bool, envoy: bool) -> None:
     """Ask the agent how it is (its unix socket): exit 0 if healthy (or ready), else 1.
-    The chart's liveness and readiness probes."""
+    The chart's liveness and readiness probes; with --envoy, the Envoy container's."""
+    if envoy:
+        from mesh.envoy.admin import EnvoyAdmin
+        from meshxds.address import ListenAddress
+
+        admin = EnvoyAdmin(ListenAddress.parse(_address(None, state_dir, "envoy-admin.sock")),
+                           timeout=2.0)
+        try:
+            # /ready: 200 once Envoy is LIVE (initialized, not draining); any answer at all
+            # means the process is alive.
+            status, text = admin.request("GET", "/ready")
+        except OSError as e:
+            click.echo(json.dumps({"envoy": "unreachable", "error": str(e)}, indent=2))
+            sys.exit(1)
+        click.echo(json.dumps({"envoy": text.strip(), "status": status}, indent=2))
+        sys.exit(0 if status == 200 or not ready else 1)
     from mesh.agent.health import SOCKET, probe
 
     code, body = asyncio.run(probe(state_dir / SOCKET, ready))

@@ -57,6 +57,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "targetRefs": [{"group": "", "kind": "Service", "name": "api"}],
                 "retry": {"numRetries": 3}}}],
     },
+    # A gateway only: the datapath turned off (no eBPF, no bpffs or cgroup mounts).
+    "gateway-only": {"datapath": {"enabled": False}},
     "legacy-secret-podcidr": {
         "gatewayAddresses": {"source": "loadbalancer"},
         "datapath": {"enabled": True},
@@ -122,6 +124,15 @@ def test_crds_are_the_projects_own() -> None:
         assert link.is_symlink()
         assert link.resolve() == ROOT / "gateway-api" / file
         assert data == (ROOT / "gateway-api" / file).read_text()
+
+
+def test_the_defaults_deploy_the_datapath() -> None:
+    """The product, not a gateway-only subset: eBPF on, with its mounts."""
+    assert _merged("default")["datapath"]["enabled"] is True
+    agent = _containers("default")["agent"]
+    assert "--datapath-cgroup" in agent["args"]
+    assert {m["name"] for m in agent["volumeMounts"]} >= {"bpffs", "cgroup"}
+    assert "--datapath-cgroup" not in _containers("gateway-only")["agent"]["args"]
 
 
 def test_defaults_agree_with_the_code() -> None:
@@ -238,6 +249,10 @@ def test_daemonset(name: str) -> None:
     assert agent["livenessProbe"]["exec"]["command"] == health
     assert agent["startupProbe"]["exec"]["command"] == health
     assert agent["readinessProbe"]["exec"]["command"] == [*health, "--ready"]
+    envoy_health = ["mesh", "health", "--envoy", "--state-dir", STATE]
+    assert envoy["livenessProbe"]["exec"]["command"] == envoy_health
+    assert envoy["startupProbe"]["exec"]["command"] == envoy_health
+    assert envoy["readinessProbe"]["exec"]["command"] == [*envoy_health, "--ready"]
     assert "ports" not in agent and "ports" not in envoy
 
     # Capabilities, exactly.

@@ -151,6 +151,12 @@ def test_envoy_in_a_container_of_its_own_outlives_the_agent(tmp_path: Path) -> N
 
         wait_until(served, timeout=15, what="the route through the external Envoy")
         assert json.loads(agent.health(ready=True))["externalEnvoy"] is True
+        # The Envoy container's probes (`mesh health --envoy`): alive and ready.
+        for probe in ([], ["--ready"]):
+            got = subprocess.run([sys.executable, "-m", "mesh.cli", "health", "--envoy",
+                                  "--state-dir", str(state), *probe], capture_output=True,
+                                 text=True, cwd=ROOT, timeout=20)
+            assert got.returncode == 0 and json.loads(got.stdout)["envoy"] == "LIVE", got
         log = agent.stop()
         assert envoy.poll() is None, "the agent's stop took Envoy along"
         assert served(), "Envoy stopped serving without its agent"
@@ -159,6 +165,13 @@ def test_envoy_in_a_container_of_its_own_outlives_the_agent(tmp_path: Path) -> N
         wait_until(lambda: served("/v2/x") and not served("/"), timeout=15,
                    what="the next agent's configuration in the same Envoy")
         assert envoy.poll() is None
+        envoy.terminate()
+        envoy.wait(10)
+        # Envoy gone: its liveness probe fails, so the kubelet would restart the container.
+        gone = subprocess.run([sys.executable, "-m", "mesh.cli", "health", "--envoy",
+                               "--state-dir", str(state)], capture_output=True, text=True,
+                              cwd=ROOT, timeout=20)
+        assert gone.returncode == 1 and json.loads(gone.stdout)["envoy"] == "unreachable"
     finally:
         log = agent.stop()
         envoy.terminate()
