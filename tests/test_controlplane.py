@@ -36,12 +36,14 @@ from tests.test_crds import (
     INVALID,
     NODES,
     PARSER_ONLY,
+    SCHEMA,
     SCHEMA_ONLY,
     VALID,
     document,
     golden_policies,
     limit,
     spec,
+    with_defaults,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +94,8 @@ def test_comes_up_in_seconds(control_plane: ControlPlane) -> None:
     assert status == 200, body
     for path in [cp.kubeconfig, *cp.certs.glob("*.key"), *cp.state_dir.glob("*.kubeconfig")]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    assert len(list(cp.certs.glob("*.key"))) == 6  # CA, serving, 3 clients, service accounts
+    # CA, serving, admin, controller manager, scheduler, kubelet client, service accounts
+    assert len(list(cp.certs.glob("*.key"))) == 7
     for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"):
         assert (cp.pids / f"{name}.pid").is_file()
         assert (cp.logs / f"{name}.log").is_file()
@@ -332,18 +335,33 @@ def test_golden_policies_judged_by_the_api_server(mesh_crds: ControlPlane) -> No
 
 
 @pytest.mark.e2e
-def test_policy_stored_with_defaults_and_status(mesh_crds: ControlPlane) -> None:
-    """A real create: the server stores the schema's defaults; status goes through the
-    status subresource and is judged by the status schema."""
+def test_policies_stored_with_the_defaults_test_crds_assumes(mesh_crds: ControlPlane) -> None:
+    """A real create stores the schema's defaults, the very ones tests/test_crds.py fills in
+    (with_defaults) before it judges a policy."""
     cp = mesh_crds
-    stored = create(cp, POLICIES, document(VALID["hash-header"], "cp-stored"))
-    assert stored["metadata"]["generation"] == 1
-    status_path = f"{POLICIES}/cp-stored/status"
-    bad = {**stored, "status": {"ancestors": [{"ancestorRef": {"name": "gw"},
-                                               "controllerName": "x"}] * 17}}
-    code, _ = cp.request("PUT", status_path, bad)
+    for name, body in VALID.items():
+        doc = document(body, f"cp-{name}")
+        stored = create(cp, POLICIES, doc)
+        assert stored["spec"] == with_defaults(doc, SCHEMA)["spec"], name
+        assert stored["metadata"]["generation"] == 1
+        cp.request("DELETE", f"{POLICIES}/cp-{name}")
+
+
+@pytest.mark.e2e
+def test_policy_status_judged_by_the_status_schema(mesh_crds: ControlPlane) -> None:
+    cp = mesh_crds
+    stored = create(cp, POLICIES, document(VALID["hash-header"], "cp-status"))
+    status_path = f"{POLICIES}/cp-status/status"
+    ancestor = {"ancestorRef": {"group": GW, "kind": "Gateway", "name": "gw"},
+                "controllerName": "mesh.dev/gateway-controller", "conditions": [{
+                    "type": "Accepted", "status": "True", "reason": "Accepted",
+                    "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z",
+                    "observedGeneration": 1}]}
+    code, body = cp.request("PUT", status_path, {**stored, "status": {"ancestors": [ancestor]}})
+    assert code == 200, body
+    code, _ = cp.request("PUT", status_path, {**body, "status": {"ancestors": [ancestor] * 17}})
     assert code == 422
-    cp.request("DELETE", f"{POLICIES}/cp-stored")
+    cp.request("DELETE", f"{POLICIES}/cp-status")
 
 
 @pytest.mark.e2e

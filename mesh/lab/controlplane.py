@@ -375,6 +375,7 @@ class ControlPlane:
             "controller-manager": issue(ca, "system:kube-controller-manager"),
             "scheduler": issue(ca, "system:kube-scheduler"),
         }
+        kubelet_client = issue(ca, "kube-apiserver-kubelet-client", org="system:masters")
         sa = _key()
         _write(self.certs / "ca.crt", ca.cert_pem())
         _write(self.certs / "ca.key", ca.key_pem(), 0o600)
@@ -385,6 +386,8 @@ class ControlPlane:
             serialization.NoEncryption()), 0o600)
         _write(self.certs / "sa.pub", sa.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        _write(self.certs / "kubelet-client.crt", kubelet_client.cert_pem())
+        _write(self.certs / "kubelet-client.key", kubelet_client.key_pem(), 0o600)
         for name, client in clients.items():
             _write(self.certs / f"{name}.crt", client.cert_pem())
             _write(self.certs / f"{name}.key", client.key_pem(), 0o600)
@@ -407,6 +410,8 @@ class ControlPlane:
         return [str(self.bin.apiserver), f"--v={self.verbosity}",
                 f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
                 "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+                # the `kubernetes` Service's endpoints may not be loopback: none are written
+                "--endpoint-reconciler-type=none",
                 f"--secure-port={self.port}", f"--cert-dir={c}",
                 f"--service-cluster-ip-range={self.service_cidr}",
                 "--authorization-mode=Node,RBAC", "--allow-privileged=true",
@@ -417,6 +422,9 @@ class ControlPlane:
                 f"--service-account-issuer={SA_ISSUER}",
                 f"--service-account-key-file={c / 'sa.pub'}",
                 f"--service-account-signing-key-file={c / 'sa.key'}",
+                # the API server's identity at the kubelets (logs, exec, port-forward)
+                f"--kubelet-client-certificate={c / 'kubelet-client.crt'}",
+                f"--kubelet-client-key={c / 'kubelet-client.key'}",
                 "--profiling=false"]
 
     def _controller_manager_args(self) -> list[str]:
@@ -433,7 +441,11 @@ class ControlPlane:
                 f"--root-ca-file={c / 'ca.crt'}",
                 f"--cluster-signing-cert-file={c / 'ca.crt'}",
                 f"--cluster-signing-key-file={c / 'ca.key'}",
-                "--controllers=*", "--profiling=false"]
+                "--controllers=*", "--profiling=false",
+                # Each controller gets a ServiceAccount and a token at start, through the
+                # manager's own client: at the default 20 requests a second that alone takes
+                # 5 seconds.
+                "--kube-api-qps=200", "--kube-api-burst=400"]
 
     def _scheduler_args(self) -> list[str]:
         conf = str(self.state_dir / "scheduler.kubeconfig")
