@@ -5,6 +5,7 @@ killed run left behind is removed by the next run."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -46,3 +47,5 @@ def control_plane() -> Iterator[ControlPlane]:
         yield cp
     finally:
         cp.stop()
+        with contextlib.suppress(OSError):  # another run's control plane may live there
+            PARENT.rmdir()
