@@ -1,0 +1,129 @@
+"""`mesh run --kubernetes` against the real API server (the run's shared control plane,
+tests/cluster.py): objects created, changed and deleted through the API reach Envoy, and the
+status the agent writes back is what `kubectl get` shows, judged by the real status schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.echo import EchoIdentity, EchoServer
+from mesh.lab.controlplane import ControlPlane, gateway_api_crds
+from tests import manifests
+from tests.meshrun import ROOT, MeshRun
+from tests.testbed import http_get, wait_until
+
+pytestmark = pytest.mark.e2e
+ADDRESS = "127.5.14.1"  # not the other agent tests' addresses
+NAMESPACE = "real-agent"
+
+
+def apply(cp: ControlPlane, *objects: dict[str, Any]) -> None:
+    done = cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                      input=manifests.docs(*objects), check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def get(cp: ControlPlane, kind: str, name: str) -> dict[str, Any]:
+    got: dict[str, Any] = json.loads(cp.kubectl("get", kind, name, "-n", NAMESPACE,
+                                                "-o", "json").stdout)
+    return got
+
+
+def host_address() -> str:
+    """An IPv4 address of this host outside 127.0.0.0/8: a real API server refuses loopback
+    endpoints, so the echo listens there."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"],
+                         capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        return line.split()[3].split("/")[0]
+    pytest.skip("this host has no IPv4 address outside loopback for an endpoint")
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), None)
+
+
+@pytest.fixture(scope="module")
+def agent(control_plane: ControlPlane) -> Iterator[tuple[ControlPlane, MeshRun, EchoServer]]:
+    cp = control_plane
+    for crd in [*gateway_api_crds(), ROOT / "gateway-api" / "trafficpolicy.yaml",
+                ROOT / "gateway-api" / "meshnode.yaml"]:
+        cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+               "crd/httproutes.gateway.networking.k8s.io", "crd/gateways.gateway.networking.k8s.io")
+    address = host_address()
+    echo = EchoServer(address, 0, EchoIdentity(pod="echo-real")).start()
+    apply(cp, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+    apply(cp, manifests.gateway_class("mesh-real"),
+          manifests.gateway(ADDRESS, namespace=NAMESPACE, gatewayClassName="mesh-real"),
+          # No selector: the EndpointSlice below is ours, the controllers leave it alone.
+          {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "echo", "namespace": NAMESPACE},
+           "spec": {"ports": [{"name": "http", "port": 80}]}},
+          {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "echo-1", "namespace": NAMESPACE,
+                        "labels": {"kubernetes.io/service-name": "echo",
+                                   "endpointslice.kubernetes.io/managed-by": "tests"}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": echo.port}],
+           "endpoints": [{"addresses": [address]}]})
+    state = Path(f"/tmp/mesh-real-{os.getpid()}")
+    run = MeshRun(None, state, "--kubernetes", "--kubeconfig", str(cp.kubeconfig),
+                  "--node-name", "real-node", fresh=True)
+    try:
+        yield cp, run, echo
+    finally:
+        log = run.stop()
+        echo.stop()
+        cp.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+        cp.kubectl("delete", "gatewayclass", "mesh-real", "--wait=false", check=False)
+        shutil.rmtree(state, ignore_errors=True)
+    assert "Traceback" not in log, log
+
+
+def route(path: str = "/") -> dict[str, Any]:
+    return manifests.http_route("r", ["real.example"], namespace=NAMESPACE,
+                                matches=[{"path": {"type": "PathPrefix", "value": path}}])
+
+
+def test_routes_from_the_real_api_server_reach_envoy_and_status_comes_back(
+        agent: tuple[ControlPlane, MeshRun, EchoServer]) -> None:
+    cp, _, _ = agent
+    apply(cp, route())
+
+    def answer(path: str) -> int:
+        return http_get(8080, path, host="real.example", address=ADDRESS).status
+
+    wait_until(lambda: answer("/") == 200, timeout=30, what="the route from the API server")
+    assert http_get(8080, "/", host="real.example", address=ADDRESS).json()["pod"] == "echo-real"
+
+    # What kubectl shows: the route's parent status written by our controller, Programmed
+    # once the node's Envoy runs it, at the route's generation.
+    def programmed() -> dict[str, Any] | None:
+        parents = get(cp, "httproute", "r").get("status", {}).get("parents") or []
+        ours = [p for p in parents if p["controllerName"] == "mesh.dev/gateway-controller"]
+        c = condition(ours[0], "Programmed") if ours else None
+        return c if c and c["status"] == "True" else None
+
+    c = wait_until(programmed, timeout=30, what="Programmed in the route's status")
+    assert c["observedGeneration"] == get(cp, "httproute", "r")["metadata"]["generation"]
+    gw = get(cp, "gateway", "gw")["status"]
+    assert condition(gw, "Programmed")["status"] == "True"  # type: ignore[index]
+    assert gw["addresses"] == [{"type": "IPAddress", "value": ADDRESS}]
+    assert gw["listeners"][0]["attachedRoutes"] == 1
+
+    # A spec change, then a delete, through the API.
+    apply(cp, route("/only"))
+    wait_until(lambda: answer("/x") == 404 and answer("/only/x") == 200, timeout=30,
+               what="the changed route")
+    wait_until(lambda: (p := programmed()) is not None and p["observedGeneration"] == 2,
+               timeout=30, what="the new generation Programmed")
+    cp.kubectl("delete", "httproute", "r", "-n", NAMESPACE)
+    wait_until(lambda: answer("/only/x") == 404, timeout=30, what="the deleted route gone")
