@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from mesh.echo import EchoIdentity, EchoServer
+from mesh.kube.rbac import cluster_rules, namespace_rules
 from mesh.lab.controlplane import ControlPlane, gateway_api_crds
 from tests import manifests
 from tests.meshrun import ROOT, MeshRun
@@ -75,8 +76,9 @@ def agent(control_plane: ControlPlane) -> Iterator[tuple[ControlPlane, MeshRun, 
            "addressType": "IPv4", "ports": [{"name": "http", "port": echo.port}],
            "endpoints": [{"addresses": [address]}]})
     state = Path(f"/tmp/mesh-real-{os.getpid()}")
-    run = MeshRun(None, state, "--kubernetes", "--kubeconfig", str(cp.kubeconfig),
-                  "--node-name", "real-node", fresh=True)
+    kubeconfig = agent_kubeconfig(cp, state.with_name(state.name + ".kubeconfig"))
+    run = MeshRun(None, state, "--kubernetes", "--kubeconfig", str(kubeconfig),
+                  "--node-name", "real-node", "--leader-namespace", NAMESPACE, fresh=True)
     try:
         yield cp, run, echo
     finally:
@@ -84,8 +86,41 @@ def agent(control_plane: ControlPlane) -> Iterator[tuple[ControlPlane, MeshRun, 
         echo.stop()
         cp.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
         cp.kubectl("delete", "gatewayclass", "mesh-real", "--wait=false", check=False)
+        cp.kubectl("delete", "clusterrole,clusterrolebinding", "mesh-agent-real",
+                   "--ignore-not-found", check=False)
         shutil.rmtree(state, ignore_errors=True)
+        kubeconfig.unlink(missing_ok=True)
     assert "Traceback" not in log, log
+
+
+def agent_kubeconfig(cp: ControlPlane, path: Path) -> Path:
+    """A kubeconfig with the token of a ServiceAccount bound to the agent's ClusterRole and
+    Role (mesh.kube.rbac, which the chart's are checked against): a permission the agent
+    uses and the rules lack fails here as on a cluster."""
+    role = {"apiGroup": "rbac.authorization.k8s.io", "name": "mesh-agent-real"}
+    subject = [{"kind": "ServiceAccount", "name": "mesh-agent", "namespace": NAMESPACE}]
+    apply(cp, {"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": "mesh-agent", "namespace": NAMESPACE}},
+          {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+           "metadata": {"name": "mesh-agent-real"}, "rules": cluster_rules()},
+          {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+           "metadata": {"name": "mesh-agent-real"}, "roleRef": {**role, "kind": "ClusterRole"},
+           "subjects": subject},
+          {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+           "metadata": {"name": "mesh-agent-real", "namespace": NAMESPACE},
+           "rules": namespace_rules()},
+          {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+           "metadata": {"name": "mesh-agent-real", "namespace": NAMESPACE},
+           "roleRef": {**role, "kind": "Role"}, "subjects": subject})
+    token = cp.kubectl("create", "token", "mesh-agent", "-n", NAMESPACE).stdout.strip()
+    config = {"apiVersion": "v1", "kind": "Config", "current-context": "agent",
+              "clusters": [{"name": "lab", "cluster": {
+                  "server": cp.server, "certificate-authority": str(cp.certs / "ca.crt")}}],
+              "users": [{"name": "agent", "user": {"token": token}}],
+              "contexts": [{"name": "agent", "context": {"cluster": "lab", "user": "agent"}}]}
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(config))
+    return path
 
 
 def route(path: str = "/") -> dict[str, Any]:
