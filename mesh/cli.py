@@ -29,6 +29,7 @@ def _address(value: str | None, state_dir: Path, sock: str) -> str:
 
 
 @click.group()
+@click.version_option(package_name="mesh", message="%(prog)s %(version)s")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", default="text", show_default=True,
