@@ -53,6 +53,7 @@ SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 GRACE = 5.0  # seconds a component has to exit on SIGTERM before SIGKILL
 CERT_DAYS = 365
+NODE_MONITOR_GRACE = 20  # seconds without a kubelet heartbeat before its Node is NotReady
 
 
 class ControlPlaneError(RuntimeError):
@@ -442,6 +443,9 @@ class ControlPlane:
                 f"--cluster-signing-cert-file={c / 'ca.crt'}",
                 f"--cluster-signing-key-file={c / 'ca.key'}",
                 "--controllers=*", "--profiling=false",
+                # A Node whose kubelet stopped heartbeating turns NotReady after this long
+                # (40 s by default): the lab's tests watch it happen.
+                f"--node-monitor-grace-period={NODE_MONITOR_GRACE}s",
                 # Each controller gets a ServiceAccount and a token at start, through the
                 # manager's own client: at the default 20 requests a second that alone takes
                 # 5 seconds.
