@@ -55,11 +55,7 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
 @pytest.fixture(scope="module")
 def agent(control_plane: ControlPlane) -> Iterator[tuple[ControlPlane, MeshRun, EchoServer]]:
     cp = control_plane
-    for crd in [*gateway_api_crds(), ROOT / "gateway-api" / "trafficpolicy.yaml",
-                ROOT / "gateway-api" / "meshnode.yaml"]:
-        cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
-    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-               "crd/httproutes.gateway.networking.k8s.io", "crd/gateways.gateway.networking.k8s.io")
+    install_crds(cp)
     address = host_address()
     echo = EchoServer(address, 0, EchoIdentity(pod="echo-real")).start()
     apply(cp, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
@@ -86,33 +82,43 @@ def agent(control_plane: ControlPlane) -> Iterator[tuple[ControlPlane, MeshRun, 
         echo.stop()
         cp.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
         cp.kubectl("delete", "gatewayclass", "mesh-real", "--wait=false", check=False)
-        cp.kubectl("delete", "clusterrole,clusterrolebinding", "mesh-agent-real",
+        cp.kubectl("delete", "clusterrole,clusterrolebinding", f"mesh-agent-{NAMESPACE}",
                    "--ignore-not-found", check=False)
         shutil.rmtree(state, ignore_errors=True)
         kubeconfig.unlink(missing_ok=True)
     assert "Traceback" not in log, log
 
 
-def agent_kubeconfig(cp: ControlPlane, path: Path) -> Path:
-    """A kubeconfig with the token of a ServiceAccount bound to the agent's ClusterRole and
-    Role (mesh.kube.rbac, which the chart's are checked against): a permission the agent
-    uses and the rules lack fails here as on a cluster."""
-    role = {"apiGroup": "rbac.authorization.k8s.io", "name": "mesh-agent-real"}
-    subject = [{"kind": "ServiceAccount", "name": "mesh-agent", "namespace": NAMESPACE}]
+def install_crds(cp: ControlPlane) -> None:
+    """The Gateway API's CRDs (from its Go module) and ours, established."""
+    for crd in [*gateway_api_crds(), ROOT / "gateway-api" / "trafficpolicy.yaml",
+                ROOT / "gateway-api" / "meshnode.yaml"]:
+        cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+               "crd/httproutes.gateway.networking.k8s.io", "crd/gateways.gateway.networking.k8s.io",
+               "crd/meshnodes.mesh.dev")
+
+
+def agent_kubeconfig(cp: ControlPlane, path: Path, namespace: str = NAMESPACE) -> Path:
+    """A kubeconfig with the token of a ServiceAccount of `namespace` bound to the agent's
+    ClusterRole and Role there (mesh.kube.rbac, which the chart's are checked against): a
+    permission the agent uses and the rules lack fails here as on a cluster."""
+    name = f"mesh-agent-{namespace}"
+    role = {"apiGroup": "rbac.authorization.k8s.io", "name": name}
+    subject = [{"kind": "ServiceAccount", "name": "mesh-agent", "namespace": namespace}]
     apply(cp, {"apiVersion": "v1", "kind": "ServiceAccount",
-               "metadata": {"name": "mesh-agent", "namespace": NAMESPACE}},
+               "metadata": {"name": "mesh-agent", "namespace": namespace}},
           {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-           "metadata": {"name": "mesh-agent-real"}, "rules": cluster_rules()},
+           "metadata": {"name": name}, "rules": cluster_rules()},
           {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-           "metadata": {"name": "mesh-agent-real"}, "roleRef": {**role, "kind": "ClusterRole"},
+           "metadata": {"name": name}, "roleRef": {**role, "kind": "ClusterRole"},
            "subjects": subject},
           {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-           "metadata": {"name": "mesh-agent-real", "namespace": NAMESPACE},
-           "rules": namespace_rules()},
+           "metadata": {"name": name, "namespace": namespace}, "rules": namespace_rules()},
           {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-           "metadata": {"name": "mesh-agent-real", "namespace": NAMESPACE},
+           "metadata": {"name": name, "namespace": namespace},
            "roleRef": {**role, "kind": "Role"}, "subjects": subject})
-    token = cp.kubectl("create", "token", "mesh-agent", "-n", NAMESPACE).stdout.strip()
+    token = cp.kubectl("create", "token", "mesh-agent", "-n", namespace).stdout.strip()
     config = {"apiVersion": "v1", "kind": "Config", "current-context": "agent",
               "clusters": [{"name": "lab", "cluster": {
                   "server": cp.server, "certificate-authority": str(cp.certs / "ca.crt")}}],
