@@ -37,8 +37,7 @@ PATH = "/usr/local/sbin:/usr/local/bin:/opt/mesh/bin:/usr/sbin:/usr/bin:/sbin:/b
 needs_image = pytest.mark.skipif(
     not (LAYOUT / "index.json").exists(),
     reason="no image in .image/mesh: `make image` builds it (mmdebstrap and umoci, as root; "
-    "about 5 minutes cold)")
-image_test = [pytest.mark.slow, pytest.mark.e2e, needs_image]
+    "about 2 minutes cold)")
 
 
 def _blob(digest: str) -> Path:
