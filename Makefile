@@ -33,6 +33,8 @@ SITE := .site
 # .kube/bin; rebuilt only when hack/kube/go.sum changes. -v lists the packages as they compile,
 # counted here against the total so a cold build shows where it is.
 KUBE_BIN := .kube/bin
+# The OCI image (make image; hack/image/build.sh), which make test builds and tests.
+IMAGE_DIR := .image
 KUBE_VERSION := v1.37.2
 KUBE_CMDS := k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
 	k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
@@ -128,7 +130,7 @@ run: $(STAMP) $(SYSTEM_STAMP)
 run-host: $(STAMP)
 	$(VENV)/bin/mesh run --manifests examples/gateway --echo 127.0.0.1:18080
 
-test: $(STAMP) $(SYSTEM_STAMP) $(KUBE_BIN)/.built
+test: $(STAMP) $(SYSTEM_STAMP) $(KUBE_BIN)/.built $(IMAGE_DIR)/.built
 	$(VENV)/bin/ruff check mesh meshxds tests benchmarks docs
 	$(VENV)/bin/mypy
 	$(MKDOCS) build --strict --quiet --site-dir $(SITE)
@@ -150,7 +152,6 @@ bench: $(STAMP)
 # into /opt/mesh by hack/image/install.sh; umoci: the layer and the configuration) into the
 # OCI layout .image/mesh, tagged with the project's version. The Containerfile builds the
 # same with Docker or Buildah. Rebuilt only when its inputs change; about 2 minutes cold.
-IMAGE_DIR := .image
 IMAGE_INPUTS := pyproject.toml uv.lock requirements-uv.txt Containerfile $(wildcard hack/image/*) \
 	$(wildcard $(shell git ls-files -co --exclude-standard mesh meshxds 2>/dev/null))
 $(IMAGE_DIR)/.built: $(IMAGE_INPUTS)
@@ -161,4 +162,4 @@ image: $(IMAGE_DIR)/.built
 .PHONY: image
 
 clean:
-	rm -rf $(VENV) $(UV_VENV) .kube .mypy_cache .pytest_cache .ruff_cache $(SITE)
+	rm -rf $(VENV) $(UV_VENV) .kube $(IMAGE_DIR) .mypy_cache .pytest_cache .ruff_cache $(SITE)
