@@ -76,7 +76,9 @@ def test_one_leader_and_takeover_within_the_lease_duration() -> None:
         assert a.leading and not b.leading and holder(api) == "a" and b.holder == "a"
         a_call.dead = True  # a dies: no renewal, no release
         took = await until(lambda: b.leading)
-        assert took <= FAST["duration"] + 2 * FAST["retry"] + 0.3, took
+        # The lease's duration and a retry or two, plus the machine's noise: 0.3 s was
+        # exceeded once (2.22 s) on a loaded 2-core machine during a full run.
+        assert took <= FAST["duration"] + 2 * FAST["retry"] + 1.0, took
         assert holder(api) == "b"
         # a, cut off, gave up by its deadline, before b could take over.
         assert not a.leading
