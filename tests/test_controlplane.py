@@ -13,9 +13,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import ssl
 import stat
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -94,13 +97,32 @@ def test_comes_up_in_seconds(control_plane: ControlPlane) -> None:
     assert status == 200, body
     for path in [cp.kubeconfig, *cp.certs.glob("*.key"), *cp.state_dir.glob("*.kubeconfig")]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    # CA, serving, admin, controller manager, scheduler, kubelet client, service accounts
-    assert len(list(cp.certs.glob("*.key"))) == 7
+    # CA, serving, admin, controller manager, scheduler, kubelet client, service accounts,
+    # etcd's serving and the API server's etcd client
+    assert len(list(cp.certs.glob("*.key"))) == 9
     for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"):
         assert (cp.pids / f"{name}.pid").is_file()
         assert (cp.logs / f"{name}.log").is_file()
     kubernetes = get(cp, "/api/v1/namespaces/default/services/kubernetes")
     assert kubernetes and kubernetes["spec"]["clusterIP"] == cp.service_ip == "10.96.0.1"
+
+
+@pytest.mark.e2e
+def test_etcd_answers_only_clients_with_the_labs_certificate(control_plane: ControlPlane
+                                                            ) -> None:
+    """etcd on loopback is TLS with client certificates: a local user without the lab's
+    certificate cannot read or write the cluster's state."""
+    cp = control_plane
+    url = f"https://127.0.0.1:{cp.etcd_port}/health"
+    anonymous = ssl.create_default_context(cafile=str(cp.certs / "ca.crt"))
+    with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
+        urllib.request.urlopen(url, context=anonymous, timeout=5).read()
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # nothing in the clear
+        urllib.request.urlopen(f"http://127.0.0.1:{cp.etcd_port}/health", timeout=5).read()
+    client = ssl.create_default_context(cafile=str(cp.certs / "ca.crt"))
+    client.load_cert_chain(cp.certs / "etcd-client.crt", cp.certs / "etcd-client.key")
+    health = json.loads(urllib.request.urlopen(url, context=client, timeout=5).read())
+    assert health["health"] == "true"
 
 
 @pytest.mark.e2e

@@ -3,7 +3,9 @@ and kube-scheduler, built from source into .kube/bin (make kube-bin), loopback o
 
 Everything lives in one state directory: the certificates (a CA made with `cryptography`, the
 API server's serving certificate, client certificates for the admin, the controller manager and
-the scheduler, the service-account key pair; keys mode 0600), the kubeconfigs (0600), etcd's
+the scheduler, etcd's serving certificate and the API server's client certificate for it (etcd
+answers TLS clients with a certificate of this CA only), the service-account key pair; keys
+mode 0600), the kubeconfigs (0600), etcd's
 data, each component's log and pid file. `stop()` ends the processes and removes the
 directory; `ControlPlane.cleanup(state_dir)` does the same from the pid files alone, for a
 control plane whose owner died.
@@ -377,6 +379,10 @@ class ControlPlane:
             "scheduler": issue(ca, "system:kube-scheduler"),
         }
         kubelet_client = issue(ca, "kube-apiserver-kubelet-client", org="system:masters")
+        # etcd speaks TLS and wants a client certificate of this CA: on loopback alone, any
+        # local user could otherwise read and write the whole cluster's state.
+        etcd_server = issue(ca, "etcd", server=True, dns=("localhost",), ips=("127.0.0.1",))
+        etcd_client = issue(ca, "kube-apiserver-etcd-client")
         sa = _key()
         _write(self.certs / "ca.crt", ca.cert_pem())
         _write(self.certs / "ca.key", ca.key_pem(), 0o600)
@@ -387,6 +393,9 @@ class ControlPlane:
             serialization.NoEncryption()), 0o600)
         _write(self.certs / "sa.pub", sa.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        for name, issued in (("etcd-server", etcd_server), ("etcd-client", etcd_client)):
+            _write(self.certs / f"{name}.crt", issued.cert_pem())
+            _write(self.certs / f"{name}.key", issued.key_pem(), 0o600)
         _write(self.certs / "kubelet-client.crt", kubelet_client.cert_pem())
         _write(self.certs / "kubelet-client.key", kubelet_client.key_pem(), 0o600)
         for name, client in clients.items():
@@ -397,10 +406,13 @@ class ControlPlane:
             _write(path, kubeconfig(self.server, ca.cert_pem(), client, name).encode(), 0o600)
 
     def _etcd_args(self) -> list[str]:
-        client = f"http://127.0.0.1:{self.etcd_port}"
-        peer = f"http://127.0.0.1:{self.etcd_peer_port}"
+        c = self.certs
+        client = f"https://127.0.0.1:{self.etcd_port}"
+        peer = f"http://127.0.0.1:{self.etcd_peer_port}"  # one member: no peer traffic
         return [str(self.bin.etcd), "--name", "lab", "--data-dir", str(self.state_dir / "etcd"),
                 "--listen-client-urls", client, "--advertise-client-urls", client,
+                f"--cert-file={c / 'etcd-server.crt'}", f"--key-file={c / 'etcd-server.key'}",
+                "--client-cert-auth", f"--trusted-ca-file={c / 'ca.crt'}",
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", f"lab={peer}", "--initial-cluster-state", "new",
                 "--unsafe-no-fsync",  # throwaway data, removed at stop
@@ -409,7 +421,9 @@ class ControlPlane:
     def _apiserver_args(self) -> list[str]:
         c = self.certs
         return [str(self.bin.apiserver), f"--v={self.verbosity}",
-                f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
+                f"--etcd-servers=https://127.0.0.1:{self.etcd_port}",
+                f"--etcd-cafile={c / 'ca.crt'}", f"--etcd-certfile={c / 'etcd-client.crt'}",
+                f"--etcd-keyfile={c / 'etcd-client.key'}",
                 "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
                 # the `kubernetes` Service's endpoints may not be loopback: none are written
                 "--endpoint-reconciler-type=none",
