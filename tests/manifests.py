@@ -77,3 +77,15 @@ def http_route(name: str, hostnames: list[str], backend: str = "echo",
             "metadata": {"name": name, "namespace": namespace},
             "spec": {"parentRefs": [{"name": parent}], "hostnames": hostnames,
                      "rules": rules or [rule]}}
+
+
+def ingress(name: str, host: str, service: str, annotations: dict[str, str] | None = None,
+            namespace: str = "default", created: str = "2026-01-01T00:00:00Z"
+            ) -> dict[str, Any]:
+    """An Ingress of the class `mesh`: one Prefix path `/` on `host` to `service`:80."""
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+            "metadata": {"name": name, "namespace": namespace,
+                         "annotations": annotations or {}, "creationTimestamp": created},
+            "spec": {"ingressClassName": "mesh", "rules": [{"host": host, "http": {"paths": [
+                {"path": "/", "pathType": "Prefix", "backend": {
+                    "service": {"name": service, "port": {"number": 80}}}}]}}]}}

@@ -67,6 +67,12 @@ class MeshRun:
                 return dict(item["status"]) if "status" in item else None
         return None
 
+    def ingress_address(self, name: str) -> str | None:
+        """The address an Ingress's status gives (status.loadBalancer), once it has one."""
+        item = self.items().get(("Ingress", name)) or {}
+        lb = (item.get("status") or {}).get("loadBalancer", {}).get("ingress")
+        return str(lb[0]["ip"]) if lb else None
+
     def file_errors(self) -> dict[str, str]:
         return dict(self._doc().get("fileErrors") or {})
 

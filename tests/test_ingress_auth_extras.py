@@ -24,7 +24,7 @@ import pytest
 
 from mesh import grpcecho
 from mesh.echo import EchoIdentity, EchoServer, TLSEchoServer
-from tests.manifests import docs, local_service
+from tests.manifests import docs, ingress, local_service
 from tests.meshrun import MeshRun
 from tests.testbed import free_port, wait_until
 
@@ -117,16 +117,6 @@ asyncio.run(main())
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _ingress(name: str, host: str, service: str, annotations: dict[str, str]
-             ) -> dict[str, Any]:
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-            "metadata": {"name": name, "namespace": "default", "annotations": annotations,
-                         "creationTimestamp": "2026-01-01T00:00:00Z"},
-            "spec": {"ingressClassName": "mesh", "rules": [{"host": host, "http": {"paths": [
-                {"path": "/", "pathType": "Prefix", "backend": {
-                    "service": {"name": service, "port": {"number": 80}}}}]}}]}}
-
-
 class Bed:
     def __init__(self, agent: MeshRun, address: str, auth: AuthService) -> None:
         self.agent = agent
@@ -166,40 +156,40 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     objects: list[dict[str, Any]] = [
         {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
          "metadata": {"name": "mesh"}, "spec": {"controller": "mesh.dev/ingress-controller"}},
-        _ingress("open", "open.example", "app", {}),
-        _ingress("guarded", "guarded.example", "app", {
+        ingress("open", "open.example", "app", {}),
+        ingress("guarded", "guarded.example", "app", {
             NGINX + "auth-url": "http://auth.default.svc.cluster.local/oauth2/auth?from=mesh",
             NGINX + "auth-response-headers": "X-User, X-Groups",
             NGINX + "auth-cache-key": "$cookie_session"}),
-        _ingress("redirected", "redirected.example", "app", {
+        ingress("redirected", "redirected.example", "app", {
             NGINX + "auth-url": "http://auth.default.svc/check",
             NGINX + "auth-request-redirect": "https://login.example/back%20here"}),
-        _ingress("signin", "signin.example", "app", {
+        ingress("signin", "signin.example", "app", {
             NGINX + "auth-url": "http://auth.default.svc/check",
             NGINX + "auth-signin": "https://login.example/oauth2/start"}),
-        _ingress("signin-vars", "signin-vars.example", "app", {
+        ingress("signin-vars", "signin-vars.example", "app", {
             NGINX + "auth-url": "http://auth.default.svc/check",
             NGINX + "auth-signin": "https://$host/oauth2/start?rd=$escaped_request_uri"}),
-        _ingress("signin-param", "signin-param.example", "app", {
+        ingress("signin-param", "signin-param.example", "app", {
             NGINX + "auth-url": "http://auth.default.svc/check",
             NGINX + "auth-signin": "https://login.example/start?client=web",
             NGINX + "auth-signin-redirect-param": "return_to"}),
-        _ingress("signin-bad", "signin-bad.example", "app", {
+        ingress("signin-bad", "signin-bad.example", "app", {
             NGINX + "auth-url": "http://auth.default.svc/check",
             NGINX + "auth-signin": "https://login.example/$arg_next"}),
-        _ingress("lost", "lost.example", "app", {
+        ingress("lost", "lost.example", "app", {
             NGINX + "auth-url": "http://nowhere.default.svc.cluster.local/auth"}),
-        _ingress("external", "external.example", "app", {
+        ingress("external", "external.example", "app", {
             NGINX + "auth-url": "https://auth.example.com/oauth2/auth"}),
-        _ingress("basic", "basic.example", "app", {
+        ingress("basic", "basic.example", "app", {
             NGINX + "auth-type": "basic", NGINX + "auth-secret": "htpasswd"}),
-        _ingress("snippet", "snippet.example", "app", {
+        ingress("snippet", "snippet.example", "app", {
             NGINX + "auth-url": "http://auth.default.svc/check",
             NGINX + "auth-snippet": "proxy_set_header Foo bar;"}),
-        _ingress("small", "small.example", "app", {NGINX + "proxy-body-size": "1k"}),
-        _ingress("huge", "huge.example", "app", {NGINX + "proxy-body-size": "1g"}),
-        _ingress("https", "https.example", "tls", {NGINX + "backend-protocol": "HTTPS"}),
-        _ingress("grpcs", "grpcs.example", "grpcs", {NGINX + "backend-protocol": "GRPCS"}),
+        ingress("small", "small.example", "app", {NGINX + "proxy-body-size": "1k"}),
+        ingress("huge", "huge.example", "app", {NGINX + "proxy-body-size": "1g"}),
+        ingress("https", "https.example", "tls", {NGINX + "backend-protocol": "HTTPS"}),
+        ingress("grpcs", "grpcs.example", "grpcs", {NGINX + "backend-protocol": "GRPCS"}),
     ]
     for name, port in (("app", echo.port), ("auth", auth.port), ("tls", tls_echo.port),
                        ("grpcs", grpcs.port)):
@@ -208,13 +198,9 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     agent = MeshRun(manifests, Path(f"/tmp/mesh-e2e-authx-{os.getpid()}"), "--address-pool",
                     POOL, node_id="e2e-authx", fresh=True, log=root / "agent.log")
 
-    def ip() -> str | None:
-        item = agent.items().get(("Ingress", "open"))
-        lb = ((item or {}).get("status") or {}).get("loadBalancer", {}).get("ingress")
-        return lb[0]["ip"] if lb else None
-
     try:
-        address = wait_until(ip, timeout=15, what="the Ingress address")
+        address = wait_until(lambda: agent.ingress_address("open"), timeout=15,
+                             what="the Ingress address")
         b = Bed(agent, address, auth)
         wait_until(lambda: b.request("open.example")[0] == 200, timeout=15,
                    what="the Ingresses serving")

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from mesh.echo import EchoIdentity, EchoServer
-from tests.manifests import docs, local_service
+from tests.manifests import docs, ingress, local_service
 from tests.meshrun import MeshRun
 from tests.testbed import wait_until
 
@@ -32,12 +32,7 @@ NGINX = "nginx.ingress.kubernetes.io/"
 
 def _ingress(name: str, service: str, annotations: dict[str, str], created: str,
              host: str = HOST) -> dict[str, Any]:
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-            "metadata": {"name": name, "namespace": "default", "annotations": annotations,
-                         "creationTimestamp": created},
-            "spec": {"ingressClassName": "mesh", "rules": [{"host": host, "http": {"paths": [
-                {"path": "/", "pathType": "Prefix", "backend": {
-                    "service": {"name": service, "port": {"number": 80}}}}]}}]}}
+    return ingress(name, host, service, annotations, created=created)
 
 
 class Bed:
@@ -99,13 +94,9 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     agent = MeshRun(manifests, Path(f"/tmp/mesh-e2e-canary-{os.getpid()}"), "--address-pool",
                     POOL, node_id="e2e-canary", fresh=True, log=manifests.parent / "agent.log")
 
-    def ip() -> str | None:
-        item = agent.items().get(("Ingress", "shop"))
-        lb = ((item or {}).get("status") or {}).get("loadBalancer", {}).get("ingress")
-        return lb[0]["ip"] if lb else None
-
     try:
-        address = wait_until(ip, timeout=15, what="the Ingress address")
+        address = wait_until(lambda: agent.ingress_address("shop"), timeout=15,
+                             what="the Ingress address")
         b = Bed(manifests, agent, address)
         wait_until(lambda: b.pod() == "main-1", timeout=15, what="the main Ingress serving")
         yield b

@@ -21,7 +21,7 @@ from mesh import ir
 from mesh.echo import EchoIdentity, EchoServer
 from mesh.store.objects import parse_object
 from mesh.translate import ingress_annotations
-from tests.manifests import docs, local_service
+from tests.manifests import docs, ingress, local_service
 from tests.meshrun import MeshRun
 from tests.testbed import wait_until
 
@@ -60,16 +60,6 @@ class Recorder(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.port = self.server_address[1]
         threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
-def _ingress(name: str, host: str, service: str, annotations: dict[str, str]
-             ) -> dict[str, Any]:
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-            "metadata": {"name": name, "namespace": "default", "annotations": annotations,
-                         "creationTimestamp": "2026-01-01T00:00:00Z"},
-            "spec": {"ingressClassName": "mesh", "rules": [{"host": host, "http": {"paths": [
-                {"path": "/", "pathType": "Prefix", "backend": {
-                    "service": {"name": service, "port": {"number": 80}}}}]}}]}}
 
 
 class Bed:
@@ -111,32 +101,32 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     objects: list[dict[str, Any]] = [
         {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
          "metadata": {"name": "mesh"}, "spec": {"controller": "mesh.dev/ingress-controller"}},
-        _ingress("open", "open.example", "app", {}),
-        _ingress("by-uri", "by-uri.example", "app", {NGINX + "upstream-hash-by": "$request_uri"}),
-        _ingress("by-header", "by-header.example", "app", {
+        ingress("open", "open.example", "app", {}),
+        ingress("by-uri", "by-uri.example", "app", {NGINX + "upstream-hash-by": "$request_uri"}),
+        ingress("by-header", "by-header.example", "app", {
             NGINX + "upstream-hash-by": "${http_x_user}"}),
-        _ingress("by-cookie", "by-cookie.example", "app", {
+        ingress("by-cookie", "by-cookie.example", "app", {
             NGINX + "upstream-hash-by": "$cookie_session"}),
-        _ingress("by-mix", "by-mix.example", "app", {
+        ingress("by-mix", "by-mix.example", "app", {
             NGINX + "upstream-hash-by": "$request_uri$host",
             NGINX + "upstream-hash-by-subset": "true"}),
-        _ingress("mirrored", "mirrored.example", "app", {
+        ingress("mirrored", "mirrored.example", "app", {
             NGINX + "mirror-target": "http://mirror.default.svc.cluster.local$request_uri"}),
-        _ingress("mirrored-host", "mirrored-host.example", "app", {
+        ingress("mirrored-host", "mirrored-host.example", "app", {
             NGINX + "mirror-target": "http://mirror.default.svc:80${request_uri}",
             NGINX + "mirror-host": "test.env.com", NGINX + "mirror-request-body": "off"}),
-        _ingress("mirror-url", "mirror-url.example", "app", {
+        ingress("mirror-url", "mirror-url.example", "app", {
             NGINX + "mirror-target": "https://test.env.com$request_uri"}),
-        _ingress("mirror-lost", "mirror-lost.example", "app", {
+        ingress("mirror-lost", "mirror-lost.example", "app", {
             NGINX + "mirror-target": "http://nowhere.default.svc$request_uri"}),
-        _ingress("fallback", "fallback.example", "empty", {NGINX + "default-backend": "spare"}),
-        _ingress("fallback-gone", "fallback-gone.example", "gone", {
+        ingress("fallback", "fallback.example", "empty", {NGINX + "default-backend": "spare"}),
+        ingress("fallback-gone", "fallback-gone.example", "gone", {
             NGINX + "default-backend": "spare"}),
-        _ingress("fallback-unused", "fallback-unused.example", "app", {
+        ingress("fallback-unused", "fallback-unused.example", "app", {
             NGINX + "default-backend": "spare"}),
-        _ingress("fallback-lost", "fallback-lost.example", "empty", {
+        ingress("fallback-lost", "fallback-lost.example", "empty", {
             NGINX + "default-backend": "nowhere"}),
-        _ingress("limited", "limited.example", "app", {NGINX + "limit-rpm": "2",
+        ingress("limited", "limited.example", "app", {NGINX + "limit-rpm": "2",
                                                        NGINX + "limit-burst-multiplier": "1"}),
     ]
     objects += local_service("app", [e.server_address[1] for e in echoes])
@@ -147,13 +137,9 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     agent = MeshRun(manifests, Path(f"/tmp/mesh-e2e-extras-{os.getpid()}"), "--address-pool",
                     POOL, node_id="e2e-extras", fresh=True, log=root / "agent.log")
 
-    def ip() -> str | None:
-        item = agent.items().get(("Ingress", "open"))
-        lb = ((item or {}).get("status") or {}).get("loadBalancer", {}).get("ingress")
-        return lb[0]["ip"] if lb else None
-
     try:
-        address = wait_until(ip, timeout=15, what="the Ingress address")
+        address = wait_until(lambda: agent.ingress_address("open"), timeout=15,
+                             what="the Ingress address")
         b = Bed(agent, address, mirror)
         wait_until(lambda: b.request("open.example")[0] == 200, timeout=15,
                    what="the Ingresses serving")
@@ -241,7 +227,7 @@ def test_upstream_hash_by_refused_balances_without_hashing(bed: Bed) -> None:
     ("$request_uri$host", None), ("${request_uri}-text", None), ("$host", None),
     ("$http_", None), ("x" * 300, None)])
 def test_upstream_hash_by_values(value: str, policy: ir.HashPolicy | None) -> None:
-    s = ingress_annotations.parse(parse_object(_ingress(
+    s = ingress_annotations.parse(parse_object(ingress(
         "i", "h.example", "app", {NGINX + "upstream-hash-by": value})))
     assert s.extras.hash_policy == policy
     assert s.shapes_backend == (policy is not None)
