@@ -9,14 +9,17 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from mesh.lab.controlplane import Binaries, ControlPlane
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # Each run's control plane lives in PARENT/<pid of the test run>.
 PARENT = Path(tempfile.gettempdir()) / f"mesh-test-control-plane-{os.getuid()}"
 
@@ -49,3 +52,17 @@ def control_plane() -> Iterator[ControlPlane]:
         cp.stop()
         with contextlib.suppress(OSError):  # another run's control plane may live there
             PARENT.rmdir()
+
+
+def eventually(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T:
+    """The first truthy answer of `probe`, polled; fails the test after `timeout`. Unlike
+    testbed.wait_until, an exception in `probe` is not retried: against the real API server
+    an error is a failure, not a "not yet"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = probe()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)

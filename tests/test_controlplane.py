@@ -16,12 +16,11 @@ import os
 import ssl
 import stat
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -33,6 +32,7 @@ from mesh.lab.controlplane import (
     gateway_api_crds,
 )
 from mesh.lab.workloads import SERVICE_CIDR
+from tests.cluster import eventually
 from tests.test_crds import (
     CRD_FILE,
     GW,
@@ -54,18 +54,8 @@ MESHNODE_CRD = ROOT / "gateway-api" / "meshnode.yaml"
 POLICIES = "/apis/mesh.dev/v1alpha1/namespaces/default/trafficpolicies"
 DRY_RUN = "?dryRun=All&fieldValidation=Strict"
 
-T = TypeVar("T")
 
 
-def eventually(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = probe()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def get(cp: ControlPlane, path: str) -> dict[str, Any] | None:

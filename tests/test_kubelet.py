@@ -21,9 +21,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -33,10 +33,10 @@ from mesh.lab import network
 from mesh.lab.controlplane import NODE_MONITOR_GRACE, ControlPlane
 from mesh.lab.kubelet import KUBELET_VERSION, Kubelet, node_kubeconfig
 from mesh.lab.network import NodeNet
+from tests.cluster import eventually
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.e2e]
 
-T = TypeVar("T")
 LAB = f"mkl{os.getpid()}"[:16]
 NS = f"kubelet-{os.getpid()}"
 TAINT = {"key": "mesh.dev/kubelet-test", "value": LAB, "effect": "NoSchedule"}
@@ -44,15 +44,6 @@ TOLERATION = {"key": TAINT["key"], "operator": "Equal", "value": LAB,
               "effect": "NoSchedule"}
 
 
-def eventually(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = probe()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.25)
 
 
 class Running:
