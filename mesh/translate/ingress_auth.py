@@ -14,10 +14,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit
 
 from mesh import ir
-from mesh.translate.annotation_values import Refused
+from mesh.translate.annotation_values import Refused, service_url
 
 # What is read here. The rest of the family is not supported (the annotation table says
 # why, and the Ingress gets the warning): auth-type and auth-snippet still close the paths.
@@ -25,9 +24,6 @@ NAMES = frozenset({"auth-url", "auth-response-headers", "auth-request-redirect",
                    "auth-signin", "auth-signin-redirect-param"})
 MAX_URL = 2048
 MAX_HEADERS = 32
-_SERVICE_HOST = re.compile(
-    r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)\.([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)"
-    r"(\.svc(\.[a-z0-9.-]{1,200})?)?$")
 _HEADER = re.compile(r"^[A-Za-z0-9!#$&'*+.^_`|~-]{1,128}$")  # no % (Envoy's formatter)
 # auth-signin: an http(s) URL or a path, with nginx variables of the request (the sign-in
 # redirect fills them in); no quote, space, backslash, angle bracket or brace.
@@ -88,21 +84,12 @@ def _url(text: str, namespace: str) -> tuple[str, str, int, str]:
         raise _no(f"longer than {MAX_URL} characters")
     if "$" in text:
         raise _no("nginx variables are not supported")
-    try:
-        u = urlsplit(text)
-        port = u.port
-    except ValueError as e:
-        raise _no(f"not a URL: {e}") from None
-    if u.scheme != "http":
-        raise _no("only http:// auth services are supported")
-    host = (u.hostname or "").lower()
-    m = _SERVICE_HOST.match(host)
-    if m is None:
-        raise _no("the host must be a Service's DNS name (name.namespace.svc...)")
+    svc = service_url(text, namespace, "auth services")
+    u = svc.url
     path = (u.path or "/") + (f"?{u.query}" if u.query else "")
     if not _PATH.match(path) or u.fragment or u.username or u.password:
         raise _no("not a plain path and query")
-    return m.group(3) or namespace, m.group(1), port or 80, path
+    return svc.namespace, svc.name, svc.port, path
 
 
 def _headers(text: str) -> tuple[str, ...]:

@@ -10,11 +10,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit
 
 from mesh import ir
-from mesh.translate.annotation_values import Refused
-from mesh.translate.ingress_auth import _SERVICE_HOST
+from mesh.translate.annotation_values import Refused, service_url
 
 NAMES = frozenset({"proxy-body-size", "upstream-hash-by", "mirror-target", "mirror-host",
                    "mirror-request-body", "default-backend"})
@@ -91,22 +89,12 @@ def _mirror_target(text: str, namespace: str) -> tuple[str, str, int, str]:
         raise _no(f"longer than {MAX_URL} characters")
     m = _REQUEST_URI.search(text)
     base = text[:m.start()] if m else text
-    try:
-        u = urlsplit(base)
-        port = u.port
-    except ValueError as e:
-        raise _no(f"not a URL: {e}") from None
-    if u.scheme != "http":
-        raise _no("only http:// targets are supported; nothing is mirrored")
-    host = (u.hostname or "").lower()
-    svc = _SERVICE_HOST.match(host)
-    if svc is None:
-        raise _no("the host must be a Service's DNS name (name.namespace.svc...); nothing is "
-                  "mirrored")
+    svc = service_url(base, namespace, "targets", "; nothing is mirrored")
+    u = svc.url
     if m is None or u.path or u.query or u.fragment or u.username or "$" in base:
         raise _no("the target must end in $request_uri, after the host and port (the copy "
                   "keeps the request's path and query); nothing is mirrored")
-    return svc.group(3) or namespace, svc.group(1), port or 80, host
+    return svc.namespace, svc.name, svc.port, svc.host
 
 
 def _service_name(text: str) -> str:
