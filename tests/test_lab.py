@@ -1,6 +1,6 @@
-"""`mesh lab` end to end: nodes and pods in network namespaces, one agent and one Envoy per
-node, pods wired by the CNI plugin, Services balanced by the eBPF datapath; then nothing
-left behind."""
+"""`mesh lab` end to end: a real control plane, nodes and pods in network namespaces (the
+lab's kubelets), one agent and one Envoy per node, pods wired by the CNI plugin, Services
+balanced by the eBPF datapath; then nothing left behind."""
 
 from __future__ import annotations
 
@@ -29,11 +29,16 @@ kind: Deployment
 metadata: {name: echo, namespace: default}
 spec:
   replicas: 2
+  selector: {matchLabels: {app: echo}}
   template:
     metadata: {labels: {app: echo}}
     spec:
+      topologySpreadConstraints:
+      - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule,
+         labelSelector: {matchLabels: {app: echo}}}
       containers:
       - name: echo
+        image: echo
         ports: [{name: http, containerPort: 8080}]
         readinessProbe: {httpGet: {path: /, port: http}, periodSeconds: 1}
 ---
@@ -70,6 +75,7 @@ metadata: {name: gated, namespace: default, labels: {app: gated}}
 spec:
   containers:
   - name: echo
+    image: echo
     ports: [{containerPort: 8080}]
     readinessProbe:
       exec: {command: [test, -e, GATE]}
@@ -89,7 +95,27 @@ metadata: {name: client, namespace: default}
 spec:
   containers:
   - name: client
+    image: busybox
     command: [sleep, infinity]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: broken, namespace: default}
+spec:
+  containers:
+  - name: broken
+    image: broken
+    command: [/no/such/command]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: needs-volume, namespace: default}
+spec:
+  containers:
+  - name: app
+    image: app
+    volumeMounts: [{name: data, mountPath: /data}]
+  volumes: [{name: data, emptyDir: {}}]
 """
 GET = """
 import json, sys, urllib.request
@@ -145,6 +171,23 @@ def state(name: str) -> dict[str, Any]:
     return data
 
 
+def deployment_of(pod: str) -> str:
+    """A ReplicaSet's pod's Deployment: `echo-v1-7f49b47fdb-9vb6w` -> `echo-v1`."""
+    return pod.rsplit("-", 2)[0]
+
+
+def pods_of(name: str, deployment: str) -> list[str]:
+    """The running pods of a Deployment (names, sorted)."""
+    return sorted(k.split("/")[1] for k, p in state(name)["pods"].items()
+                  if p["owner"] == deployment and not p["deleting"])
+
+
+def kubectl(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(ROOT / ".kube" / "bin" / "kubectl"), "--kubeconfig",
+                           state(name)["kubeconfig"], *args], capture_output=True, text=True,
+                          timeout=60)
+
+
 def exec_in(name: str, pod: str, code: str, *args: str) -> list[str]:
     out = mesh("lab", "exec", "--name", name, pod, "--", sys.executable, "-c", code, *args,
                timeout=60)
@@ -153,24 +196,49 @@ def exec_in(name: str, pod: str, code: str, *args: str) -> list[str]:
 
 
 def test_pods_spread_over_nodes_and_a_cluster_ip_reaches_every_backend(lab: str) -> None:
+    """The ReplicaSet's pods (named by it), placed by the scheduler as their spread
+    constraint asks, behind a ClusterIP the API server gave as asked."""
     pods = state(lab)["pods"]
-    assert {pods["default/echo-0"]["node"], pods["default/echo-1"]["node"]} == \
+    echo = pods_of(lab, "echo")
+    assert len(echo) == 2 and {pods[f"default/{p}"]["node"] for p in echo} == \
         {f"{lab}-node1", f"{lab}-node2"}
     seen = exec_in(lab, "client", GET, "http://10.96.7.7/", "30")
-    assert set(seen) == {"echo-0", "echo-1"}, seen
+    assert set(seen) == set(echo), seen
     # Pod to pod across nodes, by IP, and the Service's variables in the pod's environment.
-    other = pods["default/echo-1"]["ip"]
-    assert exec_in(lab, "client", GET, f"http://{other}:8080/", "1") == ["echo-1"]
+    other = next(p for p in echo if pods[f"default/{p}"]["node"] !=
+                 pods["default/client"]["node"])
+    ip = pods[f"default/{other}"]["ip"]
+    assert exec_in(lab, "client", GET, f"http://{ip}:8080/", "1") == [other]
     env = exec_in(lab, "client", "import os; print(os.environ['ECHO_SERVICE_HOST'])")
     assert env == ["10.96.7.7"]
     table = mesh("lab", "status", "--name", lab).stdout
-    assert "10.96.7.7" in table and "echo-0" in table and f"{lab}-node2" in table
+    assert "10.96.7.7" in table and echo[0] in table and f"{lab}-node2" in table
+    # ... and kubectl says the same, from the lab's API server.
+    wide = kubectl(lab, "get", "pods", "-o", "wide").stdout
+    assert all(p in wide for p in echo) and ip in wide
+
+
+def test_a_pod_that_cannot_run_waits_with_the_reason_and_the_others_run(lab: str) -> None:
+    """A command that does not exist: the kubelet's CreateContainerError and its message in
+    the Pod's status, as a kubelet writes it; the lab came up around it."""
+    got = json.loads(kubectl(lab, "get", "pod", "broken", "-o", "json").stdout)
+    waiting = got["status"]["containerStatuses"][0]["state"]["waiting"]
+    assert waiting["reason"] == "CreateContainerError", waiting
+    assert "/no/such/command" in waiting["message"]
+    assert state(lab)["pods"]["default/broken"]["reason"] == "CreateContainerError"
+    assert "CreateContainerError" in mesh("lab", "status", "--name", lab).stdout
+    # A volume the lab cannot mount: CreateContainerConfigError, naming it.
+    got = json.loads(kubectl(lab, "get", "pod", "needs-volume", "-o", "json").stdout)
+    waiting = got["status"]["containerStatuses"][0]["state"]["waiting"]
+    assert waiting["reason"] == "CreateContainerConfigError", waiting
+    assert 'volume "data" (emptyDir) cannot be mounted at /data' in waiting["message"]
 
 
 def test_a_pod_reaches_a_service_that_selects_itself(lab: str) -> None:
-    """Hairpin: echo-0 calls its own Service and is among those that answer."""
-    seen = exec_in(lab, "echo-0", GET, "http://10.96.7.7/", "30")
-    assert set(seen) == {"echo-0", "echo-1"}, seen
+    """Hairpin: an echo pod calls its own Service and is among those that answer."""
+    echo = pods_of(lab, "echo")
+    seen = exec_in(lab, echo[0], GET, "http://10.96.7.7/", "30")
+    assert set(seen) == set(echo), seen
 
 
 def test_cluster_dns_resolves_services_by_short_and_full_names(lab: str) -> None:
@@ -178,7 +246,7 @@ def test_cluster_dns_resolves_services_by_short_and_full_names(lab: str) -> None
     got = exec_in(lab, "client", code, "echo", "echo.default",
                   "echo.default.svc.cluster.local")
     assert got == ["10.96.7.7"] * 3
-    assert exec_in(lab, "client", GET, "http://echo.default/", "1")[0] in ("echo-0", "echo-1")
+    assert exec_in(lab, "client", GET, "http://echo.default/", "1")[0] in pods_of(lab, "echo")
 
 
 def http_get(url: str, source_port: int = 0) -> dict[str, Any]:
@@ -213,7 +281,7 @@ def test_a_node_port_answers_from_the_host_on_every_node(lab: str) -> None:
         for _ in range(30):
             doc = http_get(f"http://{address}:30080/")
             seen[doc["pod"]] = doc["client"].rpartition(":")[0]
-        assert set(seen) == {"echo-0", "echo-1"}, (node, seen)
+        assert set(seen) == set(pods_of(lab, "echo")), (node, seen)
         for pod, client in seen.items():
             expected = st["host_address"] if where[pod] == node else address
             assert client == expected, (node, pod, seen)
@@ -232,7 +300,7 @@ def test_maglev_gives_a_flow_the_same_backend_on_every_node(lab: str) -> None:
         got = {http_get(f"http://{a}:{port}/", source)["pod"] for a in addresses}
         assert len(got) == 1, (source, got)
         picks[source] = got.pop()
-    assert set(picks.values()) == {"echo-0", "echo-1"}, picks
+    assert set(picks.values()) == set(pods_of(lab, "echo")), picks
     # ... and again: the flow's backend did not depend on which node saw it first.
     for source in list(picks)[:6]:
         assert http_get(f"http://{addresses[-1]}:{port}/", source)["pod"] == picks[source]
@@ -257,13 +325,18 @@ def test_a_readiness_probe_takes_the_endpoint_out_and_back(lab: str) -> None:
 
 
 def test_a_pod_that_exits_is_restarted_and_serves_again(lab: str) -> None:
-    pid = state(lab)["pods"]["default/echo-0"]["pid"]
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: state(lab)["pods"]["default/echo-0"]["restarts"] >= 1, timeout=20,
+    """Its container killed: the kubelet restarts it (restartCount, lastState with the
+    signal's exit code), the probe makes it ready, the Service has it again."""
+    pod = pods_of(lab, "echo")[0]
+    os.kill(state(lab)["pods"][f"default/{pod}"]["pid"], signal.SIGKILL)
+    wait_until(lambda: state(lab)["pods"][f"default/{pod}"]["restarts"] >= 1, timeout=20,
                what="the pod restarted")
-    wait_until(lambda: state(lab)["pods"]["default/echo-0"]["ready"], timeout=30,
+    got = json.loads(kubectl(lab, "get", "pod", pod, "-o", "json").stdout)
+    last = got["status"]["containerStatuses"][0]["lastState"]["terminated"]
+    assert last["exitCode"] == 137, last  # 128 + SIGKILL, as a runtime reports it
+    wait_until(lambda: state(lab)["pods"][f"default/{pod}"]["ready"], timeout=30,
                what="the pod ready again")
-    wait_until(lambda: "echo-0" in exec_in(lab, "client", GET, "http://10.96.7.7/", "10"),
+    wait_until(lambda: pod in exec_in(lab, "client", GET, "http://10.96.7.7/", "10"),
                timeout=30, what="the restarted pod behind the Service")
 
 
@@ -293,16 +366,55 @@ def test_an_agent_killed_keeps_connections_and_services(lab: str) -> None:
     assert len(exec_in(lab, "client", GET, "http://10.96.7.7/", "5")) == 5
 
 
-def test_a_scaled_down_deployment_loses_its_pod_and_endpoint(lab: str,
-                                                            manifests: Path) -> None:
+def test_a_stopped_kubelet_makes_its_node_not_ready_and_its_endpoints_leave(lab: str) -> None:
+    """A node's kubelet hangs (SIGSTOP): no Lease renewal, so the node lifecycle controller
+    marks the Node NotReady and its pods not ready, and the EndpointSlice controller takes
+    their endpoints out: the Service answers from the other node only. Resumed, it all comes
+    back."""
+    st = state(lab)
+    node = st["pods"]["default/client"]["node"]
+    other = next(n for n in st["nodes"] if n != node)
+    on_other = [p for p in pods_of(lab, "echo") if st["pods"][f"default/{p}"]["node"] == other]
+    kubelet = st["kubelets"][other]
+    os.kill(kubelet, signal.SIGSTOP)
+    try:
+        wait_until(lambda: not next(i for i in state(lab)["node_info"]
+                                    if i["name"] == other)["ready"],
+                   timeout=60, what=f"{other} NotReady")
+        wait_until(lambda: not set(on_other) & set(
+            exec_in(lab, "client", GET, "http://10.96.7.7/", "10")),
+            timeout=30, what="the stopped node's pods out of the Service")
+    finally:
+        os.kill(kubelet, signal.SIGCONT)
+    wait_until(lambda: next(i for i in state(lab)["node_info"] if i["name"] == other)["ready"],
+               timeout=60, what=f"{other} Ready again")
+    wait_until(lambda: set(on_other) <= set(
+        exec_in(lab, "client", GET, "http://10.96.7.7/", "20")),
+        timeout=60, what="its pods back behind the Service")
+
+
+def test_a_deployment_scaled_up_and_down(lab: str, manifests: Path) -> None:
+    """Through the manifests the lab follows: a third replica comes (a new ReplicaSet pod,
+    a new endpoint), then two go, their namespaces with them."""
+    before = pods_of(lab, "echo")
+    (manifests / "app.yaml").write_text(APP.replace("replicas: 2", "replicas: 3"))
+    wait_until(lambda: len(pods_of(lab, "echo")) == 3 and all(
+        state(lab)["pods"][f"default/{p}"]["ready"] for p in pods_of(lab, "echo")),
+        timeout=60, what="a third echo pod ready")
+    wait_until(lambda: set(exec_in(lab, "client", GET, "http://10.96.7.7/", "30")) ==
+               set(pods_of(lab, "echo")), timeout=30, what="three pods behind the Service")
+    netns_before = {state(lab)["pods"][f"default/{p}"]["netns"] for p in pods_of(lab, "echo")}
     (manifests / "app.yaml").write_text(APP.replace("replicas: 2", "replicas: 1"))
-    wait_until(lambda: "default/echo-1" not in state(lab)["pods"], timeout=20,
-               what="echo-1 removed")
-    assert f"{lab}-default-echo-1" not in _netns()
+    wait_until(lambda: len([k for k in state(lab)["pods"] if k.startswith("default/echo-")])
+               == 1, timeout=60, what="two echo pods removed")
+    (kept,) = pods_of(lab, "echo")
+    gone = netns_before - {state(lab)["pods"][f"default/{kept}"]["netns"]}
+    assert len(gone) == 2 and not gone & _netns()
     wait_until(lambda: set(exec_in(lab, "client", GET, "http://10.96.7.7/", "10")) ==
-               {"echo-0"}, timeout=20, what="only echo-0 behind the Service")
+               {kept}, timeout=20, what="only one pod behind the Service")
     svc = next(s for s in state(lab)["services"] if s["name"] == "echo")
     assert svc["clusterIP"] == "10.96.7.7" and len(svc["endpoints"]) == 1
+    assert len(before) == 2
 
 
 def test_lab_down_leaves_nothing(tmp_path: Path) -> None:
@@ -312,7 +424,8 @@ def test_lab_down_leaves_nothing(tmp_path: Path) -> None:
         up = mesh("lab", "up", "--nodes", "2", "--name", name, "--manifests", str(tmp_path))
         assert up.returncode == 0, up.stderr
         made = {ns for ns in _netns() if ns.startswith(f"{name}-")}
-        assert len(made) >= 6  # underlay, 2 nodes, 3 pods
+        assert len(made) >= 9  # underlay, 2 nodes, 6 pods
+        control_plane = state(name)["control_plane"]
         host_link = f"mlab{state(name)['index']}"
         assert _links() >= {host_link}
     finally:
@@ -326,7 +439,8 @@ def test_lab_down_leaves_nothing(tmp_path: Path) -> None:
     assert not (cluster.CGROUP_ROOT / name).exists()
     assert not [p for p in Path("/etc/netns").glob(f"{name}-*")]
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert str(cluster.lab_dir(name)) not in ps
+    assert str(cluster.lab_dir(name)) not in ps  # etcd, the API server, kubelets, agents...
+    assert control_plane not in ps and not Path(control_plane).exists()
     assert "no lab" in mesh("lab", "status", "--name", name).stderr
 
 

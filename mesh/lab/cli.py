@@ -1,4 +1,4 @@
-"""`mesh lab`: up, down, status, exec, logs."""
+"""`mesh lab`: up, down, status, kubeconfig, exec, logs."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ _name_option = click.option("--name", help="The lab (default: the one that runs)
 
 @click.group()
 def lab() -> None:
-    """A cluster on this machine: nodes and pods in network namespaces, one agent and one
-    Envoy per node, the eBPF datapath."""
+    """A Kubernetes cluster on this machine: a real control plane, nodes and pods in network
+    namespaces, one agent and one Envoy per node, the eBPF datapath."""
 
 
 @lab.command()
@@ -82,13 +82,21 @@ def up(nodes: int, manifests: Path | None, name: str, foreground: bool, timeout:
         state = cluster.read_state(name)
         if state is not None and state.get("ready"):
             click.echo(f"lab {name} is up: {len(state['nodes'])} nodes, "
-                       f"{len(state['pods'])} pods (supervisor pid {proc.pid})")
+                       f"{len(state['pods'])} pods (supervisor pid {proc.pid})\n"
+                       f"kubectl: export KUBECONFIG={state['kubeconfig']}")
+            for error in state.get("errors", []):
+                click.echo(f"manifest not applied: {error}", err=True)
             return
         if proc.poll() is not None:
             raise click.ClickException(f"the lab did not come up:\n{logf.read_text()[-3000:]}")
         time.sleep(0.3)
-    raise click.ClickException(f"the lab was not ready after {timeout:.0f}s (still starting; "
-                               f"see `mesh lab status`, {logf})")
+    state = cluster.read_state(name) or {}
+    waiting = [f"{key} ({p['reason'] or p['phase'] or 'not ready'})"
+               for key, p in sorted(state.get("pods", {}).items()) if not p["ready"]]
+    raise click.ClickException(
+        f"the lab was not ready after {timeout:.0f}s (still starting; see `mesh lab status`, "
+        f"{logf})" + (f"; pods not ready: {', '.join(waiting)}" if waiting else "") +
+        "".join(f"\n{e}" for e in state.get("errors", [])))
 
 
 @lab.command(hidden=True)
@@ -130,7 +138,7 @@ def down(name: str | None) -> None:
 @_name_option
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
 def status(name: str | None, output: str) -> None:
-    """Nodes, pods (with node and IP), services."""
+    """Nodes, pods (with node and IP), services, as the API server has them."""
     from rich.console import Console
     from rich.table import Table
 
@@ -139,30 +147,43 @@ def status(name: str | None, output: str) -> None:
         click.echo(json.dumps(state, indent=2))
         return
     console = Console(width=160)
-    nodes = Table("NODE", "UNDERLAY", "POD CIDR")
+    nodes = Table("NODE", "READY", "UNDERLAY", "POD CIDR")
     for n in state.get("node_info", []):
-        nodes.add_row(n["name"], n["underlay"], n["podCIDR"])
-    pods = Table("NAMESPACE", "POD", "NODE", "IP", "READY", "RESTARTS")
+        nodes.add_row(n["name"], str(n.get("ready", False)), n["underlay"], n["podCIDR"])
+    pods = Table("NAMESPACE", "POD", "NODE", "IP", "READY", "STATUS", "RESTARTS")
     for key, p in sorted(state.get("pods", {}).items()):
         ns, pod = key.split("/", 1)
         pods.add_row(ns, pod, p["node"], p["ip"], "True" if p["ready"] else "False",
+                     "Terminating" if p.get("deleting") else p.get("reason") or p["phase"],
                      str(p["restarts"]))
-    services = Table("NAMESPACE", "SERVICE", "CLUSTER-IP", "PORTS", "ENDPOINTS")
+    services = Table("NAMESPACE", "SERVICE", "TYPE", "CLUSTER-IP", "PORTS", "ENDPOINTS")
     for s in state.get("services", []):
         ports = ",".join(f"{p.get('port')}" + (f":{p['nodePort']}" if "nodePort" in p else "")
                          + f"/{p.get('protocol', 'TCP')}" for p in s["ports"])
-        services.add_row(s["namespace"], s["name"], s["clusterIP"], ports,
+        services.add_row(s["namespace"], s["name"], s.get("type", ""), s["clusterIP"], ports,
                          ",".join(s["endpoints"]) or "-")
     console.print(nodes, pods, services)
+    for e in state.get("errors", []):
+        console.print(f"[red]manifest not applied:[/red] {e}", markup=True, highlight=False)
     if state.get("host_address"):
         console.print(f"The host is {state['host_address']} on the underlay: NodePorts and "
                       "Gateways answer on the nodes' addresses.")
+
+
+@lab.command()
+@_name_option
+def kubeconfig(name: str | None) -> None:
+    """The path of the lab's kubeconfig (the cluster's admin), for kubectl:
+    `export KUBECONFIG=$(mesh lab kubeconfig)`."""
+    click.echo(_state(_name(name))["kubeconfig"])
 
 
 def _pod(state: dict[str, Any], pod: str, namespace: str) -> dict[str, Any]:
     found = state.get("pods", {}).get(f"{namespace}/{pod}")
     if found is None:
         raise click.ClickException(f"no pod {namespace}/{pod} in lab {state['name']}")
+    if not found.get("netns"):
+        raise click.ClickException(f"pod {namespace}/{pod} is not running on a node (yet)")
     result: dict[str, Any] = found
     return result
 

@@ -1,11 +1,23 @@
-"""A cluster on one machine: the lab's supervisor.
+"""A Kubernetes cluster on one machine: the lab's supervisor.
 
-It builds the network (mesh.lab.network), runs one agent per node inside the node's
-namespace (the agent as on a real node: its own Envoy, the eBPF datapath on the node's pod
-cgroup), wires each pod with the project's CNI plugin exactly as a kubelet would (the node's
-conflist, CNI_* variables, stdin), runs the pods' processes, restarts those that exit, probes
-their readiness and writes what Kubernetes' controllers would: Services with ClusterIPs and
-the EndpointSlices of ready pods, into the manifests directory every agent watches.
+It builds the network (mesh.lab.network), starts a real control plane on the host's loopback
+(mesh.lab.controlplane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler built
+from source), installs the CRDs and the chart's objects (mesh.lab.bootstrap), and runs on
+each node, as a cluster's node runs them:
+- the node's kubelet (mesh.lab.kubelet): it registers the Node, heartbeats, runs the Pods the
+  scheduler binds to it (network namespaces through the project's CNI plugin, the
+  containers' commands as processes in the node's pod cgroup) and writes their status;
+- the node's agent, `mesh run --kubernetes` with a token of the chart's ServiceAccount,
+  leader election and MeshNode on, its own Envoy and the eBPF datapath;
+- the node's cluster DNS (mesh.lab.dns).
+The API server reaches the nodes' loopback through mesh.lab.apirelay.
+
+Deployments, ReplicaSets, Services' ClusterIPs, EndpointSlices and placement are the real
+controllers' and scheduler's. `--manifests DIR` is applied through the API (server-side
+apply, field manager `mesh-lab`) and followed: a changed file is applied again, an object
+gone from the files is deleted. The supervisor mirrors what the API says (pods, Services,
+their ready endpoints, Nodes) into STATE/lab.json for `mesh lab status`, `exec`, `logs` and
+the cluster DNS.
 
 Everything it makes is recorded in STATE/lab.json as it is made, so a teardown (its own, or
 `mesh lab down` after a crash of the supervisor) removes exactly that.
@@ -30,30 +42,34 @@ from typing import Any
 import yaml
 
 from mesh import documents
-from mesh.cni.plugin import CNIError
-from mesh.cni.runtime import HOST_LOCAL, Runtime, existing_runtime, node_runtime
+from mesh.cni.runtime import HOST_LOCAL
 from mesh.datapath.programs import ensure_bpffs
-from mesh.lab import dns, network, workloads
+from mesh.lab import bootstrap, network
+from mesh.lab.controlplane import Binaries, ControlPlane, ControlPlaneError
+from mesh.lab.kubelet import Kubelet, node_kubeconfig
 from mesh.lab.network import LabError, NodeNet
-from mesh.lab.workloads import PodSpec, ServiceSpec
 
 log = logging.getLogger(__name__)
 ROOT = Path("/run/mesh/lab")
+REDIS_PORT = 6379  # on the host's underlay address, one per lab
 # The cgroup2 hierarchy, mounted under /run: `ip netns exec` gives the agents a /sys of
 # their node's namespace, where the host's cgroup mount is not to be seen.
-REDIS_PORT = 6379  # on the host's underlay address, one per lab
 CGROUP_MOUNT = Path("/run/mesh/lab-cgroup2")
 CGROUP_ROOT = CGROUP_MOUNT / "mesh-lab"
-WORKLOAD_KINDS = ("Deployment", "Pod")
-FAILURE_THRESHOLD = 3
-SETTLE = 1.0  # seconds an agent is given, once it loaded a change, to have Envoy run it
-
+FIELD_MANAGER = "mesh-lab"
+CONTROLLER = "mesh.dev/gateway-controller"
+SETTLE = 1.0  # seconds the cluster's view must stay unchanged before the lab is ready
+# Pods the kubelet says it cannot run: the lab is up without them (`mesh lab up` and
+# `mesh lab status` name them), rather than waiting for what will not come.
+CANNOT_RUN = ("CreateContainerError", "CreateContainerConfigError", "RunContainerError",
+              "CrashLoopBackOff")
+TICK = 0.5
 
 NAME = re.compile(r"[a-z][a-z0-9-]{0,15}")
 
 
 def check_name(name: str) -> str:
-    """A lab's name goes into namespace, file and cgroup names: short, plain."""
+    """A lab's name goes into namespace, file, cgroup and Node names: short, plain."""
     if not NAME.fullmatch(name):
         raise LabError(f"lab name {name!r}: use 1 to 16 of a-z, 0-9 and '-', starting "
                        "with a letter")
@@ -65,50 +81,31 @@ def lab_dir(name: str) -> Path:
 
 
 @dataclass
-class Pod:
-    spec: PodSpec
-    node: NodeNet
-    netns: str
-    ip: str = ""
-    process: subprocess.Popen[bytes] | None = None
-    ready: bool = False
-    restarts: int = 0
-    started: float = 0.0
-    failures: int = 0  # probes failed in a row
-    successes: int = 0  # ... and succeeded in a row
-    next_probe: float = 0.0  # when its readinessProbe is due (monotonic)
-
-    @property
-    def key(self) -> str:
-        return f"{self.spec.namespace}/{self.spec.name}"
-
-
-@dataclass
-class Agent:
-    node: NodeNet
-    process: subprocess.Popen[bytes]
-    log: Path
-    ready: bool = False
-
-
-@dataclass
 class State:
-    """What the lab made, as written to lab.json: enough to remove it all."""
+    """What the lab made, as written to lab.json: enough to remove it all; and what the
+    cluster shows (pods, services, nodes), for `mesh lab status`, `exec` and the DNS."""
 
     name: str
     supervisor: int
     nodes: list[str] = field(default_factory=list)
-    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
-    agents: dict[str, int] = field(default_factory=dict)
-    dns: dict[str, int] = field(default_factory=dict)  # node -> its cluster DNS's pid
-    etc_netns: list[str] = field(default_factory=list)  # pods' /etc/netns/NAME (resolv.conf)
-    cgroups: list[str] = field(default_factory=list)
-    mounts: list[str] = field(default_factory=list)
-    services: list[dict[str, Any]] = field(default_factory=list)
     node_info: list[dict[str, Any]] = field(default_factory=list)
     index: int = 0  # the lab's underlay is 172.30.<index>.0/24
     host_address: str = ""  # the host's on the underlay
+    control_plane: str = ""  # its directory (ControlPlane.cleanup)
+    kubeconfig: str = ""  # the admin's
+    server: str = ""
+    relay: int = 0
+    kubelets: dict[str, int] = field(default_factory=dict)
+    agents: dict[str, int] = field(default_factory=dict)
+    dns: dict[str, int] = field(default_factory=dict)  # node -> its cluster DNS's pid
     redis: int = 0  # the pid of the lab's redis-server (global rate limits' counters)
+    cgroups: list[str] = field(default_factory=list)
+    mounts: list[str] = field(default_factory=list)
+    routes: dict[str, str] = field(default_factory=dict)  # node -> the pod CIDR routed to it
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    services: list[dict[str, Any]] = field(default_factory=list)
+    applied: list[list[str]] = field(default_factory=list)  # [apiVersion, kind, ns, name]
+    errors: list[str] = field(default_factory=list)  # the manifests' last apply
     ready: bool = False
 
 
@@ -135,6 +132,19 @@ def _free_index(name: str) -> int:
     return index
 
 
+def object_ref(doc: dict[str, Any]) -> list[str]:
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    assert isinstance(meta, dict)
+    return [str(doc.get("apiVersion") or ""), str(doc.get("kind") or ""),
+            str(meta.get("namespace") or ""), str(meta.get("name") or "")]
+
+
+def kubectl_type(api_version: str, kind: str) -> str:
+    """kubectl's TYPE for a kind: `deployment.v1.apps`, `service` (the core group)."""
+    group, _, version = api_version.rpartition("/")
+    return f"{kind.lower()}.{version}.{group}" if group else kind.lower()
+
+
 class Lab:
     def __init__(self, name: str, nodes: int, manifests: Path | None,
                  redirect: str = "sk-assign") -> None:
@@ -144,25 +154,145 @@ class Lab:
         self.index = _free_index(name)
         self.nodes = network.plan(name, nodes, self.index)
         self.manifests = manifests
-        self._manifests_stamp = self._stamp()
-        docs = self._read_manifests()
-        self.docs = docs
-        self.services: list[ServiceSpec] = workloads.services_of(docs)
-        self.pods: list[Pod] = [self._new_pod(spec, i)
-                                for i, spec in enumerate(workloads.pods_of(docs))]
-        self.agents: dict[str, Agent] = {}
-        self.dns: dict[str, subprocess.Popen[bytes]] = {}
-        self._seen_at_write: dict[str, int] = {}
-        self._loaded_since: float | None = None
         self.state = State(name, os.getpid())
-        self._runtimes: dict[str, Runtime] = {}
+        self.cp = ControlPlane(self.dir / "control-plane")
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}  # "agent/node1", "relay"...
+        self._stamp_seen: tuple[tuple[str, int, int], ...] | None = None
+        self._docs: list[dict[str, Any]] | None = None
+        self._view: Any = None
+        self._view_since = time.monotonic()
+        self._agents_ready: set[str] = set()
+
+    # -- state ---------------------------------------------------------------------------
+
+    def save(self) -> None:
+        tmp = self.dir / "lab.json.tmp"
+        tmp.write_text(json.dumps(self.state.__dict__, indent=2))
+        tmp.replace(self.dir / "lab.json")
+
+    def node_dir(self, n: NodeNet) -> Path:
+        return self.dir / n.name
+
+    # -- building ------------------------------------------------------------------------
+
+    def build(self) -> None:
+        if network.underlay_ns(self.name) in network.namespaces():
+            raise LabError(f"lab {self.name} exists: `mesh lab down --name {self.name}` first")
+        if not HOST_LOCAL.exists():
+            raise LabError(f"{HOST_LOCAL} missing: `make install` sets up the CNI plugins")
+        missing = Binaries.at().missing()
+        if missing:
+            raise LabError(f"{', '.join(p.name for p in missing)} missing from "
+                           f"{missing[0].parent}: `make kube-bin` builds them")
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state.nodes = [n.name for n in self.nodes]
+        self.state.index = self.index
+        self.state.host_address = network.host_address(self.index)
+        self.state.node_info = [{"name": n.name, "underlay": n.underlay_ip, "podCIDR": "",
+                                 "ready": False} for n in self.nodes]
+        self.state.control_plane = str(self.cp.state_dir)
+        self.save()
+        network.build(self.name, self.nodes, self.index, routes=False)
+        _mount("cgroup2", CGROUP_MOUNT)
+        for n in self.nodes:
+            # The agent's bpffs, mounted from here: it outlives the agent (whose mounts die
+            # with its `ip netns exec` mount namespace), so a restarted agent finds its maps.
+            pins = self.node_dir(n) / "agent" / "bpffs"
+            ensure_bpffs(pins)
+            self.state.mounts.append(str(pins))
+            cg = CGROUP_ROOT / self.name / n.name
+            cg.mkdir(parents=True, exist_ok=True)
+            self.state.cgroups.append(str(cg))
+            self.save()
+        seconds = self.cp.start()
+        self.state.kubeconfig, self.state.server = str(self.cp.kubeconfig), self.cp.server
+        self.save()
+        log.info("control plane ready", extra={"seconds": round(seconds, 2),
+                                               "server": self.cp.server})
+        self._start_relay()
+        bootstrap.install_crds(self.cp)
+        account = bootstrap.install_chart(self.cp)
+        self._start_redis()
+        for n in self.nodes:
+            node_kubeconfig(self.cp.certs, self.cp.server, n.name,
+                            self.node_dir(n) / "kubelet.kubeconfig")
+            bootstrap.token_kubeconfig(self.cp, self.node_dir(n) / "agent.kubeconfig", account)
+            self._start_kubelet(n)
+            self._start_dns(n)
+            self._start_agent(n)
+        self.save()
+
+    def _spawn(self, key: str, args: list[str], logf: Path) -> subprocess.Popen[bytes]:
+        logf.parent.mkdir(parents=True, exist_ok=True)
+        with logf.open("ab") as out:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[key] = proc
+        return proc
+
+    def _start_relay(self) -> None:
+        proc = self._spawn("relay", [sys.executable, "-m", "mesh.lab.apirelay", "--port",
+                                     str(self.cp.port), *[n.name for n in self.nodes]],
+                           self.dir / "apirelay.log")
+        self.state.relay = proc.pid
+        self.save()
+
+    def _start_redis(self) -> None:
+        """One redis-server for the lab, on the host's underlay address: every node's rate
+        limit service keeps the global limits' counters there, as a cluster's would."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            return  # the agents run without global rate limits (their policies say so)
+        proc = self._spawn("redis", [
+            binary, "--bind", self.state.host_address, "--port", str(REDIS_PORT),
+            "--protected-mode", "no", "--save", "", "--appendonly", "no",
+            "--dir", str(self.dir)], self.dir / "redis.log")
+        self.state.redis = proc.pid
+        self.save()
+
+    def redis_url(self) -> str | None:
+        if not self.state.redis:
+            return None
+        return f"redis://{self.state.host_address}:{REDIS_PORT}"
+
+    def _start_kubelet(self, n: NodeNet) -> None:
+        proc = self._spawn(f"kubelet/{n.name}", [
+            sys.executable, "-m", "mesh.lab.kubelet", "--name", n.name,
+            "--kubeconfig", str(self.node_dir(n) / "kubelet.kubeconfig"),
+            "--state-dir", str(self.node_dir(n) / "kubelet"), "--netns", n.name,
+            "--address", n.underlay_ip, "--cgroup", str(CGROUP_ROOT / self.name / n.name),
+            "--dns", n.underlay_ip], self.node_dir(n) / "kubelet.log")
+        self.state.kubelets[n.name] = proc.pid
+
+    def _start_agent(self, n: NodeNet) -> None:
+        state = self.node_dir(n) / "agent"
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        proc = self._spawn(f"agent/{n.name}", [
+            "ip", "netns", "exec", n.name, sys.executable, "-m", "mesh.cli", "run",
+            "--kubernetes", "--kubeconfig", str(self.node_dir(n) / "agent.kubeconfig"),
+            "--node-name", n.name, "--leader-elect",
+            "--leader-namespace", bootstrap.NAMESPACE, "--state-dir", str(state),
+            "--datapath-cgroup", str(CGROUP_ROOT / self.name / n.name),
+            "--datapath-underlay", "eth0", "--datapath-redirect", self.redirect,
+            *(["--ratelimit-redis", url] if (url := self.redis_url()) else [])],
+            self.node_dir(n) / "agent.log")
+        self.state.agents[n.name] = proc.pid
+        self._agents_ready.discard(n.name)
+
+    def _start_dns(self, n: NodeNet) -> None:
+        proc = self._spawn(f"dns/{n.name}", [
+            "ip", "netns", "exec", n.name, sys.executable, "-m", "mesh.lab.dns", "--listen",
+            n.underlay_ip, "--state", str(self.dir / "lab.json")],
+            self.node_dir(n) / "dns.log")
+        self.state.dns[n.name] = proc.pid
 
     # -- the manifests ---------------------------------------------------------------------
 
     def _files(self) -> list[Path]:
         if self.manifests is None:
             return []
-        return sorted(p for p in self.manifests.rglob("*") if p.suffix in (".yaml", ".yml"))
+        return sorted(p for p in self.manifests.rglob("*")
+                      if p.suffix in (".yaml", ".yml", ".json"))
 
     def _stamp(self) -> tuple[tuple[str, int, int], ...]:
         out = []
@@ -172,348 +302,253 @@ class Lab:
                 out.append((str(p), st.st_mtime_ns, st.st_size))
         return tuple(out)
 
-    def _read_manifests(self) -> list[dict[str, Any]]:
-        """The manifests' documents, read under the agents' own input limits."""
+    def _read_manifests(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The manifests' documents, read under the agents' own input limits; the errors
+        of the files that could not be read."""
         docs: list[dict[str, Any]] = []
+        errors = []
         for path in self._files():
             try:
                 text = documents.check_text(path.read_bytes())
                 for chunk in documents.split(text):
                     docs += [d for d in documents.load_yaml(chunk) if isinstance(d, dict)]
             except (OSError, documents.DocumentError) as e:
-                log.error("manifest skipped", extra={"file": str(path), "error": str(e)})
-        return docs
+                errors.append(f"{path}: {e}")
+        return docs, errors
 
-    def _new_pod(self, spec: PodSpec, i: int) -> Pod:
-        node = self.nodes[i % len(self.nodes)]
-        return Pod(spec, node, f"{self.name}-{spec.namespace}-{spec.name}"[:60])
-
-    def reload(self) -> bool:
-        """The manifests changed: pods that are no longer wanted go (a scaled-down
-        Deployment), new ones come, Services keep their ClusterIPs."""
+    def apply_manifests(self) -> bool:
+        """Apply the manifests if they changed (and delete what left them); whether they
+        did. A document the API server refuses is reported, the others are applied."""
         stamp = self._stamp()
-        if stamp == self._manifests_stamp:
+        if stamp == self._stamp_seen:
             return False
-        self._manifests_stamp = stamp
-        docs = self._read_manifests()
-        if docs == self.docs:
+        self._stamp_seen = stamp
+        docs, errors = self._read_manifests()
+        if docs == self._docs and not errors:
             return False
-        self.docs = docs
-        self.services = workloads.services_of(docs, self.services)
-        wanted = {f"{p.namespace}/{p.name}": p for p in workloads.pods_of(docs)}
-        for pod in [p for p in self.pods if p.key not in wanted]:
-            self.remove_pod(pod)
-        have = {p.key for p in self.pods}
-        for key, spec in wanted.items():
-            if key not in have:
-                pod = self._new_pod(spec, len(self.pods))
-                self.pods.append(pod)
-                self.add_pod(pod)
-        log.info("manifests reloaded", extra={"pods": len(self.pods),
-                                              "services": len(self.services)})
+        self._docs = docs
+        wanted = [object_ref(d) for d in docs]
+        self._ensure_namespaces(docs)
+        if docs:
+            done = self.cp.kubectl("apply", "--server-side", "--force-conflicts",
+                                   f"--field-manager={FIELD_MANAGER}", "-f", "-",
+                                   input=yaml.safe_dump_all(docs, sort_keys=False),
+                                   check=False, timeout=120)
+            if done.returncode != 0:
+                errors += [line for line in done.stderr.splitlines() if line.strip()]
+        for ref in self.state.applied:
+            if ref not in wanted and ref[1] and ref[3]:
+                api_version, kind, ns, name = ref
+                out = self.cp.kubectl("delete", f"{kubectl_type(api_version, kind)}/{name}",
+                                      *(["-n", ns] if ns else []), "--ignore-not-found",
+                                      "--wait=false", check=False)
+                if out.returncode != 0:
+                    errors.append(out.stderr.strip())
+        self.state.applied = wanted
+        self.state.errors = errors
+        for e in errors:
+            log.error("manifest not applied", extra={"error": e})
+        log.info("manifests applied", extra={"objects": len(docs), "errors": len(errors)})
+        self.save()
         return True
 
-    def remove_pod(self, p: Pod) -> None:
-        if p.process is not None:
-            _kill(p.process.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.process.wait(5)
-        with contextlib.suppress(Exception):
-            self._runtimes[p.node.name].delete(p.key.replace("/", "_"),
-                                               f"/var/run/netns/{p.netns}")
-        subprocess.run(["ip", "netns", "del", p.netns], capture_output=True, check=False)
-        shutil.rmtree(Path("/etc/netns") / p.netns, ignore_errors=True)
-        self.pods.remove(p)
+    def _ensure_namespaces(self, docs: list[dict[str, Any]]) -> None:
+        """The namespaces the manifests use and do not declare, made as `kubectl create
+        namespace` would: a lab's manifests need not carry their Namespace objects."""
+        declared = {object_ref(d)[3] for d in docs if d.get("kind") == "Namespace"}
+        used = {ns for d in docs if (ns := object_ref(d)[2]) and ns not in declared}
+        for ns in sorted(used):
+            code, _ = self.cp.request("GET", f"/api/v1/namespaces/{ns}")
+            if code == 404:
+                self.cp.request("POST", "/api/v1/namespaces", {
+                    "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
 
-    # -- state ---------------------------------------------------------------------------
+    # -- what the cluster says -------------------------------------------------------------
 
-    def save(self) -> None:
-        self.state.pods = {p.key: {"node": p.node.name, "netns": p.netns, "ip": p.ip,
-                                   "env": self._env(p),
-                                   "ready": p.ready, "restarts": p.restarts,
-                                   "pid": p.process.pid if p.process else None,
-                                   "log": str(self._pod_log(p))} for p in self.pods}
-        self.state.services = [{"namespace": s.namespace, "name": s.name,
-                                "clusterIP": s.cluster_ip,
-                                "ports": workloads.as_served(s)["spec"]["ports"],
-                                "endpoints": [p.ip for p in self._selected(s) if p.ready]}
-                               for s in self.services]
-        tmp = self.dir / "lab.json.tmp"
-        tmp.write_text(json.dumps(self.state.__dict__, indent=2))
-        tmp.replace(self.dir / "lab.json")
+    def _list(self, path: str) -> list[dict[str, Any]]:
+        code, body = self.cp.request("GET", path, timeout=10)
+        if code != 200 or not isinstance(body, dict):
+            raise ControlPlaneError(f"GET {path}: {code} {str(body)[:200]}")
+        items: list[dict[str, Any]] = body.get("items") or []
+        return items
 
-    def _pod_log(self, p: Pod) -> Path:
-        return self.dir / "pods" / f"{p.spec.namespace}_{p.spec.name}.log"
-
-    def _selected(self, s: ServiceSpec) -> list[Pod]:
-        return [p for p in self.pods if s.selector and p.spec.namespace == s.namespace and
-                all(p.spec.labels.get(k) == v for k, v in s.selector.items())]
-
-    # -- building ------------------------------------------------------------------------
-
-    def build(self) -> None:
-        if network.underlay_ns(self.name) in network.namespaces():
-            raise LabError(f"lab {self.name} exists: `mesh lab down --name {self.name}` first")
-        if not HOST_LOCAL.exists():
-            raise LabError(f"{HOST_LOCAL} missing: `make install` sets up the CNI plugins")
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (self.dir / "pods").mkdir(exist_ok=True)
-        (self.dir / "cluster").mkdir(exist_ok=True)
-        self.state.nodes = [n.name for n in self.nodes]
-        self.state.index = self.index
-        self.state.host_address = network.host_address(self.index)
-        self.state.node_info = [{"name": n.name, "underlay": n.underlay_ip,
-                                 "podCIDR": n.pod_cidr} for n in self.nodes]
-        self.save()
-        network.build(self.name, self.nodes, self.index)
-        _mount("cgroup2", CGROUP_MOUNT)
+    def mirror(self) -> Any:
+        """Read pods, Services, EndpointSlices and Nodes from the API into the state (with
+        what each node's kubelet recorded of its pods); the view that readiness watches."""
+        pods = self._list("/api/v1/pods")
+        services = self._list("/api/v1/services")
+        slices = self._list("/apis/discovery.k8s.io/v1/endpointslices")
+        nodes = {n["metadata"]["name"]: n for n in self._list("/api/v1/nodes")}
+        records: dict[str, dict[str, Any]] = {}
         for n in self.nodes:
-            # The agent's bpffs, mounted from here: it outlives the agent (whose mounts die
-            # with its `ip netns exec` mount namespace), so a restarted agent finds its maps.
-            pins = self.dir / n.name / "agent" / "bpffs"
-            ensure_bpffs(pins)
-            self.state.mounts.append(str(pins))
-            cg = CGROUP_ROOT / self.name / n.name
-            cg.mkdir(parents=True, exist_ok=True)
-            self.state.cgroups.append(str(cg))
-            self._runtimes[n.name] = self._cni(n)
-        self.save()
-        self.write_cluster()
-        self._start_redis()
-        for n in self.nodes:
-            self._start_agent(n)
-            self._start_dns(n)
-        self.save()
+            for path in (self.node_dir(n) / "kubelet" / "pods").glob("*.json"):
+                with contextlib.suppress(OSError, ValueError):
+                    records[path.stem] = json.loads(path.read_text())
+        self.state.pods = {}
+        for p in pods:
+            meta, spec, status = p["metadata"], p.get("spec") or {}, p.get("status") or {}
+            rec = records.get(meta["uid"], {})
+            cs = (status.get("containerStatuses") or [{}])[0]
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                        for c in status.get("conditions") or [])
+            owner = next((o["name"] for o in meta.get("ownerReferences") or []), "")
+            rs_hash = (meta.get("labels") or {}).get("pod-template-hash")
+            if rs_hash and owner.endswith(f"-{rs_hash}"):
+                owner = owner[:-len(rs_hash) - 1]  # the Deployment's name
+            self.state.pods[f"{meta['namespace']}/{meta['name']}"] = {
+                "node": spec.get("nodeName") or "", "ip": status.get("podIP") or "",
+                "phase": status.get("phase") or "", "ready": ready,
+                "restarts": int(cs.get("restartCount") or 0), "reason": waiting.get("reason")
+                or "", "message": waiting.get("message") or "", "owner": owner,
+                "deleting": bool(meta.get("deletionTimestamp")),
+                "netns": rec.get("netns") or "", "pid": (rec.get("pids") or [None])[0],
+                "env": rec.get("env") or {}, "log": rec.get("log") or ""}
+        ready_ips: dict[tuple[str, str], list[str]] = {}
+        for s in slices:
+            svc = (s["metadata"].get("labels") or {}).get("kubernetes.io/service-name")
+            if not svc:
+                continue
+            key = (s["metadata"]["namespace"], svc)
+            for e in s.get("endpoints") or []:
+                if (e.get("conditions") or {}).get("ready", True):
+                    ready_ips.setdefault(key, []).extend(e.get("addresses") or [])
+        self.state.services = [{
+            "namespace": s["metadata"]["namespace"], "name": s["metadata"]["name"],
+            "clusterIP": (s.get("spec") or {}).get("clusterIP") or "",
+            "type": (s.get("spec") or {}).get("type") or "ClusterIP",
+            "ports": (s.get("spec") or {}).get("ports") or [],
+            "endpoints": sorted(ready_ips.get((s["metadata"]["namespace"],
+                                               s["metadata"]["name"]), []))}
+            for s in services]
+        for info in self.state.node_info:
+            node = nodes.get(info["name"]) or {}
+            info["podCIDR"] = (node.get("spec") or {}).get("podCIDR") or ""
+            info["ready"] = any(c.get("type") == "Ready" and c.get("status") == "True"
+                                for c in (node.get("status") or {}).get("conditions") or [])
+        return (self.state.pods, self.state.services, self.state.node_info)
 
-    def _start_redis(self) -> None:
-        """One redis-server for the lab, on the host's underlay address: every node's rate
-        limit service keeps the global limits' counters there, as a cluster's would."""
-        binary = shutil.which("redis-server")
-        if binary is None:
-            return  # the agents run without global rate limits (their policies say so)
-        proc = subprocess.Popen(
-            [binary, "--bind", self.state.host_address, "--port", str(REDIS_PORT),
-             "--protected-mode", "no", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir)],
-            stdout=(self.dir / "redis.log").open("ab"), stderr=subprocess.STDOUT,
-            start_new_session=True)
-        self.state.redis = proc.pid
-        self.save()
+    def route_pod_cidrs(self) -> None:
+        """Each node's pod CIDR (node-ipam's, on its Node) routed to it from the others."""
+        for info in self.state.node_info:
+            cidr, node = info["podCIDR"], info["name"]
+            if not cidr or self.state.routes.get(node) == cidr:
+                continue
+            for other in self.nodes:
+                if other.name != node:
+                    network.ip("route", "replace", cidr, "via", info["underlay"],
+                               netns=other.name)
+            self.state.routes[node] = cidr
+            log.info("pod CIDR routed", extra={"node": node, "podCIDR": cidr})
 
-    def redis_url(self) -> str | None:
-        if not self.state.redis:
-            return None
-        return f"redis://{self.state.host_address}:{REDIS_PORT}"
+    def _caught_up(self) -> bool:
+        """Every Gateway of ours Programmed and every route we wrote status for, at their
+        current generations: the leader saw the last changes."""
+        classes = {c["metadata"]["name"] for c in self._list(
+            "/apis/gateway.networking.k8s.io/v1/gatewayclasses")
+            if (c.get("spec") or {}).get("controllerName") == CONTROLLER}
+        for g in self._list("/apis/gateway.networking.k8s.io/v1/gateways"):
+            if (g.get("spec") or {}).get("gatewayClassName") not in classes:
+                continue
+            gen = g["metadata"].get("generation")
+            if not any(c.get("type") == "Programmed" and c.get("observedGeneration") == gen
+                       for c in (g.get("status") or {}).get("conditions") or []):
+                return False
+        for kind in ("httproutes", "grpcroutes"):
+            for r in self._list(f"/apis/gateway.networking.k8s.io/v1/{kind}"):
+                gen = r["metadata"].get("generation")
+                ours = [p for p in (r.get("status") or {}).get("parents") or []
+                        if p.get("controllerName") == CONTROLLER]
+                if any(c.get("observedGeneration") != gen
+                       for p in ours for c in p.get("conditions") or []):
+                    return False
+        return True
 
-    def _cni(self, n: NodeNet) -> Runtime:
-        return node_runtime(self.dir / n.name / "cni", n.pod_cidr, n.name)
-
-    def _start_agent(self, n: NodeNet) -> None:
-        state = self.dir / n.name / "agent"
-        state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        logf = self.dir / n.name / "agent.log"
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", n.name, sys.executable, "-m", "mesh.cli", "run",
-             "--manifests", str(self.dir / "cluster"), "--state-dir", str(state),
-             "--node-id", n.name, "--datapath-cgroup", str(CGROUP_ROOT / self.name / n.name),
-             "--datapath-underlay", "eth0", "--datapath-redirect", self.redirect,
-             *(["--ratelimit-redis", url] if (url := self.redis_url()) else [])],
-            stdout=subprocess.DEVNULL, stderr=logf.open("ab"), start_new_session=True)
-        self.agents[n.name] = Agent(n, proc, logf)
-        self.state.agents[n.name] = proc.pid
-
-    def _start_dns(self, n: NodeNet) -> None:
-        logf = self.dir / n.name / "dns.log"
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", n.name, sys.executable, "-m", "mesh.lab.dns", "--listen",
-             n.underlay_ip, "--state", str(self.dir / "lab.json")],
-            stdout=logf.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        self.dns[n.name] = proc
-        self.state.dns[n.name] = proc.pid
-
-    def write_cluster(self) -> None:
-        """What the API server would hold: the manifests (workloads aside), Services with
-        their ClusterIPs, the pods (node, IP, readiness) and their EndpointSlices."""
-        docs = [d for d in self.docs if d.get("kind") not in (*WORKLOAD_KINDS, "Service")]
-        docs += [workloads.as_served(s) for s in self.services]
-        docs += [workloads.pod_object(p.spec, p.node.name, p.ip, p.ready)
-                 for p in self.pods if p.ip]
-        pods = [(p.spec, p.ip, p.ready) for p in self.pods if p.ip]
-        docs += [es for s in self.services if (es := workloads.endpoint_slice(s, pods))]
-        text = yaml.safe_dump_all(docs, sort_keys=False)
-        path = self.dir / "cluster" / "cluster.yaml"
-        if not path.exists() or path.read_text() != text:
-            tmp = path.with_name(".cluster.yaml")
-            tmp.write_text(text)
-            tmp.replace(path)
-            # Each agent logs the load of a changed file: until its log has grown, it may
-            # not serve this version yet.
-            self._seen_at_write = {n: _size(a.log) for n, a in self.agents.items()}
-            self._loaded_since = None
-
-    # -- pods ----------------------------------------------------------------------------
-
-    def add_pod(self, p: Pod) -> None:
-        subprocess.run(["ip", "netns", "add", p.netns], check=True, capture_output=True)
-        # `ip netns exec` mounts /etc/netns/NAME/* over /etc: the pod's own resolv.conf,
-        # the node's cluster DNS with the Kubernetes search path.
-        etc = Path("/etc/netns") / p.netns
-        etc.mkdir(parents=True, exist_ok=True)
-        self.state.etc_netns.append(str(etc))
-        (etc / "resolv.conf").write_text(dns.resolv_conf(p.node.underlay_ip, p.spec.namespace))
-        self.save()  # recorded as made: a teardown after a failure below removes it
-        result = self._runtimes[p.node.name].add(p.key.replace("/", "_"),
-                                                 f"/var/run/netns/{p.netns}")
-        p.ip = result["ips"][0]["address"].split("/")[0]
-        self.start_pod(p)
-        self.save()
-
-    def _env(self, p: Pod) -> dict[str, str]:
-        """The pod's environment: the downward API basics, the Services of its namespace,
-        the container's own."""
-        return {"POD_NAME": p.spec.name, "NAMESPACE": p.spec.namespace,
-                "POD_NAMESPACE": p.spec.namespace, "POD_IP": p.ip, "NODE_NAME": p.node.name,
-                **workloads.service_env(self.services, p.spec.namespace), **p.spec.env}
-
-    def start_pod(self, p: Pod) -> None:
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self._env(p)}
-        procs = str(CGROUP_ROOT / self.name / p.node.name / "cgroup.procs")
-
-        def join() -> None:  # in the child, before exec: the node's pod cgroup
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-
-        logf = self._pod_log(p).open("ab")
-        p.process = subprocess.Popen(["ip", "netns", "exec", p.netns, *p.spec.command],
-                                     env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=join,
-                                     start_new_session=True)
-        p.started = time.monotonic()
-
-    def probe(self, p: Pod) -> bool:
-        """The pod's readinessProbe (or a TCP connect to its first port) once, from its
-        node as the kubelet probes: HTTP 200-399, a TCP connection, or exit status 0."""
-        if p.process is None or p.process.poll() is not None:
-            return False
-        probe = p.spec.probe or workloads.Probe("tcp", p.spec.ready_port, timeout=2)
-        if probe.kind == "exec":
-            cmd = ["ip", "netns", "exec", p.netns, *probe.command]
-        elif probe.port is None:
-            return probe.kind == "tcp" and p.spec.probe is None  # no port to probe: ready
-        elif probe.kind == "http":
-            cmd = ["ip", "netns", "exec", p.node.name, "curl", "-s", "-o", "/dev/null",
-                   "-w", "%{http_code}", "--max-time", str(probe.timeout),
-                   f"http://{p.ip}:{probe.port}{probe.path}"]
-        else:
-            cmd = ["ip", "netns", "exec", p.node.name, "timeout", str(probe.timeout), "bash",
-                   "-c", f"exec 3<>/dev/tcp/{p.ip}/{probe.port}"]
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                                 timeout=probe.timeout + 2)
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-        if probe.kind == "http":
-            return out.stdout.isdigit() and 200 <= int(out.stdout) < 400
-        return out.returncode == 0
-
-    def _probe_due(self, p: Pod) -> bool:
-        now = time.monotonic()
-        probe = p.spec.probe
-        if probe is None:
-            return True  # the default probe: every tick
-        if now < max(p.next_probe, p.started + probe.initial_delay):
-            return False
-        p.next_probe = now + probe.period
+    def _deployments_rolled_out(self) -> bool:
+        """Every Deployment's pods made (their readiness is the pods' own check)."""
+        for d in self._list("/apis/apps/v1/deployments"):
+            spec, status = d.get("spec") or {}, d.get("status") or {}
+            if status.get("observedGeneration") != d["metadata"].get("generation"):
+                return False
+            if (status.get("updatedReplicas") or 0) != spec.get("replicas", 1) or \
+                    (status.get("replicas") or 0) != spec.get("replicas", 1):
+                return False
         return True
 
     # -- running -------------------------------------------------------------------------
 
     def start(self) -> None:
         self.build()
-        for p in self.pods:
-            self.add_pod(p)
+        self.tick()
+
+    def _watch_processes(self) -> None:
+        for n in self.nodes:
+            for key, start in ((f"kubelet/{n.name}", self._start_kubelet),
+                               (f"agent/{n.name}", self._start_agent),
+                               (f"dns/{n.name}", self._start_dns)):
+                proc = self.procs.get(key)
+                if proc is not None and proc.poll() is not None:
+                    log.error("exited, restarting", extra={"component": key,
+                                                           "code": proc.returncode})
+                    start(n)
+                    self.save()
+            if n.name not in self._agents_ready and \
+                    b"node ready" in _read_bytes(self.node_dir(n) / "agent.log"):
+                self._agents_ready.add(n.name)
+        relay = self.procs.get("relay")
+        if relay is not None and relay.poll() is not None:
+            log.error("the API relay exited, restarting", extra={"code": relay.returncode})
+            self._start_relay()
+
+    def tick(self) -> None:
+        """One round of supervision."""
+        self._watch_processes()
+        try:
+            self.apply_manifests()
+            view = self.mirror()
+            self.route_pod_cidrs()
+        except (ControlPlaneError, OSError, subprocess.SubprocessError, LabError) as e:
+            log.error("the cluster did not answer", extra={"error": str(e)})
+            return
+        if json.dumps(view, sort_keys=True) != self._view:
+            self._view = json.dumps(view, sort_keys=True)
+            self._view_since = time.monotonic()
+        ready = False
+        settled = time.monotonic() - self._view_since >= SETTLE
+        if settled and len(self._agents_ready) == len(self.nodes) and \
+                all(i["ready"] and i["podCIDR"] for i in self.state.node_info) and \
+                all(p["ready"] for p in self.state.pods.values()
+                    if p["phase"] not in ("Succeeded", "Failed")
+                    and p["reason"] not in CANNOT_RUN):
+            with contextlib.suppress(ControlPlaneError, OSError):
+                ready = self._deployments_rolled_out() and self._caught_up()
+        self.state.ready = ready
         self.save()
 
-    def tick(self) -> bool:
-        """One round of supervision; whether anything changed."""
-        try:
-            changed = self.reload()
-        except (LabError, OSError, subprocess.SubprocessError, CNIError) as e:
-            # A bad edit (a pod that cannot be wired): the lab goes on as it was.
-            log.error("manifests not applied", extra={"error": str(e)})
-            changed = False
-        for a in self.agents.values():
-            if not a.ready and b"node ready" in a.log.read_bytes():
-                a.ready = changed = True
-            if a.process.poll() is not None:
-                log.error("agent exited, restarting", extra={"node": a.node.name})
-                self._start_agent(a.node)
-                changed = True
-        for name, proc in list(self.dns.items()):
-            if proc.poll() is not None:
-                log.error("cluster DNS exited, restarting", extra={"node": name})
-                self._start_dns(next(n for n in self.nodes if n.name == name))
-                changed = True
-        for p in self.pods:
-            if p.process is not None and p.process.poll() is not None:
-                p.restarts += 1
-                log.warning("pod exited, restarting",
-                            extra={"pod": p.key, "code": p.process.returncode})
-                self.start_pod(p)
-                p.ready, p.failures, p.successes, changed = False, 0, 0, True
-                p.next_probe = 0.0
-            alive = p.process is not None and p.process.poll() is None
-            if not alive:
-                if p.ready:
-                    p.ready, changed = False, True  # at once: its process is gone
-                continue
-            if not self._probe_due(p):
-                continue
-            # As the kubelet: ready after successThreshold successes in a row, unready after
-            # failureThreshold failures in a row (a busy pod may miss one probe).
-            ok = self.probe(p)
-            p.failures = 0 if ok else p.failures + 1
-            p.successes = p.successes + 1 if ok else 0
-            probe = p.spec.probe
-            needed = probe.success_threshold if probe else 1
-            allowed = probe.failure_threshold if probe else FAILURE_THRESHOLD
-            ready = p.successes >= needed or (p.ready and p.failures < allowed)
-            if ready != p.ready:
-                p.ready, changed = ready, True
-        if changed:
-            self.write_cluster()
-        # An agent's log grows as it loads the change, before it has built and pushed it:
-        # a second more lets Envoy take it (a build and a push take tens of milliseconds).
-        loaded = all(_size(a.log) > self._seen_at_write.get(n, -1)
-                     for n, a in self.agents.items())
-        if loaded and self._loaded_since is None:
-            self._loaded_since = time.monotonic()
-        elif not loaded:
-            self._loaded_since = None
-        caught_up = self._loaded_since is not None and \
-            time.monotonic() - self._loaded_since >= SETTLE
-        ready = caught_up and all(a.ready for a in self.agents.values()) and \
-            all(p.ready for p in self.pods)
-        if ready != self.state.ready or changed:
-            self.state.ready = ready
-            self.save()
-        return changed
-
     def run_forever(self, stop: list[bool]) -> None:
+        failed = True
         try:
             self.start()
             while not stop:
-                self.tick()
-                time.sleep(0.5)
+                time.sleep(TICK)
+                try:
+                    self.tick()
+                except Exception:  # a bug in one round must not take the cluster down
+                    log.exception("supervision round failed")
+            failed = False
+        except Exception:
+            log.exception("the lab failed")
+            raise
         finally:
-            teardown(self.name)
+            # After a failure the supervisor's log stays, for `mesh lab up` to show.
+            teardown(self.name, keep_log=failed)
 
 
-def _size(path: Path) -> int:
+def _read_bytes(path: Path) -> bytes:
     try:
-        return path.stat().st_size
+        return path.read_bytes()
     except OSError:
-        return 0
+        return b""
 
 
 def _mount(fstype: str, path: Path) -> None:
@@ -551,36 +586,31 @@ def _alive(pid: int) -> bool:
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
             return False
-    return True
+    try:  # a zombie whose parent (a crashed supervisor) is gone is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
-def teardown(name: str) -> list[str]:
+def _stop(pids: list[int], timeout: float) -> None:
+    for pid in pids:
+        _kill(pid)
+    _wait_gone(pids, timeout)
+
+
+def teardown(name: str, keep_log: bool = False) -> list[str]:
     """Remove everything lab.json says the lab made; what could not be removed."""
     state = read_state(name)
     if state is None:
         return []
     left: list[str] = []
-    pods = state.get("pods", {})
-    pod_pids = [int(p["pid"]) for p in pods.values() if p.get("pid")]
-    for pid in pod_pids:
-        _kill(pid)
-    _wait_gone(pod_pids, 5)
     d = lab_dir(name)
-    for key, p in pods.items():
-        with contextlib.suppress(Exception):
-            existing_runtime(d / p["node"] / "cni", p["node"]).delete(
-                key.replace("/", "_"), f"/var/run/netns/{p['netns']}")
-        subprocess.run(["ip", "netns", "del", p["netns"]], capture_output=True, check=False)
-    resolvers = [int(pid) for pid in state.get("dns", {}).values()]
-    for pid in resolvers:
-        _kill(pid)
-    _wait_gone(resolvers, 5)
-    for etc in state.get("etc_netns", []):
-        shutil.rmtree(etc, ignore_errors=True)
-    agents = [int(pid) for pid in state.get("agents", {}).values()]
-    for pid in agents:
-        _kill(pid)  # a stop on purpose: each agent stops its Envoy
-    _wait_gone(agents, 15)
+    # The kubelets first, so that none starts a pod again; then what they ran.
+    _stop([int(p) for p in state.get("kubelets", {}).values()], 10)
+    for node in state.get("nodes", []):
+        left += Kubelet.cleanup(d / node / "kubelet", node)
+    _stop([int(p) for p in state.get("dns", {}).values()], 5)
+    _stop([int(p) for p in state.get("agents", {}).values()], 15)  # each stops its Envoy
     # An agent that had crashed leaves its Envoy serving (as on a real node): stop those too.
     envoys = []
     for node in state.get("nodes", []):
@@ -590,10 +620,9 @@ def teardown(name: str) -> list[str]:
                 os.kill(pid, signal.SIGTERM)
                 envoys.append(pid)
     _wait_gone(envoys, 5)
-    redis = int(state.get("redis") or 0)
-    if redis:
-        _kill(redis)
-        _wait_gone([redis], 5)
+    _stop([p for p in (int(state.get("redis") or 0), int(state.get("relay") or 0)) if p], 5)
+    if state.get("control_plane"):
+        ControlPlane.cleanup(Path(state["control_plane"]))
     for mount in state.get("mounts", []):
         subprocess.run(["umount", mount], capture_output=True, check=False)
     for cg in reversed(state.get("cgroups", [])):
@@ -610,7 +639,8 @@ def teardown(name: str) -> list[str]:
     left += network.teardown(name, state.get("nodes", []))
     if not left:
         shutil.rmtree(d, ignore_errors=True)
-        (ROOT / f"{name}.log").unlink(missing_ok=True)
+        if not keep_log:
+            (ROOT / f"{name}.log").unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             ROOT.rmdir()
     return left

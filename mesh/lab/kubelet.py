@@ -51,6 +51,7 @@ from mesh.cni.runtime import Runtime, existing_runtime, node_runtime
 from mesh.kube.client import API_ERRORS, HTTP, Gone, connect
 from mesh.lab import workloads
 from mesh.lab.controlplane import Issued, issue, kubeconfig
+from mesh.lab.dns import resolv_conf
 from mesh.lab.workloads import PodSpec, Probe
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class Container:
     image: str
     spec: PodSpec  # the lab's reading of it: command, env, ports, readiness probe
     extra_env: dict[str, str] = field(default_factory=dict)  # valueFrom: fieldRef
+    mounts: tuple[tuple[str, str], ...] = ()  # (volume, mountPath) of its volumeMounts
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: str = ""
@@ -132,14 +134,33 @@ def containers_of(pod: Mapping[str, Any], ip: str, host_ip: str) -> list[Contain
     for c in spec.get("containers") or []:
         one = {"metadata": {"labels": meta.get("labels") or {}},
                "spec": {"containers": [c]}}
-        ps = workloads._pod(str(meta.get("namespace")), str(meta.get("name")), one, "")
+        ps = workloads.container_spec(str(meta.get("namespace")), str(meta.get("name")), one, "")
         extra = {}
         for e in c.get("env") or []:
             ref = ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
             if e.get("name") and ref:
                 extra[str(e["name"])] = _field_ref(pod, str(ref), ip, host_ip)
-        out.append(Container(str(c.get("name")), str(c.get("image") or ""), ps, extra))
+        mounts = tuple((str(m.get("name")), str(m.get("mountPath")))
+                       for m in c.get("volumeMounts") or [] if isinstance(m, Mapping))
+        out.append(Container(str(c.get("name")), str(c.get("image") or ""), ps, extra,
+                             mounts))
     return out
+
+
+def unmountable(pod: Mapping[str, Any], c: Container) -> str | None:
+    """Why the lab cannot give `c` its volumes, or None. Its containers are processes on
+    the node's file system: no volume is mounted. The API server's own service account
+    volume (`kube-api-access-*`, added to every pod) is let pass unmounted, since nothing
+    the lab runs reads it; any other volume a container mounts is refused."""
+    volumes = {str(v.get("name")): v for v in (pod.get("spec") or {}).get("volumes") or []
+               if isinstance(v, Mapping)}
+    for name, path in c.mounts:
+        if name.startswith("kube-api-access-"):
+            continue
+        kind = next((k for k in volumes.get(name, {}) if k != "name"), "unknown")
+        return (f'volume "{name}" ({kind}) cannot be mounted at {path}: the lab\'s kubelet '
+                "runs containers as processes on the node and mounts no volumes")
+    return None
 
 
 def _resolve(command: tuple[str, ...], path: str) -> str | None:
@@ -184,6 +205,12 @@ def _kill_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
+def _ready_of(status: Mapping[str, Any]) -> str | None:
+    """The status of a Pod's or a Node's Ready condition."""
+    return next((str(c.get("status")) for c in status.get("conditions") or []
+                 if isinstance(c, Mapping) and c.get("type") == "Ready"), None)
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -226,9 +253,14 @@ class PodWorker:
     def _record(self) -> None:
         """What this pod made, for Kubelet.cleanup."""
         self.kubelet.pods_dir.mkdir(parents=True, exist_ok=True)
+        first = self.containers[0] if self.containers else None
         data = {"namespace": self.namespace, "name": self.name, "netns": self.netns,
                 "ip": self.ip, "pids": [c.process.pid for c in self.containers
-                                        if c.process is not None]}
+                                        if c.process is not None],
+                # for `mesh lab exec` and `mesh lab logs`: the first container's
+                "env": self._env(first) if first is not None else {},
+                "log": str(self._log(first)) if first is not None else "",
+                "etc": str(self._etc()) if self.kubelet.dns else ""}
         tmp = self.kubelet.pods_dir / f".{self.uid}.json"
         tmp.write_text(json.dumps(data))
         tmp.replace(self.kubelet.pods_dir / f"{self.uid}.json")
@@ -240,6 +272,11 @@ class PodWorker:
         self._record()  # before it exists: a cleanup after a failure below removes it
         if not Path(f"/var/run/netns/{self.netns}").exists():
             subprocess.run(["ip", "netns", "add", self.netns], check=True, capture_output=True)
+        if k.dns is not None:
+            # `ip netns exec` mounts /etc/netns/NAME/* over /etc: the pod's own
+            # resolv.conf, the node's cluster DNS with the Kubernetes search path.
+            self._etc().mkdir(parents=True, exist_ok=True)
+            (self._etc() / "resolv.conf").write_text(resolv_conf(k.dns, self.namespace))
         subprocess.run(["ip", "netns", "exec", self.netns, "ip", "link", "set", "lo", "up"],
                        check=False, capture_output=True)
         assert k.runtime is not None
@@ -253,8 +290,15 @@ class PodWorker:
             with contextlib.suppress(CNIError, OSError, subprocess.SubprocessError):
                 k.runtime.delete(self.uid, f"/var/run/netns/{self.netns}")
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, check=False)
+        shutil.rmtree(self._etc(), ignore_errors=True)
+
+    def _etc(self) -> Path:
+        return Path("/etc/netns") / self.netns
 
     # -- containers --
+
+    def _log(self, c: Container) -> Path:
+        return self.kubelet.logs_dir / f"{self.namespace}_{self.name}_{c.name}.log"
 
     def _env(self, c: Container) -> dict[str, str]:
         return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -266,18 +310,30 @@ class PodWorker:
 
     def _start(self, c: Container) -> None:
         env = self._env(c)
+        volumes = unmountable(self.pod, c)
+        if volumes is not None:
+            c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": volumes}}
+            self._back_off(c)
+            return
         why = _resolve(c.spec.command, env["PATH"])
         if why is not None:
             c.state = {"waiting": {"reason": "CreateContainerError", "message": why}}
             self._back_off(c)
             return
-        logf = self.kubelet.logs_dir / f"{self.namespace}_{self.name}_{c.name}.log"
+        logf = self._log(c)
         logf.parent.mkdir(parents=True, exist_ok=True)
+        procs = str(self.kubelet.cgroup / "cgroup.procs") if self.kubelet.cgroup else None
+
+        def join() -> None:  # in the child, before exec: the node's pod cgroup
+            if procs is not None:
+                with open(procs, "w") as f:
+                    f.write(str(os.getpid()))
+
         with logf.open("ab") as out:
             c.process = subprocess.Popen(["ip", "netns", "exec", self.netns,
                                           *c.spec.command], env=env, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=join)
         c.started, c.started_at = time.monotonic(), now_rfc3339()
         c.state = {"running": {"startedAt": c.started_at}}
         c.ready, c.failures, c.successes, c.next_probe = False, 0, 0, 0.0
@@ -491,7 +547,8 @@ class Kubelet:
     def __init__(self, name: str, kubeconfig: Path, state_dir: Path, *, netns: str,
                  address: str, backoff: float = BACKOFF, renew: float = RENEW,
                  status_every: float = STATUS_EVERY,
-                 taints: tuple[dict[str, str], ...] = ()) -> None:
+                 taints: tuple[dict[str, str], ...] = (), cgroup: Path | None = None,
+                 dns: str | None = None) -> None:
         self.name = name
         self.kubeconfig = kubeconfig
         self.state_dir = state_dir
@@ -503,6 +560,11 @@ class Kubelet:
         self.renew = renew
         self.status_every = status_every
         self.taints = taints  # registered with (a kubelet's --register-with-taints)
+        # The cgroup (v2) its containers' processes join: the node's pod cgroup, where the
+        # agent's eBPF socket load balancer is attached.
+        self.cgroup = cgroup
+        # The cluster DNS its pods' resolv.conf names (None: the host's resolv.conf).
+        self.dns = dns
         self.http: HTTP | None = None
         self.runtime: Runtime | None = None
         self.pod_cidr = ""
@@ -599,6 +661,13 @@ class Kubelet:
                                                            "body": str(out)[:300]})
         return code == 200
 
+    async def _node_ready(self) -> bool:
+        """Whether the Node's Ready condition is True on the API server."""
+        with contextlib.suppress(RuntimeError):
+            node = await self.get_node()
+            return _ready_of(node.get("status") or {}) == "True"
+        return True  # unknown: the regular status write will tell
+
     async def wait_pod_cidr(self) -> str:
         while True:
             with contextlib.suppress(RuntimeError):
@@ -635,6 +704,9 @@ class Kubelet:
                 lease = got if code == 200 and isinstance(got, dict) else None
             if lease is None:
                 log.warning("lease not renewed", extra={"node": self.name, "code": code})
+            elif not await self._node_ready():
+                # The node lifecycle controller set Ready Unknown while we were away.
+                last_status = 0.0
             if time.monotonic() - last_status >= self.status_every:
                 if await self.write_node_status():
                     last_status = time.monotonic()
@@ -693,6 +765,11 @@ class Kubelet:
             w.task = asyncio.create_task(self._worker(w), name=f"pod {w.key}")
             return
         w.pod = pod
+        if w.written is not None and \
+                _ready_of(pod.get("status") or {}) != _ready_of(w.written):
+            # Someone else wrote it (the node lifecycle controller marks the pods of a
+            # NotReady node not ready): write ours again, as a kubelet's status manager does.
+            w.written = None
         if pod["metadata"].get("deletionTimestamp"):
             w.deleting.set()
 
@@ -803,11 +880,13 @@ class Kubelet:
                                  text=True, check=False)
             if out.returncode != 0 and "No such file" not in out.stderr:
                 left.append(f"{r['netns']}: {out.stderr.strip()}")
+            if r.get("etc"):
+                shutil.rmtree(r["etc"], ignore_errors=True)
             path.unlink(missing_ok=True)
         return left
 
 
-def main() -> None:  # pragma: no cover - for trying it by hand
+def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -816,12 +895,24 @@ def main() -> None:  # pragma: no cover - for trying it by hand
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--netns", required=True)
     parser.add_argument("--address", required=True)
+    parser.add_argument("--cgroup", type=Path, help="the cgroup (v2) the pods' processes join")
+    parser.add_argument("--dns", help="the cluster DNS server the pods' resolv.conf names")
     a = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(Kubelet(a.name, a.kubeconfig, a.state_dir, netns=a.netns,
-                            address=a.address).run())
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    kubelet = Kubelet(a.name, a.kubeconfig, a.state_dir, netns=a.netns, address=a.address,
+                      cgroup=a.cgroup, dns=a.dns)
+
+    async def run() -> None:
+        # SIGTERM: stop as a kubelet stops (its pods keep running; the lab removes them)
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        await kubelet.run()
+
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        asyncio.run(run())
 
 
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":
     main()

@@ -4,8 +4,9 @@ namespaces joined to it, each with a pod CIDR routed over the underlay to it.
 Addresses (documented in the README): the underlay is 172.30.<lab>.0/24, node i at .10+i,
 and the host (the machine running the lab) at .1 through a veth `mlab<lab>` whose other end
 is on the underlay's bridge: the host reaches NodePorts and Gateways on the nodes' addresses.
-<lab> is the lowest index no running lab uses. Node i's pods get 10.244.<i>.0/24 (at most
-200 nodes; the pod networks of two labs never meet, so they may repeat). Names carry the
+<lab> is the lowest index no running lab uses. A lab's Nodes get their pod CIDRs (/24s of
+10.244.0.0/16) from the controller manager (at most 200 nodes; the pod networks of two labs
+never meet, so they may repeat). Names carry the
 lab's name so two labs and the host's own interfaces never meet; everything is made with
 iproute2 and recorded in the lab's state, so `mesh lab down` removes what was made, and
 nothing else (the host's veth goes with the underlay's namespace).
@@ -61,9 +62,10 @@ def host_address(lab_index: int) -> str:
     return f"172.30.{lab_index}.1"
 
 
-def build(lab: str, nodes: list[NodeNet], lab_index: int = 0) -> None:
-    """The underlay, the host's link to it, and every node, routes to every other node's
-    pods included."""
+def build(lab: str, nodes: list[NodeNet], lab_index: int = 0, routes: bool = True) -> None:
+    """The underlay, the host's link to it, and every node; with `routes`, routes to every
+    other node's pods (NodeNet.pod_cidr; the lab routes its Nodes' own pod CIDRs instead,
+    once the controller manager has given them)."""
     under = underlay_ns(lab)
     ip("netns", "add", under)
     ip("link", "add", "br0", "type", "bridge", netns=under)
@@ -85,7 +87,7 @@ def build(lab: str, nodes: list[NodeNet], lab_index: int = 0) -> None:
         ip("link", "set", peer, "master", "br0", "up", netns=under)
         ip("addr", "add", f"{n.underlay_ip}/24", "dev", "eth0", netns=n.name)
         ip("link", "set", "eth0", "up", netns=n.name)
-    for n in nodes:
+    for n in nodes if routes else []:
         for other in nodes:
             if other is not n:
                 ip("route", "add", other.pod_cidr, "via", other.underlay_ip, netns=n.name)

@@ -7,7 +7,7 @@ refused (address types, infrastructure parameters)."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,9 +79,15 @@ def decide_gateways(snapshot: StoreSnapshot, cfg: TranslatorConfig, refs: Refere
             invalid.append((obj, str(e)))
     assigned: dict[str, str] = {}
     out = []
+    # A static address another Node has is served there (each node's Envoy serves the
+    # Gateway's addresses it has): not one this node cannot use.
+    elsewhere = frozenset(a for node in snapshot.of_kind(kinds.NODE)
+                          if node.name != cfg.node_name
+                          for a in addressing.reachable_addresses(node))
     for g in parsed:
-        addresses, unusable = _addresses(g, cfg, previous_addresses, assigned, node_addresses)
-        shown, unassigned = _status_addresses(snapshot, cfg, g, addresses)
+        addresses, others, unusable = _addresses(g, cfg, previous_addresses, assigned,
+                                                 node_addresses, elsewhere)
+        shown, unassigned = _status_addresses(snapshot, cfg, g, addresses, others)
         cert, problem = _backend_client_certificate(refs, routes, g)
         infrastructure = g.obj.spec.get("infrastructure")
         params = (infrastructure or {}).get("parametersRef") \
@@ -92,14 +98,16 @@ def decide_gateways(snapshot: StoreSnapshot, cfg: TranslatorConfig, refs: Refere
 
 
 def _addresses(g: model.Gateway, cfg: TranslatorConfig, previous: Mapping[str, str],
-               assigned: dict[str, str], node_addresses: frozenset[str] | None
-               ) -> tuple[list[str], list[str]]:
-    """(the addresses to serve the Gateway on, the static ones this node cannot use); what
-    it is given is recorded in `assigned`."""
+               assigned: dict[str, str], node_addresses: frozenset[str] | None,
+               elsewhere: frozenset[str] = frozenset()
+               ) -> tuple[list[str], list[str], list[str]]:
+    """(the addresses to serve the Gateway on, its static ones other nodes serve, the
+    static ones no node can use); what it is given is recorded in `assigned`."""
     key = f"gateway/{g.obj.namespace}/{g.obj.name}"
     if any(t != "IPAddress" for t, _ in g.addresses):
-        return [], []  # not accepted (UnsupportedAddress): nothing to serve
+        return [], [], []  # not accepted (UnsupportedAddress): nothing to serve
     usable: list[str] = []
+    others: list[str] = []
     unusable: list[str] = []
     for _, value in g.addresses:
         if not value:
@@ -108,15 +116,15 @@ def _addresses(g: model.Gateway, cfg: TranslatorConfig, previous: Mapping[str, s
             ok = _usable(value, node_addresses)
         except ValueError:
             ok = False
-        (usable if ok else unusable).append(value)
-    if not usable and not unusable:
+        (usable if ok else others if value in elsewhere else unusable).append(value)
+    if not usable and not others and not unusable:
         if cfg.gateway_addresses != "pool":
-            return addressing.ips(node_addresses or ()), []  # the node's: not allocated
+            return addressing.ips(node_addresses or ()), [], []  # the node's: not allocated
         allocated = addressing.allocate(cfg.address_pool, previous, assigned, key)
         usable = [allocated] if allocated else []
     for i, address in enumerate(usable):
         assigned[key if i == 0 else f"{key}/{i}"] = address
-    return usable, unusable
+    return usable, others, unusable
 
 
 def _usable(address: str, node_addresses: frozenset[str] | None) -> bool:
@@ -126,12 +134,17 @@ def _usable(address: str, node_addresses: frozenset[str] | None) -> bool:
 
 
 def _status_addresses(snapshot: StoreSnapshot, cfg: TranslatorConfig, g: model.Gateway,
-                      served: list[str]) -> tuple[list[str], str]:
+                      served: list[str], others: Sequence[str] = ()
+                      ) -> tuple[list[str], str]:
     """(the addresses the Gateway's status lists, why there are none yet or ""). Where
-    clients reach it: what this node serves, unless the Gateway asked for nothing in
-    particular and the addresses come from the nodes or a LoadBalancer Service."""
+    clients reach it: what this node serves (and, of its static addresses, those other
+    nodes serve), unless the Gateway asked for nothing in particular and the addresses
+    come from the nodes or a LoadBalancer Service."""
     mode = cfg.gateway_addresses
-    if mode == "pool" or any(value for _, value in g.addresses) or not served:
+    if any(value for _, value in g.addresses):
+        static = [value for _, value in g.addresses if value in served or value in others]
+        return static, ""
+    if mode == "pool" or not served:
         return served, ""
     if mode == "node":
         every = sorted({a for node in snapshot.of_kind(kinds.NODE)

@@ -1,0 +1,79 @@
+"""What a fresh control plane gets before the lab's agents run on it, as a cluster gets it
+from its administrator: the Gateway API's CRDs (from its Go module) and ours, and the chart's
+own objects (`mesh install`'s rendering: its Namespace, ServiceAccount, ClusterRole, Role,
+their bindings, the GatewayClass and IngressClass), the DaemonSet aside since the lab runs
+each node's agent itself. The agents then authenticate with a token of the chart's
+ServiceAccount, so a permission the agent uses and the chart lacks fails in the lab as on a
+cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from mesh.install import render, to_stream
+from mesh.lab.controlplane import ControlPlane, ControlPlaneError, gateway_api_crds
+
+RELEASE = "mesh"
+NAMESPACE = "mesh-system"
+# The lab's agents' tokens: long enough for a lab left running for days (the API server
+# caps nothing here; a chart's pods get short projected tokens instead).
+TOKEN_DURATION = "8760h"
+
+
+def install_crds(cp: ControlPlane) -> None:
+    """The Gateway API's CRDs (experimental channel) and ours, established."""
+    for crd in gateway_api_crds():
+        cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+               "crd/httproutes.gateway.networking.k8s.io",
+               "crd/gateways.gateway.networking.k8s.io",
+               "crd/gatewayclasses.gateway.networking.k8s.io")
+
+
+def install_chart(cp: ControlPlane, namespace: str = NAMESPACE) -> str:
+    """The chart's objects but its DaemonSet (its CRDs included), applied in Helm's order;
+    the name of the agents' ServiceAccount."""
+    manifests = [m for m in render(release=RELEASE, namespace=namespace,
+                                   create_namespace=True) if m.kind != "DaemonSet"]
+    crds = [m for m in manifests if m.kind == "CustomResourceDefinition"]
+    rest = [m for m in manifests if m.kind != "CustomResourceDefinition"]
+    _apply(cp, to_stream(crds))
+    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+               "crd/meshnodes.mesh.dev", "crd/trafficpolicies.mesh.dev")
+    _apply(cp, to_stream(rest))
+    account = next(m.object for m in rest if m.kind == "ServiceAccount")
+    return str(account["metadata"]["name"])
+
+
+def _apply(cp: ControlPlane, stream: str) -> None:
+    done = cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                      input=stream, check=False)
+    if done.returncode != 0:
+        raise ControlPlaneError(f"kubectl apply: {done.stderr.strip()}")
+
+
+def token_kubeconfig(cp: ControlPlane, path: Path, service_account: str, *,
+                     namespace: str = NAMESPACE, server: str | None = None) -> Path:
+    """A kubeconfig (mode 0600) holding a token of `service_account`, for `server` (the
+    control plane's own address unless given)."""
+    done = cp.kubectl("create", "token", service_account, "-n", namespace,
+                      f"--duration={TOKEN_DURATION}", check=False)
+    if done.returncode != 0:
+        raise ControlPlaneError(f"no token for {namespace}/{service_account}: "
+                                f"{done.stderr.strip()}")
+    token = done.stdout.strip()
+    config = {"apiVersion": "v1", "kind": "Config", "current-context": "agent",
+              "clusters": [{"name": "lab", "cluster": {
+                  "server": server or cp.server,
+                  "certificate-authority": str(cp.certs / "ca.crt")}}],
+              "users": [{"name": service_account, "user": {"token": token}}],
+              "contexts": [{"name": "agent", "context": {"cluster": "lab",
+                                                         "user": service_account}}]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(config))
+    return path
