@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from tests.test_lab import ROOT, exec_in, mesh, state
+from tests.test_lab import ROOT, deployment_of, exec_in, kubectl, mesh, state
 from tests.testbed import wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 def test_the_demo_gateway_answers_on_both_nodes() -> None:
     """`make run`'s lab: the Gateway on each node's address, 90/10 over two versions, from
     a pod and from the host; a pod calling the echo Service through its node's Envoy (the
-    GAMMA route: 90/10, marked), the NodePort from the host in the kernel."""
+    GAMMA route: 90/10, marked), the NodePort from the host in the kernel; and kubectl
+    against the lab's API server shows the status the agents wrote."""
     name = f"g{os.getpid() % 10000}"
     up = mesh("lab", "up", "--nodes", "2", "--name", name, "--manifests",
               str(ROOT / "examples" / "lab"))
@@ -31,7 +32,7 @@ def test_the_demo_gateway_answers_on_both_nodes() -> None:
 import json, sys, urllib.request
 for node in sys.argv[1:]:
     r = urllib.request.Request(f"http://{node}:8080/", headers={"Host": "echo.example"})
-    print(json.load(urllib.request.urlopen(r, timeout=5))["pod"].rsplit("-", 1)[0])
+    print(json.load(urllib.request.urlopen(r, timeout=5))["pod"].rsplit("-", 2)[0])
 """
         nodes = ["172.30.0.11", "172.30.0.12"]
         wait_until(lambda: mesh("lab", "exec", "--name", name, "client", "--",
@@ -51,7 +52,7 @@ for node in sys.argv[1:]:
 import json, urllib.request
 for _ in range(100):
     r = urllib.request.urlopen("http://echo/", timeout=5)
-    print(json.load(r)["pod"].rsplit("-", 1)[0], r.headers.get("x-mesh"))
+    print(json.load(r)["pod"].rsplit("-", 2)[0], r.headers.get("x-mesh"))
 """
         out = exec_in(name, "client", mesh_code)
         versions, marks = out[0::2], set(out[1::2])
@@ -68,5 +69,20 @@ for _ in range(100):
             except urllib.error.HTTPError as e:
                 statuses.append(e.code)
         assert statuses == [200] * 5 + [429] * 3, statuses
+        # `kubectl get gateways,httproutes -A`: the leader agent's status, both addresses.
+        gateway = json.loads(kubectl(name, "get", "gateway", "demo", "-o", "json").stdout)
+        assert [a["value"] for a in gateway["status"]["addresses"]] == nodes
+        programmed = next(c for c in gateway["status"]["conditions"]
+                          if c["type"] == "Programmed")
+        assert programmed["status"] == "True", programmed
+        route = json.loads(kubectl(name, "get", "httproute", "echo", "-o", "json").stdout)
+        (parent,) = route["status"]["parents"]
+        assert parent["controllerName"] == "mesh.dev/gateway-controller"
+        assert {c["type"]: c["status"] for c in parent["conditions"]}["Accepted"] == "True"
+        table = kubectl(name, "get", "gateways,httproutes", "-A").stdout
+        assert "172.30.0.11" in table and "True" in table, table
+        # The Deployments' pods are the ReplicaSets' (named by them), placed by the scheduler.
+        pods = [k.split("/")[1] for k in state(name)["pods"] if k != "default/client"]
+        assert sorted(map(deployment_of, pods)) == ["echo-v1", "echo-v1", "echo-v2"], pods
     finally:
         assert mesh("lab", "down", "--name", name).returncode == 0

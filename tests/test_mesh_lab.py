@@ -18,24 +18,31 @@ from typing import Any
 import pytest
 
 from mesh.lab import cluster
-from tests.test_lab import ROOT, mesh, state
+from tests.test_lab import ROOT, deployment_of, mesh, pods_of, state
 from tests.testbed import wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 
-def deployment(name: str, labels: str) -> str:
+LAB = f"m{os.getpid() % 10000}"
+
+
+def deployment(name: str, labels: str, node: int) -> str:
+    """One echo pod, on node `node` of the lab (placed by the scheduler, by nodeSelector)."""
     return f"""
 apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: {name}, namespace: default}}
 spec:
   replicas: 1
+  selector: {{matchLabels: {{{labels}}}}}
   template:
     metadata: {{labels: {{{labels}}}}}
     spec:
+      nodeSelector: {{kubernetes.io/hostname: {LAB}-node{node}}}
       containers:
       - name: echo
+        image: echo
         ports: [{{name: http, containerPort: 8080}}]
 ---"""
 
@@ -51,18 +58,20 @@ spec:
 ---"""
 
 
-# Pods go to nodes in document order, round robin: echo-v1-0 node1, echo-v2-0 node2, client
-# node1, flaky-0 node2, near-0 node1 (the client's node).
-APP = (deployment("echo-v1", "app: echo, version: v1")
-       + deployment("echo-v2", "app: echo, version: v2") + """
+# echo-v1 on node1, echo-v2 on node2, the client on node1, flaky on node2, near on node1
+# (the client's node).
+APP = (deployment("echo-v1", "app: echo, version: v1", 1)
+       + deployment("echo-v2", "app: echo, version: v2", 2) + f"""
 apiVersion: v1
 kind: Pod
-metadata: {name: client, namespace: default}
+metadata: {{name: client, namespace: default}}
 spec:
+  nodeSelector: {{kubernetes.io/hostname: {LAB}-node1}}
   containers:
   - name: client
+    image: busybox
     command: [sleep, infinity]
----""" + deployment("flaky", "app: flaky") + deployment("near", "app: near")
+---""" + deployment("flaky", "app: flaky", 2) + deployment("near", "app: near", 1)
        + service("echo", "app: echo") + service("echo-v1", "app: echo, version: v1")
        + service("echo-v2", "app: echo, version: v2") + service("plain", "app: echo")
        + service("flaky", "app: flaky") + service("near", "app: near"))
@@ -161,7 +170,7 @@ def manifests(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def lab(manifests: Path) -> Iterator[str]:
     path = manifests
-    name = f"m{os.getpid() % 10000}"
+    name = LAB
     up = mesh("lab", "up", "--nodes", "2", "--name", name, "--manifests", str(path))
     try:
         assert up.returncode == 0, up.stderr + up.stdout
@@ -178,7 +187,7 @@ def test_a_gamma_route_splits_90_10_and_envoy_sees_the_client(lab: str) -> None:
     before = mesh_connections(lab)
     got = get(lab, *["http://echo/"] * 200)
     assert all(r[0] == 200 and r[3] for r in got), got[:3]  # through Envoy: x-request-id
-    shares = Counter(r[1].rsplit("-", 1)[0] for r in got)
+    shares = Counter(deployment_of(r[1]) for r in got)
     # 10% of 200 is 20 with a standard deviation of 4.2: 5..40 is beyond 3.5 of them, so the
     # split is checked without a flaky bound (10..35 failed about one run in a hundred).
     assert set(shares) == {"echo-v1", "echo-v2"} and 5 <= shares["echo-v2"] <= 40, shares
@@ -194,7 +203,7 @@ def test_a_gamma_route_splits_90_10_and_envoy_sees_the_client(lab: str) -> None:
 
 def test_a_header_match_goes_to_the_canary_and_a_redirect_is_answered(lab: str) -> None:
     got = get(lab, *["http://echo/"] * 10, headers={"x-canary": "yes"})
-    assert {r[1].rsplit("-", 1)[0] for r in got} == {"echo-v2"}, got
+    assert {deployment_of(r[1]) for r in got} == {"echo-v2"}, got
     assert get(lab, "http://echo/old/page")[0][:2] == [301, "http://echo/new/page"]
 
 
@@ -204,7 +213,8 @@ def test_a_retry_hides_a_flaky_backend(lab: str) -> None:
                      for i in range(5)])
     assert [r[0] for r in got] == [200] * 5, got
     # Without the route's retry (straight to the pod) the backend's 503 shows.
-    pod = state(lab)["pods"]["default/flaky-0"]["ip"]
+    (flaky,) = pods_of(lab, "flaky")
+    pod = state(lab)["pods"][f"default/{flaky}"]["ip"]
     assert get(lab, f"http://{pod}:8080/?responseCode=503&succeedAfter=2&uuid=direct")[0][0] \
         == 503
 
@@ -218,7 +228,8 @@ def test_a_service_without_routes_never_touches_envoy(lab: str) -> None:
 
 def test_no_loop_when_the_backend_is_on_the_clients_node(lab: str) -> None:
     st = state(lab)
-    assert st["pods"]["default/near-0"]["node"] == st["pods"]["default/client"]["node"]
+    (near,) = pods_of(lab, "near")
+    assert st["pods"][f"default/{near}"]["node"] == st["pods"]["default/client"]["node"]
     node = st["pods"]["default/client"]["node"]
     before = envoy_stat(lab, node, MESH_CX)
     got = get(lab, *["http://near/"] * 10)

@@ -504,9 +504,13 @@ class Lab:
         """One round of supervision."""
         self._watch_processes()
         try:
-            self.apply_manifests()
             view = self.mirror()
             self.route_pod_cidrs()
+            # Once every node has joined (as one deploys to a cluster that is up): the
+            # scheduler spreads the first pods over all of them.
+            if all(i["ready"] and i["podCIDR"] for i in self.state.node_info) and \
+                    self.apply_manifests():
+                view = self.mirror()
         except (ControlPlaneError, OSError, subprocess.SubprocessError, LabError) as e:
             log.error("the cluster did not answer", extra={"error": str(e)})
             return

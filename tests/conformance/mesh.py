@@ -1,12 +1,12 @@
 """The Gateway API mesh conformance profile (GAMMA, MESH-HTTP) in the lab.
 
-The mesh suite's fixtures (../shared/conformance/gateway-api-v1.6.1-mesh) run as lab pods
-(our echo stands in for the upstream echo image: images are not pulled), on two nodes with
-their agents and Envoys. Each test's routes are applied on their own, then every case is
-sent from inside the mesh, from the client Deployment's pod, as upstream's MeshPod client
-sends it (the Service name resolved by cluster DNS in the client's namespace), and judged as
-upstream's mesh client judges: status, response headers, the headers the backend saw, the
-answering pod; three passes in a row within 30 s.
+The mesh suite's fixtures (../shared/conformance/gateway-api-v1.6.1-mesh) are applied to the
+lab's API server and run as lab pods (our echo stands in for the upstream echo image: images
+are not pulled), on two nodes with their kubelets, agents and Envoys. Each test's routes are
+applied on their own, then every case is sent from inside the mesh, from the client
+Deployment's pod, as upstream's MeshPod client sends it (the Service name resolved by cluster
+DNS in the client's namespace), and judged as upstream's mesh client judges: status,
+response headers, the headers the backend saw, the answering pod; three passes in a row within 30 s.
 """
 
 from __future__ import annotations
@@ -101,13 +101,13 @@ class Client:
 
 
 def base_manifests() -> list[dict[str, Any]]:
-    """The suite's fixtures with our echo in place of the echo image (no command or args:
-    the lab runs its echo backend on the first containerPort)."""
+    """The suite's fixtures with our echo in place of the echo image's program (no command
+    or args: the lab runs its echo backend on the first containerPort)."""
     docs = [d for d in yaml.safe_load_all((MESH_DATA / "base-manifests.yaml").read_text()) if d]
     for d in docs:
         if d.get("kind") == "Deployment":
             for c in d["spec"]["template"]["spec"]["containers"]:
-                for k in ("args", "command", "image", "imagePullPolicy"):
+                for k in ("args", "command"):
                     c.pop(k, None)
                 c["ports"] = [{"name": "http", "containerPort": 8080}]
     return docs
@@ -191,17 +191,22 @@ class MeshRunner:
         return state
 
     def _pod_ips(self) -> dict[str, str]:
-        """"namespace/deployment" -> its first pod's address (lab pods: <deployment>-<i>)."""
-        out: dict[str, str] = {}
+        """"namespace/deployment" -> its first pod's address."""
+        return {f"{ns}/{owner}": pod["ip"] for (ns, owner), (_, pod) in self._pods().items()}
+
+    def _pods(self) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+        """(namespace, deployment) -> its first running pod (name, the lab's record)."""
+        out: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         for key, pod in sorted(self._state()["pods"].items()):
             ns, name = key.split("/", 1)
-            out.setdefault(f"{ns}/{name.rsplit('-', 1)[0]}", pod["ip"])
+            if pod["owner"] and not pod["deleting"]:
+                out.setdefault((ns, pod["owner"]), (name, pod))
         return out
 
     def _client(self, spec: dict[str, Any]) -> Client:
         key = (spec["namespace"], spec["deployment"])
         if key not in self.clients:
-            self.clients[key] = Client(self.lab, key[0], f"{key[1]}-0")
+            self.clients[key] = Client(self.lab, key[0], self._pods()[key][0])
         return self.clients[key]
 
     def _apply(self, manifests: list[str]) -> None:
@@ -248,7 +253,8 @@ class MeshRunner:
             for _ in range(WEIGHT_BATCH):
                 answer = client.send(req)
                 if answer["status"] == 200:
-                    seen[str(json.loads(answer["body"]).get("pod", "")).rsplit("-", 1)[0]] += 1
+                    pod = str(json.loads(answer["body"]).get("pod", ""))
+                    seen[pod.rsplit("-", 2)[0]] += 1  # a ReplicaSet's pod: its Deployment
             shares = {k: v / WEIGHT_BATCH for k, v in seen.items()}
             off = {k: shares.get(k, 0.0) for k in set(shares) | set(weights)
                    if abs(shares.get(k, 0.0) - weights.get(k, 0.0)) > WEIGHT_TOLERANCE}
