@@ -111,19 +111,22 @@ debian:
 install: $(STAMP) $(SYSTEM_STAMP)
 system: $(SYSTEM_STAMP)
 
-# The embedded default: a lab of two nodes with examples/lab deployed, left running.
-run: $(STAMP) $(SYSTEM_STAMP)
+# The embedded default: a lab of two nodes on a real control plane (built from source by
+# kube-bin), with examples/lab deployed, left running.
+run: $(STAMP) $(SYSTEM_STAMP) $(KUBE_BIN)/.built
 	@$(VENV)/bin/mesh lab down --name demo >/dev/null 2>&1 || true
 	$(VENV)/bin/mesh lab up --nodes 2 --manifests examples/lab --name demo
 	@$(VENV)/bin/mesh lab status --name demo
 	@echo
 	@echo "Try:"
+	@echo "  export KUBECONFIG=\$$($(VENV)/bin/mesh lab kubeconfig) PATH=$(CURDIR)/$(KUBE_BIN):\$$PATH"
+	@echo "  kubectl get nodes,pods -o wide; kubectl get gateways,httproutes -A   # the lab's API server: status written by the agents"
 	@echo "  $(VENV)/bin/mesh lab exec client -- curl -si http://echo/         # a GAMMA route: the node's Envoy, 90/10 v1/v2, x-mesh header"
 	@echo "  $(VENV)/bin/mesh lab exec client -- curl -s http://echo-v2/        # no route: balanced in eBPF, no Envoy"
 	@echo "  curl -s -H 'Host: echo.example' http://172.30.0.11:8080/          # from this host: the Gateway on node1, 90/10 v1/v2"
 	@echo "  curl -s http://172.30.0.12:30080/                                  # from this host: the echo NodePort on node2 (Maglev)"
 	@echo "  curl -si -H 'Host: echo.example' -H 'x-user: me' http://172.30.0.12:8080/   # 5 a minute per x-user, shared by both nodes (429 after)"
-	@echo "  $(VENV)/bin/mesh lab logs echo-v1-0"
+	@echo "  kubectl scale deployment echo-v1 --replicas=3                      # the real controllers, scheduler and the lab's kubelets"
 	@echo "  $(VENV)/bin/mesh lab down"
 
 # The agent and its Envoy on this host alone, on examples/gateway (no lab).

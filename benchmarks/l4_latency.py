@@ -32,15 +32,20 @@ from mesh.lab import cluster, network
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_CMD = ["sh", "-c", "iperf3 -s >/dev/null 2>&1 & exec sockperf server --tcp -i 0.0.0.0 "
               "-p 11111"]
+LAB = "l4bench"
+# The server on node1, the client on node2 (nodeSelector: the scheduler places them).
 MANIFEST = {
     "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "server", "namespace": "default",
                                                    "labels": {"app": "rr"}},
-    "spec": {"containers": [{"name": "server", "command": SERVER_CMD,
+    "spec": {"nodeSelector": {"kubernetes.io/hostname": f"{LAB}-node1"},
+             "containers": [{"name": "server", "image": "sockperf", "command": SERVER_CMD,
                              "ports": [{"name": "rr", "containerPort": 11111}]}]},
 }
 CLIENT = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client",
                                                           "namespace": "default"},
-          "spec": {"containers": [{"name": "client", "command": ["sleep", "infinity"]}]}}
+          "spec": {"nodeSelector": {"kubernetes.io/hostname": f"{LAB}-node2"},
+                   "containers": [{"name": "client", "image": "sockperf",
+                                   "command": ["sleep", "infinity"]}]}}
 SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "rr", "namespace":
                                                                "default"},
            "spec": {"clusterIP": "10.96.9.9", "selector": {"app": "rr"},
@@ -75,7 +80,7 @@ def ebpf(seconds: int) -> dict[str, float]:
 
     work = Path(tempfile.mkdtemp(prefix="mesh-l4-"))
     (work / "rr.yaml").write_text(yaml.safe_dump_all([MANIFEST, CLIENT, SERVICE]))
-    name = "l4bench"
+    name = LAB
     subprocess.run([sys.executable, "-m", "mesh.cli", "lab", "down", "--name", name],
                    capture_output=True, cwd=ROOT, check=False)
     mesh("lab", "up", "--nodes", "2", "--name", name, "--manifests", str(work))
@@ -83,7 +88,6 @@ def ebpf(seconds: int) -> dict[str, float]:
         state = cluster.read_state(name)
         assert state is not None
         pods = state["pods"]
-        # Spread over the nodes in order: the server on node1, the client on node2.
         assert pods["default/server"]["node"] != pods["default/client"]["node"]
         server = pods["default/server"]["ip"]
         prefix = [sys.executable, "-m", "mesh.cli", "lab", "exec", "--name", name, "client",

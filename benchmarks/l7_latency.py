@@ -84,14 +84,20 @@ end
 """
 
 
-def manifests() -> list[dict[str, Any]]:
+def manifests(lab: str) -> list[dict[str, Any]]:
+    """The server on node1, the client on node2 (nodeSelector: the scheduler places them)."""
+    def on(node: int) -> dict[str, str]:
+        return {"kubernetes.io/hostname": f"{lab}-node{node}"}
+
     server = {"apiVersion": "v1", "kind": "Pod",
               "metadata": {"name": "server", "namespace": "default", "labels": {"app": "srv"}},
-              "spec": {"containers": [{"name": "http", "command": [sys.executable, "-c", SERVER],
-                                       "ports": [{"name": "http", "containerPort": 8080}]}]}}
+              "spec": {"nodeSelector": on(1), "containers": [{
+                  "name": "http", "image": "python", "command": [sys.executable, "-c", SERVER],
+                  "ports": [{"name": "http", "containerPort": 8080}]}]}}
     client = {"apiVersion": "v1", "kind": "Pod",
               "metadata": {"name": "client", "namespace": "default"},
-              "spec": {"containers": [{"name": "client", "command": ["sleep", "infinity"]}]}}
+              "spec": {"nodeSelector": on(2), "containers": [{
+                  "name": "client", "image": "busybox", "command": ["sleep", "infinity"]}]}}
     docs: list[dict[str, Any]] = [server, client]
     for name in ["direct", *[f"routed-{i}" for i in range(ROUTED)]]:
         docs.append({"apiVersion": "v1", "kind": "Service",
@@ -188,7 +194,7 @@ def wrk(lab: str, url: str, seconds: int, work: Path) -> dict[str, Any]:
 
 
 def lab_up(lab: str, work: Path, redirect: str) -> dict[str, Any]:
-    (work / "app.yaml").write_text(yaml.safe_dump_all(manifests()))
+    (work / "app.yaml").write_text(yaml.safe_dump_all(manifests(lab)))
     lab_down(lab)
     subprocess.run([sys.executable, "-m", "mesh.cli", "lab", "up", "--nodes", "2", "--name",
                     lab, "--manifests", str(work), "--redirect", redirect],
