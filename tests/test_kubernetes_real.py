@@ -4,6 +4,7 @@ status the agent writes back is what `kubectl get` shows, judged by the real sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -89,14 +90,21 @@ def agent(control_plane: ControlPlane) -> Iterator[tuple[ControlPlane, MeshRun, 
     assert "Traceback" not in log, log
 
 
+_CRDS_IN: set[Path] = set()  # the control planes (state directories) that have them
+
+
 def install_crds(cp: ControlPlane) -> None:
-    """The Gateway API's CRDs (from its Go module) and ours, established."""
+    """The Gateway API's CRDs (from its Go module) and ours, established; once per control
+    plane (nothing deletes them, and applying them takes seconds)."""
+    if cp.state_dir in _CRDS_IN:
+        return
     for crd in [*gateway_api_crds(), ROOT / "gateway-api" / "trafficpolicy.yaml",
                 ROOT / "gateway-api" / "meshnode.yaml"]:
         cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
     cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                "crd/httproutes.gateway.networking.k8s.io", "crd/gateways.gateway.networking.k8s.io",
                "crd/meshnodes.mesh.dev")
+    _CRDS_IN.add(cp.state_dir)
 
 
 def agent_kubeconfig(cp: ControlPlane, path: Path, namespace: str = NAMESPACE) -> Path:
@@ -127,6 +135,20 @@ def agent_kubeconfig(cp: ControlPlane, path: Path, namespace: str = NAMESPACE) -
     path.touch(mode=0o600)
     path.write_text(json.dumps(config))
     return path
+
+
+@contextlib.contextmanager
+def agent_namespace(cp: ControlPlane, namespace: str, kubeconfig: Path) -> Iterator[Path]:
+    """A namespace of its own and the agent's kubeconfig there (`agent_kubeconfig`), for the
+    tests that run the agent's parts in process with its token; all removed afterwards."""
+    apply(cp, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    try:
+        yield agent_kubeconfig(cp, kubeconfig, namespace)
+    finally:
+        cp.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        cp.kubectl("delete", "clusterrole,clusterrolebinding", f"mesh-agent-{namespace}",
+                   "--ignore-not-found", check=False)
+        kubeconfig.unlink(missing_ok=True)
 
 
 def route(path: str = "/") -> dict[str, Any]:
