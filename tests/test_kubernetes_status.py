@@ -1,23 +1,33 @@
-"""Status written back through the status subresource, against the API double: only when it
-changed (lastTransitionTime aside), 409 conflicts retried on a fresh read, a gone object
-dropped after a read confirms it."""
+"""Status written back through the status subresource of the real API server (the run's
+shared control plane, tests/cluster.py), with the agent's token and RBAC: only when it
+changed (lastTransitionTime aside); a 409 from a real write in between retried on a fresh
+read; a gone object dropped after a read confirms it; many written a few at a time; a status
+the real schema refuses (422) said once, not sent again, the rest written. What the
+publisher sends is counted at its own call, on the way to the server."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import aiohttp
+import pytest
 
-from mesh.kube.client import aiohttp_call
+from mesh.kube.client import Call, connect
 from mesh.kube.resources import resources
 from mesh.kube.status import StatusPublisher
+from mesh.lab.controlplane import ControlPlane
 from mesh.store.objects import ObjectKey
-from tests.kubeapi import FakeAPIServer
+from tests import manifests
+from tests.test_kubernetes_real import agent_namespace, apply, install_crds
 
 GW = "gateway.networking.k8s.io"
-KEY = ObjectKey(GW, "Gateway", "default", "gw")
+NAMESPACE = "real-status"
+BY_KIND = {(r.group, r.kind): r for r in resources(None)}
+GATEWAYS = BY_KIND[(GW, "Gateway")]
 
 
 def status(reason: str, when: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
@@ -26,81 +36,123 @@ def status(reason: str, when: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
                             "lastTransitionTime": when}]}
 
 
-def run(test: Callable[[FakeAPIServer, StatusPublisher, Any], Awaitable[None]]) -> None:
+def key(name: str) -> ObjectKey:
+    return ObjectKey(GW, "Gateway", NAMESPACE, name)
+
+
+@dataclass
+class Server:
+    """The real API server: the agent's kubeconfig, and the admin's reads and writes."""
+
+    cp: ControlPlane
+    kubeconfig: Path
+
+    def gateways(self, *names: str) -> list[ObjectKey]:
+        apply(self.cp, *(manifests.gateway(None, name=n, namespace=NAMESPACE) for n in names))
+        return [key(n) for n in names]
+
+    def get(self, name: str) -> dict[str, Any]:
+        code, body = self.cp.request("GET", GATEWAYS.item(NAMESPACE, name))
+        assert code == 200, body
+        found: dict[str, Any] = body
+        return found
+
+    def status(self, name: str) -> Any:
+        return self.get(name).get("status")
+
+
+@pytest.fixture(scope="module")
+def server(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Server]:
+    install_crds(control_plane)
+    path = tmp_path_factory.mktemp("status") / "kubeconfig"
+    with agent_namespace(control_plane, NAMESPACE, path) as kubeconfig:
+        yield Server(control_plane, kubeconfig)
+
+
+class Counted:
+    """The publisher's requests, recorded on their way to the server."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.requests: list[tuple[str, str]] = []  # (method, path)
+
+    async def __call__(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        self.requests.append((method, path))
+        return await self.call(method, path, body)
+
+    @property
+    def puts(self) -> int:
+        return sum(1 for m, _ in self.requests if m == "PUT")
+
+
+def run(server: Server, test: Callable[[StatusPublisher, Counted], Awaitable[None]]) -> None:
+    """`test` with a publisher on the agent's client (its token, its RBAC)."""
     async def main() -> None:
-        api = FakeAPIServer()
-        base = await api.start()
-        await api.put_object(GW, "gateways", {"metadata": {"name": "gw", "namespace": "default"},
-                                              "spec": {"gatewayClassName": "mesh"}})
-        try:
-            async with aiohttp.ClientSession() as http:
-                call = aiohttp_call(http, base)
-                by_kind = {(r.group, r.kind): r for r in resources(None)}
-                await test(api, StatusPublisher(call, by_kind), call)
-        finally:
-            await api.stop()
+        async with connect(str(server.kubeconfig)) as http:
+            counted = Counted(http.call)
+            await test(StatusPublisher(counted, BY_KIND), counted)
     asyncio.run(main())
 
 
-def server_status(api: FakeAPIServer) -> Any:
-    return api.resource(GW, "gateways").objects[("default", "gw")].get("status")
+@pytest.mark.e2e
+def test_written_only_when_changed(server: Server) -> None:
+    [gw] = server.gateways("changed")
+
+    async def t(pub: StatusPublisher, counted: Counted) -> None:
+        await pub.publish({gw: status("Accepted")})
+        assert server.status("changed") == status("Accepted") and counted.puts == 1
+        version = server.get("changed")["metadata"]["resourceVersion"]
+        await pub.publish({gw: status("Accepted", when="2026-06-01T00:00:00Z")})
+        assert counted.puts == 1  # only the time differs: not written
+        assert server.get("changed")["metadata"]["resourceVersion"] == version
+        await pub.publish({gw: status("Other")})
+        assert server.status("changed")["conditions"][0]["reason"] == "Other"
+        assert counted.puts == 2
+    run(server, t)
 
 
-def puts(api: FakeAPIServer) -> int:
-    return sum(1 for m, p in api.requests if m == "PUT")
+@pytest.mark.e2e
+def test_conflict_is_retried_on_a_fresh_read(server: Server) -> None:
+    [gw] = server.gateways("conflict")
 
-
-def test_written_only_when_changed() -> None:
-    async def t(api: FakeAPIServer, pub: StatusPublisher, _: Any) -> None:
-        await pub.publish({KEY: status("Accepted")})
-        assert server_status(api) == status("Accepted") and puts(api) == 1
-        await pub.publish({KEY: status("Accepted", when="2026-06-01T00:00:00Z")})
-        assert puts(api) == 1  # only the time differs: not written
-        await pub.publish({KEY: status("Other")})
-        assert server_status(api)["conditions"][0]["reason"] == "Other" and puts(api) == 2
-    run(t)
-
-
-def test_conflict_is_retried_on_a_fresh_read() -> None:
-    async def t(api: FakeAPIServer, pub: StatusPublisher, call: Any) -> None:
+    async def t(pub: StatusPublisher, counted: Counted) -> None:
         first = True
 
         async def racing(method: str, path: str, body: Any) -> tuple[int, Any]:
             nonlocal first
             if method == "PUT" and first:
                 first = False  # someone else writes the object between our read and write
-                await api.put_object(GW, "gateways", {
-                    "metadata": {"name": "gw", "namespace": "default", "labels": {"x": "1"}},
-                    "spec": {"gatewayClassName": "mesh"}})
-            out: tuple[int, Any] = await call(method, path, body)
-            return out
+                await asyncio.to_thread(server.cp.kubectl, "label", "gateway", "conflict",
+                                        "x=1", "-n", NAMESPACE)
+            return await counted(method, path, body)
 
         pub.call = racing
-        await pub.publish({KEY: status("Accepted")})
-        assert pub.writes == 1 and puts(api) == 2  # a 409, then the write on the fresh read
-        obj = api.resource(GW, "gateways").objects[("default", "gw")]
+        await pub.publish({gw: status("Accepted")})
+        assert pub.writes == 1 and counted.puts == 2  # the server's 409, then the write
+        obj = server.get("conflict")
         assert obj["status"] == status("Accepted") and obj["metadata"]["labels"] == {"x": "1"}
-    run(t)
+    run(server, t)
 
 
-def test_gone_object_is_dropped_after_a_read() -> None:
-    async def t(api: FakeAPIServer, pub: StatusPublisher, _: Any) -> None:
-        await api.delete_object(GW, "gateways", "default", "gw")
-        await pub.publish({KEY: status("Accepted")})
-        assert pub.writes == 0 and puts(api) == 0
-        assert ("GET", "/apis/gateway.networking.k8s.io/v1/namespaces/default/gateways/gw") \
-            in api.requests
-    run(t)
+@pytest.mark.e2e
+def test_gone_object_is_dropped_after_a_read(server: Server) -> None:
+    [gw] = server.gateways("gone")
+    server.cp.kubectl("delete", "gateway", "gone", "-n", NAMESPACE)
+
+    async def t(pub: StatusPublisher, counted: Counted) -> None:
+        await pub.publish({gw: status("Accepted")})
+        assert pub.writes == 0 and counted.puts == 0
+        assert ("GET", GATEWAYS.item(NAMESPACE, "gone")) in counted.requests
+    run(server, t)
 
 
-def test_many_statuses_are_written_a_few_at_a_time() -> None:
-    async def t(api: FakeAPIServer, pub: StatusPublisher, call: Any) -> None:
-        keys = []
-        for i in range(40):
-            await api.put_object(GW, "gateways", {
-                "metadata": {"name": f"g{i}", "namespace": "default"},
-                "spec": {"gatewayClassName": "mesh"}})
-            keys.append(ObjectKey(GW, "Gateway", "default", f"g{i}"))
+@pytest.mark.e2e
+def test_many_statuses_are_written_a_few_at_a_time(server: Server) -> None:
+    names = [f"many-{i}" for i in range(40)]
+    keys = server.gateways(*names)
+
+    async def t(pub: StatusPublisher, counted: Counted) -> None:
         in_flight = peak = 0
 
         async def slow(method: str, path: str, body: Any) -> tuple[int, Any]:
@@ -108,9 +160,8 @@ def test_many_statuses_are_written_a_few_at_a_time() -> None:
             in_flight += 1
             peak = max(peak, in_flight)
             try:
-                await asyncio.sleep(0.01)  # an API server's round trip
-                out: tuple[int, Any] = await call(method, path, body)
-                return out
+                await asyncio.sleep(0.01)  # a loaded API server's round trip
+                return await counted(method, path, body)
             finally:
                 in_flight -= 1
 
@@ -118,41 +169,50 @@ def test_many_statuses_are_written_a_few_at_a_time() -> None:
         await pub.publish({k: status("Accepted") for k in keys})
         assert pub.writes == 40
         assert 1 < peak <= 8, peak
-        written = api.resource(GW, "gateways").objects
-        assert all(written[("default", k.name)]["status"] == status("Accepted") for k in keys)
-    run(t)
+        code, listed = server.cp.request("GET", GATEWAYS.collection(NAMESPACE))
+        assert code == 200, listed
+        written = {o["metadata"]["name"]: o.get("status") for o in listed["items"]}
+        assert all(written[n] == status("Accepted") for n in names)
+    run(server, t)
 
 
-def test_a_refused_status_is_said_once_and_the_rest_goes_on() -> None:
-    async def t(api: FakeAPIServer, pub: StatusPublisher, call: Any) -> None:
-        await api.put_object(GW, "gateways", {"metadata": {"name": "ok", "namespace": "default"},
-                                              "spec": {"gatewayClassName": "mesh"}})
-        ok = ObjectKey(GW, "Gateway", "default", "ok")
+@pytest.mark.e2e
+def test_a_refused_status_is_said_once_and_the_rest_goes_on(
+        server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    bad, ok = server.gateways("refused", "ok")
+    before_ours = server.status("refused")  # the CRD's default: "Waiting for controller"
+    # The Gateway's schema allows 8 conditions: the real server refuses this with a 422.
+    too_many = {"conditions": [{**status("Accepted")["conditions"][0], "type": f"Extra{i}"}
+                               for i in range(9)]}
+
+    async def t(pub: StatusPublisher, counted: Counted) -> None:
         throttled = True
 
-        async def server(method: str, path: str, body: Any) -> tuple[int, Any]:
+        async def throttling(method: str, path: str, body: Any) -> tuple[int, Any]:
             nonlocal throttled
-            if method == "PUT" and path.endswith("/gw/status"):
-                return 422, {"kind": "Status", "message": "status.conditions: Too many: 9"}
+            # The real server cannot be made to throttle on demand: this one 429 is the
+            # call's own, answered as the server's flow control would.
             if method == "PUT" and path.endswith("/ok/status") and throttled:
                 throttled = False
                 return 429, {"kind": "Status", "message": "too many requests"}
-            out: tuple[int, Any] = await call(method, path, body)
-            return out
+            return await counted(method, path, body)
 
-        pub.call = server
-        await pub.publish({KEY: status("Accepted"), ok: status("Accepted")})
-        assert server_status(api) is None and KEY in pub.refused  # refused, not retried
-        assert api.resource(GW, "gateways").objects[("default", "ok")]["status"] == \
-            status("Accepted")  # after the 429, written
-        before = len(api.requests)
-        await pub.publish({KEY: status("Accepted"), ok: status("Accepted")})
-        assert len(api.requests) == before  # the same refused status is not sent again
-        pub.call = call
-        await pub.publish({KEY: status("Changed"), ok: status("Accepted")})
-        assert server_status(api)["conditions"][0]["reason"] == "Changed"
-        assert KEY not in pub.refused
-    run(t)
+        pub.call = throttling
+        with caplog.at_level(logging.WARNING, logger="mesh.kube.status"):
+            await pub.publish({bad: too_many, ok: status("Accepted")})
+        said = [r for r in caplog.records if r.getMessage() == "status refused by the API "
+                "server"]
+        assert len(said) == 1 and said[0].code == 422, said  # type: ignore[attr-defined]
+        assert "Too many: 9" in said[0].error  # type: ignore[attr-defined]
+        assert server.status("refused") == before_ours and bad in pub.refused  # not retried
+        assert server.status("ok") == status("Accepted")  # after the 429, written
+        before = len(counted.requests)
+        await pub.publish({bad: too_many, ok: status("Accepted")})
+        assert len(counted.requests) == before  # the same refused status is not sent again
+        await pub.publish({bad: status("Changed"), ok: status("Accepted")})
+        assert server.status("refused")["conditions"][0]["reason"] == "Changed"
+        assert bad not in pub.refused
+    run(server, t)
 
 
 def test_our_entries_stay_where_they_were_among_other_controllers() -> None:
