@@ -42,6 +42,7 @@ NS = f"kubelet-{os.getpid()}"
 TAINT = {"key": "mesh.dev/kubelet-test", "value": LAB, "effect": "NoSchedule"}
 TOLERATION = {"key": TAINT["key"], "operator": "Equal", "value": LAB,
               "effect": "NoSchedule"}
+RESTARTED: list[Running] = []  # kubelets started again by a test, stopped by the fixture
 
 
 
@@ -100,8 +101,9 @@ def node(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
         assert status == 201
         yield n, running
     finally:
-        if running is not None:
-            running.stop()
+        for r in [running, *RESTARTED]:
+            if r is not None:
+                r.stop()
         left = Kubelet.cleanup(state / "kubelet", n.name)
         cp.request("DELETE", f"/api/v1/namespaces/{NS}")
         for pod in (pods(cp) or []):
@@ -306,3 +308,39 @@ def test_a_stopped_kubelet_leaves_its_node_not_ready(
 
 # The renew interval plus the node lifecycle controller's period (5 s) and some slack.
 RENEW_SLACK = 25
+
+
+def test_a_restarted_kubelet_adopts_its_pods(
+        control_plane: ControlPlane, node: tuple[NodeNet, Running]) -> None:
+    """A kubelet started again on the stopped one's state: the Node Ready again, the pod
+    keeps its sandbox and address (a pod's IP never changes), its container is started
+    again and counted as a restart, and it serves; nothing is left of the old process."""
+    cp, (n, stopped) = control_plane, node
+    (before,) = pods(cp, "app=echo") or [{}]
+    old = stopped.kubelet
+    kubelet = Kubelet(n.name, old.kubeconfig, old.state_dir, netns=n.name,
+                      address=n.underlay_ip, backoff=1.0, taints=(TAINT,))
+    RESTARTED.append(Running(kubelet))
+    eventually("the Node Ready again", lambda: condition(
+        get(cp, f"/api/v1/nodes/{n.name}") or {}, "Ready") == "True", 60)
+
+    def adopted() -> dict[str, Any] | None:
+        (p,) = pods(cp, "app=echo") or [{}]
+        st = p.get("status") or {}
+        cs = (st.get("containerStatuses") or [{}])[0]
+        return p if cs.get("ready") and cs.get("restartCount", 0) >= 1 else None
+
+    p = eventually("the pod running again, a restart counted", adopted, 60)
+    assert p["metadata"]["uid"] == before["metadata"]["uid"]
+    assert p["status"]["podIP"] == before["status"]["podIP"]
+    assert p["status"]["startTime"] == before["status"]["startTime"]
+    assert f"{n.name}-{p['metadata']['uid'][:8]}" in netns()
+    out = subprocess.run(["ip", "netns", "exec", n.name, "curl", "-s", "--max-time", "5",
+                          f"http://{p['status']['podIP']}:8080/"], capture_output=True, text=True)
+    assert json.loads(out.stdout)["pod"] == p["metadata"]["name"], out
+    # One echo process for the pod: the old run's was stopped, not left beside the new.
+    ps = subprocess.run(["ip", "netns", "pids", f"{n.name}-{p['metadata']['uid'][:8]}"],
+                        capture_output=True, text=True).stdout.split()
+    echoes = [pid for pid in ps if b"echo" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(echoes) == 1, echoes
+

@@ -210,8 +210,11 @@ class Lab:
         log.info("control plane ready", extra={"seconds": round(seconds, 2),
                                                "server": self.cp.server})
         self._start_relay()
+        began = time.monotonic()
         bootstrap.install_crds(self.cp)
         account = bootstrap.install_chart(self.cp)
+        log.info("CRDs and the chart installed",
+                 extra={"seconds": round(time.monotonic() - began, 2)})
         self._start_redis()
         for n in self.nodes:
             node_kubeconfig(self.cp.certs, self.cp.server, n.name,

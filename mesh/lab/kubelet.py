@@ -241,6 +241,9 @@ class PodWorker:
         self.deleting = asyncio.Event()
         self.gone = False  # the object is gone from the API: do not write to it
         self.task: asyncio.Task[None] | None = None
+        # What an earlier run of this node's kubelet recorded of the pod: its sandbox (the
+        # network namespace and address) is taken over, its processes started again.
+        self.adopted: dict[str, Any] | None = kubelet.records.pop(self.uid, None)
 
     @property
     def key(self) -> str:
@@ -267,8 +270,29 @@ class PodWorker:
 
     # -- network --
 
+    def _adopt(self) -> bool:
+        """Take over the sandbox an earlier run made: its namespace and address stay (a
+        pod's IP never changes), the processes it left are stopped, to be started again
+        (counted as restarts, as when a runtime restarts its containers)."""
+        rec = self.adopted
+        if not rec or not rec.get("ip") or \
+                not Path(f"/var/run/netns/{self.netns}").exists():
+            return False
+        pids = [int(pid) for pid in rec.get("pids") or []]
+        for pid in pids:
+            _kill_group(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.05)
+        self.ip = str(rec["ip"])
+        log.info("pod adopted", extra={"pod": self.key, "ip": self.ip})
+        return True
+
     def _setup_network(self) -> None:
         k = self.kubelet
+        if self._adopt():
+            self._record()
+            return
         self._record()  # before it exists: a cleanup after a failure below removes it
         if not Path(f"/var/run/netns/{self.netns}").exists():
             subprocess.run(["ip", "netns", "add", self.netns], check=True, capture_output=True)
@@ -477,6 +501,13 @@ class PodWorker:
         host = self.kubelet.address
         if not self.containers:
             self.containers = containers_of(self.pod, self.ip, host)
+            if self.adopted:
+                before = {c.get("name"): c for c in (self.pod.get("status") or {}).get(
+                    "containerStatuses") or []}
+                for c in self.containers:
+                    c.restarts = int((before.get(c.name) or {}).get("restartCount") or 0) + 1
+                self.start_time = str((self.pod.get("status") or {}).get("startTime")
+                                      or self.start_time)
         while not self.deleting.is_set():
             now = time.monotonic()
             for c in self.containers:
@@ -492,6 +523,8 @@ class PodWorker:
 
     async def _terminate(self) -> None:
         grace = self._grace()
+        for pid in (self.adopted or {}).get("pids") or []:  # an earlier run's, not adopted
+            _kill_group(int(pid), signal.SIGKILL)
         procs = [c.process for c in self.containers if c.process is not None]
         for p in procs:
             _kill_group(p.pid, signal.SIGTERM)
@@ -571,6 +604,11 @@ class Kubelet:
         self.workers: dict[str, PodWorker] = {}
         self.service_env: dict[str, dict[str, str]] = {}
         self.registered = asyncio.Event()
+        # An earlier run's pods (STATE/pods/<uid>.json), until the first list of the pods
+        # bound here says which to adopt and which to remove.
+        self.records: dict[str, dict[str, Any]] = {}
+        self._listed_once = False
+        self._stale: asyncio.Task[None] | None = None
 
     async def call(self, method: str, path: str, body: Any = None,
                    content_type: str = "application/json") -> tuple[int, Any]:
@@ -785,6 +823,12 @@ class Kubelet:
         for pod in items:
             seen.add(pod["metadata"]["uid"])
             self._pod_event("ADDED", pod)
+        if not self._listed_once:
+            self._listed_once = True
+            stale, self.records = self.records, {}
+            if stale:  # pods deleted while no kubelet ran: their sandboxes go
+                self._stale = asyncio.create_task(asyncio.to_thread(
+                    self._remove_records, list(stale.keys())), name="stale pods")
         for uid, w in list(self.workers.items()):
             if uid not in seen:
                 w.gone = True
@@ -825,6 +869,9 @@ class Kubelet:
         pods are left running (Kubelet.cleanup removes them)."""
         self._services = {}
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for path in self.pods_dir.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                self.records[path.stem] = json.loads(path.read_text())
         async with connect(str(self.kubeconfig)) as http:
             self.http = http
             try:
@@ -844,18 +891,29 @@ class Kubelet:
                         self._pod_event, self._pods_listed))
             finally:
                 tasks = [w.task for w in self.workers.values() if w.task is not None]
+                if self._stale is not None:
+                    tasks.append(self._stale)
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 self.http = None
 
+    def _remove_records(self, uids: list[str]) -> None:
+        left = Kubelet.cleanup(self.state_dir, self.netns, uids=uids)
+        if left:
+            log.warning("stale pods not removed", extra={"left": left})
+
     @staticmethod
-    def cleanup(state_dir: Path, netns: str, grace: float = 5.0) -> list[str]:
+    def cleanup(state_dir: Path, netns: str, grace: float = 5.0,
+                uids: list[str] | None = None) -> list[str]:
         """Remove what the kubelet in `state_dir` started (its pods' processes, their CNI
-        interfaces and namespaces), whether it runs or not; what could not be removed."""
+        interfaces and namespaces; only the pods `uids` if given), whether it runs or not;
+        what could not be removed."""
         left = []
         records = []
         for path in sorted((state_dir / "pods").glob("*.json")):
+            if uids is not None and path.stem not in uids:
+                continue
             with contextlib.suppress(OSError, ValueError):
                 records.append((path, json.loads(path.read_text())))
         pids = [int(p) for _, r in records for p in r.get("pids", [])]
