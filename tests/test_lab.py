@@ -417,14 +417,21 @@ def test_a_deployment_scaled_up_and_down(lab: str, manifests: Path) -> None:
     assert len(before) == 2
 
 
-def test_lab_down_leaves_nothing(tmp_path: Path) -> None:
+def test_kubectl_apply_to_a_bare_lab_then_down_leaves_nothing() -> None:
+    """A lab brought up without manifests takes the demo from `kubectl apply -f
+    examples/lab/`, as a cluster does; then `mesh lab down` removes all of it."""
     name = f"d{os.getpid() % 10000}"
-    (tmp_path / "app.yaml").write_text(APP.replace("10.96.7.7", "10.96.7.8"))
     try:
-        up = mesh("lab", "up", "--nodes", "2", "--name", name, "--manifests", str(tmp_path))
+        up = mesh("lab", "up", "--nodes", "2", "--name", name)
         assert up.returncode == 0, up.stderr
+        applied = kubectl(name, "apply", "-f", str(ROOT / "examples" / "lab"))
+        assert applied.returncode == 0, applied.stderr
+        assert "deployment.apps/echo-v1 created" in applied.stdout
+        wait_until(lambda: len(state(name)["pods"]) == 4 and all(
+            p["ready"] for p in state(name)["pods"].values()), timeout=90,
+            what="the demo's 4 pods ready")
         made = {ns for ns in _netns() if ns.startswith(f"{name}-")}
-        assert len(made) >= 9  # underlay, 2 nodes, 6 pods
+        assert len(made) >= 7  # underlay, 2 nodes, 4 pods
         control_plane = state(name)["control_plane"]
         host_link = f"mlab{state(name)['index']}"
         assert _links() >= {host_link}
