@@ -115,6 +115,22 @@ def test_static_addresses_win_in_every_mode() -> None:
         assert addresses == ["10.0.0.1"] and listens == ["10.0.0.1"], mode
 
 
+def test_static_addresses_of_other_nodes_are_served_there() -> None:
+    """Each node's Envoy serves the static addresses it has; another Node's address is
+    served by that node (listed in the status, not AddressNotUsable); an address no Node has
+    is not usable, and says so."""
+    both = [{"type": "IPAddress", "value": "10.0.0.1"}, {"type": "IPAddress", "value": "10.0.0.2"}]
+    for mode in ("pool", "node", "loadbalancer"):
+        addresses, programmed, listens = run(objects(spec_addresses=both), mode)
+        assert addresses == ["10.0.0.1", "10.0.0.2"] and listens == ["10.0.0.1"], mode
+        assert programmed == {}, mode
+    foreign = [*both, {"type": "IPAddress", "value": "192.0.2.9"}]
+    addresses, programmed, listens = run(objects(spec_addresses=foreign), "pool")
+    assert addresses == ["10.0.0.1", "10.0.0.2"] and listens == ["10.0.0.1"]
+    assert programmed["reason"] == "AddressNotUsable" and "192.0.2.9" in programmed["message"]
+    assert "10.0.0.2" not in programmed["message"]
+
+
 def test_a_bad_mode_is_refused() -> None:
     try:
         TranslatorConfig(gateway_addresses="dhcp")
