@@ -1,13 +1,18 @@
-"""`mesh run --kubernetes` against the API test double: objects written to the "API server"
-reach the node's Envoy, and changes follow, as they do from a directory of manifests."""
+"""`mesh run --kubernetes` against the real API server (the run's shared control plane,
+tests/cluster.py), with the agent's ServiceAccount token and RBAC: status written back keeps
+another controller's parent entry; a Node's status change alone moves the Gateway's listener;
+the chart's two containers, Envoy serving across an agent restart. (A route created, changed
+and deleted through the API reaching Envoy: tests/test_kubernetes_real.py.) Each test has a
+namespace, a GatewayClass, a Node name and a directory of its own, all removed afterwards."""
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,141 +20,186 @@ from typing import Any
 import pytest
 
 from mesh.echo import EchoIdentity, EchoServer
-from tests.kubeapi import BackgroundAPI
-from tests.manifests import http_route
+from mesh.kube.resources import resources
+from mesh.lab.controlplane import ControlPlane
+from tests import manifests
 from tests.meshrun import ROOT, MeshRun
+from tests.test_kubernetes_real import agent_namespace, apply, host_address, install_crds
 from tests.testbed import http_get, wait_until
 
 pytestmark = pytest.mark.e2e
-ADDRESS = "127.5.6.1"
-GW = "gateway.networking.k8s.io"
+NAMESPACE = "k8s-agent"  # and a number: each test's own (a deleted one lingers)
+KINDS = {r.kind: r for r in resources(None)}
+_COUNT = itertools.count(1)
+
+
+class Server:
+    """The real API server for one test: its namespace (also the name of its GatewayClass
+    and of its agent's node), the agent's kubeconfig there, an echo server behind a Service
+    `echo`, and the agents it started."""
+
+    def __init__(self, cp: ControlPlane, namespace: str, kubeconfig: Path, base: Path) -> None:
+        self.cp = cp
+        self.namespace = self.node_name = namespace
+        self.kubeconfig = kubeconfig
+        self.base = base
+        self.agents: list[MeshRun] = []
+        address = host_address()  # a real API server refuses loopback endpoints
+        self.echo = EchoServer(address, 0, EchoIdentity(pod="echo-k8s")).start()
+        self.apply(
+            manifests.gateway_class(namespace),
+            # No selector: the EndpointSlice below is ours, the controllers leave it alone.
+            {"apiVersion": "v1", "kind": "Service",
+             "metadata": {"name": "echo", "namespace": namespace},
+             "spec": {"ports": [{"name": "http", "port": 80}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": "echo-1", "namespace": namespace,
+                          "labels": {"kubernetes.io/service-name": "echo",
+                                     "endpointslice.kubernetes.io/managed-by": "tests"}},
+             "addressType": "IPv4", "ports": [{"name": "http", "port": self.echo.port}],
+             "endpoints": [{"addresses": [address]}]})
+
+    def apply(self, *objects: dict[str, Any]) -> None:
+        apply(self.cp, *objects)
+
+    def gateway(self, *addresses: str) -> None:
+        """A Gateway `gw` of the test's class with an HTTP listener on 8080, on `addresses`
+        (else as the agent's --gateway-addresses says)."""
+        gw = manifests.gateway(None, namespace=self.namespace, gatewayClassName=self.namespace)
+        if addresses:
+            gw["spec"]["addresses"] = [{"type": "IPAddress", "value": a} for a in addresses]
+        self.apply(gw)
+
+    def route(self, host: str, path: str = "/") -> dict[str, Any]:
+        return manifests.http_route("r", [host], namespace=self.namespace,
+                                    matches=[{"path": {"type": "PathPrefix", "value": path}}])
+
+    def node(self, address: str) -> None:
+        """The agent's Node, with this InternalIP."""
+        self.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node_name}})
+        self.cp.kubectl("patch", "node", self.node_name, "--subresource=status",
+                        "--type=merge", "-p", json.dumps({"status": {"addresses": [
+                            {"type": "InternalIP", "address": address}]}}))
+
+    def get(self, kind: str, name: str) -> dict[str, Any]:
+        code, body = self.cp.request("GET", KINDS[kind].item(self.namespace, name))
+        assert code == 200, body
+        found: dict[str, Any] = body
+        return found
+
+    def agent(self, state: str, *extra: str) -> MeshRun:
+        """`mesh run --kubernetes` with the agent's token, its state in the test's directory."""
+        run = MeshRun(None, self.base / state, "--kubernetes", "--kubeconfig",
+                      str(self.kubeconfig), *extra, node_id=self.node_name)
+        self.agents.append(run)
+        return run
+
+    def close(self) -> list[str]:
+        """The agents still running stopped (their logs), and what the test made removed."""
+        logs = [a.stop() for a in self.agents if a.proc.poll() is None]
+        print("\n".join(logs))  # shown when the test fails
+        self.echo.stop()
+        for kind in ("node", "meshnode"):  # the agent's MeshNode is named after its node
+            self.cp.kubectl("delete", kind, self.node_name, "--ignore-not-found", check=False)
+        self.cp.kubectl("delete", "gatewayclass", self.namespace, "--ignore-not-found",
+                        check=False)
+        return logs
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[BackgroundAPI, MeshRun, EchoServer]]:
-    api = BackgroundAPI()
-    echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo-k8s")).start()
-    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
-    api.gateway_and_echo(echo.port, ADDRESS)
-    agent = MeshRun(None, Path(f"/tmp/mesh-k8s-{os.getpid()}"), "--kubernetes",
-                        "--kubeconfig", str(kubeconfig))
+def server(control_plane: ControlPlane) -> Iterator[Server]:
+    install_crds(control_plane)
+    base = Path(tempfile.mkdtemp(prefix="mesh-k8s-"))  # short: it holds unix sockets
+    logs: list[str] = []
     try:
-        yield api, agent, echo
+        namespace = f"{NAMESPACE}-{next(_COUNT)}"
+        with agent_namespace(control_plane, namespace, base / "kubeconfig") as kubeconfig:
+            s = Server(control_plane, namespace, kubeconfig, base)
+            try:
+                yield s
+            finally:
+                logs = s.close()
     finally:
-        log = agent.stop()
-        echo.stop()
-        api.stop()
-    assert "Traceback" not in log, log
+        shutil.rmtree(base, ignore_errors=True)
+    for log in logs:
+        assert "Traceback" not in log, log
 
 
-def route(host: str, path: str = "/") -> dict[str, Any]:
-    return http_route("r", [host], matches=[{"path": {"type": "PathPrefix", "value": path}}])
+def served(address: str, host: str, path: str = "/") -> bool:
+    return http_get(8080, path, host=host, address=address).status == 200
 
 
-def test_objects_from_the_api_server_reach_envoy(
-        cluster: tuple[BackgroundAPI, MeshRun, EchoServer]) -> None:
-    api, agent, _ = cluster
-    api.put(GW, "httproutes", route("k8s.example"))
-    wait_until(lambda: http_get(8080, "/", host="k8s.example", address=ADDRESS).status == 200,
-               timeout=15, what="the route from the API server")
-    assert http_get(8080, "/", host="k8s.example", address=ADDRESS).json()["pod"] == "echo-k8s"
-    api.put(GW, "httproutes", route("k8s.example", "/only"))  # a spec change
-    wait_until(lambda: http_get(8080, "/x", host="k8s.example", address=ADDRESS).status == 404,
-               timeout=15, what="the change")
-    assert http_get(8080, "/only", host="k8s.example", address=ADDRESS).status == 200
-    api.call(api.api.delete_object(GW, "httproutes", "default", "r"))
-    wait_until(lambda: http_get(8080, "/only", host="k8s.example",
-                                address=ADDRESS).status == 404, timeout=15, what="the delete")
-    st = agent.status("Gateway", "gw")
-    assert st is not None and any(c["type"] == "Accepted" for c in st["conditions"])
-
-
-def test_status_written_back_keeping_other_controllers_entries(
-        cluster: tuple[BackgroundAPI, MeshRun, EchoServer]) -> None:
-    api, agent, _ = cluster
+def test_status_written_back_keeping_other_controllers_entries(server: Server) -> None:
+    address = "127.5.6.1"
+    server.gateway(address)
+    server.apply(server.route("k8s.example"))
+    # Another controller's parent entry, written before our agent starts.
     foreign = {"parentRef": {"name": "theirs"}, "controllerName": "example.com/other",
                "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
                                "message": "", "observedGeneration": 1,
                                "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
-    api.put(GW, "httproutes", {**route("k8s.example"), "status": {"parents": [foreign]}})
+    route = server.get("HTTPRoute", "r")
+    code, body = server.cp.request("PUT", KINDS["HTTPRoute"].item(server.namespace, "r") +
+                                   "/status", {**route, "status": {"parents": [foreign]}})
+    assert code == 200, body
+    [theirs] = body["status"]["parents"]  # as the server keeps it (its defaults filled in)
 
     def parents() -> list[dict[str, Any]]:
-        obj = api.api.resource(GW, "httproutes").objects[("default", "r")]
-        found: list[dict[str, Any]] = (obj.get("status") or {}).get("parents") or []
+        found: list[dict[str, Any]] = (server.get("HTTPRoute", "r").get("status") or {}).get(
+            "parents") or []
         return found
 
+    agent = server.agent("a")
     wait_until(lambda: len(parents()) == 2, timeout=15, what="our parent entry written")
     ours = parents()[1]
-    assert parents()[0] == foreign  # theirs, untouched
+    assert parents()[0] == theirs  # theirs, untouched
     assert ours["controllerName"] == "mesh.dev/gateway-controller"
     assert {c["type"]: c["status"] for c in ours["conditions"]}["Accepted"] == "True"
-    wait_until(lambda: (api.api.resource(GW, "gateways").objects[("default", "gw")].get(
-        "status") or {}).get("addresses") == [{"type": "IPAddress", "value": ADDRESS}],
-        timeout=10, what="the Gateway's status")
+    wait_until(lambda: (server.get("Gateway", "gw").get("status") or {}).get("addresses") ==
+               [{"type": "IPAddress", "value": address}], timeout=10,
+               what="the Gateway's status")
     health = json.loads(agent.health(ready=True))
     assert health["ready"] is True and health["kubernetes"]["leader"] is None  # no election
     assert health["kubernetes"]["synced"]["Gateway.gateway.networking.k8s.io"] == "synced"
-    assert health["kubernetes"]["synced"]["TLSRoute.gateway.networking.k8s.io"] == \
-        "not installed"  # the double serves no TLSRoutes
+    # Gateway API v1.6.1 serves ListenerSet, no longer its experimental XListenerSet.
+    assert health["kubernetes"]["synced"]["XListenerSet.gateway.networking.x-k8s.io"] == \
+        "not installed"
 
 
-def test_a_status_change_reaches_envoy(tmp_path: Path) -> None:
+def test_a_status_change_reaches_envoy(server: Server) -> None:
     """A Node's addresses are status (no generation): in `node` mode they are what the
     Gateway listens on, so a change of them alone must move the listener."""
-    api = BackgroundAPI()
-    echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo-node")).start()
-    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
-    state = Path(f"/tmp/mesh-k8s-node-{os.getpid()}")
-
-    def node(address: str) -> None:
-        api.put("", "nodes", {"metadata": {"name": state.name}, "status": {
-            "addresses": [{"type": "InternalIP", "address": address}]}})
-
-    node("127.5.6.11")
-    api.gateway_and_echo(echo.port)
-    api.put(GW, "httproutes", route("n.example"))
-    agent = MeshRun(None, state, "--kubernetes", "--kubeconfig", str(kubeconfig),
-                        "--gateway-addresses", "node")
-    try:
-        wait_until(lambda: http_get(8080, "/", host="n.example", address="127.5.6.11").status
-                   == 200, timeout=15, what="the Gateway on the node's address")
-        node("127.5.6.12")
-        wait_until(lambda: http_get(8080, "/", host="n.example", address="127.5.6.12").status
-                   == 200, timeout=15, what="the Gateway on the node's new address")
-        wait_until(lambda: (api.api.resource(GW, "gateways").objects[("default", "gw")]
-                            .get("status") or {}).get("addresses") ==
-                   [{"type": "IPAddress", "value": "127.5.6.12"}], timeout=10,
-                   what="the Gateway's status address")
-    finally:
-        log = agent.stop()
-        echo.stop()
-        api.stop()
-        shutil.rmtree(state, ignore_errors=True)
-    assert "Traceback" not in log, log
+    server.node("127.5.6.11")
+    server.gateway()
+    server.apply(server.route("n.example"))
+    server.agent("n", "--gateway-addresses", "node")
+    wait_until(lambda: served("127.5.6.11", "n.example"), timeout=15,
+               what="the Gateway on the node's address")
+    server.node("127.5.6.12")
+    wait_until(lambda: served("127.5.6.12", "n.example"), timeout=15,
+               what="the Gateway on the node's new address")
+    wait_until(lambda: (server.get("Gateway", "gw").get("status") or {}).get("addresses") ==
+               [{"type": "IPAddress", "value": "127.5.6.12"}], timeout=10,
+               what="the Gateway's status address")
 
 
-def test_envoy_in_a_container_of_its_own_outlives_the_agent(tmp_path: Path) -> None:
+def test_envoy_in_a_container_of_its_own_outlives_the_agent(server: Server) -> None:
     """The chart's two containers: `mesh envoy` and `mesh run --envoy external` sharing the
     state directory. The agent restarted (an upgrade), Envoy keeps serving meanwhile and
     takes the next agent's configuration."""
-    api = BackgroundAPI()
-    echo = EchoServer("127.0.0.1", 0, EchoIdentity(pod="echo-ext")).start()
-    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
-    api.gateway_and_echo(echo.port, "127.5.6.21")
-    api.put(GW, "httproutes", route("x.example"))
-    state = Path(f"/tmp/mesh-k8s-ext-{os.getpid()}")
-    state.mkdir(parents=True, exist_ok=True)
+    address = "127.5.6.21"
+    server.gateway(address)
+    server.apply(server.route("x.example"))
+    state = server.base / "ext"
+    state.mkdir()
     envoy = subprocess.Popen(
-        [sys.executable, "-m", "mesh.cli", "envoy", "--node-id", state.name,
+        [sys.executable, "-m", "mesh.cli", "envoy", "--node-id", server.node_name,
          "--state-dir", str(state)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         cwd=ROOT)
-    args = ("--kubernetes", "--kubeconfig", str(kubeconfig), "--envoy", "external")
-    agent = MeshRun(None, state, *args)
     try:
-        def served(path: str = "/") -> bool:
-            return http_get(8080, path, host="x.example", address="127.5.6.21").status == 200
-
-        wait_until(served, timeout=15, what="the route through the external Envoy")
+        agent = server.agent("ext", "--envoy", "external")
+        wait_until(lambda: served(address, "x.example"), timeout=15,
+                   what="the route through the external Envoy")
         assert json.loads(agent.health(ready=True))["externalEnvoy"] is True
         # The Envoy container's probes (`mesh health --envoy`): alive and ready.
         for probe in ([], ["--ready"]):
@@ -158,11 +208,13 @@ def test_envoy_in_a_container_of_its_own_outlives_the_agent(tmp_path: Path) -> N
                                  text=True, cwd=ROOT, timeout=20)
             assert got.returncode == 0 and json.loads(got.stdout)["envoy"] == "LIVE", got
         log = agent.stop()
+        assert "Traceback" not in log, log
         assert envoy.poll() is None, "the agent's stop took Envoy along"
-        assert served(), "Envoy stopped serving without its agent"
-        api.put(GW, "httproutes", route("x.example", "/v2"))  # changed while no agent runs
-        agent = MeshRun(None, state, *args)
-        wait_until(lambda: served("/v2/x") and not served("/"), timeout=15,
+        assert served(address, "x.example"), "Envoy stopped serving without its agent"
+        server.apply(server.route("x.example", "/v2"))  # changed while no agent runs
+        server.agent("ext", "--envoy", "external")
+        wait_until(lambda: served(address, "x.example", "/v2/x") and
+                   not served(address, "x.example"), timeout=15,
                    what="the next agent's configuration in the same Envoy")
         assert envoy.poll() is None
         envoy.terminate()
@@ -173,10 +225,5 @@ def test_envoy_in_a_container_of_its_own_outlives_the_agent(tmp_path: Path) -> N
                               cwd=ROOT, timeout=20)
         assert gone.returncode == 1 and json.loads(gone.stdout)["envoy"] == "unreachable"
     finally:
-        log = agent.stop()
         envoy.terminate()
         envoy.wait(10)
-        echo.stop()
-        api.stop()
-        shutil.rmtree(state, ignore_errors=True)
-    assert "Traceback" not in log, log
