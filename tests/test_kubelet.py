@@ -42,6 +42,7 @@ NS = f"kubelet-{os.getpid()}"
 TAINT = {"key": "mesh.dev/kubelet-test", "value": LAB, "effect": "NoSchedule"}
 TOLERATION = {"key": TAINT["key"], "operator": "Equal", "value": LAB,
               "effect": "NoSchedule"}
+ECHO_BASIC = "registry.k8s.io/gateway-api/echo-basic:v1.5.1"  # the lab runs its echo for it
 RESTARTED: list[Running] = []  # kubelets started again by a test, stopped by the fixture
 
 
@@ -185,7 +186,8 @@ def test_a_deployment_runs_and_serves(control_plane: ControlPlane,
         "spec": {"replicas": 2, "selector": {"matchLabels": labels}, "template": {
             "metadata": {"labels": labels},
             "spec": {"tolerations": [TOLERATION], "terminationGracePeriodSeconds": 5,
-                     "containers": [{"name": "echo", "image": "mesh/echo",
+                     "containers": [{"name": "echo", "image": ECHO_BASIC,
+                                     "env": [{"name": "HTTP_PORT", "value": "8080"}],
                                      "ports": [{"containerPort": 8080}]}]}}}})
     create(cp, f"/api/v1/namespaces/{NS}/services", {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": NS},

@@ -38,7 +38,8 @@ spec:
          labelSelector: {matchLabels: {app: echo}}}
       containers:
       - name: echo
-        image: echo
+        image: registry.k8s.io/gateway-api/echo-basic:v1.5.1
+        env: [{name: HTTP_PORT, value: "8080"}]
         ports: [{name: http, containerPort: 8080}]
         readinessProbe: {httpGet: {path: /, port: http}, periodSeconds: 1}
 ---
@@ -75,7 +76,8 @@ metadata: {name: gated, namespace: default, labels: {app: gated}}
 spec:
   containers:
   - name: echo
-    image: echo
+    image: registry.k8s.io/gateway-api/echo-basic:v1.5.1
+    env: [{name: HTTP_PORT, value: "8080"}]
     ports: [{containerPort: 8080}]
     readinessProbe:
       exec: {command: [test, -e, GATE]}
@@ -114,8 +116,16 @@ spec:
   containers:
   - name: app
     image: app
+    command: [sleep, infinity]
     volumeMounts: [{name: data, mountPath: /data}]
   volumes: [{name: data, emptyDir: {}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unknown-image, namespace: default}
+spec:
+  containers:
+  - {name: app, image: example.com/app:1.0}
 """
 GET = """
 import json, sys, urllib.request
@@ -232,6 +242,11 @@ def test_a_pod_that_cannot_run_waits_with_the_reason_and_the_others_run(lab: str
     waiting = got["status"]["containerStatuses"][0]["state"]["waiting"]
     assert waiting["reason"] == "CreateContainerConfigError", waiting
     assert 'volume "data" (emptyDir) cannot be mounted at /data' in waiting["message"]
+    # An image the lab has no command for, and no command: ErrImageNeverPull, naming it.
+    got = json.loads(kubectl(lab, "get", "pod", "unknown-image", "-o", "json").stdout)
+    waiting = got["status"]["containerStatuses"][0]["state"]["waiting"]
+    assert waiting["reason"] == "ErrImageNeverPull", waiting
+    assert "example.com/app:1.0" in waiting["message"]
 
 
 def test_a_pod_reaches_a_service_that_selects_itself(lab: str) -> None:

@@ -42,7 +42,8 @@ spec:
       nodeSelector: {{kubernetes.io/hostname: {LAB}-node{node}}}
       containers:
       - name: echo
-        image: echo
+        image: registry.k8s.io/gateway-api/echo-basic:v1.5.1
+        env: [{{name: HTTP_PORT, value: "8080"}}]
         ports: [{{name: http, containerPort: 8080}}]
 ---"""
 

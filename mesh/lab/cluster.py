@@ -62,7 +62,7 @@ SETTLE = 1.0  # seconds the cluster's view must stay unchanged before the lab is
 # Pods the kubelet says it cannot run: the lab is up without them (`mesh lab up` and
 # `mesh lab status` name them), rather than waiting for what will not come.
 CANNOT_RUN = ("CreateContainerError", "CreateContainerConfigError", "RunContainerError",
-              "CrashLoopBackOff")
+              "CrashLoopBackOff", "ErrImageNeverPull")
 TICK = 0.5
 
 NAME = re.compile(r"[a-z][a-z0-9-]{0,15}")

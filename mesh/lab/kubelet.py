@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mesh.cni.plugin import CNIError
 from mesh.cni.runtime import Runtime, existing_runtime, node_runtime
 from mesh.kube.client import API_ERRORS, HTTP, Gone, connect
-from mesh.lab import workloads
+from mesh.lab import images, workloads
 from mesh.lab.controlplane import Issued, issue, kubeconfig
 from mesh.lab.dns import resolv_conf
 from mesh.lab.workloads import PodSpec, Probe
@@ -339,7 +339,22 @@ class PodWorker:
             c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": volumes}}
             self._back_off(c)
             return
-        why = _resolve(c.spec.command, env["PATH"])
+        command = c.spec.command
+        if not command:
+            try:
+                command = images.entrypoint(c.image, c.spec.args, env)
+            except KeyError:
+                c.state = {"waiting": {"reason": "ErrImageNeverPull", "message": (
+                    f'Container image "{c.image}" is not present with pull policy of Never: '
+                    "the lab pulls no images and runs a command for these only: "
+                    f"{', '.join(images.known())}; give the container a command")}}
+                self._back_off(c)
+                return
+            except images.CannotRun as e:
+                c.state = {"waiting": {"reason": "CreateContainerError", "message": str(e)}}
+                self._back_off(c)
+                return
+        why = _resolve(command, env["PATH"])
         if why is not None:
             c.state = {"waiting": {"reason": "CreateContainerError", "message": why}}
             self._back_off(c)
@@ -355,7 +370,7 @@ class PodWorker:
 
         with logf.open("ab") as out:
             c.process = subprocess.Popen(["ip", "netns", "exec", self.netns,
-                                          *c.spec.command], env=env, stdout=out,
+                                          *command], env=env, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True, preexec_fn=join)
         c.started, c.started_at = time.monotonic(), now_rfc3339()

@@ -1,18 +1,16 @@
 """How the lab's kubelet reads a container: images are not pulled, so a container's
 `command` and `args` run as a process inside the pod's network namespace, with the pod's
-environment; a container with no command runs the project's echo backend on its first
-containerPort (8080 if none). Its readinessProbe is read with Kubernetes' defaults.
+environment; a container with no command runs what mesh.lab.images has for its image, its
+`args` after. Its readinessProbe is read with Kubernetes' defaults.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 SERVICE_CIDR = "10.96.0.0/16"  # the lab's Services' ClusterIPs (the API server's range)
-DEFAULT_PORT = 8080
 
 
 @dataclass(frozen=True)
@@ -69,11 +67,12 @@ class PodSpec:
     namespace: str
     name: str
     labels: Mapping[str, str]
-    command: tuple[str, ...]
+    command: tuple[str, ...]  # command and args; () without a command (the image's)
     env: Mapping[str, str]
     ports: Mapping[str, int]  # containerPort name (or str(number)) -> number
     owner: str = ""  # the Deployment's name, if any
     probe: Probe | None = None
+    args: tuple[str, ...] = ()  # for an image's own entrypoint (no command)
 
     @property
     def ready_port(self) -> int | None:
@@ -97,13 +96,11 @@ def container_spec(namespace: str, name: str, template: Mapping[str, Any],
     c = containers[0] if containers else {}
     ports = {str(p.get("name") or p.get("containerPort")): int(p["containerPort"])
              for p in map(_map, _list(c.get("ports"))) if isinstance(p.get("containerPort"), int)}
-    command = tuple(str(x) for x in [*_list(c.get("command")), *_list(c.get("args"))])
-    if not command:
-        port = next(iter(ports.values()), DEFAULT_PORT)
-        ports = ports or {str(port): port}
-        command = (sys.executable, "-m", "mesh.cli", "echo", "--listen", f"0.0.0.0:{port}")
+    args = tuple(str(x) for x in _list(c.get("args")))
+    command = tuple(str(x) for x in _list(c.get("command")))
+    command = (*command, *args) if command else ()
     env = {str(e.get("name")): str(e.get("value", "")) for e in map(_map, _list(c.get("env")))
            if e.get("name") and "valueFrom" not in e}
     labels = {str(k): str(v) for k, v in _map(meta.get("labels")).items()}
     return PodSpec(namespace, name, labels, command, env, ports, owner,
-                   _probe(c.get("readinessProbe"), ports))
+                   _probe(c.get("readinessProbe"), ports), args)

@@ -101,14 +101,16 @@ class Client:
 
 
 def base_manifests() -> list[dict[str, Any]]:
-    """The suite's fixtures with our echo in place of the echo image's program (no command
-    or args: the lab runs its echo backend on the first containerPort)."""
+    """The suite's fixtures with our echo as the command of the echo-advanced containers
+    (the lab pulls no images, and has no implementation of echo-advanced's own arguments):
+    HTTP on 8080, the Services' target port."""
     docs = [d for d in yaml.safe_load_all((MESH_DATA / "base-manifests.yaml").read_text()) if d]
     for d in docs:
         if d.get("kind") == "Deployment":
             for c in d["spec"]["template"]["spec"]["containers"]:
-                for k in ("args", "command"):
-                    c.pop(k, None)
+                c.pop("args", None)
+                c["command"] = [sys.executable, "-m", "mesh.cli", "echo", "--listen",
+                                "0.0.0.0:8080"]
                 c["ports"] = [{"name": "http", "containerPort": 8080}]
     return docs
 
