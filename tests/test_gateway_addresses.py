@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mesh.store import kinds
 from mesh.store.objects import ObjectKey, parse_object
 from mesh.store.store import Store
 from mesh.translate import TranslatorConfig, translate
@@ -129,6 +130,22 @@ def test_static_addresses_of_other_nodes_are_served_there() -> None:
     assert addresses == ["10.0.0.1", "10.0.0.2"] and listens == ["10.0.0.1"]
     assert programmed["reason"] == "AddressNotUsable" and "192.0.2.9" in programmed["message"]
     assert "10.0.0.2" not in programmed["message"]
+
+
+def test_a_pool_address_the_status_writer_published_is_kept_on_every_node() -> None:
+    """On a cluster each node allocates from the pool on its own; the address the leader
+    wrote into the Gateway's status wins over the order this node saw the Gateways in, so
+    every node serves the Gateway where the status says."""
+    store = objects()
+    gw = next(o for o in store.snapshot().of_kind(kinds.GATEWAY))
+    body = {**gw.body, "status": {"addresses": [{"type": "IPAddress", "value": "127.0.100.9"}]}}
+    store.replace("t", [*(o for o in store.snapshot() if o.key != KEY), parse_object(body)])
+    addresses, _, listens = run(store, "pool")
+    assert addresses == ["127.0.100.9"] and listens == ["127.0.100.9"]
+    # An address outside the pool in the status is not taken for one.
+    body["status"] = {"addresses": [{"type": "IPAddress", "value": "10.9.9.9"}]}
+    store.replace("t", [*(o for o in store.snapshot() if o.key != KEY), parse_object(body)])
+    assert run(store, "pool")[0] == ["127.0.100.1"]
 
 
 def test_a_bad_mode_is_refused() -> None:

@@ -21,6 +21,7 @@ import aiohttp
 
 from mesh.kube.client import HTTP, Gone, NotInstalled
 from mesh.kube.resources import STATUS_KINDS, Resource
+from mesh.store import kinds
 from mesh.store.objects import KubeObject, ObjectError, parse_object
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,11 @@ class KindWatch:
         if self._own_status:
             raw = dict(raw)
             status = raw.pop("status", None)
+            if self.r.group_kind == kinds.GATEWAY and isinstance(status, Mapping) and \
+                    status.get("addresses"):
+                # The one part of our status the translator reads: the pool addresses the
+                # status writer gave (mesh.translate.addressing.published).
+                raw["status"] = {"addresses": status["addresses"]}
             obj = to_object(raw, self.r)
             self.statuses[(obj.namespace, obj.name)] = status
             return obj

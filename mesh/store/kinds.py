@@ -48,9 +48,10 @@ KINDS = frozenset({
     REFERENCE_GRANT, BACKEND_TLS_POLICY, TRAFFIC_POLICY, X_BACKEND_TRAFFIC_POLICY,
 })
 CLUSTER_SCOPED = frozenset({NAMESPACE, NODE, GATEWAY_CLASS, INGRESS_CLASS})
-# Kinds whose status the translator reads (a Node's addresses, a Pod's IPs): part of their
-# content.
-STATUS_READ = frozenset({NODE, POD, SERVICE})  # a LoadBalancer's ingress: Gateway addresses
+# Kinds whose status the translator reads (a Node's addresses, a Pod's IPs, a LoadBalancer
+# Service's ingress, the pool addresses a Gateway's status publishes): part of their content.
+# (For the kinds whose status the agent writes, the Kubernetes watch keeps only what is read.)
+STATUS_READ = frozenset({NODE, POD, SERVICE, GATEWAY})
 # Groups whose kinds are known by kind alone in messages and `mesh status`.
 _WELL_KNOWN = frozenset({CORE, GATEWAY_GROUP, NETWORKING_GROUP, DISCOVERY_GROUP})
 

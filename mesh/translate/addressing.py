@@ -29,6 +29,28 @@ def allocate(pool: str, previous: Mapping[str, str], assigned: Mapping[str, str]
     return None
 
 
+def published(snapshot: StoreSnapshot, pool: str) -> dict[str, str]:
+    """The pool addresses Gateways' status lists (the status writer's allocation), keyed as
+    `allocate` keys them: on a cluster every node's agent serves a Gateway on the address the
+    leader gave it, whatever order each node saw the Gateways in."""
+    try:
+        net = ipaddress.ip_network(pool)
+    except ValueError:
+        return {}
+    out = {}
+    for gw in snapshot.of_kind(kinds.GATEWAY):
+        status = gw.body.get("status")
+        entries = status.get("addresses") if isinstance(status, Mapping) else None
+        values = [str(a.get("value")) for a in entries or ()
+                  if isinstance(a, Mapping) and a.get("type", "IPAddress") == "IPAddress"
+                  and model.is_ip(str(a.get("value")))] if isinstance(entries, list) else []
+        values = [v for v in values if ipaddress.ip_address(v) in net]
+        key = f"gateway/{gw.namespace}/{gw.name}"
+        for i, v in enumerate(values):
+            out[key if i == 0 else f"{key}/{i}"] = v
+    return out
+
+
 def ips(values: Iterable[Any]) -> list[str]:
     """The IP addresses among `values` (a Node also lists its Hostname), in a stable order."""
     return sorted({str(v) for v in values if model.is_ip(str(v))}, key=address_order)

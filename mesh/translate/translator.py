@@ -17,7 +17,7 @@ from mesh.store import kinds
 from mesh.store.objects import ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate import model
-from mesh.translate.addressing import allocate, node_addresses
+from mesh.translate.addressing import allocate, node_addresses, published
 from mesh.translate.config import Translation, TranslatorConfig
 from mesh.translate.gateway.attachment import RouteOutcome
 from mesh.translate.gateway.translator import translate_gateway_api
@@ -62,7 +62,9 @@ def translate(snapshot: StoreSnapshot, cfg: TranslatorConfig | None = None,
     """The IR and status for `snapshot`. With `memo`, unchanged routes' outcomes from the
     previous call are reused, and the memo is refilled for the next call."""
     cfg = cfg or TranslatorConfig()
-    previous = dict(previous_addresses or {})
+    # What the status writer published wins over this node's own memory: every node
+    # serves a Gateway on the same pool address.
+    previous = {**(previous_addresses or {}), **published(snapshot, cfg.address_pool)}
     world = _world(snapshot, cfg) if memo is not None else ()
     # Outcomes are reusable only if nothing a route can depend on changed.
     reusable = memo.routes if memo is not None and memo.world == world else {}
