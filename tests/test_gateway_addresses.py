@@ -35,9 +35,11 @@ def objects(*extra: dict[str, Any], spec_addresses: list[dict[str, str]] | None 
     return store
 
 
-def run(store: Store, mode: str) -> tuple[list[str], dict[str, Any], list[str]]:
+def run(store: Store, mode: str, pool: str = "127.0.100.0/24"
+        ) -> tuple[list[str], dict[str, Any], list[str]]:
     """(status addresses, the Programmed condition, what the node listens on)."""
-    t = translate(store.snapshot(), TranslatorConfig(node_name="n1", gateway_addresses=mode))
+    t = translate(store.snapshot(), TranslatorConfig(node_name="n1", gateway_addresses=mode,
+                                                     address_pool=pool))
     st = t.status[KEY]
     assert isinstance(st, GatewayStatus)
     k8s = st.to_kubernetes()
@@ -146,6 +148,17 @@ def test_a_pool_address_the_status_writer_published_is_kept_on_every_node() -> N
     body["status"] = {"addresses": [{"type": "IPAddress", "value": "10.9.9.9"}]}
     store.replace("t", [*(o for o in store.snapshot() if o.key != KEY), parse_object(body)])
     assert run(store, "pool")[0] == ["127.0.100.1"]
+
+
+def test_a_static_address_of_the_pool_is_usable() -> None:
+    """The pool is served by every node (in the lab it is routed to them): a Gateway may
+    ask for one of its addresses."""
+    asked = objects(spec_addresses=[{"type": "IPAddress", "value": "172.31.0.42"}])
+    addresses, programmed, listens = run(asked, "node", pool="172.31.0.0/24")
+    assert addresses == ["172.31.0.42"] and listens == ["172.31.0.42"]
+    assert programmed == {}
+    _, elsewhere, _ = run(asked, "node", pool="172.31.1.0/24")  # not this pool's
+    assert elsewhere["reason"] == "AddressNotUsable"
 
 
 def test_a_bad_mode_is_refused() -> None:

@@ -4,6 +4,7 @@ balanced by the eBPF datapath; then nothing left behind."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -99,6 +100,20 @@ spec:
   - name: client
     image: busybox
     command: [sleep, infinity]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: pooled, namespace: default}
+spec:
+  gatewayClassName: mesh
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: pooled, namespace: default}
+spec:
+  parentRefs: [{name: pooled}]
+  rules: [{backendRefs: [{name: echo, port: 80}]}]
 ---
 apiVersion: v1
 kind: Pod
@@ -319,6 +334,17 @@ def test_maglev_gives_a_flow_the_same_backend_on_every_node(lab: str) -> None:
     # ... and again: the flow's backend did not depend on which node saw it first.
     for source in list(picks)[:6]:
         assert http_get(f"http://{addresses[-1]}:{port}/", source)["pod"] == picks[source]
+
+
+def test_a_gateway_without_addresses_answers_from_the_host_on_its_pool_address(
+        lab: str) -> None:
+    """The lab's pool (routed from the host to the nodes): the Gateway's status address, as
+    the leader allocated it, answers from the host."""
+    got = json.loads(kubectl(lab, "get", "gateway", "pooled", "-o", "json").stdout)
+    (address,) = [a["value"] for a in got["status"]["addresses"]]
+    assert ipaddress.ip_address(address) in ipaddress.ip_network(state(lab)["pool"])
+    seen = {http_get(f"http://{address}:80/")["pod"] for _ in range(10)}
+    assert seen <= set(pods_of(lab, "echo")) and seen, seen
 
 
 def test_a_readiness_probe_takes_the_endpoint_out_and_back(lab: str) -> None:

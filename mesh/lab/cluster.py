@@ -91,6 +91,7 @@ class State:
     node_info: list[dict[str, Any]] = field(default_factory=list)
     index: int = 0  # the lab's underlay is 172.30.<index>.0/24
     host_address: str = ""  # the host's on the underlay
+    pool: str = ""  # the agents' Gateway address pool, routed from the host
     control_plane: str = ""  # its directory (ControlPlane.cleanup)
     kubeconfig: str = ""  # the admin's
     server: str = ""
@@ -193,6 +194,8 @@ class Lab:
         self.state.control_plane = str(self.cp.state_dir)
         self.save()
         network.build(self.name, self.nodes, self.index, routes=False)
+        self.state.pool = network.gateway_pool(self.index)
+        network.route_pool(self.state.pool, self.nodes)
         _mount("cgroup2", CGROUP_MOUNT)
         for n in self.nodes:
             # The agent's bpffs, mounted from here: it outlives the agent (whose mounts die
@@ -273,7 +276,7 @@ class Lab:
         proc = self._spawn(f"agent/{n.name}", [
             "ip", "netns", "exec", n.name, sys.executable, "-m", "mesh.cli", "run",
             "--kubernetes", "--kubeconfig", str(self.node_dir(n) / "agent.kubeconfig"),
-            "--node-name", n.name, "--leader-elect",
+            "--node-name", n.name, "--leader-elect", "--address-pool", self.state.pool,
             "--leader-namespace", bootstrap.NAMESPACE, "--state-dir", str(state),
             "--datapath-cgroup", str(CGROUP_ROOT / self.name / n.name),
             "--datapath-underlay", "eth0", "--datapath-redirect", self.redirect,

@@ -3,7 +3,9 @@ namespaces joined to it, each with a pod CIDR routed over the underlay to it.
 
 Addresses (documented in the README): the underlay is 172.30.<lab>.0/24, node i at .10+i,
 and the host (the machine running the lab) at .1 through a veth `mlab<lab>` whose other end
-is on the underlay's bridge: the host reaches NodePorts and Gateways on the nodes' addresses.
+is on the underlay's bridge: the host reaches NodePorts and Gateways on the nodes' addresses,
+and Gateways on the lab's pool 172.31.<lab>.0/24 through the first node (the route goes with
+the veth).
 <lab> is the lowest index no running lab uses. A lab's Nodes get their pod CIDRs (/24s of
 10.244.0.0/16) from the controller manager (at most 200 nodes; the pod networks of two labs
 never meet, so they may repeat). Names carry the
@@ -60,6 +62,19 @@ def host_link(lab_index: int) -> str:
 
 def host_address(lab_index: int) -> str:
     return f"172.30.{lab_index}.1"
+
+
+def gateway_pool(lab_index: int) -> str:
+    """The agents' address pool for Gateways that ask for no address: served on every node
+    (a local route for the whole range on each node's loopback, so Envoy binds any of its
+    addresses), and routed from the host to the first node."""
+    return f"172.31.{lab_index}.0/24"
+
+
+def route_pool(pool: str, nodes: list[NodeNet]) -> None:
+    for n in nodes:
+        ip("route", "add", "local", pool, "dev", "lo", netns=n.name)
+    ip("route", "replace", pool, "via", nodes[0].underlay_ip)
 
 
 def build(lab: str, nodes: list[NodeNet], lab_index: int = 0, routes: bool = True) -> None:

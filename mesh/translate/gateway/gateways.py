@@ -113,7 +113,7 @@ def _addresses(g: model.Gateway, cfg: TranslatorConfig, previous: Mapping[str, s
         if not value:
             continue  # an IPAddress without a value asks for one to be assigned
         try:
-            ok = _usable(value, node_addresses)
+            ok = _usable(value, node_addresses) or _in_pool(value, cfg.address_pool)
         except ValueError:
             ok = False
         (usable if ok else others if value in elsewhere else unusable).append(value)
@@ -125,6 +125,12 @@ def _addresses(g: model.Gateway, cfg: TranslatorConfig, previous: Mapping[str, s
     for i, address in enumerate(usable):
         assigned[key if i == 0 else f"{key}/{i}"] = address
     return usable, others, unusable
+
+
+def _in_pool(address: str, pool: str) -> bool:
+    """An address of the pool this node serves Gateways on (where the pool is routed to
+    the nodes, a Gateway may ask for one of them)."""
+    return ipaddress.ip_address(address) in ipaddress.ip_network(pool)
 
 
 def _usable(address: str, node_addresses: frozenset[str] | None) -> bool:
