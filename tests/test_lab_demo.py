@@ -82,7 +82,7 @@ for _ in range(100):
         table = kubectl(name, "get", "gateways,httproutes", "-A").stdout
         assert "172.30.0.11" in table and "True" in table, table
         # The Deployments' pods are the ReplicaSets' (named by them), placed by the scheduler.
-        pods = [k.split("/")[1] for k in state(name)["pods"] if k != "default/client"]
-        assert sorted(map(deployment_of, pods)) == ["echo-v1", "echo-v1", "echo-v2"], pods
+        echo = [k.split("/")[1] for k in state(name)["pods"] if k != "default/client"]
+        assert sorted(map(deployment_of, echo)) == ["echo-v1", "echo-v1", "echo-v2"], echo
     finally:
         assert mesh("lab", "down", "--name", name).returncode == 0
