@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.lab import images
+from mesh.lab import coredns, images
 
 ECHO = "registry.k8s.io/gateway-api/echo-basic:v1.5.1"
 
@@ -43,3 +43,41 @@ def test_args_follow_the_entrypoint_and_unknown_images_are_refused() -> None:
         images.entrypoint("example.com/app:1.0", (), {})
     with pytest.raises(images.CannotRun, match="TCP_ECHO_SERVER"):
         images.entrypoint(ECHO, (), {"TCP_ECHO_SERVER": "1"})
+
+
+def test_coredns_runs_the_labs_whoami_server_with_its_arguments() -> None:
+    argv = images.entrypoint("registry.k8s.io/coredns/coredns:v1.12.2", ("-conf", "/c/F"), {})
+    assert argv[-3:] == ("mesh.lab.coredns", "-conf", "/c/F")
+
+
+def test_a_corefile_read_as_coredns_reads_its_server_blocks() -> None:
+    blocks = coredns.parse(""".:53 {
+        forward . 8.8.8.8 9.9.9.9
+        log
+    }
+    foo.bar.com:5353 {   # a comment
+      whoami
+    }""")
+    assert blocks == [coredns.Block(".", 53, ("forward", "log")),
+                      coredns.Block("foo.bar.com.", 5353, ("whoami",))]
+
+
+def test_the_whoami_zone_answers_the_clients_address_and_others_fail() -> None:
+    from dnslib import QTYPE, RCODE, DNSRecord
+    from dnslib.server import DNSServer
+
+    resolver = coredns.Whoami(coredns.parse("foo.bar.com:53 {\n whoami\n}\n"))
+    server = DNSServer(resolver, address="127.0.0.1", port=0)
+    server.start_thread()
+    try:
+        port = server.server.server_address[1]
+        reply = DNSRecord.parse(DNSRecord.question("foo.bar.com").send(
+            "127.0.0.1", port, timeout=5))
+        assert {(QTYPE[r.rtype], str(r.rdata)) for r in reply.ar if r.rtype == QTYPE.A} == \
+            {("A", "127.0.0.1")}
+        assert any(r.rtype == QTYPE.SRV for r in reply.ar)
+        other = DNSRecord.parse(DNSRecord.question("example.com").send(
+            "127.0.0.1", port, timeout=5))
+        assert other.header.rcode == RCODE.SERVFAIL
+    finally:
+        server.stop()

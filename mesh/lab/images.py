@@ -11,6 +11,8 @@ image it may not pull.
   as echo-basic reads its environment: HTTP on `HTTP_PORT` (3000) and h2c on `H2C_PORT`
   (3001); HTTPS on `HTTPS_PORT` (8443) given `TLS_SERVER_CERT`, `TLS_SERVER_PRIVKEY` and
   `TLS_CLIENT_CACERTS`; the gRPC echo on `HTTP_PORT` given `GRPC_ECHO_SERVER`.
+- registry.k8s.io/coredns/coredns: `mesh.lab.coredns`, the Corefile's `whoami` zones (its
+  `-conf` argument, as CoreDNS takes it).
 """
 
 from __future__ import annotations
@@ -54,10 +56,14 @@ def _echo_basic(env: Mapping[str, str]) -> list[str]:
     return out
 
 
+def _coredns(env: Mapping[str, str]) -> list[str]:
+    return [sys.executable, "-m", "mesh.lab.coredns"]
+
+
 IMAGES: dict[str, Callable[[Mapping[str, str]], list[str]]] = {
-    name: _echo_basic for name in (
-        "registry.k8s.io/gateway-api/echo-basic",
-        "gcr.io/k8s-staging-gateway-api/echo-basic")}
+    "registry.k8s.io/gateway-api/echo-basic": _echo_basic,
+    "gcr.io/k8s-staging-gateway-api/echo-basic": _echo_basic,
+    "registry.k8s.io/coredns/coredns": _coredns}
 
 
 def entrypoint(image: str, args: Sequence[str], env: Mapping[str, str]) -> tuple[str, ...]:
