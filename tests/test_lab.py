@@ -133,7 +133,35 @@ spec:
     image: app
     command: [sleep, infinity]
     volumeMounts: [{name: data, mountPath: /data}]
-  volumes: [{name: data, emptyDir: {}}]
+  volumes: [{name: data, secret: {secretName: not-there}}]
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: lab-secret, namespace: default}
+stringData: {token: s3cret}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: lab-config, namespace: default}
+data: {greeting: hello}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: volumes, namespace: default, labels: {tier: lab}}
+spec:
+  containers:
+  - name: app
+    image: app
+    command: [sh, -c, 'cat MNT/secret/token MNT/config/hi MNT/info/labels; echo;
+      touch MNT/secret/new 2>/dev/null || echo read-only; sleep infinity']
+    volumeMounts:
+    - {name: secret, mountPath: MNT/secret, readOnly: true}
+    - {name: config, mountPath: MNT/config}
+    - {name: info, mountPath: MNT/info}
+  volumes:
+  - {name: secret, secret: {secretName: lab-secret, defaultMode: 0400}}
+  - {name: config, configMap: {name: lab-config, items: [{key: greeting, path: hi}]}}
+  - {name: info, downwardAPI: {items: [{path: labels, fieldRef: {fieldPath: metadata.labels}}]}}
 ---
 apiVersion: v1
 kind: Pod
@@ -161,7 +189,9 @@ for line in sys.stdin:
 
 # The gated pod's readinessProbe passes while this file exists.
 GATE = Path(f"/tmp/mesh-lab-gate-{os.getpid()}")
-APP = APP.replace("GATE", str(GATE))
+# Where the volumes pod mounts its volumes (made on the host as empty mountpoints).
+MNT = Path(f"/etc/mesh-lab-test-{os.getpid()}")
+APP = APP.replace("GATE", str(GATE)).replace("MNT", str(MNT))
 
 
 def mesh(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -188,6 +218,7 @@ def lab(manifests: Path) -> Iterator[str]:
     finally:
         down = mesh("lab", "down", "--name", name)
         assert down.returncode == 0, down.stderr
+        assert not MNT.exists()  # the volumes' mountpoints went with their pod
 
 
 def state(name: str) -> dict[str, Any]:
@@ -252,16 +283,28 @@ def test_a_pod_that_cannot_run_waits_with_the_reason_and_the_others_run(lab: str
     assert "/no/such/command" in waiting["message"]
     assert state(lab)["pods"]["default/broken"]["reason"] == "CreateContainerError"
     assert "CreateContainerError" in mesh("lab", "status", "--name", lab).stdout
-    # A volume the lab cannot mount: CreateContainerConfigError, naming it.
+    # A volume of a Secret that is not there: CreateContainerConfigError, naming it.
     got = json.loads(kubectl(lab, "get", "pod", "needs-volume", "-o", "json").stdout)
     waiting = got["status"]["containerStatuses"][0]["state"]["waiting"]
     assert waiting["reason"] == "CreateContainerConfigError", waiting
-    assert 'volume "data" (emptyDir) cannot be mounted at /data' in waiting["message"]
+    assert 'secret "not-there" not found' in waiting["message"]
     # An image the lab has no command for, and no command: ErrImageNeverPull, naming it.
     got = json.loads(kubectl(lab, "get", "pod", "unknown-image", "-o", "json").stdout)
     waiting = got["status"]["containerStatuses"][0]["state"]["waiting"]
     assert waiting["reason"] == "ErrImageNeverPull", waiting
     assert "example.com/app:1.0" in waiting["message"]
+
+
+def test_volumes_are_mounted_where_the_spec_says_and_only_for_the_pod(lab: str) -> None:
+    """A Secret (read-only, mode 0400), a ConfigMap's key under its own path and the
+    downward API's labels, at their mountPaths in the container's own mount namespace: the
+    process reads them there; the host sees only the empty mountpoints."""
+    wait_until(lambda: "read-only" in mesh("lab", "logs", "--name", lab, "volumes").stdout,
+               timeout=30, what="the volumes pod's output")
+    out = mesh("lab", "logs", "--name", lab, "volumes").stdout
+    assert out.startswith('s3crethellotier="lab"'), out
+    assert not (MNT / "secret" / "token").exists()  # not on the host's file system
+    assert not list((MNT / "secret").iterdir())
 
 
 def test_a_pod_reaches_a_service_that_selects_itself(lab: str) -> None:

@@ -49,9 +49,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mesh.cni.plugin import CNIError
 from mesh.cni.runtime import Runtime, existing_runtime, node_runtime
 from mesh.kube.client import API_ERRORS, HTTP, Gone, connect
-from mesh.lab import images, workloads
+from mesh.lab import images, volumes, workloads
 from mesh.lab.controlplane import Issued, issue, kubeconfig
 from mesh.lab.dns import resolv_conf
+from mesh.lab.volumes import VolumeError
 from mesh.lab.workloads import PodSpec, Probe
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ class Container:
     image: str
     spec: PodSpec  # the lab's reading of it: command, env, ports, readiness probe
     extra_env: dict[str, str] = field(default_factory=dict)  # valueFrom: fieldRef
-    mounts: tuple[tuple[str, str], ...] = ()  # (volume, mountPath) of its volumeMounts
+    # (volume, mountPath, readOnly, subPath) of its volumeMounts
+    mounts: tuple[tuple[str, str, bool, str], ...] = ()
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: str = ""
@@ -140,27 +142,37 @@ def containers_of(pod: Mapping[str, Any], ip: str, host_ip: str) -> list[Contain
             ref = ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
             if e.get("name") and ref:
                 extra[str(e["name"])] = _field_ref(pod, str(ref), ip, host_ip)
-        mounts = tuple((str(m.get("name")), str(m.get("mountPath")))
+        mounts = tuple((str(m.get("name")), str(m.get("mountPath")), bool(m.get("readOnly")),
+                        str(m.get("subPath") or ""))
                        for m in c.get("volumeMounts") or [] if isinstance(m, Mapping))
         out.append(Container(str(c.get("name")), str(c.get("image") or ""), ps, extra,
                              mounts))
     return out
 
 
-def unmountable(pod: Mapping[str, Any], c: Container) -> str | None:
-    """Why the lab cannot give `c` its volumes, or None. Its containers are processes on
-    the node's file system: no volume is mounted. The API server's own service account
-    volume (`kube-api-access-*`, added to every pod) is let pass unmounted, since nothing
-    the lab runs reads it; any other volume a container mounts is refused."""
-    volumes = {str(v.get("name")): v for v in (pod.get("spec") or {}).get("volumes") or []
-               if isinstance(v, Mapping)}
-    for name, path in c.mounts:
-        if name.startswith("kube-api-access-"):
-            continue
-        kind = next((k for k in volumes.get(name, {}) if k != "name"), "unknown")
-        return (f'volume "{name}" ({kind}) cannot be mounted at {path}: the lab\'s kubelet '
-                "runs containers as processes on the node and mounts no volumes")
-    return None
+def _mountable(c: Container) -> list[tuple[str, str, bool, str]]:
+    """The container's volumeMounts the lab gives. The API server's own service-account
+    volume (`kube-api-access-*`, added to every pod) is let pass unmounted: its path
+    (/var/run/secrets/...) would be made on the host for every pod, and nothing the lab
+    runs reads it; a volume of the pod's own that needs a token is given one."""
+    return [m for m in c.mounts if not m[0].startswith("kube-api-access-")]
+
+
+def _mountpoint(target: str, is_file: bool) -> list[str]:
+    """Make `target` exist on the host as an empty mountpoint (a directory, or a file for
+    a file's subPath); the paths made, outermost first, for the pod's teardown."""
+    if ":" in target or not target.startswith("/"):
+        raise VolumeError(f"mountPath {target!r}: an absolute path without ':'")
+    made, path = [], Path(target)
+    for parent in reversed([path, *path.parents]):
+        if not parent.exists():
+            made.append(str(parent))
+    if is_file:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+    return made
 
 
 def _resolve(command: tuple[str, ...], path: str) -> str | None:
@@ -205,6 +217,18 @@ def _kill_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
+def _remove_mountpoints(made: list[str]) -> None:
+    """Remove the mountpoints a pod made on the host, innermost first, each only if empty
+    (and not another pod's mountpoint still: then it stays until that one goes)."""
+    for path in reversed(made):
+        with contextlib.suppress(OSError):
+            p = Path(path)
+            if p.is_file() and p.stat().st_size == 0:
+                p.unlink()
+            else:
+                p.rmdir()
+
+
 def _ready_of(status: Mapping[str, Any]) -> str | None:
     """The status of a Pod's or a Node's Ready condition."""
     return next((str(c.get("status")) for c in status.get("conditions") or []
@@ -244,6 +268,8 @@ class PodWorker:
         # What an earlier run of this node's kubelet recorded of the pod: its sandbox (the
         # network namespace and address) is taken over, its processes started again.
         self.adopted: dict[str, Any] | None = kubelet.records.pop(self.uid, None)
+        # Empty mountpoints made on the host for its volumes (removed with the pod).
+        self.mountpoints: list[str] = list((self.adopted or {}).get("mountpoints") or [])
 
     @property
     def key(self) -> str:
@@ -263,7 +289,9 @@ class PodWorker:
                 # for `mesh lab exec` and `mesh lab logs`: the first container's
                 "env": self._env(first) if first is not None else {},
                 "log": str(self._log(first)) if first is not None else "",
-                "etc": str(self._etc()) if self.kubelet.dns else ""}
+                "etc": str(self._etc()) if self.kubelet.dns else "",
+                "mountpoints": self.mountpoints,
+                "volumes": str(self.kubelet.state_dir / "volumes" / self.uid)}
         tmp = self.kubelet.pods_dir / f".{self.uid}.json"
         tmp.write_text(json.dumps(data))
         tmp.replace(self.kubelet.pods_dir / f"{self.uid}.json")
@@ -315,6 +343,8 @@ class PodWorker:
                 k.runtime.delete(self.uid, f"/var/run/netns/{self.netns}")
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, check=False)
         shutil.rmtree(self._etc(), ignore_errors=True)
+        _remove_mountpoints(self.mountpoints)
+        shutil.rmtree(self.kubelet.state_dir / "volumes" / self.uid, ignore_errors=True)
 
     def _etc(self) -> Path:
         return Path("/etc/netns") / self.netns
@@ -332,11 +362,32 @@ class PodWorker:
                 **self.kubelet.service_env.get(self.namespace, {}), **c.spec.env,
                 **c.extra_env}
 
-    def _start(self, c: Container) -> None:
+    async def _volumes(self, c: Container) -> list[str]:
+        """`sandbox` arguments mounting the container's volumes (filled now); VolumeError
+        for one the lab cannot give."""
+        wanted = _mountable(c)
+        if not wanted:
+            return []
+        k = self.kubelet
+        builder = volumes.Builder(self.pod, k.state_dir / "volumes" / self.uid,
+                                  lambda path: k.call("GET", path),
+                                  lambda path, body: k.call("POST", path, body))
+        mounts = await builder.mounts(wanted)
+        for m in mounts:
+            made = await asyncio.to_thread(_mountpoint, m.target, m.source.is_file())
+            self.mountpoints += [p for p in made if p not in self.mountpoints]
+        self._record()
+        args = [sys.executable, "-m", "mesh.lab.sandbox"]
+        for m in mounts:
+            args += ["--mount", f"{m.source}:{m.target}" + (":ro" if m.read_only else "")]
+        return ["unshare", "--mount", "--propagation", "private", "--", *args, "--"]
+
+    async def _start(self, c: Container) -> None:
         env = self._env(c)
-        volumes = unmountable(self.pod, c)
-        if volumes is not None:
-            c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": volumes}}
+        try:
+            sandbox = await self._volumes(c)
+        except VolumeError as e:
+            c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(e)}}
             self._back_off(c)
             return
         command = c.spec.command
@@ -359,6 +410,10 @@ class PodWorker:
             c.state = {"waiting": {"reason": "CreateContainerError", "message": why}}
             self._back_off(c)
             return
+        self._spawn(c, [*sandbox, "ip", "netns", "exec", self.netns, *command], env)
+
+    def _spawn(self, c: Container, argv: list[str], env: dict[str, str]) -> None:
+        """Start the container's process in the node's pod cgroup (a fork and an exec)."""
         logf = self._log(c)
         logf.parent.mkdir(parents=True, exist_ok=True)
         procs = str(self.kubelet.cgroup / "cgroup.procs") if self.kubelet.cgroup else None
@@ -369,10 +424,9 @@ class PodWorker:
                     f.write(str(os.getpid()))
 
         with logf.open("ab") as out:
-            c.process = subprocess.Popen(["ip", "netns", "exec", self.netns,
-                                          *command], env=env, stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=join)
+            c.process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=join)
         c.started, c.started_at = time.monotonic(), now_rfc3339()
         c.state = {"running": {"startedAt": c.started_at}}
         c.ready, c.failures, c.successes, c.next_probe = False, 0, 0, 0.0
@@ -529,7 +583,7 @@ class PodWorker:
                 if c.process is not None and c.process.poll() is not None:
                     self._exited(c)
                 if c.process is None and not c.done and now >= c.next_start:
-                    self._start(c)
+                    await self._start(c)
                 await self._probe(c)
             await self._write_status()
             with contextlib.suppress(TimeoutError):
@@ -955,6 +1009,9 @@ class Kubelet:
                 left.append(f"{r['netns']}: {out.stderr.strip()}")
             if r.get("etc"):
                 shutil.rmtree(r["etc"], ignore_errors=True)
+            _remove_mountpoints(r.get("mountpoints") or [])
+            if r.get("volumes"):
+                shutil.rmtree(r["volumes"], ignore_errors=True)
             path.unlink(missing_ok=True)
         return left
 

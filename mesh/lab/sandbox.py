@@ -1,0 +1,36 @@
+"""A container's mounts, in a mount namespace of its own: run by the lab's kubelet as
+
+    unshare --mount --propagation private -- python -m mesh.lab.sandbox \
+        --mount SOURCE:TARGET[:ro] ... -- ip netns exec POD_NETNS COMMAND...
+
+It bind-mounts each volume the kubelet filled (mesh.lab.volumes) at its mountPath, then
+execs the rest: the container's process sees its volumes where its spec says, and nothing
+outside its namespace does (the host's file system keeps only the empty mountpoints the
+kubelet made, removed with the pod).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def main(argv: list[str]) -> None:
+    if "--" not in argv:
+        sys.exit("usage: sandbox [--mount SOURCE:TARGET[:ro]]... -- COMMAND...")
+    split = argv.index("--")
+    options, command = argv[:split], argv[split + 1:]
+    mounts = [options[i + 1] for i, o in enumerate(options) if o == "--mount"]
+    for spec in mounts:
+        source, target, *flags = spec.split(":")
+        subprocess.run(["mount", "--bind", source, target], check=True)
+        if "ro" in flags:
+            subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True)
+    if not command:
+        sys.exit("sandbox: no command")
+    os.execvp(command[0], command)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
