@@ -3,6 +3,8 @@ echo-basic reads it; an image the lab has nothing for refused by name."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mesh.lab import coredns, images
@@ -41,8 +43,9 @@ def test_args_follow_the_entrypoint_and_unknown_images_are_refused() -> None:
     assert images.entrypoint(ECHO, ("--extra",), {})[-1] == "--extra"
     with pytest.raises(KeyError):
         images.entrypoint("example.com/app:1.0", (), {})
-    with pytest.raises(images.CannotRun, match="TCP_ECHO_SERVER"):
-        images.entrypoint(ECHO, (), {"TCP_ECHO_SERVER": "1"})
+    with pytest.raises(images.CannotRun, match="UDP_ECHO_SERVER"):
+        images.entrypoint(ECHO, (), {"UDP_ECHO_SERVER": "1"})
+    assert images.entrypoint(ECHO, (), {"TCP_ECHO_SERVER": "1"})[-1] == "mesh.tcpecho"
 
 
 def test_coredns_runs_the_labs_whoami_server_with_its_arguments() -> None:
@@ -81,3 +84,52 @@ def test_the_whoami_zone_answers_the_clients_address_and_others_fail() -> None:
         assert other.header.rcode == RCODE.SERVFAIL
     finally:
         server.stop()
+
+
+def test_the_tcp_echo_answers_as_echo_basic_does(tmp_path: Path) -> None:
+    """Plain and TLS: the greeting, TEST's JSON (the pod, and the TLS the client got), IS_TLS,
+    PING."""
+    import asyncio
+    import json
+    import ssl
+    import subprocess
+
+    from mesh import tcpecho
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(tmp_path / "key"),
+                    "-out", str(tmp_path / "crt"), "-subj", "/CN=tcp.example", "-days", "1"],
+                   check=True, capture_output=True)
+
+    async def talk(port: int, tls: ssl.SSLContext | None) -> list[bytes]:
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=tls,
+                                             server_hostname="tcp.example" if tls else None)
+        out = [await r.readline()]
+        for line in (b"TEST\n", b"IS_TLS\n", b"PING\n"):
+            w.write(line)
+            out.append(await r.readline())
+        w.close()
+        return out
+
+    async def scenario() -> tuple[list[bytes], list[bytes]]:
+        env = {"POD_NAME": "tcp-1", "NAMESPACE": "ns", "TCP_PORT": "0"}
+        pod = tcpecho.context(env, "3000", "8443")
+        plain = await asyncio.start_server(
+            lambda r, w: tcpecho.serve_connection(r, w, pod), "127.0.0.1", 0)
+        secure = await asyncio.start_server(
+            lambda r, w: tcpecho.serve_connection(r, w, pod), "127.0.0.1", 0,
+            ssl=tcpecho._tls_context(str(tmp_path / "crt"), str(tmp_path / "key")))
+        client = ssl.create_default_context(cafile=str(tmp_path / "crt"))
+        client.check_hostname = False
+        async with plain, secure:
+            return (await talk(plain.sockets[0].getsockname()[1], None),
+                    await talk(secure.sockets[0].getsockname()[1], client))
+
+    plain, secure = asyncio.run(scenario())
+    assert plain[0] == b"Gateway API Test TCP Server\n"
+    doc = json.loads(plain[1])
+    assert doc["pod"] == "tcp-1" and doc["namespace"] == "ns" and doc["isTLS"] is False
+    assert plain[2:] == [b"false\n", b"PONG\n"]
+    tls = json.loads(secure[1])
+    assert tls["isTLS"] is True and tls["tls"]["serverName"] == "tcp.example"
+    assert tls["tls"]["version"] in ("TLS 1.2", "TLS 1.3") and secure[2] == b"true\n"

@@ -10,7 +10,8 @@ image it may not pull.
 - registry.k8s.io/gateway-api/echo-basic (and its staging name): `mesh echo`, configured
   as echo-basic reads its environment: HTTP on `HTTP_PORT` (3000) and h2c on `H2C_PORT`
   (3001); HTTPS on `HTTPS_PORT` (8443) given `TLS_SERVER_CERT`, `TLS_SERVER_PRIVKEY` and
-  `TLS_CLIENT_CACERTS`; the gRPC echo on `HTTP_PORT` given `GRPC_ECHO_SERVER`.
+  `TLS_CLIENT_CACERTS`; the gRPC echo on `HTTP_PORT` given `GRPC_ECHO_SERVER`; the TCP echo
+  (`mesh.tcpecho`) given `TCP_ECHO_SERVER`.
 - registry.k8s.io/coredns/coredns: `mesh.lab.coredns`, the Corefile's `whoami` zones (its
   `-conf` argument, as CoreDNS takes it).
 """
@@ -39,9 +40,10 @@ def image_name(image: str) -> str:
 
 
 def _echo_basic(env: Mapping[str, str]) -> list[str]:
-    for mode in ("TCP_ECHO_SERVER", "UDP_ECHO_SERVER"):
-        if env.get(mode):
-            raise CannotRun(f"{mode}: the lab's echo has no plain {mode[:3]} echo")
+    if env.get("TCP_ECHO_SERVER"):
+        return [sys.executable, "-m", "mesh.tcpecho"]  # it reads the same variables
+    if env.get("UDP_ECHO_SERVER"):
+        raise CannotRun("UDP_ECHO_SERVER: the lab's echo has no UDP echo")
     http = env.get("HTTP_PORT") or "3000"
     if env.get("GRPC_ECHO_SERVER"):
         return [*MESH, "echo", "--grpc", "--listen", f"0.0.0.0:{http}"]
