@@ -26,7 +26,7 @@ BENCH_PACKAGES := iperf3 sockperf iptables wrk
 MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
 SITE := .site
 
-.PHONY: install system debian run run-host test test-fast bench docs clean lock upgrade kube-bin
+.PHONY: install system debian run run-host test test-fast bench docs clean lock upgrade kube-bin conformance
 
 # The real Kubernetes control plane (kube-apiserver, kube-controller-manager, kube-scheduler),
 # kubectl and etcd, built from the Go modules pinned in hack/kube (go.mod, go.sum) into
@@ -54,6 +54,14 @@ $(KUBE_BIN)/.built: hack/kube/go.mod hack/kube/go.sum
 	@du -sh $(KUBE_BIN) | awk '{print "built into $(KUBE_BIN): " $$1}'
 	@touch $@
 kube-bin: $(KUBE_BIN)/.built
+
+# The Gateway API's conformance suite, its test binary built from the module go.sum pins
+# (sigs.k8s.io/gateway-api/conformance), run against a lab: make conformance.
+CONFORMANCE_TEST := $(KUBE_BIN)/gateway-api-conformance.test
+$(CONFORMANCE_TEST): hack/kube/go.mod hack/kube/go.sum
+	@mkdir -p $(KUBE_BIN)
+	@echo "building the Gateway API conformance suite from hack/kube (about 4 minutes cold)"
+	cd hack/kube && go test -c -trimpath -o ../../$@ sigs.k8s.io/gateway-api/conformance
 
 
 $(UV): requirements-uv.txt
@@ -128,6 +136,11 @@ run: $(STAMP) $(SYSTEM_STAMP) $(KUBE_BIN)/.built
 	@echo "  curl -si -H 'Host: echo.example' -H 'x-user: me' http://172.30.0.12:8080/   # 5 a minute per x-user, shared by both nodes (429 after)"
 	@echo "  kubectl scale deployment echo-v1 --replicas=3                      # the real controllers, scheduler and the lab's kubelets"
 	@echo "  $(VENV)/bin/mesh lab down"
+
+# The upstream Gateway API conformance suite against a lab of its own (GATEWAY-HTTP,
+# GATEWAY-GRPC, GATEWAY-TLS); the report goes to conformance/reports/.
+conformance: $(STAMP) $(SYSTEM_STAMP) $(KUBE_BIN)/.built $(CONFORMANCE_TEST)
+	$(PY) -m tests.conformance.upstream
 
 # The agent and its Envoy on this host alone, on examples/gateway (no lab).
 run-host: $(STAMP)

@@ -45,7 +45,7 @@ SUPPORTED = (
     "HTTPRouteRequestTimeout", "HTTPRouteResponseHeaderModification", "HTTPRouteRetry",
     "HTTPRouteRetryBackendTimeout", "HTTPRouteRetryConnectionError",
     "HTTPRouteSchemeRedirect", "ListenerSet", "TLSRouteModeMixed", "TLSRouteModeTerminate")
-RESULT = re.compile(r"^\s*--- (PASS|FAIL|SKIP): TestConformance/(\S+) \(([\d.]+)s\)")
+RESULT = re.compile(r"^\s*--- (PASS|FAIL|SKIP): TestConformance/([^/\s]+) \(([\d.]+)s\)")
 
 
 @dataclass
