@@ -214,7 +214,7 @@ ObjectStatus = ClassStatus | GatewayStatus | RouteStatus | PolicyStatus | Ingres
 def with_programmed(status: ObjectStatus, ok: bool, reason: str, message: str,
                     generation: int) -> ObjectStatus:
     """A copy of `status` with Programmed as the sinks say: on a Gateway (unless the
-    translator said why it cannot be programmed) and its valid listeners, on each parent
+    translator said why it cannot be programmed) and its listeners (the same), on each parent
     that accepted a route. Other kinds have no Programmed condition."""
     programmed = Condition(Type.PROGRAMMED, ok, reason, message, generation)
     if isinstance(status, GatewayStatus):
@@ -227,7 +227,9 @@ def with_programmed(status: ObjectStatus, ok: bool, reason: str, message: str,
         for li in status.listeners:
             lconds = Conditions(li.conditions)
             valid = lconds.true(Type.ACCEPTED)
-            if valid or not lconds.has(Type.PROGRAMMED):  # else: the translator said why
+            # The translator's Programmed stands: it says why the listener is not served
+            # (not accepted, or accepted with a reference that does not resolve).
+            if not lconds.has(Type.PROGRAMMED):
                 lconds.put(programmed if valid else Condition(
                     Type.PROGRAMMED, False, Reason.INVALID, "listener not accepted",
                     generation))

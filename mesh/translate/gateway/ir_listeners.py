@@ -58,9 +58,11 @@ def build_listeners(snapshot: StoreSnapshot, routes: RouteBuilder, gws: Gateways
 
 
 def _served(li: Listener, g: Gateway) -> bool:
-    """A valid listener, unless its Gateway is refused for its parameters: then only the
-    Gateway's own listeners are left out, not those its ListenerSets add."""
-    return li.valid and not (g.parameters_ref is not None and li.owner.key == g.obj.key)
+    """A valid listener whose references resolve, unless its Gateway is refused for its
+    parameters: then only the Gateway's own listeners are left out, not those its
+    ListenerSets add."""
+    return li.valid and not li.unresolved and \
+        not (g.parameters_ref is not None and li.owner.key == g.obj.key)
 
 
 def _tls_chains(routes: RouteBuilder, li: Listener, g: Gateway) -> list[ir.FilterChain]:

@@ -42,6 +42,9 @@ class Listener:
     conditions: tuple[Condition, ...]  # what validation found; the status phase adds the rest
     certificates: tuple[str, ...] = ()
     client_validation: ir.ClientValidation | None = None
+    # Accepted (routes attach and are counted) but not served: a reference it needs does not
+    # resolve (a certificate Secret missing or not granted).
+    unresolved: bool = False
 
     @property
     def key(self) -> str:
@@ -77,10 +80,12 @@ class _Draft:
     valid: bool = True
     certificates: tuple[str, ...] = ()
     client_validation: ir.ClientValidation | None = None
+    unresolved: bool = False
 
     def done(self) -> Listener:
         return Listener(self.spec, self.gateway, self.owner, self.supported_kinds, self.valid,
-                        tuple(self.conditions), self.certificates, self.client_validation)
+                        tuple(self.conditions), self.certificates, self.client_validation,
+                        self.unresolved)
 
 
 def validate_listeners(snapshot: StoreSnapshot, refs: References, routes: RouteBuilder,
@@ -182,8 +187,12 @@ def _tls(refs: References, routes: RouteBuilder, trust_bundles: dict[str, bytes]
         found = certificate_secret(refs, routes, ref, li.owner, "certificateRef",
                                    Reason.INVALID_CERTIFICATE_REF)
         if isinstance(found, tuple):
-            li.valid = False
+            # Still accepted (its routes attach, as the specification counts them), but
+            # not served without its certificate.
+            li.unresolved = True
             li.conditions.append(condition(Type.RESOLVED_REFS, False, found[0], found[1], gen))
+            li.conditions.append(condition(Type.PROGRAMMED, False, Reason.INVALID,
+                                           f"not served: {found[1]}", gen))
             return
         certs.append(found)
     li.certificates = tuple(certs)
@@ -271,9 +280,11 @@ def _conflicts(listeners: list[_Draft]) -> None:
             host_key = (family, li.spec.hostname)
             if host_key in hostnames_seen:
                 li.valid = False
-                li.conditions.append(condition(
-                    Type.CONFLICTED, True, Reason.HOSTNAME_CONFLICT,
-                    f"another listener on port {li.spec.port} has hostname "
-                    f"{li.spec.hostname or '(none)'}", gen))
+                msg = (f"another listener on port {li.spec.port} has hostname "
+                       f"{li.spec.hostname or '(none)'}")
+                li.conditions[:] = [c for c in li.conditions if c.type != Type.ACCEPTED]
+                li.conditions += [
+                    condition(Type.ACCEPTED, False, Reason.HOSTNAME_CONFLICT, msg, gen),
+                    condition(Type.CONFLICTED, True, Reason.HOSTNAME_CONFLICT, msg, gen)]
                 continue
             hostnames_seen.add(host_key)

@@ -60,7 +60,10 @@ def build_statuses(snapshot: StoreSnapshot, cfg: TranslatorConfig, policies: Pol
             out[ls.obj.key] = GatewayStatus(Conditions(ls.refused), listeners=None)
             continue
         own = [st for _, st in declared.get(ls.obj.key, ())]
-        ok = any(st.conditions.true(Type.ACCEPTED) for st in own)
+        # Accepted when one of its listeners is served (a listener whose certificate does
+        # not resolve is accepted into its Gateway, and serves nothing).
+        ok = any(st.conditions.true(Type.ACCEPTED) and not li.unresolved
+                 for li, st in declared.get(ls.obj.key, ()))
         conds = Conditions([condition(
             Type.ACCEPTED, ok, Reason.ACCEPTED if ok else Reason.LISTENERS_NOT_VALID,
             "accepted" if ok else "no listener is valid", ls.obj.generation)])
@@ -103,6 +106,11 @@ def _gateway_status(cfg: TranslatorConfig, g: Gateway,
     if own and not any(li.valid for li, _ in own):
         conds[-1] = condition(Type.ACCEPTED, False, Reason.LISTENERS_NOT_VALID,
                               "no listener is valid", gen)
+    elif any(not li.valid for li, _ in own):
+        # Accepted, and served on its valid listeners: the reason says not all are.
+        invalid = ", ".join(li.spec.name for li, _ in own if not li.valid)
+        conds[-1] = condition(Type.ACCEPTED, True, Reason.LISTENERS_NOT_VALID,
+                              f"accepted; listeners not valid: {invalid}", gen)
     if g.unusable:
         # Served on the usable ones, if any; not Programmed until all are usable.
         msg = f"address {', '.join(g.unusable)} cannot be used on this node: it is " \
