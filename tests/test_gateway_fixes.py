@@ -196,3 +196,20 @@ def test_listener_set_same_namespace_admits_the_listener_sets_routes(mesh: Mesh)
 
     wait_until(lambda: accepted()["status"] == "True", what="the route's status written")
     assert accepted()["reason"] == "Accepted"
+
+
+def test_listener_isolation_keeps_a_routes_names_from_more_specific_listeners() -> None:
+    """Upstream's GatewayHTTPListenerIsolation with intersecting hostnames: a route on the
+    listener without a hostname that names *.example.com serves none of it when a
+    *.example.com listener shares the port; on *.example.com, names a *.foo.example.com or
+    abc.foo.example.com listener takes are left to them."""
+    from mesh.translate.gateway.hostnames import isolate
+
+    others = [None, "*.example.com", "*.foo.example.com", "abc.foo.example.com"]
+    route = ("bar.com", "*.example.com", "*.foo.example.com", "abc.foo.example.com")
+    assert isolate(route, None, others) == ("bar.com",)
+    assert isolate(route[1:], "*.example.com", others) == ("*.example.com",)
+    assert isolate(("*.foo.example.com", "abc.foo.example.com"), "*.foo.example.com",
+                   others) == ("*.foo.example.com",)
+    assert isolate(("*",), None, others) == ("*",)  # the catch-all: Envoy picks the narrower
+    assert isolate(("a.example.com",), None, [None]) == ("a.example.com",)

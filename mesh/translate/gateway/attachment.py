@@ -77,8 +77,14 @@ class _Attacher:
         self.ours = {(g.obj.namespace, g.obj.name) for g in gws.gateways}
         # A listener's position stands for it: two listeners of one owner may share a name.
         self.by_owner: dict[ObjectKey, list[tuple[int, Listener]]] = {}
+        # The hostnames of the served listeners that share a port (a Gateway's and its
+        # ListenerSets'), for listener isolation.
+        self.port_hostnames: dict[tuple[ObjectKey, int], list[str | None]] = {}
         for i, li in enumerate(lis.listeners):
             self.by_owner.setdefault(li.owner.key, []).append((i, li))
+            if li.valid:
+                self.port_hostnames.setdefault((li.gateway.obj.key, li.spec.port), []).append(
+                    li.spec.hostname)
         self.statuses: dict[ObjectKey, RouteStatus] = {}
         self.attached = [0] * len(lis.listeners)
         self.mesh_parents: set[gamma.MeshParent] = set()
@@ -232,7 +238,10 @@ class _Attacher:
         for i, li in ns_ok:
             names = hostnames.intersect(li.spec.hostname, route.hostnames)
             if names:
-                attached.append((i, li, names))
+                # Attached, and served only for the names no more specific listener on
+                # the port takes (listener isolation).
+                others = self.port_hostnames.get((li.gateway.obj.key, li.spec.port), [])
+                attached.append((i, li, hostnames.isolate(names, li.spec.hostname, others)))
         if not attached:
             return False, Reason.NO_MATCHING_LISTENER_HOSTNAME, \
                 "no listener hostname matches the route's hostnames", []

@@ -6,6 +6,8 @@ A wildcard `*.example.com` matches any name with at least one more label in fron
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 def matches(wildcard_or_name: str, name: str) -> bool:
     """Whether `name` (exact or wildcard) falls within `wildcard_or_name`."""
@@ -35,3 +37,15 @@ def intersect(listener: str | None, route: tuple[str, ...]) -> tuple[str, ...]:
         elif matches(h, listener):
             out.append(listener)
     return tuple(dict.fromkeys(out))
+
+
+def isolate(names: tuple[str, ...], listener: str | None,
+            others: Iterable[str | None]) -> tuple[str, ...]:
+    """Listener isolation: of the names a route serves on a listener, those no more
+    specific listener on the same port takes. A request goes to the listener whose hostname
+    matches it most specifically, and only that listener's routes may answer it; where a
+    route's name only overlaps a more specific listener's, Envoy's choice of the most
+    specific virtual host keeps the rest apart."""
+    narrower = [o for o in others if o is not None and o != listener
+                and (listener is None or matches(listener, o))]
+    return tuple(n for n in names if not any(matches(o, n) for o in narrower))
