@@ -146,7 +146,7 @@ conformance: $(STAMP) $(SYSTEM_STAMP) $(KUBE_BIN)/.built $(CONFORMANCE_TEST)
 run-host: $(STAMP)
 	$(VENV)/bin/mesh run --manifests examples/gateway --echo 127.0.0.1:18080
 
-test: $(STAMP) $(SYSTEM_STAMP) $(KUBE_BIN)/.built $(IMAGE_DIR)/.built
+test: $(STAMP) $(SYSTEM_STAMP) $(KUBE_BIN)/.built $(CONFORMANCE_TEST) $(IMAGE_DIR)/.built
 	$(VENV)/bin/ruff check mesh meshxds tests benchmarks docs
 	$(VENV)/bin/mypy
 	$(MKDOCS) build --strict --quiet --site-dir $(SITE)

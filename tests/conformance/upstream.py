@@ -46,6 +46,7 @@ SUPPORTED = (
     "HTTPRouteRetryBackendTimeout", "HTTPRouteRetryConnectionError",
     "HTTPRouteSchemeRedirect", "ListenerSet", "TLSRouteModeMixed", "TLSRouteModeTerminate")
 RESULT = re.compile(r"^\s*--- (PASS|FAIL|SKIP): TestConformance/([^/\s]+) \(([\d.]+)s\)")
+STARTED = re.compile(r"^=== RUN\s+TestConformance/([^/\s]+)$")
 
 
 @dataclass
@@ -109,6 +110,9 @@ def run(state: dict[str, object], *, profiles: list[str], run_test: str | None,
             if m:
                 out.results[m.group(2)] = m.group(1)
                 print(f"{m.group(1)} {m.group(2)} ({m.group(3)} s)", flush=True)
+            elif (started := STARTED.match(line)) is not None:
+                # Go prints the verdicts at the end: say where the suite is meanwhile.
+                print(f"RUN {started.group(1)} ({time.monotonic() - began:.0f} s)", flush=True)
         out.code = proc.wait()
     out.seconds = time.monotonic() - began
     return out

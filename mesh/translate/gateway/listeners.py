@@ -285,6 +285,7 @@ def _conflicts(listeners: list[_Draft]) -> None:
                 li.conditions[:] = [c for c in li.conditions if c.type != Type.ACCEPTED]
                 li.conditions += [
                     condition(Type.ACCEPTED, False, Reason.HOSTNAME_CONFLICT, msg, gen),
-                    condition(Type.CONFLICTED, True, Reason.HOSTNAME_CONFLICT, msg, gen)]
+                    condition(Type.CONFLICTED, True, Reason.HOSTNAME_CONFLICT, msg, gen),
+                    condition(Type.PROGRAMMED, False, Reason.HOSTNAME_CONFLICT, msg, gen)]
                 continue
             hostnames_seen.add(host_key)
