@@ -120,8 +120,10 @@ def describe(identity: EchoIdentity, method: str, target: str, proto: str,
         if sep and name.strip():
             extra.append((name.strip(), value.strip()))
     body = json.dumps(doc).encode()
-    log.debug("echo", extra={"method": method, "path": target, "host": host, "proto": proto,
-                             "pod": identity.pod})
+    # echo-basic's own line (the upstream mirror tests look for it in the pod's log).
+    log.info("Echoing back request made to %s to client (%s)", target, client,
+             extra={"method": method, "path": target, "host": host, "proto": proto,
+                    "pod": identity.pod})
     return Answer(status, body, [("Content-Type", "application/json"),
                                  ("Content-Length", str(len(body))), *extra], delay)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -305,6 +306,22 @@ def test_volumes_are_mounted_where_the_spec_says_and_only_for_the_pod(lab: str) 
     assert out.startswith('s3crethellotier="lab"'), out
     assert not (MNT / "secret" / "token").exists()  # not on the host's file system
     assert not list((MNT / "secret").iterdir())
+
+
+def test_kubectl_logs_reads_a_pods_log_through_the_kubelet(lab: str) -> None:
+    """`kubectl logs`: the API server asks the node's kubelet (its HTTPS endpoint on the
+    node's address, certificates both ways) for the container's log, with --tail,
+    --timestamps and --since as a kubelet answers them."""
+    pod = pods_of(lab, "echo")[0]
+    ip = state(lab)["pods"][f"default/{pod}"]["ip"]
+    exec_in(lab, "client", GET, f"http://{ip}:8080/logged-{os.getpid()}", "1")
+    line = f"Echoing back request made to /logged-{os.getpid()} to client"
+    wait_until(lambda: line in kubectl(lab, "logs", pod).stdout, timeout=10,
+               what="the request in kubectl logs")
+    tail = kubectl(lab, "logs", pod, "--tail=1", "--timestamps").stdout.splitlines()
+    assert len(tail) == 1 and re.match(r"\d{4}-\d\d-\d\dT[\d:.]+Z ", tail[0]), tail
+    assert line in kubectl(lab, "logs", pod, "--since=60s").stdout
+    assert kubectl(lab, "logs", pod, "--since-time=2999-01-01T00:00:00Z").stdout == ""
 
 
 def test_a_pod_reaches_a_service_that_selects_itself(lab: str) -> None:

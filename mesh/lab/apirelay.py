@@ -26,12 +26,12 @@ log = logging.getLogger(__name__)
 CHUNK = 65536
 
 
-def listen_in(namespace: str, port: int) -> socket.socket:
-    """A listening socket on 127.0.0.1:port inside `namespace` (this thread returns to its
-    own namespace before it returns)."""
+def listen_in(namespace: str, port: int, host: str = "127.0.0.1") -> socket.socket:
+    """A listening socket on host:port inside `namespace` (this thread returns to its own
+    namespace before it returns)."""
     pyroute2_netns.pushns(namespace)
     try:
-        sock = socket.create_server(("127.0.0.1", port), backlog=128)
+        sock = socket.create_server((host, port), backlog=128)
     finally:
         pyroute2_netns.popns()
     sock.setblocking(False)

@@ -210,6 +210,9 @@ def exec_cmd(name: str | None, namespace: str, pod: str, command: tuple[str, ...
 @click.option("-n", "--namespace", default="default", show_default=True)
 @click.argument("pod")
 def logs(name: str | None, namespace: str, pod: str) -> None:
-    """What POD's process printed."""
+    """What POD's (first) container printed, as `kubectl logs POD` shows it."""
+    from mesh.lab.logshim import lines
+
     p = _pod(_state(_name(name)), pod, namespace)
-    click.echo(Path(p["log"]).read_text(errors="replace"), nl=False)
+    for _, text in lines(Path(p["log"])):
+        click.echo(text)

@@ -46,7 +46,7 @@ from mesh.cni.runtime import HOST_LOCAL
 from mesh.datapath.programs import ensure_bpffs
 from mesh.lab import bootstrap, network
 from mesh.lab.controlplane import Binaries, ControlPlane, ControlPlaneError
-from mesh.lab.kubelet import Kubelet, node_kubeconfig
+from mesh.lab.kubelet import Kubelet, node_kubeconfig, serving_certificate
 from mesh.lab.network import LabError, NodeNet
 
 log = logging.getLogger(__name__)
@@ -222,6 +222,7 @@ class Lab:
         for n in self.nodes:
             node_kubeconfig(self.cp.certs, self.cp.server, n.name,
                             self.node_dir(n) / "kubelet.kubeconfig")
+            serving_certificate(self.cp.certs, n.name, n.underlay_ip, self.node_dir(n))
             bootstrap.token_kubeconfig(self.cp, self.node_dir(n) / "agent.kubeconfig", account)
             self._start_kubelet(n)
             self._start_dns(n)
@@ -262,12 +263,15 @@ class Lab:
         return f"redis://{self.state.host_address}:{REDIS_PORT}"
 
     def _start_kubelet(self, n: NodeNet) -> None:
+        d = self.node_dir(n)
         proc = self._spawn(f"kubelet/{n.name}", [
             sys.executable, "-m", "mesh.lab.kubelet", "--name", n.name,
-            "--kubeconfig", str(self.node_dir(n) / "kubelet.kubeconfig"),
-            "--state-dir", str(self.node_dir(n) / "kubelet"), "--netns", n.name,
+            "--kubeconfig", str(d / "kubelet.kubeconfig"),
+            "--state-dir", str(d / "kubelet"), "--netns", n.name,
             "--address", n.underlay_ip, "--cgroup", str(CGROUP_ROOT / self.name / n.name),
-            "--dns", n.underlay_ip], self.node_dir(n) / "kubelet.log")
+            "--dns", n.underlay_ip, "--tls-cert", str(d / "kubelet-serving.crt"),
+            "--tls-key", str(d / "kubelet-serving.key"),
+            "--client-ca", str(self.cp.certs / "ca.crt")], d / "kubelet.log")
         self.state.kubelets[n.name] = proc.pid
 
     def _start_agent(self, n: NodeNet) -> None:

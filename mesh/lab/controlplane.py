@@ -440,6 +440,10 @@ class ControlPlane:
                 # the API server's identity at the kubelets (logs, exec, port-forward)
                 f"--kubelet-client-certificate={c / 'kubelet-client.crt'}",
                 f"--kubelet-client-key={c / 'kubelet-client.key'}",
+                # the lab's nodes are reached at their InternalIP (their names resolve
+                # nowhere), and their serving certificates are the lab CA's
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-certificate-authority={c / 'ca.crt'}",
                 "--profiling=false"]
 
     def _controller_manager_args(self) -> list[str]:

@@ -37,11 +37,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -49,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mesh.cni.plugin import CNIError
 from mesh.cni.runtime import Runtime, existing_runtime, node_runtime
 from mesh.kube.client import API_ERRORS, HTTP, Gone, connect
-from mesh.lab import images, volumes, workloads
+from mesh.lab import images, kubelet_server, volumes, workloads
 from mesh.lab.controlplane import Issued, issue, kubeconfig
 from mesh.lab.dns import resolv_conf
 from mesh.lab.volumes import VolumeError
@@ -91,6 +92,22 @@ def node_kubeconfig(certs: Path, server: str, node: str, path: Path) -> Path:
     with os.fdopen(fd, "w") as f:
         f.write(kubeconfig(server, ca.cert_pem(), client, f"system:node:{node}"))
     return path
+
+
+def serving_certificate(certs: Path, node: str, address: str, directory: Path) -> None:
+    """The kubelet's serving certificate for its node's address (kubelet-serving.crt and
+    .key, 0600, in `directory`), from the CA in `certs`: the API server checks it."""
+    cert = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
+    key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    served = issue(Issued(cert, key), f"system:node:{node}", org="system:nodes", server=True,
+                   dns=(node,), ips=(address,))
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in (("kubelet-serving.crt", served.cert_pem()),
+                       ("kubelet-serving.key", served.key_pem())):
+        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
 # -- one container -------------------------------------------------------------------------
@@ -423,10 +440,11 @@ class PodWorker:
                 with open(procs, "w") as f:
                     f.write(str(os.getpid()))
 
-        with logf.open("ab") as out:
-            c.process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=join)
+        # Its output through the log shim, kept as a runtime keeps it (CRI log lines).
+        shim = [sys.executable, "-m", "mesh.lab.logshim", str(logf), "--"]
+        c.process = subprocess.Popen([*shim, *argv], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, preexec_fn=join)
         c.started, c.started_at = time.monotonic(), now_rfc3339()
         c.state = {"running": {"startedAt": c.started_at}}
         c.ready, c.failures, c.successes, c.next_probe = False, 0, 0, 0.0
@@ -438,6 +456,8 @@ class PodWorker:
 
     def _exited(self, c: Container) -> None:
         assert c.process is not None
+        # The container's first process is gone: what it left behind goes with it.
+        _kill_group(c.process.pid, signal.SIGKILL)
         rc = c.process.returncode
         code = 128 - rc if rc < 0 else rc
         c.state = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else
@@ -650,7 +670,8 @@ class Kubelet:
                  address: str, backoff: float = BACKOFF, renew: float = RENEW,
                  status_every: float = STATUS_EVERY,
                  taints: tuple[dict[str, str], ...] = (), cgroup: Path | None = None,
-                 dns: str | None = None) -> None:
+                 dns: str | None = None,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
         self.name = name
         self.kubeconfig = kubeconfig
         self.state_dir = state_dir
@@ -667,6 +688,9 @@ class Kubelet:
         self.cgroup = cgroup
         # The cluster DNS its pods' resolv.conf names (None: the host's resolv.conf).
         self.dns = dns
+        # (serving certificate, its key, the CA of its clients): with them it serves the
+        # API server's `kubectl logs` on the node's address (mesh.lab.kubelet_server).
+        self.tls = tls
         self.http: HTTP | None = None
         self.runtime: Runtime | None = None
         self.pod_cidr = ""
@@ -721,7 +745,8 @@ class Kubelet:
                 cond("PIDPressure", "False", "KubeletHasSufficientPID",
                      "kubelet has sufficient PID available"),
                 cond("Ready", "True", "KubeletReady", "kubelet is posting ready status")],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "daemonEndpoints": {"kubeletEndpoint": {
+                "Port": kubelet_server.PORT if self.tls else 0}},
             "nodeInfo": {
                 "machineID": _read("/etc/machine-id"), "systemUUID": self.name,
                 "bootID": _read("/proc/sys/kernel/random/boot_id"),
@@ -941,6 +966,7 @@ class Kubelet:
         for path in self.pods_dir.glob("*.json"):
             with contextlib.suppress(OSError, ValueError):
                 self.records[path.stem] = json.loads(path.read_text())
+        server: web.AppRunner | None = None
         async with connect(str(self.kubeconfig)) as http:
             self.http = http
             try:
@@ -948,6 +974,9 @@ class Kubelet:
                 self.pod_cidr = await self.wait_pod_cidr()
                 self.runtime = await asyncio.to_thread(
                     node_runtime, self.state_dir / "cni", self.pod_cidr, self.netns)
+                if self.tls is not None:
+                    server = await kubelet_server.serve(self.find_log, self.netns,
+                                                        self.address, *self.tls)
                 self.registered.set()
                 log.info("kubelet running", extra={"node": self.name,
                                                    "podCIDR": self.pod_cidr})
@@ -959,6 +988,8 @@ class Kubelet:
                         "/api/v1/pods", {"fieldSelector": f"spec.nodeName={self.name}"},
                         self._pod_event, self._pods_listed))
             finally:
+                if server is not None:
+                    await server.cleanup()
                 tasks = [w.task for w in self.workers.values() if w.task is not None]
                 if self._stale is not None:
                     tasks.append(self._stale)
@@ -966,6 +997,18 @@ class Kubelet:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 self.http = None
+
+    def find_log(self, namespace: str, pod: str, container: str
+                 ) -> tuple[Path, Callable[[], bool]] | None:
+        """A container's log on this node, and whether it still runs (for `follow`)."""
+        for w in self.workers.values():
+            if w.namespace == namespace and w.name == pod:
+                for c in w.containers:
+                    if c.name == container or (not container and c is w.containers[0]):
+                        def running(c: Container = c) -> bool:
+                            return c.process is not None and c.process.poll() is None
+                        return w._log(c), running
+        return None
 
     def _remove_records(self, uids: list[str]) -> None:
         left = Kubelet.cleanup(self.state_dir, self.netns, uids=uids)
@@ -1027,11 +1070,16 @@ def main() -> None:
     parser.add_argument("--address", required=True)
     parser.add_argument("--cgroup", type=Path, help="the cgroup (v2) the pods' processes join")
     parser.add_argument("--dns", help="the cluster DNS server the pods' resolv.conf names")
+    parser.add_argument("--tls-cert", type=Path, help="serve `kubectl logs` with this ...")
+    parser.add_argument("--tls-key", type=Path, help="... and this key, ...")
+    parser.add_argument("--client-ca", type=Path, help="... to clients this CA signed")
     a = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    tls = (a.tls_cert, a.tls_key, a.client_ca) if a.tls_cert and a.tls_key and a.client_ca \
+        else None
     kubelet = Kubelet(a.name, a.kubeconfig, a.state_dir, netns=a.netns, address=a.address,
-                      cgroup=a.cgroup, dns=a.dns)
+                      cgroup=a.cgroup, dns=a.dns, tls=tls)
 
     async def run() -> None:
         # SIGTERM: stop as a kubelet stops (its pods keep running; the lab removes them)
