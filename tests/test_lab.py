@@ -418,8 +418,10 @@ def test_a_readiness_probe_takes_the_endpoint_out_and_back(lab: str) -> None:
     assert endpoints() == [ip]
     GATE.unlink()
     try:
-        wait_until(lambda: endpoints() == [], timeout=10, what="the endpoint gone")
-        assert not state(lab)["pods"]["default/gated"]["ready"]
+        # The pod's Ready and its EndpointSlice are read one after the other: either may
+        # show the change first.
+        wait_until(lambda: endpoints() == [] and not state(lab)["pods"]["default/gated"][
+            "ready"], timeout=10, what="the endpoint gone and the pod not ready")
     finally:
         GATE.touch()
     wait_until(lambda: endpoints() == [ip], timeout=10, what="the endpoint back")

@@ -99,7 +99,7 @@ class Backends:
             cmd, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "POD_NAME": pod.name, "NAMESPACE": pod.namespace})
 
-    def _wait_listening(self, pods: list[Pod], timeout: float = 30) -> None:
+    def _wait_listening(self, pods: list[Pod], timeout: float = 60) -> None:
         import socket
 
         deadline = time.monotonic() + timeout
