@@ -44,7 +44,8 @@ SUPPORTED = (
     "HTTPRouteRequestMultipleMirrors", "HTTPRouteRequestPercentageMirror",
     "HTTPRouteRequestTimeout", "HTTPRouteResponseHeaderModification", "HTTPRouteRetry",
     "HTTPRouteRetryBackendTimeout", "HTTPRouteRetryConnectionError",
-    "HTTPRouteSchemeRedirect", "ListenerSet", "TLSRouteModeMixed", "TLSRouteModeTerminate")
+    "HTTPRouteSchemeRedirect", "ListenerSet", "TLSRouteModeMixed", "TLSRouteModeTerminate",
+    "GatewayBackendClientCertificate")
 RESULT = re.compile(r"^\s*--- (PASS|FAIL|SKIP): TestConformance/([^/\s]+) \(([\d.]+)s\)")
 STARTED = re.compile(r"^=== RUN\s+TestConformance/([^/\s]+)$")
 
