@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dnslib import AAAA, QTYPE, RCODE, RR, SRV, A
-from dnslib.server import BaseResolver, DNSServer
+from dnslib.server import BaseResolver
+
+from mesh.lab import dns
 
 BLOCK = re.compile(r"([^\s{]+)\s*\{([^}]*)\}", re.S)
 
@@ -67,13 +68,7 @@ def main() -> None:
     parser.add_argument("-conf", default="Corefile", type=Path)
     args = parser.parse_args()
     blocks = parse(args.conf.read_text())
-    resolver = Whoami(blocks)
-    servers = [DNSServer(resolver, address="0.0.0.0", port=port, tcp=tcp)
-               for port in sorted({b.port for b in blocks}) for tcp in (False, True)]
-    for s in servers:
-        s.start_thread()
-    while all(s.isAlive() for s in servers):
-        time.sleep(1)
+    dns.serve(Whoami(blocks), "0.0.0.0", sorted({b.port for b in blocks}))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,16 @@ class ClusterResolver(BaseResolver):  # type: ignore[misc]
         return reply
 
 
+def serve(resolver: BaseResolver, address: str, ports: list[int]) -> None:
+    """Answer on UDP and TCP at each port until one of the servers stops."""
+    servers = [DNSServer(resolver, address=address, port=port, tcp=tcp)
+               for port in ports for tcp in (False, True)]
+    for s in servers:
+        s.start_thread()
+    while all(s.isAlive() for s in servers):
+        time.sleep(1)
+
+
 def resolv_conf(nameserver: str, namespace: str) -> str:
     return (f"nameserver {nameserver}\n"
             f"search {namespace}.svc.{DOMAIN} svc.{DOMAIN} {DOMAIN}\noptions ndots:5\n")
@@ -68,12 +78,7 @@ def main() -> None:
     parser.add_argument("--state", required=True, type=Path, help="the lab's lab.json")
     args = parser.parse_args()
     resolver = ClusterResolver(args.state)
-    servers = [DNSServer(resolver, address=args.listen, port=53, tcp=tcp) for tcp in (False,
-                                                                                     True)]
-    for s in servers:
-        s.start_thread()
-    while all(s.isAlive() for s in servers):
-        time.sleep(1)
+    serve(resolver, args.listen, [53])
 
 
 if __name__ == "__main__":

@@ -79,13 +79,18 @@ def micro_time() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def node_kubeconfig(certs: Path, server: str, node: str, path: Path) -> Path:
-    """A kubeconfig for `node` at `path` (0600): a client certificate CN=system:node:<node>,
-    O=system:nodes, issued by the CA in `certs` (a ControlPlane's `certs`)."""
+def _lab_ca(certs: Path) -> Issued:
+    """The control plane's CA (a ControlPlane's `certs`), to issue node certificates."""
     cert = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
     key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    ca = Issued(cert, key)
+    return Issued(cert, key)
+
+
+def node_kubeconfig(certs: Path, server: str, node: str, path: Path) -> Path:
+    """A kubeconfig for `node` at `path` (0600): a client certificate CN=system:node:<node>,
+    O=system:nodes, issued by the CA in `certs` (a ControlPlane's `certs`)."""
+    ca = _lab_ca(certs)
     client = issue(ca, f"system:node:{node}", org="system:nodes")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -97,10 +102,7 @@ def node_kubeconfig(certs: Path, server: str, node: str, path: Path) -> Path:
 def serving_certificate(certs: Path, node: str, address: str, directory: Path) -> None:
     """The kubelet's serving certificate for its node's address (kubelet-serving.crt and
     .key, 0600, in `directory`), from the CA in `certs`: the API server checks it."""
-    cert = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
-    key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    served = issue(Issued(cert, key), f"system:node:{node}", org="system:nodes", server=True,
+    served = issue(_lab_ca(certs), f"system:node:{node}", org="system:nodes", server=True,
                    dns=(node,), ips=(address,))
     directory.mkdir(parents=True, exist_ok=True)
     for name, data in (("kubelet-serving.crt", served.cert_pem()),
