@@ -43,8 +43,7 @@ def test_args_follow_the_entrypoint_and_unknown_images_are_refused() -> None:
     assert images.entrypoint(ECHO, ("--extra",), {})[-1] == "--extra"
     with pytest.raises(KeyError):
         images.entrypoint("example.com/app:1.0", (), {})
-    with pytest.raises(images.CannotRun, match="UDP_ECHO_SERVER"):
-        images.entrypoint(ECHO, (), {"UDP_ECHO_SERVER": "1"})
+    assert images.entrypoint(ECHO, (), {"UDP_ECHO_SERVER": "1"})[-1] == "mesh.udpecho"
     assert images.entrypoint(ECHO, (), {"TCP_ECHO_SERVER": "1"})[-1] == "mesh.tcpecho"
 
 
@@ -133,3 +132,22 @@ def test_the_tcp_echo_answers_as_echo_basic_does(tmp_path: Path) -> None:
     tls = json.loads(secure[1])
     assert tls["isTLS"] is True and tls["tls"]["serverName"] == "tcp.example"
     assert tls["tls"]["version"] in ("TLS 1.2", "TLS 1.3") and secure[2] == b"true\n"
+
+
+def test_the_udp_echo_answers_each_datagram_with_the_pods_context() -> None:
+    import json
+    import socket
+    import threading
+
+    from mesh import udpecho
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    env = {"NAMESPACE": "ns", "SERVICE_NAME": "svc", "POD_NAME": "pod-1"}
+    threading.Thread(target=udpecho.serve, args=(server, env), daemon=True).start()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(5)
+    client.sendto(b"ping", server.getsockname())
+    reply = json.loads(client.recv(2048))
+    assert reply == {"request": "ping", "namespace": "ns", "ingress": "", "service": "svc",
+                     "pod": "pod-1"}

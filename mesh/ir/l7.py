@@ -106,7 +106,8 @@ class Backend:
 
     name: str
     endpoints: tuple[Endpoint, ...]
-    protocol: str = "http1"  # http1 | h2c | tcp
+    # http1 | h2c | tcp (bytes: TLS passthrough, TCPRoute) | udp (datagrams: UDPRoute)
+    protocol: str = "http1"
     tls: UpstreamTLS | None = None
     owners: Owners = frozenset()
     settings: BackendSettings = BackendSettings()
@@ -361,7 +362,8 @@ class FilterChain:
     certificates: tuple[str, ...] = ()  # TLS termination with these certificates
     client_validation: ClientValidation | None = None
     route_table: str | None = None  # HTTP: the route table that serves it
-    tcp_backends: tuple[WeightedBackend, ...] = ()  # TCP proxying (TLS passthrough)
+    # Proxying without HTTP: TCP (TLS passthrough, a TCPRoute) or, on a UDP listener, UDP
+    tcp_backends: tuple[WeightedBackend, ...] = ()
     owners: Owners = frozenset()
     # The mesh listener's chains: the Service frontend (ClusterIP, port) the connection was
     # sent to, and for a consumer route's chain the client pods' addresses (/32 each).
@@ -374,7 +376,7 @@ class Listener:
     name: str
     address: str
     port: int
-    protocol: str  # HTTP | HTTPS | TLS
+    protocol: str  # HTTP | HTTPS | TLS | TCP | UDP
     chains: tuple[FilterChain, ...]
     owners: Owners = frozenset()
     # The mesh listener: connections the datapath hands over keep their original

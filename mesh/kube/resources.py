@@ -67,6 +67,8 @@ def resources(node_name: str | None) -> list[Resource]:
         Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute"),
         Resource("gateway.networking.k8s.io", "v1", "grpcroutes", "GRPCRoute"),
         Resource("gateway.networking.k8s.io", "v1alpha2", "tlsroutes", "TLSRoute"),
+        Resource("gateway.networking.k8s.io", "v1", "tcproutes", "TCPRoute"),
+        Resource("gateway.networking.k8s.io", "v1", "udproutes", "UDPRoute"),
         Resource("gateway.networking.k8s.io", "v1beta1", "referencegrants", "ReferenceGrant"),
         Resource("gateway.networking.k8s.io", "v1", "backendtlspolicies", "BackendTLSPolicy"),
         Resource("gateway.networking.x-k8s.io", "v1alpha1", "xbackendtrafficpolicies",
@@ -82,5 +84,6 @@ def resources(node_name: str | None) -> list[Resource]:
 # gives status to nothing else that the API would take (an IngressClass has no status).
 STATUS_KINDS = frozenset({
     kinds.GATEWAY_CLASS, kinds.GATEWAY, kinds.LISTENER_SET, kinds.X_LISTENER_SET,
-    kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE, kinds.BACKEND_TLS_POLICY,
+    kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE, kinds.TCP_ROUTE, kinds.UDP_ROUTE,
+    kinds.BACKEND_TLS_POLICY,
     kinds.X_BACKEND_TRAFFIC_POLICY, kinds.TRAFFIC_POLICY, kinds.INGRESS})

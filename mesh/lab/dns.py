@@ -10,12 +10,13 @@ has no way out to the world's DNS.
 from __future__ import annotations
 
 import json
+import struct
 import time
 from pathlib import Path
 from typing import Any
 
-from dnslib import QTYPE, RCODE, RR, A
-from dnslib.server import BaseResolver, DNSServer
+from dnslib import QTYPE, RCODE, RR, A, DNSError
+from dnslib.server import BaseResolver, DNSHandler, DNSServer
 
 DOMAIN = "cluster.local"
 TTL = 5
@@ -55,9 +56,26 @@ class ClusterResolver(BaseResolver):  # type: ignore[misc]
         return reply
 
 
+class _Handler(DNSHandler):  # type: ignore[misc]
+    """A message that does not parse still gets an answer when its header does, as DNS
+    servers (CoreDNS's among them) give one: the header back with FORMERR, or NOTIMP for an
+    opcode other than a query. dnslib alone would stay silent."""
+
+    def get_reply(self, data: bytes) -> bytes:
+        try:
+            return bytes(super().get_reply(data))
+        except DNSError:
+            if len(data) < 12:
+                raise
+            ident, flags = struct.unpack("!HH", data[:4])
+            opcode = (flags >> 11) & 0xF
+            rcode = RCODE.FORMERR if opcode == 0 else RCODE.NOTIMP
+            return struct.pack("!HHHHHH", ident, 0x8000 | (opcode << 11) | rcode, 0, 0, 0, 0)
+
+
 def serve(resolver: BaseResolver, address: str, ports: list[int]) -> None:
     """Answer on UDP and TCP at each port until one of the servers stops."""
-    servers = [DNSServer(resolver, address=address, port=port, tcp=tcp)
+    servers = [DNSServer(resolver, address=address, port=port, tcp=tcp, handler=_Handler)
                for port in ports for tcp in (False, True)]
     for s in servers:
         s.start_thread()

@@ -11,7 +11,8 @@ image it may not pull.
   as echo-basic reads its environment: HTTP on `HTTP_PORT` (3000) and h2c on `H2C_PORT`
   (3001); HTTPS on `HTTPS_PORT` (8443) given `TLS_SERVER_CERT`, `TLS_SERVER_PRIVKEY` and
   `TLS_CLIENT_CACERTS`; the gRPC echo on `HTTP_PORT` given `GRPC_ECHO_SERVER`; the TCP echo
-  (`mesh.tcpecho`) given `TCP_ECHO_SERVER`.
+  (`mesh.tcpecho`) given `TCP_ECHO_SERVER`; the UDP echo (`mesh.udpecho`) given
+  `UDP_ECHO_SERVER`.
 - registry.k8s.io/coredns/coredns: `mesh.lab.coredns`, the Corefile's `whoami` zones (its
   `-conf` argument, as CoreDNS takes it).
 """
@@ -23,10 +24,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 # What runs the project's own commands in a pod: the Python of the lab's own venv.
 MESH = (sys.executable, "-m", "mesh.cli")
-
-
-class CannotRun(ValueError):
-    """The image is known but asks for something the lab's implementation lacks."""
 
 
 def image_name(image: str) -> str:
@@ -43,7 +40,7 @@ def _echo_basic(env: Mapping[str, str]) -> list[str]:
     if env.get("TCP_ECHO_SERVER"):
         return [sys.executable, "-m", "mesh.tcpecho"]  # it reads the same variables
     if env.get("UDP_ECHO_SERVER"):
-        raise CannotRun("UDP_ECHO_SERVER: the lab's echo has no UDP echo")
+        return [sys.executable, "-m", "mesh.udpecho"]
     http = env.get("HTTP_PORT") or "3000"
     if env.get("GRPC_ECHO_SERVER"):
         return [*MESH, "echo", "--grpc", "--listen", f"0.0.0.0:{http}"]
@@ -70,8 +67,7 @@ IMAGES: dict[str, Callable[[Mapping[str, str]], list[str]]] = {
 
 def entrypoint(image: str, args: Sequence[str], env: Mapping[str, str]) -> tuple[str, ...]:
     """The command line for a container of `image` without a command (its `args` after
-    the image's own); KeyError for an image the lab has nothing for, CannotRun for one it
-    cannot run as configured."""
+    the image's own); KeyError for an image the lab has nothing for."""
     run = IMAGES.get(image_name(image))
     if run is None:
         raise KeyError(image)

@@ -420,10 +420,6 @@ class PodWorker:
                     f"{', '.join(images.known())}; give the container a command")}}
                 self._back_off(c)
                 return
-            except images.CannotRun as e:
-                c.state = {"waiting": {"reason": "CreateContainerError", "message": str(e)}}
-                self._back_off(c)
-                return
         why = _resolve(command, env["PATH"])
         if why is not None:
             c.state = {"waiting": {"reason": "CreateContainerError", "message": why}}

@@ -293,7 +293,7 @@ def parse_backend_ref(raw: Any, default_ns: str) -> BackendRef:
     )
 
 
-# -- HTTPRoute / GRPCRoute / TLSRoute ----------------------------------------------------
+# -- HTTPRoute / GRPCRoute / TLSRoute / TCPRoute / UDPRoute ----------------------------------
 
 @dataclass(frozen=True)
 class StringMatch:
@@ -356,14 +356,17 @@ class HTTPRule:
 
 @dataclass(frozen=True)
 class Route:
-    """An HTTPRoute, GRPCRoute or TLSRoute: what attachment and status need."""
+    """An HTTPRoute, GRPCRoute, TLSRoute, TCPRoute or UDPRoute: what attachment and status
+    need."""
 
     obj: KubeObject
     parent_refs: tuple[ParentRef, ...]
     hostnames: tuple[str, ...]
     http_rules: tuple[HTTPRule, ...] = ()
     grpc_rules: tuple[GRPCRule, ...] = ()
-    tls_backends: tuple[tuple[BackendRef, ...], ...] = ()
+    # TLSRoute, TCPRoute, UDPRoute: each rule's backends (connections, or UDP sessions,
+    # are spread over them by weight; there is nothing else to match on)
+    stream_backends: tuple[tuple[BackendRef, ...], ...] = ()
 
     @property
     def kind(self) -> str:
@@ -448,11 +451,13 @@ def parse_grpc_route(obj: KubeObject) -> Route:
     return Route(obj, _parent_refs(obj), _hostnames(obj), grpc_rules=tuple(rules))
 
 
-def parse_tls_route(obj: KubeObject) -> Route:
+def parse_stream_route(obj: KubeObject) -> Route:
+    """A TLSRoute, TCPRoute or UDPRoute (the last two have no hostnames)."""
     rules = tuple(
         tuple(parse_backend_ref(b, obj.namespace) for b in _list(_map(raw).get("backendRefs")))
         for raw in _list(obj.spec.get("rules")))
-    return Route(obj, _parent_refs(obj), _hostnames(obj), tls_backends=rules)
+    names = _hostnames(obj) if obj.kind == "TLSRoute" else ()
+    return Route(obj, _parent_refs(obj), names, stream_backends=rules)
 
 
 # -- Gateway, ListenerSet, GatewayClass ------------------------------------------------------

@@ -39,6 +39,9 @@ _WS = "kubernetes.io/ws"
 _KNOWN_APP_PROTOCOLS = {None, "http", "HTTP", "kubernetes.io/http", "https", "HTTPS",
                         "kubernetes.io/https", _H2C, _WS, "grpc"}
 _DEFAULT_RETRY_ATTEMPTS = 2
+# Routes that carry bytes, not requests: their backends are picked per connection (UDP:
+# per session), whatever protocol the Service port declares.
+STREAM_KINDS = frozenset({"TLSRoute", "TCPRoute", "UDPRoute"})
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Resolution:
     reason: str = Reason.RESOLVED_REFS
     message: str = "all references resolved"
     routes: list[tuple[tuple[Any, ...], ir.Route]] = field(default_factory=list)
-    tls: list[ir.WeightedBackend] = field(default_factory=list)
+    stream: list[ir.WeightedBackend] = field(default_factory=list)  # TLS/TCP/UDPRoute
     # Every backend reference made (memo key, reference, gRPC), to register the backends
     # again when this resolution is reused by a later translation.
     refs: list[tuple[str, model.BackendObjectRef, bool]] = field(default_factory=list)
@@ -93,7 +96,8 @@ class Entry:
     """What one route adds to one listener's table, kept to be added again as it is."""
 
     http: tuple[tuple[tuple[Any, ...], ir.Route], ...] = ()  # (precedence key, route)
-    tls: tuple[tuple[ir.WeightedBackend, ...], frozenset[ObjectKey]] | None = None
+    # A TLSRoute's, TCPRoute's or UDPRoute's: (backends, owners)
+    stream: tuple[tuple[ir.WeightedBackend, ...], frozenset[ObjectKey]] | None = None
     # Copies of backends with a policy's settings, that the routes send to.
     variants: tuple[ir.Backend, ...] = ()
 
@@ -108,7 +112,8 @@ VhostCache = dict[tuple[str, str, int | None],
 @dataclass
 class _TableEntries:
     by_host: dict[str, list[tuple[tuple[Any, ...], ir.Route]]] = field(default_factory=dict)
-    tls: list[tuple[tuple[str, ...], tuple[ir.WeightedBackend, ...], frozenset[ObjectKey]]] = \
+    stream: list[tuple[tuple[str, ...], tuple[ir.WeightedBackend, ...],
+                       frozenset[ObjectKey]]] = \
         field(default_factory=list)
 
 
@@ -167,7 +172,7 @@ class RouteBuilder:
                         used.update(w.backend for w in r.action.backends)
                         used.update(m.backend for m in r.action.mirrors)
         for entries in self._entries.values():
-            for _, tcp, _ in entries.tls:
+            for _, tcp, _ in entries.stream:
                 used.update(w.backend for w in tcp)
         return self._varied - used
 
@@ -217,9 +222,10 @@ class RouteBuilder:
             probe = Resolution()
             name = self._backend(ref, route, probe, grpc)
             svc = self._services.get((ref.namespace, ref.name))
-            port = next((p for p in svc.ports if p.port == ref.port), None) if svc else None
+            port = _service_port(svc, ref.port, route.kind) if svc else None
             policies = tuple(p.obj.key for p in self._policy_candidates(svc, port)) \
-                if svc is not None and port is not None else ()
+                if svc is not None and port is not None and route.kind not in STREAM_KINDS \
+                else ()
             memo = self._memo[memo_key] = (name, probe, policies)
         name, probe, policies = memo
         for policy in policies:
@@ -247,19 +253,28 @@ class RouteBuilder:
         if svc is None:
             res.fail(Reason.BACKEND_NOT_FOUND, f"{where} does not exist")
             return None
-        port = next((p for p in svc.ports if p.port == ref.port), None)
+        port = _service_port(svc, ref.port, route.kind)
+        udp = route.kind == "UDPRoute"
         if ref.port is None or port is None:
-            res.fail(Reason.BACKEND_NOT_FOUND, f"{where} has no port {ref.port}")
+            res.fail(Reason.BACKEND_NOT_FOUND,
+                     f"{where} has no {'UDP ' if udp else ''}port {ref.port}")
             return None
-        if port.app_protocol not in _KNOWN_APP_PROTOCOLS:
+        if route.kind not in STREAM_KINDS and port.app_protocol not in _KNOWN_APP_PROTOCOLS:
             res.fail(Reason.UNSUPPORTED_PROTOCOL, f"{where} port {port.port} has appProtocol "
                      f"{port.app_protocol}, which is not supported")
             return None
-        tls = self._backend_tls(svc, port, res)
-        if tls is not None and tls.unusable:
-            return None  # answers 500: see the BackendTLSPolicy's status
-        protocol = "h2c" if grpc or port.app_protocol in (_H2C, "grpc") else "http1"
         name = f"{ref.namespace}/{ref.name}/{port.port}"
+        tls: ir.UpstreamTLS | None = None
+        if route.kind in STREAM_KINDS:
+            # Bytes as the client sent them (TLS passthrough included): never TLS of ours,
+            # so a cluster of their own, apart from the HTTP routes' to the same port.
+            protocol = "udp" if udp else "tcp"
+            name += "/" + protocol
+        else:
+            tls = self._backend_tls(svc, port, res)
+            if tls is not None and tls.unusable:
+                return None  # answers 500: see the BackendTLSPolicy's status
+            protocol = "h2c" if grpc or port.app_protocol in (_H2C, "grpc") else "http1"
         settings = self.policies.service_settings(ref.namespace, ref.name, port.name) \
             if self.policies else ir.BackendSettings()
         self._backends[name] = ir.Backend(
@@ -332,10 +347,11 @@ class RouteBuilder:
     def resolve(self, route: model.Route) -> Resolution:
         res = Resolution()
         obj = route.obj
-        if route.kind == "TLSRoute":
-            for tls_rule in route.tls_backends:
-                for b in tls_rule:
-                    res.tls.append(ir.WeightedBackend(self.backend(b.ref, obj, res), b.weight))
+        if route.kind in STREAM_KINDS:
+            for refs in route.stream_backends:
+                for b in refs:
+                    res.stream.append(ir.WeightedBackend(self.backend(b.ref, obj, res),
+                                                         b.weight))
             return res
         if route.kind == "GRPCRoute":
             for i, grule in enumerate(route.grpc_rules):
@@ -482,8 +498,8 @@ class RouteBuilder:
             scope: Callable[[str | None], Scope] | None = None) -> Entry:
         """Add a route to a listener's table under `names`, with the traffic policies that
         apply where `scope` (of a rule's name) says; the entry can be put again."""
-        if route.kind == "TLSRoute":
-            entry = Entry(tls=(tuple(res.tls), frozenset({route.obj.key})))
+        if route.kind in STREAM_KINDS:
+            entry = Entry(stream=(tuple(res.stream), frozenset({route.obj.key})))
         else:
             http = tuple(res.routes)
             if port is not None:
@@ -541,8 +557,8 @@ class RouteBuilder:
                     if w.backend is not None and "|policy=" in w.backend:
                         self._owners.setdefault(w.backend, set()).update(r.owners)
         entries = self._entries.setdefault(listener, _TableEntries())
-        if entry.tls is not None:
-            entries.tls.append((names, *entry.tls))
+        if entry.stream is not None:
+            entries.stream.append((names, *entry.stream))
             return
         for name in names:
             entries.by_host.setdefault(name, []).extend(entry.http)
@@ -626,9 +642,24 @@ class RouteBuilder:
         """Register a route table assembled elsewhere (Ingress)."""
         self._tables[table.name] = table
 
-    def tls_routes(self, listener: str) -> list[
+    def has_http(self, listener: str) -> bool:
+        """Whether HTTP or gRPC routes were added under the listener key."""
+        entries = self._entries.get(listener)
+        return entries is not None and any(entries.by_host.values())
+
+    def stream_routes(self, listener: str) -> list[
             tuple[tuple[str, ...], tuple[ir.WeightedBackend, ...], frozenset[ObjectKey]]]:
-        return self._entries.get(listener, _TableEntries()).tls
+        """The TLSRoutes, TCPRoutes or UDPRoutes on a listener, oldest first: (hostnames,
+        backends, owners)."""
+        return self._entries.get(listener, _TableEntries()).stream
+
+
+def _service_port(svc: model.Service, number: int | None,
+                  route_kind: str) -> model.ServicePort | None:
+    """The Service port a route's backendRef names: by number, and for a UDPRoute the UDP
+    one (a DNS Service has port 53 twice)."""
+    transport = "UDP" if route_kind == "UDPRoute" else "TCP"
+    return next((p for p in svc.ports if p.port == number and p.protocol == transport), None)
 
 
 def _mesh_parent(route: KubeObject, ref: model.BackendObjectRef) -> bool:

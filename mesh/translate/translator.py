@@ -48,6 +48,7 @@ class TranslationMemo:
 
 # Pods: only the mesh listener's consumer chains read them, assembled afresh each time.
 _NOT_IN_WORLD = frozenset({kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE,
+                           kinds.TCP_ROUTE, kinds.UDP_ROUTE,
                            kinds.ENDPOINT_SLICE, kinds.INGRESS, kinds.POD})
 
 

@@ -15,7 +15,7 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from google.protobuf.message import Message
 
 from mesh import ir
-from mesh.sinks.envoy import clusters, listeners, routes, secrets
+from mesh.sinks.envoy import clusters, listeners, routes, secrets, udp
 from mesh.sinks.envoy import resources as r
 from mesh.store.objects import ObjectKey
 from meshxds import types
@@ -79,8 +79,16 @@ def to_envoy(model: ir.IR, cache: EnvoyCache | None = None) -> EnvoyConfig:
     for table in model.route_tables:
         out.resources.append(routes.route_configuration(table, vhost))
         out.own(table.owners, types.ROUTE, table.name)
+    by_name = {b.name: b for b in model.backends}
     for listener in model.listeners:
-        out.resources.append(listeners.listener(listener))
+        if listener.protocol == "UDP":
+            out.resources.append(udp.listener(listener))
+            extra = udp.weighted_cluster(listener, by_name)
+            out.resources += extra
+            if extra:
+                out.own(listener.owners, types.CLUSTER, udp.target(listener))
+        else:
+            out.resources.append(listeners.listener(listener))
         out.own(listener.owners, types.LISTENER, listener.name)
     if cache is not None:
         cache.vhosts = fresh

@@ -1,9 +1,9 @@
-"""Phase 3: routes. Each HTTPRoute, GRPCRoute and TLSRoute attaches to the valid listeners
-of its parents that allow it (kind, namespace, hostnames), or, for a route whose parent is
-a Service (GAMMA), to that Service's ports; its rules become IR routes in the route
-builder's tables under the listeners it attached to. A route unchanged since the last
-translation, in an unchanged world, is replayed from its outcome rather than translated
-again (see `TranslationMemo`)."""
+"""Phase 3: routes. Each HTTPRoute, GRPCRoute, TLSRoute, TCPRoute and UDPRoute attaches to
+the valid listeners of its parents that allow it (kind, namespace, hostnames), or, for an
+HTTPRoute, GRPCRoute or TCPRoute whose parent is a Service (GAMMA), to that Service's ports;
+its rules become IR routes in the route builder's tables under the listeners it attached to.
+A route unchanged since the last translation, in an unchanged world, is replayed from its
+outcome rather than translated again (see `TranslationMemo`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,11 @@ from mesh.translate.status import Conditions, ParentStatus, Reason, RouteStatus,
 
 _PARENT_KINDS = frozenset({kinds.GATEWAY, kinds.LISTENER_SET, kinds.X_LISTENER_SET})
 _PARSERS = {"HTTPRoute": model.parse_http_route, "GRPCRoute": model.parse_grpc_route,
-            "TLSRoute": model.parse_tls_route}
+            "TLSRoute": model.parse_stream_route, "TCPRoute": model.parse_stream_route,
+            "UDPRoute": model.parse_stream_route}
+# Route kinds a Service can be the parent of (GAMMA): what the mesh listener serves, which
+# takes the TCP connections the datapath hands it.
+_MESH_KINDS = frozenset({"HTTPRoute", "GRPCRoute", "TCPRoute"})
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,8 @@ class _Attacher:
 
     def run(self, previous: Mapping[ObjectKey, RouteOutcome]) -> Attachment:
         reused = translated = 0
-        objs = sorted(self.s.of_kind(kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE),
+        objs = sorted(self.s.of_kind(kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE,
+                                     kinds.TCP_ROUTE, kinds.UDP_ROUTE),
                       key=lambda o: (o.created, o.namespace, o.name))
         for obj in objs:
             old = previous.get(obj.key)
@@ -149,6 +154,12 @@ class _Attacher:
             if GroupKind(ref.group, ref.kind) == kinds.SERVICE and route.kind != "TLSRoute":
                 if resolved is None:
                     resolved = self.routes.resolve(route)
+                if route.kind not in _MESH_KINDS:
+                    parents.append(ParentStatus(ref, self.cfg.controller_name, Conditions([
+                        condition(Type.ACCEPTED, False, Reason.UNSUPPORTED_VALUE,
+                                  f"a {route.kind} cannot have a Service as parent: UDP to a "
+                                  "Service is balanced in the kernel, with no proxy", gen)])))
+                    continue
                 parents.append(self._attach_mesh(route, ref, resolved, attachments))
                 continue
             if GroupKind(ref.group, ref.kind) not in _PARENT_KINDS:
@@ -190,11 +201,12 @@ class _Attacher:
         namespace's clients only. Hostnames do not select mesh traffic: the Service does."""
         gen = route.obj.generation
         svc = self.routes.service(ref.namespace, ref.name)
-        ports = [p for p in svc.ports if ref.port is None or p.port == ref.port] if svc else []
+        ports = [p for p in svc.ports if (ref.port is None or p.port == ref.port)
+                 and p.protocol == "TCP"] if svc else []
         if svc is None or not ports:
             what = f"Service {ref.namespace}/{ref.name}"
             message = f"{what} does not exist" if svc is None else \
-                f"{what} has no port {ref.port}"
+                f"{what} has no TCP port {ref.port}"
             return ParentStatus(ref, self.cfg.controller_name, Conditions([
                 condition(Type.ACCEPTED, False, Reason.NO_MATCHING_PARENT, message, gen),
                 condition(Type.RESOLVED_REFS, resolved.ok, resolved.reason, resolved.message,
@@ -226,6 +238,9 @@ class _Attacher:
             return False, Reason.NO_MATCHING_PARENT, "no listener matches the parentRef's " \
                 "sectionName and port", []
         kind_ok = [(i, li) for i, li in lis if li.valid and route.kind in li.supported_kinds]
+        if not kind_ok:
+            return False, Reason.NOT_ALLOWED_BY_LISTENERS, \
+                f"no valid listener of the parentRef takes {route.kind}s", []
         # "Same" is the namespace of what declares the listener: a ListenerSet's own, not
         # its parent Gateway's.
         ns_ok = [(i, li) for i, li in kind_ok if self.refs.namespace_allowed(
@@ -236,7 +251,9 @@ class _Attacher:
                 f"no listener allows a {route.kind} from namespace {route.obj.namespace}", []
         attached = []
         for i, li in ns_ok:
-            names = hostnames.intersect(li.spec.hostname, route.hostnames)
+            # A TCP or UDP listener's hostname means nothing (the spec ignores it).
+            names = ("*",) if li.spec.protocol in ("TCP", "UDP") else \
+                hostnames.intersect(li.spec.hostname, route.hostnames)
             if names:
                 # Attached, and served only for the names no more specific listener on
                 # the port takes (listener isolation).

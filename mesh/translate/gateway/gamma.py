@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from mesh import ir
 from mesh.store import kinds
+from mesh.store.objects import ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate import model
 from mesh.translate.route_builder import Resolution, RouteBuilder
@@ -87,9 +88,7 @@ def listener(snapshot: StoreSnapshot, routes: RouteBuilder, parents: Iterable[Me
         base = f"mesh/{ns}/{name}:{port}"
         owners = frozenset({svc.obj.key})
         if "" in consumers:
-            table = routes.http_table(base, [(key(MeshParent(ns, name, port, "")), None)], port)
-            chains.append(ir.FilterChain(name=base, route_table=table, destination=dest,
-                                         owners=owners))
+            chains.append(_chain(routes, MeshParent(ns, name, port, ""), base, dest, owners))
         else:
             ref = model.BackendObjectRef("", "Service", ns, name, port)
             backend = routes.backend(ref, svc.obj, Resolution())
@@ -101,11 +100,9 @@ def listener(snapshot: StoreSnapshot, routes: RouteBuilder, parents: Iterable[Me
             sources = pods.get(consumer)
             if not sources:
                 continue  # no client pod there (yet): nothing to match
-            table = routes.http_table(f"{base}@{consumer}",
-                                      [(key(MeshParent(ns, name, port, consumer)), None)], port)
-            chains.append(ir.FilterChain(
-                name=f"{base}@{consumer}", route_table=table, destination=dest, owners=owners,
-                source_ranges=tuple(f"{a}/32" for a in sources)))
+            chains.append(_chain(routes, MeshParent(ns, name, port, consumer),
+                                 f"{base}@{consumer}", dest, owners,
+                                 tuple(f"{a}/32" for a in sources)))
         redirects[dest] = PORT
     if not chains:
         return None, {}
@@ -113,3 +110,19 @@ def listener(snapshot: StoreSnapshot, routes: RouteBuilder, parents: Iterable[Me
     return ir.Listener(name=NAME, address=ADDRESS, port=PORT, protocol="HTTP",
                        chains=tuple(chains), owners=owners, transparent=True), redirects
 
+
+
+def _chain(routes: RouteBuilder, parent: MeshParent, name: str, dest: tuple[str, int],
+           owners: frozenset[ObjectKey], sources: tuple[str, ...] = ()) -> ir.FilterChain:
+    """A Service port's chain: its HTTP and gRPC routes' table, or, with TCPRoutes alone,
+    the oldest TCPRoute's backends (connections proxied as bytes). HTTP routes win over
+    TCPRoutes on one port: they say more about the same connections."""
+    k = key(parent)
+    stream = routes.stream_routes(k)
+    if stream and not routes.has_http(k):
+        _, backends, route_owners = stream[0]
+        return ir.FilterChain(name=name, destination=dest, owners=owners | route_owners,
+                              tcp_backends=backends, source_ranges=sources)
+    table = routes.http_table(name, [(k, None)], parent.port)
+    return ir.FilterChain(name=name, route_table=table, destination=dest, owners=owners,
+                          source_ranges=sources)

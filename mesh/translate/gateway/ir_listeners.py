@@ -1,6 +1,7 @@
 """Phase 4: the IR listeners. One per address and port the Gateways' served listeners
 share (plain HTTP: one route table for the port; HTTPS and TLS: a filter chain per listener
-by SNI, the most specific hostname first), and GAMMA's mesh listener. A Gateway that
+by SNI, the most specific hostname first; TCP and UDP: the oldest route's backends, a UDP
+port being a listener of its own), and GAMMA's mesh listener. A Gateway that
 presents a client certificate to TLS backends gets its tables' routes sent to backends that
 do."""
 
@@ -30,18 +31,21 @@ def build_listeners(snapshot: StoreSnapshot, routes: RouteBuilder, gws: Gateways
                     lis: Listeners, att: Attachment) -> Served:
     """`routes` assembles the route tables the listeners name."""
     gateways = gws.by_key()
-    by_port: dict[tuple[str, int], list[Listener]] = {}
+    by_port: dict[tuple[str, int, bool], list[Listener]] = {}
     for li in lis.listeners:
         g = gateways[li.gateway.obj.key]
         if _served(li, g):
             for address in g.addresses:
-                by_port.setdefault((address, li.spec.port), []).append(li)
+                by_port.setdefault((address, li.spec.port, li.spec.protocol == "UDP"),
+                                   []).append(li)
     out = []
-    for (address, port), group in sorted(by_port.items()):
+    for (address, port, udp), group in sorted(by_port.items()):
         protocol = group[0].spec.protocol
         owners = frozenset(li.owner.key for li in group)
         chains: list[ir.FilterChain] = []
-        if protocol == "HTTP":
+        if protocol in ("TCP", "UDP"):
+            chains += _stream_chain(routes, group[0])
+        elif protocol == "HTTP":
             table = routes.http_table(f"{address}:{port}",
                                       [(li.key, li.spec.hostname) for li in group], port)
             _present_client_certificate(routes, table, gateways[group[0].gateway.obj.key])
@@ -49,7 +53,8 @@ def build_listeners(snapshot: StoreSnapshot, routes: RouteBuilder, gws: Gateways
         else:
             for li in _most_specific_first(group):
                 chains += _tls_chains(routes, li, gateways[li.gateway.obj.key])
-        out.append(ir.Listener(name=f"{address}:{port}", address=address, port=port,
+        name = f"{address}:{port}/udp" if udp else f"{address}:{port}"
+        out.append(ir.Listener(name=name, address=address, port=port,
                                protocol=protocol, chains=tuple(chains), owners=owners))
     mesh_listener, redirects = gamma.listener(snapshot, routes, att.mesh_parents)
     if mesh_listener is not None:
@@ -76,12 +81,23 @@ def _tls_chains(routes: RouteBuilder, li: Listener, g: Gateway) -> list[ir.Filte
                                certificates=li.certificates, route_table=table,
                                client_validation=li.client_validation, owners=owner)]
     chains = []
-    for names, backends, owners in routes.tls_routes(li.key):
+    for names, backends, owners in routes.stream_routes(li.key):
         chains.append(ir.FilterChain(
             name=f"{li.key}/{names[0]}", server_names=tuple(n for n in names if n != "*"),
             certificates=li.certificates if li.spec.tls_mode != "Passthrough" else (),
             tcp_backends=backends, owners=owners | owner))
     return chains
+
+
+def _stream_chain(routes: RouteBuilder, li: Listener) -> list[ir.FilterChain]:
+    """A TCP or UDP listener's one chain: nothing tells routes apart, so the oldest route
+    attached is served (the specification's conflict rule); the others stay attached."""
+    attached = routes.stream_routes(li.key)
+    if not attached:
+        return []
+    _, backends, owners = attached[0]
+    return [ir.FilterChain(name=li.key, tcp_backends=backends,
+                           owners=owners | {li.owner.key})]
 
 
 def _present_client_certificate(routes: RouteBuilder, table: str, g: Gateway) -> None:

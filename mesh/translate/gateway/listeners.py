@@ -25,6 +25,8 @@ KINDS_FOR_PROTOCOL: dict[str, tuple[str, ...]] = {
     "HTTP": ("HTTPRoute", "GRPCRoute"),
     "HTTPS": ("HTTPRoute", "GRPCRoute"),
     "TLS": ("TLSRoute",),
+    "TCP": ("TCPRoute",),
+    "UDP": ("UDPRoute",),
 }
 # Protocols that may share a port (they are told apart by SNI).
 _PORT_FAMILY = {"HTTP": "http", "HTTPS": "tls", "TLS": "tls", "TCP": "tcp", "UDP": "udp"}
@@ -254,7 +256,9 @@ def _conflicts(listeners: list[_Draft]) -> None:
     seen: dict[tuple[str, str, int], list[_Draft]] = {}
     for li in listeners:
         gkey = f"{li.gateway.obj.namespace}/{li.gateway.obj.name}"
-        seen.setdefault((gkey, "", li.spec.port), []).append(li)
+        # A UDP listener shares its port number with the TCP ones: another socket.
+        transport = "udp" if li.spec.protocol == "UDP" else "tcp"
+        seen.setdefault((gkey, transport, li.spec.port), []).append(li)
     for group in seen.values():
         first_family = None
         hostnames_seen: set[tuple[str, str | None]] = set()
@@ -277,11 +281,14 @@ def _conflicts(listeners: list[_Draft]) -> None:
                 continue
             if li.spec.protocol not in KINDS_FOR_PROTOCOL:
                 continue
-            host_key = (family, li.spec.hostname)
+            # TCP and UDP listeners have no hostname to tell them apart (one is ignored).
+            host_key = (family, None if family in ("tcp", "udp") else li.spec.hostname)
             if host_key in hostnames_seen:
                 li.valid = False
                 msg = (f"another listener on port {li.spec.port} has hostname "
-                       f"{li.spec.hostname or '(none)'}")
+                       f"{li.spec.hostname or '(none)'}") if host_key[1] or family not in (
+                    "tcp", "udp") else (f"another {li.spec.protocol} listener has port "
+                                        f"{li.spec.port}: nothing tells their traffic apart")
                 li.conditions[:] = [c for c in li.conditions if c.type != Type.ACCEPTED]
                 li.conditions += [
                     condition(Type.ACCEPTED, False, Reason.HOSTNAME_CONFLICT, msg, gen),
