@@ -1,7 +1,7 @@
 """A CI-sized selection of the upstream Gateway API conformance suite (its own Go test
 binary, unmodified) against a lab: `make conformance` runs all of it; these run in
 `make test`, one test of each kind the suite checks (HTTP routing, listeners and status,
-gRPC, TLS passthrough, a backend over TLS)."""
+gRPC, TLS passthrough, a backend over TLS, TCP and UDP by weight)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.e2e]
 
 SELECTION = ("HTTPRouteSimpleSameNamespace", "GatewayWithAttachedRoutes",
              "HTTPRouteWeight", "GRPCExactMethodMatching", "TLSRouteSimpleSameNamespace",
-             "BackendTLSPolicy")
+             "BackendTLSPolicy", "TCPRouteWeightedRouting", "UDPRouteWeightedRouting")
 
 
 @pytest.fixture(scope="module")

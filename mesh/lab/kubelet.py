@@ -209,7 +209,7 @@ def _resolve(command: tuple[str, ...], path: str) -> str | None:
 def probe_once(probe: Probe | None, ready_port: int | None, netns: str, node_netns: str,
                ip: str) -> bool:
     """A readiness probe once, from the node as the kubelet probes (the lab's rules: without
-    a probe, a TCP connect to the first containerPort; no port: ready)."""
+    a probe, a TCP connect to the first TCP containerPort; none: ready)."""
     p = probe or Probe("tcp", ready_port, timeout=2)
     if p.kind == "exec":
         cmd = ["ip", "netns", "exec", netns, *p.command]

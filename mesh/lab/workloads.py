@@ -73,10 +73,9 @@ class PodSpec:
     owner: str = ""  # the Deployment's name, if any
     probe: Probe | None = None
     args: tuple[str, ...] = ()  # for an image's own entrypoint (no command)
-
-    @property
-    def ready_port(self) -> int | None:
-        return next(iter(self.ports.values()), None)
+    # Without a readiness probe the lab's kubelet connects to the first TCP containerPort
+    # (a UDP port cannot be connected to: a pod with only those is ready once it runs).
+    ready_port: int | None = None
 
 
 def _map(v: Any) -> Mapping[str, Any]:
@@ -102,5 +101,7 @@ def container_spec(namespace: str, name: str, template: Mapping[str, Any],
     env = {str(e.get("name")): str(e.get("value", "")) for e in map(_map, _list(c.get("env")))
            if e.get("name") and "valueFrom" not in e}
     labels = {str(k): str(v) for k, v in _map(meta.get("labels")).items()}
+    tcp = [int(p["containerPort"]) for p in map(_map, _list(c.get("ports")))
+           if isinstance(p.get("containerPort"), int) and p.get("protocol", "TCP") == "TCP"]
     return PodSpec(namespace, name, labels, command, env, ports, owner,
-                   _probe(c.get("readinessProbe"), ports), args)
+                   _probe(c.get("readinessProbe"), ports), args, next(iter(tcp), None))

@@ -27,7 +27,7 @@ from mesh.lab import cluster
 ROOT = Path(__file__).resolve().parents[2]
 BINARY = ROOT / ".kube" / "bin" / "gateway-api-conformance.test"
 GATEWAY_API = "v1.6.1"
-PROFILES = ("GATEWAY-HTTP", "GATEWAY-GRPC", "GATEWAY-TLS")
+PROFILES = ("GATEWAY-HTTP", "GATEWAY-GRPC", "GATEWAY-TLS", "GATEWAY-TCP", "GATEWAY-UDP")
 # The extended features claimed (the profiles' core features are implied).
 SUPPORTED = (
     "BackendTLSPolicy", "BackendTLSPolicySANValidation", "GRPCRouteNamedRouteRule",
@@ -45,7 +45,7 @@ SUPPORTED = (
     "HTTPRouteRequestTimeout", "HTTPRouteResponseHeaderModification", "HTTPRouteRetry",
     "HTTPRouteRetryBackendTimeout", "HTTPRouteRetryConnectionError",
     "HTTPRouteSchemeRedirect", "ListenerSet", "TLSRouteModeMixed", "TLSRouteModeTerminate",
-    "GatewayBackendClientCertificate")
+    "GatewayBackendClientCertificate", "TCPRoute", "UDPRoute")
 RESULT = re.compile(r"^\s*--- (PASS|FAIL|SKIP): TestConformance/([^/\s]+) \(([\d.]+)s\)")
 STARTED = re.compile(r"^=== RUN\s+TestConformance/([^/\s]+)$")
 
@@ -125,7 +125,7 @@ def main() -> None:
                         "(brought up if it does not run)")
     parser.add_argument("--keep", action="store_true", help="leave the lab running")
     parser.add_argument("--profile", action="append", choices=PROFILES,
-                        help="a profile to run (repeatable; default: the three)")
+                        help="a profile to run (repeatable; default: all five)")
     parser.add_argument("--run-test", help="one test (its ShortName) instead of the suite")
     parser.add_argument("--skip", action="append", default=[], help="a test to skip")
     parser.add_argument("--report", type=Path, help=f"where the ConformanceReport goes "
