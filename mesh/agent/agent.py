@@ -33,6 +33,7 @@ from mesh.envoy.admin import EnvoyAdmin
 from mesh.envoy.bootstrap import BootstrapConfig
 from mesh.envoy.supervisor import EnvoySupervisor
 from mesh.kube.client import connect
+from mesh.kube.infrastructure import GatewayServiceWriter
 from mesh.kube.leader import LeaderElection
 from mesh.kube.meshnodes import MeshNodes
 from mesh.kube.status import KubernetesStatusWriter, StatusPublisher
@@ -46,6 +47,7 @@ from mesh.sinks.sink import Sink
 from mesh.sinks.status.report import ReadinessSource
 from mesh.sinks.status.writer import FileStatusWriter, StatusWriter, Writers
 from mesh.store.store import Store
+from mesh.translate.gateway.infrastructure import managed_by
 from meshxds import types
 from meshxds.address import ListenAddress
 from meshxds.cache import SnapshotCache
@@ -117,6 +119,7 @@ class Agent:
         writers: list[StatusWriter] = [FileStatusWriter(cfg.state_dir / "status.json")]
         readiness: list[ReadinessSource] = []  # besides the sinks'
         components: list[Component] = []
+        generated: GatewayServiceWriter | None = None  # Kubernetes: what Gateways generate
         source: Provider
         if cfg.kubernetes:
             kube = await opened.enter_async_context(connect(cfg.kubeconfig))
@@ -126,16 +129,22 @@ class Agent:
             status = KubernetesStatusWriter(StatusPublisher(
                 kube.call, controller=cfg.translator.controller_name,
                 allowed=meshnodes.may_write), provider.server_status, election)
+            generated = GatewayServiceWriter(
+                kube.call, kube.apply, meshnodes.may_write, election,
+                managed_by(cfg.translator.controller_name))
             source = provider
             writers.append(status)
             readiness.append(meshnodes)
-            components += [meshnodes, status, *([election] if election is not None else [])]
+            components += [meshnodes, status, generated,
+                           *([election] if election is not None else [])]
             self._kubernetes = _Kubernetes(provider, election, meshnodes)
         else:
             assert cfg.manifests is not None
             source = FileProvider(cfg.manifests, store)
         node = NodeProvider(cfg.node_id, store)
         sinks: list[Sink] = [EnvoySink(self.cache, cfg.node_id)]
+        if generated is not None:
+            sinks.append(generated)
         if cfg.datapath_cgroup is not None:
             # Imported only with a datapath: it needs bcc and the kernel's BPF.
             from mesh.sinks.datapath import DatapathSink

@@ -2,7 +2,8 @@
 
 Produced by the pure translator from a store snapshot; consumed by the sinks (Envoy over xDS
 now; BPF maps and encryption peers later). One module per concern: `l7` for what the node's
-Envoy serves, `l4` for the service frontends the datapath balances in the kernel;
+Envoy serves, `l4` for the service frontends the datapath balances in the kernel,
+`infrastructure` for the Kubernetes objects generated for Gateways (which the leader keeps);
 encryption peers join later.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mesh.ir.infrastructure import GatewayService, GatewayServicePort
 from mesh.ir.l4 import L4Backend, ServiceFrontend
 from mesh.ir.l7 import (
     UNIT_SECONDS,
@@ -62,6 +64,8 @@ __all__ = [
     "ExtAuth",
     "FilterChain",
     "Forward",
+    "GatewayService",
+    "GatewayServicePort",
     "HashPolicy",
     "HeaderOps",
     "HealthCheck",
@@ -97,3 +101,5 @@ class IR:
     certificates: tuple[Certificate, ...] = ()
     trust_bundles: tuple[TrustBundle, ...] = ()
     services: tuple[ServiceFrontend, ...] = ()  # L4: for the datapath
+    # Cluster-wide, the same on every node: the leader applies them.
+    gateway_services: tuple[GatewayService, ...] = ()

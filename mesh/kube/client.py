@@ -58,12 +58,13 @@ class HTTP:
             _preload_content=False,
             _request_timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=read_timeout))
 
-    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    async def call(self, method: str, path: str, body: Any = None,
+                   content_type: str = "application/json") -> tuple[int, Any]:
         """One JSON request: (status code, the decoded body or None). For the writers (status,
         MeshNode, the Lease), which decide per code what to do."""
         resp = await self.api.call_api(
             path, method, auth_settings=["BearerToken"], body=body,
-            header_params={"Content-Type": "application/json", "Accept": "application/json"},
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
             _preload_content=False,
             _request_timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=30))
         try:
@@ -74,6 +75,10 @@ class HTTP:
             return resp.status, json.loads(text) if text else None
         except ValueError:
             return resp.status, None
+
+    async def apply(self, path: str, body: Any) -> tuple[int, Any]:
+        """A server-side apply (a PATCH whose query names the field manager; JSON is YAML)."""
+        return await self.call("PATCH", path, body, "application/apply-patch+yaml")
 
     async def get_json(self, path: str, query: dict[str, str]) -> dict[str, Any]:
         resp = await self._call(path, query, 60)

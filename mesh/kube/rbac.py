@@ -31,6 +31,13 @@ def cluster_rules() -> list[dict[str, list[str]]]:
                   "verbs": ["get", "list", "watch", "create"]})
     rules.append({"apiGroups": [MESH_NODE.group], "resources": [f"{MESH_NODE.plural}/status"],
                   "verbs": ["update"]})
+    # What the leader generates for Gateways (mesh/kube/infrastructure.py): server-side
+    # apply (patch; create when missing), deleted when no longer wanted.
+    rules.append({"apiGroups": [""], "resources": ["services"],
+                  "verbs": ["create", "patch", "delete"]})
+    rules.append({"apiGroups": [""], "resources": ["services/status"], "verbs": ["patch"]})
+    rules.append({"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                  "verbs": ["create", "patch", "delete"]})
     return rules
 
 

@@ -101,6 +101,7 @@ def translate(snapshot: StoreSnapshot, cfg: TranslatorConfig | None = None,
             trust_bundles=tuple(ir.TrustBundle(k, v)
                                 for k, v in sorted(gateway_api.trust_bundles.items())),
             services=services,
+            gateway_services=gateway_api.gateway_services,
         ),
         status={**gateway_api.status, **ingress.status},
         addresses=addresses,

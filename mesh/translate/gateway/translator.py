@@ -6,6 +6,7 @@ the earlier phases' results (frozen data), in one module each:
 3. `attachment`   routes to listeners and (GAMMA) Services, and to IR routes
 4. `ir_listeners` the IR listeners: Gateways' by address and port, the mesh listener
 5. `statuses`     every object's status, from what 1-3 decided
+6. `infrastructure` what is generated for each Gateway in the cluster (its Service)
 
 The route builder is the one thing they share that changes: phases 1 and 2 give it
 certificates, 3 routes, 4 assembles route tables from them. Nothing a later phase decides
@@ -24,6 +25,7 @@ from mesh.translate import model
 from mesh.translate.config import TranslatorConfig
 from mesh.translate.gateway.attachment import RouteOutcome, attach_routes
 from mesh.translate.gateway.gateways import decide_gateways
+from mesh.translate.gateway.infrastructure import generated_services
 from mesh.translate.gateway.ir_listeners import build_listeners
 from mesh.translate.gateway.listeners import validate_listeners
 from mesh.translate.gateway.references import References
@@ -46,6 +48,7 @@ class GatewayAPI:
     outcomes: Mapping[ObjectKey, RouteOutcome]  # for the next translation's memo
     reused: int  # routes whose outcome was reused
     translated: int  # routes translated anew
+    gateway_services: tuple[ir.GatewayService, ...] = ()
 
 
 def translate_gateway_api(snapshot: StoreSnapshot, cfg: TranslatorConfig,
@@ -62,8 +65,9 @@ def translate_gateway_api(snapshot: StoreSnapshot, cfg: TranslatorConfig,
     attachment = attach_routes(snapshot, cfg, refs, routes, gateways, listeners, previous)
     served = build_listeners(snapshot, routes, gateways, listeners, attachment)
     status = build_statuses(snapshot, cfg, policies, gateways, listeners, attachment)
+    generated = generated_services(snapshot, cfg, gateways, listeners)
     return GatewayAPI(
         listeners=served.listeners, trust_bundles=listeners.trust_bundles,
         redirects=served.redirects, status=status, addresses=gateways.addresses,
         outcomes=attachment.outcomes, reused=attachment.reused,
-        translated=attachment.translated)
+        translated=attachment.translated, gateway_services=generated)
