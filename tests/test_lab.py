@@ -399,11 +399,20 @@ def test_maglev_gives_a_flow_the_same_backend_on_every_node(lab: str) -> None:
 def test_a_gateway_without_addresses_answers_from_the_host_on_its_pool_address(
         lab: str) -> None:
     """The lab's pool (routed from the host to the nodes): the Gateway's status address, as
-    the leader allocated it, answers from the host."""
+    the leader allocated it, answers from the host, and from pods through the Gateway's
+    generated Service."""
     got = json.loads(kubectl(lab, "get", "gateway", "pooled", "-o", "json").stdout)
     (address,) = [a["value"] for a in got["status"]["addresses"]]
     assert ipaddress.ip_address(address) in ipaddress.ip_network(state(lab)["pool"])
     seen = {http_get(f"http://{address}:80/")["pod"] for _ in range(10)}
+    assert seen <= set(pods_of(lab, "echo")) and seen, seen
+    # Its generated Service shows that address as EXTERNAL-IP, and pods reach the Gateway
+    # by the Service's name (its EndpointSlice holds the address).
+    svc = json.loads(kubectl(lab, "get", "service", "mesh-gateway-pooled", "-o",
+                             "json").stdout)
+    assert svc["spec"]["type"] == "LoadBalancer", svc
+    assert svc["status"]["loadBalancer"]["ingress"][0]["ip"] == address, svc
+    seen = set(exec_in(lab, "client", GET, "http://mesh-gateway-pooled/", "5"))
     assert seen <= set(pods_of(lab, "echo")) and seen, seen
 
 
