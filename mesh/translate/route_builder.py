@@ -564,9 +564,12 @@ class RouteBuilder:
             entries.by_host.setdefault(name, []).extend(entry.http)
 
     def http_table(self, name: str, listeners: Iterable[tuple[str, str | None]],
-                   port: int | None = None, misdirected: bool = False) -> str:
+                   port: int | None = None, misdirected: bool = False,
+                   elsewhere: Iterable[str] = ()) -> str:
         """Assemble a route table. With `misdirected`, a Host the table does not serve gets
-        421: on HTTPS, the connection was set up (by SNI) for another listener."""
+        421: on HTTPS, the connection was set up (by SNI) for another listener. Hosts in
+        `elsewhere` (the hostnames of more specific HTTPS listeners on the port) get 421
+        too: their requests belong on a connection set up for them."""
         hosts: dict[str, list[tuple[tuple[Any, ...], ir.Route]]] = {}
         for key, hostname in listeners:
             hosts.setdefault(hostname or "*", [])
@@ -593,10 +596,10 @@ class RouteBuilder:
             self.vhosts[vkey] = (entries, vh, vh_owners)
             owners |= vh_owners
             vhosts.append(vh)
+        for host in sorted(set(elsewhere) - set(hosts), key=_host_order):
+            vhosts.append(_misdirected(f"{name}/misdirected/{host}", host))
         if misdirected and "*" not in hosts:
-            vhosts.append(ir.VirtualHost(name=f"{name}/misdirected", domains=("*",), routes=(
-                ir.Route(name=f"{name}/misdirected", path=ir.StringMatch("Prefix", "/"),
-                         action=ir.DirectResponse(421, "")),)))
+            vhosts.append(_misdirected(f"{name}/misdirected", "*"))
         self._tables[name] = ir.RouteTable(name, tuple(vhosts), frozenset(owners))
         return name
 
@@ -674,6 +677,12 @@ def _mesh_parent(route: KubeObject, ref: model.BackendObjectRef) -> bool:
                 (p.namespace, p.name) == (ref.namespace, ref.name):
             return True
     return False
+
+
+def _misdirected(name: str, domain: str) -> ir.VirtualHost:
+    return ir.VirtualHost(name=name, domains=(domain,), routes=(
+        ir.Route(name=name, path=ir.StringMatch("Prefix", "/"),
+                 action=ir.DirectResponse(421, "")),))
 
 
 def _host_order(host: str) -> tuple[int, int, str]:

@@ -45,8 +45,8 @@ SUPPORTED = (
     "HTTPRouteRequestTimeout", "HTTPRouteResponseHeaderModification", "HTTPRouteRetry",
     "HTTPRouteRetryBackendTimeout", "HTTPRouteRetryConnectionError",
     "HTTPRouteSchemeRedirect", "ListenerSet", "TLSRouteModeMixed", "TLSRouteModeTerminate",
-    "GatewayBackendClientCertificate", "GatewayInfrastructurePropagation", "TCPRoute",
-    "UDPRoute")
+    "GatewayBackendClientCertificate", "GatewayInfrastructurePropagation",
+    "GatewayHTTPSListenerDetectMisdirectedRequests", "TCPRoute", "UDPRoute")
 RESULT = re.compile(r"^\s*--- (PASS|FAIL|SKIP): TestConformance/([^/\s]+) \(([\d.]+)s\)")
 STARTED = re.compile(r"^=== RUN\s+TestConformance/([^/\s]+)$")
 

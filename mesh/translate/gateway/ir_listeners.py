@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from mesh import ir
 from mesh.store.store import StoreSnapshot
-from mesh.translate.gateway import gamma
+from mesh.translate.gateway import gamma, hostnames
 from mesh.translate.gateway.attachment import Attachment
 from mesh.translate.gateway.gateways import Gateway, Gateways
 from mesh.translate.gateway.listeners import Listener, Listeners
@@ -51,8 +51,9 @@ def build_listeners(snapshot: StoreSnapshot, routes: RouteBuilder, gws: Gateways
             _present_client_certificate(routes, table, gateways[group[0].gateway.obj.key])
             chains.append(ir.FilterChain(name="http", route_table=table, owners=owners))
         else:
+            https = [li.spec.hostname for li in group if li.spec.protocol == "HTTPS"]
             for li in _most_specific_first(group):
-                chains += _tls_chains(routes, li, gateways[li.gateway.obj.key])
+                chains += _tls_chains(routes, li, gateways[li.gateway.obj.key], https)
         name = f"{address}:{port}/udp" if udp else f"{address}:{port}"
         out.append(ir.Listener(name=name, address=address, port=port,
                                protocol=protocol, chains=tuple(chains), owners=owners))
@@ -70,12 +71,17 @@ def _served(li: Listener, g: Gateway) -> bool:
         not (g.parameters_ref is not None and li.owner.key == g.obj.key)
 
 
-def _tls_chains(routes: RouteBuilder, li: Listener, g: Gateway) -> list[ir.FilterChain]:
+def _tls_chains(routes: RouteBuilder, li: Listener, g: Gateway,
+                https: list[str | None]) -> list[ir.FilterChain]:
+    """`https`: the hostnames of the HTTPS listeners on the port (this one's included)."""
     sni = (li.spec.hostname,) if li.spec.hostname else ()
     owner = frozenset({li.owner.key})
     if li.spec.protocol == "HTTPS":
-        table = routes.http_table(li.key, [(li.key, li.spec.hostname)], li.spec.port,
-                                  misdirected=li.spec.hostname is not None)
+        own = li.spec.hostname
+        narrower = [h for h in https if h is not None and h != own
+                    and (own is None or hostnames.matches(own, h))]
+        table = routes.http_table(li.key, [(li.key, own)], li.spec.port,
+                                  misdirected=own is not None, elsewhere=narrower)
         _present_client_certificate(routes, table, g)
         return [ir.FilterChain(name=li.key, server_names=sni,
                                certificates=li.certificates, route_table=table,
