@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,10 @@ from typing import Any
 
 import pytest
 
+from mesh.kube import status as kube_status
 from mesh.kube.client import Call, connect
 from mesh.kube.resources import resources
-from mesh.kube.status import StatusPublisher
+from mesh.kube.status import KubernetesStatusWriter, StatusPublisher
 from mesh.lab.controlplane import ControlPlane
 from mesh.store.objects import ObjectKey
 from tests import manifests
@@ -226,3 +228,69 @@ def test_our_entries_stay_where_they_were_among_other_controllers() -> None:
     assert merged["parents"] == [a, ours_new, b]  # no reordering fight with a or b
     assert with_foreign({"parents": [ours_new]}, {"parents": [a]}, "mesh")["parents"] == \
         [a, ours_new]  # first time: after theirs
+
+
+@pytest.mark.e2e
+def test_a_write_with_the_watched_version_is_one_request(server: Server) -> None:
+    """With the status and resourceVersion the watch saw, a write is a PUT alone; when the
+    object changed since (a stale version), the server's 409 makes it read and write."""
+    [gw] = server.gateways("versioned")
+
+    async def t(pub: StatusPublisher, counted: Counted) -> None:
+        seen = server.get("versioned")
+        version = seen["metadata"]["resourceVersion"]
+        await pub.publish({gw: status("Accepted")}, {gw: seen.get("status")}, {gw: version})
+        assert [m for m, _ in counted.requests] == ["PUT"]
+        assert server.status("versioned") == status("Accepted")
+        counted.requests.clear()
+        # The version is stale now (our own write moved it on): 409, then a read and a write.
+        await pub.publish({gw: status("Other")}, {gw: status("Accepted")}, {gw: version})
+        assert [m for m, _ in counted.requests] == ["PUT", "GET", "PUT"]
+        assert server.status("versioned")["conditions"][0]["reason"] == "Other"
+    run(server, t)
+
+
+def _programmed(reason: str) -> dict[str, Any]:
+    return {"parents": [{"conditions": [
+        {"type": "Accepted", "status": "True", "reason": "Accepted"},
+        {"type": "Programmed", "status": str(reason == "Programmed"), "reason": reason}]}]}
+
+
+def test_a_new_objects_first_status_waits_a_little_to_be_programmed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new route waiting for the nodes (Programmed: Pending) is not written at once: it is
+    written when programmed, once; if that takes longer than the grace, it is written as it
+    is. An object the server already has a status for is written at once."""
+    monkeypatch.setattr(kube_status, "FIRST_STATUS_GRACE", 0.3)
+    published: list[tuple[float, dict[ObjectKey, Any]]] = []
+
+    class Recorder(StatusPublisher):
+        async def publish(self, statuses: Any, server_status: Any = None,
+                          versions: Any = None) -> None:
+            published.append((time.monotonic(), dict(statuses)))
+            self.written.update(statuses)
+
+    async def main() -> None:
+        writer = KubernetesStatusWriter(
+            Recorder(Counted(lambda *a: asyncio.sleep(0, (200, {})))),
+            lambda k: (None, None) if k != old else ({"parents": []}, "7"), None)
+        task = asyncio.create_task(writer.run())
+        await asyncio.sleep(0.05)
+        began = time.monotonic()
+        quick, slow = key("quick"), key("slow")
+        writer.write({}, {quick: _programmed("Pending"), slow: _programmed("Pending"),
+                          old: _programmed("Pending")}, {})
+        await asyncio.sleep(0.1)
+        assert [set(s) for _, s in published] == [{old}]  # known to the server: at once
+        writer.write({}, {quick: _programmed("Programmed"), slow: _programmed("Pending"),
+                          old: _programmed("Pending")}, {})
+        await asyncio.sleep(0.1)
+        assert quick in published[-1][1] and slow not in published[-1][1]
+        assert published[-1][1][quick] == _programmed("Programmed")  # written once, done
+        await asyncio.sleep(0.3)
+        when, last = published[-1]
+        assert last[slow] == _programmed("Pending") and when - began >= 0.3
+        task.cancel()
+
+    old = key("old")
+    asyncio.run(main())

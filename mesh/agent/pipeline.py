@@ -4,7 +4,9 @@ Task ownership: `Pipeline.run` owns its status task and ends it when cancelled. 
 translation runs on a worker thread (it is pure and reads an immutable snapshot), so the
 event loop keeps serving xDS and answering signals during a big build; the sinks apply on
 the loop. A change is built at once when the pipeline is idle; changes that arrive during a
-build wait for it plus `min_interval` and are built together, so a burst costs one build.
+build wait for it plus `min_interval`, or three times as long as the build took if that is
+longer, and are built together: a burst costs a few builds, and during one the agent spends
+at most a quarter of its time building (the API server and Envoy share the node's cores).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mesh.translate import Translation, TranslationMemo, TranslatorConfig, trans
 log = logging.getLogger(__name__)
 FREEZE_AFTER = 1000  # routes translated anew in one go
 STATUS_INTERVAL = 0.1  # seconds: lets a burst of ACKs land before status is recomputed
+BUSY_RATIO = 3.0  # during a burst, seconds waited per second of build
 
 
 class Pipeline:
@@ -61,7 +64,8 @@ class Pipeline:
                 snapshot = self.store.snapshot()
                 seen = snapshot.revision
                 await self._build(snapshot)
-                await asyncio.sleep(max(0.0, self.min_interval - (time.monotonic() - started)))
+                took = time.monotonic() - started
+                await asyncio.sleep(max(self.min_interval - took, BUSY_RATIO * took))
 
     async def _build(self, snapshot: StoreSnapshot) -> None:
         t0 = time.perf_counter()

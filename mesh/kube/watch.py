@@ -68,6 +68,7 @@ class KindWatch:
         # The status of the kinds we write status for, kept out of the objects: a status
         # write (ours, echoed by the watch) must not look like a change to translate.
         self.statuses: dict[tuple[str, str], Any] = {}
+        self.versions: dict[tuple[str, str], str] = {}  # their resourceVersions
         self._own_status = r.group_kind in STATUS_KINDS
         self.version = ""
         self.synced = asyncio.Event()
@@ -131,7 +132,7 @@ class KindWatch:
     async def _list(self) -> None:
         doc = await self.http.get_json(self.r.path, self._query())
         objects = {}
-        self.statuses = {}
+        self.statuses, self.versions = {}, {}
         for raw in doc.get("items") or []:
             try:
                 obj = self._object(raw)
@@ -167,6 +168,7 @@ class KindWatch:
             at = (obj.namespace, obj.name)
             if kind == "DELETED":
                 self.statuses.pop(at, None)
+                self.versions.pop(at, None)
                 if self.objects.pop(at, None) is not None:
                     self._publish_soon()
             else:
@@ -187,5 +189,8 @@ class KindWatch:
                 raw["status"] = {"addresses": status["addresses"]}
             obj = to_object(raw, self.r)
             self.statuses[(obj.namespace, obj.name)] = status
+            meta = raw.get("metadata")
+            if isinstance(meta, Mapping) and meta.get("resourceVersion"):
+                self.versions[(obj.namespace, obj.name)] = str(meta["resourceVersion"])
             return obj
         return to_object(raw, self.r)

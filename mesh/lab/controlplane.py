@@ -273,19 +273,28 @@ class ControlPlane:
                                *args], input=input, capture_output=True, text=True,
                               check=check, timeout=timeout)
 
-    def request(self, method: str, path: str, body: Any = None,
-                timeout: float = 30) -> tuple[int, Any]:
-        """One JSON request as the admin: (status code, the decoded body or None)."""
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self._context(),
+    def connection(self, timeout: float = 30) -> http.client.HTTPSConnection:
+        """A connection to the API server as the admin (kept open by whoever makes many
+        requests)."""
+        return http.client.HTTPSConnection("127.0.0.1", self.port, context=self._context(),
                                            timeout=timeout)
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 30,
+                conn: http.client.HTTPSConnection | None = None,
+                content_type: str = "application/json") -> tuple[int, Any]:
+        """One JSON request as the admin: (status code, the decoded body or None). On
+        `conn` when given (left open), else on a connection of its own."""
+        own = conn is None
+        c = conn if conn is not None else self.connection(timeout)
         try:
             data = None if body is None else json.dumps(body).encode()
-            conn.request(method, path, body=data, headers={
-                "Content-Type": "application/json", "Accept": "application/json"})
-            resp = conn.getresponse()
+            c.request(method, path, body=data, headers={
+                "Content-Type": content_type, "Accept": "application/json"})
+            resp = c.getresponse()
             text = resp.read()
         finally:
-            conn.close()
+            if own:
+                c.close()
         try:
             return resp.status, json.loads(text) if text else None
         except ValueError:

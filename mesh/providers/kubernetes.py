@@ -40,7 +40,11 @@ class KubernetesProvider:
         return {str(w.r.group_kind): "not installed" if w.missing else
                 "synced" if w.synced.is_set() else "listing" for w in self.watches}
 
-    def server_status(self, key: ObjectKey) -> Any:
-        """An object's status as the watch last saw it (kinds we write status for)."""
+    def server_status(self, key: ObjectKey) -> tuple[Any, str | None]:
+        """An object's status and resourceVersion as the watch last saw them (kinds we write
+        status for)."""
         w = self._by_kind.get(key.group_kind)
-        return None if w is None else w.statuses.get((key.namespace, key.name))
+        if w is None:
+            return None, None
+        at = (key.namespace, key.name)
+        return w.statuses.get(at), w.versions.get(at)
