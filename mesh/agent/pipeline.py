@@ -7,6 +7,7 @@ the loop. A change is built at once when the pipeline is idle; changes that arri
 build wait for it plus `min_interval`, or three times as long as the build took if that is
 longer, and are built together: a burst costs a few builds, and during one the agent spends
 at most a quarter of its time building (the API server and Envoy share the node's cores).
+A change after a quiet while does not wait for the build before it.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class Pipeline:
                 seen = snapshot.revision
                 await self._build(snapshot)
                 took = time.monotonic() - started
-                await asyncio.sleep(max(self.min_interval - took, BUSY_RATIO * took))
+                if self.store.revision != seen:  # a burst: more came during the build
+                    await asyncio.sleep(max(self.min_interval - took, BUSY_RATIO * took))
 
     async def _build(self, snapshot: StoreSnapshot) -> None:
         t0 = time.perf_counter()

@@ -51,10 +51,14 @@ KINDS = frozenset({
     X_BACKEND_TRAFFIC_POLICY,
 })
 CLUSTER_SCOPED = frozenset({NAMESPACE, NODE, GATEWAY_CLASS, INGRESS_CLASS})
-# Kinds whose status the translator reads (a Node's addresses, a Pod's IPs, a LoadBalancer
-# Service's ingress, the pool addresses a Gateway's status publishes): part of their content.
-# (For the kinds whose status the agent writes, the Kubernetes watch keeps only what is read.)
-STATUS_READ = frozenset({NODE, POD, SERVICE, GATEWAY})
+# The status fields the translator reads, by kind (a Node's addresses, a Pod's IPs, a
+# LoadBalancer Service's ingress, the pool addresses a Gateway's status publishes): part of
+# their content, and nothing else of their status is, so that a Node's heartbeat or a Pod's
+# probe results do not look like a change to translate. (For the kinds whose status the
+# agent writes, the Kubernetes watch keeps only what is read.)
+STATUS_READ: dict[GroupKind, tuple[str, ...]] = {
+    NODE: ("addresses",), POD: ("podIP", "podIPs"), SERVICE: ("loadBalancer",),
+    GATEWAY: ("addresses",)}
 # Groups whose kinds are known by kind alone in messages and `mesh status`.
 _WELL_KNOWN = frozenset({CORE, GATEWAY_GROUP, NETWORKING_GROUP, DISCOVERY_GROUP})
 

@@ -53,18 +53,19 @@ def hashes(body: Mapping[str, Any]) -> tuple[str, str]:
 
     The spec hash covers all but metadata and status: what the API server counts as a spec
     change (it bumps the generation). The content hash adds the metadata the API server
-    does not change on its own (labels, annotations, generation...), and the status of the
-    kinds whose status the translator reads (STATUS_READ: a Node's addresses): everything
-    the translator can read."""
+    does not change on its own (labels, annotations, generation...), and the status fields
+    the translator reads (STATUS_READ: a Node's addresses): everything the translator can
+    read."""
     kind, api_version = body.get("kind"), body.get("apiVersion")
-    with_status = isinstance(kind, str) and isinstance(api_version, str) and \
-        GroupKind(group_of(api_version), kind) in STATUS_READ
+    fields = STATUS_READ.get(GroupKind(group_of(api_version), kind), ()) \
+        if isinstance(kind, str) and isinstance(api_version, str) else ()
     spec = _digest(_canonical({k: v for k, v in body.items()
                                if k not in ("metadata", "status")}))
     meta = body.get("metadata")
     kept = {k: v for k, v in meta.items() if k not in _VOLATILE_METADATA} \
         if isinstance(meta, Mapping) else None
-    status = body.get("status") if with_status else None
+    raw = body.get("status")
+    status = {f: raw.get(f) for f in fields} if fields and isinstance(raw, Mapping) else None
     return spec, _digest(spec + _canonical([kept, status]))
 
 
