@@ -33,6 +33,7 @@ from mesh.envoy.admin import EnvoyAdmin
 from mesh.envoy.bootstrap import BootstrapConfig
 from mesh.envoy.supervisor import EnvoySupervisor
 from mesh.kube.client import connect
+from mesh.kube.identities import IdentityAllocator
 from mesh.kube.infrastructure import GatewayServiceWriter
 from mesh.kube.leader import LeaderElection
 from mesh.kube.meshnodes import MeshNodes
@@ -120,6 +121,7 @@ class Agent:
         readiness: list[ReadinessSource] = []  # besides the sinks'
         components: list[Component] = []
         generated: GatewayServiceWriter | None = None  # Kubernetes: what Gateways generate
+        identities: IdentityAllocator | None = None  # Kubernetes: identities made
         source: Provider
         if cfg.kubernetes:
             kube = await opened.enter_async_context(connect(cfg.kubeconfig))
@@ -129,13 +131,14 @@ class Agent:
             status = KubernetesStatusWriter(StatusPublisher(
                 kube.call, controller=cfg.translator.controller_name,
                 allowed=meshnodes.may_write), provider.server_status, election)
+            identities = IdentityAllocator(kube.call)
             generated = GatewayServiceWriter(
                 kube.call, kube.apply, meshnodes.may_write, election,
                 managed_by(cfg.translator.controller_name))
             source = provider
             writers.append(status)
             readiness.append(meshnodes)
-            components += [meshnodes, status, generated,
+            components += [meshnodes, status, generated, identities,
                            *([election] if election is not None else [])]
             self._kubernetes = _Kubernetes(provider, election, meshnodes)
         else:
@@ -145,6 +148,8 @@ class Agent:
         sinks: list[Sink] = [EnvoySink(self.cache, cfg.node_id)]
         if generated is not None:
             sinks.append(generated)
+        if identities is not None:
+            sinks.append(identities)
         if cfg.datapath_cgroup is not None:
             # Imported only with a datapath: it needs bcc and the kernel's BPF.
             from mesh.sinks.datapath import DatapathSink

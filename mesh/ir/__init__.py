@@ -3,13 +3,13 @@
 Produced by the pure translator from a store snapshot; consumed by the sinks (Envoy over xDS
 now; BPF maps and encryption peers later). One module per concern: `l7` for what the node's
 Envoy serves, `l4` for the service frontends the datapath balances in the kernel,
-`infrastructure` for the Kubernetes objects generated for Gateways (which the leader keeps);
-encryption peers join later.
+`infrastructure` for the Kubernetes objects generated for Gateways (which the leader keeps),
+`policy` for network policy (the pods' identities); encryption peers join later.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mesh.ir.infrastructure import GatewayService, GatewayServicePort
 from mesh.ir.l4 import L4Backend, ServiceFrontend
@@ -48,6 +48,7 @@ from mesh.ir.l7 import (
     VirtualHost,
     WeightedBackend,
 )
+from mesh.ir.policy import IdentityMap, Labels
 
 __all__ = [
     "IR",
@@ -69,7 +70,9 @@ __all__ = [
     "HashPolicy",
     "HeaderOps",
     "HealthCheck",
+    "IdentityMap",
     "L4Backend",
+    "Labels",
     "Listener",
     "LoadBalancer",
     "Mirror",
@@ -103,3 +106,5 @@ class IR:
     services: tuple[ServiceFrontend, ...] = ()  # L4: for the datapath
     # Cluster-wide, the same on every node: the leader applies them.
     gateway_services: tuple[GatewayService, ...] = ()
+    # Network policy: the pods' security identities.
+    identities: IdentityMap = field(default_factory=IdentityMap)

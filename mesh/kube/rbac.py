@@ -38,6 +38,10 @@ def cluster_rules() -> list[dict[str, list[str]]]:
     rules.append({"apiGroups": [""], "resources": ["services/status"], "verbs": ["patch"]})
     rules.append({"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
                   "verbs": ["create", "patch", "delete"]})
+    # Security identities (mesh/kube/identities.py): made by whoever sees a label set first,
+    # read after a create finds the number taken.
+    rules.append({"apiGroups": [MESH_NODE.group], "resources": ["meshidentities"],
+                  "verbs": ["get", "create"]})
     return rules
 
 

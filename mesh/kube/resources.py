@@ -74,6 +74,7 @@ def resources(node_name: str | None) -> list[Resource]:
         Resource("gateway.networking.x-k8s.io", "v1alpha1", "xbackendtrafficpolicies",
                  "XBackendTrafficPolicy"),
         Resource("mesh.dev", "v1alpha1", "trafficpolicies", "TrafficPolicy"),
+        Resource("mesh.dev", "v1alpha1", "meshidentities", "MeshIdentity", namespaced=False),
     ]
     missing = kinds.KINDS - {r.group_kind for r in out}
     assert not missing, f"kinds the store holds without a resource to watch: {missing}"

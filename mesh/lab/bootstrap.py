@@ -43,7 +43,8 @@ def install_chart(cp: ControlPlane, namespace: str = NAMESPACE) -> str:
     rest = [m for m in manifests if m.kind != "CustomResourceDefinition"]
     _apply(cp, to_stream(crds))
     cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-               "crd/meshnodes.mesh.dev", "crd/trafficpolicies.mesh.dev")
+               "crd/meshnodes.mesh.dev", "crd/trafficpolicies.mesh.dev",
+               "crd/meshidentities.mesh.dev")
     _apply(cp, to_stream(rest))
     account = next(m.object for m in rest if m.kind == "ServiceAccount")
     return str(account["metadata"]["name"])

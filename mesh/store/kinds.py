@@ -42,15 +42,16 @@ UDP_ROUTE = GroupKind(GATEWAY_GROUP, "UDPRoute")
 REFERENCE_GRANT = GroupKind(GATEWAY_GROUP, "ReferenceGrant")
 BACKEND_TLS_POLICY = GroupKind(GATEWAY_GROUP, "BackendTLSPolicy")
 TRAFFIC_POLICY = GroupKind(MESH_GROUP, "TrafficPolicy")
+MESH_IDENTITY = GroupKind(MESH_GROUP, "MeshIdentity")
 X_BACKEND_TRAFFIC_POLICY = GroupKind(GATEWAY_X_GROUP, "XBackendTrafficPolicy")
 
 KINDS = frozenset({
     NAMESPACE, SERVICE, SECRET, CONFIG_MAP, NODE, POD, ENDPOINT_SLICE, INGRESS, INGRESS_CLASS,
     GATEWAY_CLASS, GATEWAY, LISTENER_SET, X_LISTENER_SET, HTTP_ROUTE, GRPC_ROUTE, TLS_ROUTE,
     TCP_ROUTE, UDP_ROUTE, REFERENCE_GRANT, BACKEND_TLS_POLICY, TRAFFIC_POLICY,
-    X_BACKEND_TRAFFIC_POLICY,
+    X_BACKEND_TRAFFIC_POLICY, MESH_IDENTITY,
 })
-CLUSTER_SCOPED = frozenset({NAMESPACE, NODE, GATEWAY_CLASS, INGRESS_CLASS})
+CLUSTER_SCOPED = frozenset({NAMESPACE, NODE, GATEWAY_CLASS, INGRESS_CLASS, MESH_IDENTITY})
 # The status fields the translator reads, by kind (a Node's addresses, a Pod's IPs, a
 # LoadBalancer Service's ingress, the pool addresses a Gateway's status publishes): part of
 # their content, and nothing else of their status is, so that a Node's heartbeat or a Pod's

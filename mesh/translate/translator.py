@@ -21,6 +21,7 @@ from mesh.translate.addressing import allocate, node_addresses, published
 from mesh.translate.config import Translation, TranslatorConfig
 from mesh.translate.gateway.attachment import RouteOutcome
 from mesh.translate.gateway.translator import translate_gateway_api
+from mesh.translate.identities import translate_identities
 from mesh.translate.ingress import translate_ingresses
 from mesh.translate.policy_attachment import PolicyIndex
 from mesh.translate.route_builder import RouteBuilder, VhostCache
@@ -48,7 +49,7 @@ class TranslationMemo:
 
 # Pods: only the mesh listener's consumer chains read them, assembled afresh each time.
 _NOT_IN_WORLD = frozenset({kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE,
-                           kinds.TCP_ROUTE, kinds.UDP_ROUTE,
+                           kinds.TCP_ROUTE, kinds.UDP_ROUTE, kinds.MESH_IDENTITY,
                            kinds.ENDPOINT_SLICE, kinds.INGRESS, kinds.POD})
 
 
@@ -102,6 +103,7 @@ def translate(snapshot: StoreSnapshot, cfg: TranslatorConfig | None = None,
                                 for k, v in sorted(gateway_api.trust_bundles.items())),
             services=services,
             gateway_services=gateway_api.gateway_services,
+            identities=translate_identities(snapshot),
         ),
         status={**gateway_api.status, **ingress.status},
         addresses=addresses,

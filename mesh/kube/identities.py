@@ -1,0 +1,96 @@
+"""Security identities made where they are missing: a sink of the IR's `identities.missing`
+(label sets of this node's pods that no MeshIdentity holds yet), on every agent, leader or
+not: whoever sees a label set first creates its identity.
+
+A label set's number is the first of its probing order (mesh/policy/identities.py) that is
+free or already holds it. The create is the arbiter: 201, it is ours; 409, someone has that
+number, so it is read: the same labels (another node was first) end the search, others
+(a collision) move on to the next number. The watch then brings the object to every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from mesh import ir
+from mesh.kube.client import API_ERRORS, Call
+from mesh.policy import identities as ids
+from mesh.sinks.sink import Readiness
+from mesh.store.objects import ObjectKey
+
+log = logging.getLogger(__name__)
+PATH = "/apis/mesh.dev/v1alpha1/meshidentities"
+RETRY = 1.0  # seconds after a failed round
+# Seconds after which a label set made here but still missing from the store (the watch is
+# behind, or the identity was deleted since) is looked for again.
+RECHECK = 30.0
+PROBES = 64  # numbers tried per label set in one round (the table is far from full)
+
+
+def identity_object(number: int, labels: ir.Labels) -> dict[str, Any]:
+    return {"apiVersion": "mesh.dev/v1alpha1", "kind": "MeshIdentity",
+            "metadata": {"name": str(number)}, "spec": {"labels": dict(labels)}}
+
+
+class IdentityAllocator:
+    name = "identities"
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.missing: tuple[ir.Labels, ...] = ()
+        # Found or created by this agent, for the ones the IR still names: (number, when).
+        self.made: dict[ir.Labels, tuple[int, float]] = {}
+        self.created = 0  # identities this agent created, for tests and metrics
+        self._offered = asyncio.Event()
+
+    def apply(self, model: ir.IR) -> None:
+        self.missing = model.identities.missing
+        if self.missing:
+            self._offered.set()
+
+    def readiness(self) -> dict[ObjectKey, Readiness]:
+        return {}
+
+    async def wait_progress(self) -> None:
+        await asyncio.Event().wait()  # never: nothing here changes a readiness
+
+    async def run(self) -> None:
+        while True:
+            await self._offered.wait()
+            self._offered.clear()
+            # Until the watch brings an identity in, the IR still names it missing: what
+            # was made already is not asked again for a while.
+            now = asyncio.get_running_loop().time()
+            self.made = {k: v for k, v in self.made.items()
+                         if k in self.missing and now - v[1] < RECHECK}
+            for labels in [m for m in self.missing if m not in self.made]:
+                try:
+                    self.made[labels] = (await self.allocate(labels), now)
+                except API_ERRORS as e:
+                    log.warning("identity not allocated: retrying", extra={
+                        "labels": ids.labels_key(labels), "error": repr(e)})
+                    await asyncio.sleep(RETRY)
+                    self._offered.set()
+                    break
+
+    async def allocate(self, labels: ir.Labels) -> int:
+        """The number of this label set: found or created."""
+        key = ids.labels_key(labels)
+        for number, _ in zip(ids.candidates(labels), range(PROBES), strict=False):
+            code, body = await self.call("POST", PATH, identity_object(number, labels))
+            if code == 201:
+                self.created += 1
+                log.info("identity created", extra={"identity": number, "labels": key})
+                return number
+            if code != 409:
+                raise RuntimeError(f"creating identity {number}: {code} "
+                                   f"{str((body or {}).get('message', ''))[:300]}")
+            code, body = await self.call("GET", f"{PATH}/{number}", None)
+            if code != 200:  # 404: deleted meanwhile; the next round tries it again
+                raise RuntimeError(f"reading identity {number}: {code}")
+            theirs = (body or {}).get("spec", {}).get("labels") or {}
+            if ids.labels_key(tuple(sorted(theirs.items()))) == key:
+                return number
+        raise RuntimeError(f"no free identity among {PROBES} numbers for {key}")
