@@ -1,0 +1,139 @@
+"""NetworkPolicy semantics (mesh.policy.networkpolicy) against the upstream Kubernetes e2e
+cases (../shared/netpol/cases.yaml, read at run time): every step of every case, each
+probed (port, protocol) matrix decided by the policy model and compared with upstream's
+expected reachability; and the API's endPort validation cases. The same cases run against
+the lab's datapath once it enforces policy; this checks the decisions it will be given."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mesh.policy import networkpolicy as np
+from mesh.store.objects import parse_object
+
+CASES = Path(__file__).resolve().parents[1].parent / "shared" / "netpol" / "cases.yaml"
+pytestmark = pytest.mark.skipif(not CASES.exists(), reason=f"{CASES} is not beside the "
+                                "project (the shared data is read at run time, not copied)")
+NAMESPACE_NODE = {"x": 1, "y": 2, "z": 3}  # pod networks as the lab gives them
+
+
+@functools.cache
+def _data() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.load(CASES.read_text(),
+                                     Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return data
+
+
+def _ip(pod_id: str) -> str:
+    ns, name = pod_id.split("/")
+    return f"10.244.{NAMESPACE_NODE[ns]}.{10 + 'abc'.index(name)}"
+
+
+def _fill(value: Any) -> Any:
+    """The placeholders of ipBlock cases, filled as the README says."""
+    if isinstance(value, dict):
+        return {k: _fill(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(m: re.Match[str]) -> str:
+        kind, pod = m.group(1), m.group(2)
+        ip = _ip(pod)
+        if kind == "hostCIDR":
+            return f"{ip}/32"
+        if kind == "supernet4":
+            return str(ipaddress.ip_network(f"{ip}/4", strict=False))
+        return ip
+    return re.sub(r"\$\((hostCIDR|supernet4|podIP):([a-z]/[a-z])\)", one, value)
+
+
+CASE_IDS = [c["id"] for c in _data()["reachability_cases"]] if CASES.exists() else []
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_upstream_reachability(case_id: str) -> None:
+    data = _data()
+    case = next(c for c in data["reachability_cases"] if c["id"] == case_id)
+    model = data["model"]
+    ports = {p["name"]: (p["port"], p["protocol"]) for p in model["container_ports"]}
+    ns_labels = {n["name"]: dict(n["labels"]) for n in model["namespaces"]}
+    pod_labels = {p["id"]: dict(p["labels"]) for p in model["pods"]}
+    policies: dict[tuple[str, str], np.NetworkPolicy] = {}
+    wrong = []
+    for s, step in enumerate(case["steps"]):
+        for action in step["actions"]:
+            kind = action["action"]
+            if kind == "apply":
+                obj = parse_object(_fill(action["policy"]))
+                policies[(obj.namespace, obj.name)] = np.parse(obj)
+            elif kind == "delete_all_policies":
+                policies = {k: v for k, v in policies.items()
+                            if k[0] not in action["namespaces"]}
+            elif kind == "add_namespace_labels":
+                ns_labels[action["namespace"]].update(action["labels"])
+            elif kind == "add_pod_labels":
+                pod_labels[f"{action['namespace']}/{action['pod']}"].update(action["labels"])
+            else:
+                pytest.fail(f"unknown action {kind}")
+        decide = np.Decision(list(policies.values()), ns_labels)
+
+        def endpoint(pod_id: str) -> np.Endpoint:
+            return np.Endpoint(_ip(pod_id), pod_id.split("/")[0], pod_labels[pod_id], ports)
+
+        for expect in step["expect"]:
+            for e in expect["matrix"]:
+                if e.get("ignored"):
+                    continue
+                got = decide.verdict(endpoint(e["from"]), endpoint(e["to"]), e["port"],
+                                     e["protocol"])
+                if got.allowed != e["allowed"]:
+                    wrong.append(f"step {s + 1}: {e['from']} -> {e['to']} "
+                                 f"{e['protocol']}/{e['port']}: expected "
+                                 f"{'allowed' if e['allowed'] else 'denied'}, got "
+                                 f"{got.allowed} ({got.reason}: {', '.join(got.policies)})")
+    assert not wrong, "\n".join(wrong[:20])
+
+
+def test_upstream_api_validation() -> None:
+    for case in _data()["validation_cases"]:
+        policy = dict(case["policy"])
+        policy["metadata"] = {"name": "v", "namespace": "x"}
+        try:
+            np.parse(parse_object(policy))
+            accepted = True
+        except np.Invalid:
+            accepted = False
+        assert accepted == case["expect_accepted"], case["id"]
+
+
+def test_a_verdict_names_the_policies_that_decide() -> None:
+    policy = parse_object({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                 "ingress": [{"from": [{"podSelector": {"matchExpressions": [
+                     {"key": "tier", "operator": "In", "values": ["front"]}]}}],
+                     "ports": [{"port": 8080, "endPort": 8090}]}]}})
+    decide = np.Decision([np.parse(policy)], {"shop": {}})
+    web = np.Endpoint("10.0.0.1", "shop", {"app": "web"})
+    front = np.Endpoint("10.0.0.2", "shop", {"tier": "front"})
+    other = np.Endpoint("10.0.0.3", "shop", {"tier": "back"})
+    ok = decide.verdict(front, web, 8085, "TCP")
+    assert ok.allowed and ok.policies == ("shop/web (Ingress)",)
+    assert not decide.verdict(front, web, 8091, "TCP").allowed
+    assert not decide.verdict(front, web, 8085, "UDP").allowed
+    denied = decide.verdict(other, web, 8085, "TCP")
+    assert not denied.allowed and denied.policies == ("shop/web (Ingress)",)
+    assert "ingress" in denied.reason
+    # The other way round nothing isolates: allowed, by no policy.
+    free = decide.verdict(web, other, 80, "TCP")
+    assert free.allowed and free.policies == ()
