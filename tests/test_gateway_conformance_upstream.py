@@ -36,9 +36,18 @@ def lab() -> Iterator[dict[str, Any]]:
         assert down.returncode == 0, down.stderr
 
 
+@pytest.fixture(scope="module")
+def suite(lab: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+          ) -> tuple[upstream.Outcome, Path]:
+    """The selection in one run of the suite, as implementations run it (its base resources
+    applied once)."""
+    log = tmp_path_factory.mktemp("upstream") / "suite.log"
+    out = upstream.run(lab, profiles=list(upstream.PROFILES), run_test=None, skip=[],
+                       report=None, log=log, timeout="15m", only=list(SELECTION))
+    return out, log
+
+
 @pytest.mark.parametrize("test", SELECTION)
-def test_upstream_conformance(lab: dict[str, Any], test: str, tmp_path: Path) -> None:
-    out = upstream.run(lab, profiles=list(upstream.PROFILES), run_test=test, skip=[],
-                       report=None, log=tmp_path / "suite.log", timeout="10m")
-    assert out.results.get(test) == "PASS", (out.results.get(test),
-                                             (tmp_path / "suite.log").read_text()[-6000:])
+def test_upstream_conformance(suite: tuple[upstream.Outcome, Path], test: str) -> None:
+    out, log = suite
+    assert out.results.get(test) == "PASS", (out.results.get(test), log.read_text()[-6000:])

@@ -384,7 +384,8 @@ def test_maglev_gives_a_flow_the_same_backend_on_every_node(lab: str) -> None:
     port = node_port(lab, "echo-maglev")
     assert 30000 <= port < 32768
     addresses = [n["underlay"] for n in state(lab)["node_info"]]
-    base = 20000 + os.getpid() % 20000
+    # Below the kernel's ephemeral range (32768-60999): no other socket of the host holds them.
+    base = 10000 + os.getpid() % 20000
     picks = {}
     for source in range(base, base + 24):
         got = {http_get(f"http://{a}:{port}/", source)["pod"] for a in addresses}

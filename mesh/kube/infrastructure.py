@@ -20,7 +20,7 @@ from typing import Any
 
 from mesh import ir
 from mesh.kube.client import API_ERRORS, Call
-from mesh.kube.leader import LeaderElection
+from mesh.kube.leader import LeaderElection, next_round
 from mesh.sinks.sink import Readiness
 from mesh.store.objects import ObjectKey
 from mesh.translate.gateway.infrastructure import MANAGED_BY_LABEL
@@ -129,17 +129,7 @@ class GatewayServiceWriter:
 
     async def run(self) -> None:
         while True:
-            waits = [asyncio.create_task(self._offered.wait())]
-            if self.leadership is not None:
-                waits.append(asyncio.create_task(self.leadership.wait()))
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
-            self._offered.clear()
-            if self.leadership is not None and self.leadership.is_set():
-                self.leadership.clear()
+            if await next_round(self._offered, self.leadership):
                 self.applied, self.pruned = {}, False  # another leader may have changed them
             if self.desired is None or not self.allowed():
                 continue

@@ -177,3 +177,22 @@ class LeaderElection:
         body = {**lease, "spec": spec}
         await self.call("PUT", self.path, body)
         log.info("lease released", extra={"identity": self.cfg.identity})
+
+
+async def next_round(offered: asyncio.Event, flipped: asyncio.Event | None) -> bool:
+    """A leader-only writer's wait: until there is something to write (`offered`) or the
+    leadership flipped (`flipped`, from `subscribe`; None: no election). Clears what it saw;
+    True when the leadership flipped, so the writer forgets what it knew of the server."""
+    waits = [asyncio.create_task(offered.wait())]
+    if flipped is not None:
+        waits.append(asyncio.create_task(flipped.wait()))
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    offered.clear()
+    if flipped is not None and flipped.is_set():
+        flipped.clear()
+        return True
+    return False

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mesh.kube.client import API_ERRORS, Call
-from mesh.kube.leader import LeaderElection
+from mesh.kube.leader import LeaderElection, next_round
 from mesh.kube.resources import STATUS_KINDS, Resource, resources
 from mesh.sinks.status.report import EVENTS, stamp_transitions
 from mesh.store.objects import KubeObject, ObjectKey
@@ -243,17 +243,7 @@ class KubernetesStatusWriter:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         while True:
-            waits = [asyncio.create_task(self._offered.wait())]
-            if self.leadership is not None:
-                waits.append(asyncio.create_task(self.leadership.wait()))
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
-            self._offered.clear()
-            if self.leadership is not None and self.leadership.is_set():
-                self.leadership.clear()
+            if await next_round(self._offered, self.leadership):
                 # What we hold was made while following (this node's Programmed alone): the
                 # pipeline's next round, merged, is what a leader writes.
                 self._latest, self._checked = None, {}
