@@ -158,3 +158,23 @@ def test_the_translator_maps_pod_addresses_and_names_the_label_sets_without_one(
     got = translate_identities(store.snapshot())
     assert got.endpoints == (("10.244.1.5", 4242), ("10.244.2.5", 4242))
     assert got.missing == (ids.identity_labels("shop", {"app": "api"}, {"team": "a"}),)
+
+
+@pytest.mark.e2e
+def test_an_api_server_without_the_crd_is_said_not_installed(
+        control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resource the API server does not serve (its CRD not installed: a 404 once RBAC lets
+    the request through, so as the admin here) is NotInstalled, which the allocator logs once
+    and looks for again later, rather than an error a second."""
+    from mesh.kube import identities as kube_ids
+    from mesh.kube.client import NotInstalled
+
+    monkeypatch.setattr(kube_ids, "PATH", "/apis/mesh.dev/v1alpha1/nosuchidentities")
+    labels = ids.identity_labels("none", {"app": "web"}, {})
+
+    async def main() -> None:
+        async with connect(str(control_plane.kubeconfig)) as http:
+            with pytest.raises(NotInstalled):
+                await IdentityAllocator(http.call).allocate(labels)
+
+    asyncio.run(main())

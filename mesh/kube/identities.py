@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from mesh import ir
-from mesh.kube.client import API_ERRORS, Call
+from mesh.kube.client import API_ERRORS, Call, NotInstalled
 from mesh.policy import identities as ids
 from mesh.sinks.sink import Readiness
 from mesh.store.objects import ObjectKey
@@ -26,6 +26,7 @@ RETRY = 1.0  # seconds after a failed round
 # Seconds after which a label set made here but still missing from the store (the watch is
 # behind, or the identity was deleted since) is looked for again.
 RECHECK = 30.0
+MISSING_RETRY = 10.0  # seconds between looks for the CRD while it is not served
 PROBES = 64  # numbers tried per label set in one round (the table is far from full)
 
 
@@ -43,6 +44,7 @@ class IdentityAllocator:
         # Found or created by this agent, for the ones the IR still names: (number, when).
         self.made: dict[ir.Labels, tuple[int, float]] = {}
         self.created = 0  # identities this agent created, for tests and metrics
+        self._said_missing = False  # the missing CRD was logged (once, until it is served)
         self._offered = asyncio.Event()
 
     def apply(self, model: ir.IR) -> None:
@@ -68,6 +70,15 @@ class IdentityAllocator:
             for labels in [m for m in self.missing if m not in self.made]:
                 try:
                     self.made[labels] = (await self.allocate(labels), now)
+                except NotInstalled:
+                    if not self._said_missing:
+                        log.warning("MeshIdentity is not served (its CRD not installed?): "
+                                    "pods get no identity; looking again every "
+                                    f"{MISSING_RETRY:.0f} s")
+                        self._said_missing = True
+                    await asyncio.sleep(MISSING_RETRY)
+                    self._offered.set()
+                    break
                 except API_ERRORS as e:
                     log.warning("identity not allocated: retrying", extra={
                         "labels": ids.labels_key(labels), "error": repr(e)})
@@ -80,6 +91,9 @@ class IdentityAllocator:
         key = ids.labels_key(labels)
         for number, _ in zip(ids.candidates(labels), range(PROBES), strict=False):
             code, body = await self.call("POST", PATH, identity_object(number, labels))
+            if code == 404:
+                raise NotInstalled()
+            self._said_missing = False
             if code == 201:
                 self.created += 1
                 log.info("identity created", extra={"identity": number, "labels": key})
