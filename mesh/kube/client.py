@@ -24,6 +24,11 @@ API_ERRORS = (OSError, TimeoutError, aiohttp.ClientError, RuntimeError, ValueErr
               TypeError, AttributeError)
 
 
+def api_message(answer: Any, limit: int = 300) -> str:
+    """The message of an API server's error answer (a Status), cut to `limit` characters."""
+    return str((answer if isinstance(answer, dict) else {}).get("message", ""))[:limit]
+
+
 class Gone(Exception):
     """410: the version to resume from is too old: list again."""
 

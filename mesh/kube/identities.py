@@ -15,13 +15,14 @@ import logging
 from typing import Any
 
 from mesh import ir
-from mesh.kube.client import API_ERRORS, Call, NotInstalled
+from mesh.kube.client import API_ERRORS, Call, NotInstalled, api_message
+from mesh.kube.resources import MESH_IDENTITIES
 from mesh.policy import identities as ids
 from mesh.sinks.sink import Readiness
 from mesh.store.objects import ObjectKey
 
 log = logging.getLogger(__name__)
-PATH = "/apis/mesh.dev/v1alpha1/meshidentities"
+PATH = MESH_IDENTITIES.path
 RETRY = 1.0  # seconds after a failed round
 # Seconds after which a label set made here but still missing from the store (the watch is
 # behind, or the identity was deleted since) is looked for again.
@@ -99,8 +100,7 @@ class IdentityAllocator:
                 log.info("identity created", extra={"identity": number, "labels": key})
                 return number
             if code != 409:
-                raise RuntimeError(f"creating identity {number}: {code} "
-                                   f"{str((body or {}).get('message', ''))[:300]}")
+                raise RuntimeError(f"creating identity {number}: {code} {api_message(body)}")
             code, body = await self.call("GET", f"{PATH}/{number}", None)
             if code != 200:  # 404: deleted meanwhile; the next round tries it again
                 raise RuntimeError(f"reading identity {number}: {code}")

@@ -19,8 +19,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mesh import ir
-from mesh.kube.client import API_ERRORS, Call
+from mesh.kube.client import API_ERRORS, Call, api_message
 from mesh.kube.leader import LeaderElection, next_round
+from mesh.kube.resources import ENDPOINT_SLICES, SERVICES
 from mesh.sinks.sink import Readiness
 from mesh.store.objects import ObjectKey
 from mesh.translate.gateway.infrastructure import MANAGED_BY_LABEL
@@ -33,15 +34,6 @@ RETRY = 1.0  # seconds after a failed round
 # A server-side apply: (path with its query, object) -> (status code, the answer).
 Apply = Callable[[str, dict[str, Any]], Awaitable[tuple[int, Any]]]
 APPLY_QUERY = f"?fieldManager={FIELD_MANAGER}&force=true"
-
-
-def service_path(namespace: str, name: str = "") -> str:
-    base = f"/api/v1/namespaces/{namespace}/services"
-    return f"{base}/{name}" if name else base
-
-
-def slice_path(namespace: str, name: str) -> str:
-    return f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices/{name}"
 
 
 def _owner(gs: ir.GatewayService) -> list[dict[str, Any]]:
@@ -157,14 +149,14 @@ class GatewayServiceWriter:
 
     async def _ours(self) -> list[tuple[str, str]]:
         selector = urllib.parse.quote(f"{MANAGED_BY_LABEL}={self.managed_by}")
-        code, doc = await self.call("GET", f"/api/v1/services?labelSelector={selector}", None)
+        code, doc = await self.call("GET", f"{SERVICES.path}?labelSelector={selector}", None)
         if code != 200:
             raise RuntimeError(f"listing the generated Services: {code}")
         return [(i["metadata"]["namespace"], i["metadata"]["name"])
                 for i in (doc or {}).get("items") or []]
 
     async def _apply(self, gs: ir.GatewayService) -> None:
-        path = service_path(gs.namespace, gs.name)
+        path = SERVICES.item(gs.namespace, gs.name)
         code, answer = await self.server_apply(path + APPLY_QUERY, service(gs))
         if code == 422 and "loadBalancerClass" in str(answer):
             # The class cannot change (the mode did): make it again.
@@ -174,24 +166,24 @@ class GatewayServiceWriter:
             return  # its namespace is going away
         if code not in (200, 201):
             raise RuntimeError(f"applying Service {gs.namespace}/{gs.name}: {code} "
-                               f"{str((answer or {}).get('message', ''))[:300]}")
+                               f"{api_message(answer)}")
         if gs.load_balancer_class is not None:
             code, answer = await self.server_apply(path + "/status" + APPLY_QUERY,
                                                    service_status(gs))
             if code != 200:
                 raise RuntimeError(f"the status of Service {gs.namespace}/{gs.name}: {code}")
-        code, answer = await self.server_apply(slice_path(gs.namespace, gs.name) + APPLY_QUERY,
-                                               endpoint_slice(gs))
+        code, answer = await self.server_apply(
+            ENDPOINT_SLICES.item(gs.namespace, gs.name) + APPLY_QUERY, endpoint_slice(gs))
         if code not in (200, 201):
             raise RuntimeError(f"applying EndpointSlice {gs.namespace}/{gs.name}: {code} "
-                               f"{str((answer or {}).get('message', ''))[:300]}")
+                               f"{api_message(answer)}")
         self.writes += 1
         log.info("gateway service applied", extra={
             "service": f"{gs.namespace}/{gs.name}", "ports": [p.name for p in gs.ports],
             "endpoints": list(gs.endpoints)})
 
     async def _delete(self, namespace: str, name: str) -> None:
-        for path in (service_path(namespace, name), slice_path(namespace, name)):
+        for path in (SERVICES.item(namespace, name), ENDPOINT_SLICES.item(namespace, name)):
             code, _ = await self.call("DELETE", path, None)
             if code not in (200, 202, 404):
                 raise RuntimeError(f"deleting {path}: {code}")

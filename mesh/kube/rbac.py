@@ -3,7 +3,15 @@ ClusterRole and Role are checked against these in tests/test_chart.py."""
 
 from __future__ import annotations
 
-from mesh.kube.resources import LEASE, MESH_NODE, STATUS_KINDS, resources
+from mesh.kube.resources import (
+    ENDPOINT_SLICES,
+    LEASE,
+    MESH_IDENTITIES,
+    MESH_NODE,
+    SERVICES,
+    STATUS_KINDS,
+    resources,
+)
 
 
 def cluster_rules() -> list[dict[str, list[str]]]:
@@ -33,14 +41,15 @@ def cluster_rules() -> list[dict[str, list[str]]]:
                   "verbs": ["update"]})
     # What the leader generates for Gateways (mesh/kube/infrastructure.py): server-side
     # apply (patch; create when missing), deleted when no longer wanted.
-    rules.append({"apiGroups": [""], "resources": ["services"],
+    rules.append({"apiGroups": [SERVICES.group], "resources": [SERVICES.plural],
                   "verbs": ["create", "patch", "delete"]})
-    rules.append({"apiGroups": [""], "resources": ["services/status"], "verbs": ["patch"]})
-    rules.append({"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+    rules.append({"apiGroups": [SERVICES.group], "resources": [f"{SERVICES.plural}/status"],
+                  "verbs": ["patch"]})
+    rules.append({"apiGroups": [ENDPOINT_SLICES.group], "resources": [ENDPOINT_SLICES.plural],
                   "verbs": ["create", "patch", "delete"]})
     # Security identities (mesh/kube/identities.py): made by whoever sees a label set first,
     # read after a create finds the number taken.
-    rules.append({"apiGroups": [MESH_NODE.group], "resources": ["meshidentities"],
+    rules.append({"apiGroups": [MESH_IDENTITIES.group], "resources": [MESH_IDENTITIES.plural],
                   "verbs": ["get", "create"]})
     return rules
 

@@ -44,6 +44,10 @@ class Resource:
 MESH_NODE = Resource("mesh.dev", "v1alpha1", "meshnodes", "MeshNode", namespaced=False)
 LEASE = Resource("coordination.k8s.io", "v1", "leases", "Lease")
 NODES = Resource("", "v1", "nodes", "Node", namespaced=False)
+SERVICES = Resource("", "v1", "services", "Service")
+ENDPOINT_SLICES = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice")
+MESH_IDENTITIES = Resource("mesh.dev", "v1alpha1", "meshidentities", "MeshIdentity",
+                           namespaced=False)
 
 
 def resources(node_name: str | None) -> list[Resource]:
@@ -51,12 +55,12 @@ def resources(node_name: str | None) -> list[Resource]:
     pods = f"spec.nodeName={node_name}" if node_name else None
     out = [
         Resource("", "v1", "namespaces", "Namespace", namespaced=False),
-        Resource("", "v1", "services", "Service"),
+        SERVICES,
         Resource("", "v1", "secrets", "Secret"),
         Resource("", "v1", "configmaps", "ConfigMap"),
         NODES,
         Resource("", "v1", "pods", "Pod", field_selector=pods),
-        Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
+        ENDPOINT_SLICES,
         Resource("networking.k8s.io", "v1", "ingresses", "Ingress"),
         Resource("networking.k8s.io", "v1", "ingressclasses", "IngressClass", namespaced=False),
         Resource("gateway.networking.k8s.io", "v1", "gatewayclasses", "GatewayClass",
@@ -74,7 +78,7 @@ def resources(node_name: str | None) -> list[Resource]:
         Resource("gateway.networking.x-k8s.io", "v1alpha1", "xbackendtrafficpolicies",
                  "XBackendTrafficPolicy"),
         Resource("mesh.dev", "v1alpha1", "trafficpolicies", "TrafficPolicy"),
-        Resource("mesh.dev", "v1alpha1", "meshidentities", "MeshIdentity", namespaced=False),
+        MESH_IDENTITIES,
     ]
     missing = kinds.KINDS - {r.group_kind for r in out}
     assert not missing, f"kinds the store holds without a resource to watch: {missing}"

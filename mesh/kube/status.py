@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mesh.kube.client import API_ERRORS, Call
+from mesh.kube.client import API_ERRORS, Call, api_message
 from mesh.kube.leader import LeaderElection, next_round
 from mesh.kube.resources import STATUS_KINDS, Resource, resources
 from mesh.sinks.status.report import EVENTS, stamp_transitions
@@ -167,7 +167,7 @@ class StatusPublisher:
                 # going, try again only when the status changes.
                 log.warning("status refused by the API server", extra={
                     "object": str(key), "code": code,
-                    "error": str((answer or {}).get("message", ""))[:500]})
+                    "error": api_message(answer, 500)})
                 self.refused[key] = comparable(with_foreign(status, current_status,
                                                             self.controller))
                 return
