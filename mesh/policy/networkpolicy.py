@@ -271,17 +271,14 @@ class Decision:
     def verdict(self, source: Endpoint, destination: Endpoint, port: int,
                 protocol: str) -> Verdict:
         decided: list[str] = []
-        if source.namespace is not None:
-            ok, by = self._side(source, destination, "Egress", port, protocol, destination)
+        for pod, other, direction, end in (
+                (source, destination, "Egress", "source's egress"),
+                (destination, source, "Ingress", "destination's ingress")):
+            if pod.namespace is None:
+                continue  # an address outside the pods: no policy of its own
+            ok, by = self._side(pod, other, direction, port, protocol, destination)
             if not ok:
-                return Verdict(False, by, "the source's egress policies allow no such "
-                               "connection")
-            decided += by
-        if destination.namespace is not None:
-            ok, by = self._side(destination, source, "Ingress", port, protocol, destination)
-            if not ok:
-                return Verdict(False, by, "the destination's ingress policies allow no "
-                               "such connection")
+                return Verdict(False, by, f"the {end} policies allow no such connection")
             decided += by
         return Verdict(True, tuple(decided), "allowed by policy" if decided
                        else "no policy isolates either end")

@@ -5,7 +5,6 @@ sink that creates them."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from mesh import ir
 from mesh.policy import identities as ids
@@ -28,22 +27,15 @@ def identity_table(snapshot: StoreSnapshot) -> ids.IdentityTable:
     return ids.IdentityTable(taken)
 
 
-def _pod_ips(status: Any) -> list[str]:
-    if not isinstance(status, Mapping) or status.get("phase") in ("Succeeded", "Failed"):
-        return []
-    found = [i.get("ip") for i in model.as_list(status.get("podIPs")) if isinstance(i, dict)]
-    if not found and status.get("podIP"):
-        found = [status.get("podIP")]
-    return [a for a in found if isinstance(a, str) and model.is_ip(a)]
-
-
 def translate_identities(snapshot: StoreSnapshot) -> ir.IdentityMap:
     table = identity_table(snapshot)
     namespaces = {o.name: o.labels for o in snapshot.of_kind(kinds.NAMESPACE)}
     endpoints: dict[str, int] = {}
     missing: set[ir.Labels] = set()
     for pod in snapshot.of_kind(kinds.POD):
-        addresses = _pod_ips(pod.body.get("status"))
+        status = pod.body.get("status")
+        done = isinstance(status, Mapping) and status.get("phase") in ("Succeeded", "Failed")
+        addresses = [] if done else model.pod_ips(status)
         if not addresses:
             continue
         labels = ids.identity_labels(pod.namespace, pod.labels,

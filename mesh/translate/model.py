@@ -50,6 +50,16 @@ def is_ipv4(address: str) -> bool:
     return True
 
 
+def pod_ips(status: Any) -> list[str]:
+    """A Pod's addresses from its status (status.podIPs, else status.podIP)."""
+    if not isinstance(status, Mapping):
+        return []
+    found = [i.get("ip") for i in _list(status.get("podIPs")) if isinstance(i, Mapping)]
+    if not found and status.get("podIP"):
+        found = [status.get("podIP")]
+    return [a for a in found if isinstance(a, str) and is_ip(a)]
+
+
 def _str(v: Any, default: str = "") -> str:
     return v if isinstance(v, str) else default
 
@@ -479,6 +489,12 @@ class Listener:
     allowed_from: str  # Same | All | Selector | None
     allowed_selector: Mapping[str, Any]
     allowed_kinds: tuple[RouteGroupKind, ...] | None  # None: the protocol's defaults
+
+    @property
+    def transport(self) -> str:
+        """UDP for a UDP listener, else TCP: a UDP listener's port is another socket than a
+        TCP one of the same number."""
+        return "UDP" if self.protocol == "UDP" else "TCP"
 
 
 def parse_listener(raw: Any, default_ns: str) -> Listener:

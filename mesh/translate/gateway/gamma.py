@@ -55,14 +55,8 @@ def pod_addresses(snapshot: StoreSnapshot) -> dict[str, list[str]]:
     """Every pod's IPv4 addresses, by namespace (status.podIPs, else status.podIP)."""
     out: dict[str, list[str]] = {}
     for pod in snapshot.of_kind(kinds.POD):
-        status = pod.body.get("status")
-        if not isinstance(status, dict):
-            continue
-        ips = [i.get("ip") for i in model.as_list(status.get("podIPs")) if isinstance(i, dict)]
-        if not ips and status.get("podIP"):
-            ips = [status.get("podIP")]
-        for a in ips:
-            if isinstance(a, str) and model.is_ipv4(a):
+        for a in model.pod_ips(pod.body.get("status")):
+            if model.is_ipv4(a):
                 out.setdefault(pod.namespace, []).append(a)
     return {ns: sorted(set(v)) for ns, v in out.items()}
 

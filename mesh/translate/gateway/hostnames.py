@@ -46,6 +46,12 @@ def isolate(names: tuple[str, ...], listener: str | None,
     matches it most specifically, and only that listener's routes may answer it; where a
     route's name only overlaps a more specific listener's, Envoy's choice of the most
     specific virtual host keeps the rest apart."""
-    narrower = [o for o in others if o is not None and o != listener
-                and (listener is None or matches(listener, o))]
-    return tuple(n for n in names if not any(matches(o, n) for o in narrower))
+    return tuple(n for n in names
+                 if not any(matches(o, n) for o in narrower(listener, others)))
+
+
+def narrower(listener: str | None, others: Iterable[str | None]) -> list[str]:
+    """The hostnames among `others` (listeners on the same port) more specific than
+    `listener`'s: every other hostname when it has none, the names under its wildcard."""
+    return [o for o in others if o is not None and o != listener
+            and (listener is None or matches(listener, o))]

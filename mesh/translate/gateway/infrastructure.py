@@ -39,8 +39,7 @@ def generated_services(snapshot: StoreSnapshot, cfg: TranslatorConfig, gws: Gate
     ports: dict[object, dict[tuple[int, str], None]] = {}
     for li in lis.listeners:
         if li.valid:
-            transport = "UDP" if li.spec.protocol == "UDP" else "TCP"
-            ports.setdefault(li.gateway.obj.key, {})[(li.spec.port, transport)] = None
+            ports.setdefault(li.gateway.obj.key, {})[(li.spec.port, li.spec.transport)] = None
     nodes: list[str] = []
     if cfg.gateway_addresses == "loadbalancer":
         nodes = addressing.ips(a for node in snapshot.of_kind(kinds.NODE)

@@ -31,15 +31,15 @@ def build_listeners(snapshot: StoreSnapshot, routes: RouteBuilder, gws: Gateways
                     lis: Listeners, att: Attachment) -> Served:
     """`routes` assembles the route tables the listeners name."""
     gateways = gws.by_key()
-    by_port: dict[tuple[str, int, bool], list[Listener]] = {}
+    by_port: dict[tuple[str, int, str], list[Listener]] = {}
     for li in lis.listeners:
         g = gateways[li.gateway.obj.key]
         if _served(li, g):
             for address in g.addresses:
-                by_port.setdefault((address, li.spec.port, li.spec.protocol == "UDP"),
+                by_port.setdefault((address, li.spec.port, li.spec.transport),
                                    []).append(li)
     out = []
-    for (address, port, udp), group in sorted(by_port.items()):
+    for (address, port, transport), group in sorted(by_port.items()):
         protocol = group[0].spec.protocol
         owners = frozenset(li.owner.key for li in group)
         chains: list[ir.FilterChain] = []
@@ -54,7 +54,7 @@ def build_listeners(snapshot: StoreSnapshot, routes: RouteBuilder, gws: Gateways
             https = [li.spec.hostname for li in group if li.spec.protocol == "HTTPS"]
             for li in _most_specific_first(group):
                 chains += _tls_chains(routes, li, gateways[li.gateway.obj.key], https)
-        name = f"{address}:{port}/udp" if udp else f"{address}:{port}"
+        name = f"{address}:{port}/udp" if transport == "UDP" else f"{address}:{port}"
         out.append(ir.Listener(name=name, address=address, port=port,
                                protocol=protocol, chains=tuple(chains), owners=owners))
     mesh_listener, redirects = gamma.listener(snapshot, routes, att.mesh_parents)
@@ -78,10 +78,9 @@ def _tls_chains(routes: RouteBuilder, li: Listener, g: Gateway,
     owner = frozenset({li.owner.key})
     if li.spec.protocol == "HTTPS":
         own = li.spec.hostname
-        narrower = [h for h in https if h is not None and h != own
-                    and (own is None or hostnames.matches(own, h))]
         table = routes.http_table(li.key, [(li.key, own)], li.spec.port,
-                                  misdirected=own is not None, elsewhere=narrower)
+                                  misdirected=own is not None,
+                                  elsewhere=hostnames.narrower(own, https))
         _present_client_certificate(routes, table, g)
         return [ir.FilterChain(name=li.key, server_names=sni,
                                certificates=li.certificates, route_table=table,

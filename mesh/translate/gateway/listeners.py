@@ -253,46 +253,42 @@ def _client_validation(refs: References, trust_bundles: dict[str, bytes], li: _D
 
 def _conflicts(listeners: list[_Draft]) -> None:
     """Conflicts between listeners of one Gateway: the earlier listener wins."""
-    seen: dict[tuple[str, str, int], list[_Draft]] = {}
+    seen: dict[tuple[str, str, int], list[_Draft]] = {}  # by Gateway, transport, port
     for li in listeners:
         gkey = f"{li.gateway.obj.namespace}/{li.gateway.obj.name}"
-        # A UDP listener shares its port number with the TCP ones: another socket.
-        transport = "udp" if li.spec.protocol == "UDP" else "tcp"
-        seen.setdefault((gkey, transport, li.spec.port), []).append(li)
+        seen.setdefault((gkey, li.spec.transport, li.spec.port), []).append(li)
     for group in seen.values():
         first_family = None
         hostnames_seen: set[tuple[str, str | None]] = set()
         for li in group:
-            gen = li.owner.generation
             family = _PORT_FAMILY.get(li.spec.protocol)
             if family is None:
                 continue
             if first_family is None and li.spec.protocol in KINDS_FOR_PROTOCOL:
                 first_family = family  # a protocol not served claims no port
             if first_family is not None and family != first_family:
-                li.valid = False
-                msg = f"port {li.spec.port} is already used with another protocol"
-                conds = li.conditions
-                conds[:] = [c for c in conds if c.type != Type.ACCEPTED]
-                conds += [
-                    condition(Type.ACCEPTED, False, Reason.PROTOCOL_CONFLICT, msg, gen),
-                    condition(Type.CONFLICTED, True, Reason.PROTOCOL_CONFLICT, msg, gen),
-                    condition(Type.PROGRAMMED, False, Reason.PROTOCOL_CONFLICT, msg, gen)]
+                _conflicted(li, Reason.PROTOCOL_CONFLICT,
+                            f"port {li.spec.port} is already used with another protocol")
                 continue
             if li.spec.protocol not in KINDS_FOR_PROTOCOL:
                 continue
             # TCP and UDP listeners have no hostname to tell them apart (one is ignored).
             host_key = (family, None if family in ("tcp", "udp") else li.spec.hostname)
             if host_key in hostnames_seen:
-                li.valid = False
-                msg = (f"another listener on port {li.spec.port} has hostname "
-                       f"{li.spec.hostname or '(none)'}") if host_key[1] or family not in (
-                    "tcp", "udp") else (f"another {li.spec.protocol} listener has port "
-                                        f"{li.spec.port}: nothing tells their traffic apart")
-                li.conditions[:] = [c for c in li.conditions if c.type != Type.ACCEPTED]
-                li.conditions += [
-                    condition(Type.ACCEPTED, False, Reason.HOSTNAME_CONFLICT, msg, gen),
-                    condition(Type.CONFLICTED, True, Reason.HOSTNAME_CONFLICT, msg, gen),
-                    condition(Type.PROGRAMMED, False, Reason.HOSTNAME_CONFLICT, msg, gen)]
+                _conflicted(li, Reason.HOSTNAME_CONFLICT, (
+                    f"another {li.spec.protocol} listener has port {li.spec.port}: nothing "
+                    "tells their traffic apart") if family in ("tcp", "udp") else (
+                    f"another listener on port {li.spec.port} has hostname "
+                    f"{li.spec.hostname or '(none)'}"))
                 continue
             hostnames_seen.add(host_key)
+
+
+def _conflicted(li: _Draft, reason: str, message: str) -> None:
+    """A listener that loses a conflict: not accepted, conflicted, not programmed."""
+    gen = li.owner.generation
+    li.valid = False
+    li.conditions[:] = [c for c in li.conditions if c.type != Type.ACCEPTED]
+    li.conditions += [condition(Type.ACCEPTED, False, reason, message, gen),
+                      condition(Type.CONFLICTED, True, reason, message, gen),
+                      condition(Type.PROGRAMMED, False, reason, message, gen)]
