@@ -10,11 +10,10 @@ cluster.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from mesh.install import render, to_stream
-from mesh.lab.controlplane import ControlPlane, ControlPlaneError, gateway_api_crds
+from mesh.lab.controlplane import ControlPlane, ControlPlaneError, gateway_api_crds, write_file
 
 RELEASE = "mesh"
 NAMESPACE = "mesh-system"
@@ -75,7 +74,5 @@ def token_kubeconfig(cp: ControlPlane, path: Path, service_account: str, *,
               "contexts": [{"name": "agent", "context": {"cluster": "lab",
                                                          "user": service_account}}]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(config))
+    write_file(path, json.dumps(config).encode(), 0o600)
     return path

@@ -154,7 +154,7 @@ def issue(ca: Issued, cn: str, *, org: str | None = None, server: bool = False,
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
 
 
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Created with `mode` from the start: a key is never readable by others, not even
     briefly."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -393,26 +393,26 @@ class ControlPlane:
         etcd_server = issue(ca, "etcd", server=True, dns=("localhost",), ips=("127.0.0.1",))
         etcd_client = issue(ca, "kube-apiserver-etcd-client")
         sa = _key()
-        _write(self.certs / "ca.crt", ca.cert_pem())
-        _write(self.certs / "ca.key", ca.key_pem(), 0o600)
-        _write(self.certs / "apiserver.crt", serving.cert_pem())
-        _write(self.certs / "apiserver.key", serving.key_pem(), 0o600)
-        _write(self.certs / "sa.key", sa.private_bytes(
+        write_file(self.certs / "ca.crt", ca.cert_pem())
+        write_file(self.certs / "ca.key", ca.key_pem(), 0o600)
+        write_file(self.certs / "apiserver.crt", serving.cert_pem())
+        write_file(self.certs / "apiserver.key", serving.key_pem(), 0o600)
+        write_file(self.certs / "sa.key", sa.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()), 0o600)
-        _write(self.certs / "sa.pub", sa.public_key().public_bytes(
+        write_file(self.certs / "sa.pub", sa.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         for name, issued in (("etcd-server", etcd_server), ("etcd-client", etcd_client)):
-            _write(self.certs / f"{name}.crt", issued.cert_pem())
-            _write(self.certs / f"{name}.key", issued.key_pem(), 0o600)
-        _write(self.certs / "kubelet-client.crt", kubelet_client.cert_pem())
-        _write(self.certs / "kubelet-client.key", kubelet_client.key_pem(), 0o600)
+            write_file(self.certs / f"{name}.crt", issued.cert_pem())
+            write_file(self.certs / f"{name}.key", issued.key_pem(), 0o600)
+        write_file(self.certs / "kubelet-client.crt", kubelet_client.cert_pem())
+        write_file(self.certs / "kubelet-client.key", kubelet_client.key_pem(), 0o600)
         for name, client in clients.items():
-            _write(self.certs / f"{name}.crt", client.cert_pem())
-            _write(self.certs / f"{name}.key", client.key_pem(), 0o600)
+            write_file(self.certs / f"{name}.crt", client.cert_pem())
+            write_file(self.certs / f"{name}.key", client.key_pem(), 0o600)
             path = self.kubeconfig if name == "admin" else \
                 self.state_dir / f"{name}.kubeconfig"
-            _write(path, kubeconfig(self.server, ca.cert_pem(), client, name).encode(), 0o600)
+            write_file(path, kubeconfig(self.server, ca.cert_pem(), client, name).encode(), 0o600)
 
     def _etcd_args(self) -> list[str]:
         c = self.certs

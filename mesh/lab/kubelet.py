@@ -51,7 +51,7 @@ from mesh.cni.plugin import CNIError
 from mesh.cni.runtime import Runtime, existing_runtime, node_runtime
 from mesh.kube.client import API_ERRORS, HTTP, Gone, connect
 from mesh.lab import images, kubelet_server, volumes, workloads
-from mesh.lab.controlplane import Issued, issue, kubeconfig
+from mesh.lab.controlplane import Issued, issue, kubeconfig, write_file
 from mesh.lab.dns import resolv_conf
 from mesh.lab.volumes import VolumeError
 from mesh.lab.workloads import PodSpec, Probe
@@ -93,9 +93,8 @@ def node_kubeconfig(certs: Path, server: str, node: str, path: Path) -> Path:
     ca = _lab_ca(certs)
     client = issue(ca, f"system:node:{node}", org="system:nodes")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(kubeconfig(server, ca.cert_pem(), client, f"system:node:{node}"))
+    write_file(path, kubeconfig(server, ca.cert_pem(), client, f"system:node:{node}").encode(),
+               0o600)
     return path
 
 
@@ -105,11 +104,8 @@ def serving_certificate(certs: Path, node: str, address: str, directory: Path) -
     served = issue(_lab_ca(certs), f"system:node:{node}", org="system:nodes", server=True,
                    dns=(node,), ips=(address,))
     directory.mkdir(parents=True, exist_ok=True)
-    for name, data in (("kubelet-serving.crt", served.cert_pem()),
-                       ("kubelet-serving.key", served.key_pem())):
-        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+    write_file(directory / "kubelet-serving.crt", served.cert_pem(), 0o600)
+    write_file(directory / "kubelet-serving.key", served.key_pem(), 0o600)
 
 
 # -- one container -------------------------------------------------------------------------

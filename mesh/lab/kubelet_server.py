@@ -40,8 +40,7 @@ def _since(request: web.Request) -> str | None:
             seconds=int(q["sinceSeconds"]))
     else:
         return None
-    t = t.astimezone(datetime.UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond:06d}000Z"
+    return logshim.cri_time(t)
 
 
 def _line(ts: str, text: str, timestamps: bool) -> bytes:

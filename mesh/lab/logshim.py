@@ -21,9 +21,14 @@ from pathlib import Path
 MAX_LINE = 16 << 10  # a longer line is split, as the CRI marks with P (partial)
 
 
+def cri_time(t: datetime.datetime) -> str:
+    """A time as a CRI log line writes it (nanoseconds, UTC): such strings sort as times."""
+    t = t.astimezone(datetime.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond:06d}000Z"
+
+
 def stamp() -> str:
-    now = datetime.datetime.now(datetime.UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond:06d}000Z"
+    return cri_time(datetime.datetime.now(datetime.UTC))
 
 
 def parse(line: str) -> tuple[str, str] | None:
