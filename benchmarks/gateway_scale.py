@@ -33,6 +33,7 @@ from typing import Any
 import plots
 import yaml
 from manifests import base, host_and_path, route
+from procstat import rss_mib
 
 from mesh.echo import EchoServer
 
@@ -40,13 +41,6 @@ ADDRESS = "127.4.0.1"
 PORT = 8080
 PER_FILE = 100
 _DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def write_json(path: Path, docs: list[dict[str, Any]]) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from procstat import cpu_seconds, rss_mib
 
 from mesh.lab import cluster
 from mesh.lab.controlplane import ControlPlane
@@ -136,11 +136,6 @@ def get(address: str, host: str, path: str) -> int:
         return 0
 
 
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def wait_quiet(pids: list[int], limit: float = 60.0) -> float:
     """Wait until these processes use under a fifth of a core together over a second (the
     tail of the bulk load done: the leader's last status round, the controller manager's
@@ -148,9 +143,9 @@ def wait_quiet(pids: list[int], limit: float = 60.0) -> float:
     waited. One change is measured on a quiet cluster, as it happens in use."""
     began = time.monotonic()
     while time.monotonic() - began < limit:
-        before = sum(cpu_s(p) for p in pids)
+        before = sum(cpu_seconds(p) for p in pids)
         time.sleep(1.0)
-        if sum(cpu_s(p) for p in pids) - before < 0.2:
+        if sum(cpu_seconds(p) for p in pids) - before < 0.2:
             break
     return time.monotonic() - began
 
@@ -164,13 +159,6 @@ def settled(cp: ControlPlane) -> bool:
     conds = (gw or {}).get("status", {}).get("conditions") or []
     return any(c.get("type") == "Programmed" and c.get("status") == "True" for c in conds) \
         and (dep or {}).get("status", {}).get("readyReplicas") == 2
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def status_writes(cp: ControlPlane) -> int:
@@ -209,7 +197,7 @@ def main() -> None:
         agent_pids = [int(p) for p in state["agents"].values()]
         apiserver = int((Path(state["control_plane"]) / "pids" / "kube-apiserver.pid")
                         .read_text())
-        cpu_before = [cpu_s(p) for p in agent_pids], cpu_s(apiserver)
+        cpu_before = [cpu_seconds(p) for p in agent_pids], cpu_seconds(apiserver)
         writes_before = status_writes(cp)
         began = time.monotonic()
         apply_routes(cp, [route(i) for i in range(n)], create=True)
@@ -217,8 +205,8 @@ def main() -> None:
         while sum(1 for g in programmed(cp).values() if g) < n:
             time.sleep(1)
         all_programmed = time.monotonic() - began
-        agent_cpu = sum(cpu_s(p) for p in agent_pids) - sum(cpu_before[0])
-        apiserver_cpu = cpu_s(apiserver) - cpu_before[1]
+        agent_cpu = sum(cpu_seconds(p) for p in agent_pids) - sum(cpu_before[0])
+        apiserver_cpu = cpu_seconds(apiserver) - cpu_before[1]
         _, gw = cp.request("GET", f"/apis/gateway.networking.k8s.io/v1/namespaces/{NS}/"
                                      "gateways/scale")
         address = gw["status"]["addresses"][0]["value"]

@@ -53,6 +53,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from procstat import cpu_seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 LATENCY_RATE = 5000
 COMPARE_RATE = 1000  # grpcio's server makes ~2,500/s on one core here: well within
@@ -69,11 +71,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -462,11 +459,11 @@ async def _generate(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
         for server in spec["servers"]:
             clients = await connect(server["target"], 2)
             decide = decider(clients)
-            cpu = _cpu_seconds(server["pid"])
+            cpu = cpu_seconds(server["pid"])
             t0 = time.perf_counter()
             calls, errors, loop_latencies = await _closed_loop(decide, raw, spec["loop_s"])
             elapsed = time.perf_counter() - t0
-            cpu = _cpu_seconds(server["pid"]) - cpu
+            cpu = cpu_seconds(server["pid"]) - cpu
             open_errors, latencies = await _open_loop(decide, raw, spec["open_s"],
                                                       spec["rate"])
             for client in clients:

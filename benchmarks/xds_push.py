@@ -25,6 +25,7 @@ from typing import Any
 import plots
 from envoy.config.core.v3 import base_pb2
 from google.protobuf.message import Message
+from procstat import rss_mib
 
 from mesh.echo import EchoServer
 from mesh.sinks.envoy import resources as r
@@ -38,13 +39,6 @@ from tests.testbed import Harness, http_get
 CLUSTERS = 100
 HOSTS = 100
 LISTEN_PORT = 19480
-
-
-def rss_mib(pid: str = "self") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def build(routes: int, backend_port: int, marked: int = -1) -> list[Resource]:
