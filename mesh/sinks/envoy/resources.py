@@ -59,24 +59,21 @@ def eds_cluster(name: str, connect_timeout: float = 1.0) -> cluster_pb2.Cluster:
     )
 
 
+def lb_endpoint(host: str, port: int,
+                status: int = health_check_pb2.UNKNOWN) -> endpoint_components_pb2.LbEndpoint:
+    return endpoint_components_pb2.LbEndpoint(
+        endpoint=endpoint_components_pb2.Endpoint(address=socket_address(host, port)),
+        health_status=status)
+
+
 def load_assignment(
     cluster: str, endpoints: Iterable[tuple[str, int]],
     draining: Iterable[tuple[str, int]] = (),
 ) -> endpoint_pb2.ClusterLoadAssignment:
     """`draining`: endpoints the load balancer never picks, that a request may still be
     sent to by name (a session's override host)."""
-    lb_endpoints = [
-        endpoint_components_pb2.LbEndpoint(
-            endpoint=endpoint_components_pb2.Endpoint(address=socket_address(host, port))
-        )
-        for host, port in endpoints
-    ] + [
-        endpoint_components_pb2.LbEndpoint(
-            endpoint=endpoint_components_pb2.Endpoint(address=socket_address(host, port)),
-            health_status=health_check_pb2.DRAINING,
-        )
-        for host, port in draining
-    ]
+    lb_endpoints = [lb_endpoint(host, port) for host, port in endpoints] + [
+        lb_endpoint(host, port, health_check_pb2.DRAINING) for host, port in draining]
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=cluster,
         endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)],

@@ -79,9 +79,11 @@ def to_envoy(model: ir.IR, cache: EnvoyCache | None = None) -> EnvoyConfig:
     for table in model.route_tables:
         out.resources.append(routes.route_configuration(table, vhost))
         out.own(table.owners, types.ROUTE, table.name)
-    by_name = {b.name: b for b in model.backends}
+    by_name: dict[str, ir.Backend] | None = None  # only UDP listeners need it
     for listener in model.listeners:
         if listener.protocol == "UDP":
+            if by_name is None:
+                by_name = {b.name: b for b in model.backends}
             out.resources.append(udp.listener(listener))
             extra = udp.weighted_cluster(listener, by_name)
             out.resources += extra

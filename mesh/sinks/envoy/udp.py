@@ -67,10 +67,7 @@ def weighted_cluster(li: ir.Listener, backends: Mapping[str, ir.Backend]) -> lis
         localities.append(endpoint_components_pb2.LocalityLbEndpoints(
             locality=base_pb2.Locality(sub_zone=backend.name),
             load_balancing_weight=wrappers_pb2.UInt32Value(value=w.weight),
-            lb_endpoints=[endpoint_components_pb2.LbEndpoint(
-                endpoint=endpoint_components_pb2.Endpoint(
-                    address=r.socket_address(e.address, e.port)))
-                for e in backend.endpoints]))
+            lb_endpoints=[r.lb_endpoint(e.address, e.port) for e in backend.endpoints]))
     return [cluster, endpoint_pb2.ClusterLoadAssignment(cluster_name=name,
                                                         endpoints=localities)]
 
