@@ -14,12 +14,20 @@
  * outside): a packet to a NodePort of this node is balanced here, per packet, with
  * connection tracking (lib/ct.h): to a local backend it keeps the client's address, to a
  * backend on another node it is SNATed to this node so the reply comes back through it.
- * Replies to that SNAT are rewritten back; packets for a local pod are redirected as above. */
+ * Replies to that SNAT are rewritten back; packets for a local pod are redirected as above.
+ *
+ * mesh_to_pod, at tc egress of each pod's host-side veth (packets the kernel routes to the
+ * pod: from the node itself, or whatever did not come by bpf_redirect_peer).
+ *
+ * Network policy (lib/policy.h) is enforced at the pods' ends: a pod's egress where it sends
+ * (mesh_from_pod), its ingress where a packet is delivered to it (to_local_pod, mesh_to_pod).
+ * A packet that policy drops goes no further. */
 #include "lib/common.h"
 #include "lib/ct.h"
 #include "lib/endpoints.h"
 #include "lib/lb.h"
 #include "lib/nat.h"
+#include "lib/policy.h"
 
 #define STAT_LOCAL 0     /* redirected to a pod of this node */
 #define STAT_KERNEL 1    /* left to the kernel */
@@ -33,14 +41,27 @@ static __always_inline void count(__u32 i)
 		*n += 1;
 }
 
-/* To a pod of this node, straight into its namespace; else to the kernel. */
+/* The policy of the pod at one end of this packet (`direction`: what the packet is for that
+ * pod): 1 to pass. Parsed again here, as the packet may have been rewritten since. */
+static __always_inline int policy_pass(struct __sk_buff *skb, __u8 direction)
+{
+	struct flow4 f = {};
+	if (!policy_parse(skb, &f))
+		return 1; /* not IPv4: policy is IPv4 only for now */
+	return policy_check(&f, direction);
+}
+
+/* To a pod of this node, straight into its namespace (if its ingress policy lets the packet
+ * in); else to the kernel. */
 static __always_inline int to_local_pod(struct __sk_buff *skb, __be32 daddr)
 {
 	struct endpoint_info *ep = mesh_endpoints.lookup(&daddr);
 	if (!ep || ep->ifindex == skb->ifindex) {
 		count(STAT_KERNEL);
-		return TC_ACT_OK;
+		return TC_ACT_OK; /* a pod's own packet back to it: mesh_to_pod decides */
 	}
+	if (!policy_pass(skb, MESH_POLICY_INGRESS))
+		return TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, 0, ep->pod_mac, ETH_ALEN, 0) < 0 ||
 	    bpf_skb_store_bytes(skb, ETH_ALEN, ep->host_mac, ETH_ALEN, 0) < 0)
 		return TC_ACT_SHOT;
@@ -125,16 +146,17 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow4 *f,
 int mesh_from_pod(struct __sk_buff *skb)
 {
 	struct flow4 f = {};
-	if ((skb->mark & MESH_MARK_MASK) == MESH_MARK_FROM_PROXY || !flow4_parse(skb, &f))
+	if ((skb->mark & MESH_MARK_MASK) == MESH_MARK_FROM_PROXY)
 		return to_local_pod(skb, ipv4_daddr(skb));
-	struct ct4_key rk = { .saddr = f.saddr, .daddr = f.daddr, .sport = f.sport,
-			      .dport = f.dport, .proto = f.proto };
-	struct ct4_rev *rev = mesh_ct4_rev.lookup(&rk);
-	if (rev)
-		return reverse_nat(skb, &f, rev);
+	if (!flow4_parse(skb, &f)) {
+		if (!policy_pass(skb, MESH_POLICY_EGRESS))
+			return TC_ACT_SHOT;
+		return to_local_pod(skb, ipv4_daddr(skb));
+	}
 	if (f.proto == IPPROTO_TCP) {
 		/* Pods' connections to other frontends were rewritten to a backend at
-		 * connect(): a frontend on the wire is one for Envoy (or was). */
+		 * connect(): a frontend on the wire is one for Envoy (or was). Its backend is
+		 * Envoy's to choose: the pod's egress policy is not applied to it here. */
 		struct lb4_key sk = { .address = f.daddr, .dport = f.dport, .proto = IPPROTO_TCP };
 		struct lb4_service *svc = mesh_services.lookup(&sk);
 		if (svc) {
@@ -143,7 +165,21 @@ int mesh_from_pod(struct __sk_buff *skb)
 				return verdict;
 		}
 	}
+	if (!policy_check(&f, MESH_POLICY_EGRESS))
+		return TC_ACT_SHOT;
+	struct ct4_key rk = { .saddr = f.saddr, .daddr = f.daddr, .sport = f.sport,
+			      .dport = f.dport, .proto = f.proto };
+	struct ct4_rev *rev = mesh_ct4_rev.lookup(&rk);
+	if (rev)
+		return reverse_nat(skb, &f, rev);
 	return to_local_pod(skb, f.daddr);  /* parsed already: no second read of the header */
+}
+
+/* Packets the kernel routes to a pod (from the node itself, or not redirected here): the
+ * pod's ingress policy. */
+int mesh_to_pod(struct __sk_buff *skb)
+{
+	return policy_pass(skb, MESH_POLICY_INGRESS) ? TC_ACT_OK : TC_ACT_SHOT;
 }
 
 /* A new flow to an external frontend: its backend (Maglev or random), or 0. */

@@ -1,4 +1,5 @@
-"""The maps' key and value layouts, mirrored from bpf/lib/lb.h, ct.h and endpoints.h in one place.
+"""The maps' key and value layouts, mirrored from bpf/lib/lb.h, ct.h, endpoints.h and policy.h in
+one place.
 
 Each ctypes structure here is the C struct of the same name, field for field; the test
 tests/test_datapath.py compares them with the types bcc builds from the C. Addresses and
@@ -12,7 +13,7 @@ import ipaddress
 import socket
 from typing import Any
 
-IPPROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
+IPPROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 MAGLEV_M = 16381  # MESH_MAGLEV_M
 SVC_MAGLEV = 0x2  # MESH_SVC_* flags of a frontend's slot 0
 SVC_EXTERNAL = 0x4
@@ -86,6 +87,55 @@ class EndpointInfo(ctypes.Structure):
                 ("host_mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
 
 
+class IpcacheKey(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("address", ctypes.c_uint32)]
+
+
+class IpcacheInfo(ctypes.Structure):
+    _fields_ = [("identity", ctypes.c_uint32), ("cidr_identity", ctypes.c_uint32)]
+
+
+class PolicyEndpoint(ctypes.Structure):
+    _fields_ = [("identity", ctypes.c_uint32), ("flags", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 3)]
+
+
+class PolicyKey(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("endpoint", ctypes.c_uint32),
+                ("identity", ctypes.c_uint32), ("direction", ctypes.c_uint8),
+                ("proto", ctypes.c_uint8), ("dport", ctypes.c_uint16)]
+
+
+class PolicyEntry(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint8), ("pad", ctypes.c_uint8),
+                ("proxy_port", ctypes.c_uint16)]
+
+
+class PolicyCtKey(ctypes.Structure):
+    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("direction", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 2)]
+
+
+class PolicyCtEntry(ctypes.Structure):
+    _fields_ = [("revision", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+EP_INGRESS_ISOLATED = 0x1  # MESH_EP_* of a policy endpoint
+EP_EGRESS_ISOLATED = 0x2
+POLICY_ALLOW = 0x1  # MESH_POLICY_ALLOW
+INGRESS, EGRESS = 0, 1  # MESH_POLICY_INGRESS, MESH_POLICY_EGRESS
+# The policy key's prefix lengths: endpoint + identity + direction (any protocol and port),
+# + protocol (any port), + port.
+POLICY_PREFIX_ANY_PROTO = 72
+POLICY_PREFIX_ANY_PORT = 80
+POLICY_PREFIX_PORT = 96
+# mesh_policy_stats' slots, by name.
+POLICY_STATS = ("denied_ingress", "denied_egress", "denied_no_identity", "allowed_new",
+                "decided_again")
+
+
 # map name -> (key type, value type), as lb.h declares them
 MAPS: dict[str, tuple[type[ctypes._SimpleCData] | type[ctypes.Structure],  # type: ignore[type-arg]
                       type[ctypes.Structure]]] = {
@@ -100,4 +150,8 @@ FWD_MAPS: dict[str, tuple[Any, type[ctypes.Structure] | Any]] = {
     "mesh_endpoints": (ctypes.c_uint32, EndpointInfo),
     "mesh_ct4": (Ct4Key, Ct4Entry),
     "mesh_ct4_rev": (Ct4Key, Ct4Rev),
+    "mesh_ipcache": (IpcacheKey, IpcacheInfo),
+    "mesh_policy_endpoints": (ctypes.c_uint32, PolicyEndpoint),
+    "mesh_policy": (PolicyKey, PolicyEntry),
+    "mesh_policy_ct": (PolicyCtKey, PolicyCtEntry),
 }

@@ -4,7 +4,8 @@ Produced by the pure translator from a store snapshot; consumed by the sinks (En
 now; BPF maps and encryption peers later). One module per concern: `l7` for what the node's
 Envoy serves, `l4` for the service frontends the datapath balances in the kernel,
 `infrastructure` for the Kubernetes objects generated for Gateways (which the leader keeps),
-`policy` for network policy (the pods' identities); encryption peers join later.
+`policy` for network policy (identities, the ipcache, each local pod's allowed peers);
+encryption peers join later.
 """
 
 from __future__ import annotations
@@ -48,7 +49,15 @@ from mesh.ir.l7 import (
     VirtualHost,
     WeightedBackend,
 )
-from mesh.ir.policy import IdentityMap, Labels
+from mesh.ir.policy import (
+    EndpointPolicy,
+    IdentityMap,
+    IpcacheEntry,
+    Labels,
+    NetworkPolicies,
+    PolicyAllow,
+    PolicyProblem,
+)
 
 __all__ = [
     "IR",
@@ -62,6 +71,7 @@ __all__ = [
     "Cors",
     "DirectResponse",
     "Endpoint",
+    "EndpointPolicy",
     "ExtAuth",
     "FilterChain",
     "Forward",
@@ -71,13 +81,17 @@ __all__ = [
     "HeaderOps",
     "HealthCheck",
     "IdentityMap",
+    "IpcacheEntry",
     "L4Backend",
     "Labels",
     "Listener",
     "LoadBalancer",
     "Mirror",
+    "NetworkPolicies",
     "OutlierDetection",
     "Owners",
+    "PolicyAllow",
+    "PolicyProblem",
     "RateLimit",
     "RateLimitSelector",
     "Redirect",
@@ -106,5 +120,6 @@ class IR:
     services: tuple[ServiceFrontend, ...] = ()  # L4: for the datapath
     # Cluster-wide, the same on every node: the leader applies them.
     gateway_services: tuple[GatewayService, ...] = ()
-    # Network policy: the pods' security identities.
+    # Network policy: the pods' security identities, and what this node's pods may do.
     identities: IdentityMap = field(default_factory=IdentityMap)
+    network_policies: NetworkPolicies = field(default_factory=NetworkPolicies)

@@ -1,4 +1,5 @@
-"""The network policy part of the IR: which security identity each pod has."""
+"""The network policy part of the IR: which security identity each address has, and what each
+of this node's pods may send and receive (by peer identity, protocol and port)."""
 
 from __future__ import annotations
 
@@ -16,3 +17,56 @@ class IdentityMap:
 
     endpoints: tuple[tuple[str, int], ...] = ()
     missing: tuple[Labels, ...] = ()
+
+
+@dataclass(frozen=True)
+class IpcacheEntry:
+    """What holds the addresses of `prefix`: a pod's identity, a node's, or the world's; and the
+    CIDR identity of the longest CIDR a policy names that holds them (0: none)."""
+
+    prefix: str  # "10.244.1.5/32", "0.0.0.0/4"
+    identity: int
+    cidr_identity: int = 0
+
+
+@dataclass(frozen=True, order=True)
+class PolicyAllow:
+    """One thing a pod's policy allows: peers of `identity` (0: any), in `direction`, on a
+    protocol (None: every protocol) and a destination port range (None: every port)."""
+
+    direction: str  # "ingress" | "egress"
+    identity: int
+    protocol: str | None = None  # TCP | UDP | SCTP
+    port: int | None = None
+    end_port: int | None = None
+
+
+@dataclass(frozen=True)
+class EndpointPolicy:
+    """A pod of this node: whether policies isolate it each way, and what they allow (sorted);
+    `policies` names them (namespace/name), for `mesh policy`."""
+
+    address: str
+    identity: int
+    ingress_isolated: bool = False
+    egress_isolated: bool = False
+    allow: tuple[PolicyAllow, ...] = ()
+    policies: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyProblem:
+    """A policy (namespace/name) that could not be enforced as written, and what is done."""
+
+    policy: str
+    message: str
+
+
+@dataclass(frozen=True)
+class NetworkPolicies:
+    """The datapath's policy state for one node: the ipcache (sorted by prefix) and this node's
+    pods (sorted by address)."""
+
+    ipcache: tuple[IpcacheEntry, ...] = ()
+    endpoints: tuple[EndpointPolicy, ...] = ()
+    problems: tuple[PolicyProblem, ...] = ()

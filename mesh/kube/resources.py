@@ -51,18 +51,20 @@ MESH_IDENTITIES = Resource("mesh.dev", "v1alpha1", "meshidentities", "MeshIdenti
 
 
 def resources(node_name: str | None) -> list[Resource]:
-    """Every kind the store holds; this node's Pods only."""
-    pods = f"spec.nodeName={node_name}" if node_name else None
+    """Every kind the store holds. Pods of every node: network policy needs every pod's
+    identity and named ports (`node_name` is kept for the callers that name their node)."""
+    del node_name
     out = [
         Resource("", "v1", "namespaces", "Namespace", namespaced=False),
         SERVICES,
         Resource("", "v1", "secrets", "Secret"),
         Resource("", "v1", "configmaps", "ConfigMap"),
         NODES,
-        Resource("", "v1", "pods", "Pod", field_selector=pods),
+        Resource("", "v1", "pods", "Pod"),
         ENDPOINT_SLICES,
         Resource("networking.k8s.io", "v1", "ingresses", "Ingress"),
         Resource("networking.k8s.io", "v1", "ingressclasses", "IngressClass", namespaced=False),
+        Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
         Resource("gateway.networking.k8s.io", "v1", "gatewayclasses", "GatewayClass",
                  namespaced=False),
         Resource("gateway.networking.k8s.io", "v1", "gateways", "Gateway"),

@@ -21,8 +21,9 @@ from mesh.translate.addressing import allocate, node_addresses, published
 from mesh.translate.config import Translation, TranslatorConfig
 from mesh.translate.gateway.attachment import RouteOutcome
 from mesh.translate.gateway.translator import translate_gateway_api
-from mesh.translate.identities import translate_identities
+from mesh.translate.identities import identity_table, translate_identities
 from mesh.translate.ingress import translate_ingresses
+from mesh.translate.network_policy import translate_network_policies
 from mesh.translate.policy_attachment import PolicyIndex
 from mesh.translate.route_builder import RouteBuilder, VhostCache
 from mesh.translate.services import translate_services
@@ -104,6 +105,8 @@ def translate(snapshot: StoreSnapshot, cfg: TranslatorConfig | None = None,
             services=services,
             gateway_services=gateway_api.gateway_services,
             identities=translate_identities(snapshot),
+            network_policies=translate_network_policies(snapshot, cfg.node_name,
+                                                        identity_table(snapshot)),
         ),
         status={**gateway_api.status, **ingress.status},
         addresses=addresses,

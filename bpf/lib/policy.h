@@ -1,0 +1,245 @@
+/* Network policy: identities and verdicts, laid out as Cilium's bpf/lib/policy.h lays out its
+ * own.
+ *
+ * A packet's peer is known by its security identity: the ipcache (an LPM trie, so that pod
+ * /32s, node addresses and the CIDRs policies name all fit) gives, for an address, the
+ * identity of what holds it (a pod's label set, the host, another node, the world) and its CIDR
+ * identity (the longest CIDR any policy names that holds it, 0: none). An ipBlock therefore
+ * selects pods as well as the world, as Kubernetes' NetworkPolicy wants.
+ *
+ * Each local pod has an entry in mesh_policy_endpoints (isolated for ingress, egress), and its
+ * allowed peers in mesh_policy: {pod, identity, direction, protocol, port} -> allow, an LPM trie
+ * so that "every protocol", "every port" and port ranges (split into prefixes) are single
+ * entries. A new flow costs up to three lookups there: the peer's identity, its CIDR identity,
+ * and 0 (any peer).
+ *
+ * The verdict is taken at a flow's first packet and kept in mesh_policy_ct (per direction, so
+ * that the reply of an allowed flow passes the other end's check): later packets cost one
+ * lookup. An entry carries the policy revision it was decided under; the agent bumps the
+ * revision after every change of the maps, and a packet of a flow decided under an older one is
+ * decided again (allowed: the entry is refreshed; denied: dropped and the entry removed). So a
+ * change takes effect for every packet at once and never drops a flow it still allows.
+ *
+ * The Python side mirrors every struct here in mesh/datapath/layout.py. */
+#ifndef MESH_POLICY_H
+#define MESH_POLICY_H
+
+#include "common.h"
+#include "nat.h"
+
+/* Reserved identities (mesh/policy/identities.py). */
+#define MESH_ID_ANY 0
+#define MESH_ID_HOST 1
+#define MESH_ID_WORLD 2
+#define MESH_ID_UNMANAGED 3
+
+#define MESH_POLICY_INGRESS 0
+#define MESH_POLICY_EGRESS 1
+
+#define MESH_IPCACHE_MAX 131072
+#define MESH_POLICY_MAX 262144
+#define MESH_POLICY_ENDPOINTS_MAX 4096
+#define MESH_POLICY_CT_MAX 262144
+
+struct ipcache_key {
+	__u32 prefixlen;     /* 0-32 */
+	__be32 address;
+};
+
+struct ipcache_info {
+	__u32 identity;      /* the holder's: a label set's (256-65535) or a reserved one */
+	__u32 cidr_identity; /* the longest CIDR a policy names that holds it; 0: none */
+};
+
+struct policy_endpoint {
+	__u32 identity;      /* the pod's own (for the counters and `mesh policy`) */
+	__u8 flags;          /* MESH_EP_* */
+	__u8 pad[3];
+};
+
+#define MESH_EP_INGRESS_ISOLATED 0x1
+#define MESH_EP_EGRESS_ISOLATED 0x2
+
+/* Compared bit by bit from `endpoint` on: prefixlen 72 = any protocol and port, 80 = any port
+ * of one protocol, 96 = one port; between 80 and 96, a range of ports. */
+struct policy_key {
+	__u32 prefixlen;
+	__be32 endpoint;     /* the local pod */
+	__u32 identity;      /* the peer: a label set's, reserved, CIDR, or 0 = any */
+	__u8 direction;      /* MESH_POLICY_INGRESS | MESH_POLICY_EGRESS */
+	__u8 proto;
+	__be16 dport;
+};
+
+struct policy_entry {
+	__u8 flags;          /* MESH_POLICY_ALLOW */
+	__u8 pad;
+	__be16 proxy_port;   /* reserved: an L7 rule's listener */
+};
+
+#define MESH_POLICY_ALLOW 0x1
+
+/* A flow as its first packet had it, and the direction (of the local pod) it was decided
+ * for. */
+struct policy_ct_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 direction;
+	__u8 pad[2];
+};
+
+struct policy_ct_entry {
+	__u32 revision;
+	__u32 pad;
+};
+
+/* Address -> identity (pods of every node, nodes, CIDRs of policies). */
+BPF_F_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_info, mesh_ipcache,
+		   MESH_IPCACHE_MAX, MESH_PINNED(mesh_ipcache), BPF_F_NO_PREALLOC);
+/* This node's pods: isolation. A pod missing here is one the agent has not seen yet: not
+ * isolated (Kubernetes allows a pod to start before its policies apply). */
+BPF_TABLE_PINNED("hash", __be32, struct policy_endpoint, mesh_policy_endpoints,
+		 MESH_POLICY_ENDPOINTS_MAX, MESH_PINNED(mesh_policy_endpoints));
+/* Allowed peers of this node's pods. */
+BPF_F_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_entry, mesh_policy,
+		   MESH_POLICY_MAX, MESH_PINNED(mesh_policy), BPF_F_NO_PREALLOC);
+/* Verdicts of flows, by their first packet's tuple and direction (LRU: idle flows age out;
+ * a flow whose entry aged out is decided again). */
+BPF_TABLE_PINNED("lru_hash", struct policy_ct_key, struct policy_ct_entry, mesh_policy_ct,
+		 MESH_POLICY_CT_MAX, MESH_PINNED(mesh_policy_ct));
+/* [0]: the policy revision, bumped by the agent after it changed the maps. */
+BPF_TABLE_PINNED("array", __u32, __u32, mesh_policy_revision, 1,
+		 MESH_PINNED(mesh_policy_revision));
+
+/* Drops per CPU by reason (mesh/datapath/layout.py DROP_REASONS): [0] denied by the
+ * destination's ingress policy, [1] by the source's egress policy, [2] of those, the peer had
+ * no identity yet; [3] packets allowed as new flows, [4] flows decided again after a change. */
+#define MESH_DROP_INGRESS 0
+#define MESH_DROP_EGRESS 1
+#define MESH_DROP_NO_IDENTITY 2
+#define MESH_POLICY_NEW 3
+#define MESH_POLICY_REDECIDED 4
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, mesh_policy_stats, 5,
+		 MESH_PINNED(mesh_policy_stats));
+
+static __always_inline void policy_count(__u32 i)
+{
+	__u64 *n = mesh_policy_stats.lookup(&i);
+	if (n)
+		*n += 1;
+}
+
+/* Any IPv4 packet's addresses, protocol and ports (0 for a protocol without ports and for a
+ * fragment after the first: such packets match only rules without ports). 0: not IPv4. */
+static __always_inline int policy_parse(struct __sk_buff *skb, struct flow4 *f)
+{
+	struct iphdr ip;
+	__be16 ports[2] = {};
+	if (skb->protocol != bpf_htons(ETH_P_IP) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0 || ip.version != 4 ||
+	    ip.ihl < 5)
+		return 0;
+	f->saddr = ip.saddr;
+	f->daddr = ip.daddr;
+	f->proto = ip.protocol;
+	f->l4_off = ETH_HLEN + ip.ihl * 4;
+	if ((ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP ||
+	     ip.protocol == IPPROTO_SCTP) && !(ip.frag_off & bpf_htons(0x1fff)))
+		bpf_skb_load_bytes(skb, f->l4_off, ports, sizeof(ports));
+	f->sport = ports[0];
+	f->dport = ports[1];
+	return 1;
+}
+
+static __always_inline struct ipcache_info policy_peer(__be32 address)
+{
+	struct ipcache_key k = { .prefixlen = 32, .address = address };
+	struct ipcache_info *info = mesh_ipcache.lookup(&k);
+	struct ipcache_info out = { .identity = MESH_ID_WORLD };
+	if (info)
+		out = *info;
+	return out;
+}
+
+/* Whether `endpoint`'s policy allows `peer` in `direction` to the destination port. */
+static __always_inline int policy_allows(__be32 endpoint, __u8 direction,
+					 struct ipcache_info *peer, __u8 proto, __be16 dport)
+{
+	struct policy_key k = { .prefixlen = 96, .endpoint = endpoint, .direction = direction,
+				.proto = proto, .dport = dport };
+	struct policy_entry *e;
+	k.identity = peer->identity;
+	e = mesh_policy.lookup(&k);
+	if (e && (e->flags & MESH_POLICY_ALLOW))
+		return 1;
+	if (peer->cidr_identity) {
+		k.identity = peer->cidr_identity;
+		e = mesh_policy.lookup(&k);
+		if (e && (e->flags & MESH_POLICY_ALLOW))
+			return 1;
+	}
+	k.identity = MESH_ID_ANY;
+	e = mesh_policy.lookup(&k);
+	return e && (e->flags & MESH_POLICY_ALLOW);
+}
+
+/* The local pod's side of a flow: `local` is the pod, `direction` what the packet is for it
+ * (INGRESS: the pod receives it). Returns 1 to pass, 0 to drop (counted). The host always
+ * reaches its own pods (kubelet's probes: Kubernetes says a pod cannot block its node). */
+static __always_inline int policy_check(struct flow4 *f, __u8 direction)
+{
+	__be32 local = direction == MESH_POLICY_INGRESS ? f->daddr : f->saddr;
+	__be32 remote = direction == MESH_POLICY_INGRESS ? f->saddr : f->daddr;
+	struct policy_endpoint *ep = mesh_policy_endpoints.lookup(&local);
+	if (!ep)
+		return 1;
+	__u32 zero = 0;
+	__u32 *rev = mesh_policy_revision.lookup(&zero);
+	__u32 revision = rev ? *rev : 0;
+
+	/* The flow's own entry (this packet goes the way its first did), or the entry of the
+	 * flow it replies to (decided for the other direction). */
+	struct policy_ct_key ck = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport,
+				    .dport = f->dport, .proto = f->proto, .direction = direction };
+	__u8 decide_dir = direction;
+	__be16 decide_port = f->dport;
+	struct policy_ct_entry *ct = mesh_policy_ct.lookup(&ck);
+	if (!ct) {
+		struct policy_ct_key rk = { .saddr = f->daddr, .daddr = f->saddr,
+					    .sport = f->dport, .dport = f->sport,
+					    .proto = f->proto, .direction = direction ^ 1 };
+		ct = mesh_policy_ct.lookup(&rk);
+		if (ct) {
+			ck = rk;
+			decide_dir = direction ^ 1;
+			decide_port = f->sport;  /* the flow's destination port */
+		}
+	}
+	if (ct && ct->revision == revision)
+		return 1;
+
+	struct ipcache_info peer = policy_peer(remote);
+	__u8 isolated = decide_dir == MESH_POLICY_INGRESS ? MESH_EP_INGRESS_ISOLATED
+							  : MESH_EP_EGRESS_ISOLATED;
+	int ok = !(ep->flags & isolated) ||
+		 (decide_dir == MESH_POLICY_INGRESS && peer.identity == MESH_ID_HOST) ||
+		 policy_allows(local, decide_dir, &peer, f->proto, decide_port);
+	if (!ok) {
+		if (ct)
+			mesh_policy_ct.delete(&ck);
+		policy_count(decide_dir == MESH_POLICY_INGRESS ? MESH_DROP_INGRESS
+							       : MESH_DROP_EGRESS);
+		if (peer.identity == MESH_ID_UNMANAGED)
+			policy_count(MESH_DROP_NO_IDENTITY);
+		return 0;
+	}
+	struct policy_ct_entry fresh = { .revision = revision };
+	mesh_policy_ct.update(&ck, &fresh);
+	policy_count(ct ? MESH_POLICY_REDECIDED : MESH_POLICY_NEW);
+	return 1;
+}
+
+#endif

@@ -1,0 +1,314 @@
+"""NetworkPolicies to what the datapath enforces on this node (mesh/ir/policy.py), pure.
+
+The datapath knows peers by identity (mesh/policy/identities.py), so a rule's peers become
+identities here: a `podSelector`/`namespaceSelector` peer is every identity whose labels it
+selects (an identity's labels hold its namespace and, prefixed `ns:`, that namespace's labels,
+so both selectors are answered from the identity alone: a pod relabelled has another identity);
+an `ipBlock` peer is every CIDR identity inside its `cidr` and outside its `except`s.
+
+CIDR identities: the CIDRs and excepts of every policy cut the address space into classes, one
+per CIDR (the longest that holds an address is its class). Each CIDR gets a number above the
+label sets' (`CIDR_FIRST`...) and the ipcache gives every address the number of its class
+beside its own identity, so an `ipBlock` selects pods and the world alike, by address, as
+Kubernetes wants, at the cost of one more lookup per new flow.
+
+Named ports resolve on the destination pod: for ingress the local pod's own `containerPorts`,
+for egress those of the pods of each selected identity (two pods of one identity naming a port
+differently both get both numbers: identities, not pods, are what the datapath knows).
+
+A policy that cannot be parsed fails closed: the pods its selector takes (every pod of its
+namespace if the selector itself is broken) are isolated both ways and it allows nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from mesh import ir
+from mesh.policy import identities as ids
+from mesh.policy import networkpolicy as netpol
+from mesh.store import kinds
+from mesh.store.objects import KubeObject
+from mesh.store.store import StoreSnapshot
+from mesh.translate import addressing, model
+
+CIDR_FIRST = 1 << 24  # CIDR identities: 2^24 .. 2^25-1 (Cilium's local scope starts there)
+CIDR_SPAN = 1 << 24
+# containerPort name -> the (port, protocol) pairs it names
+NamedPorts = Mapping[str, frozenset[tuple[int, str]]]
+
+
+@dataclass(frozen=True)
+class _Identity:
+    number: int
+    namespace: str
+    pod_labels: Mapping[str, str]
+    namespace_labels: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class _Pod:
+    address: str
+    namespace: str
+    labels: Mapping[str, str]
+    identity: int
+    ports: Mapping[str, tuple[int, str]]  # containerPort name -> (port, protocol)
+    local: bool
+
+
+def _identities(snapshot: StoreSnapshot) -> dict[int, _Identity]:
+    out = {}
+    for obj in snapshot.of_kind(kinds.MESH_IDENTITY):
+        labels = obj.spec.get("labels")
+        if not obj.name.isdigit() or not isinstance(labels, Mapping):
+            continue
+        number = int(obj.name)
+        if not ids.FIRST <= number <= ids.LAST:
+            continue
+        text = {str(k): str(v) for k, v in labels.items()}
+        out[number] = _Identity(
+            number, text.get(ids.NAMESPACE_LABEL, ""),
+            {k: v for k, v in text.items() if k != ids.NAMESPACE_LABEL and
+             not k.startswith(ids.NAMESPACE_LABELS_PREFIX)},
+            {k[len(ids.NAMESPACE_LABELS_PREFIX):]: v for k, v in text.items()
+             if k.startswith(ids.NAMESPACE_LABELS_PREFIX)})
+    return out
+
+
+def container_ports(pod: KubeObject) -> dict[str, tuple[int, str]]:
+    """A pod's named containerPorts: name -> (port, protocol)."""
+    out = {}
+    for c in model.as_list(pod.spec.get("containers")):
+        if not isinstance(c, Mapping):
+            continue
+        for p in model.as_list(c.get("ports")):
+            if isinstance(p, Mapping) and p.get("name") and \
+                    isinstance(p.get("containerPort"), int):
+                out[str(p["name"])] = (int(p["containerPort"]), str(p.get("protocol") or "TCP"))
+    return out
+
+
+def _pods(snapshot: StoreSnapshot, table: ids.IdentityTable, node: str | None) -> list[_Pod]:
+    namespaces = {o.name: o.labels for o in snapshot.of_kind(kinds.NAMESPACE)}
+    out = []
+    for pod in snapshot.of_kind(kinds.POD):
+        status = pod.body.get("status")
+        if isinstance(status, Mapping) and status.get("phase") in ("Succeeded", "Failed"):
+            continue
+        labels = ids.identity_labels(pod.namespace, pod.labels,
+                                     namespaces.get(pod.namespace, {}))
+        number = table.find(labels)
+        local = node is None or pod.spec.get("nodeName") in (None, node)
+        for a in model.pod_ips(status):
+            if model.is_ipv4(a):
+                out.append(_Pod(a, pod.namespace, pod.labels,
+                                ids.UNMANAGED if number is None else number,
+                                container_ports(pod), local))
+    return out
+
+
+def cidr_identities(prefixes: Iterable[ipaddress.IPv4Network]) -> dict[ipaddress.IPv4Network,
+                                                                          int]:
+    """A number per CIDR, from its text (a CIDR keeps its number while others come and go);
+    two CIDRs whose digests meet: the later in order probes on."""
+    taken: dict[int, ipaddress.IPv4Network] = {}
+    out = {}
+    for net in sorted(set(prefixes), key=lambda n: (int(n.network_address), n.prefixlen)):
+        start = int.from_bytes(hashlib.blake2b(str(net).encode(), digest_size=4).digest(),
+                               "big") % CIDR_SPAN
+        for i in range(CIDR_SPAN):
+            n = CIDR_FIRST + (start + i) % CIDR_SPAN
+            if n not in taken:
+                taken[n] = net
+                out[net] = n
+                break
+    return out
+
+
+class _Compiler:
+    """Rules to PolicyAllow entries, against one snapshot's identities, pods and CIDRs."""
+
+    def __init__(self, identities: Mapping[int, _Identity], pods: list[_Pod],
+                 cidrs: Mapping[ipaddress.IPv4Network, int]) -> None:
+        self.identities = identities
+        self.cidrs = cidrs
+        # identity -> the named ports its pods have
+        self.named: dict[int, dict[str, set[tuple[int, str]]]] = {}
+        for p in pods:
+            for name, port in p.ports.items():
+                self.named.setdefault(p.identity, {}).setdefault(name, set()).add(port)
+        self.pods_by_cidr: dict[int, set[int]] = {}  # CIDR identity -> pod identities in it
+        for p in pods:
+            c = cidr_of(ipaddress.IPv4Address(p.address), cidrs)
+            if c:
+                self.pods_by_cidr.setdefault(c, set()).add(p.identity)
+
+    def peer_identities(self, peer: netpol.Peer, policy_ns: str) -> list[int]:
+        if peer.cidr is not None:
+            if ipaddress.ip_network(peer.cidr).version != 4:
+                return []
+            net = ipaddress.IPv4Network(peer.cidr)
+            excepts = [ipaddress.IPv4Network(e) for e in peer.except_]
+            return sorted(n for c, n in self.cidrs.items() if c.subnet_of(net) and
+                          not any(c.subnet_of(e) for e in excepts))
+        out = []
+        for ident in self.identities.values():
+            if peer.namespaces is None:
+                if ident.namespace != policy_ns:
+                    continue
+            elif not peer.namespaces.matches(ident.namespace_labels):
+                continue
+            if peer.pods is None or peer.pods.matches(ident.pod_labels):
+                out.append(ident.number)
+        return sorted(out)
+
+    def allows(self, direction: str, rule: netpol.Rule, policy_ns: str,
+               local_ports: Mapping[str, tuple[int, str]]) -> set[ir.PolicyAllow]:
+        peers: list[int] = []
+        if not rule.peers:
+            peers = [ids.ANY]
+        for peer in rule.peers:
+            peers += self.peer_identities(peer, policy_ns)
+        out: set[ir.PolicyAllow] = set()
+        ports = rule.ports or (None,)
+        for port in ports:
+            for peer_id in peers:
+                out.update(self._entries(direction, peer_id, port, local_ports))
+        return out
+
+    def _entries(self, direction: str, peer_id: int, port: netpol.Port | None,
+                 local_ports: Mapping[str, tuple[int, str]]) -> list[ir.PolicyAllow]:
+        if port is None:
+            return [ir.PolicyAllow(direction, peer_id)]
+        if port.port is None:
+            return [ir.PolicyAllow(direction, peer_id, port.protocol)]
+        if isinstance(port.port, int):
+            end = port.end_port if port.end_port and port.end_port != port.port else None
+            return [ir.PolicyAllow(direction, peer_id, port.protocol, port.port, end)]
+        # A named port: the destination's containerPort of that name and protocol.
+        if direction == "ingress":
+            found = local_ports.get(port.port)
+            return [ir.PolicyAllow(direction, peer_id, port.protocol, found[0])] \
+                if found and found[1] == port.protocol else []
+        holders: Iterable[int]
+        if peer_id == ids.ANY:
+            holders = self.named
+        elif peer_id >= CIDR_FIRST:
+            holders = self.pods_by_cidr.get(peer_id, ())
+        else:
+            holders = (peer_id,)
+        numbers = {n for h in holders for n, proto in self.named.get(h, {}).get(port.port, ())
+                   if proto == port.protocol}
+        return [ir.PolicyAllow(direction, peer_id, port.protocol, n) for n in sorted(numbers)]
+
+
+def cidr_of(address: ipaddress.IPv4Address, cidrs: Mapping[ipaddress.IPv4Network, int]
+            ) -> int:
+    """The CIDR identity of the longest CIDR holding `address`, 0: none."""
+    best: ipaddress.IPv4Network | None = None
+    for net in cidrs:
+        if address in net and (best is None or net.prefixlen > best.prefixlen):
+            best = net
+    return cidrs[best] if best is not None else 0
+
+
+def _parsed(snapshot: StoreSnapshot
+            ) -> tuple[list[netpol.NetworkPolicy], list[tuple[KubeObject, str]]]:
+    good, bad = [], []
+    for obj in snapshot.of_kind(kinds.NETWORK_POLICY):
+        try:
+            good.append(netpol.parse(obj))
+        except netpol.Invalid as e:
+            bad.append((obj, str(e)))
+    return good, bad
+
+
+def translate_network_policies(snapshot: StoreSnapshot, node: str | None,
+                               identity_table: ids.IdentityTable) -> ir.NetworkPolicies:
+    """The ipcache and this node's pods' policies. `node`: this node's name (None: every pod
+    is this node's)."""
+    policies, broken = _parsed(snapshot)
+    problems = [ir.PolicyProblem(f"{o.namespace}/{o.name}",
+                                 f"{msg}: the pods it selects are isolated both ways and it "
+                                 "allows nothing") for o, msg in broken]
+    nets: set[ipaddress.IPv4Network] = set()
+    for p in policies:
+        for rules in (p.ingress or (), p.egress or ()):
+            for r in rules:
+                for peer in r.peers:
+                    if peer.cidr is None:
+                        continue
+                    net = ipaddress.ip_network(peer.cidr)
+                    if net.version != 4:
+                        problems.append(ir.PolicyProblem(
+                            f"{p.namespace}/{p.name}",
+                            f"ipBlock {peer.cidr}: IPv6 is not enforced (the datapath is IPv4 "
+                            "only); the peer selects nothing"))
+                        continue
+                    nets.add(ipaddress.IPv4Network(net))
+                    nets.update(ipaddress.IPv4Network(e) for e in peer.except_)
+    cidrs = cidr_identities(nets)
+    identities = _identities(snapshot)
+    pods = _pods(snapshot, identity_table, node)
+    compiler = _Compiler(identities, pods, cidrs)
+
+    ipcache: dict[str, ir.IpcacheEntry] = {
+        str(n): ir.IpcacheEntry(str(n), ids.WORLD, number) for n, number in cidrs.items()}
+    for obj in snapshot.of_kind(kinds.NODE):
+        for a in addressing.reachable_addresses(obj):
+            if model.is_ipv4(a):
+                ipcache[f"{a}/32"] = ir.IpcacheEntry(
+                    f"{a}/32", ids.HOST if obj.name == node else ids.REMOTE_NODE,
+                    cidr_of(ipaddress.IPv4Address(a), cidrs))
+    for pod in pods:
+        ipcache[f"{pod.address}/32"] = ir.IpcacheEntry(
+            f"{pod.address}/32", pod.identity,
+            cidr_of(ipaddress.IPv4Address(pod.address), cidrs))
+
+    endpoints = []
+    for pod in pods:
+        if not pod.local:
+            continue
+        isolated = {"ingress": False, "egress": False}
+        allow: set[ir.PolicyAllow] = set()
+        names = set()
+        for p in policies:
+            if p.namespace != pod.namespace or not p.selector.matches(pod.labels):
+                continue
+            for direction, maybe in (("ingress", p.ingress), ("egress", p.egress)):
+                if maybe is None:
+                    continue
+                isolated[direction] = True
+                names.add(f"{p.namespace}/{p.name}")
+                for r in maybe:
+                    allow |= compiler.allows(direction, r, p.namespace, pod.ports)
+        for obj, _ in broken:
+            if obj.namespace == pod.namespace and _broken_selects(obj, pod.labels):
+                isolated = {"ingress": True, "egress": True}
+                names.add(f"{obj.namespace}/{obj.name}")
+        endpoints.append(ir.EndpointPolicy(
+            pod.address, pod.identity, isolated["ingress"], isolated["egress"],
+            tuple(sorted(allow, key=_allow_order)), tuple(sorted(names))))
+    return ir.NetworkPolicies(
+        ipcache=tuple(sorted(ipcache.values(), key=lambda e: _prefix_order(e.prefix))),
+        endpoints=tuple(sorted(endpoints, key=lambda e: addressing.address_order(e.address))),
+        problems=tuple(sorted(set(problems), key=lambda p: (p.policy, p.message))))
+
+
+def _broken_selects(obj: KubeObject, labels: Mapping[str, str]) -> bool:
+    try:
+        return netpol.parse_selector(obj.spec.get("podSelector"), "").matches(labels)
+    except netpol.Invalid:
+        return True  # not even its selector: every pod of its namespace
+
+
+def _allow_order(a: ir.PolicyAllow) -> tuple[str, int, str, int, int]:
+    return (a.direction, a.identity, a.protocol or "", a.port or 0, a.end_port or 0)
+
+
+def _prefix_order(prefix: str) -> tuple[int, int]:
+    net = ipaddress.IPv4Network(prefix)
+    return (int(net.network_address), net.prefixlen)
