@@ -41,6 +41,104 @@ static __always_inline void count(__u32 i)
 		*n += 1;
 }
 
+/* -- network policy (lib/policy.h) -- */
+
+static __always_inline void policy_count(__u32 i)
+{
+	__u64 *n = mesh_policy_stats.lookup(&i);
+	if (n)
+		*n += 1;
+}
+
+static __always_inline struct ipcache_info policy_peer(__be32 address)
+{
+	struct ipcache_key k = { .prefixlen = 32, .address = address };
+	struct ipcache_info *info = mesh_ipcache.lookup(&k);
+	struct ipcache_info out = { .identity = MESH_ID_WORLD };
+	if (info)
+		out = *info;
+	return out;
+}
+
+/* Whether `endpoint`'s policy allows `peer` in `direction` to the destination port. */
+static __always_inline int policy_allows(__be32 endpoint, __u8 direction,
+					 struct ipcache_info *peer, __u8 proto, __be16 dport)
+{
+	struct policy_key k = { .prefixlen = 96, .endpoint = endpoint, .direction = direction,
+				.proto = proto, .dport = dport };
+	struct policy_entry *e;
+	k.identity = peer->identity;
+	e = mesh_policy.lookup(&k);
+	if (e && (e->flags & MESH_POLICY_ALLOW))
+		return 1;
+	if (peer->cidr_identity) {
+		k.identity = peer->cidr_identity;
+		e = mesh_policy.lookup(&k);
+		if (e && (e->flags & MESH_POLICY_ALLOW))
+			return 1;
+	}
+	k.identity = MESH_ID_ANY;
+	e = mesh_policy.lookup(&k);
+	return e && (e->flags & MESH_POLICY_ALLOW);
+}
+
+/* The local pod's side of a flow: `local` is the pod, `direction` what the packet is for it
+ * (INGRESS: the pod receives it). Returns 1 to pass, 0 to drop (counted). The host always
+ * reaches its own pods (kubelet's probes: Kubernetes says a pod cannot block its node). */
+static __always_inline int policy_check(struct flow4 *f, __u8 direction)
+{
+	__be32 local = direction == MESH_POLICY_INGRESS ? f->daddr : f->saddr;
+	__be32 remote = direction == MESH_POLICY_INGRESS ? f->saddr : f->daddr;
+	struct policy_endpoint *ep = mesh_policy_endpoints.lookup(&local);
+	if (!ep)
+		return 1;
+	__u32 zero = 0;
+	__u32 *rev = mesh_policy_revision.lookup(&zero);
+	__u32 revision = rev ? *rev : 0;
+
+	/* The flow's own entry (this packet goes the way its first did), or the entry of the
+	 * flow it replies to (decided for the other direction). */
+	struct policy_ct_key ck = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport,
+				    .dport = f->dport, .proto = f->proto, .direction = direction };
+	__u8 decide_dir = direction;
+	__be16 decide_port = f->dport;
+	struct policy_ct_entry *ct = mesh_policy_ct.lookup(&ck);
+	if (!ct) {
+		struct policy_ct_key rk = { .saddr = f->daddr, .daddr = f->saddr,
+					    .sport = f->dport, .dport = f->sport,
+					    .proto = f->proto, .direction = direction ^ 1 };
+		ct = mesh_policy_ct.lookup(&rk);
+		if (ct) {
+			ck = rk;
+			decide_dir = direction ^ 1;
+			decide_port = f->sport;  /* the flow's destination port */
+		}
+	}
+	int ok;
+	if (ct && ct->revision == revision) {
+		ok = ct->allowed;
+	} else {
+		struct ipcache_info peer = policy_peer(remote);
+		__u8 isolated = decide_dir == MESH_POLICY_INGRESS ? MESH_EP_INGRESS_ISOLATED
+								  : MESH_EP_EGRESS_ISOLATED;
+		ok = !(ep->flags & isolated) ||
+		     (decide_dir == MESH_POLICY_INGRESS && peer.identity == MESH_ID_HOST) ||
+		     policy_allows(local, decide_dir, &peer, f->proto, decide_port);
+		if (ct || ok) {
+			/* A new flow denied leaves no entry: nothing to keep for it. */
+			struct policy_ct_entry fresh = { .revision = revision, .allowed = ok };
+			mesh_policy_ct.update(&ck, &fresh);
+			policy_count(ct ? MESH_POLICY_REDECIDED : MESH_POLICY_NEW);
+		}
+		if (!ok && peer.identity == MESH_ID_UNMANAGED)
+			policy_count(MESH_DROP_NO_IDENTITY);
+	}
+	if (!ok)
+		policy_count(decide_dir == MESH_POLICY_INGRESS ? MESH_DROP_INGRESS
+							       : MESH_DROP_EGRESS);
+	return ok;
+}
+
 /* The policy of the pod at one end of this packet (`direction`: what the packet is for that
  * pod): 1 to pass. Parsed again here, as the packet may have been rewritten since. */
 static __always_inline int policy_pass(struct __sk_buff *skb, __u8 direction)

@@ -17,10 +17,13 @@
  * that the reply of an allowed flow passes the other end's check): later packets cost one
  * lookup. An entry carries the policy revision it was decided under; the agent bumps the
  * revision after every change of the maps, and a packet of a flow decided under an older one is
- * decided again (allowed: the entry is refreshed; denied: dropped and the entry removed). So a
- * change takes effect for every packet at once and never drops a flow it still allows.
+ * decided again and the entry keeps the new verdict: a flow no longer allowed is dropped both
+ * ways (its entry stays, denied, so that no packet of it passes as a new flow of the other
+ * end). So a change takes effect for every packet at once and never drops a flow it still
+ * allows.
  *
- * The Python side mirrors every struct here in mesh/datapath/layout.py. */
+ * The Python side mirrors every struct here in mesh/datapath/layout.py. The functions that use
+ * the maps are in fwd.c: bcc rewrites map calls in the program's own file only. */
 #ifndef MESH_POLICY_H
 #define MESH_POLICY_H
 
@@ -92,20 +95,21 @@ struct policy_ct_key {
 };
 
 struct policy_ct_entry {
-	__u32 revision;
-	__u32 pad;
+	__u32 revision;      /* the policy revision the verdict was taken under */
+	__u8 allowed;        /* the verdict: 0 drops the flow's packets both ways */
+	__u8 pad[3];
 };
 
 /* Address -> identity (pods of every node, nodes, CIDRs of policies). */
-BPF_F_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_info, mesh_ipcache,
-		   MESH_IPCACHE_MAX, MESH_PINNED(mesh_ipcache), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_info, mesh_ipcache,
+		 MESH_IPCACHE_MAX, MESH_PINNED(mesh_ipcache), BPF_F_NO_PREALLOC);
 /* This node's pods: isolation. A pod missing here is one the agent has not seen yet: not
  * isolated (Kubernetes allows a pod to start before its policies apply). */
 BPF_TABLE_PINNED("hash", __be32, struct policy_endpoint, mesh_policy_endpoints,
 		 MESH_POLICY_ENDPOINTS_MAX, MESH_PINNED(mesh_policy_endpoints));
 /* Allowed peers of this node's pods. */
-BPF_F_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_entry, mesh_policy,
-		   MESH_POLICY_MAX, MESH_PINNED(mesh_policy), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_entry, mesh_policy,
+		 MESH_POLICY_MAX, MESH_PINNED(mesh_policy), BPF_F_NO_PREALLOC);
 /* Verdicts of flows, by their first packet's tuple and direction (LRU: idle flows age out;
  * a flow whose entry aged out is decided again). */
 BPF_TABLE_PINNED("lru_hash", struct policy_ct_key, struct policy_ct_entry, mesh_policy_ct,
@@ -124,13 +128,6 @@ BPF_TABLE_PINNED("array", __u32, __u32, mesh_policy_revision, 1,
 #define MESH_POLICY_REDECIDED 4
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, mesh_policy_stats, 5,
 		 MESH_PINNED(mesh_policy_stats));
-
-static __always_inline void policy_count(__u32 i)
-{
-	__u64 *n = mesh_policy_stats.lookup(&i);
-	if (n)
-		*n += 1;
-}
 
 /* Any IPv4 packet's addresses, protocol and ports (0 for a protocol without ports and for a
  * fragment after the first: such packets match only rules without ports). 0: not IPv4. */
@@ -151,94 +148,6 @@ static __always_inline int policy_parse(struct __sk_buff *skb, struct flow4 *f)
 		bpf_skb_load_bytes(skb, f->l4_off, ports, sizeof(ports));
 	f->sport = ports[0];
 	f->dport = ports[1];
-	return 1;
-}
-
-static __always_inline struct ipcache_info policy_peer(__be32 address)
-{
-	struct ipcache_key k = { .prefixlen = 32, .address = address };
-	struct ipcache_info *info = mesh_ipcache.lookup(&k);
-	struct ipcache_info out = { .identity = MESH_ID_WORLD };
-	if (info)
-		out = *info;
-	return out;
-}
-
-/* Whether `endpoint`'s policy allows `peer` in `direction` to the destination port. */
-static __always_inline int policy_allows(__be32 endpoint, __u8 direction,
-					 struct ipcache_info *peer, __u8 proto, __be16 dport)
-{
-	struct policy_key k = { .prefixlen = 96, .endpoint = endpoint, .direction = direction,
-				.proto = proto, .dport = dport };
-	struct policy_entry *e;
-	k.identity = peer->identity;
-	e = mesh_policy.lookup(&k);
-	if (e && (e->flags & MESH_POLICY_ALLOW))
-		return 1;
-	if (peer->cidr_identity) {
-		k.identity = peer->cidr_identity;
-		e = mesh_policy.lookup(&k);
-		if (e && (e->flags & MESH_POLICY_ALLOW))
-			return 1;
-	}
-	k.identity = MESH_ID_ANY;
-	e = mesh_policy.lookup(&k);
-	return e && (e->flags & MESH_POLICY_ALLOW);
-}
-
-/* The local pod's side of a flow: `local` is the pod, `direction` what the packet is for it
- * (INGRESS: the pod receives it). Returns 1 to pass, 0 to drop (counted). The host always
- * reaches its own pods (kubelet's probes: Kubernetes says a pod cannot block its node). */
-static __always_inline int policy_check(struct flow4 *f, __u8 direction)
-{
-	__be32 local = direction == MESH_POLICY_INGRESS ? f->daddr : f->saddr;
-	__be32 remote = direction == MESH_POLICY_INGRESS ? f->saddr : f->daddr;
-	struct policy_endpoint *ep = mesh_policy_endpoints.lookup(&local);
-	if (!ep)
-		return 1;
-	__u32 zero = 0;
-	__u32 *rev = mesh_policy_revision.lookup(&zero);
-	__u32 revision = rev ? *rev : 0;
-
-	/* The flow's own entry (this packet goes the way its first did), or the entry of the
-	 * flow it replies to (decided for the other direction). */
-	struct policy_ct_key ck = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport,
-				    .dport = f->dport, .proto = f->proto, .direction = direction };
-	__u8 decide_dir = direction;
-	__be16 decide_port = f->dport;
-	struct policy_ct_entry *ct = mesh_policy_ct.lookup(&ck);
-	if (!ct) {
-		struct policy_ct_key rk = { .saddr = f->daddr, .daddr = f->saddr,
-					    .sport = f->dport, .dport = f->sport,
-					    .proto = f->proto, .direction = direction ^ 1 };
-		ct = mesh_policy_ct.lookup(&rk);
-		if (ct) {
-			ck = rk;
-			decide_dir = direction ^ 1;
-			decide_port = f->sport;  /* the flow's destination port */
-		}
-	}
-	if (ct && ct->revision == revision)
-		return 1;
-
-	struct ipcache_info peer = policy_peer(remote);
-	__u8 isolated = decide_dir == MESH_POLICY_INGRESS ? MESH_EP_INGRESS_ISOLATED
-							  : MESH_EP_EGRESS_ISOLATED;
-	int ok = !(ep->flags & isolated) ||
-		 (decide_dir == MESH_POLICY_INGRESS && peer.identity == MESH_ID_HOST) ||
-		 policy_allows(local, decide_dir, &peer, f->proto, decide_port);
-	if (!ok) {
-		if (ct)
-			mesh_policy_ct.delete(&ck);
-		policy_count(decide_dir == MESH_POLICY_INGRESS ? MESH_DROP_INGRESS
-							       : MESH_DROP_EGRESS);
-		if (peer.identity == MESH_ID_UNMANAGED)
-			policy_count(MESH_DROP_NO_IDENTITY);
-		return 0;
-	}
-	struct policy_ct_entry fresh = { .revision = revision };
-	mesh_policy_ct.update(&ck, &fresh);
-	policy_count(ct ? MESH_POLICY_REDECIDED : MESH_POLICY_NEW);
 	return 1;
 }
 

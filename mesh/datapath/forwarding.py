@@ -20,11 +20,13 @@ from typing import Any
 
 from mesh.cni.interfaces import HOST_PREFIX
 from mesh.datapath.layout import EndpointInfo, address_of, be32
+from mesh.datapath.policy import PolicyReconciler
 from mesh.datapath.programs import Loaded, compile_program
 
 log = logging.getLogger(__name__)
 _SCHED_CLS = 3
 _INGRESS = "ffff:fff2"
+_EGRESS = "ffff:fff3"
 _PRIO = 0xC001  # our filter's priority and handle on a device's ingress
 _HANDLE = 1
 _HOST_SIDE = re.compile(HOST_PREFIX + r"[0-9a-f]{11}")  # what the CNI plugin names them
@@ -110,6 +112,15 @@ def tproxy_rule(port: int = 15001) -> None:
                    + _TPROXY_RULESET.replace("{port}", str(port)))
 
 
+def host_addresses() -> list[str]:
+    """This node's own IPv4 addresses (every interface of its namespace)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ip:
+        return sorted({str(a.get_attr("IFA_ADDRESS")) for a in ip.get_addr(family=2)
+                       if a.get_attr("IFA_ADDRESS")})
+
+
 class Forwarding:
     def __init__(self, pin_dir: Path, underlay: str | None = None,
                  redirect: str = "sk-assign") -> None:
@@ -122,7 +133,12 @@ class Forwarding:
             "fwd.c", pin_dir, ("MESH_REDIRECT_TPROXY",) if redirect == "tproxy" else ())
         self.program = self.loaded.function("mesh_from_pod", _SCHED_CLS)
         self.underlay_program = self.loaded.function("mesh_from_underlay", _SCHED_CLS)
+        self.to_pod_program = self.loaded.function("mesh_to_pod", _SCHED_CLS)
         self.endpoints = self.loaded.table("mesh_endpoints")
+        self.policy = PolicyReconciler(
+            self.loaded.table("mesh_ipcache"), self.loaded.table("mesh_policy_endpoints"),
+            self.loaded.table("mesh_policy"), self.loaded.table("mesh_policy_revision"),
+            self.loaded.table("mesh_policy_stats"), host_addresses())
         self.underlay = underlay
         self._attached: set[int] = set()
         self._routed = False
@@ -161,7 +177,8 @@ class Forwarding:
             self._attached &= {link["index"] for link in ip.get_links()}
 
     def _attach(self, ip: Any, index: int, underlay: bool = False) -> None:
-        """Our program at the device's tc ingress, as our own filter (its priority and
+        """Our program at the device's tc ingress (and at a pod veth's egress, the pod's
+        ingress policy for what the kernel routes to it), as our own filter (its priority and
         handle): an earlier agent's is replaced, anyone else's filters stay."""
         from pyroute2 import NetlinkError
 
@@ -172,6 +189,10 @@ class Forwarding:
             ip.tc("replace-filter", "bpf", index, handle=_HANDLE, prio=_PRIO,
                   fd=program.fd, name=program.name.decode(), parent=_INGRESS,
                   direct_action=True)
+            if not underlay:
+                ip.tc("replace-filter", "bpf", index, handle=_HANDLE, prio=_PRIO,
+                      fd=self.to_pod_program.fd, name=self.to_pod_program.name.decode(),
+                      parent=_EGRESS, direct_action=True)
             self._attached.add(index)
         except NetlinkError as e:
             log.error("cannot attach the forwarding program", extra={"ifindex": index,

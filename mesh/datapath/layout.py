@@ -119,7 +119,8 @@ class PolicyCtKey(ctypes.Structure):
 
 
 class PolicyCtEntry(ctypes.Structure):
-    _fields_ = [("revision", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+    _fields_ = [("revision", ctypes.c_uint32), ("allowed", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 3)]
 
 
 EP_INGRESS_ISOLATED = 0x1  # MESH_EP_* of a policy endpoint

@@ -1,5 +1,6 @@
 """The datapath sink: the IR's L4 service frontends into the pinned BPF maps, the socket-level
-load balancer attached to the pods' cgroup, and per-object readiness for status (a Service
+load balancer attached to the pods' cgroup, network policy (where this process forwards: the
+node's own namespace), and per-object readiness for status (a Service
 whose maps could not be written says so, with the error)."""
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class DatapathSink:
                     "frontend": "{}:{}/{}".format(*key), "problem": problem})
         self._problems = problems
         self.reconciler.apply(ir.services)
+        if self.forwarding is not None:
+            self.forwarding.policy.apply(ir.network_policies)
         self._sync_due.set()  # run() looks at the node's pods now (netlink, on a thread)
         self._progress.set()
         self._progress = asyncio.Event()
