@@ -150,7 +150,7 @@ def test_egress_and_port_ranges(lab: Lab, pins: Path) -> None:  # noqa: F811
     p = lab.pods
     client = {"address": p["client"], "identity": CLIENT_ID, "in": False, "out": True,
               "allow": [["egress", BACKEND_ID, "TCP", 8000, 8100]]}
-    steps = [["apply", {
+    steps: list[list[object]] = [["apply", {
         "ipcache": [[f"{p['client']}/32", CLIENT_ID, 0], [f"{p['backend-a']}/32", BACKEND_ID, 0],
                     [f"{p['backend-c']}/32", OTHER_ID, 0]],
         "endpoints": [client]}], ["probe", p["backend-a"]], ["probe", p["backend-c"]],
