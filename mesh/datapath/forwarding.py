@@ -112,13 +112,10 @@ def tproxy_rule(port: int = 15001) -> None:
                    + _TPROXY_RULESET.replace("{port}", str(port)))
 
 
-def host_addresses() -> list[str]:
+def host_addresses(ip: Any) -> frozenset[str]:
     """This node's own IPv4 addresses (every interface of its namespace)."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ip:
-        return sorted({str(a.get_attr("IFA_ADDRESS")) for a in ip.get_addr(family=2)
-                       if a.get_attr("IFA_ADDRESS")})
+    return frozenset(str(a.get_attr("IFA_ADDRESS")) for a in ip.get_addr(family=2)
+                     if a.get_attr("IFA_ADDRESS"))
 
 
 class Forwarding:
@@ -138,7 +135,7 @@ class Forwarding:
         self.policy = PolicyReconciler(
             self.loaded.table("mesh_ipcache"), self.loaded.table("mesh_policy_endpoints"),
             self.loaded.table("mesh_policy"), self.loaded.table("mesh_policy_revision"),
-            self.loaded.table("mesh_policy_stats"), host_addresses())
+            self.loaded.table("mesh_policy_stats"))
         self.underlay = underlay
         self._attached: set[int] = set()
         self._routed = False
@@ -158,6 +155,7 @@ class Forwarding:
                 if self.redirect == "tproxy":
                     tproxy_rule()
                 self._routed = True
+            self.policy.set_host_addresses(host_addresses(ip))
             found = {e.address: e for e in local_endpoints(ip)}
             for address, e in found.items():
                 if self._written.get(address) != e:

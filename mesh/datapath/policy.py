@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import ipaddress
 import logging
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -92,7 +93,9 @@ class PolicyReconciler:
     def __init__(self, ipcache: Table, endpoints: Table, policy: Table, revision: Any,
                  stats: Any | None = None, host_addresses: Iterable[str] = ()) -> None:
         """`host_addresses`: this node's own addresses, the host's identity whatever the IR
-        says (the kernel's source address towards a pod may be any of them)."""
+        says (the kernel's source address towards a pod may be any of them). Applied from the
+        agent's loop and, when the node's addresses change, from the forwarding's thread: one
+        at a time."""
         self.ipcache, self.endpoints, self.policy = ipcache, endpoints, policy
         self.revision_table = revision
         self.stats_table = stats
@@ -101,6 +104,8 @@ class PolicyReconciler:
         self.endpoints_written: dict[str, tuple[int, int]] = {}  # address -> (identity, flags)
         self.policy_written: set[PolicyKeyT] = set()
         self.writes = 0
+        self._lock = threading.Lock()
+        self._last = ir.NetworkPolicies()
         self._load()
 
     def _load(self) -> None:
@@ -121,8 +126,19 @@ class PolicyReconciler:
                                                         "big"),
                                          int(k.prefixlen)))
 
+    def set_host_addresses(self, addresses: frozenset[str]) -> None:
+        """This node's addresses now; the last state is written again if they changed."""
+        if addresses != self.host_addresses:
+            self.host_addresses = addresses
+            self.apply(self._last)
+
     def apply(self, state: ir.NetworkPolicies) -> bool:
         """Write the difference; True if anything changed (the revision was bumped)."""
+        with self._lock:
+            self._last = state
+            return self._apply(state)
+
+    def _apply(self, state: ir.NetworkPolicies) -> bool:
         ipcache: dict[str, IpcacheValue] = {e.prefix: (e.identity, e.cidr_identity)
                                              for e in state.ipcache}
         for a in self.host_addresses:

@@ -13,6 +13,8 @@ image it may not pull.
   `TLS_CLIENT_CACERTS`; the gRPC echo on `HTTP_PORT` given `GRPC_ECHO_SERVER`; the TCP echo
   (`mesh.tcpecho`) given `TCP_ECHO_SERVER`; the UDP echo (`mesh.udpecho`) given
   `UDP_ECHO_SERVER`.
+- registry.k8s.io/e2e-test-images/agnhost: `mesh.lab.agnhost` (the subcommands the upstream
+  NetworkPolicy tests use: serve-hostname, connect), given as the container's args.
 - registry.k8s.io/coredns/coredns: `mesh.lab.coredns`, the Corefile's `whoami` zones (its
   `-conf` argument, as CoreDNS takes it).
 """
@@ -55,6 +57,10 @@ def _echo_basic(env: Mapping[str, str]) -> list[str]:
     return out
 
 
+def _agnhost(env: Mapping[str, str]) -> list[str]:
+    return [sys.executable, "-m", "mesh.lab.agnhost"]
+
+
 def _coredns(env: Mapping[str, str]) -> list[str]:
     return [sys.executable, "-m", "mesh.lab.coredns"]
 
@@ -62,6 +68,7 @@ def _coredns(env: Mapping[str, str]) -> list[str]:
 IMAGES: dict[str, Callable[[Mapping[str, str]], list[str]]] = {
     "registry.k8s.io/gateway-api/echo-basic": _echo_basic,
     "gcr.io/k8s-staging-gateway-api/echo-basic": _echo_basic,
+    "registry.k8s.io/e2e-test-images/agnhost": _agnhost,
     "registry.k8s.io/coredns/coredns": _coredns}
 
 

@@ -371,7 +371,8 @@ class PodWorker:
 
     def _env(self, c: Container) -> dict[str, str]:
         return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                "HOME": "/root", "POD_NAME": self.name, "NAMESPACE": self.namespace,
+                "HOME": "/root", "HOSTNAME": self.name, "POD_NAME": self.name,
+                "NAMESPACE": self.namespace,
                 "POD_NAMESPACE": self.namespace, "POD_IP": self.ip,
                 "NODE_NAME": self.kubelet.name,
                 **self.kubelet.service_env.get(self.namespace, {}), **c.spec.env,

@@ -1,0 +1,1 @@
+"""The upstream NetworkPolicy cases against the lab: `python -m tests.netpol`."""
