@@ -403,9 +403,11 @@ def _add_commands() -> None:
     from mesh.ingress_nginx_check import ingress_nginx
     from mesh.install import install
     from mesh.lab.cli import lab
+    from mesh.policy.cli import policy
     from mesh.ratelimit.__main__ import main as ratelimit
 
     main.add_command(lab)
+    main.add_command(policy)  # `mesh policy status|trace`
     main.add_command(ratelimit)  # the node's rate limit service (mesh run starts it)
     main.add_command(install)  # the Helm chart rendered (charts/mesh)
     main.add_command(cni_install)  # the chart's init container: the CNI plugin on the node

@@ -69,7 +69,7 @@ def decide(endpoint: ir.EndpointPolicy | None, direction: str, peer: Peer, proto
             if _matches(a, direction, identity, protocol, port):
                 return Side(True, f"allowed by {what} {identity} "
                                   f"({', '.join(endpoint.policies)})")
-    return Side(False, f"denied: {', '.join(endpoint.policies)} isolate it for {direction} "
+    return Side(False, f"{', '.join(endpoint.policies)} isolate(s) it for {direction} "
                        "and allow no such peer and port")
 
 
