@@ -57,6 +57,7 @@ from mesh.ir.policy import (
     NetworkPolicies,
     PolicyAllow,
     PolicyProblem,
+    TierEntry,
 )
 
 __all__ = [
@@ -101,6 +102,7 @@ __all__ = [
     "ServiceFrontend",
     "SessionPersistence",
     "StringMatch",
+    "TierEntry",
     "TrustBundle",
     "UpstreamTLS",
     "VirtualHost",

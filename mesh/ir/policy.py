@@ -42,6 +42,23 @@ class PolicyAllow:
 
 
 @dataclass(frozen=True)
+class TierEntry:
+    """What a ClusterNetworkPolicy tier does to a pod's peers of `identity`, in `direction`, on
+    a protocol (None: every protocol) and a destination port range (None: every port). The
+    entries of one (tier, direction, identity) never overlap: each holds the rule of lowest
+    `precedence` (its place in the tier's order) that covers it."""
+
+    tier: str  # "admin" | "baseline"
+    direction: str
+    identity: int
+    protocol: str | None
+    port: int | None
+    end_port: int | None
+    action: str  # Accept | Deny | Pass
+    precedence: int
+
+
+@dataclass(frozen=True)
 class EndpointPolicy:
     """A pod of this node: whether policies isolate it each way, and what they allow (sorted);
     `policies` names them (namespace/name), for `mesh policy`."""
@@ -52,6 +69,10 @@ class EndpointPolicy:
     egress_isolated: bool = False
     allow: tuple[PolicyAllow, ...] = ()
     policies: tuple[str, ...] = ()
+    # ClusterNetworkPolicy tiers (sorted); `tier_rules` names each precedence's rule
+    # ("cnp/name: rule"), for `mesh policy`.
+    tiers: tuple[TierEntry, ...] = ()
+    tier_rules: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)

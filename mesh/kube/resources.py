@@ -65,6 +65,8 @@ def resources(node_name: str | None) -> list[Resource]:
         Resource("networking.k8s.io", "v1", "ingresses", "Ingress"),
         Resource("networking.k8s.io", "v1", "ingressclasses", "IngressClass", namespaced=False),
         Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
+        Resource("policy.networking.k8s.io", "v1alpha2", "clusternetworkpolicies",
+                 "ClusterNetworkPolicy", namespaced=False),
         Resource("gateway.networking.k8s.io", "v1", "gatewayclasses", "GatewayClass",
                  namespaced=False),
         Resource("gateway.networking.k8s.io", "v1", "gateways", "Gateway"),

@@ -13,7 +13,13 @@ import json
 from pathlib import Path
 
 from mesh.install import render, to_stream
-from mesh.lab.controlplane import ControlPlane, ControlPlaneError, gateway_api_crds, write_file
+from mesh.lab.controlplane import (
+    ControlPlane,
+    ControlPlaneError,
+    gateway_api_crds,
+    network_policy_api_crds,
+    write_file,
+)
 
 RELEASE = "mesh"
 NAMESPACE = "mesh-system"
@@ -23,14 +29,16 @@ TOKEN_DURATION = "8760h"
 
 
 def install_crds(cp: ControlPlane) -> None:
-    """The Gateway API's CRDs (experimental channel), established (ours come with the
-    chart)."""
-    files = [arg for crd in gateway_api_crds() for arg in ("-f", str(crd))]
+    """The Gateway API's CRDs (experimental channel) and the Network Policy API's
+    (ClusterNetworkPolicy), established (ours come with the chart)."""
+    files = [arg for crd in [*gateway_api_crds(), *network_policy_api_crds()]
+             for arg in ("-f", str(crd))]
     cp.kubectl("apply", "--server-side", "--force-conflicts", *files)
     cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                "crd/httproutes.gateway.networking.k8s.io",
                "crd/gateways.gateway.networking.k8s.io",
-               "crd/gatewayclasses.gateway.networking.k8s.io")
+               "crd/gatewayclasses.gateway.networking.k8s.io",
+               "crd/clusternetworkpolicies.policy.networking.k8s.io")
 
 
 def install_chart(cp: ControlPlane, namespace: str = NAMESPACE) -> str:

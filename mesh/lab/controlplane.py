@@ -546,17 +546,31 @@ class ControlPlane:
         return True
 
 
-# -- the Gateway API's CRDs --------------------------------------------------------------------
+# -- upstream CRDs: the Gateway API's, the Network Policy API's ---------------------------------
+
+def _module_dir(module: str) -> Path:
+    """A module's directory at the version hack/kube/go.mod pins, from the Go module cache
+    (`go mod download`, checked against go.sum: fetched by make kube-bin)."""
+    gomod = (GO_MODULE / "go.mod").read_text()
+    found = re.search(rf"^\s*{re.escape(module)} (v\S+)", gomod, re.M)
+    if not found:
+        raise ControlPlaneError(f"{GO_MODULE / 'go.mod'} does not require {module}")
+    out = subprocess.run(["go", "mod", "download", "-json", f"{module}@{found.group(1)}"],
+                         cwd=GO_MODULE, capture_output=True, text=True, check=True, timeout=300)
+    return Path(json.loads(out.stdout)["Dir"])
+
+
+def _crd_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("*.yaml") if not p.name.startswith("kustomiz"))
+
 
 def gateway_api_crds(channel: str = "experimental") -> list[Path]:
-    """The Gateway API's CRD files at the version hack/kube/go.mod pins, from the Go module
-    cache (`go mod download`: fetched by make kube-bin)."""
-    gomod = (GO_MODULE / "go.mod").read_text()
-    found = re.search(r"^\s*sigs\.k8s\.io/gateway-api (v\S+)", gomod, re.M)
-    if not found:
-        raise ControlPlaneError(f"{GO_MODULE / 'go.mod'} does not require the Gateway API")
-    out = subprocess.run(["go", "mod", "download", "-json",
-                          f"sigs.k8s.io/gateway-api@{found.group(1)}"],
-                         cwd=GO_MODULE, capture_output=True, text=True, check=True, timeout=300)
-    directory = Path(json.loads(out.stdout)["Dir"]) / "config" / "crd" / channel
-    return sorted(p for p in directory.glob("*.yaml") if p.name != "kustomization.yaml")
+    """The Gateway API's CRD files at the version hack/kube/go.mod pins."""
+    return _crd_files(_module_dir("sigs.k8s.io/gateway-api") / "config" / "crd" / channel)
+
+
+def network_policy_api_crds(channel: str = "standard") -> list[Path]:
+    """The Network Policy API's CRD files (ClusterNetworkPolicy) at the version hack/kube/go.mod
+    pins."""
+    return _crd_files(_module_dir("sigs.k8s.io/network-policy-api") / "config" / "crd" /
+                      channel)

@@ -50,27 +50,55 @@ def _matches(a: ir.PolicyAllow, direction: str, identity: int, protocol: str,
     return a.port is None or a.port <= port <= (a.end_port or a.port)
 
 
+def _tier(endpoint: ir.EndpointPolicy, tier: str, direction: str, peer: Peer, protocol: str,
+          port: int) -> ir.TierEntry | None:
+    """The tier's entry for a flow as the datapath finds it: per identity the most specific
+    entry (the LPM trie's answer), then of those the one of lowest precedence."""
+    found: list[ir.TierEntry] = []
+    lookups = {peer.identity, ids.ANY} | ({peer.cidr_identity} if peer.cidr_identity else set())
+    for identity in lookups:
+        mine = [e for e in endpoint.tiers if e.tier == tier and e.direction == direction and
+                e.identity == identity and
+                (e.protocol is None or (e.protocol == protocol and (
+                    e.port is None or e.port <= port <= (e.end_port or e.port))))]
+        if mine:
+            found.append(max(mine, key=lambda e: (e.protocol is not None, e.port is not None)))
+    return min(found, key=lambda e: e.precedence) if found else None
+
+
 def decide(endpoint: ir.EndpointPolicy | None, direction: str, peer: Peer, protocol: str,
            port: int) -> Side:
-    """`endpoint`'s side of a new flow (`direction`: ingress when it receives)."""
+    """`endpoint`'s side of a new flow (`direction`: ingress when it receives): the Admin
+    tier, the NetworkPolicies, the Baseline tier."""
     if endpoint is None:
         return Side(True, "not a pod of this node's policy (not isolated)")
-    isolated = endpoint.ingress_isolated if direction == "ingress" else \
-        endpoint.egress_isolated
-    if not isolated:
-        return Side(True, f"no policy isolates it for {direction}")
     if direction == "ingress" and peer.identity == ids.HOST:
         return Side(True, "the host always reaches its own pods")
-    for identity, what in ((peer.identity, "identity"), (peer.cidr_identity, "CIDR"),
-                           (ids.ANY, "any peer")):
-        if identity == 0 and what != "any peer":
-            continue
-        for a in endpoint.allow:
-            if _matches(a, direction, identity, protocol, port):
-                return Side(True, f"allowed by {what} {identity} "
-                                  f"({', '.join(endpoint.policies)})")
-    return Side(False, f"{', '.join(endpoint.policies)} isolate(s) it for {direction} "
-                       "and allow no such peer and port")
+    rules = dict(endpoint.tier_rules)
+    admin = _tier(endpoint, "admin", direction, peer, protocol, port)
+    if admin is not None and admin.action != "Pass":
+        return Side(admin.action == "Accept", f"Admin tier: {rules.get(admin.precedence)}")
+    passed = f" (Admin tier passed: {rules.get(admin.precedence)})" if admin else ""
+    isolated = endpoint.ingress_isolated if direction == "ingress" else \
+        endpoint.egress_isolated
+    if isolated:
+        if peer.identity == ids.HOST and direction == "ingress":
+            return Side(True, "the host always reaches its own pods")
+        for identity, what in ((peer.identity, "identity"), (peer.cidr_identity, "CIDR"),
+                               (ids.ANY, "any peer")):
+            if identity == 0 and what != "any peer":
+                continue
+            for a in endpoint.allow:
+                if _matches(a, direction, identity, protocol, port):
+                    return Side(True, f"allowed by {what} {identity} "
+                                      f"({', '.join(endpoint.policies)}){passed}")
+        return Side(False, f"{', '.join(endpoint.policies)} isolate(s) it for {direction} "
+                           f"and allow no such peer and port{passed}")
+    baseline = _tier(endpoint, "baseline", direction, peer, protocol, port)
+    if baseline is not None and baseline.action != "Pass":
+        return Side(baseline.action == "Accept",
+                    f"Baseline tier: {rules.get(baseline.precedence)}{passed}")
+    return Side(True, f"no policy isolates it for {direction}{passed}")
 
 
 def endpoint(policies: ir.NetworkPolicies, address: str) -> ir.EndpointPolicy | None:

@@ -10,6 +10,7 @@ GATEWAY_GROUP = "gateway.networking.k8s.io"
 GATEWAY_X_GROUP = "gateway.networking.x-k8s.io"  # experimental kinds (XListenerSet)
 NETWORKING_GROUP = "networking.k8s.io"
 DISCOVERY_GROUP = "discovery.k8s.io"
+POLICY_GROUP = "policy.networking.k8s.io"  # the Network Policy API (ClusterNetworkPolicy)
 MESH_GROUP = "mesh.dev"  # the project's own kinds (policies)
 
 
@@ -31,6 +32,7 @@ ENDPOINT_SLICE = GroupKind(DISCOVERY_GROUP, "EndpointSlice")
 INGRESS = GroupKind(NETWORKING_GROUP, "Ingress")
 INGRESS_CLASS = GroupKind(NETWORKING_GROUP, "IngressClass")
 NETWORK_POLICY = GroupKind(NETWORKING_GROUP, "NetworkPolicy")
+CLUSTER_NETWORK_POLICY = GroupKind(POLICY_GROUP, "ClusterNetworkPolicy")
 GATEWAY_CLASS = GroupKind(GATEWAY_GROUP, "GatewayClass")
 GATEWAY = GroupKind(GATEWAY_GROUP, "Gateway")
 LISTENER_SET = GroupKind(GATEWAY_GROUP, "ListenerSet")
@@ -50,9 +52,10 @@ KINDS = frozenset({
     NAMESPACE, SERVICE, SECRET, CONFIG_MAP, NODE, POD, ENDPOINT_SLICE, INGRESS, INGRESS_CLASS,
     GATEWAY_CLASS, GATEWAY, LISTENER_SET, X_LISTENER_SET, HTTP_ROUTE, GRPC_ROUTE, TLS_ROUTE,
     TCP_ROUTE, UDP_ROUTE, REFERENCE_GRANT, BACKEND_TLS_POLICY, TRAFFIC_POLICY,
-    X_BACKEND_TRAFFIC_POLICY, MESH_IDENTITY, NETWORK_POLICY,
+    X_BACKEND_TRAFFIC_POLICY, MESH_IDENTITY, NETWORK_POLICY, CLUSTER_NETWORK_POLICY,
 })
-CLUSTER_SCOPED = frozenset({NAMESPACE, NODE, GATEWAY_CLASS, INGRESS_CLASS, MESH_IDENTITY})
+CLUSTER_SCOPED = frozenset({NAMESPACE, NODE, GATEWAY_CLASS, INGRESS_CLASS, MESH_IDENTITY,
+                            CLUSTER_NETWORK_POLICY})
 # The status fields the translator reads, by kind (a Node's addresses, a Pod's IPs, a
 # LoadBalancer Service's ingress, the pool addresses a Gateway's status publishes): part of
 # their content, and nothing else of their status is, so that a Node's heartbeat or a Pod's

@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from mesh import ir
+from mesh.policy import clusternetworkpolicy as cnp
 from mesh.policy import identities as ids
 from mesh.policy import networkpolicy as netpol
 from mesh.store import kinds
 from mesh.store.objects import KubeObject
 from mesh.store.store import StoreSnapshot
 from mesh.translate import addressing, model
+from mesh.translate.cluster_network_policy import pod_tiers
 
 CIDR_FIRST = 1 << 24  # CIDR identities: 2^24 .. 2^25-1 (Cilium's local scope starts there)
 CIDR_SPAN = 1 << 24
@@ -237,6 +239,12 @@ class _Compiler:
             found = local_ports.get(port.port)
             return [ir.PolicyAllow(direction, peer_id, port.protocol, found[0])] \
                 if found and found[1] == port.protocol else []
+        numbers = {n for n, proto in self.named_ports(peer_id, port.port)
+                   if proto == port.protocol}
+        return [ir.PolicyAllow(direction, peer_id, port.protocol, n) for n in sorted(numbers)]
+
+    def named_ports(self, peer_id: int, name: str) -> set[tuple[int, str]]:
+        """The (port, protocol)s the pods of a peer identity (any, a CIDR's) name `name`."""
         holders: Iterable[int]
         if peer_id == ids.ANY:
             holders = self.named
@@ -244,9 +252,23 @@ class _Compiler:
             holders = self.pods_by_cidr.get(peer_id, ())
         else:
             holders = (peer_id,)
-        numbers = {n for h in holders for n, proto in self.named.get(h, {}).get(port.port, ())
-                   if proto == port.protocol}
-        return [ir.PolicyAllow(direction, peer_id, port.protocol, n) for n in sorted(numbers)]
+        return {found for h in holders for found in self.named.get(h, {}).get(name, ())}
+
+    def cnp_peer_identities(self, peer: cnp.Peer,
+                            node_addresses: Callable[[netpol.Selector], list[str]]
+                            ) -> list[int]:
+        """The identities a ClusterNetworkPolicy peer holds: label sets for namespaces and
+        pods; for networks and nodes (their addresses), the CIDR identities inside them."""
+        if peer.nodes is None and not peer.networks:
+            return self.peer_identities(
+                netpol.Peer(pods=peer.pods, namespaces=peer.namespaces), "")
+        texts = list(peer.networks)
+        if peer.nodes is not None:
+            texts += [f"{a}/32" for a in node_addresses(peer.nodes)]
+        nets = [ipaddress.IPv4Network(t) for t in texts
+                if ipaddress.ip_network(t).version == 4]
+        return sorted(number for c, number in self.cidrs.items()
+                      if any(c.subnet_of(n) for n in nets))
 
 
 def cidr_of(address: ipaddress.IPv4Address, cidrs: Mapping[ipaddress.IPv4Network, int]
@@ -294,8 +316,31 @@ def translate_network_policies(snapshot: StoreSnapshot, node: str | None,
                         continue
                     nets.add(ipaddress.IPv4Network(net))
                     nets.update(ipaddress.IPv4Network(e) for e in peer.except_)
+    clustered: list[cnp.ClusterNetworkPolicy] = []
+    for obj in snapshot.of_kind(kinds.CLUSTER_NETWORK_POLICY):
+        try:
+            clustered.append(cnp.parse(obj))
+        except netpol.Invalid as e:
+            problems.append(ir.PolicyProblem(obj.name, f"{e}: not enforced"))
+    for c in clustered:
+        problems += [ir.PolicyProblem(c.name, m) for m in c.problems]
+    nodes = {o.name: o for o in snapshot.of_kind(kinds.NODE)}
+
+    def node_addresses(selector: netpol.Selector) -> list[str]:
+        return sorted(a for n in nodes.values() if selector.matches(n.labels)
+                      for a in addressing.reachable_addresses(n) if model.is_ipv4(a))
+
+    for c in clustered:
+        for rule in c.egress:
+            for target in rule.peers:
+                texts = list(target.networks)
+                if target.nodes is not None:
+                    texts += [f"{a}/32" for a in node_addresses(target.nodes)]
+                nets.update(ipaddress.IPv4Network(t) for t in texts
+                            if ipaddress.ip_network(t).version == 4)
     cidrs = cidr_identities(nets)
     identities = _identities(snapshot)
+    namespaces = {o.name: o.labels for o in snapshot.of_kind(kinds.NAMESPACE)}
     pods = _pods(snapshot, identity_table, node)
     compiler = _Compiler(identities, pods, cidrs)
 
@@ -333,9 +378,14 @@ def translate_network_policies(snapshot: StoreSnapshot, node: str | None,
             if obj.namespace == pod.namespace and _broken_selects(obj, pod.labels):
                 isolated = {"ingress": True, "egress": True}
                 names.add(f"{obj.namespace}/{obj.name}")
+        tiers, tier_rules = pod_tiers(
+            clustered, namespaces.get(pod.namespace, {}), pod.labels, pod.ports,
+            lambda peer: compiler.cnp_peer_identities(peer, node_addresses),
+            compiler.named_ports)
         endpoints.append(ir.EndpointPolicy(
             pod.address, pod.identity, isolated["ingress"], isolated["egress"],
-            tuple(sorted(allow, key=_allow_order)), tuple(sorted(names))))
+            tuple(sorted(allow, key=_allow_order)), tuple(sorted(names)), tuple(tiers),
+            tuple(tier_rules)))
     return ir.NetworkPolicies(
         ipcache=tuple(sorted(ipcache.values(), key=lambda e: _prefix_order(e.prefix))),
         endpoints=tuple(sorted(endpoints, key=lambda e: addressing.address_order(e.address))),
