@@ -82,9 +82,81 @@ static __always_inline int policy_allows(__be32 endpoint, __u8 direction,
 	return e && (e->flags & MESH_POLICY_ALLOW);
 }
 
+/* A tier's action for a flow (0: no entry), the lowest precedence of the three lookups. The
+ * two tiers' maps get a function each: bcc resolves a map by its name at each call. */
+static __always_inline int admin_action(__be32 endpoint, __u8 direction,
+					struct ipcache_info *peer, __u8 proto, __be16 dport)
+{
+	struct policy_key k = { .prefixlen = 96, .endpoint = endpoint, .direction = direction,
+				.proto = proto, .dport = dport };
+	__u32 ids[3] = { peer->identity, peer->cidr_identity, MESH_ID_ANY };
+	__u32 best = 0xffffffff;
+	int action = 0;
+#pragma unroll
+	for (int i = 0; i < 3; i++) {
+		if (i == 1 && !ids[1])
+			continue;
+		k.identity = ids[i];
+		struct tier_entry *e = mesh_policy_admin.lookup(&k);
+		if (e && e->precedence < best) {
+			best = e->precedence;
+			action = e->action;
+		}
+	}
+	return action;
+}
+
+static __always_inline int baseline_action(__be32 endpoint, __u8 direction,
+					   struct ipcache_info *peer, __u8 proto, __be16 dport)
+{
+	struct policy_key k = { .prefixlen = 96, .endpoint = endpoint, .direction = direction,
+				.proto = proto, .dport = dport };
+	__u32 ids[3] = { peer->identity, peer->cidr_identity, MESH_ID_ANY };
+	__u32 best = 0xffffffff;
+	int action = 0;
+#pragma unroll
+	for (int i = 0; i < 3; i++) {
+		if (i == 1 && !ids[1])
+			continue;
+		k.identity = ids[i];
+		struct tier_entry *e = mesh_policy_baseline.lookup(&k);
+		if (e && e->precedence < best) {
+			best = e->precedence;
+			action = e->action;
+		}
+	}
+	return action;
+}
+
+/* A new flow's verdict for the local pod's side: the host always reaches its own pods
+ * (kubelet's probes: Kubernetes says a pod cannot block its node); then the Admin tier
+ * (Accept, Deny; Pass goes on), the NetworkPolicies if they isolate the pod, the Baseline
+ * tier; nothing decided: allowed. */
+static __always_inline int policy_decide(struct policy_endpoint *ep, __be32 local,
+					 __u8 direction, struct ipcache_info *peer, __u8 proto,
+					 __be16 dport)
+{
+	if (direction == MESH_POLICY_INGRESS && peer->identity == MESH_ID_HOST)
+		return 1;
+	if (ep->flags & MESH_EP_ADMIN) {
+		int a = admin_action(local, direction, peer, proto, dport);
+		if (a == MESH_TIER_ACCEPT)
+			return 1;
+		if (a == MESH_TIER_DENY)
+			return 0;
+	}
+	__u8 isolated = direction == MESH_POLICY_INGRESS ? MESH_EP_INGRESS_ISOLATED
+							 : MESH_EP_EGRESS_ISOLATED;
+	if (ep->flags & isolated)
+		return policy_allows(local, direction, peer, proto, dport);
+	if ((ep->flags & MESH_EP_BASELINE) &&
+	    baseline_action(local, direction, peer, proto, dport) == MESH_TIER_DENY)
+		return 0;
+	return 1;
+}
+
 /* The local pod's side of a flow: `local` is the pod, `direction` what the packet is for it
- * (INGRESS: the pod receives it). Returns 1 to pass, 0 to drop (counted). The host always
- * reaches its own pods (kubelet's probes: Kubernetes says a pod cannot block its node). */
+ * (INGRESS: the pod receives it). Returns 1 to pass, 0 to drop (counted). */
 static __always_inline int policy_check(struct flow4 *f, __u8 direction)
 {
 	__be32 local = direction == MESH_POLICY_INGRESS ? f->daddr : f->saddr;
@@ -119,11 +191,7 @@ static __always_inline int policy_check(struct flow4 *f, __u8 direction)
 		ok = ct->allowed;
 	} else {
 		struct ipcache_info peer = policy_peer(remote);
-		__u8 isolated = decide_dir == MESH_POLICY_INGRESS ? MESH_EP_INGRESS_ISOLATED
-								  : MESH_EP_EGRESS_ISOLATED;
-		ok = !(ep->flags & isolated) ||
-		     (decide_dir == MESH_POLICY_INGRESS && peer.identity == MESH_ID_HOST) ||
-		     policy_allows(local, decide_dir, &peer, f->proto, decide_port);
+		ok = policy_decide(ep, local, decide_dir, &peer, f->proto, decide_port);
 		if (ct || ok) {
 			/* A new flow denied leaves no entry: nothing to keep for it. */
 			struct policy_ct_entry fresh = { .revision = revision, .allowed = ok };

@@ -213,3 +213,21 @@ def test_what_the_schema_refuses_is_refused(spec: dict[str, Any], message: str) 
         cnp.parse(parse_object({"apiVersion": "policy.networking.k8s.io/v1alpha2",
                                 "kind": "ClusterNetworkPolicy", "metadata": {"name": "p"},
                                 "spec": spec}))
+
+
+def test_each_policy_says_whether_it_is_enforced_as_written() -> None:
+    from mesh.translate.cluster_network_policy import statuses
+
+    good = cnp_obj("good", "Admin", 10, NS_X, ingress=[{"action": "Deny", "from": FROM_Y}])
+    dns = cnp_obj("dns", "Admin", 10, NS_X, egress=[
+        {"action": "Deny", "to": [{"domainNames": ["example.com"]}]}])
+    bad = cnp_obj("bad", "Admin", 2000, NS_X)
+    store = Store()
+    store.replace("test", [parse_object(o) for o in (good, dns, bad)])
+    got = {k.name: v.to_kubernetes()["conditions"][0] for k, v in
+           statuses(store.snapshot()).items()}
+    assert got["good"]["status"] == "True" and got["good"]["reason"] == "Accepted"
+    assert got["dns"]["status"] == "False" and got["dns"]["reason"] == "UnsupportedValue"
+    assert "fails closed" in got["dns"]["message"]
+    assert got["bad"]["status"] == "False" and got["bad"]["reason"] == "Invalid"
+    assert "spec.priority" in got["bad"]["message"]

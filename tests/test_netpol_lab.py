@@ -146,3 +146,49 @@ def test_enforcement_goes_on_while_the_agent_restarts(lab: runner.Lab,
     time.sleep(5)
     assert not _connects(lab, "x/c", "x/b")
     assert _connects(lab, "x/a", "x/b")
+
+
+def _cnp(name: str, tier: str, priority: int, action: str) -> dict[str, object]:
+    """A ClusterNetworkPolicy on namespace x's pods: `action` for what comes from y."""
+    return {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": name},
+            "spec": {"tier": tier, "priority": priority, "subject": {"namespaces": {
+                "matchLabels": {"kubernetes.io/metadata.name": "x"}}},
+                "ingress": [{"name": f"{action.lower()}-y", "action": action, "from": [
+                    {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}}]}]}}
+
+
+ALLOW_ALL_X = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "metadata": {"name": "allow-all", "namespace": "x"},
+               "spec": {"podSelector": {}, "ingress": [{}]}}
+DENY_ALL_X = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "deny-all", "namespace": "x"},
+              "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
+
+
+@pytest.mark.parametrize("objects, from_y, from_z", [
+    # Admin Deny wins over a NetworkPolicy that allows everything.
+    ([_cnp("admin-deny", "Admin", 10, "Deny"), ALLOW_ALL_X], False, True),
+    # Admin Accept wins over one that denies everything.
+    ([_cnp("admin-accept", "Admin", 10, "Accept"), DENY_ALL_X], True, False),
+    # Admin Pass: the NetworkPolicy decides (it denies), the Admin Accept after it is skipped.
+    ([_cnp("admin-pass", "Admin", 5, "Pass"), _cnp("admin-accept", "Admin", 10, "Accept"),
+      DENY_ALL_X], False, False),
+    # No NetworkPolicy isolates x: Baseline Deny drops what comes from y.
+    ([_cnp("baseline-deny", "Baseline", 10, "Deny")], False, True),
+    # Pass falls through NetworkPolicy (none) to Baseline.
+    ([_cnp("admin-pass", "Admin", 5, "Pass"), _cnp("baseline-deny", "Baseline", 10, "Deny")],
+     False, True),
+], ids=["admin-deny", "admin-accept", "admin-pass-to-netpol", "baseline-deny",
+        "pass-to-baseline"])
+def test_cluster_network_policy_tiers(lab: runner.Lab, objects: list[dict[str, object]],
+                                      from_y: bool, from_z: bool) -> None:
+    lab.apply(objects)
+    try:
+        time.sleep(runner.SETTLE)
+        assert _connects(lab, "y/a", "x/b") is from_y
+        assert _connects(lab, "z/a", "x/b") is from_z
+        assert _connects(lab, "x/a", "y/b")  # y is no subject: untouched
+    finally:
+        lab.kubectl("delete", "clusternetworkpolicies", "--all")
+        lab.kubectl("delete", "networkpolicy", "--all", "-n", "x")

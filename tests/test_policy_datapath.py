@@ -57,7 +57,9 @@ for step in steps:
         fwd.policy.apply(ir.NetworkPolicies(
             ipcache=tuple(ir.IpcacheEntry(*e) for e in s["ipcache"]),
             endpoints=tuple(ir.EndpointPolicy(e["address"], e["identity"], e["in"], e["out"],
-                                              tuple(ir.PolicyAllow(*a) for a in e["allow"]))
+                                              tuple(ir.PolicyAllow(*a) for a in e["allow"]),
+                                              tiers=tuple(ir.TierEntry(*t)
+                                                          for t in e.get("tiers", [])))
                             for e in s["endpoints"])))
     elif step[0] == "probe":
         r = subprocess.run(["ip", "netns", "exec", client_ns, sys.executable, "-c", PROBE,
@@ -173,3 +175,29 @@ def test_port_ranges_become_exact_prefixes() -> None:
     assert port_prefixes(0, 65535) == [(0, 0)]
     assert len(port_prefixes(1, 65535)) == 16
 
+
+
+def test_cluster_network_policy_tiers(lab: Lab, pins: Path) -> None:  # noqa: F811
+    """The Admin tier before NetworkPolicy (Deny wins over its allow, Pass falls through to
+    it), the Baseline tier after it for a pod no NetworkPolicy isolates. (The order of rules
+    within a tier is the compiler's: tests/test_cnp_model.py.)"""
+    a, b = lab.pods["backend-a"], lab.pods["backend-b"]
+
+    def tier(tier: str, action: str, precedence: int = 1) -> list[object]:
+        return [tier, "ingress", CLIENT_ID, "TCP", 8080, None, action, precedence]
+
+    np_allows = {"in": True, "out": False, "allow": [["ingress", CLIENT_ID, "TCP", 8080]]}
+    open_ = {"in": False, "out": False, "allow": []}
+    got = run(lab, pins, [
+        state(lab, {**np_allows, "tiers": [tier("admin", "Deny")]}, open_),
+        ["probe", a],                                             # Admin Deny wins
+        state(lab, {**np_allows, "tiers": [tier("admin", "Pass")]}, open_),
+        ["probe", a],                                             # Pass: NetworkPolicy allows
+        state(lab, open_, {**open_, "tiers": [tier("baseline", "Deny")]}),
+        ["probe", b],                                             # Baseline Deny
+        state(lab, open_, {**open_, "tiers": [tier("baseline", "Accept")]}),
+        ["probe", b],                                             # Baseline Accept
+        state(lab, {**np_allows, "tiers": [tier("baseline", "Deny")]}, open_),
+        ["probe", a],                                             # NetworkPolicy decided
+    ])
+    assert got == ["timeout", "backend-a", "timeout", "backend-b", "backend-a"]

@@ -7,8 +7,9 @@
  * identity (the longest CIDR any policy names that holds it, 0: none). An ipBlock therefore
  * selects pods as well as the world, as Kubernetes' NetworkPolicy wants.
  *
- * Each local pod has an entry in mesh_policy_endpoints (isolated for ingress, egress), and its
- * allowed peers in mesh_policy: {pod, identity, direction, protocol, port} -> allow, an LPM trie
+ * Each local pod has an entry in mesh_policy_endpoints (isolated for ingress, egress), its
+ * ClusterNetworkPolicy tiers in mesh_policy_admin and mesh_policy_baseline, and its
+ * NetworkPolicies' allowed peers in mesh_policy: {pod, identity, direction, protocol, port} -> allow, an LPM trie
  * so that "every protocol", "every port" and port ranges (split into prefixes) are single
  * entries. A new flow costs up to three lookups there: the peer's identity, its CIDR identity,
  * and 0 (any peer).
@@ -62,6 +63,8 @@ struct policy_endpoint {
 
 #define MESH_EP_INGRESS_ISOLATED 0x1
 #define MESH_EP_EGRESS_ISOLATED 0x2
+#define MESH_EP_ADMIN 0x4        /* ClusterNetworkPolicy Admin tier entries exist for it */
+#define MESH_EP_BASELINE 0x8     /* ... Baseline tier entries */
 
 /* Compared bit by bit from `endpoint` on: prefixlen 72 = any protocol and port, 80 = any port
  * of one protocol, 96 = one port; between 80 and 96, a range of ports. */
@@ -81,6 +84,19 @@ struct policy_entry {
 };
 
 #define MESH_POLICY_ALLOW 0x1
+
+/* A ClusterNetworkPolicy tier's entry: the action of the first rule (lowest precedence)
+ * covering this key's protocol and ports. Of the entries the lookups find (the peer's
+ * identity, its CIDR identity, any), the lowest precedence decides. */
+struct tier_entry {
+	__u8 action;         /* MESH_TIER_* */
+	__u8 pad[3];
+	__u32 precedence;
+};
+
+#define MESH_TIER_ACCEPT 1
+#define MESH_TIER_DENY 2
+#define MESH_TIER_PASS 3
 
 /* A flow as its first packet had it, and the direction (of the local pod) it was decided
  * for. */
@@ -110,6 +126,12 @@ BPF_TABLE_PINNED("hash", __be32, struct policy_endpoint, mesh_policy_endpoints,
 /* Allowed peers of this node's pods. */
 BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_entry, mesh_policy,
 		 MESH_POLICY_MAX, MESH_PINNED(mesh_policy), BPF_F_NO_PREALLOC);
+/* ClusterNetworkPolicy: the Admin tier (before NetworkPolicy) and the Baseline tier (after),
+ * keyed as mesh_policy. */
+BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct tier_entry, mesh_policy_admin,
+		 MESH_POLICY_MAX, MESH_PINNED(mesh_policy_admin), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct tier_entry, mesh_policy_baseline,
+		 MESH_POLICY_MAX, MESH_PINNED(mesh_policy_baseline), BPF_F_NO_PREALLOC);
 /* Verdicts of flows, by their first packet's tuple and direction (LRU: idle flows age out;
  * a flow whose entry aged out is decided again). */
 BPF_TABLE_PINNED("lru_hash", struct policy_ct_key, struct policy_ct_entry, mesh_policy_ct,

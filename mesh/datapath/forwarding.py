@@ -135,7 +135,9 @@ class Forwarding:
         self.policy = PolicyReconciler(
             self.loaded.table("mesh_ipcache"), self.loaded.table("mesh_policy_endpoints"),
             self.loaded.table("mesh_policy"), self.loaded.table("mesh_policy_revision"),
-            self.loaded.table("mesh_policy_stats"))
+            self.loaded.table("mesh_policy_stats"),
+            tiers={"admin": self.loaded.table("mesh_policy_admin"),
+                   "baseline": self.loaded.table("mesh_policy_baseline")})
         self.underlay = underlay
         self._attached: set[int] = set()
         self._routed = False

@@ -123,8 +123,16 @@ class PolicyCtEntry(ctypes.Structure):
                 ("pad", ctypes.c_uint8 * 3)]
 
 
+class TierEntry(ctypes.Structure):
+    _fields_ = [("action", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3),
+                ("precedence", ctypes.c_uint32)]
+
+
 EP_INGRESS_ISOLATED = 0x1  # MESH_EP_* of a policy endpoint
 EP_EGRESS_ISOLATED = 0x2
+EP_ADMIN = 0x4
+EP_BASELINE = 0x8
+TIER_ACTIONS = {"Accept": 1, "Deny": 2, "Pass": 3}  # MESH_TIER_*
 POLICY_ALLOW = 0x1  # MESH_POLICY_ALLOW
 INGRESS, EGRESS = 0, 1  # MESH_POLICY_INGRESS, MESH_POLICY_EGRESS
 # The policy key's prefix lengths: endpoint + identity + direction (any protocol and port),
@@ -154,5 +162,7 @@ FWD_MAPS: dict[str, tuple[Any, type[ctypes.Structure] | Any]] = {
     "mesh_ipcache": (IpcacheKey, IpcacheInfo),
     "mesh_policy_endpoints": (ctypes.c_uint32, PolicyEndpoint),
     "mesh_policy": (PolicyKey, PolicyEntry),
+    "mesh_policy_admin": (PolicyKey, TierEntry),
+    "mesh_policy_baseline": (PolicyKey, TierEntry),
     "mesh_policy_ct": (PolicyCtKey, PolicyCtEntry),
 }

@@ -22,6 +22,8 @@ from typing import Any
 from mesh import ir
 from mesh.datapath.layout import (
     EGRESS,
+    EP_ADMIN,
+    EP_BASELINE,
     EP_EGRESS_ISOLATED,
     EP_INGRESS_ISOLATED,
     INGRESS,
@@ -30,11 +32,13 @@ from mesh.datapath.layout import (
     POLICY_PREFIX_ANY_PORT,
     POLICY_PREFIX_ANY_PROTO,
     POLICY_STATS,
+    TIER_ACTIONS,
     IpcacheInfo,
     IpcacheKey,
     PolicyEndpoint,
     PolicyEntry,
     PolicyKey,
+    TierEntry,
     address_of,
     be16,
     be32,
@@ -61,26 +65,43 @@ def port_prefixes(low: int, high: int) -> list[tuple[int, int]]:
     return out
 
 
+def entry_keys(address: str, direction: str, identity: int, protocol: str | None,
+               port: int | None, end_port: int | None) -> list[PolicyKeyT]:
+    """The LPM keys of one entry (a pod's, for a peer identity, a protocol and ports)."""
+    d = _DIRECTION[direction]
+    if protocol is None:
+        return [(address, identity, d, 0, 0, POLICY_PREFIX_ANY_PROTO)]
+    proto = IPPROTO[protocol]
+    if port is None:
+        return [(address, identity, d, proto, 0, POLICY_PREFIX_ANY_PORT)]
+    return [(address, identity, d, proto, p, POLICY_PREFIX_ANY_PORT + bits)
+            for p, bits in port_prefixes(port, end_port or port)]
+
+
 def policy_keys(e: ir.EndpointPolicy) -> set[PolicyKeyT]:
     """The LPM keys of an endpoint's allowed entries."""
-    out: set[PolicyKeyT] = set()
-    for a in e.allow:
-        d = _DIRECTION[a.direction]
-        if a.protocol is None:
-            out.add((e.address, a.identity, d, 0, 0, POLICY_PREFIX_ANY_PROTO))
-            continue
-        proto = IPPROTO[a.protocol]
-        if a.port is None:
-            out.add((e.address, a.identity, d, proto, 0, POLICY_PREFIX_ANY_PORT))
-            continue
-        for port, bits in port_prefixes(a.port, a.end_port or a.port):
-            out.add((e.address, a.identity, d, proto, port, POLICY_PREFIX_ANY_PORT + bits))
-    return out
+    return {k for a in e.allow
+            for k in entry_keys(e.address, a.direction, a.identity, a.protocol, a.port,
+                                a.end_port)}
+
+
+def tier_keys(e: ir.EndpointPolicy, tier: str) -> dict[PolicyKeyT, tuple[int, int]]:
+    """The LPM keys of an endpoint's entries in a ClusterNetworkPolicy tier, with their
+    (action, precedence)."""
+    return {k: (TIER_ACTIONS[t.action], t.precedence) for t in e.tiers if t.tier == tier
+            for k in entry_keys(e.address, t.direction, t.identity, t.protocol, t.port,
+                                t.end_port)}
 
 
 def _ipcache_key(prefix: str) -> IpcacheKey:
     net = ipaddress.IPv4Network(prefix)
     return IpcacheKey(prefixlen=net.prefixlen, address=be32(str(net.network_address)))
+
+
+def _key_of(k: Any) -> PolicyKeyT:
+    """A map's key as the reconciler keeps it."""
+    return (address_of(int(k.endpoint)), int(k.identity), int(k.direction), int(k.proto),
+            int.from_bytes(int(k.dport).to_bytes(2, "little"), "big"), int(k.prefixlen))
 
 
 def _policy_key(k: PolicyKeyT) -> PolicyKey:
@@ -91,7 +112,8 @@ def _policy_key(k: PolicyKeyT) -> PolicyKey:
 
 class PolicyReconciler:
     def __init__(self, ipcache: Table, endpoints: Table, policy: Table, revision: Any,
-                 stats: Any | None = None, host_addresses: Iterable[str] = ()) -> None:
+                 stats: Any | None = None, host_addresses: Iterable[str] = (),
+                 tiers: Mapping[str, Table] | None = None) -> None:
         """`host_addresses`: this node's own addresses, the host's identity whatever the IR
         says (the kernel's source address towards a pod may be any of them). Applied from the
         agent's loop and, when the node's addresses change, from the forwarding's thread: one
@@ -103,6 +125,10 @@ class PolicyReconciler:
         self.ipcache_written: dict[str, IpcacheValue] = {}
         self.endpoints_written: dict[str, tuple[int, int]] = {}  # address -> (identity, flags)
         self.policy_written: set[PolicyKeyT] = set()
+        # ClusterNetworkPolicy tiers ("admin", "baseline"): their maps and what they hold
+        self.tiers = dict(tiers or {})
+        self.tiers_written: dict[str, dict[PolicyKeyT, tuple[int, int]]] = {
+            t: {} for t in self.tiers}
         self.writes = 0
         self._lock = threading.Lock()
         self._last = ir.NetworkPolicies()
@@ -120,11 +146,11 @@ class PolicyReconciler:
                                                                      int(v.flags))
         with contextlib.suppress(Exception):
             for k, _ in self.policy.items():
-                self.policy_written.add((address_of(int(k.endpoint)), int(k.identity),
-                                         int(k.direction), int(k.proto),
-                                         int.from_bytes(int(k.dport).to_bytes(2, "little"),
-                                                        "big"),
-                                         int(k.prefixlen)))
+                self.policy_written.add(_key_of(k))
+        for tier, table in self.tiers.items():
+            with contextlib.suppress(Exception):
+                for k, v in table.items():
+                    self.tiers_written[tier][_key_of(k)] = (int(v.action), int(v.precedence))
 
     def set_host_addresses(self, addresses: frozenset[str]) -> None:
         """This node's addresses now; the last state is written again if they changed."""
@@ -145,11 +171,17 @@ class PolicyReconciler:
             prefix = f"{a}/32"
             ipcache[prefix] = (ids.HOST, ipcache.get(prefix, (0, 0))[1])
         endpoints = {e.address: (e.identity, (EP_INGRESS_ISOLATED if e.ingress_isolated else 0)
-                                 | (EP_EGRESS_ISOLATED if e.egress_isolated else 0))
+                                 | (EP_EGRESS_ISOLATED if e.egress_isolated else 0)
+                                 | (EP_ADMIN if any(t.tier == "admin" for t in e.tiers) else 0)
+                                 | (EP_BASELINE if any(t.tier == "baseline" for t in e.tiers)
+                                    else 0))
                      for e in state.endpoints}
         keys: set[PolicyKeyT] = set()
+        tiers: dict[str, dict[PolicyKeyT, tuple[int, int]]] = {t: {} for t in self.tiers}
         for e in state.endpoints:
             keys |= policy_keys(e)
+            for tier, wanted in tiers.items():
+                wanted.update(tier_keys(e, tier))
         before = self.writes
         for prefix, (identity, cidr) in ipcache.items():
             if self.ipcache_written.get(prefix) != (identity, cidr):
@@ -162,6 +194,14 @@ class PolicyReconciler:
             self.policy[_policy_key(k)] = allow
             self.policy_written.add(k)
             self.writes += 1
+        for tier, wanted in tiers.items():
+            written = self.tiers_written[tier]
+            for k, (action, precedence) in wanted.items():
+                if written.get(k) != (action, precedence):
+                    self.tiers[tier][_policy_key(k)] = TierEntry(action=action,
+                                                                 precedence=precedence)
+                    written[k] = (action, precedence)
+                    self.writes += 1
         for address, (identity, flags) in endpoints.items():
             if self.endpoints_written.get(address) != (identity, flags):
                 self.endpoints[ctypes.c_uint32(be32(address))] = PolicyEndpoint(
@@ -178,6 +218,13 @@ class PolicyReconciler:
                 del self.policy[_policy_key(k)]
             self.policy_written.discard(k)
             self.writes += 1
+        for tier, wanted in tiers.items():
+            written = self.tiers_written[tier]
+            for k in [k for k in written if k not in wanted]:
+                with contextlib.suppress(KeyError):
+                    del self.tiers[tier][_policy_key(k)]
+                del written[k]
+                self.writes += 1
         for prefix in [p for p in self.ipcache_written if p not in ipcache]:
             with contextlib.suppress(KeyError):
                 del self.ipcache[_ipcache_key(prefix)]
@@ -205,4 +252,5 @@ class PolicyReconciler:
 
     def sizes(self) -> Mapping[str, int]:
         return {"ipcache": len(self.ipcache_written), "endpoints": len(self.endpoints_written),
-                "policy": len(self.policy_written)}
+                "policy": len(self.policy_written),
+                **{t: len(w) for t, w in self.tiers_written.items()}}

@@ -45,12 +45,16 @@ def read_maps(pin_dir: Path) -> dict[str, Any]:
             e = endpoints.get(layout.address_of(int(k.endpoint)))
             if e is not None:
                 e["entries"] += 1
+        tiers = {t: sum(1 for _ in loaded.table(f"mesh_policy_{t}").items())
+                 for t in ("admin", "baseline")}
         ipcache = sum(1 for _ in loaded.table("mesh_ipcache").items())
         flows = sum(1 for _ in loaded.table("mesh_policy_ct").items())
     finally:
         loaded.close()
     return {"revision": revision, "counters": counters, "endpoints": endpoints,
-            "policy_entries": entries, "ipcache_entries": ipcache, "tracked_flows": flows}
+            "policy_entries": entries, "admin_entries": tiers["admin"],
+            "baseline_entries": tiers["baseline"], "ipcache_entries": ipcache,
+            "tracked_flows": flows}
 
 
 @click.group()
@@ -81,7 +85,8 @@ def status(state_dir: Path, output: str) -> None:
     console = Console(width=120)
     console.print(counters, pods)
     console.print(f"policy revision {found['revision']}; {found['policy_entries']} allowed "
-                  f"entries, {found['ipcache_entries']} ipcache entries, "
+                  f"entries, {found['admin_entries']} Admin and {found['baseline_entries']} "
+                  f"Baseline tier entries, {found['ipcache_entries']} ipcache entries, "
                   f"{found['tracked_flows']} tracked flows")
 
 
@@ -92,7 +97,8 @@ async def _snapshot(kubeconfig: str | None) -> Any:
     from mesh.store.objects import parse_object
     from mesh.store.store import Store
 
-    wanted = {kinds.NAMESPACE, kinds.POD, kinds.NODE, kinds.NETWORK_POLICY, kinds.MESH_IDENTITY}
+    wanted = {kinds.NAMESPACE, kinds.POD, kinds.NODE, kinds.NETWORK_POLICY, kinds.MESH_IDENTITY,
+              kinds.CLUSTER_NETWORK_POLICY}
     objects = []
     async with connect(kubeconfig) as http:
         for r in resources(None):
@@ -180,8 +186,12 @@ def trace(source: str, destination: str, port: int, protocol: str,
     click.echo(f"  ingress of the destination on {dst_node or '(not a pod)'}: "
                f"{'ALLOWED' if into.allowed else 'DENIED'}: {into.reason}")
     verdict = out.allowed and into.allowed
-    decided = _model(snap, src, dst, protocol, port)
-    click.echo(f"verdict: {'ALLOWED' if verdict else 'DENIED'}"
-               + (f" (decided by {', '.join(decided.policies)})" if decided.policies else ""))
+    tiers = [side.reason for side in (out, into) if " tier: " in side.reason]
+    if tiers:  # a ClusterNetworkPolicy rule decided (its name is in the line above)
+        click.echo(f"verdict: {'ALLOWED' if verdict else 'DENIED'}")
+    else:
+        decided = _model(snap, src, dst, protocol, port)
+        click.echo(f"verdict: {'ALLOWED' if verdict else 'DENIED'}" + (
+            f" (decided by {', '.join(decided.policies)})" if decided.policies else ""))
     if not verdict:
         raise SystemExit(1)

@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from mesh import ir
 from mesh.policy import clusternetworkpolicy as cnp
 from mesh.policy import identities as ids
+from mesh.policy.networkpolicy import Invalid
+from mesh.store import kinds
+from mesh.store.objects import ObjectKey
+from mesh.store.store import StoreSnapshot
+from mesh.translate.status import ClassStatus, Conditions, Reason, Type, condition
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 MAX_PORT = 65535
@@ -125,4 +130,27 @@ def _pieces(rule: cnp.Rule, precedence: int, direction: str, identity: int,
         else:
             out.append(Piece(precedence, rule.action, p.protocol, p.port,
                              p.end_port or p.port))
+    return out
+
+
+def statuses(snapshot: StoreSnapshot) -> dict[ObjectKey, ClassStatus]:
+    """Each ClusterNetworkPolicy's Accepted condition: True when every rule is enforced as
+    written; False with the reason when it is refused (Invalid: nothing of it is enforced) or
+    a peer fails closed (UnsupportedValue: what is enforced instead)."""
+    out = {}
+    for obj in snapshot.of_kind(kinds.CLUSTER_NETWORK_POLICY):
+        try:
+            parsed = cnp.parse(obj)
+        except Invalid as e:
+            c = condition(Type.ACCEPTED, False, Reason.INVALID, f"{e}; not enforced",
+                          obj.generation)
+        else:
+            if parsed.problems:
+                c = condition(Type.ACCEPTED, False, Reason.UNSUPPORTED_VALUE,
+                              "; ".join(parsed.problems)[:1024], obj.generation)
+            else:
+                c = condition(Type.ACCEPTED, True, Reason.ACCEPTED,
+                              f"{parsed.tier} tier, priority {parsed.priority}: enforced by "
+                              "every node's datapath", obj.generation)
+        out[obj.key] = ClassStatus(Conditions([c]))
     return out

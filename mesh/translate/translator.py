@@ -16,7 +16,7 @@ from mesh import ir
 from mesh.store import kinds
 from mesh.store.objects import ObjectKey
 from mesh.store.store import StoreSnapshot
-from mesh.translate import model
+from mesh.translate import cluster_network_policy, model
 from mesh.translate.addressing import allocate, node_addresses, published
 from mesh.translate.config import Translation, TranslatorConfig
 from mesh.translate.gateway.attachment import RouteOutcome
@@ -108,6 +108,7 @@ def translate(snapshot: StoreSnapshot, cfg: TranslatorConfig | None = None,
             network_policies=translate_network_policies(snapshot, cfg.node_name,
                                                         identity_table(snapshot)),
         ),
-        status={**gateway_api.status, **ingress.status},
+        status={**gateway_api.status, **ingress.status,
+                **cluster_network_policy.statuses(snapshot)},
         addresses=addresses,
     )
