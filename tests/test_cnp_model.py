@@ -55,7 +55,12 @@ def world(*policies: dict[str, Any]) -> Any:
     store = Store()
     store.replace("test", [parse_object(o) for o in objects])
     snap = store.snapshot()
-    return translate_network_policies(snap, None, identity_table(snap))
+    state = translate_network_policies(snap, None, identity_table(snap))
+    for e in state.endpoints:  # one value per map key, as the datapath's maps hold them
+        keys = [(t.tier, t.direction, t.identity, t.protocol, t.port, t.end_port)
+                for t in e.tiers]
+        assert len(keys) == len(set(keys)), f"overlapping tier entries for {e.address}"
+    return state
 
 
 def reach(state: Any, src: str, dst: str, port: int = 80, protocol: str = "TCP") -> bool:
@@ -112,6 +117,10 @@ def test_pass_falls_through_to_networkpolicy_then_baseline() -> None:
     np_allow_y = np_obj("allow-y", "x", {"podSelector": {}, "ingress": [{"from": [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}}]}]})
     assert reach(world(passing, deny_later, baseline_deny, np_allow_y), "y/a", "x/a")
+    # Pass before an Accept of another policy of the tier: the NetworkPolicy decides.
+    accept_later = cnp_obj("accept-y", "Admin", 10, NS_X,
+                           ingress=[{"action": "Accept", "from": FROM_Y}])
+    assert not reach(world(passing, accept_later, DENY_ALL_NP), "y/a", "x/a")
     # Without the Pass, the Admin Deny decides.
     assert not reach(world(deny_later, np_allow_y), "y/a", "x/a")
     # Baseline Accept lets in what no NetworkPolicy isolates; its Deny drops.

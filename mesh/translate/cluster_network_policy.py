@@ -93,22 +93,23 @@ def pod_tiers(policies: list[cnp.ClusterNetworkPolicy], namespace_labels: Mappin
     names: list[tuple[int, str]] = []
     precedence = 0
     for tier in cnp.TIERS:
+        # Every policy of the tier together: their entries for one peer identity share keys.
+        pieces: dict[tuple[str, int], list[Piece]] = {}  # (direction, identity) -> pieces
         for policy in cnp.ordered(policies, tier):
             if not policy.selects(namespace_labels, pod_labels):
                 continue
             for direction, rules in (("ingress", policy.ingress), ("egress", policy.egress)):
-                by_identity: dict[int, list[Piece]] = {}
                 for rule in rules:
                     precedence += 1
                     names.append((precedence, f"{policy.name}: {rule.name} ({rule.action})"))
                     for peer in rule.peers:
                         for identity in ([ids.ANY] if peer.everything
                                          else peer_identities(peer)):
-                            by_identity.setdefault(identity, []).extend(
+                            pieces.setdefault((direction, identity), []).extend(
                                 _pieces(rule, precedence, direction, identity, local_ports,
                                         named_ports))
-                for identity, pieces in by_identity.items():
-                    entries += flatten(tier.lower(), direction, identity, pieces)
+        for (direction, identity), mine in pieces.items():
+            entries += flatten(tier.lower(), direction, identity, mine)
     return sorted(entries, key=entry_order), names
 
 
