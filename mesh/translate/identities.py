@@ -27,8 +27,9 @@ def identity_table(snapshot: StoreSnapshot) -> ids.IdentityTable:
     return ids.IdentityTable(taken)
 
 
-def translate_identities(snapshot: StoreSnapshot) -> ir.IdentityMap:
-    table = identity_table(snapshot)
+def translate_identities(snapshot: StoreSnapshot,
+                         table: ids.IdentityTable | None = None) -> ir.IdentityMap:
+    table = table if table is not None else identity_table(snapshot)
     namespaces = {o.name: o.labels for o in snapshot.of_kind(kinds.NAMESPACE)}
     endpoints: dict[str, int] = {}
     missing: set[ir.Labels] = set()

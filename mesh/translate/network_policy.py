@@ -26,13 +26,14 @@ import hashlib
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from mesh import ir
 from mesh.policy import clusternetworkpolicy as cnp
 from mesh.policy import identities as ids
 from mesh.policy import networkpolicy as netpol
 from mesh.store import kinds
-from mesh.store.objects import KubeObject
+from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate import addressing, model
 from mesh.translate.cluster_network_policy import pod_tiers
@@ -61,22 +62,62 @@ class _Pod:
     local: bool
 
 
-def _identities(snapshot: StoreSnapshot) -> dict[int, _Identity]:
+class ParseMemo:
+    """Parsed NetworkPolicies, ClusterNetworkPolicies and identities kept between translations
+    by the caller, by object and content version: with 1,000 policies, parsing them all again
+    for each change would cost more than the change. Only the current objects are kept."""
+
+    def __init__(self) -> None:
+        self.parsed: dict[tuple[ObjectKey, str], Any] = {}
+        self._fresh: dict[tuple[ObjectKey, str], Any] = {}
+
+    def get(self, obj: KubeObject, parse: Callable[[KubeObject], Any]) -> Any:
+        """`parse(obj)`, or what it gave for this content before; an exception it raised is
+        kept (and raised) the same way."""
+        key = (obj.key, obj.version)
+        found = self.parsed.get(key, _MISSING)
+        if found is _MISSING:
+            try:
+                found = parse(obj)
+            except netpol.Invalid as e:
+                found = e
+        self._fresh[key] = found
+        if isinstance(found, netpol.Invalid):
+            raise found
+        return found
+
+    def begin(self) -> None:
+        self._fresh = {}
+
+    def end(self) -> None:
+        self.parsed = self._fresh
+
+
+_MISSING = object()
+
+
+def _identity(obj: KubeObject) -> _Identity | None:
+    labels = obj.spec.get("labels")
+    if not obj.name.isdigit() or not isinstance(labels, Mapping):
+        return None
+    number = int(obj.name)
+    if not ids.FIRST <= number <= ids.LAST:
+        return None
+    text = {str(k): str(v) for k, v in labels.items()}
+    return _Identity(
+        number, text.get(ids.NAMESPACE_LABEL, ""),
+        {k: v for k, v in text.items() if k != ids.NAMESPACE_LABEL and
+         not k.startswith(ids.NAMESPACE_LABELS_PREFIX)},
+        {k[len(ids.NAMESPACE_LABELS_PREFIX):]: v for k, v in text.items()
+         if k.startswith(ids.NAMESPACE_LABELS_PREFIX)})
+
+
+def _identities(snapshot: StoreSnapshot, memo: ParseMemo) -> dict[int, _Identity]:
     out = {}
     for obj in snapshot.of_kind(kinds.MESH_IDENTITY):
-        labels = obj.spec.get("labels")
-        if not obj.name.isdigit() or not isinstance(labels, Mapping):
-            continue
-        number = int(obj.name)
-        if not ids.FIRST <= number <= ids.LAST:
-            continue
-        text = {str(k): str(v) for k, v in labels.items()}
-        out[number] = _Identity(
-            number, text.get(ids.NAMESPACE_LABEL, ""),
-            {k: v for k, v in text.items() if k != ids.NAMESPACE_LABEL and
-             not k.startswith(ids.NAMESPACE_LABELS_PREFIX)},
-            {k[len(ids.NAMESPACE_LABELS_PREFIX):]: v for k, v in text.items()
-             if k.startswith(ids.NAMESPACE_LABELS_PREFIX)})
+        found = memo.get(obj, _identity)
+        if found is not None:
+            out[found.number] = found
     return out
 
 
@@ -281,22 +322,33 @@ def cidr_of(address: ipaddress.IPv4Address, cidrs: Mapping[ipaddress.IPv4Network
     return cidrs[best] if best is not None else 0
 
 
-def _parsed(snapshot: StoreSnapshot
+def _parsed(snapshot: StoreSnapshot, memo: ParseMemo
             ) -> tuple[list[netpol.NetworkPolicy], list[tuple[KubeObject, str]]]:
     good, bad = [], []
     for obj in snapshot.of_kind(kinds.NETWORK_POLICY):
         try:
-            good.append(netpol.parse(obj))
+            good.append(memo.get(obj, netpol.parse))
         except netpol.Invalid as e:
             bad.append((obj, str(e)))
     return good, bad
 
 
 def translate_network_policies(snapshot: StoreSnapshot, node: str | None,
-                               identity_table: ids.IdentityTable) -> ir.NetworkPolicies:
+                               identity_table: ids.IdentityTable,
+                               memo: ParseMemo | None = None) -> ir.NetworkPolicies:
     """The ipcache and this node's pods' policies. `node`: this node's name (None: every pod
-    is this node's)."""
-    policies, broken = _parsed(snapshot)
+    is this node's). `memo`: parsed objects kept from the previous call."""
+    memo = memo if memo is not None else ParseMemo()
+    memo.begin()
+    try:
+        return _translate(snapshot, node, identity_table, memo)
+    finally:
+        memo.end()
+
+
+def _translate(snapshot: StoreSnapshot, node: str | None, identity_table: ids.IdentityTable,
+               memo: ParseMemo) -> ir.NetworkPolicies:
+    policies, broken = _parsed(snapshot, memo)
     problems = [ir.PolicyProblem(f"{o.namespace}/{o.name}",
                                  f"{msg}: the pods it selects are isolated both ways and it "
                                  "allows nothing") for o, msg in broken]
@@ -319,7 +371,7 @@ def translate_network_policies(snapshot: StoreSnapshot, node: str | None,
     clustered: list[cnp.ClusterNetworkPolicy] = []
     for obj in snapshot.of_kind(kinds.CLUSTER_NETWORK_POLICY):
         try:
-            clustered.append(cnp.parse(obj))
+            clustered.append(memo.get(obj, cnp.parse))
         except netpol.Invalid as e:
             problems.append(ir.PolicyProblem(obj.name, f"{e}: not enforced"))
     for c in clustered:
@@ -339,7 +391,7 @@ def translate_network_policies(snapshot: StoreSnapshot, node: str | None,
                 nets.update(ipaddress.IPv4Network(t) for t in texts
                             if ipaddress.ip_network(t).version == 4)
     cidrs = cidr_identities(nets)
-    identities = _identities(snapshot)
+    identities = _identities(snapshot, memo)
     namespaces = {o.name: o.labels for o in snapshot.of_kind(kinds.NAMESPACE)}
     pods = _pods(snapshot, identity_table, node)
     compiler = _Compiler(identities, pods, cidrs)

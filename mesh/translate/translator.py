@@ -23,7 +23,7 @@ from mesh.translate.gateway.attachment import RouteOutcome
 from mesh.translate.gateway.translator import translate_gateway_api
 from mesh.translate.identities import identity_table, translate_identities
 from mesh.translate.ingress import translate_ingresses
-from mesh.translate.network_policy import translate_network_policies
+from mesh.translate.network_policy import ParseMemo, translate_network_policies
 from mesh.translate.policy_attachment import PolicyIndex
 from mesh.translate.route_builder import RouteBuilder, VhostCache
 from mesh.translate.services import translate_services
@@ -44,14 +44,17 @@ class TranslationMemo:
         self.routes: dict[ObjectKey, RouteOutcome] = {}
         self.vhosts: VhostCache = {}
         self.world: tuple[Any, ...] = ()
+        self.network_policies = ParseMemo()  # parsed policies and identities
         self.hits = 0  # routes reused, over all translations
         self.misses = 0  # routes translated anew by the last translation
 
 
-# Pods: only the mesh listener's consumer chains read them, assembled afresh each time.
+# Pods: only the mesh listener's consumer chains read them, assembled afresh each time;
+# network policies: no route depends on them.
 _NOT_IN_WORLD = frozenset({kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE,
                            kinds.TCP_ROUTE, kinds.UDP_ROUTE, kinds.MESH_IDENTITY,
-                           kinds.ENDPOINT_SLICE, kinds.INGRESS, kinds.POD})
+                           kinds.ENDPOINT_SLICE, kinds.INGRESS, kinds.POD,
+                           kinds.NETWORK_POLICY, kinds.CLUSTER_NETWORK_POLICY})
 
 
 def _world(snapshot: StoreSnapshot, cfg: TranslatorConfig) -> tuple[Any, ...]:
@@ -85,6 +88,7 @@ def translate(snapshot: StoreSnapshot, cfg: TranslatorConfig | None = None,
         lambda: allocate(cfg.address_pool, previous, gateway_api.addresses,
                          INGRESS_ADDRESS_KEY))
     services = translate_services(snapshot, routes, local, gateway_api.redirects)
+    identities = identity_table(snapshot)
 
     addresses = dict(gateway_api.addresses)
     if ingress.used_address:
@@ -104,9 +108,10 @@ def translate(snapshot: StoreSnapshot, cfg: TranslatorConfig | None = None,
                                 for k, v in sorted(gateway_api.trust_bundles.items())),
             services=services,
             gateway_services=gateway_api.gateway_services,
-            identities=translate_identities(snapshot),
-            network_policies=translate_network_policies(snapshot, cfg.node_name,
-                                                        identity_table(snapshot)),
+            identities=translate_identities(snapshot, identities),
+            network_policies=translate_network_policies(
+                snapshot, cfg.node_name, identities,
+                memo.network_policies if memo is not None else None),
         ),
         status={**gateway_api.status, **ingress.status,
                 **cluster_network_policy.statuses(snapshot)},
