@@ -183,7 +183,9 @@ class Prober:
         self.proc.kill()
 
 
-async def _replace(kubeconfig: str, obj: dict[str, Any]) -> None:
+async def _replace(kubeconfig: str, obj: dict[str, Any]) -> float:
+    """Replace a NetworkPolicy; the wall clock time just before the write (the client's
+    connection and the read of the current version come before it)."""
     from mesh.kube.client import connect
 
     async with connect(kubeconfig) as http:
@@ -193,16 +195,17 @@ async def _replace(kubeconfig: str, obj: dict[str, Any]) -> None:
         body = dict(obj)
         body["metadata"] = {**obj["metadata"],
                             "resourceVersion": current["metadata"]["resourceVersion"]}
+        t0 = time.time()
         code, answer = await http.call("PUT", path, body)
         if code != 200:
             raise RuntimeError(f"PUT {path}: {code} {answer}")
+        return t0
 
 
 def change_latency(state: dict[str, Any], prober: Prober, obj: dict[str, Any],
                    allowed_after: bool) -> float:
     """Milliseconds from just before the API write to the client seeing its effect."""
-    t0 = time.time()
-    asyncio.run(_replace(state["kubeconfig"], obj))
+    t0 = asyncio.run(_replace(state["kubeconfig"], obj))
     seen = prober.wait_for(allowed_after, t0)
     time.sleep(0.3)  # settle before the next change
     return (seen - t0) * 1000
