@@ -1,8 +1,9 @@
 """NetworkPolicy enforced in a two-node lab (its real API server, the agents' eBPF datapath):
 a CI-sized selection of the upstream cases (`python -m tests.netpol` runs all 23), and what a
 user checks beyond them: a denied flow is dropped and counted, `mesh policy trace` names the
-policy, connections keep working while their policy is edited, and enforcement goes on while
-an agent restarts."""
+policy, connections keep working while their policy is edited, enforcement goes on while an
+agent restarts; and each ClusterNetworkPolicy tier and action, Pass falling through to
+NetworkPolicy and Baseline."""
 
 from __future__ import annotations
 
