@@ -2,7 +2,7 @@
 
 // Package tools keeps in go.mod and go.sum the modules the lab reads but builds no command
 // from: the Gateway API's CRDs (config/crd/experimental) and its conformance suite; the
-// Network Policy API's CRDs (ClusterNetworkPolicy, config/crd/standard).
+// Network Policy API's CRDs (ClusterNetworkPolicy, config/crd/experimental).
 package tools
 
 import (

@@ -569,7 +569,7 @@ def gateway_api_crds(channel: str = "experimental") -> list[Path]:
     return _crd_files(_module_dir("sigs.k8s.io/gateway-api") / "config" / "crd" / channel)
 
 
-def network_policy_api_crds(channel: str = "standard") -> list[Path]:
+def network_policy_api_crds(channel: str = "experimental") -> list[Path]:
     """The Network Policy API's CRD files (ClusterNetworkPolicy) at the version hack/kube/go.mod
     pins."""
     return _crd_files(_module_dir("sigs.k8s.io/network-policy-api") / "config" / "crd" /
