@@ -33,6 +33,7 @@ from mesh.envoy.admin import EnvoyAdmin
 from mesh.envoy.bootstrap import BootstrapConfig
 from mesh.envoy.supervisor import EnvoySupervisor
 from mesh.kube.client import connect
+from mesh.kube.events import PolicyEvents
 from mesh.kube.identities import IdentityAllocator
 from mesh.kube.infrastructure import GatewayServiceWriter
 from mesh.kube.leader import LeaderElection
@@ -122,6 +123,7 @@ class Agent:
         components: list[Component] = []
         generated: GatewayServiceWriter | None = None  # Kubernetes: what Gateways generate
         identities: IdentityAllocator | None = None  # Kubernetes: identities made
+        events: PolicyEvents | None = None  # Kubernetes: Events on policies not enforced
         source: Provider
         if cfg.kubernetes:
             kube = await opened.enter_async_context(connect(cfg.kubeconfig))
@@ -135,10 +137,11 @@ class Agent:
             generated = GatewayServiceWriter(
                 kube.call, kube.apply, meshnodes.may_write, election,
                 managed_by(cfg.translator.controller_name))
+            events = PolicyEvents(kube.call, cfg.node_id, meshnodes.may_write, election)
             source = provider
             writers.append(status)
             readiness.append(meshnodes)
-            components += [meshnodes, status, generated, identities,
+            components += [meshnodes, status, generated, identities, events,
                            *([election] if election is not None else [])]
             self._kubernetes = _Kubernetes(provider, election, meshnodes)
         else:
@@ -150,6 +153,8 @@ class Agent:
             sinks.append(generated)
         if identities is not None:
             sinks.append(identities)
+        if events is not None:
+            sinks.append(events)
         if cfg.datapath_cgroup is not None:
             # Imported only with a datapath: it needs bcc and the kernel's BPF.
             from mesh.sinks.datapath import DatapathSink

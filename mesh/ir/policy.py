@@ -77,10 +77,13 @@ class EndpointPolicy:
 
 @dataclass(frozen=True)
 class PolicyProblem:
-    """A policy (namespace/name) that could not be enforced as written, and what is done."""
+    """A policy (namespace/name, or a cluster-scoped one's name) that could not be enforced as
+    written, and what is done instead; its kind and uid, for an Event about it."""
 
     policy: str
     message: str
+    kind: str = "NetworkPolicy"  # | ClusterNetworkPolicy
+    uid: str = ""
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ LEASE = Resource("coordination.k8s.io", "v1", "leases", "Lease")
 NODES = Resource("", "v1", "nodes", "Node", namespaced=False)
 SERVICES = Resource("", "v1", "services", "Service")
 ENDPOINT_SLICES = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice")
+EVENTS = Resource("", "v1", "events", "Event")
 MESH_IDENTITIES = Resource("mesh.dev", "v1alpha1", "meshidentities", "MeshIdentity",
                            namespaced=False)
 

@@ -351,7 +351,7 @@ def _translate(snapshot: StoreSnapshot, node: str | None, identity_table: ids.Id
     policies, broken = _parsed(snapshot, memo)
     problems = [ir.PolicyProblem(f"{o.namespace}/{o.name}",
                                  f"{msg}: the pods it selects are isolated both ways and it "
-                                 "allows nothing") for o, msg in broken]
+                                 "allows nothing", uid=_uid(o)) for o, msg in broken]
     nets: set[ipaddress.IPv4Network] = set()
     for p in policies:
         for rules in (p.ingress or (), p.egress or ()):
@@ -364,7 +364,8 @@ def _translate(snapshot: StoreSnapshot, node: str | None, identity_table: ids.Id
                         problems.append(ir.PolicyProblem(
                             f"{p.namespace}/{p.name}",
                             f"ipBlock {peer.cidr}: IPv6 is not enforced (the datapath is IPv4 "
-                            "only); the peer selects nothing"))
+                            "only); the peer selects nothing",
+                            uid=_uid(snapshot.get(kinds.NETWORK_POLICY, p.namespace, p.name))))
                         continue
                     nets.add(ipaddress.IPv4Network(net))
                     nets.update(ipaddress.IPv4Network(e) for e in peer.except_)
@@ -373,9 +374,12 @@ def _translate(snapshot: StoreSnapshot, node: str | None, identity_table: ids.Id
         try:
             clustered.append(memo.get(obj, cnp.parse))
         except netpol.Invalid as e:
-            problems.append(ir.PolicyProblem(obj.name, f"{e}: not enforced"))
+            problems.append(ir.PolicyProblem(obj.name, f"{e}: not enforced",
+                                             "ClusterNetworkPolicy", _uid(obj)))
     for c in clustered:
-        problems += [ir.PolicyProblem(c.name, m) for m in c.problems]
+        problems += [ir.PolicyProblem(c.name, m, "ClusterNetworkPolicy",
+                                      _uid(snapshot.get(kinds.CLUSTER_NETWORK_POLICY, "", c.name)))
+                     for m in c.problems]
     nodes = {o.name: o for o in snapshot.of_kind(kinds.NODE)}
 
     def node_addresses(selector: netpol.Selector) -> list[str]:
@@ -442,6 +446,11 @@ def _translate(snapshot: StoreSnapshot, node: str | None, identity_table: ids.Id
         ipcache=tuple(sorted(ipcache.values(), key=lambda e: _prefix_order(e.prefix))),
         endpoints=tuple(sorted(endpoints, key=lambda e: addressing.address_order(e.address))),
         problems=tuple(sorted(set(problems), key=lambda p: (p.policy, p.message))))
+
+
+def _uid(obj: KubeObject | None) -> str:
+    meta = obj.body.get("metadata") if obj is not None else None
+    return str(meta.get("uid") or "") if isinstance(meta, Mapping) else ""
 
 
 def _broken_selects(obj: KubeObject, labels: Mapping[str, str]) -> bool:
