@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from l4_latency import sockperf  # the script's directory is on the path, as for procstat
 
-from benchmarks.l4_latency import sockperf  # noqa: E402
-from mesh.lab import cluster  # noqa: E402
+from mesh.lab import cluster
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LAB = "polcost"
 POLICIES = 1000
