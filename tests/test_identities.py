@@ -178,3 +178,70 @@ def test_an_api_server_without_the_crd_is_said_not_installed(
                 await IdentityAllocator(http.call).allocate(labels)
 
     asyncio.run(main())
+
+
+def test_identities_no_pod_uses_are_named_for_collection() -> None:
+    from mesh.store.objects import parse_object
+    from mesh.store.store import Store
+    from mesh.translate.identities import translate_identities
+
+    web = ids.identity_labels("shop", {"app": "web"}, {})
+    old = ids.identity_labels("shop", {"app": "web", "version": "v1"}, {})
+    store = Store()
+    store.replace("test", [parse_object(d) for d in [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}},
+        {"apiVersion": "mesh.dev/v1alpha1", "kind": "MeshIdentity",
+         "metadata": {"name": "4242"}, "spec": {"labels": dict(web)}},
+        {"apiVersion": "mesh.dev/v1alpha1", "kind": "MeshIdentity",
+         "metadata": {"name": "4243"}, "spec": {"labels": dict(old)}},
+        # Not started yet (no address): its identity is still in use.
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"}},
+         "status": {"phase": "Pending"}}]])
+    assert translate_identities(store.snapshot()).unused == (4243,)
+
+
+@pytest.mark.e2e
+def test_the_leader_collects_identities_unused_for_the_grace_period(
+        control_plane: ControlPlane, tmp_path: Path) -> None:
+    """With the agent's token and RBAC: an identity unused for the grace period is deleted,
+    one used again before it is kept, and nothing is deleted while not leading."""
+    from mesh import ir
+    from mesh.kube.identities import IdentityCollector
+
+    cp = control_plane
+    install_crds(cp)
+    now = [0.0]
+    for n in (41000, 41001):
+        cp.request("POST", PATH, identity_object(n, (("app", f"gc{n}"),)))
+
+    async def main(kubeconfig: Path) -> tuple[int, int]:
+        async with connect(str(kubeconfig)) as http:
+            leading = [False]
+            gc = IdentityCollector(http.call, lambda: leading[0], None, grace=60, every=0.05,
+                                   clock=lambda: now[0])
+            task = asyncio.create_task(gc.run())
+            gc.apply(ir.IR(identities=ir.IdentityMap(unused=(41000, 41001))))
+            now[0] = 30.0
+            gc.apply(ir.IR(identities=ir.IdentityMap(unused=(41000,))))  # 41001 used again
+            now[0] = 61.0
+            gc.apply(ir.IR(identities=ir.IdentityMap(unused=(41000,))))
+            await asyncio.sleep(0.3)
+            not_leading = gc.deleted
+            leading[0] = True
+            gc.apply(ir.IR(identities=ir.IdentityMap(unused=(41000,))))
+            for _ in range(50):
+                if gc.deleted:
+                    break
+                await asyncio.sleep(0.1)
+            task.cancel()
+            return not_leading, gc.deleted
+
+    with agent_namespace(cp, "identity-gc", tmp_path / "kubeconfig") as kubeconfig:
+        try:
+            assert asyncio.run(main(kubeconfig)) == (0, 1)
+            assert cp.request("GET", f"{PATH}/41000")[0] == 404
+            assert cp.request("GET", f"{PATH}/41001")[0] == 200
+        finally:
+            for n in (41000, 41001):
+                cp.request("DELETE", f"{PATH}/{n}")

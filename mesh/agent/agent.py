@@ -34,7 +34,7 @@ from mesh.envoy.bootstrap import BootstrapConfig
 from mesh.envoy.supervisor import EnvoySupervisor
 from mesh.kube.client import connect
 from mesh.kube.events import PolicyEvents
-from mesh.kube.identities import IdentityAllocator
+from mesh.kube.identities import IdentityAllocator, IdentityCollector
 from mesh.kube.infrastructure import GatewayServiceWriter
 from mesh.kube.leader import LeaderElection
 from mesh.kube.meshnodes import MeshNodes
@@ -124,6 +124,7 @@ class Agent:
         generated: GatewayServiceWriter | None = None  # Kubernetes: what Gateways generate
         identities: IdentityAllocator | None = None  # Kubernetes: identities made
         events: PolicyEvents | None = None  # Kubernetes: Events on policies not enforced
+        collector: IdentityCollector | None = None  # Kubernetes: unused identities deleted
         source: Provider
         if cfg.kubernetes:
             kube = await opened.enter_async_context(connect(cfg.kubeconfig))
@@ -138,10 +139,11 @@ class Agent:
                 kube.call, kube.apply, meshnodes.may_write, election,
                 managed_by(cfg.translator.controller_name))
             events = PolicyEvents(kube.call, cfg.node_id, meshnodes.may_write, election)
+            collector = IdentityCollector(kube.call, meshnodes.may_write, election)
             source = provider
             writers.append(status)
             readiness.append(meshnodes)
-            components += [meshnodes, status, generated, identities, events,
+            components += [meshnodes, status, generated, identities, events, collector,
                            *([election] if election is not None else [])]
             self._kubernetes = _Kubernetes(provider, election, meshnodes)
         else:
@@ -155,6 +157,8 @@ class Agent:
             sinks.append(identities)
         if events is not None:
             sinks.append(events)
+        if collector is not None:
+            sinks.append(collector)
         if cfg.datapath_cgroup is not None:
             # Imported only with a datapath: it needs bcc and the kernel's BPF.
             from mesh.sinks.datapath import DatapathSink

@@ -17,6 +17,9 @@ class IdentityMap:
 
     endpoints: tuple[tuple[str, int], ...] = ()
     missing: tuple[Labels, ...] = ()
+    # The identities whose label set no pod has (any more): the leader collects them once
+    # they stay unused long enough.
+    unused: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,9 @@ def cluster_rules() -> list[dict[str, list[str]]]:
     rules.append({"apiGroups": [ENDPOINT_SLICES.group], "resources": [ENDPOINT_SLICES.plural],
                   "verbs": ["create", "patch", "delete"]})
     # Security identities (mesh/kube/identities.py): made by whoever sees a label set first,
-    # read after a create finds the number taken.
+    # read after a create finds the number taken, deleted by the leader once unused.
     rules.append({"apiGroups": [MESH_IDENTITIES.group], "resources": [MESH_IDENTITIES.plural],
-                  "verbs": ["get", "create"]})
+                  "verbs": ["get", "create", "delete"]})
     # Warning Events on NetworkPolicies not enforced as written (mesh/kube/events.py): looked
     # for first, so that a new leader does not repeat them.
     rules.append({"apiGroups": [EVENTS.group], "resources": [EVENTS.plural],

@@ -1,6 +1,6 @@
 """Pods to security identities (mesh/policy/identities.py): each pod's label set looked up
 among the MeshIdentity objects the store holds; the label sets without one are named for the
-sink that creates them."""
+sink that creates them, and the identities no pod uses for the one that collects them."""
 
 from __future__ import annotations
 
@@ -33,15 +33,20 @@ def translate_identities(snapshot: StoreSnapshot,
     namespaces = {o.name: o.labels for o in snapshot.of_kind(kinds.NAMESPACE)}
     endpoints: dict[str, int] = {}
     missing: set[ir.Labels] = set()
+    used: set[int] = set()
     for pod in snapshot.of_kind(kinds.POD):
         status = pod.body.get("status")
         done = isinstance(status, Mapping) and status.get("phase") in ("Succeeded", "Failed")
-        addresses = [] if done else model.pod_ips(status)
-        if not addresses:
+        if done:
             continue
         labels = ids.identity_labels(pod.namespace, pod.labels,
                                      namespaces.get(pod.namespace, {}))
         number = table.find(labels)
+        if number is not None:
+            used.add(number)  # also a pod not started yet: its identity is kept
+        addresses = model.pod_ips(status)
+        if not addresses:
+            continue
         if number is None:
             missing.add(labels)
             continue
@@ -50,4 +55,5 @@ def translate_identities(snapshot: StoreSnapshot,
     return ir.IdentityMap(
         endpoints=tuple(sorted(endpoints.items(),
                                key=lambda e: addressing.address_order(e[0]))),
-        missing=tuple(sorted(missing)))
+        missing=tuple(sorted(missing)),
+        unused=tuple(sorted(set(table.by_number) - used)))
