@@ -168,6 +168,9 @@ def status(name: str | None, output: str) -> None:
     if state.get("host_address"):
         console.print(f"The host is {state['host_address']} on the underlay: NodePorts and "
                       "Gateways answer on the nodes' addresses.")
+    if state.get("pool"):
+        console.print(f"Gateways without addresses get one of {state['pool']}, routed from "
+                      "the host to the nodes.")
 
 
 @lab.command()
