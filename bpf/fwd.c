@@ -60,26 +60,29 @@ static __always_inline struct ipcache_info policy_peer(__be32 address)
 	return out;
 }
 
-/* Whether `endpoint`'s policy allows `peer` in `direction` to the destination port. */
+/* Whether `endpoint`'s NetworkPolicies (and MeshNetworkPolicies) allow `peer` in `direction`
+ * to the destination port: 0 no; 1 yes; above 1, yes through the node's Envoy (L7 rules) on
+ * that listener port. An allow without L7 rules, found by any of the lookups, wins. */
 static __always_inline int policy_allows(__be32 endpoint, __u8 direction,
 					 struct ipcache_info *peer, __u8 proto, __be16 dport)
 {
 	struct policy_key k = { .prefixlen = 96, .endpoint = endpoint, .direction = direction,
 				.proto = proto, .dport = dport };
-	struct policy_entry *e;
-	k.identity = peer->identity;
-	e = mesh_policy.lookup(&k);
-	if (e && (e->flags & MESH_POLICY_ALLOW))
-		return 1;
-	if (peer->cidr_identity) {
-		k.identity = peer->cidr_identity;
-		e = mesh_policy.lookup(&k);
-		if (e && (e->flags & MESH_POLICY_ALLOW))
+	__u32 ids[3] = { peer->identity, peer->cidr_identity, MESH_ID_ANY };
+	int verdict = 0;
+#pragma unroll
+	for (int i = 0; i < 3; i++) {
+		if (i == 1 && !ids[1])
+			continue;
+		k.identity = ids[i];
+		struct policy_entry *e = mesh_policy.lookup(&k);
+		if (!e || !(e->flags & MESH_POLICY_ALLOW))
+			continue;
+		if (!e->proxy_port)
 			return 1;
+		verdict = bpf_ntohs(e->proxy_port);
 	}
-	k.identity = MESH_ID_ANY;
-	e = mesh_policy.lookup(&k);
-	return e && (e->flags & MESH_POLICY_ALLOW);
+	return verdict;
 }
 
 /* A tier's action for a flow (0: no entry), the lowest precedence of the three lookups. The
@@ -156,7 +159,8 @@ static __always_inline int policy_decide(struct policy_endpoint *ep, __be32 loca
 }
 
 /* The local pod's side of a flow: `local` is the pod, `direction` what the packet is for it
- * (INGRESS: the pod receives it). Returns 1 to pass, 0 to drop (counted). */
+ * (INGRESS: the pod receives it). Returns 0 to drop (counted), 1 to pass, above 1 to hand
+ * the packet to the node's Envoy on that port (L7 rules). */
 static __always_inline int policy_check(struct flow4 *f, __u8 direction)
 {
 	__be32 local = direction == MESH_POLICY_INGRESS ? f->daddr : f->saddr;
@@ -188,13 +192,14 @@ static __always_inline int policy_check(struct flow4 *f, __u8 direction)
 	}
 	int ok;
 	if (ct && ct->revision == revision) {
-		ok = ct->allowed;
+		ok = !ct->allowed ? 0 : ct->proxy_port ? bpf_ntohs(ct->proxy_port) : 1;
 	} else {
 		struct ipcache_info peer = policy_peer(remote);
 		ok = policy_decide(ep, local, decide_dir, &peer, f->proto, decide_port);
 		if (ct || ok) {
 			/* A new flow denied leaves no entry: nothing to keep for it. */
-			struct policy_ct_entry fresh = { .revision = revision, .allowed = ok };
+			struct policy_ct_entry fresh = { .revision = revision, .allowed = ok != 0,
+							 .proxy_port = ok > 1 ? bpf_htons(ok) : 0 };
 			mesh_policy_ct.update(&ck, &fresh);
 			policy_count(ct ? MESH_POLICY_REDECIDED : MESH_POLICY_NEW);
 		}
@@ -204,7 +209,8 @@ static __always_inline int policy_check(struct flow4 *f, __u8 direction)
 	if (!ok)
 		policy_count(decide_dir == MESH_POLICY_INGRESS ? MESH_DROP_INGRESS
 							       : MESH_DROP_EGRESS);
-	return ok;
+	/* Through Envoy is for what the destination receives (a reply it sends is Envoy's). */
+	return ok > 1 && direction != MESH_POLICY_INGRESS ? 1 : ok;
 }
 
 /* The policy of the pod at one end of this packet (`direction`: what the packet is for that
@@ -217,6 +223,47 @@ static __always_inline int policy_pass(struct __sk_buff *skb, __u8 direction)
 	return policy_check(&f, direction);
 }
 
+#define MESH_LOOPBACK 0x7f000001
+
+/* A TCP packet for a pod whose ingress policy has L7 rules for it: to the node Envoy's
+ * socket of its connection, or for a new connection to the policy listener on
+ * loopback:port; the packet is not rewritten, so Envoy sees the client and the pod as the
+ * connection's ends. No listener (Envoy down): dropped, the client's SYN retries. */
+static __always_inline int to_policy_proxy(struct __sk_buff *skb, int port)
+{
+	struct flow4 f = {};
+	if (!flow4_parse(skb, &f) || f.proto != IPPROTO_TCP)
+		return TC_ACT_SHOT;
+	struct bpf_sock_tuple t = {};
+	t.ipv4.saddr = f.saddr;
+	t.ipv4.daddr = f.daddr;
+	t.ipv4.sport = f.sport;
+	t.ipv4.dport = f.dport;
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (sk && sk->state == BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		sk = 0;
+	}
+	if (!sk) {
+		t.ipv4.daddr = bpf_htonl(MESH_LOOPBACK);
+		t.ipv4.dport = bpf_htons(port);
+		sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+		if (!sk)
+			return TC_ACT_SHOT;
+		if (sk->state != BPF_TCP_LISTEN) {
+			bpf_sk_release(sk);
+			return TC_ACT_SHOT;
+		}
+	}
+	long err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return TC_ACT_SHOT;
+	skb->mark = MESH_MARK_TO_PROXY;
+	count(STAT_PROXY);
+	return TC_ACT_OK;
+}
+
 /* To a pod of this node, straight into its namespace (if its ingress policy lets the packet
  * in); else to the kernel. */
 static __always_inline int to_local_pod(struct __sk_buff *skb, __be32 daddr)
@@ -226,8 +273,11 @@ static __always_inline int to_local_pod(struct __sk_buff *skb, __be32 daddr)
 		count(STAT_KERNEL);
 		return TC_ACT_OK; /* a pod's own packet back to it: mesh_to_pod decides */
 	}
-	if (!policy_pass(skb, MESH_POLICY_INGRESS))
+	int verdict = policy_pass(skb, MESH_POLICY_INGRESS);
+	if (!verdict)
 		return TC_ACT_SHOT;
+	if (verdict > 1)
+		return to_policy_proxy(skb, verdict);
 	if (bpf_skb_store_bytes(skb, 0, ep->pod_mac, ETH_ALEN, 0) < 0 ||
 	    bpf_skb_store_bytes(skb, ETH_ALEN, ep->host_mac, ETH_ALEN, 0) < 0)
 		return TC_ACT_SHOT;
@@ -256,8 +306,6 @@ static __always_inline int reverse_nat(struct __sk_buff *skb, struct flow4 *f,
 	count(STAT_NODEPORT);
 	return flow4_redirect_fib(skb, f);
 }
-
-#define MESH_LOOPBACK 0x7f000001
 
 /* Hand a TCP packet sent to a Service frontend to the node's Envoy: to the socket of its
  * connection if Envoy has one (also once the Service lost its L7 configuration: its
@@ -345,7 +393,9 @@ int mesh_from_pod(struct __sk_buff *skb)
  * pod's ingress policy. */
 int mesh_to_pod(struct __sk_buff *skb)
 {
-	return policy_pass(skb, MESH_POLICY_INGRESS) ? TC_ACT_OK : TC_ACT_SHOT;
+	/* Here (tc egress) a flow cannot be handed to Envoy: one with L7 rules is dropped rather
+	 * than let through unchecked (the kernel path carries none but the host's own). */
+	return policy_pass(skb, MESH_POLICY_INGRESS) == 1 ? TC_ACT_OK : TC_ACT_SHOT;
 }
 
 /* A new flow to an external frontend: its backend (Maglev or random), or 0. */

@@ -119,7 +119,8 @@ def test_crds_are_the_projects_own() -> None:
     follows the links."""
     with helm.Chart.load(CHART_DIR) as chart:
         crds = {Path(c["name"]).name: c["data"] for c in chart.crds}
-    assert set(crds) == {"meshidentity.yaml", "meshnode.yaml", "trafficpolicy.yaml"}
+    assert set(crds) == {"meshidentity.yaml", "meshnetworkpolicy.yaml", "meshnode.yaml",
+                         "trafficpolicy.yaml"}
     for file, data in crds.items():
         link = CHART_DIR / "crds" / file
         assert link.is_symlink()
@@ -173,7 +174,7 @@ def test_manifests_validate(name: str) -> None:
         except kubernetes_validate.ValidationError as e:
             path = ".".join(str(p) for p in e.path)
             pytest.fail(f"{m.source} ({m.kind}): {path}: {e.message}")
-    want = ["CustomResourceDefinition"] * 3 + ["Namespace",
+    want = ["CustomResourceDefinition"] * 4 + ["Namespace",
             "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
             "DaemonSet", "IngressClass"]
     if VALUE_SETS[name].get("gatewayClass", {}).get("create", True):
@@ -360,11 +361,12 @@ def test_install_dry_run_is_a_yaml_stream_crds_first(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     docs = [d for d in yaml.safe_load_all(result.output) if d is not None]
     kinds = [d["kind"] for d in docs]
-    assert kinds[:4] == ["CustomResourceDefinition"] * 3 + ["Namespace"]
-    assert "CustomResourceDefinition" not in kinds[3:]
-    assert {d["metadata"]["name"] for d in docs[:3]} == {
-        "meshidentities.mesh.dev", "meshnodes.mesh.dev", "trafficpolicies.mesh.dev"}
-    assert docs[3]["metadata"] == {"name": "net", "labels": {
+    assert kinds[:5] == ["CustomResourceDefinition"] * 4 + ["Namespace"]
+    assert "CustomResourceDefinition" not in kinds[4:]
+    assert {d["metadata"]["name"] for d in docs[:4]} == {
+        "meshidentities.mesh.dev", "meshnetworkpolicies.mesh.dev", "meshnodes.mesh.dev",
+        "trafficpolicies.mesh.dev"}
+    assert docs[4]["metadata"] == {"name": "net", "labels": {
         "pod-security.kubernetes.io/enforce": "privileged"}}
     ds = next(d for d in docs if d["kind"] == "DaemonSet")
     assert ds["metadata"] == {**ds["metadata"], "name": "edge-agent", "namespace": "net"}

@@ -99,7 +99,8 @@ def install_crds(cp: ControlPlane) -> None:
     if cp.state_dir in _CRDS_IN:
         return
     for crd in [*gateway_api_crds(), ROOT / "gateway-api" / "trafficpolicy.yaml",
-                ROOT / "gateway-api" / "meshnode.yaml", ROOT / "gateway-api" / "meshidentity.yaml"]:
+                ROOT / "gateway-api" / "meshnode.yaml", ROOT / "gateway-api" / "meshidentity.yaml",
+                ROOT / "gateway-api" / "meshnetworkpolicy.yaml"]:
         cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
     cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                "crd/httproutes.gateway.networking.k8s.io", "crd/gateways.gateway.networking.k8s.io",

@@ -80,7 +80,7 @@ struct policy_key {
 struct policy_entry {
 	__u8 flags;          /* MESH_POLICY_ALLOW */
 	__u8 pad;
-	__be16 proxy_port;   /* reserved: an L7 rule's listener */
+	__be16 proxy_port;   /* L7 rules apply: the node Envoy's policy listener; 0: none */
 };
 
 #define MESH_POLICY_ALLOW 0x1
@@ -113,7 +113,8 @@ struct policy_ct_key {
 struct policy_ct_entry {
 	__u32 revision;      /* the policy revision the verdict was taken under */
 	__u8 allowed;        /* the verdict: 0 drops the flow's packets both ways */
-	__u8 pad[3];
+	__u8 pad;
+	__be16 proxy_port;   /* allowed through the node's Envoy (L7 rules) on this port; 0: not */
 };
 
 /* Address -> identity (pods of every node, nodes, CIDRs of policies). */

@@ -120,7 +120,7 @@ class PolicyCtKey(ctypes.Structure):
 
 class PolicyCtEntry(ctypes.Structure):
     _fields_ = [("revision", ctypes.c_uint32), ("allowed", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8 * 3)]
+                ("pad", ctypes.c_uint8), ("proxy_port", ctypes.c_uint16)]
 
 
 class TierEntry(ctypes.Structure):

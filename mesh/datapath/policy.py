@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import ipaddress
 import logging
+import socket
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -78,11 +79,16 @@ def entry_keys(address: str, direction: str, identity: int, protocol: str | None
             for p, bits in port_prefixes(port, end_port or port)]
 
 
-def policy_keys(e: ir.EndpointPolicy) -> set[PolicyKeyT]:
-    """The LPM keys of an endpoint's allowed entries."""
-    return {k for a in e.allow
-            for k in entry_keys(e.address, a.direction, a.identity, a.protocol, a.port,
-                                a.end_port)}
+def policy_keys(e: ir.EndpointPolicy, proxy_port: int = 0) -> dict[PolicyKeyT, int]:
+    """The LPM keys of an endpoint's allowed entries, with the proxy port of those with L7
+    rules (0: none; an allow of the same key without L7 rules wins)."""
+    out: dict[PolicyKeyT, int] = {}
+    for a in e.allow:
+        port = proxy_port if a.proxy else 0
+        for k in entry_keys(e.address, a.direction, a.identity, a.protocol, a.port,
+                            a.end_port):
+            out[k] = min(out.get(k, port), port)
+    return out
 
 
 def tier_keys(e: ir.EndpointPolicy, tier: str) -> dict[PolicyKeyT, tuple[int, int]]:
@@ -124,7 +130,7 @@ class PolicyReconciler:
         self.host_addresses = frozenset(host_addresses)
         self.ipcache_written: dict[str, IpcacheValue] = {}
         self.endpoints_written: dict[str, tuple[int, int]] = {}  # address -> (identity, flags)
-        self.policy_written: set[PolicyKeyT] = set()
+        self.policy_written: dict[PolicyKeyT, int] = {}  # key -> proxy port
         # ClusterNetworkPolicy tiers ("admin", "baseline"): their maps and what they hold
         self.tiers = dict(tiers or {})
         self.tiers_written: dict[str, dict[PolicyKeyT, tuple[int, int]]] = {
@@ -145,8 +151,8 @@ class PolicyReconciler:
                 self.endpoints_written[address_of(int(k.value))] = (int(v.identity),
                                                                      int(v.flags))
         with contextlib.suppress(Exception):
-            for k, _ in self.policy.items():
-                self.policy_written.add(_key_of(k))
+            for k, v in self.policy.items():
+                self.policy_written[_key_of(k)] = socket.ntohs(int(v.proxy_port))
         for tier, table in self.tiers.items():
             with contextlib.suppress(Exception):
                 for k, v in table.items():
@@ -176,10 +182,10 @@ class PolicyReconciler:
                                  | (EP_BASELINE if any(t.tier == "baseline" for t in e.tiers)
                                     else 0))
                      for e in state.endpoints}
-        keys: set[PolicyKeyT] = set()
+        keys: dict[PolicyKeyT, int] = {}
         tiers: dict[str, dict[PolicyKeyT, tuple[int, int]]] = {t: {} for t in self.tiers}
         for e in state.endpoints:
-            keys |= policy_keys(e)
+            keys.update(policy_keys(e, state.proxy_port))
             for tier, wanted in tiers.items():
                 wanted.update(tier_keys(e, tier))
         before = self.writes
@@ -189,11 +195,12 @@ class PolicyReconciler:
                                                                  cidr_identity=cidr)
                 self.ipcache_written[prefix] = (identity, cidr)
                 self.writes += 1
-        allow = PolicyEntry(flags=POLICY_ALLOW)
-        for k in keys - self.policy_written:
-            self.policy[_policy_key(k)] = allow
-            self.policy_written.add(k)
-            self.writes += 1
+        for k, proxy in keys.items():
+            if self.policy_written.get(k) != proxy:
+                self.policy[_policy_key(k)] = PolicyEntry(flags=POLICY_ALLOW,
+                                                          proxy_port=be16(proxy))
+                self.policy_written[k] = proxy
+                self.writes += 1
         for tier, wanted in tiers.items():
             written = self.tiers_written[tier]
             for k, (action, precedence) in wanted.items():
@@ -213,10 +220,10 @@ class PolicyReconciler:
                 del self.endpoints[ctypes.c_uint32(be32(address))]
             del self.endpoints_written[address]
             self.writes += 1
-        for k in self.policy_written - keys:
+        for k in [k for k in self.policy_written if k not in keys]:
             with contextlib.suppress(KeyError):
                 del self.policy[_policy_key(k)]
-            self.policy_written.discard(k)
+            del self.policy_written[k]
             self.writes += 1
         for tier, wanted in tiers.items():
             written = self.tiers_written[tier]

@@ -42,6 +42,10 @@ class PolicyAllow:
     protocol: str | None = None  # TCP | UDP | SCTP
     port: int | None = None
     end_port: int | None = None
+    # L7 rules apply (a MeshNetworkPolicy's HTTP or gRPC rules): the flow goes to the node's
+    # Envoy (NetworkPolicies.proxy_port), which enforces them. An allow of the same peer and
+    # port without L7 rules wins: the flow is not redirected.
+    proxy: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,35 @@ class PolicyProblem:
 
 
 @dataclass(frozen=True)
+class L7Rule:
+    """A request an L7 rule lets through."""
+
+    method: str | None = None
+    path: str | None = None  # a regular expression the whole path matches
+    host: str | None = None
+    headers: tuple[tuple[str, str | None], ...] = ()  # (name, value; None: present)
+
+
+@dataclass(frozen=True)
+class L7Group:
+    """Clients (their addresses) that the same L7 rules apply to, at one pod's port."""
+
+    sources: tuple[str, ...]  # CIDRs
+    rules: tuple[L7Rule, ...]
+    policies: tuple[str, ...]  # namespace/name of the policies the rules come from
+
+
+@dataclass(frozen=True)
+class L7Target:
+    """A pod of this node's port whose clients' requests the node's Envoy checks."""
+
+    address: str
+    port: int
+    groups: tuple[L7Group, ...]
+    http2: bool = False  # gRPC rules: the pod speaks HTTP/2 (h2c)
+
+
+@dataclass(frozen=True)
 class NetworkPolicies:
     """The datapath's policy state for one node: the ipcache (sorted by prefix) and this node's
     pods (sorted by address)."""
@@ -97,3 +130,5 @@ class NetworkPolicies:
     ipcache: tuple[IpcacheEntry, ...] = ()
     endpoints: tuple[EndpointPolicy, ...] = ()
     problems: tuple[PolicyProblem, ...] = ()
+    l7: tuple[L7Target, ...] = ()
+    proxy_port: int = 0  # the node Envoy's policy listener (0: no L7 rule anywhere)

@@ -84,6 +84,7 @@ def resources(node_name: str | None) -> list[Resource]:
                  "XBackendTrafficPolicy"),
         Resource("mesh.dev", "v1alpha1", "trafficpolicies", "TrafficPolicy"),
         MESH_IDENTITIES,
+        Resource("mesh.dev", "v1alpha1", "meshnetworkpolicies", "MeshNetworkPolicy"),
     ]
     missing = kinds.KINDS - {r.group_kind for r in out}
     assert not missing, f"kinds the store holds without a resource to watch: {missing}"
@@ -97,4 +98,4 @@ STATUS_KINDS = frozenset({
     kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE, kinds.TCP_ROUTE, kinds.UDP_ROUTE,
     kinds.BACKEND_TLS_POLICY,
     kinds.X_BACKEND_TRAFFIC_POLICY, kinds.TRAFFIC_POLICY, kinds.INGRESS,
-    kinds.CLUSTER_NETWORK_POLICY})
+    kinds.CLUSTER_NETWORK_POLICY, kinds.MESH_NETWORK_POLICY})

@@ -31,13 +31,16 @@ from typing import Any
 from mesh import ir
 from mesh.policy import clusternetworkpolicy as cnp
 from mesh.policy import identities as ids
+from mesh.policy import meshnetworkpolicy as mnp
 from mesh.policy import networkpolicy as netpol
 from mesh.store import kinds
 from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate import addressing, model
 from mesh.translate.cluster_network_policy import pod_tiers
+from mesh.translate.status import ClassStatus, Conditions, Reason, Type, condition
 
+POLICY_PORT = 15002  # the node Envoy's listener for flows with L7 policy rules
 CIDR_FIRST = 1 << 24  # CIDR identities: 2^24 .. 2^25-1 (Cilium's local scope starts there)
 CIDR_SPAN = 1 << 24
 # containerPort name -> the (port, protocol) pairs it names
@@ -295,6 +298,33 @@ class _Compiler:
             holders = (peer_id,)
         return {found for h in holders for found in self.named.get(h, {}).get(name, ())}
 
+    def mesh_peer_identities(self, rule: mnp.Rule, policy_ns: str) -> list[int]:
+        """The identities a MeshNetworkPolicy rule's peers hold."""
+        if rule.any_peer:
+            return [ids.ANY]
+        out: set[int] = set()
+        for sel in rule.endpoints:
+            out.update(self.peer_identities(netpol.Peer(pods=sel), policy_ns))
+        for sel in rule.namespaces:
+            out.update(self.peer_identities(netpol.Peer(namespaces=sel), policy_ns))
+        for text in rule.cidrs:
+            if ipaddress.ip_network(text).version == 4:
+                net = ipaddress.IPv4Network(text)
+                out.update(n for c, n in self.cidrs.items() if c.subnet_of(net))
+        for entity in rule.entities:
+            if entity == "all":
+                out.add(ids.ANY)
+            elif entity == "world":
+                out.add(ids.WORLD)
+            elif entity == "host":
+                out.add(ids.HOST)
+            elif entity == "remote-node":
+                out.add(ids.REMOTE_NODE)
+            else:  # cluster: every pod, the nodes
+                out.update(self.identities)
+                out.update((ids.HOST, ids.REMOTE_NODE, ids.UNMANAGED))
+        return sorted(out)
+
     def cnp_peer_identities(self, peer: cnp.Peer,
                             node_addresses: Callable[[netpol.Selector], list[str]]
                             ) -> list[int]:
@@ -369,6 +399,22 @@ def _translate(snapshot: StoreSnapshot, node: str | None, identity_table: ids.Id
                         continue
                     nets.add(ipaddress.IPv4Network(net))
                     nets.update(ipaddress.IPv4Network(e) for e in peer.except_)
+    meshes: list[mnp.MeshNetworkPolicy] = []
+    for obj in snapshot.of_kind(kinds.MESH_NETWORK_POLICY):
+        try:
+            meshes.append(memo.get(obj, mnp.parse))
+        except netpol.Invalid as e:
+            broken.append((obj, str(e)))
+            problems.append(ir.PolicyProblem(
+                f"{obj.namespace}/{obj.name}", f"{e}: the pods it selects are isolated both "
+                "ways and it allows nothing", "MeshNetworkPolicy", _uid(obj)))
+    for m in meshes:
+        problems += [ir.PolicyProblem(f"{m.namespace}/{m.name}", msg, "MeshNetworkPolicy")
+                     for msg in m.problems]
+        for mesh_rules in (m.ingress or (), m.egress or ()):
+            for mesh_rule in mesh_rules:
+                nets.update(ipaddress.IPv4Network(c) for c in mesh_rule.cidrs
+                            if ipaddress.ip_network(c).version == 4)
     clustered: list[cnp.ClusterNetworkPolicy] = []
     for obj in snapshot.of_kind(kinds.CLUSTER_NETWORK_POLICY):
         try:
@@ -414,6 +460,8 @@ def _translate(snapshot: StoreSnapshot, node: str | None, identity_table: ids.Id
             cidr_of(ipaddress.IPv4Address(pod.address), cidrs))
 
     endpoints = []
+    # (pod address, port) -> peer identity -> (its HTTP rules, the policies they come from)
+    l7: dict[tuple[str, int], dict[int, tuple[set[mnp.HTTPRule], set[str]]]] = {}
     for pod in pods:
         if not pod.local:
             continue
@@ -430,6 +478,27 @@ def _translate(snapshot: StoreSnapshot, node: str | None, identity_table: ids.Id
                 names.add(f"{p.namespace}/{p.name}")
                 for r in maybe:
                     allow |= compiler.allows(direction, r, p.namespace, pod.ports)
+        for m in meshes:
+            if m.namespace != pod.namespace or not m.selector.matches(pod.labels):
+                continue
+            for direction, maybe_rules in (("ingress", m.ingress), ("egress", m.egress)):
+                if maybe_rules is None:
+                    continue
+                isolated[direction] = True
+                names.add(f"{m.namespace}/{m.name}")
+                for mesh_rule in maybe_rules:
+                    for peer_id in compiler.mesh_peer_identities(mesh_rule, m.namespace):
+                        if not mesh_rule.ports:
+                            allow.add(ir.PolicyAllow(direction, peer_id))
+                        for pr in mesh_rule.ports:
+                            allow.add(ir.PolicyAllow(direction, peer_id, pr.protocol, pr.port,
+                                                     pr.end_port, proxy=pr.l7))
+                            if pr.l7 and pr.port is not None:
+                                l7.setdefault((pod.address, pr.port), {}).setdefault(
+                                    peer_id, (set(), set()))
+                                rules_, from_ = l7[(pod.address, pr.port)][peer_id]
+                                rules_.update(pr.http)
+                                from_.add(f"{m.namespace}/{m.name}")
         for obj, _ in broken:
             if obj.namespace == pod.namespace and _broken_selects(obj, pod.labels):
                 isolated = {"ingress": True, "egress": True}
@@ -442,10 +511,46 @@ def _translate(snapshot: StoreSnapshot, node: str | None, identity_table: ids.Id
             pod.address, pod.identity, isolated["ingress"], isolated["egress"],
             tuple(sorted(allow, key=_allow_order)), tuple(sorted(names)), tuple(tiers),
             tuple(tier_rules)))
+    targets = _l7_targets(l7, ipcache, cidrs)
     return ir.NetworkPolicies(
         ipcache=tuple(sorted(ipcache.values(), key=lambda e: _prefix_order(e.prefix))),
         endpoints=tuple(sorted(endpoints, key=lambda e: addressing.address_order(e.address))),
-        problems=tuple(sorted(set(problems), key=lambda p: (p.policy, p.message))))
+        problems=tuple(sorted(set(problems), key=lambda p: (p.policy, p.message))),
+        l7=targets, proxy_port=POLICY_PORT if targets else 0)
+
+
+def _l7_targets(l7: Mapping[tuple[str, int], Mapping[int, tuple[set[mnp.HTTPRule], set[str]]]],
+                ipcache: Mapping[str, ir.IpcacheEntry],
+                cidrs: Mapping[ipaddress.IPv4Network, int]) -> tuple[ir.L7Target, ...]:
+    """What the node's Envoy checks: per pod and port, the clients (by address) that the same
+    rules apply to. An identity's addresses are the ipcache's; a CIDR identity's, its CIDR;
+    any peer and the world, every address (a more specific group wins in Envoy)."""
+    by_identity: dict[int, list[str]] = {}
+    for e in ipcache.values():
+        if e.prefix.endswith("/32"):
+            by_identity.setdefault(e.identity, []).append(e.prefix)
+    cidr_prefix = {n: str(c) for c, n in cidrs.items()}
+    out = []
+    for (address, port), peers in sorted(l7.items()):
+        groups: dict[frozenset[mnp.HTTPRule], tuple[set[str], set[str]]] = {}
+        for identity, (rules, policies) in peers.items():
+            if identity in (ids.ANY, ids.WORLD):
+                sources = ["0.0.0.0/0"]
+            elif identity in cidr_prefix:
+                sources = [cidr_prefix[identity]]
+            else:
+                sources = by_identity.get(identity, [])
+            srcs, names = groups.setdefault(frozenset(rules), (set(), set()))
+            srcs.update(sources)
+            names.update(policies)
+        out.append(ir.L7Target(address, port, tuple(
+            ir.L7Group(tuple(sorted(srcs, key=_prefix_order)),
+                       tuple(sorted((ir.L7Rule(r.method, r.path, r.host, r.headers)
+                                     for r in rules), key=repr)),
+                       tuple(sorted(names)))
+            for rules, (srcs, names) in sorted(groups.items(), key=lambda g: sorted(g[1][1]))
+            if srcs), any(r.grpc for rs, _ in peers.values() for r in rs)))
+    return tuple(out)
 
 
 def _uid(obj: KubeObject | None) -> str:
@@ -454,8 +559,9 @@ def _uid(obj: KubeObject | None) -> str:
 
 
 def _broken_selects(obj: KubeObject, labels: Mapping[str, str]) -> bool:
+    field = "endpointSelector" if obj.group_kind == kinds.MESH_NETWORK_POLICY else "podSelector"
     try:
-        return netpol.parse_selector(obj.spec.get("podSelector"), "").matches(labels)
+        return netpol.parse_selector(obj.spec.get(field), "").matches(labels)
     except netpol.Invalid:
         return True  # not even its selector: every pod of its namespace
 
@@ -467,3 +573,29 @@ def _allow_order(a: ir.PolicyAllow) -> tuple[str, int, str, int, int]:
 def _prefix_order(prefix: str) -> tuple[int, int]:
     net = ipaddress.IPv4Network(prefix)
     return (int(net.network_address), net.prefixlen)
+
+
+def mesh_network_policy_statuses(snapshot: StoreSnapshot) -> dict[ObjectKey, ClassStatus]:
+    """Each MeshNetworkPolicy's Accepted condition: True when enforced as written; False,
+    Invalid, when refused (the pods it selects are isolated both ways, nothing allowed);
+    False, UnsupportedValue, when a rule or port fails closed (what is not enforced yet)."""
+    out = {}
+    for obj in snapshot.of_kind(kinds.MESH_NETWORK_POLICY):
+        try:
+            parsed = mnp.parse(obj)
+        except netpol.Invalid as e:
+            c = condition(Type.ACCEPTED, False, Reason.INVALID,
+                          f"{e}; the pods it selects are isolated both ways and it allows "
+                          "nothing", obj.generation)
+        else:
+            if parsed.problems:
+                c = condition(Type.ACCEPTED, False, Reason.UNSUPPORTED_VALUE,
+                              "; ".join(parsed.problems)[:1024], obj.generation)
+            else:
+                c = condition(Type.ACCEPTED, True, Reason.ACCEPTED,
+                              "enforced by the datapath of the nodes of the pods it selects"
+                              + (" (HTTP and gRPC rules by their node's Envoy)"
+                                 if any(pr.l7 for r in parsed.ingress or () for pr in r.ports)
+                                 else ""), obj.generation)
+        out[obj.key] = ClassStatus(Conditions([c]))
+    return out

@@ -23,8 +23,13 @@ from mesh.translate.gateway.attachment import RouteOutcome
 from mesh.translate.gateway.translator import translate_gateway_api
 from mesh.translate.identities import identity_table, translate_identities
 from mesh.translate.ingress import translate_ingresses
-from mesh.translate.network_policy import ParseMemo, translate_network_policies
+from mesh.translate.network_policy import (
+    ParseMemo,
+    mesh_network_policy_statuses,
+    translate_network_policies,
+)
 from mesh.translate.policy_attachment import PolicyIndex
+from mesh.translate.policy_listener import policy_listener
 from mesh.translate.route_builder import RouteBuilder, VhostCache
 from mesh.translate.services import translate_services
 
@@ -54,7 +59,8 @@ class TranslationMemo:
 _NOT_IN_WORLD = frozenset({kinds.HTTP_ROUTE, kinds.GRPC_ROUTE, kinds.TLS_ROUTE,
                            kinds.TCP_ROUTE, kinds.UDP_ROUTE, kinds.MESH_IDENTITY,
                            kinds.ENDPOINT_SLICE, kinds.INGRESS, kinds.POD,
-                           kinds.NETWORK_POLICY, kinds.CLUSTER_NETWORK_POLICY})
+                           kinds.NETWORK_POLICY, kinds.CLUSTER_NETWORK_POLICY,
+                           kinds.MESH_NETWORK_POLICY})
 
 
 def _world(snapshot: StoreSnapshot, cfg: TranslatorConfig) -> tuple[Any, ...]:
@@ -98,22 +104,26 @@ def translate(snapshot: StoreSnapshot, cfg: TranslatorConfig | None = None,
         memo.hits += gateway_api.reused
         memo.misses = gateway_api.translated
         memo.vhosts = routes.vhosts
+    network_policies = translate_network_policies(
+        snapshot, cfg.node_name, identities,
+        memo.network_policies if memo is not None else None)
+    l7_listener, l7_tables, l7_backends = policy_listener(network_policies)
     return Translation(
         ir=ir.IR(
-            listeners=gateway_api.listeners + ingress.listeners,
-            route_tables=tuple(routes.tables()),
-            backends=tuple(routes.backends()),
+            listeners=gateway_api.listeners + ingress.listeners +
+            ((l7_listener,) if l7_listener is not None else ()),
+            route_tables=tuple(routes.tables()) + tuple(l7_tables),
+            backends=tuple(routes.backends()) + tuple(l7_backends),
             certificates=tuple(routes.certificates()),
             trust_bundles=tuple(ir.TrustBundle(k, v)
                                 for k, v in sorted(gateway_api.trust_bundles.items())),
             services=services,
             gateway_services=gateway_api.gateway_services,
             identities=translate_identities(snapshot, identities),
-            network_policies=translate_network_policies(
-                snapshot, cfg.node_name, identities,
-                memo.network_policies if memo is not None else None),
+            network_policies=network_policies,
         ),
         status={**gateway_api.status, **ingress.status,
-                **cluster_network_policy.statuses(snapshot)},
+                **cluster_network_policy.statuses(snapshot),
+                **mesh_network_policy_statuses(snapshot)},
         addresses=addresses,
     )
