@@ -13,8 +13,11 @@ In one run:
 
     python benchmarks/policy_cost.py [--quick]
 
-HTTP through the redirect with and without an L7 rule is not measured: L7 policy rules are not
-built yet (their keys are null). The last line printed is one JSON object with every figure.
+- HTTP request latency (wrk, paced, p50) from the client to an HTTP server pod through one
+  Envoy: the GAMMA redirect (an HTTPRoute on its Service: the client's node Envoy), then a
+  MeshNetworkPolicy HTTP rule (the server's node Envoy checks every request), side by side.
+
+The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from l4_latency import sockperf  # the script's directory is on the path, as for procstat
+from l7_latency import SERVER as HTTP_SERVER
+from l7_latency import wrk
 
 from mesh.lab import cluster
 
@@ -56,6 +62,32 @@ CLIENT = {
                              "command": ["sleep", "infinity"]}]}}
 
 
+WEB = {
+    "apiVersion": "v1", "kind": "Pod",
+    "metadata": {"name": "web", "namespace": "default", "labels": {"app": "web"}},
+    "spec": {"nodeSelector": {"kubernetes.io/hostname": f"{LAB}-node1"},
+             "containers": [{"name": "http", "image": "python",
+                             "command": [sys.executable, "-c", HTTP_SERVER],
+                             "ports": [{"name": "http", "containerPort": 8080}]}]}}
+# The Service a GAMMA route sends through the client's node Envoy (the redirect).
+ROUTED = [
+    {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "routed", "namespace": "default"},
+     "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80,
+                                                      "targetPort": "http"}]}},
+    {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+     "metadata": {"name": "routed", "namespace": "default"},
+     "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "routed", "port": 80}],
+              "rules": [{"backendRefs": [{"name": "routed", "port": 80}]}]}}]
+# An L7 rule on the web pod: the client's requests go through the web node's Envoy.
+L7_RULE = {
+    "apiVersion": "mesh.dev/v1alpha1", "kind": "MeshNetworkPolicy",
+    "metadata": {"name": "web-get", "namespace": "default"},
+    "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
+             "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "client"}}],
+                          "toPorts": [{"port": 8080, "http": [{"method": "GET",
+                                                               "path": "/.*"}]}]}]}}
+
+
 def policy(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": name, "namespace": "default"}, "spec": spec}
@@ -71,7 +103,8 @@ def egress_policy(allowed_app: str) -> dict[str, Any]:
     return policy("client-out", {"podSelector": {"matchLabels": {"app": "client"}},
                                  "policyTypes": ["Egress"], "egress": [
         {"to": [{"podSelector": {"matchLabels": {"app": allowed_app}}}],
-         "ports": [{"port": 11111}]}]})
+         "ports": [{"port": 11111}]},
+        {"to": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 8080}]}]})
 
 
 def bulk() -> list[dict[str, Any]]:
@@ -225,7 +258,7 @@ def main() -> None:
     try:
         state = cluster.read_state(LAB)
         assert state is not None
-        kubectl_apply(state, [SERVER, CLIENT])
+        kubectl_apply(state, [SERVER, CLIENT, WEB, *ROUTED])
         deadline = time.monotonic() + 120
         while True:
             state = cluster.read_state(LAB)
@@ -233,7 +266,7 @@ def main() -> None:
             pods = state.get("pods", {})
             if all(pods.get(f"default/{p}", {}).get("ready") or
                    pods.get(f"default/{p}", {}).get("phase") == "Running"
-                   for p in ("server", "client")) and pods["default/server"].get("ip"):
+                   for p in ("server", "client", "web")) and pods["default/server"].get("ip"):
                 break
             if time.monotonic() > deadline:
                 raise SystemExit("the benchmark's pods did not start")
@@ -242,6 +275,19 @@ def main() -> None:
         prefix = [sys.executable, "-m", "mesh.cli", "lab", "exec", "--name", LAB, "client", "--"]
         time.sleep(2)
         figures["rr_p50_us_no_policy"], _ = sockperf(prefix, server_ip, 11111, seconds)
+
+        # HTTP through one Envoy: the GAMMA redirect (the client's node), then an L7 policy
+        # rule (the web pod's node), side by side.
+        web_ip = pods["default/web"]["ip"]
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            redirect = wrk(LAB, "http://routed.default.svc.cluster.local/", seconds, work)
+            kubectl_apply(state, [L7_RULE])
+            time.sleep(3)
+            l7 = wrk(LAB, f"http://{web_ip}:8080/", seconds, work)
+        figures["http_p50_us_redirect"] = redirect["p50"]
+        figures["http_p50_us_l7_policy"] = l7["p50"]
+        figures["l7_policy_ratio"] = round(l7["p50"] / redirect["p50"], 3)
 
         node1 = Path(f"/run/mesh/lab/{LAB}/{LAB}-node1/agent")
         began = time.monotonic()
@@ -276,10 +322,6 @@ def main() -> None:
         figures["policy_update_ms_max"] = round(max(every), 1)
         figures["policy_update_ms_ingress"] = round(statistics.median(ingress), 1)
         figures["policy_update_ms_egress"] = round(statistics.median(egress), 1)
-        figures["http_p50_us_redirect"] = None
-        figures["http_p50_us_l7_policy"] = None
-        figures["l7_policy_ratio"] = None
-        figures["l7_note"] = "L7 policy rules are not built yet"
     finally:
         if prober is not None:
             prober.stop()
