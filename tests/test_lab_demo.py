@@ -35,9 +35,11 @@ for node in sys.argv[1:]:
     print(json.load(urllib.request.urlopen(r, timeout=5))["pod"].rsplit("-", 2)[0])
 """
         nodes = ["172.30.0.11", "172.30.0.12"]
+        # `lab up` returns once the pods run; the agents' first builds (every pod's identity
+        # made, on a machine busy with the other tests) may take longer than that.
         wait_until(lambda: mesh("lab", "exec", "--name", name, "client", "--",
                                 sys.executable, "-c", code, *nodes).returncode == 0,
-                   timeout=10, what="both Gateways answering")
+                   timeout=30, what="both Gateways answering")
         got = exec_in(name, "client", code, *nodes * 10)
         assert set(got) <= {"echo-v1", "echo-v2"} and got.count("echo-v1") >= 12, got
         # From the host, through either node's Gateway, to pods on both nodes.
