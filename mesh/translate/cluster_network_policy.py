@@ -22,7 +22,7 @@ from mesh.policy.networkpolicy import Invalid
 from mesh.store import kinds
 from mesh.store.objects import ObjectKey
 from mesh.store.store import StoreSnapshot
-from mesh.translate.status import ClassStatus, Conditions, Reason, Type, condition
+from mesh.translate.status import ClassStatus, policy_accepted
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 MAX_PORT = 65535
@@ -143,15 +143,9 @@ def statuses(snapshot: StoreSnapshot) -> dict[ObjectKey, ClassStatus]:
         try:
             parsed = cnp.parse(obj)
         except Invalid as e:
-            c = condition(Type.ACCEPTED, False, Reason.INVALID, f"{e}; not enforced",
-                          obj.generation)
-        else:
-            if parsed.problems:
-                c = condition(Type.ACCEPTED, False, Reason.UNSUPPORTED_VALUE,
-                              "; ".join(parsed.problems)[:1024], obj.generation)
-            else:
-                c = condition(Type.ACCEPTED, True, Reason.ACCEPTED,
-                              f"{parsed.tier} tier, priority {parsed.priority}: enforced by "
-                              "every node's datapath", obj.generation)
-        out[obj.key] = ClassStatus(Conditions([c]))
+            out[obj.key] = policy_accepted(obj.generation, f"{e}; not enforced", (), "")
+            continue
+        out[obj.key] = policy_accepted(
+            obj.generation, None, parsed.problems,
+            f"{parsed.tier} tier, priority {parsed.priority}: enforced by every node's datapath")
     return out

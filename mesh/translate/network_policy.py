@@ -38,7 +38,7 @@ from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate import addressing, model
 from mesh.translate.cluster_network_policy import pod_tiers
-from mesh.translate.status import ClassStatus, Conditions, Reason, Type, condition
+from mesh.translate.status import ClassStatus, policy_accepted
 
 POLICY_PORT = 15002  # the node Envoy's listener for flows with L7 policy rules
 CIDR_FIRST = 1 << 24  # CIDR identities: 2^24 .. 2^25-1 (Cilium's local scope starts there)
@@ -548,7 +548,8 @@ def _l7_targets(l7: Mapping[tuple[str, int], Mapping[int, tuple[set[mnp.HTTPRule
                        tuple(sorted((ir.L7Rule(r.method, r.path, r.host, r.headers)
                                      for r in rules), key=repr)),
                        tuple(sorted(names)))
-            for rules, (srcs, names) in sorted(groups.items(), key=lambda g: sorted(g[1][1]))
+            for rules, (srcs, names) in sorted(
+                groups.items(), key=lambda g: (sorted(g[1][1]), sorted(map(repr, g[0]))))
             if srcs), any(r.grpc for rs, _ in peers.values() for r in rs)))
     return tuple(out)
 
@@ -566,8 +567,8 @@ def _broken_selects(obj: KubeObject, labels: Mapping[str, str]) -> bool:
         return True  # not even its selector: every pod of its namespace
 
 
-def _allow_order(a: ir.PolicyAllow) -> tuple[str, int, str, int, int]:
-    return (a.direction, a.identity, a.protocol or "", a.port or 0, a.end_port or 0)
+def _allow_order(a: ir.PolicyAllow) -> tuple[str, int, str, int, int, bool]:
+    return (a.direction, a.identity, a.protocol or "", a.port or 0, a.end_port or 0, a.proxy)
 
 
 def _prefix_order(prefix: str) -> tuple[int, int]:
@@ -584,18 +585,13 @@ def mesh_network_policy_statuses(snapshot: StoreSnapshot) -> dict[ObjectKey, Cla
         try:
             parsed = mnp.parse(obj)
         except netpol.Invalid as e:
-            c = condition(Type.ACCEPTED, False, Reason.INVALID,
-                          f"{e}; the pods it selects are isolated both ways and it allows "
-                          "nothing", obj.generation)
-        else:
-            if parsed.problems:
-                c = condition(Type.ACCEPTED, False, Reason.UNSUPPORTED_VALUE,
-                              "; ".join(parsed.problems)[:1024], obj.generation)
-            else:
-                c = condition(Type.ACCEPTED, True, Reason.ACCEPTED,
-                              "enforced by the datapath of the nodes of the pods it selects"
-                              + (" (HTTP and gRPC rules by their node's Envoy)"
-                                 if any(pr.l7 for r in parsed.ingress or () for pr in r.ports)
-                                 else ""), obj.generation)
-        out[obj.key] = ClassStatus(Conditions([c]))
+            out[obj.key] = policy_accepted(
+                obj.generation, f"{e}; the pods it selects are isolated both ways and it "
+                "allows nothing", (), "")
+            continue
+        l7 = any(pr.l7 for r in parsed.ingress or () for pr in r.ports)
+        out[obj.key] = policy_accepted(
+            obj.generation, None, parsed.problems,
+            "enforced by the datapath of the nodes of the pods it selects"
+            + (" (HTTP and gRPC rules by their node's Envoy)" if l7 else ""))
     return out

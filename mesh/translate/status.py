@@ -84,6 +84,21 @@ def condition(type_: str, ok: bool, reason: str, message: str, generation: int) 
     return Condition(type_, ok, reason, message, generation)
 
 
+def policy_accepted(generation: int, refused: str | None, problems: tuple[str, ...],
+                    accepted: str) -> ClassStatus:
+    """A network policy's status: Accepted False/Invalid when refused (`refused`: why and what
+    is done instead), False/UnsupportedValue when parts of it fail closed (`problems`), else
+    True with `accepted`."""
+    if refused is not None:
+        c = condition(Type.ACCEPTED, False, Reason.INVALID, refused, generation)
+    elif problems:
+        c = condition(Type.ACCEPTED, False, Reason.UNSUPPORTED_VALUE,
+                      "; ".join(problems)[:1024], generation)
+    else:
+        c = condition(Type.ACCEPTED, True, Reason.ACCEPTED, accepted, generation)
+    return ClassStatus(Conditions([c]))
+
+
 class Conditions(list[Condition]):
     """A condition list, at most one condition per type."""
 
