@@ -7,8 +7,6 @@ the lab's datapath once it enforces policy; this checks the decisions it will be
 from __future__ import annotations
 
 import functools
-import ipaddress
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import yaml
 
 from mesh.policy import networkpolicy as np
 from mesh.store.objects import parse_object
+from tests.netpol import runner
 
 CASES = Path(__file__).resolve().parents[1].parent / "shared" / "netpol" / "cases.yaml"
 pytestmark = pytest.mark.skipif(not CASES.exists(), reason=f"{CASES} is not beside the "
@@ -37,23 +36,8 @@ def _ip(pod_id: str) -> str:
 
 
 def _fill(value: Any) -> Any:
-    """The placeholders of ipBlock cases, filled as the README says."""
-    if isinstance(value, dict):
-        return {k: _fill(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_fill(v) for v in value]
-    if not isinstance(value, str):
-        return value
-
-    def one(m: re.Match[str]) -> str:
-        kind, pod = m.group(1), m.group(2)
-        ip = _ip(pod)
-        if kind == "hostCIDR":
-            return f"{ip}/32"
-        if kind == "supernet4":
-            return str(ipaddress.ip_network(f"{ip}/4", strict=False))
-        return ip
-    return re.sub(r"\$\((hostCIDR|supernet4|podIP):([a-z]/[a-z])\)", one, value)
+    """The placeholders of ipBlock cases, filled as the README says (as the lab runner does)."""
+    return runner.fill(value, _ip)
 
 
 CASE_IDS = [c["id"] for c in _data()["reachability_cases"]] if CASES.exists() else []

@@ -20,7 +20,7 @@ from mesh.policy import clusternetworkpolicy as cnp
 from mesh.policy import identities as ids
 from mesh.policy.networkpolicy import Invalid
 from mesh.store import kinds
-from mesh.store.objects import ObjectKey
+from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate.status import ClassStatus, policy_accepted
 
@@ -134,14 +134,15 @@ def _pieces(rule: cnp.Rule, precedence: int, direction: str, identity: int,
     return out
 
 
-def statuses(snapshot: StoreSnapshot) -> dict[ObjectKey, ClassStatus]:
+def statuses(snapshot: StoreSnapshot, parse: Callable[[KubeObject], cnp.ClusterNetworkPolicy]
+             = cnp.parse) -> dict[ObjectKey, ClassStatus]:
     """Each ClusterNetworkPolicy's Accepted condition: True when every rule is enforced as
     written; False with the reason when it is refused (Invalid: nothing of it is enforced) or
     a peer fails closed (UnsupportedValue: what is enforced instead)."""
     out = {}
     for obj in snapshot.of_kind(kinds.CLUSTER_NETWORK_POLICY):
         try:
-            parsed = cnp.parse(obj)
+            parsed = parse(obj)
         except Invalid as e:
             out[obj.key] = policy_accepted(obj.generation, f"{e}; not enforced", (), "")
             continue

@@ -68,7 +68,9 @@ class _Pod:
 class ParseMemo:
     """Parsed NetworkPolicies, ClusterNetworkPolicies and identities kept between translations
     by the caller, by object and content version: with 1,000 policies, parsing them all again
-    for each change would cost more than the change. Only the current objects are kept."""
+    for each change would cost more than the change. Only the current objects are kept (those
+    asked for between `begin` and `end`); asked again after `end`, they are not parsed again
+    (the policies' statuses read them so)."""
 
     def __init__(self) -> None:
         self.parsed: dict[tuple[ObjectKey, str], Any] = {}
@@ -333,13 +335,18 @@ class _Compiler:
         if peer.nodes is None and not peer.networks:
             return self.peer_identities(
                 netpol.Peer(pods=peer.pods, namespaces=peer.namespaces), "")
-        texts = list(peer.networks)
-        if peer.nodes is not None:
-            texts += [f"{a}/32" for a in node_addresses(peer.nodes)]
-        nets = [ipaddress.IPv4Network(t) for t in texts
-                if ipaddress.ip_network(t).version == 4]
+        nets = cnp_networks(peer, node_addresses)
         return sorted(number for c, number in self.cidrs.items()
                       if any(c.subnet_of(n) for n in nets))
+
+
+def cnp_networks(peer: cnp.Peer, node_addresses: Callable[[netpol.Selector], list[str]]
+                 ) -> list[ipaddress.IPv4Network]:
+    """A ClusterNetworkPolicy peer's IPv4 networks: its `networks`, its nodes' addresses."""
+    texts = list(peer.networks)
+    if peer.nodes is not None:
+        texts += [f"{a}/32" for a in node_addresses(peer.nodes)]
+    return [ipaddress.IPv4Network(t) for t in texts if ipaddress.ip_network(t).version == 4]
 
 
 def cidr_of(address: ipaddress.IPv4Address, cidrs: Mapping[ipaddress.IPv4Network, int]
@@ -435,11 +442,7 @@ def _translate(snapshot: StoreSnapshot, node: str | None, identity_table: ids.Id
     for c in clustered:
         for rule in c.egress:
             for target in rule.peers:
-                texts = list(target.networks)
-                if target.nodes is not None:
-                    texts += [f"{a}/32" for a in node_addresses(target.nodes)]
-                nets.update(ipaddress.IPv4Network(t) for t in texts
-                            if ipaddress.ip_network(t).version == 4)
+                nets.update(cnp_networks(target, node_addresses))
     cidrs = cidr_identities(nets)
     identities = _identities(snapshot, memo)
     namespaces = {o.name: o.labels for o in snapshot.of_kind(kinds.NAMESPACE)}
@@ -576,14 +579,15 @@ def _prefix_order(prefix: str) -> tuple[int, int]:
     return (int(net.network_address), net.prefixlen)
 
 
-def mesh_network_policy_statuses(snapshot: StoreSnapshot) -> dict[ObjectKey, ClassStatus]:
+def mesh_network_policy_statuses(snapshot: StoreSnapshot, memo: ParseMemo | None = None
+                                 ) -> dict[ObjectKey, ClassStatus]:
     """Each MeshNetworkPolicy's Accepted condition: True when enforced as written; False,
     Invalid, when refused (the pods it selects are isolated both ways, nothing allowed);
     False, UnsupportedValue, when a rule or port fails closed (what is not enforced yet)."""
     out = {}
     for obj in snapshot.of_kind(kinds.MESH_NETWORK_POLICY):
         try:
-            parsed = mnp.parse(obj)
+            parsed = (memo or ParseMemo()).get(obj, mnp.parse)
         except netpol.Invalid as e:
             out[obj.key] = policy_accepted(
                 obj.generation, f"{e}; the pods it selects are isolated both ways and it "

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mesh import ir
+from mesh.policy import clusternetworkpolicy as cnp
 from mesh.store import kinds
 from mesh.store.objects import ObjectKey
 from mesh.store.store import StoreSnapshot
@@ -104,9 +105,9 @@ def translate(snapshot: StoreSnapshot, cfg: TranslatorConfig | None = None,
         memo.hits += gateway_api.reused
         memo.misses = gateway_api.translated
         memo.vhosts = routes.vhosts
-    network_policies = translate_network_policies(
-        snapshot, cfg.node_name, identities,
-        memo.network_policies if memo is not None else None)
+    # Parsed policies kept between translations; the statuses below read the same ones.
+    parsed = memo.network_policies if memo is not None else ParseMemo()
+    network_policies = translate_network_policies(snapshot, cfg.node_name, identities, parsed)
     l7_listener, l7_tables, l7_backends = policy_listener(network_policies)
     return Translation(
         ir=ir.IR(
@@ -123,7 +124,8 @@ def translate(snapshot: StoreSnapshot, cfg: TranslatorConfig | None = None,
             network_policies=network_policies,
         ),
         status={**gateway_api.status, **ingress.status,
-                **cluster_network_policy.statuses(snapshot),
-                **mesh_network_policy_statuses(snapshot)},
+                **cluster_network_policy.statuses(
+                    snapshot, lambda obj: parsed.get(obj, cnp.parse)),
+                **mesh_network_policy_statuses(snapshot, parsed)},
         addresses=addresses,
     )
