@@ -61,8 +61,10 @@ static __always_inline struct ipcache_info policy_peer(__be32 address)
 }
 
 /* Whether `endpoint`'s NetworkPolicies (and MeshNetworkPolicies) allow `peer` in `direction`
- * to the destination port: 0 no; 1 yes; above 1, yes through the node's Envoy (L7 rules) on
- * that listener port. An allow without L7 rules, found by any of the lookups, wins. */
+ * to the destination port: 0 no; 1 yes; above 1, yes through a proxy of the node on that
+ * port. Ingress: the node Envoy's policy listener (L7 rules), and an allow without L7 rules,
+ * found by any of the lookups, wins. Egress: the DNS proxy, which wins (it only looks: the
+ * pod's toFQDNs rules learn from the answers). */
 static __always_inline int policy_allows(__be32 endpoint, __u8 direction,
 					 struct ipcache_info *peer, __u8 proto, __be16 dport)
 {
@@ -78,11 +80,28 @@ static __always_inline int policy_allows(__be32 endpoint, __u8 direction,
 		struct policy_entry *e = mesh_policy.lookup(&k);
 		if (!e || !(e->flags & MESH_POLICY_ALLOW))
 			continue;
-		if (!e->proxy_port)
-			return 1;
-		verdict = bpf_ntohs(e->proxy_port);
+		if (e->proxy_port && direction == MESH_POLICY_EGRESS)
+			return bpf_ntohs(e->proxy_port);
+		if (!e->proxy_port) {
+			if (direction == MESH_POLICY_INGRESS)
+				return 1;
+			verdict = 1;
+		} else {
+			verdict = bpf_ntohs(e->proxy_port);
+		}
 	}
 	return verdict;
+}
+
+/* Whether `endpoint`'s toFQDNs rules allow sending to `address` (an answer of the node's DNS
+ * proxy gave it, and its TTL has not run out). */
+static __always_inline int fqdn_allows(__be32 endpoint, __be32 address, __u8 proto,
+				       __be16 dport)
+{
+	struct fqdn_key k = { .prefixlen = 96, .endpoint = endpoint, .address = address,
+			      .proto = proto, .dport = dport };
+	struct policy_entry *e = mesh_policy_fqdn.lookup(&k);
+	return e && (e->flags & MESH_POLICY_ALLOW);
 }
 
 /* A tier's action for a flow (0: no entry), the lowest precedence of the three lookups. The
@@ -136,8 +155,8 @@ static __always_inline int baseline_action(__be32 endpoint, __u8 direction,
  * (Accept, Deny; Pass goes on), the NetworkPolicies if they isolate the pod, the Baseline
  * tier; nothing decided: allowed. */
 static __always_inline int policy_decide(struct policy_endpoint *ep, __be32 local,
-					 __u8 direction, struct ipcache_info *peer, __u8 proto,
-					 __be16 dport)
+					 __be32 remote, __u8 direction, struct ipcache_info *peer,
+					 __u8 proto, __be16 dport)
 {
 	if (direction == MESH_POLICY_INGRESS && peer->identity == MESH_ID_HOST)
 		return 1;
@@ -150,8 +169,12 @@ static __always_inline int policy_decide(struct policy_endpoint *ep, __be32 loca
 	}
 	__u8 isolated = direction == MESH_POLICY_INGRESS ? MESH_EP_INGRESS_ISOLATED
 							 : MESH_EP_EGRESS_ISOLATED;
-	if (ep->flags & isolated)
-		return policy_allows(local, direction, peer, proto, dport);
+	if (ep->flags & isolated) {
+		int v = policy_allows(local, direction, peer, proto, dport);
+		if (!v && direction == MESH_POLICY_EGRESS && (ep->flags & MESH_EP_FQDN))
+			v = fqdn_allows(local, remote, proto, dport);
+		return v;
+	}
 	if ((ep->flags & MESH_EP_BASELINE) &&
 	    baseline_action(local, direction, peer, proto, dport) == MESH_TIER_DENY)
 		return 0;
@@ -195,7 +218,7 @@ static __always_inline int policy_check(struct flow4 *f, __u8 direction)
 		ok = !ct->allowed ? 0 : ct->proxy_port ? bpf_ntohs(ct->proxy_port) : 1;
 	} else {
 		struct ipcache_info peer = policy_peer(remote);
-		ok = policy_decide(ep, local, decide_dir, &peer, f->proto, decide_port);
+		ok = policy_decide(ep, local, remote, decide_dir, &peer, f->proto, decide_port);
 		if (ct || ok) {
 			/* A new flow denied leaves no entry: nothing to keep for it. */
 			struct policy_ct_entry fresh = { .revision = revision, .allowed = ok != 0,
@@ -209,8 +232,9 @@ static __always_inline int policy_check(struct flow4 *f, __u8 direction)
 	if (!ok)
 		policy_count(decide_dir == MESH_POLICY_INGRESS ? MESH_DROP_INGRESS
 							       : MESH_DROP_EGRESS);
-	/* Through Envoy is for what the destination receives (a reply it sends is Envoy's). */
-	return ok > 1 && direction != MESH_POLICY_INGRESS ? 1 : ok;
+	/* Through a proxy is for the flow's own way (to Envoy what the pod receives, to the DNS
+	 * proxy what it sends); its replies pass. */
+	return ok > 1 && decide_dir != direction ? 1 : ok;
 }
 
 /* The policy of the pod at one end of this packet (`direction`: what the packet is for that
@@ -255,6 +279,32 @@ static __always_inline int to_policy_proxy(struct __sk_buff *skb, int port)
 			return TC_ACT_SHOT;
 		}
 	}
+	long err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return TC_ACT_SHOT;
+	skb->mark = MESH_MARK_TO_PROXY;
+	count(STAT_PROXY);
+	return TC_ACT_OK;
+}
+
+/* A pod's DNS query, when its egress policy has toFQDNs rules: to the node's DNS proxy on
+ * loopback:port (UDP; TCP as to_policy_proxy does), not rewritten, so the proxy sees where the
+ * pod sent it and answers from there. No proxy: dropped, the pod's resolver retries. */
+static __always_inline int to_dns_proxy(struct __sk_buff *skb, struct flow4 *f, int port)
+{
+	if (f->proto == IPPROTO_TCP)
+		return to_policy_proxy(skb, port);
+	if (f->proto != IPPROTO_UDP)
+		return TC_ACT_SHOT;
+	struct bpf_sock_tuple t = {};
+	t.ipv4.saddr = f->saddr;
+	t.ipv4.sport = f->sport;
+	t.ipv4.daddr = bpf_htonl(MESH_LOOPBACK);
+	t.ipv4.dport = bpf_htons(port);
+	struct bpf_sock *sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return TC_ACT_SHOT;
 	long err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
 	if (err)
@@ -379,8 +429,11 @@ int mesh_from_pod(struct __sk_buff *skb)
 				return verdict;
 		}
 	}
-	if (!policy_check(&f, MESH_POLICY_EGRESS))
+	int verdict = policy_check(&f, MESH_POLICY_EGRESS);
+	if (!verdict)
 		return TC_ACT_SHOT;
+	if (verdict > 1)
+		return to_dns_proxy(skb, &f, verdict);
 	struct ct4_key rk = { .saddr = f.saddr, .daddr = f.daddr, .sport = f.sport,
 			      .dport = f.dport, .proto = f.proto };
 	struct ct4_rev *rev = mesh_ct4_rev.lookup(&rk);

@@ -1,20 +1,23 @@
 """MeshNetworkPolicy compiled for the datapath and the node's Envoy: peers by endpoints,
 namespaces, CIDRs and entities; L7 ports marked for the proxy and grouped by client for
-Envoy's filter chains; what fails closed (L7 on egress, toFQDNs, a refused policy) and the
-status that says so. The lab runs the same rules with real requests
-(tests/test_netpol_lab.py)."""
+Envoy's filter chains; toFQDNs rules (the DNS proxy's entries, the names' patterns); what
+fails closed (L7 on egress, a refused policy) and the status that says so. The lab runs the
+same rules with real requests (tests/test_netpol_lab.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from mesh import ir
+from mesh.datapath.policy import policy_keys
 from mesh.policy import datapath_verdict as dv
 from mesh.policy import identities as ids
+from mesh.policy.meshnetworkpolicy import fqdn_regex
 from mesh.store.objects import parse_object
 from mesh.store.store import Store
 from mesh.translate.identities import identity_table
 from mesh.translate.network_policy import (
+    DNS_PROXY_PORT,
     POLICY_PORT,
     mesh_network_policy_statuses,
     translate_network_policies,
@@ -141,16 +144,78 @@ def test_peers_by_namespace_cidr_and_entity() -> None:
     assert not ok
 
 
+def test_fqdn_rules_send_dns_through_the_proxy_and_name_their_ports() -> None:
+    policy = mnp("names", {
+        "endpointSelector": {"matchLabels": {"app": "a"}},
+        "egress": [{"toFQDNs": [{"matchName": "API.Example.com."},
+                                {"matchPattern": "*.cdn.example.com"}],
+                    "toPorts": [{"port": 443}, {"port": 8000, "endPort": 8080}]}]})
+    state = compile_(policy)
+    a = dv.endpoint(state, PODS["shop/a"])
+    assert a is not None and a.egress_isolated and not a.ingress_isolated
+    assert a.fqdn == (ir.FqdnAllow("*.cdn.example.com", "TCP", 443),
+                      ir.FqdnAllow("*.cdn.example.com", "TCP", 8000, 8080),
+                      ir.FqdnAllow("api.example.com", "TCP", 443),
+                      ir.FqdnAllow("api.example.com", "TCP", 8000, 8080))
+    assert state.dns_proxy_port == DNS_PROXY_PORT
+    # its DNS goes anywhere, through the proxy; nothing else is allowed by identity
+    dns = [x for x in a.allow if x.dns]
+    assert {(x.protocol, x.port, x.identity) for x in dns} == {("UDP", 53, ids.ANY),
+                                                              ("TCP", 53, ids.ANY)}
+    assert not reach(state, "shop/a", "shop/server", 3000)
+    ok, why = dv.verdict(state, state, PODS["shop/a"], "203.0.113.5", "TCP", 443)
+    assert not ok and "api.example.com" in why and "*.cdn.example.com" in why
+    ok, why = dv.verdict(state, state, PODS["shop/a"], "203.0.113.53", "UDP", 53)
+    assert ok and "DNS proxy" in why
+    # the datapath keys: the DNS proxy's port wins over a plain allow of the same key
+    both = mnp("both", {"endpointSelector": {"matchLabels": {"app": "a"}},
+                        "egress": [{"toPorts": [{"port": 53, "protocol": "UDP"}]}]})
+    a = dv.endpoint(compile_(policy, both), PODS["shop/a"])
+    assert a is not None
+    keys = policy_keys(a, POLICY_PORT, DNS_PROXY_PORT)
+    udp53 = [port for (_, identity, _, proto, p, _), port in keys.items()
+             if identity == ids.ANY and proto == 17 and p == 53]
+    assert udp53 == [DNS_PROXY_PORT]
+    assert not dv.endpoint(compile_(both), PODS["shop/a"]).fqdn  # type: ignore[union-attr]
+    assert compile_(both).dns_proxy_port == 0
+
+
+def test_fqdn_patterns_match_one_label_per_star() -> None:
+    assert fqdn_regex("api.example.com").fullmatch("api.example.com")
+    assert not fqdn_regex("api.example.com").fullmatch("apixexample.com")  # dots are dots
+    star = fqdn_regex("*.example.com")
+    assert star.fullmatch("a.example.com") and star.fullmatch("a-b_c.example.com")
+    assert not star.fullmatch("a.b.example.com") and not star.fullmatch("example.com")
+    assert fqdn_regex("api-*.example.com").fullmatch("api-eu1.example.com")
+    assert fqdn_regex("*").fullmatch("anything.at.all")
+
+
+def test_fqdn_rules_refused_with_other_peers_or_bad_names() -> None:
+    for rule, message in (
+            ({"toFQDNs": [{"matchName": "a.example.com"}], "toCIDRs": ["10.0.0.0/8"]},
+             "rule of its own"),
+            ({"toFQDNs": [{"matchName": "bad name"}]}, "is not a DNS name"),
+            ({"toFQDNs": [{"matchPattern": "a.(x).com"}]}, "is not a DNS pattern"),
+            ({"toFQDNs": [{"matchName": "a.com", "matchPattern": "*.com"}]}, "one of"),
+            ({"toFQDNs": [{"matchName": f"n{i}.com"} for i in range(33)]}, "at most 32")):
+        policy = mnp("bad", {"endpointSelector": {"matchLabels": {"app": "a"}},
+                             "egress": [rule]})
+        a = dv.endpoint(compile_(policy), PODS["shop/a"])
+        assert a is not None and a.egress_isolated and a.ingress_isolated and not a.allow
+        (cond,) = next(iter(mesh_network_policy_statuses(snapshot(policy)).values())
+                       ).to_kubernetes()["conditions"]
+        assert (cond["status"], cond["reason"]) == ("False", "Invalid"), rule
+        assert message in cond["message"], (message, cond["message"])
+
+
 def test_what_is_not_enforced_yet_fails_closed_and_says_so() -> None:
     policy = mnp("later", {
         "endpointSelector": {"matchLabels": {"app": "a"}},
-        "egress": [{"toFQDNs": [{"matchName": "example.com"}]},
-                   {"toEndpoints": [{"matchLabels": {"app": "server"}}],
+        "egress": [{"toEndpoints": [{"matchLabels": {"app": "server"}}],
                     "toPorts": [{"port": 3000, "http": [{"path": "/"}]}]}]})
     state = compile_(policy)
     assert not reach(state, "shop/a", "shop/server")  # isolated, nothing allowed
     messages = [p.message for p in state.problems]
-    assert any("toFQDNs: not enforced yet" in m for m in messages)
     assert any("on egress are not enforced yet" in m for m in messages)
     status = mesh_network_policy_statuses(snapshot(policy))
     (cond,) = next(iter(status.values())).to_kubernetes()["conditions"]

@@ -295,3 +295,121 @@ def test_a_grpc_method_rule(lab: runner.Lab, l7: dict[str, str]) -> None:
         assert got == {"Echo": "OK", "EchoTwo": "PERMISSION_DENIED"}, got
     finally:
         lab.kubectl("delete", "mnp", "--all", "-n", L7_NS)
+
+
+# Resolves each name (the pod's resolver: its resolv.conf, the lab's DNS) and connects to it on
+# port 80, or connects to an address as given; prints {target: "ADDRESS ok" | "ADDRESS error"}.
+# With --tcp, a name is asked over TCP (dnslib) instead.
+RESOLVE_CONNECT = r"""
+import json, socket, sys
+out = {}
+tcp = sys.argv[1] == "--tcp"
+for target in sys.argv[2:]:
+    try:
+        if tcp:
+            from dnslib import DNSRecord
+            nameserver = open("/etc/resolv.conf").read().split("nameserver")[1].split()[0]
+            answer = DNSRecord.parse(DNSRecord.question(target + ".").send(
+                nameserver, 53, tcp=True, timeout=3))
+            address = str(answer.rr[0].rdata)
+        else:
+            address = socket.gethostbyname(target)
+    except Exception as e:
+        out[target] = f"unresolved {e}"
+        continue
+    try:
+        with socket.create_connection((address, 80), timeout=2):
+            out[target] = f"{address} ok"
+    except OSError as e:
+        out[target] = f"{address} {e or type(e).__name__}"
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def world(lab: runner.Lab, l7: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Two servers outside the cluster (port 80, on addresses of the lab's underlay namespace),
+    named in the lab's DNS: name -> address."""
+    from mesh.lab import cluster, dns
+
+    under, index = f"{lab.name}-underlay", lab.state["index"]
+    names = {"allowed.example.test": f"172.30.{index}.201",
+             "other.example.test": f"172.30.{index}.202"}
+
+    def ns(*args: str) -> None:
+        subprocess.run(["ip", "netns", "exec", under, *args], check=True)
+
+    for address in names.values():
+        ns("ip", "addr", "add", f"{address}/32", "dev", "br0")
+    for info in lab.state["node_info"]:  # the way back to the pods
+        ns("ip", "route", "replace", info["podCIDR"], "via", info["underlay"], "dev", "br0",
+           "onlink")
+    server = subprocess.Popen(["ip", "netns", "exec", under, sys.executable, "-m",
+                               "mesh.lab.agnhost", "serve-hostname", "--tcp", "--port", "80",
+                               "--http=false"], cwd=runner.ROOT)
+    hosts = cluster.lab_dir(lab.name) / "hosts"
+    hosts.write_text("".join(f"{a} {n}\n" for n, a in names.items()))
+    try:
+        assert dns.HOSTS_TTL <= 10  # the test waits for an answer's TTL to run out
+        yield names
+    finally:
+        hosts.unlink()
+        server.kill()
+        server.wait()
+        for address in names.values():
+            ns("ip", "addr", "del", f"{address}/32", "dev", "br0")
+
+
+def _resolve_connect(lab: runner.Lab, client: str, *targets: str, tcp: bool = False
+                     ) -> dict[str, str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "mesh.cli", "lab", "exec", "--name", lab.name, "-n", L7_NS,
+         client, "--", sys.executable, "-c", RESOLVE_CONNECT, "--tcp" if tcp else "--udp",
+         *targets], capture_output=True, text=True, cwd=runner.ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found: dict[str, str] = json.loads(out.stdout.strip().splitlines()[-1])
+    return found
+
+
+def test_a_to_fqdns_rule_allows_one_name_and_not_another(
+        lab: runner.Lab, l7: dict[str, str], world: dict[str, str]) -> None:
+    from mesh.lab import dns
+
+    allowed, other = world["allowed.example.test"], world["other.example.test"]
+    before = _resolve_connect(lab, "a", *world)
+    assert before == {n: f"{a} ok" for n, a in world.items()}, before
+    lab.apply([{"apiVersion": "mesh.dev/v1alpha1", "kind": "MeshNetworkPolicy",
+                "metadata": {"name": "only-allowed", "namespace": L7_NS},
+                "spec": {"endpointSelector": {"matchLabels": {"app": "a"}},
+                         "egress": [{"toFQDNs": [{"matchName": "allowed.example.test"}],
+                                     "toPorts": [{"port": 80}]}]}}])
+    try:
+        time.sleep(runner.SETTLE)
+        # Both names resolve (the pod's DNS goes through the node's DNS proxy); only the
+        # allowed one's address connects.
+        got = _resolve_connect(lab, "a", *world)
+        assert got["allowed.example.test"] == f"{allowed} ok", got
+        assert got["other.example.test"] == f"{other} timed out", got
+        # the same over TCP DNS
+        got = _resolve_connect(lab, "a", *world, tcp=True)
+        assert got == {"allowed.example.test": f"{allowed} ok",
+                       "other.example.test": f"{other} timed out"}, got
+        # b has no policy: both, its DNS not proxied
+        assert _resolve_connect(lab, "b", *world) == before
+        # the node's maps say what a may reach, and for which name
+        node_dir = f"/run/mesh/lab/{lab.name}/{lab.state['pods'][f'{L7_NS}/a']['node']}/agent"
+        status = subprocess.run([sys.executable, "-m", "mesh.cli", "policy", "status",
+                                 "--state-dir", node_dir, "-o", "json"], capture_output=True,
+                                text=True, cwd=runner.ROOT, timeout=60)
+        assert json.loads(status.stdout)["endpoints"][l7["a"]]["fqdn_addresses"] == [allowed]
+        # The address is allowed for the answer's TTL only: once it ran out, a connection to
+        # it (without asking DNS again) is dropped; asking again opens it again.
+        time.sleep(dns.HOSTS_TTL + 2)
+        assert _resolve_connect(lab, "a", allowed) == {allowed: f"{allowed} timed out"}
+        assert _resolve_connect(lab, "a", "allowed.example.test") == {
+            "allowed.example.test": f"{allowed} ok"}
+        condition = lab.kubectl("get", "mnp", "only-allowed", "-n", L7_NS, "-o",
+                                "jsonpath={.status.conditions[0].status}")
+        assert condition == "True"
+    finally:
+        lab.kubectl("delete", "mnp", "--all", "-n", L7_NS)

@@ -65,6 +65,7 @@ struct policy_endpoint {
 #define MESH_EP_EGRESS_ISOLATED 0x2
 #define MESH_EP_ADMIN 0x4        /* ClusterNetworkPolicy Admin tier entries exist for it */
 #define MESH_EP_BASELINE 0x8     /* ... Baseline tier entries */
+#define MESH_EP_FQDN 0x10        /* its egress policy names DNS names (mesh_policy_fqdn) */
 
 /* Compared bit by bit from `endpoint` on: prefixlen 72 = any protocol and port, 80 = any port
  * of one protocol, 96 = one port; between 80 and 96, a range of ports. */
@@ -80,7 +81,22 @@ struct policy_key {
 struct policy_entry {
 	__u8 flags;          /* MESH_POLICY_ALLOW */
 	__u8 pad;
-	__be16 proxy_port;   /* L7 rules apply: the node Envoy's policy listener; 0: none */
+	/* Ingress: L7 rules apply, the node Envoy's policy listener. Egress: the node's DNS
+	 * proxy (the pod's DNS, for its toFQDNs rules). 0: none. */
+	__be16 proxy_port;
+};
+
+/* An address a pod's toFQDNs rules allow, learned by the node's DNS proxy from the answers
+ * to the pod's (or any pod's) queries, for the records' TTL: the agent removes it when they
+ * expire. Compared bit by bit from `endpoint` on: prefixlen 64 = any protocol and port, 80 =
+ * any port of one protocol (the pad is always 0), 96 = one port; between, a range of ports. */
+struct fqdn_key {
+	__u32 prefixlen;
+	__be32 endpoint;     /* the local pod */
+	__be32 address;      /* the peer's address, as a DNS answer gave it */
+	__u8 proto;
+	__u8 pad;            /* 0 */
+	__be16 dport;
 };
 
 #define MESH_POLICY_ALLOW 0x1
@@ -127,6 +143,9 @@ BPF_TABLE_PINNED("hash", __be32, struct policy_endpoint, mesh_policy_endpoints,
 /* Allowed peers of this node's pods. */
 BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_entry, mesh_policy,
 		 MESH_POLICY_MAX, MESH_PINNED(mesh_policy), BPF_F_NO_PREALLOC);
+/* Addresses this node's pods may reach by their toFQDNs rules (struct fqdn_key). */
+BPF_TABLE_PINNED("lpm_trie", struct fqdn_key, struct policy_entry, mesh_policy_fqdn,
+		 MESH_POLICY_MAX, MESH_PINNED(mesh_policy_fqdn), BPF_F_NO_PREALLOC);
 /* ClusterNetworkPolicy: the Admin tier (before NetworkPolicy) and the Baseline tier (after),
  * keyed as mesh_policy. */
 BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct tier_entry, mesh_policy_admin,

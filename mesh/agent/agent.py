@@ -161,13 +161,20 @@ class Agent:
             sinks.append(collector)
         if cfg.datapath_cgroup is not None:
             # Imported only with a datapath: it needs bcc and the kernel's BPF.
+            from mesh.dnsproxy import DnsProxy
             from mesh.sinks.datapath import DatapathSink
+            from mesh.translate.network_policy import DNS_PROXY_PORT
 
             datapath = DatapathSink(cfg.state_dir / "bpffs", cfg.datapath_cgroup,
                                     forwarding=True, underlay=cfg.datapath_underlay,
-                                    redirect=cfg.datapath_redirect)
+                                    redirect=cfg.datapath_redirect,
+                                    dns_cache=cfg.state_dir / "dns-cache.json")
             sinks.append(datapath)
             components.append(datapath)  # it also follows the node's pods
+            assert datapath.forwarding is not None
+            fqdn = datapath.forwarding.fqdn
+            # toFQDNs: the pods' DNS, learned into the datapath
+            components.append(DnsProxy(DNS_PROXY_PORT, fqdn.learn, fqdn.expire))
         if cfg.ratelimit_redis is not None:
             from mesh.agent.ratelimit import RateLimitService
 

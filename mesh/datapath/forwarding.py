@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.cni.interfaces import HOST_PREFIX
+from mesh.datapath.fqdn import FqdnReconciler
 from mesh.datapath.layout import EndpointInfo, address_of, be32
 from mesh.datapath.policy import PolicyReconciler
 from mesh.datapath.programs import Loaded, compile_program
@@ -120,7 +121,7 @@ def host_addresses(ip: Any) -> frozenset[str]:
 
 class Forwarding:
     def __init__(self, pin_dir: Path, underlay: str | None = None,
-                 redirect: str = "sk-assign") -> None:
+                 redirect: str = "sk-assign", dns_cache: Path | None = None) -> None:
         # Only the devices named here are touched: the CNI plugin's host-side veths (by
         # their exact name pattern) and `underlay` if given; on each, only our own filter.
         if redirect not in ("sk-assign", "tproxy"):
@@ -138,6 +139,7 @@ class Forwarding:
             self.loaded.table("mesh_policy_stats"),
             tiers={"admin": self.loaded.table("mesh_policy_admin"),
                    "baseline": self.loaded.table("mesh_policy_baseline")})
+        self.fqdn = FqdnReconciler(self.loaded.table("mesh_policy_fqdn"), dns_cache)
         self.underlay = underlay
         self._attached: set[int] = set()
         self._routed = False

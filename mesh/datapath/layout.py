@@ -111,6 +111,12 @@ class PolicyEntry(ctypes.Structure):
                 ("proxy_port", ctypes.c_uint16)]
 
 
+class FqdnKey(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("endpoint", ctypes.c_uint32),
+                ("address", ctypes.c_uint32), ("proto", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8), ("dport", ctypes.c_uint16)]
+
+
 class PolicyCtKey(ctypes.Structure):
     _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
                 ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
@@ -132,6 +138,7 @@ EP_INGRESS_ISOLATED = 0x1  # MESH_EP_* of a policy endpoint
 EP_EGRESS_ISOLATED = 0x2
 EP_ADMIN = 0x4
 EP_BASELINE = 0x8
+EP_FQDN = 0x10
 TIER_ACTIONS = {"Accept": 1, "Deny": 2, "Pass": 3}  # MESH_TIER_*
 POLICY_ALLOW = 0x1  # MESH_POLICY_ALLOW
 INGRESS, EGRESS = 0, 1  # MESH_POLICY_INGRESS, MESH_POLICY_EGRESS
@@ -140,6 +147,10 @@ INGRESS, EGRESS = 0, 1  # MESH_POLICY_INGRESS, MESH_POLICY_EGRESS
 POLICY_PREFIX_ANY_PROTO = 72
 POLICY_PREFIX_ANY_PORT = 80
 POLICY_PREFIX_PORT = 96
+# The FQDN key's: endpoint + address (any protocol and port), + protocol and pad (any port),
+# + port.
+FQDN_PREFIX_ANY_PROTO = 64
+FQDN_PREFIX_ANY_PORT = 80
 # mesh_policy_stats' slots, by name.
 POLICY_STATS = ("denied_ingress", "denied_egress", "denied_no_identity", "allowed_new",
                 "decided_again")
@@ -165,4 +176,5 @@ FWD_MAPS: dict[str, tuple[Any, type[ctypes.Structure] | Any]] = {
     "mesh_policy_admin": (PolicyKey, TierEntry),
     "mesh_policy_baseline": (PolicyKey, TierEntry),
     "mesh_policy_ct": (PolicyCtKey, PolicyCtEntry),
+    "mesh_policy_fqdn": (FqdnKey, PolicyEntry),
 }

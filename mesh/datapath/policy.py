@@ -26,6 +26,7 @@ from mesh.datapath.layout import (
     EP_ADMIN,
     EP_BASELINE,
     EP_EGRESS_ISOLATED,
+    EP_FQDN,
     EP_INGRESS_ISOLATED,
     INGRESS,
     IPPROTO,
@@ -79,15 +80,17 @@ def entry_keys(address: str, direction: str, identity: int, protocol: str | None
             for p, bits in port_prefixes(port, end_port or port)]
 
 
-def policy_keys(e: ir.EndpointPolicy, proxy_port: int = 0) -> dict[PolicyKeyT, int]:
+def policy_keys(e: ir.EndpointPolicy, proxy_port: int = 0, dns_port: int = 0
+                ) -> dict[PolicyKeyT, int]:
     """The LPM keys of an endpoint's allowed entries, with the proxy port of those with L7
-    rules (0: none; an allow of the same key without L7 rules wins)."""
+    rules (0: none; an allow of the same key without L7 rules wins) and of its DNS (the DNS
+    proxy's, which wins)."""
     out: dict[PolicyKeyT, int] = {}
-    for a in e.allow:
-        port = proxy_port if a.proxy else 0
+    for a in sorted(e.allow, key=lambda a: a.dns):  # the DNS proxy's last: they win
+        port = dns_port if a.dns else proxy_port if a.proxy else 0
         for k in entry_keys(e.address, a.direction, a.identity, a.protocol, a.port,
                             a.end_port):
-            out[k] = min(out.get(k, port), port)
+            out[k] = port if a.dns else min(out.get(k, port), port)
     return out
 
 
@@ -180,12 +183,13 @@ class PolicyReconciler:
                                  | (EP_EGRESS_ISOLATED if e.egress_isolated else 0)
                                  | (EP_ADMIN if any(t.tier == "admin" for t in e.tiers) else 0)
                                  | (EP_BASELINE if any(t.tier == "baseline" for t in e.tiers)
-                                    else 0))
+                                    else 0)
+                                 | (EP_FQDN if e.fqdn else 0))
                      for e in state.endpoints}
         keys: dict[PolicyKeyT, int] = {}
         tiers: dict[str, dict[PolicyKeyT, tuple[int, int]]] = {t: {} for t in self.tiers}
         for e in state.endpoints:
-            keys.update(policy_keys(e, state.proxy_port))
+            keys.update(policy_keys(e, state.proxy_port, state.dns_proxy_port))
             for tier, wanted in tiers.items():
                 wanted.update(tier_keys(e, tier))
         before = self.writes

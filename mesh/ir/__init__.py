@@ -51,6 +51,7 @@ from mesh.ir.l7 import (
 )
 from mesh.ir.policy import (
     EndpointPolicy,
+    FqdnAllow,
     IdentityMap,
     IpcacheEntry,
     L7Group,
@@ -79,6 +80,7 @@ __all__ = [
     "ExtAuth",
     "FilterChain",
     "Forward",
+    "FqdnAllow",
     "GatewayService",
     "GatewayServicePort",
     "HashPolicy",

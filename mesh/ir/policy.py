@@ -46,6 +46,9 @@ class PolicyAllow:
     # Envoy (NetworkPolicies.proxy_port), which enforces them. An allow of the same peer and
     # port without L7 rules wins: the flow is not redirected.
     proxy: bool = False
+    # The pod's DNS (its toFQDNs rules learn from the answers): egress through the node's DNS
+    # proxy (NetworkPolicies.dns_proxy_port), which wins over a plain allow of the same key.
+    dns: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,19 @@ class TierEntry:
     precedence: int
 
 
+@dataclass(frozen=True, order=True)
+class FqdnAllow:
+    """A pod may send to the addresses DNS answers give for names `pattern` matches (a name,
+    or one with `*` standing for any characters of one label; `*` alone: every name), on a
+    protocol (None: every protocol) and a destination port range (None: every port), for
+    the records' TTL."""
+
+    pattern: str  # lower case, no trailing dot
+    protocol: str | None = None
+    port: int | None = None
+    end_port: int | None = None
+
+
 @dataclass(frozen=True)
 class EndpointPolicy:
     """A pod of this node: whether policies isolate it each way, and what they allow (sorted);
@@ -80,6 +96,8 @@ class EndpointPolicy:
     # ("cnp/name: rule"), for `mesh policy`.
     tiers: tuple[TierEntry, ...] = ()
     tier_rules: tuple[tuple[int, str], ...] = ()
+    # toFQDNs rules (sorted): their addresses are the node's DNS proxy's to learn.
+    fqdn: tuple[FqdnAllow, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,3 +150,4 @@ class NetworkPolicies:
     problems: tuple[PolicyProblem, ...] = ()
     l7: tuple[L7Target, ...] = ()
     proxy_port: int = 0  # the node Envoy's policy listener (0: no L7 rule anywhere)
+    dns_proxy_port: int = 0  # the node's DNS proxy (0: no toFQDNs rule on this node's pods)

@@ -292,7 +292,8 @@ class Lab:
     def _start_dns(self, n: NodeNet) -> None:
         proc = self._spawn(f"dns/{n.name}", [
             "ip", "netns", "exec", n.name, sys.executable, "-m", "mesh.lab.dns", "--listen",
-            n.underlay_ip, "--state", str(self.dir / "lab.json")],
+            n.underlay_ip, "--state", str(self.dir / "lab.json"), "--hosts",
+            str(self.dir / "hosts")],
             self.node_dir(n) / "dns.log")
         self.state.dns[n.name] = proc.pid
 

@@ -3,8 +3,9 @@ to their ClusterIPs, from the lab's state, with dnslib doing the wire format.
 
 `svc.ns.svc.cluster.local` answers A (the ClusterIP; a headless Service's ready pod IPs);
 pods reach `svc` and `svc.ns` through the search path the lab writes into their resolv.conf
-(`ns.svc.cluster.local svc.cluster.local cluster.local`). Anything else is NXDOMAIN: the lab
-has no way out to the world's DNS.
+(`ns.svc.cluster.local svc.cluster.local cluster.local`). Names outside the cluster are the
+lab's `hosts` file's (beside lab.json, as /etc/hosts: `ADDRESS NAME...`; absent: none), with
+TTL HOSTS_TTL: the lab's stand-in for the world's DNS. Anything else is NXDOMAIN.
 """
 
 from __future__ import annotations
@@ -20,13 +21,31 @@ from dnslib.server import BaseResolver, DNSHandler, DNSServer
 
 DOMAIN = "cluster.local"
 TTL = 5
+HOSTS_TTL = 10
+
+
+def read_hosts(path: Path) -> dict[str, list[str]]:
+    """A hosts file: name (with its trailing dot, lower case) -> addresses."""
+    out: dict[str, list[str]] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        for name in fields[1:]:
+            out.setdefault(name.lower().rstrip(".") + ".", []).append(fields[0])
+    return out
 
 
 class ClusterResolver(BaseResolver):  # type: ignore[misc]
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, hosts: Path | None = None) -> None:
         self.state = state
+        self.hosts = hosts
         self._mtime = 0.0
         self._records: dict[str, list[str]] = {}
+        self._hosts_mtime = 0.0
+        self._hosts: dict[str, list[str]] = {}
 
     def _load(self) -> None:
         try:
@@ -43,16 +62,30 @@ class ClusterResolver(BaseResolver):  # type: ignore[misc]
             records[name] = s.get("endpoints", []) if ip in (None, "", "None") else [ip]
         self._records, self._mtime = records, mtime
 
+    def _load_hosts(self) -> None:
+        if self.hosts is None:
+            return
+        try:
+            mtime = self.hosts.stat().st_mtime
+        except OSError:
+            self._hosts, self._hosts_mtime = {}, 0.0
+            return
+        if mtime != self._hosts_mtime:
+            self._hosts, self._hosts_mtime = read_hosts(self.hosts), mtime
+
     def resolve(self, request: Any, handler: Any) -> Any:
         self._load()
+        self._load_hosts()
         reply = request.reply()
         qname = str(request.q.qname).lower()
-        addresses = self._records.get(qname)
+        addresses, ttl = self._records.get(qname), TTL
+        if addresses is None:
+            addresses, ttl = self._hosts.get(qname), HOSTS_TTL
         if addresses is None:
             reply.header.rcode = RCODE.NXDOMAIN
         elif request.q.qtype in (QTYPE.A, QTYPE.ANY):
             for address in addresses:
-                reply.add_answer(RR(qname, QTYPE.A, rdata=A(address), ttl=TTL))
+                reply.add_answer(RR(qname, QTYPE.A, rdata=A(address), ttl=ttl))
         return reply
 
 
@@ -94,8 +127,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="the lab's cluster DNS for one node")
     parser.add_argument("--listen", required=True, help="ADDRESS (port 53, UDP and TCP)")
     parser.add_argument("--state", required=True, type=Path, help="the lab's lab.json")
+    parser.add_argument("--hosts", type=Path, help="names outside the cluster (hosts format)")
     args = parser.parse_args()
-    resolver = ClusterResolver(args.state)
+    resolver = ClusterResolver(args.state, args.hosts)
     serve(resolver, args.listen, [53])
 
 

@@ -8,6 +8,7 @@ import asyncio
 import ctypes
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,13 @@ def read_maps(pin_dir: Path) -> dict[str, Any]:
                 e["entries"] += 1
         tiers = {t: sum(1 for _ in loaded.table(f"mesh_policy_{t}").items())
                  for t in ("admin", "baseline")}
+        fqdn: dict[str, set[str]] = {}
+        for k, _ in loaded.table("mesh_policy_fqdn").items():
+            fqdn.setdefault(layout.address_of(int(k.endpoint)), set()).add(
+                layout.address_of(int(k.address)))
+        for address, reached in fqdn.items():
+            if address in endpoints:
+                endpoints[address]["fqdn_addresses"] = sorted(reached)
         ipcache = sum(1 for _ in loaded.table("mesh_ipcache").items())
         flows = sum(1 for _ in loaded.table("mesh_policy_ct").items())
     finally:
@@ -84,10 +92,30 @@ def status(state_dir: Path, output: str) -> None:
         pods.add_row(address, str(e["identity"]), e["ingress"], e["egress"], str(e["entries"]))
     console = Console(width=120)
     console.print(counters, pods)
+    names = _dns_names(state_dir)
+    fqdn = Table("POD ADDRESS", "MAY REACH (toFQDNs)", "AS ANSWERED FOR")
+    for address, e in sorted(found["endpoints"].items()):
+        for reached in e.get("fqdn_addresses", []):
+            fqdn.add_row(address, reached, ", ".join(names.get(reached, [])) or "-")
+    if fqdn.row_count:
+        console.print(fqdn)
     console.print(f"policy revision {found['revision']}; {found['policy_entries']} allowed "
                   f"entries, {found['admin_entries']} Admin and {found['baseline_entries']} "
                   f"Baseline tier entries, {found['ipcache_entries']} ipcache entries, "
                   f"{found['tracked_flows']} tracked flows")
+
+
+def _dns_names(state_dir: Path) -> dict[str, list[str]]:
+    """Address -> the names the node's DNS proxy saw answered with it (its saved cache)."""
+    from mesh.datapath.fqdn import DnsCache
+
+    cache = DnsCache()
+    cache.load(state_dir / "dns-cache.json", time.time())
+    out: dict[str, list[str]] = {}
+    for name, held in sorted(cache.names.items()):
+        for address in held:
+            out.setdefault(address, []).append(name)
+    return out
 
 
 async def _snapshot(kubeconfig: str | None) -> Any:
@@ -98,7 +126,7 @@ async def _snapshot(kubeconfig: str | None) -> Any:
     from mesh.store.store import Store
 
     wanted = {kinds.NAMESPACE, kinds.POD, kinds.NODE, kinds.NETWORK_POLICY, kinds.MESH_IDENTITY,
-              kinds.CLUSTER_NETWORK_POLICY}
+              kinds.CLUSTER_NETWORK_POLICY, kinds.MESH_NETWORK_POLICY}
     objects = []
     async with connect(kubeconfig) as http:
         for r in resources(None):

@@ -90,8 +90,16 @@ def decide(endpoint: ir.EndpointPolicy | None, direction: str, peer: Peer, proto
                 continue
             for a in endpoint.allow:
                 if _matches(a, direction, identity, protocol, port):
-                    return Side(True, f"allowed by {what} {identity} "
+                    via = " through the node's DNS proxy (toFQDNs)" if a.dns else ""
+                    return Side(True, f"allowed by {what} {identity}{via} "
                                       f"({', '.join(endpoint.policies)}){passed}")
+        names = sorted({f.pattern for f in endpoint.fqdn if direction == "egress" and (
+            f.protocol is None or (f.protocol == protocol and (
+                f.port is None or f.port <= port <= (f.end_port or f.port))))})
+        if names:
+            return Side(False, f"{', '.join(endpoint.policies)} isolate(s) it for egress and "
+                               f"allow this port only to addresses the node's DNS proxy saw "
+                               f"answered for {', '.join(names)} (toFQDNs){passed}")
         return Side(False, f"{', '.join(endpoint.policies)} isolate(s) it for {direction} "
                            f"and allow no such peer and port{passed}")
     baseline = _tier(endpoint, "baseline", direction, peer, protocol, port)

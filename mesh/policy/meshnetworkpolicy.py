@@ -7,10 +7,12 @@ NetworkPolicy with that policy type; the allows of both kinds add up). A rule al
 fromCIDRs; fromEntities: world, host, remote-node, cluster, all; none of them: every peer) on
 its ports (none: every port). An ingress port with HTTP or gRPC rules sends the peers' flows
 to the node's Envoy, which lets a request through when one of the rules matches it and
-answers 403 otherwise.
+answers 403 otherwise. An egress rule's toFQDNs (names, or patterns where `*` stands for the
+characters of one label) allows the addresses the DNS answers give for them, for the records'
+TTL: the node's DNS proxy sees the pod's queries and learns them.
 
-Not enforced yet, and so failing closed (the rule, or its port, allows nothing, and the
-status says so): L7 rules on egress, and toFQDNs.
+Not enforced yet, and so failing closed (the port allows nothing, and the status says so):
+L7 rules on egress.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from mesh.policy.networkpolicy import Invalid, Selector, parse_selector
 from mesh.store.objects import KubeObject
 
 ENTITIES = ("world", "host", "remote-node", "cluster", "all")
+NAME = re.compile(r"[-a-z0-9_]+(\.[-a-z0-9_]+)*")
+PATTERN = re.compile(r"[-a-z0-9_*]+(\.[-a-z0-9_*]+)*")
+MAX_FQDNS = 32  # per rule, as the CRD bounds them
 
 
 @dataclass(frozen=True)
@@ -55,10 +60,39 @@ class Rule:
     cidrs: tuple[str, ...] = ()
     entities: tuple[str, ...] = ()
     ports: tuple[PortRule, ...] = ()
+    fqdns: tuple[str, ...] = ()  # toFQDNs: names and patterns, lower case, no trailing dot
 
     @property
     def any_peer(self) -> bool:
-        return not (self.endpoints or self.namespaces or self.cidrs or self.entities)
+        return not (self.endpoints or self.namespaces or self.cidrs or self.entities
+                    or self.fqdns)
+
+
+def fqdn_regex(pattern: str) -> re.Pattern[str]:
+    """What a toFQDNs name or pattern matches (names in lower case, no trailing dot): `*`
+    any characters of one label (as Cilium's matchPattern); `*` alone, every name."""
+    if pattern == "*":
+        return re.compile(r".+")
+    return re.compile(r"\.".join(
+        "[-a-z0-9_]*".join(re.escape(part) for part in label.split("*"))
+        for label in pattern.split(".")))
+
+
+def _fqdns(raw: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_FQDNS:
+        raise Invalid(f"{where}: a list of at most {MAX_FQDNS}")
+    out = []
+    for i, item in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(item, Mapping) or ("matchName" in item) == ("matchPattern" in item):
+            raise Invalid(f"{at}: one of matchName and matchPattern")
+        field = "matchName" if "matchName" in item else "matchPattern"
+        text = str(item[field]).lower().rstrip(".")
+        if len(text) > 253 or not (NAME if field == "matchName" else PATTERN).fullmatch(text):
+            raise Invalid(f"{at}.{field}: {item[field]!r} is not a DNS "
+                          f"{'name' if field == 'matchName' else 'pattern'}")
+        out.append(text)
+    return tuple(sorted(set(out)))
 
 
 @dataclass(frozen=True)
@@ -141,9 +175,12 @@ def _rules(raw: Any, where: str, egress: bool, problems: list[str]) -> tuple[Rul
         at = f"{where}[{i}]"
         if not isinstance(r, Mapping):
             raise Invalid(f"{at}: must be an object")
-        if egress and r.get("toFQDNs"):
-            problems.append(f"{at}.toFQDNs: not enforced yet; the rule allows nothing")
-            continue
+        fqdns = _fqdns(r["toFQDNs"], f"{at}.toFQDNs") if egress and "toFQDNs" in r else ()
+        if fqdns and any(r.get(f"to{kind}") for kind in ("Endpoints", "Namespaces", "CIDRs",
+                                                         "Entities")):
+            raise Invalid(f"{at}: toFQDNs goes in a rule of its own (no other peers)")
+        if egress and "toFQDNs" in r and not fqdns:
+            continue  # an empty list: the rule allows nothing
         cidrs = []
         for c in r.get(f"{prefix}CIDRs") or []:
             try:
@@ -161,7 +198,7 @@ def _rules(raw: Any, where: str, egress: bool, problems: list[str]) -> tuple[Rul
             continue  # every port failed closed: the rule allows nothing
         out.append(Rule(_selectors(r.get(f"{prefix}Endpoints"), f"{at}.{prefix}Endpoints"),
                         _selectors(r.get(f"{prefix}Namespaces"), f"{at}.{prefix}Namespaces"),
-                        tuple(cidrs), entities, ports))
+                        tuple(cidrs), entities, ports, fqdns))
     return tuple(out)
 
 

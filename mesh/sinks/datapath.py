@@ -31,12 +31,15 @@ class DatapathSink:
     name = "datapath"
 
     def __init__(self, pin_dir: Path, cgroup: Path | None = None, forwarding: bool = False,
-                 underlay: str | None = None, redirect: str = "sk-assign") -> None:
+                 underlay: str | None = None, redirect: str = "sk-assign",
+                 dns_cache: Path | None = None) -> None:
         """`forwarding`: attach bpf/fwd.c to this namespace's pod veths (and `underlay`):
-        only where this process runs in the node's own namespace."""
+        only where this process runs in the node's own namespace. `dns_cache`: where the
+        toFQDNs rules' DNS cache is kept."""
         self.pin_dir = pin_dir
         self.loaded: Loaded = compile_program("sock_lb.c", pin_dir)
-        self.forwarding = Forwarding(pin_dir, underlay, redirect) if forwarding else None
+        self.forwarding = Forwarding(pin_dir, underlay, redirect, dns_cache) \
+            if forwarding else None
         self.reconciler = ServiceReconciler(self.loaded.table("mesh_services"),
                                             self.loaded.table("mesh_backends"),
                                             self.loaded.table("mesh_rev_nat"),
@@ -71,7 +74,10 @@ class DatapathSink:
         self._problems = problems
         self.reconciler.apply(ir.services)
         if self.forwarding is not None:
-            self.forwarding.policy.apply(ir.network_policies)
+            # toFQDNs entries first: one that goes is then covered by the revision bump
+            removed = self.forwarding.fqdn.set_rules(ir.network_policies.endpoints)
+            if not self.forwarding.policy.apply(ir.network_policies) and removed:
+                self.forwarding.policy.bump()
         self._sync_due.set()  # run() looks at the node's pods now (netlink, on a thread)
         self._progress.set()
         self._progress = asyncio.Event()

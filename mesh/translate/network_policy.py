@@ -41,6 +41,10 @@ from mesh.translate.cluster_network_policy import pod_tiers
 from mesh.translate.status import ClassStatus, policy_accepted
 
 POLICY_PORT = 15002  # the node Envoy's listener for flows with L7 policy rules
+DNS_PROXY_PORT = 15053  # the agent's DNS proxy (UDP and TCP, loopback), for toFQDNs rules
+# What a pod with toFQDNs rules may always send, through the DNS proxy: its DNS, anywhere.
+DNS_ALLOWS = (ir.PolicyAllow("egress", ids.ANY, "TCP", 53, dns=True),
+              ir.PolicyAllow("egress", ids.ANY, "UDP", 53, dns=True))
 CIDR_FIRST = 1 << 24  # CIDR identities: 2^24 .. 2^25-1 (Cilium's local scope starts there)
 CIDR_SPAN = 1 << 24
 # containerPort name -> the (port, protocol) pairs it names
@@ -470,6 +474,7 @@ def _translate(snapshot: StoreSnapshot, node: str | None, identity_table: ids.Id
             continue
         isolated = {"ingress": False, "egress": False}
         allow: set[ir.PolicyAllow] = set()
+        fqdn: set[ir.FqdnAllow] = set()
         names = set()
         for p in policies:
             if p.namespace != pod.namespace or not p.selector.matches(pod.labels):
@@ -490,6 +495,10 @@ def _translate(snapshot: StoreSnapshot, node: str | None, identity_table: ids.Id
                 isolated[direction] = True
                 names.add(f"{m.namespace}/{m.name}")
                 for mesh_rule in maybe_rules:
+                    fqdn.update(ir.FqdnAllow(name, pr.protocol, pr.port, pr.end_port)
+                                for name in mesh_rule.fqdns for pr in mesh_rule.ports)
+                    if not mesh_rule.ports:
+                        fqdn.update(ir.FqdnAllow(name) for name in mesh_rule.fqdns)
                     for peer_id in compiler.mesh_peer_identities(mesh_rule, m.namespace):
                         if not mesh_rule.ports:
                             allow.add(ir.PolicyAllow(direction, peer_id))
@@ -510,16 +519,19 @@ def _translate(snapshot: StoreSnapshot, node: str | None, identity_table: ids.Id
             clustered, namespaces.get(pod.namespace, {}), pod.labels, pod.ports,
             lambda peer: compiler.cnp_peer_identities(peer, node_addresses),
             compiler.named_ports)
+        if fqdn:
+            allow.update(DNS_ALLOWS)
         endpoints.append(ir.EndpointPolicy(
             pod.address, pod.identity, isolated["ingress"], isolated["egress"],
             tuple(sorted(allow, key=_allow_order)), tuple(sorted(names)), tuple(tiers),
-            tuple(tier_rules)))
+            tuple(tier_rules), tuple(sorted(fqdn, key=_fqdn_order))))
     targets = _l7_targets(l7, ipcache, cidrs)
     return ir.NetworkPolicies(
         ipcache=tuple(sorted(ipcache.values(), key=lambda e: _prefix_order(e.prefix))),
         endpoints=tuple(sorted(endpoints, key=lambda e: addressing.address_order(e.address))),
         problems=tuple(sorted(set(problems), key=lambda p: (p.policy, p.message))),
-        l7=targets, proxy_port=POLICY_PORT if targets else 0)
+        l7=targets, proxy_port=POLICY_PORT if targets else 0,
+        dns_proxy_port=DNS_PROXY_PORT if any(e.fqdn for e in endpoints) else 0)
 
 
 def _l7_targets(l7: Mapping[tuple[str, int], Mapping[int, tuple[set[mnp.HTTPRule], set[str]]]],
@@ -570,8 +582,13 @@ def _broken_selects(obj: KubeObject, labels: Mapping[str, str]) -> bool:
         return True  # not even its selector: every pod of its namespace
 
 
-def _allow_order(a: ir.PolicyAllow) -> tuple[str, int, str, int, int, bool]:
-    return (a.direction, a.identity, a.protocol or "", a.port or 0, a.end_port or 0, a.proxy)
+def _allow_order(a: ir.PolicyAllow) -> tuple[str, int, str, int, int, bool, bool]:
+    return (a.direction, a.identity, a.protocol or "", a.port or 0, a.end_port or 0, a.proxy,
+            a.dns)
+
+
+def _fqdn_order(a: ir.FqdnAllow) -> tuple[str, str, int, int]:
+    return (a.pattern, a.protocol or "", a.port or 0, a.end_port or 0)
 
 
 def _prefix_order(prefix: str) -> tuple[int, int]:
