@@ -260,8 +260,9 @@ def test_daemonset(name: str) -> None:
     # Capabilities, exactly.
     agent_caps = []
     if v["datapath"]["enabled"]:
-        agent_caps = ["NET_ADMIN", "SYS_ADMIN"] if v["securityContext"]["legacySysAdmin"] \
-            else ["NET_ADMIN", "BPF", "PERFMON"]
+        agent_caps = ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"] \
+            if v["securityContext"]["legacySysAdmin"] else ["NET_ADMIN", "NET_RAW", "BPF",
+                                                            "PERFMON"]
     assert agent["securityContext"]["capabilities"].get("add", []) == agent_caps
     assert envoy["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_BIND_SERVICE"]
     assert envoy["securityContext"]["readOnlyRootFilesystem"] is True
