@@ -24,6 +24,7 @@
  * A packet that policy drops goes no further. */
 #include "lib/common.h"
 #include "lib/ct.h"
+#include "lib/encrypt.h"
 #include "lib/endpoints.h"
 #include "lib/lb.h"
 #include "lib/nat.h"
@@ -39,6 +40,52 @@ static __always_inline void count(__u32 i)
 	__u64 *n = mesh_fwd_stats.lookup(&i);
 	if (n)
 		*n += 1;
+}
+
+/* -- transparent encryption (lib/encrypt.h) -- */
+
+static __always_inline void encrypt_count(__u32 i)
+{
+	__u64 *n = mesh_encrypt_stats.lookup(&i);
+	if (n)
+		*n += 1;
+}
+
+/* A pod's packet to another node's pod: into the WireGuard device when its peer is up; in
+ * strict mode dropped (and counted) when not, as it would leave in the clear. -1: not for
+ * the tunnel (not another node's pod, or encryption off): the caller goes on. */
+static __always_inline int to_tunnel(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct encrypt_config *cfg = mesh_encrypt_config.lookup(&zero);
+	if (!cfg || !(cfg->ifindex || (cfg->flags & MESH_ENC_STRICT)))
+		return -1;
+	struct encrypt_entry *e = 0;
+	__u32 drop = MESH_ENC_DROP4;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct encrypt4_key k = { .prefixlen = 32 };
+		if (bpf_skb_load_bytes(skb, MESH_IP_OFF(daddr), &k.address, sizeof(k.address)) < 0)
+			return -1;
+		e = mesh_encrypt4.lookup(&k);
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		/* the IPv6 header's destination address: 24 bytes in */
+		struct encrypt6_key k = { .prefixlen = 128 };
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 24, k.address, sizeof(k.address)) < 0)
+			return -1;
+		e = mesh_encrypt6.lookup(&k);
+		drop = MESH_ENC_DROP6;
+	}
+	if (!e)
+		return -1;
+	if ((e->flags & MESH_ENC_PEER_UP) && cfg->ifindex) {
+		encrypt_count(MESH_ENC_SENT);
+		return bpf_redirect(cfg->ifindex, 0);
+	}
+	if (cfg->flags & MESH_ENC_STRICT) {
+		encrypt_count(drop);
+		return TC_ACT_SHOT;
+	}
+	return -1;
 }
 
 /* -- network policy (lib/policy.h) -- */
@@ -415,6 +462,9 @@ int mesh_from_pod(struct __sk_buff *skb)
 	if (!flow4_parse(skb, &f)) {
 		if (!policy_pass(skb, MESH_POLICY_EGRESS))
 			return TC_ACT_SHOT;
+		int tunnel = to_tunnel(skb);  /* IPv6, ICMP, fragments */
+		if (tunnel >= 0)
+			return tunnel;
 		return to_local_pod(skb, ipv4_daddr(skb));
 	}
 	if (f.proto == IPPROTO_TCP) {
@@ -439,6 +489,9 @@ int mesh_from_pod(struct __sk_buff *skb)
 	struct ct4_rev *rev = mesh_ct4_rev.lookup(&rk);
 	if (rev)
 		return reverse_nat(skb, &f, rev);
+	int tunnel = to_tunnel(skb);
+	if (tunnel >= 0)
+		return tunnel;
 	return to_local_pod(skb, f.daddr);  /* parsed already: no second read of the header */
 }
 

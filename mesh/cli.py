@@ -79,6 +79,17 @@ _state_dir_option = click.option(
               default="sk-assign", show_default=True,
               help="How connections to Services with L7 routes reach Envoy: bpf_sk_assign "
               "at tc, or a mark and netfilter's TPROXY.")
+@click.option("--encryption", type=click.Choice(["none", "wireguard"]), default="none",
+              show_default=True,
+              help="Encrypt pod traffic between nodes: wireguard (the kernel's, or "
+                   "wireguard-go), its key pair in STATE_DIR and its public key on the Node. "
+                   "Needs --datapath-cgroup and --datapath-underlay.")
+@click.option("--encryption-strict/--no-encryption-strict", default=True, show_default=True,
+              help="Drop pod traffic to other nodes' pods that would leave unencrypted "
+                   "(a peer without a key yet), rather than send it in the clear.")
+@click.option("--encryption-strict-cidr", "encryption_strict_cidrs", multiple=True,
+              metavar="CIDR", help="Also never send traffic to this CIDR (IPv4 or IPv6) in "
+                                   "the clear; repeatable.")
 @click.option("--keep-envoy", is_flag=True,
               help="When stopped, leave Envoy serving its last configuration; the next "
                    "`mesh run` with this --state-dir adopts it.")
@@ -117,7 +128,8 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         controller_name: str, node_id: str, state_dir: Path, xds_address: str | None,
         admin_address: str | None, protocol: str, envoy_log_level: str, max_connections: int,
         echo_address: str | None, datapath_cgroup: Path | None,
-        datapath_underlay: str | None, datapath_redirect: str, keep_envoy: bool,
+        datapath_underlay: str | None, datapath_redirect: str, encryption: str,
+        encryption_strict: bool, encryption_strict_cidrs: tuple[str, ...], keep_envoy: bool,
         kubernetes: bool, kubeconfig: str | None, ratelimit_redis: str | None,
         envoy_mode: str, gateway_addresses: str, use_forwarded_headers: bool,
         leader_elect: bool, leader_namespace: str,
@@ -138,6 +150,13 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         raise click.UsageError("--manifests, --resources and --kubernetes exclude each other")
     if (kubeconfig is not None or leader_elect) and not kubernetes:
         raise click.UsageError("--kubeconfig and --leader-elect go with --kubernetes")
+    if encryption != "none" and (datapath_cgroup is None or datapath_underlay is None):
+        raise click.UsageError("--encryption needs --datapath-cgroup and --datapath-underlay")
+    for cidr in encryption_strict_cidrs:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError as e:
+            raise click.UsageError(f"--encryption-strict-cidr {cidr}: {e}") from e
     try:
         ipaddress.ip_network(address_pool)
         lease = LeaseConfig(leader_namespace, leader_identity or node_id, lease_name,
@@ -162,6 +181,10 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
             datapath_cgroup=datapath_cgroup,
             datapath_underlay=datapath_underlay,
             datapath_redirect=datapath_redirect,
+            encryption=encryption,
+            encryption_strict=encryption_strict,
+            encryption_strict_cidrs=tuple(str(ipaddress.ip_network(c))
+                                          for c in encryption_strict_cidrs),
             ratelimit_redis=ratelimit_redis,
             kubernetes=kubernetes,
             kubeconfig=kubeconfig,
@@ -400,6 +423,7 @@ def echo(listen: tuple[str, ...], tls_listen: tuple[str, ...], cert: str | None,
 
 def _add_commands() -> None:
     from mesh.cni.install import cni_install
+    from mesh.encryption.cli import encryption
     from mesh.ingress_nginx_check import ingress_nginx
     from mesh.install import install
     from mesh.lab.cli import lab
@@ -408,6 +432,7 @@ def _add_commands() -> None:
 
     main.add_command(lab)
     main.add_command(policy)  # `mesh policy status|trace`
+    main.add_command(encryption)  # `mesh encryption status|rotate-key`
     main.add_command(ratelimit)  # the node's rate limit service (mesh run starts it)
     main.add_command(install)  # the Helm chart rendered (charts/mesh)
     main.add_command(cni_install)  # the chart's init container: the CNI plugin on the node

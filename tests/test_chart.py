@@ -60,6 +60,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
     # A gateway only: the datapath turned off (no eBPF, no bpffs or cgroup mounts).
     "gateway-only": {"datapath": {"enabled": False}},
+    "encryption": {"datapath": {"enabled": True},
+                   "encryption": {"mode": "wireguard", "strict": False,
+                                  "strictCIDRs": ["fd00:10:244::/48"]}},
     "legacy-secret-podcidr": {
         "gatewayAddresses": {"source": "loadbalancer"},
         "datapath": {"enabled": True},
@@ -204,6 +207,11 @@ def _expected_args(v: dict[str, Any]) -> list[str]:
         args += ["--datapath-cgroup", "/sys/fs/cgroup",
                  "--datapath-underlay", v["datapath"]["underlay"],
                  "--datapath-redirect", v["datapath"]["redirect"]]
+    if v["encryption"]["mode"] != "none":
+        args += ["--encryption", v["encryption"]["mode"],
+                 "--encryption-strict" if v["encryption"]["strict"] else "--no-encryption-strict"]
+        for cidr in v["encryption"]["strictCIDRs"]:
+            args += ["--encryption-strict-cidr", cidr]
     return args
 
 
@@ -315,7 +323,8 @@ def test_traffic_policies_from_the_values() -> None:
 def test_rbac_is_what_the_code_uses(name: str) -> None:
     cluster_role = _one(name, "ClusterRole")
     role = _one(name, "Role")
-    assert _triples(cluster_role["rules"]) == _triples(cluster_rules())
+    encryption = VALUE_SETS[name].get("encryption", {}).get("mode", "none") != "none"
+    assert _triples(cluster_role["rules"]) == _triples(cluster_rules(encryption))
     assert _triples(role["rules"]) == _triples(namespace_rules())
     assert role["metadata"]["namespace"] == "mesh-system"
 
@@ -337,7 +346,7 @@ def _invoke(*args: str) -> Any:
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (["--set", "encryption.mode=wireguard"], "/encryption/mode: value must be 'none'"),
+    (["--set", "encryption.mode=ipsec"], "/encryption/mode: value must be one of"),
     (["--set", "gatewayAddresses.source=foo"], "/gatewayAddresses/source: value must be one of"),
     (["--set", "colour=blue"], "additional properties 'colour' not allowed"),
     (["--set", "datapath.unknown=1"], "/datapath: additional properties 'unknown' not allowed"),

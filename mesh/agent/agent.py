@@ -126,6 +126,7 @@ class Agent:
         events: PolicyEvents | None = None  # Kubernetes: Events on policies not enforced
         collector: IdentityCollector | None = None  # Kubernetes: unused identities deleted
         source: Provider
+        kube = None
         if cfg.kubernetes:
             kube = await opened.enter_async_context(connect(cfg.kubeconfig))
             election = LeaderElection(kube.call, cfg.lease) if cfg.lease is not None else None
@@ -175,6 +176,25 @@ class Agent:
             fqdn = datapath.forwarding.fqdn
             # toFQDNs: the pods' DNS, learned into the datapath
             components.append(DnsProxy(DNS_PROXY_PORT, fqdn.learn, fqdn.expire))
+            if cfg.encryption == "none":
+                from mesh.sinks.encryption import disable
+
+                disable(datapath.forwarding.encryption_tables())
+            if cfg.encryption == "wireguard":
+                from mesh.sinks.encryption import EncryptionSettings, EncryptionSink
+
+                assert cfg.datapath_underlay is not None
+                encryption = EncryptionSink(EncryptionSettings(
+                    cfg.state_dir, cfg.datapath_underlay, cfg.encryption_strict,
+                    cfg.encryption_strict_cidrs), datapath.forwarding.encryption_tables())
+                sinks.append(encryption)
+                components.append(encryption)
+                if kube is not None:
+                    from mesh.kube.nodekey import NodeKeyPublisher
+
+                    components.append(NodeKeyPublisher(kube.call, cfg.node_id,
+                                                       encryption.public_key,
+                                                       encryption.key_changed))
         if cfg.ratelimit_redis is not None:
             from mesh.agent.ratelimit import RateLimitService
 

@@ -44,6 +44,11 @@ class AgentConfig:
     # How the datapath hands connections to Envoy: "sk-assign" (bpf_sk_assign at tc) or
     # "tproxy" (a mark at tc and netfilter's TPROXY); README "The L7 redirect" compares them.
     datapath_redirect: str = "sk-assign"
+    # Transparent encryption of pod traffic between nodes: "none" | "wireguard"; strict: what
+    # would leave in the clear is dropped (and these CIDRs too, besides other nodes' pods').
+    encryption: str = "none"
+    encryption_strict: bool = True
+    encryption_strict_cidrs: tuple[str, ...] = ()
     # Redis for the node's rate limit service (global rate limits); None: no service, and
     # policies with global limits are refused in their status.
     ratelimit_redis: str | None = None

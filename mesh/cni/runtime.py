@@ -118,7 +118,7 @@ HOST_LOCAL = Path("/usr/lib/cni/host-local")  # Debian's containernetworking-plu
 CONFLIST = Path("net.d") / "10-mesh.conflist"
 
 
-def node_runtime(base: Path, pod_cidr: str, node_netns: str) -> Runtime:
+def node_runtime(base: Path, pod_cidr: str, node_netns: str, mtu: int = 1500) -> Runtime:
     """A node's CNI setup, as a kubelet's container runtime finds it, under `base`: the
     plugins (ours and host-local) in bin/, the conflist in net.d/, IPAM state and the
     results cache beside them; plugins run in the node's network namespace."""
@@ -129,7 +129,7 @@ def node_runtime(base: Path, pod_cidr: str, node_netns: str) -> Runtime:
         link = bin_dir / name
         if not link.is_symlink():
             link.symlink_to(target)
-    mesh_network(pod_cidr, ipam_dir=base / "ipam").write(base / CONFLIST)
+    mesh_network(pod_cidr, mtu, ipam_dir=base / "ipam").write(base / CONFLIST)
     return existing_runtime(base, node_netns)
 
 

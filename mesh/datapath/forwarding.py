@@ -200,6 +200,11 @@ class Forwarding:
             log.error("cannot attach the forwarding program", extra={"ifindex": index,
                                                                      "error": str(e)})
 
+    def encryption_tables(self) -> dict[str, Any]:
+        """The maps the encryption sink writes (bpf/lib/encrypt.h)."""
+        return {name: self.loaded.table(name) for name in (
+            "mesh_encrypt4", "mesh_encrypt6", "mesh_encrypt_config", "mesh_encrypt_stats")}
+
     def stats(self) -> tuple[int, int, int, int]:
         """(packets redirected to a local pod, left to the kernel, NodePort packets
         balanced, handed to the node's Envoy), all CPUs."""

@@ -134,6 +134,26 @@ class TierEntry(ctypes.Structure):
                 ("precedence", ctypes.c_uint32)]
 
 
+class EncryptConfig(ctypes.Structure):
+    _fields_ = [("ifindex", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class Encrypt4Key(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("address", ctypes.c_uint32)]
+
+
+class Encrypt6Key(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("address", ctypes.c_uint8 * 16)]
+
+
+class EncryptEntry(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint32)]
+
+
+ENC_PEER_UP = 0x1  # MESH_ENC_PEER_UP
+ENC_STRICT = 0x1  # MESH_ENC_STRICT
+ENCRYPT_STATS = ("sent", "dropped_ipv4", "dropped_ipv6")  # mesh_encrypt_stats' slots
+
 EP_INGRESS_ISOLATED = 0x1  # MESH_EP_* of a policy endpoint
 EP_EGRESS_ISOLATED = 0x2
 EP_ADMIN = 0x4
@@ -177,4 +197,7 @@ FWD_MAPS: dict[str, tuple[Any, type[ctypes.Structure] | Any]] = {
     "mesh_policy_baseline": (PolicyKey, TierEntry),
     "mesh_policy_ct": (PolicyCtKey, PolicyCtEntry),
     "mesh_policy_fqdn": (FqdnKey, PolicyEntry),
+    "mesh_encrypt4": (Encrypt4Key, EncryptEntry),
+    "mesh_encrypt6": (Encrypt6Key, EncryptEntry),
+    "mesh_encrypt_config": (ctypes.c_uint32, EncryptConfig),
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mesh.ir.encryption import Encryption, EncryptionPeer, KeyProblem
 from mesh.ir.infrastructure import GatewayService, GatewayServicePort
 from mesh.ir.l4 import L4Backend, ServiceFrontend
 from mesh.ir.l7 import (
@@ -75,6 +76,8 @@ __all__ = [
     "ClientValidation",
     "Cors",
     "DirectResponse",
+    "Encryption",
+    "EncryptionPeer",
     "Endpoint",
     "EndpointPolicy",
     "ExtAuth",
@@ -88,6 +91,7 @@ __all__ = [
     "HealthCheck",
     "IdentityMap",
     "IpcacheEntry",
+    "KeyProblem",
     "L4Backend",
     "L7Group",
     "L7Rule",
@@ -133,3 +137,5 @@ class IR:
     # Network policy: the pods' security identities, and what this node's pods may do.
     identities: IdentityMap = field(default_factory=IdentityMap)
     network_policies: NetworkPolicies = field(default_factory=NetworkPolicies)
+    # Transparent encryption: the other nodes as WireGuard peers.
+    encryption: Encryption = field(default_factory=Encryption)

@@ -9,13 +9,14 @@ from mesh.kube.resources import (
     LEASE,
     MESH_IDENTITIES,
     MESH_NODE,
+    NODES,
     SERVICES,
     STATUS_KINDS,
     resources,
 )
 
 
-def cluster_rules() -> list[dict[str, list[str]]]:
+def cluster_rules(encryption: bool = False) -> list[dict[str, list[str]]]:
     """The cluster-wide RBAC rules the agent needs, exactly: list+watch of every kind it
     reads, get + update of the status of the kinds it writes status for (it reads an object
     again before a write and after a conflict), and MeshNodes (get, create and update of the
@@ -56,6 +57,10 @@ def cluster_rules() -> list[dict[str, list[str]]]:
     # for first, so that a new leader does not repeat them.
     rules.append({"apiGroups": [EVENTS.group], "resources": [EVENTS.plural],
                   "verbs": ["list", "create"]})
+    if encryption:
+        # The node's WireGuard public key on its own Node (mesh/kube/nodekey.py).
+        rules.append({"apiGroups": [NODES.group], "resources": [NODES.plural],
+                      "verbs": ["patch"]})
     return rules
 
 

@@ -41,10 +41,13 @@ def install_crds(cp: ControlPlane) -> None:
                "crd/clusternetworkpolicies.policy.networking.k8s.io")
 
 
-def install_chart(cp: ControlPlane, namespace: str = NAMESPACE) -> str:
-    """The chart's objects but its DaemonSet (its CRDs included), applied in Helm's order;
-    the name of the agents' ServiceAccount."""
-    manifests = [m for m in render(release=RELEASE, namespace=namespace,
+def install_chart(cp: ControlPlane, namespace: str = NAMESPACE,
+                  encryption: str = "none") -> str:
+    """The chart's objects but its DaemonSet (its CRDs included), applied in Helm's order,
+    rendered for the lab's encryption mode (its RBAC follows it); the name of the agents'
+    ServiceAccount."""
+    values = {"encryption": {"mode": encryption}, "datapath": {"enabled": True}}
+    manifests = [m for m in render(values, release=RELEASE, namespace=namespace,
                                    create_namespace=True) if m.kind != "DaemonSet"]
     crds = [m for m in manifests if m.kind == "CustomResourceDefinition"]
     rest = [m for m in manifests if m.kind != "CustomResourceDefinition"]

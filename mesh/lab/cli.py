@@ -58,8 +58,11 @@ def lab() -> None:
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for ready.")
 @click.option("--redirect", type=click.Choice(["sk-assign", "tproxy"]), default="sk-assign",
               show_default=True, help="How the nodes' datapath hands L7 flows to Envoy.")
+@click.option("--encryption", type=click.Choice(["none", "wireguard"]), default="none",
+              show_default=True, help="Encrypt pod traffic between the nodes (wireguard: "
+              "wireguard-go on each node, strict mode).")
 def up(nodes: int, manifests: Path | None, name: str, foreground: bool, timeout: float,
-       redirect: str) -> None:
+       redirect: str, encryption: str) -> None:
     """Build the lab and return once every node and pod is ready."""
     try:
         cluster.check_name(name)
@@ -69,7 +72,7 @@ def up(nodes: int, manifests: Path | None, name: str, foreground: bool, timeout:
         raise click.ClickException(f"lab {name!r} is already up (`mesh lab down --name "
                                    f"{name}` first)")
     args = [sys.executable, "-m", "mesh.cli", "lab", "supervise", "--nodes", str(nodes),
-            "--name", name, "--redirect", redirect] + (
+            "--name", name, "--redirect", redirect, "--encryption", encryption] + (
                 ["--manifests", str(manifests.resolve())] if manifests else [])
     if foreground:
         os.execv(sys.executable, args)
@@ -104,7 +107,9 @@ def up(nodes: int, manifests: Path | None, name: str, foreground: bool, timeout:
 @click.option("--manifests", type=click.Path(path_type=Path))
 @click.option("--name", default="lab")
 @click.option("--redirect", default="sk-assign")
-def supervise(nodes: int, manifests: Path | None, name: str, redirect: str) -> None:
+@click.option("--encryption", default="none")
+def supervise(nodes: int, manifests: Path | None, name: str, redirect: str,
+              encryption: str) -> None:
     """Run the lab in the foreground until SIGTERM or Ctrl-C, then take it down."""
     stop: list[bool] = []
 
@@ -113,7 +118,7 @@ def supervise(nodes: int, manifests: Path | None, name: str, redirect: str) -> N
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    cluster.Lab(name, nodes, manifests, redirect).run_forever(stop)
+    cluster.Lab(name, nodes, manifests, redirect, encryption).run_forever(stop)
 
 
 @lab.command()
@@ -147,9 +152,10 @@ def status(name: str | None, output: str) -> None:
         click.echo(json.dumps(state, indent=2))
         return
     console = Console(width=160)
-    nodes = Table("NODE", "READY", "UNDERLAY", "POD CIDR")
+    nodes = Table("NODE", "READY", "UNDERLAY", "POD CIDR", "ENCRYPTION")
     for n in state.get("node_info", []):
-        nodes.add_row(n["name"], str(n.get("ready", False)), n["underlay"], n["podCIDR"])
+        nodes.add_row(n["name"], str(n.get("ready", False)), n["underlay"], n["podCIDR"],
+                      _encryption(cluster.lab_dir(state["name"]) / n["name"] / "agent"))
     pods = Table("NAMESPACE", "POD", "NODE", "IP", "READY", "STATUS", "RESTARTS")
     for key, p in sorted(state.get("pods", {}).items()):
         ns, pod = key.split("/", 1)
@@ -171,6 +177,16 @@ def status(name: str | None, output: str) -> None:
     if state.get("pool"):
         console.print(f"Gateways without addresses get one of {state['pool']}, routed from "
                       "the host to the nodes.")
+
+
+def _encryption(state_dir: Path) -> str:
+    """A node's encryption in one line (`mesh encryption status` has the rest)."""
+    from mesh.encryption.cli import read_status, summary
+
+    try:
+        return summary(read_status(state_dir))
+    except (click.ClickException, KeyError):
+        return "none"
 
 
 @lab.command()

@@ -55,6 +55,7 @@ REDIS_PORT = 6379  # on the host's underlay address, one per lab
 # The cgroup2 hierarchy, mounted under /run: `ip netns exec` gives the agents a /sys of
 # their node's namespace, where the host's cgroup mount is not to be seen.
 CGROUP_MOUNT = Path("/run/mesh/lab-cgroup2")
+SOCKET_ROOT = Path("/var/run/wireguard")  # a mount point in each lab agent's namespace
 CGROUP_ROOT = CGROUP_MOUNT / "mesh-lab"
 FIELD_MANAGER = "mesh-lab"
 CONTROLLER = "mesh.dev/gateway-controller"
@@ -148,9 +149,10 @@ def kubectl_type(api_version: str, kind: str) -> str:
 
 class Lab:
     def __init__(self, name: str, nodes: int, manifests: Path | None,
-                 redirect: str = "sk-assign") -> None:
+                 redirect: str = "sk-assign", encryption: str = "none") -> None:
         self.name = name
         self.redirect = redirect
+        self.encryption = encryption
         self.dir = lab_dir(name)
         self.index = _free_index(name)
         self.nodes = network.plan(name, nodes, self.index)
@@ -215,7 +217,7 @@ class Lab:
         self._start_relay()
         began = time.monotonic()
         bootstrap.install_crds(self.cp)
-        account = bootstrap.install_chart(self.cp)
+        account = bootstrap.install_chart(self.cp, encryption=self.encryption)
         log.info("CRDs and the chart installed",
                  extra={"seconds": round(time.monotonic() - began, 2)})
         self._start_redis()
@@ -269,21 +271,38 @@ class Lab:
             "--kubeconfig", str(d / "kubelet.kubeconfig"),
             "--state-dir", str(d / "kubelet"), "--netns", n.name,
             "--address", n.underlay_ip, "--cgroup", str(CGROUP_ROOT / self.name / n.name),
-            "--dns", n.underlay_ip, "--tls-cert", str(d / "kubelet-serving.crt"),
+            "--dns", n.underlay_ip, "--mtu", str(self.pod_mtu()),
+            "--tls-cert", str(d / "kubelet-serving.crt"),
             "--tls-key", str(d / "kubelet-serving.key"),
             "--client-ca", str(self.cp.certs / "ca.crt")], d / "kubelet.log")
         self.state.kubelets[n.name] = proc.pid
 
+    def pod_mtu(self) -> int:
+        """The pods' interface MTU: the underlay's (1500), less the tunnel's overhead."""
+        from mesh.encryption.wireguard import tunnel_mtu
+
+        return tunnel_mtu(1500) if self.encryption == "wireguard" else 1500
+
     def _start_agent(self, n: NodeNet) -> None:
         state = self.node_dir(n) / "agent"
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Each node has a filesystem of its own; the lab's share the host's, so a node's
+        # /var/run/wireguard (wireguard-go's socket: one device name on every node) is its
+        # own directory, mounted over it in the agent's mount namespace (`ip netns exec`
+        # makes one), the same one again after a restart.
+        wireguard = self.node_dir(n) / "wireguard"
+        wireguard.mkdir(exist_ok=True, mode=0o700)
+        SOCKET_ROOT.mkdir(parents=True, exist_ok=True)
         proc = self._spawn(f"agent/{n.name}", [
-            "ip", "netns", "exec", n.name, sys.executable, "-m", "mesh.cli", "run",
+            "ip", "netns", "exec", n.name, "sh", "-c",
+            'mount --bind "$0" /var/run/wireguard && exec "$@"', str(wireguard),
+            sys.executable, "-m", "mesh.cli", "run",
             "--kubernetes", "--kubeconfig", str(self.node_dir(n) / "agent.kubeconfig"),
             "--node-name", n.name, "--leader-elect", "--address-pool", self.state.pool,
             "--leader-namespace", bootstrap.NAMESPACE, "--state-dir", str(state),
             "--datapath-cgroup", str(CGROUP_ROOT / self.name / n.name),
             "--datapath-underlay", "eth0", "--datapath-redirect", self.redirect,
+            "--encryption", self.encryption,
             *(["--ratelimit-redis", url] if (url := self.redis_url()) else [])],
             self.node_dir(n) / "agent.log")
         self.state.agents[n.name] = proc.pid
@@ -635,6 +654,12 @@ def teardown(name: str, keep_log: bool = False) -> list[str]:
                 os.kill(pid, signal.SIGTERM)
                 envoys.append(pid)
     _wait_gone(envoys, 5)
+    # What is left in a node's namespace: a wireguard-go (an agent leaves its device up, as
+    # on a real node), anything an agent started and did not stop.
+    for node in state.get("nodes", []):
+        out = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True,
+                             check=False)
+        _stop([int(p) for p in out.stdout.split() if p.isdigit()], 5)
     _stop([p for p in (int(state.get("redis") or 0), int(state.get("relay") or 0)) if p], 5)
     if state.get("control_plane"):
         ControlPlane.cleanup(Path(state["control_plane"]))

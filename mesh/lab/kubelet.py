@@ -666,7 +666,7 @@ class Kubelet:
                  status_every: float = STATUS_EVERY,
                  taints: tuple[dict[str, str], ...] = (), cgroup: Path | None = None,
                  dns: str | None = None,
-                 tls: tuple[Path, Path, Path] | None = None) -> None:
+                 tls: tuple[Path, Path, Path] | None = None, mtu: int = 1500) -> None:
         self.name = name
         self.kubeconfig = kubeconfig
         self.state_dir = state_dir
@@ -686,6 +686,7 @@ class Kubelet:
         # (serving certificate, its key, the CA of its clients): with them it serves the
         # API server's `kubectl logs` on the node's address (mesh.lab.kubelet_server).
         self.tls = tls
+        self.mtu = mtu  # the pods' interfaces' (the CNI configuration's)
         self.http: HTTP | None = None
         self.runtime: Runtime | None = None
         self.pod_cidr = ""
@@ -968,7 +969,8 @@ class Kubelet:
                 await self.register()
                 self.pod_cidr = await self.wait_pod_cidr()
                 self.runtime = await asyncio.to_thread(
-                    node_runtime, self.state_dir / "cni", self.pod_cidr, self.netns)
+                    node_runtime, self.state_dir / "cni", self.pod_cidr, self.netns,
+                    self.mtu)
                 if self.tls is not None:
                     server = await kubelet_server.serve(self.find_log, self.netns,
                                                         self.address, *self.tls)
@@ -1065,6 +1067,7 @@ def main() -> None:
     parser.add_argument("--address", required=True)
     parser.add_argument("--cgroup", type=Path, help="the cgroup (v2) the pods' processes join")
     parser.add_argument("--dns", help="the cluster DNS server the pods' resolv.conf names")
+    parser.add_argument("--mtu", type=int, default=1500, help="the pods' interfaces' MTU")
     parser.add_argument("--tls-cert", type=Path, help="serve `kubectl logs` with this ...")
     parser.add_argument("--tls-key", type=Path, help="... and this key, ...")
     parser.add_argument("--client-ca", type=Path, help="... to clients this CA signed")
@@ -1074,7 +1077,7 @@ def main() -> None:
     tls = (a.tls_cert, a.tls_key, a.client_ca) if a.tls_cert and a.tls_key and a.client_ca \
         else None
     kubelet = Kubelet(a.name, a.kubeconfig, a.state_dir, netns=a.netns, address=a.address,
-                      cgroup=a.cgroup, dns=a.dns, tls=tls)
+                      cgroup=a.cgroup, dns=a.dns, tls=tls, mtu=a.mtu)
 
     async def run() -> None:
         # SIGTERM: stop as a kubelet stops (its pods keep running; the lab removes them)

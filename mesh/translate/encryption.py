@@ -1,0 +1,83 @@
+"""Nodes to WireGuard peers (mesh/ir/encryption.py), pure: each other Node's underlay address,
+pod CIDRs and published public key (the `mesh.dev/wireguard-public-key` annotation its agent
+writes).
+
+A key is refused, with a problem naming the node, when it does not parse as a WireGuard public
+key (base64 of 32 bytes, not a point of low order), or when two Nodes publish the same one (a
+copied annotation: WireGuard tells peers apart by key, so neither can be trusted to be the
+node it claims). A refused or missing key leaves the peer down: the sink keeps its traffic
+out of the tunnel, and strict mode drops it rather than send it in the clear.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from mesh import ir
+from mesh.encryption.keys import ANNOTATION, InvalidKey, parse_public
+from mesh.store import kinds
+from mesh.store.objects import KubeObject
+from mesh.store.store import StoreSnapshot
+from mesh.translate import addressing
+
+
+def _pod_cidrs(node: KubeObject) -> tuple[str, ...]:
+    spec = node.spec
+    raw = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    out = []
+    for c in raw if isinstance(raw, list) else []:
+        try:
+            out.append(str(ipaddress.ip_network(str(c), strict=False)))
+        except ValueError:
+            continue
+    return tuple(out)
+
+
+def _endpoint(node: KubeObject) -> str | None:
+    """The address its tunnel ends at: its first InternalIP (IPv4 first)."""
+    found = addressing.reachable_addresses(node)
+    found.sort(key=lambda a: ipaddress.ip_address(a).version)
+    return found[0] if found else None
+
+
+def translate_encryption(snapshot: StoreSnapshot, node_name: str | None) -> ir.Encryption:
+    nodes = sorted(snapshot.of_kind(kinds.NODE), key=lambda n: n.name)
+    keys: dict[str, str] = {}
+    problems: dict[str, str] = {}
+    for n in nodes:
+        text = (n.annotations or {}).get(ANNOTATION)
+        if text is None:
+            continue
+        try:
+            parse_public(text)
+            keys[n.name] = text.strip()
+        except InvalidKey as e:
+            problems[n.name] = f"annotation {ANNOTATION}: {e}; the node gets no tunnel"
+    by_key: dict[str, list[str]] = {}
+    for name, key in keys.items():
+        by_key.setdefault(key, []).append(name)
+    for names in by_key.values():
+        if len(names) > 1:
+            for name in names:
+                others = ", ".join(n for n in names if n != name)
+                problems[name] = (f"annotation {ANNOTATION}: the same key as node {others}'s; "
+                                  "the node gets no tunnel")
+                del keys[name]
+    peers = []
+    for n in nodes:
+        if n.name == node_name:
+            continue
+        endpoint = _endpoint(n)
+        cidrs = _pod_cidrs(n)
+        if endpoint is None or not cidrs:
+            continue  # nothing to reach it at, or nothing to carry: not a peer yet
+        peers.append(ir.EncryptionPeer(n.name, endpoint, cidrs, keys.get(n.name),
+                                       problems.get(n.name, "")))
+    return ir.Encryption(tuple(peers), tuple(
+        ir.KeyProblem(name, _uid(snapshot, name), message)
+        for name, message in sorted(problems.items())))
+
+
+def _uid(snapshot: StoreSnapshot, name: str) -> str:
+    node = snapshot.get(kinds.NODE, "", name)
+    return str((node.metadata.get("uid") if node is not None else "") or "")
