@@ -20,7 +20,7 @@ export UV_PYTHON_DOWNLOADS := never
 # limits' counters, started by the lab and the tests); for the benchmarks, iperf3,
 # sockperf and iptables.
 DEBIAN_PACKAGES := python3-bpfcc linux-headers-amd64 containernetworking-plugins iproute2 procps \
-	curl redis-server
+	curl redis-server wireguard-go
 BENCH_PACKAGES := iperf3 sockperf iptables wrk
 # The documentation site (mkdocs.yml, docs/), built into $(SITE) (git-ignored).
 MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs

@@ -31,7 +31,15 @@ class KeyProblem:
 
 @dataclass(frozen=True)
 class Encryption:
-    """The peers (sorted by node), and the refused keys of every node (this one's too)."""
+    """The peers (sorted by node), the refused keys of every node (this one's too), and
+    what this node's Node says its key is."""
 
     peers: tuple[EncryptionPeer, ...] = ()
     problems: tuple[KeyProblem, ...] = ()
+    # This node's own annotation as the API server has it (None: none): when it is not the
+    # node's key, the key is published again.
+    published_key: str | None = None
+    # This node's address for its own traffic into the tunnel (its pod CIDR's first address,
+    # as Cilium's router IP: the peers' allowed IPs take it in, their pods' replies come
+    # back through the tunnel); None: no pod CIDR yet.
+    tunnel_source: str | None = None

@@ -37,7 +37,8 @@ class NodeKeyPublisher:
             await self.changed.wait()
             self.changed.clear()
             key = self.public_key()
-            while key is not None and key != self.published:
+            published = None
+            while key is not None and key != published:
                 try:
                     code, body = await self.call(
                         "PATCH", NODES.item("", self.node),
@@ -45,7 +46,7 @@ class NodeKeyPublisher:
                         "application/merge-patch+json")
                     if code != 200:
                         raise ConnectionError(f"{code} {api_message(body)}")
-                    self.published = key
+                    self.published = published = key
                     self.writes += 1
                     log.info("WireGuard public key published on the Node",
                              extra={"node": self.node, "public_key": key})

@@ -55,7 +55,8 @@ REDIS_PORT = 6379  # on the host's underlay address, one per lab
 # The cgroup2 hierarchy, mounted under /run: `ip netns exec` gives the agents a /sys of
 # their node's namespace, where the host's cgroup mount is not to be seen.
 CGROUP_MOUNT = Path("/run/mesh/lab-cgroup2")
-SOCKET_ROOT = Path("/var/run/wireguard")  # a mount point in each lab agent's namespace
+SOCKET_ROOT = Path("/var/run/wireguard")
+POD_IPV6_RANGE = "fd00:10:244::/48"  # a mount point in each lab agent's namespace
 CGROUP_ROOT = CGROUP_MOUNT / "mesh-lab"
 FIELD_MANAGER = "mesh-lab"
 CONTROLLER = "mesh.dev/gateway-controller"
@@ -303,6 +304,9 @@ class Lab:
             "--datapath-cgroup", str(CGROUP_ROOT / self.name / n.name),
             "--datapath-underlay", "eth0", "--datapath-redirect", self.redirect,
             "--encryption", self.encryption,
+            # the pods' IPv6 range, were they dual-stack: never in the clear either
+            *(["--encryption-strict-cidr", POD_IPV6_RANGE] if self.encryption != "none"
+              else []),
             *(["--ratelimit-redis", url] if (url := self.redis_url()) else [])],
             self.node_dir(n) / "agent.log")
         self.state.agents[n.name] = proc.pid

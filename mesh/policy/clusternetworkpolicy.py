@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.policy.networkpolicy import Invalid, Selector, parse_selector
+from mesh.policy.networkpolicy import Invalid, Selector, as_list, parse_selector
 from mesh.store.objects import KubeObject
 
 TIERS = ("Admin", "Baseline")
@@ -81,7 +81,7 @@ class ClusterNetworkPolicy:
 
 def _ports(raw: Any, where: str) -> tuple[PortMatch, ...]:
     out = []
-    for i, p in enumerate(raw or []):
+    for i, p in enumerate(as_list(raw, where)):
         at = f"{where}[{i}]"
         if not isinstance(p, Mapping) or len(p) != 1:
             raise Invalid(f"{at}: exactly one of tcp, udp, sctp, destinationNamedPort")
@@ -131,7 +131,7 @@ def _peer(raw: Any, where: str, egress: bool, problems: list[str]) -> Peer:
         return Peer(nodes=parse_selector(value, f"{where}.nodes"))
     if egress and kind == "networks":
         nets = []
-        for n in value or []:
+        for n in as_list(value, f"{where}.networks"):
             try:
                 nets.append(str(ipaddress.ip_network(str(n), strict=True)))
             except ValueError as e:

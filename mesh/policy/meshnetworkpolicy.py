@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.policy.networkpolicy import Invalid, Selector, parse_selector
+from mesh.policy.networkpolicy import Invalid, Selector, as_list, parse_selector
 from mesh.store.objects import KubeObject
 
 ENTITIES = ("world", "host", "remote-node", "cluster", "all")
@@ -123,7 +123,8 @@ def _http(raw: Any, where: str) -> HTTPRule:
         except re.error as e:
             raise Invalid(f"{where}.path: not a regular expression: {e}") from None
     headers = tuple((str(h.get("name")), None if h.get("value") is None else str(h["value"]))
-                    for h in raw.get("headers") or [] if isinstance(h, Mapping))
+                    for h in as_list(raw.get("headers"), f"{where}.headers")
+                    if isinstance(h, Mapping))
     return HTTPRule(None if raw.get("method") is None else str(raw["method"]).upper(),
                     None if path is None else str(path),
                     None if raw.get("host") is None else str(raw["host"]).lower(), headers)
@@ -141,7 +142,7 @@ def _grpc(raw: Any, where: str) -> HTTPRule:
 
 def _ports(raw: Any, where: str, egress: bool, problems: list[str]) -> tuple[PortRule, ...]:
     out = []
-    for i, p in enumerate(raw or []):
+    for i, p in enumerate(as_list(raw, where)):
         at = f"{where}[{i}]"
         if not isinstance(p, Mapping) or not isinstance(p.get("port"), int):
             raise Invalid(f"{at}.port: required, a number")
@@ -152,8 +153,10 @@ def _ports(raw: Any, where: str, egress: bool, problems: list[str]) -> tuple[Por
         if not 1 <= port <= 65535 or (end is not None and not (
                 isinstance(end, int) and port <= end <= 65535)):
             raise Invalid(f"{at}: port 1-65535, endPort from port to 65535")
-        http = tuple(_http(h, f"{at}.http[{j}]") for j, h in enumerate(p.get("http") or []))
-        http += tuple(_grpc(g, f"{at}.grpc[{j}]") for j, g in enumerate(p.get("grpc") or []))
+        http = tuple(_http(h, f"{at}.http[{j}]")
+                     for j, h in enumerate(as_list(p.get("http"), f"{at}.http")))
+        http += tuple(_grpc(g, f"{at}.grpc[{j}]")
+                      for j, g in enumerate(as_list(p.get("grpc"), f"{at}.grpc")))
         if http and protocol != "TCP":
             raise Invalid(f"{at}: HTTP and gRPC rules need protocol TCP")
         if http and end not in (None, port):
@@ -182,12 +185,13 @@ def _rules(raw: Any, where: str, egress: bool, problems: list[str]) -> tuple[Rul
         if egress and "toFQDNs" in r and not fqdns:
             continue  # an empty list: the rule allows nothing
         cidrs = []
-        for c in r.get(f"{prefix}CIDRs") or []:
+        for c in as_list(r.get(f"{prefix}CIDRs"), f"{at}.{prefix}CIDRs"):
             try:
                 cidrs.append(str(ipaddress.ip_network(str(c), strict=False)))
             except ValueError as e:
                 raise Invalid(f"{at}.{prefix}CIDRs: {e}") from None
-        entities = tuple(str(e) for e in r.get(f"{prefix}Entities") or [])
+        entities = tuple(str(e) for e in as_list(r.get(f"{prefix}Entities"),
+                                                 f"{at}.{prefix}Entities"))
         bad = [e for e in entities if e not in ENTITIES]
         if bad:
             raise Invalid(f"{at}.{prefix}Entities: {bad[0]!r} is not one of "

@@ -31,6 +31,15 @@ class Invalid(ValueError):
     """A policy the API server would refuse."""
 
 
+def as_list(raw: Any, where: str) -> list[Any]:
+    """A list field: absent or null, empty; anything but a list, refused."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise Invalid(f"{where}: must be a list")
+    return raw
+
+
 # -- selectors ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -68,9 +77,10 @@ def parse_selector(raw: Any, where: str) -> Selector:
     if not isinstance(labels, Mapping):
         raise Invalid(f"{where}.matchLabels: must be a map")
     expressions = []
-    for i, e in enumerate(raw.get("matchExpressions") or []):
+    for i, e in enumerate(as_list(raw.get("matchExpressions"), f"{where}.matchExpressions")):
         op = e.get("operator") if isinstance(e, Mapping) else None
-        values = tuple(str(v) for v in (e.get("values") or [])) if isinstance(e, Mapping) \
+        values = tuple(str(v) for v in as_list(e.get("values"), f"{where}.values")) \
+            if isinstance(e, Mapping) \
             else ()
         if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
             raise Invalid(f"{where}.matchExpressions[{i}].operator: {op!r} is not one of "
@@ -153,13 +163,15 @@ def _peer(raw: Any, where: str) -> Peer:
     if not isinstance(raw, Mapping):
         raise Invalid(f"{where}: must be an object")
     block = raw.get("ipBlock")
+    if block is not None and not isinstance(block, Mapping):
+        raise Invalid(f"{where}.ipBlock: must be an object")
     if block is not None:
         if "podSelector" in raw or "namespaceSelector" in raw:
             raise Invalid(f"{where}: ipBlock may not be combined with a selector")
         try:
             cidr = ipaddress.ip_network(str(block.get("cidr")), strict=False)
             excepts = [ipaddress.ip_network(str(e), strict=False)
-                       for e in block.get("except") or []]
+                       for e in as_list(block.get("except"), f"{where}.ipBlock.except")]
         except ValueError as error:
             raise Invalid(f"{where}.ipBlock: {error}") from None
         for net in excepts:
@@ -177,14 +189,14 @@ def _peer(raw: Any, where: str) -> Peer:
 
 def _rules(raw: Any, peers_key: str, where: str) -> tuple[Rule, ...]:
     out = []
-    for i, r in enumerate(raw or []):
+    for i, r in enumerate(as_list(raw, where)):
         if not isinstance(r, Mapping):
             raise Invalid(f"{where}[{i}]: must be an object")
         out.append(Rule(
-            tuple(_peer(p, f"{where}[{i}].{peers_key}[{j}]")
-                  for j, p in enumerate(r.get(peers_key) or [])),
-            tuple(_port(p, f"{where}[{i}].ports[{j}]")
-                  for j, p in enumerate(r.get("ports") or []))))
+            tuple(_peer(p, f"{where}[{i}].{peers_key}[{j}]") for j, p in enumerate(
+                as_list(r.get(peers_key), f"{where}[{i}].{peers_key}"))),
+            tuple(_port(p, f"{where}[{i}].ports[{j}]") for j, p in enumerate(
+                as_list(r.get("ports"), f"{where}[{i}].ports")))))
     return tuple(out)
 
 

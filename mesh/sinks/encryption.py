@@ -87,6 +87,7 @@ class _Applied:
     routes: dict[str, str] = field(default_factory=dict)  # CIDR -> "device" | "blackhole"
     entries: dict[str, int] = field(default_factory=dict)  # CIDR -> flags
     rule: bool = False
+    source: str | None = None  # the device's address (the tunnel source)
 
 
 class EncryptionSink:
@@ -114,6 +115,11 @@ class EncryptionSink:
     # -- the sink's side -----------------------------------------------------------------
 
     def apply(self, model: ir.IR) -> None:
+        mine = self.public_key()
+        if mine is not None and model.encryption.published_key != mine and \
+                model.encryption.published_key != self.desired.published_key:
+            # the Node says another key (someone changed the annotation): published again
+            self.key_changed.set()
         if model.encryption != self.desired:
             self.desired = model.encryption
             for p in model.encryption.peers:
@@ -182,7 +188,9 @@ class EncryptionSink:
                           extra={"error": str(e)})
         restarted = await self.daemon.ensure()
         if restarted:
-            self.applied = _Applied(rule=self.applied.rule)
+            # the old device took its routes with it; the blackholes stay
+            self.applied = _Applied(rule=self.applied.rule, routes={
+                c: k for c, k in self.applied.routes.items() if k != "device"})
         assert self.pair is not None
         uapi = self.daemon.uapi
         state = await uapi.get()
@@ -245,6 +253,15 @@ class EncryptionSink:
                 if (ifindex, mtu) != (self.applied.ifindex, self.applied.mtu):
                     ip.link("set", index=ifindex, mtu=mtu, state="up")
                     self.applied.ifindex, self.applied.mtu = ifindex, mtu
+                source = self.desired.tunnel_source
+                if source is not None and source != self.applied.source:
+                    from pyroute2 import NetlinkError
+
+                    with contextlib.suppress(NetlinkError):  # there already
+                        ip.addr("add", index=ifindex, address=source, prefixlen=32)
+                    self.applied.source = source
+                    self.applied.routes = {c: k for c, k in self.applied.routes.items()
+                                           if k != "device"}  # again, from this source
             if not self.applied.rule:
                 from pyroute2 import NetlinkError
 
@@ -287,6 +304,10 @@ class EncryptionSink:
             self.applied.routes.pop(cidr, None)
             return
         if kind == "device":
+            if spec["family"] == 2 and self.applied.source:
+                # the node's own packets leave from its tunnel address (the peers' allowed
+                # IPs hold it; replies to it come back through the tunnel)
+                spec["prefsrc"] = self.applied.source
             ip.route("replace", oif=ifindex, **spec)
         else:
             ip.route("replace", type="blackhole", **spec)

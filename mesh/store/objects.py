@@ -113,13 +113,24 @@ class KubeObject:
 
     @property
     def labels(self) -> Mapping[str, str]:
-        labels = self.metadata.get("labels")
-        return labels if isinstance(labels, Mapping) else {}
+        return _strings(self.metadata.get("labels"))
 
     @property
-    def annotations(self) -> Mapping[str, str]:
+    def annotations(self) -> Mapping[str, Any]:
+        """As written: the ingress-nginx annotations' reader names a value that is not a
+        string, rather than lose it."""
         ann = self.metadata.get("annotations")
         return ann if isinstance(ann, Mapping) else {}
+
+
+def _strings(raw: Any) -> Mapping[str, str]:
+    """Labels as the API server keeps them, strings to strings: a manifest's other entries
+    (a number, a list) are left out rather than crash whoever reads them."""
+    if not isinstance(raw, Mapping):
+        return {}
+    if all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        return raw
+    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 class ObjectError(ValueError):

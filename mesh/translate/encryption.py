@@ -33,11 +33,27 @@ def _pod_cidrs(node: KubeObject) -> tuple[str, ...]:
     return tuple(out)
 
 
+def tunnel_source(node: KubeObject) -> str | None:
+    """A node's address for its own traffic into the tunnel: the first address of its IPv4
+    pod CIDR (which host-local's IPAM keeps for the gateway, and the pods here do not use:
+    their gateway is 169.254.1.1)."""
+    for cidr in _pod_cidrs(node):
+        net = ipaddress.ip_network(cidr)
+        if net.version == 4 and net.num_addresses > 2:
+            return str(net.network_address + 1)
+    return None
+
+
 def _endpoint(node: KubeObject) -> str | None:
     """The address its tunnel ends at: its first InternalIP (IPv4 first)."""
-    found = addressing.reachable_addresses(node)
-    found.sort(key=lambda a: ipaddress.ip_address(a).version)
-    return found[0] if found else None
+    found = []
+    for a in addressing.reachable_addresses(node):
+        try:
+            found.append(ipaddress.ip_address(a))
+        except ValueError:
+            continue  # not an address (a Node's status written by hand)
+    found.sort(key=lambda a: a.version)
+    return str(found[0]) if found else None
 
 
 def translate_encryption(snapshot: StoreSnapshot, node_name: str | None) -> ir.Encryption:
@@ -49,6 +65,8 @@ def translate_encryption(snapshot: StoreSnapshot, node_name: str | None) -> ir.E
         if text is None:
             continue
         try:
+            if not isinstance(text, str):
+                raise InvalidKey("not a string")
             parse_public(text)
             keys[n.name] = text.strip()
         except InvalidKey as e:
@@ -73,11 +91,18 @@ def translate_encryption(snapshot: StoreSnapshot, node_name: str | None) -> ir.E
             continue  # nothing to reach it at, or nothing to carry: not a peer yet
         peers.append(ir.EncryptionPeer(n.name, endpoint, cidrs, keys.get(n.name),
                                        problems.get(n.name, "")))
+    own = snapshot.get(kinds.NODE, "", node_name) if node_name else None
     return ir.Encryption(tuple(peers), tuple(
         ir.KeyProblem(name, _uid(snapshot, name), message)
-        for name, message in sorted(problems.items())))
+        for name, message in sorted(problems.items())),
+        _text((own.annotations or {}).get(ANNOTATION)) if own is not None else None,
+        tunnel_source(own) if own is not None else None)
 
 
 def _uid(snapshot: StoreSnapshot, name: str) -> str:
     node = snapshot.get(kinds.NODE, "", name)
     return str((node.metadata.get("uid") if node is not None else "") or "")
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None

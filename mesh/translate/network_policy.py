@@ -38,6 +38,7 @@ from mesh.store.objects import KubeObject, ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate import addressing, model
 from mesh.translate.cluster_network_policy import pod_tiers
+from mesh.translate.encryption import tunnel_source
 from mesh.translate.status import ClassStatus, policy_accepted
 
 POLICY_PORT = 15002  # the node Envoy's listener for flows with L7 policy rules
@@ -461,6 +462,12 @@ def _translate(snapshot: StoreSnapshot, node: str | None, identity_table: ids.Id
                 ipcache[f"{a}/32"] = ir.IpcacheEntry(
                     f"{a}/32", ids.HOST if obj.name == node else ids.REMOTE_NODE,
                     cidr_of(ipaddress.IPv4Address(a), cidrs))
+        # its address for its own traffic into the tunnel (mesh/translate/encryption.py)
+        source = tunnel_source(obj)
+        if source is not None:
+            ipcache[f"{source}/32"] = ir.IpcacheEntry(
+                f"{source}/32", ids.HOST if obj.name == node else ids.REMOTE_NODE,
+                cidr_of(ipaddress.IPv4Address(source), cidrs))
     for pod in pods:
         ipcache[f"{pod.address}/32"] = ir.IpcacheEntry(
             f"{pod.address}/32", pod.identity,
