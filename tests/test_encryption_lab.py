@@ -59,20 +59,23 @@ while True:
 # In the client pod: sends argv's payload over TCP (echoed back) and as one UDP datagram of
 # the given size; prints what came back.
 SEND = r"""
-import json, socket, sys
+import json, socket, sys, threading
 host, payload, size = sys.argv[1], sys.argv[2].encode(), int(sys.argv[3])
 out = {}
-with socket.create_connection((host, 5000), timeout=5) as c:
+with socket.create_connection((host, 5000), timeout=10) as c:
     c.sendall(payload)
     got = b""
     while len(got) < len(payload):
         got += c.recv(65536)
     out["tcp"] = got == payload
     big = bytes(range(256)) * 16384  # 4 MiB in full-size segments
-    c.sendall(big)
+    # sent while the echo is read: neither side's buffers fill up
+    sender = threading.Thread(target=c.sendall, args=(big,))
+    sender.start()
     got = 0
     while got < len(big):
         got += len(c.recv(1 << 20))
+    sender.join()
     out["bulk"] = got
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 u.settimeout(3)
@@ -109,7 +112,8 @@ print(json.dumps({"ok": ok, "failed": failed, "errors": errors[:5]}))
 """
 
 # In the underlay's namespace: every frame on every port of its bridge for argv[1] seconds;
-# prints whether a needle was seen, and the UDP and TCP destination ports of IPv4 packets.
+# prints whether a needle was seen, the UDP and TCP destinations of IPv4 packets, and how many
+# IPv6 packets went to the pods' IPv6 range.
 CAPTURE = r"""
 import json, select, socket, struct, sys, time
 needles = [n.encode() for n in sys.argv[2:]]
@@ -125,8 +129,8 @@ while (left := end - time.monotonic()) > 0:
         continue  # each frame once: as the bridge's port received it
     seen += [n.decode() for n in needles if n in frame]
     kind = struct.unpack("!H", frame[12:14])[0]
-    if kind == 0x86DD:
-        v6 += 1
+    if kind == 0x86DD and frame[38:44] == bytes.fromhex("fd0000100244"):
+        v6 += 1  # to the lab's pods' IPv6 range (not the nodes' own link-local chatter)
     if kind != 0x0800:
         continue
     ihl = (frame[14] & 0xF) * 4
@@ -279,8 +283,9 @@ def test_pod_traffic_across_nodes_is_encrypted_on_the_wire(lab: EncLab) -> None:
     assert not any(k.endswith(":5000") or k.endswith(":5001") for k in seen["tcp"]), seen
     tunnel = {k: n for k, n in seen["udp"].items() if k.endswith(f":{PORT}")}
     assert {k.split(":")[0] for k in tunnel} == {nodes[0]["underlay"], nodes[1]["underlay"]}
-    # 4 MiB each way in full-size segments: thousands of tunnel packets, none fragmented
-    assert sum(tunnel.values()) > 2 * (4 << 20) // 1500
+    # 4 MiB each way in full-size segments (the capture may see them merged by GRO), and
+    # not one fragment made or reassembled on either node
+    assert sum(tunnel.values()) > 1000
     assert [_frag_counters(n["name"]) for n in nodes] == before
     assert lab.in_pod("client", "cat", "/sys/class/net/eth0/mtu").strip() == "1440"
     status = lab.status(0)

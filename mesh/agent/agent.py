@@ -179,7 +179,8 @@ class Agent:
             if cfg.encryption == "none":
                 from mesh.sinks.encryption import disable
 
-                disable(datapath.forwarding.encryption_tables())
+                # in a thread: pyroute2 wants no running loop in its own
+                await asyncio.to_thread(disable, datapath.forwarding.encryption_tables())
             if cfg.encryption == "wireguard":
                 from mesh.sinks.encryption import EncryptionSettings, EncryptionSink
 

@@ -37,6 +37,7 @@ class PeerState:
     last_handshake: float = 0.0  # seconds since the epoch; 0: never
     rx_bytes: int = 0
     tx_bytes: int = 0
+    keepalive: int = 0
 
 
 @dataclass
@@ -140,4 +141,6 @@ class Uapi:
                 peer.rx_bytes = int(value)
             elif key == "tx_bytes":
                 peer.tx_bytes = int(value)
+            elif key == "persistent_keepalive_interval":
+                peer.keepalive = int(value)
         return state

@@ -69,6 +69,11 @@ from mesh.store.objects import ObjectKey
 
 log = logging.getLogger(__name__)
 RECHECK = 2.0  # seconds between looks at the device, the key file and the counters
+# A peer's persistent keepalive (seconds). Besides keeping sessions warm, turning it on for a
+# new peer (a node's new key) makes the device send a handshake at once, rather than when it
+# next has a packet for that node: after a rotation the rotated node, whose own handshakes
+# were refused until then and are retried only every 5 s, is reached in milliseconds.
+KEEPALIVE = 25
 
 
 @dataclass
@@ -101,6 +106,7 @@ class EncryptionSink:
         self.key_file = settings.state_dir / keys.KEY_FILE
         self.pair: keys.KeyPair | None = None
         self._key_stamp: tuple[int, int] | None = None
+        self._published_for: bytes | None = None  # the key the device had when published
         self.key_changed = asyncio.Event()  # a new public key to publish
         self.desired = ir.Encryption()
         self.daemon = WireGuardGo(DEVICE, settings.socket_dir,
@@ -140,10 +146,11 @@ class EncryptionSink:
     # -- the component's side ------------------------------------------------------------
 
     async def run(self) -> None:
-        from pyroute2 import IPRoute
+        def pick() -> str:
+            with _iproute() as ip:  # pyroute2 wants no running loop in its thread
+                return choose(ip)
 
-        with IPRoute() as ip:
-            self.backend = await asyncio.to_thread(choose, ip)
+        self.backend = await asyncio.to_thread(pick)
         self._load_key()
         log.info("encryption", extra={"mode": "wireguard", "backend": self.backend,
                                       "device": DEVICE, "public_key": self.public_key(),
@@ -170,7 +177,6 @@ class EncryptionSink:
                 log.info("WireGuard key " + ("rotated" if self.pair else "made"),
                          extra={"public_key": pair.public_text})
             self.pair = pair
-            self.key_changed.set()
 
     def _key_file_changed(self) -> bool:
         try:
@@ -196,10 +202,15 @@ class EncryptionSink:
         state = await uapi.get()
         if state.private_key != self.pair.private or state.listen_port != PORT:
             await uapi.set(set_device(self.pair.private, PORT))
+        if self._published_for != self.pair.public:
+            # published once the device has it: a peer that takes the new key and answers
+            # at once finds it in place
+            self._published_for = self.pair.public
+            self.key_changed.set()
         up = {p.node: p for p in self.desired.peers if p.public_key is not None}
         wanted = {keys.parse_public(p.public_key): PeerConfig(
-            keys.parse_public(p.public_key), endpoint(p.endpoint, PORT), p.allowed_ips)
-            for p in up.values() if p.public_key is not None}
+            keys.parse_public(p.public_key), endpoint(p.endpoint, PORT), p.allowed_ips,
+            KEEPALIVE) for p in up.values() if p.public_key is not None}
         # What goes down leaves the maps and routes first, then the device changes, then
         # what is up enters the routes and maps.
         entries, routes = self._wanted(up)
@@ -211,6 +222,7 @@ class EncryptionSink:
         for public, config in wanted.items():
             have = state.peers.get(public)
             if have is None or have.endpoint != config.endpoint or \
+                    have.keepalive != config.keepalive or \
                     sorted(have.allowed_ips) != sorted(config.allowed_ips):
                 await uapi.set(set_peer(config))
         self.device_state = await uapi.get()
