@@ -22,6 +22,9 @@ export UV_PYTHON_DOWNLOADS := never
 DEBIAN_PACKAGES := python3-bpfcc linux-headers-amd64 containernetworking-plugins iproute2 procps \
 	curl redis-server wireguard-go
 BENCH_PACKAGES := iperf3 sockperf iptables wrk
+# Debian's kernel under qemu, for what this machine's kernel lacks (tests/vm.py): without
+# their Recommends (qemu's would bring a desktop's worth).
+VM_PACKAGES := qemu-system-x86 busybox-static linux-image-amd64
 # The documentation site (mkdocs.yml, docs/), built into $(SITE) (git-ignored).
 MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
 SITE := .site
@@ -94,6 +97,9 @@ $(SYSTEM_STAMP): $(STAMP) Makefile
 	@$(MAKE) --no-print-directory debian PACKAGES="$(DEBIAN_PACKAGES)"
 	@$(MAKE) --no-print-directory debian PACKAGES="$(BENCH_PACKAGES)" || \
 		echo "warning: $(BENCH_PACKAGES) not installed: the benchmarks that use them will fail"
+	@$(MAKE) --no-print-directory debian PACKAGES="$(VM_PACKAGES)" \
+		APT_OPTS=--no-install-recommends || \
+		echo "warning: $(VM_PACKAGES) not installed: the tests under qemu will be skipped"
 	@k=$$(uname -r); if [ ! -e /lib/modules/$$k/build/include ]; then \
 		h=$$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -1); \
 		mkdir -p /lib/modules/$$k; ln -sfn $$h /lib/modules/$$k/build; \
@@ -112,9 +118,11 @@ debian:
 			missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_OPTS) $$missing \
+		  >/dev/null || \
 		{ apt-get update -q >/dev/null && \
-		  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; fi
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_OPTS) $$missing \
+		  >/dev/null; }; fi
 
 install: $(STAMP) $(SYSTEM_STAMP)
 system: $(SYSTEM_STAMP)

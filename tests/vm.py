@@ -24,7 +24,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-MODULES = ("kernel/fs/9p/9p.ko", "kernel/net/9p/9pnet_virtio.ko")
+# What the init loads to reach the host's root (those the kernel has built in are skipped):
+# virtio over PCI, 9p over virtio.
+MODULES = ("kernel/drivers/virtio/virtio_pci.ko", "kernel/fs/9p/9p.ko",
+           "kernel/net/9p/9pnet_virtio.ko")
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static puts a static one here
 EXIT = "MESH-VM-EXIT"
 WORK_ROOT = Path("/var/lib/mesh/vm")
@@ -81,7 +84,8 @@ def _deps(kernel: Kernel) -> list[str]:
             order.append(m)
 
     for m in MODULES:
-        visit(m)
+        if m in dep:  # else built in
+            visit(m)
     return order
 
 
@@ -145,7 +149,11 @@ def run(command: str, timeout: float = 600, memory: int = 2048, cwd: Path | None
     why = missing()
     if why is not None:
         raise VMError(why)
-    kernel = kernel or kernels()[0]
+    wanted = os.environ.get("MESH_VM_KERNEL")  # a version, else the newest installed
+    found = [k for k in kernels() if wanted in (None, k.version)]
+    if not found:
+        raise VMError(f"no installed kernel {wanted}")
+    kernel = kernel or found[0]
     # not under /tmp, /run or /var/tmp: the VM mounts fresh ones there
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=WORK_ROOT))

@@ -1,28 +1,39 @@
 """The node's WireGuard device, `mesh-wg0`: which implementation runs it, its MTU, and the
 agent's routing table for other nodes' pods.
 
-The kernel's WireGuard where the kernel has it (a probe link of kind wireguard can be made);
-otherwise `wireguard-go` (Debian's package), which makes a TUN device of that name and serves
-WireGuard's UAPI on /var/run/wireguard/mesh-wg0.sock. Both are configured through that UAPI
-here: for the kernel's device the agent runs no daemon, and the machines this is built on have
-no kernel WireGuard, so the kernel path stops at saying so (see `choose`).
+The kernel's WireGuard where the kernel has it (a probe link of kind wireguard can be made),
+configured over generic netlink with pyroute2 (`KernelWireGuard`); otherwise `wireguard-go`
+(Debian's package), which makes a TUN device of that name and serves WireGuard's UAPI on
+/var/run/wireguard/mesh-wg0.sock (`WireGuardGo`). Both offer the sink the same few calls
+(`Device`). The choice is automatic and logged. These machines' kernels have no WireGuard:
+the kernel path is proven under Debian's kernel in qemu (tests/test_encryption_vm.py).
 
 wireguard-go runs in a session of its own: an agent that dies leaves it, and the tunnels up;
-the next agent finds its socket answering and adopts it (as Envoy is adopted).
+the next agent finds its socket answering and adopts it (as Envoy is adopted). The kernel's
+device needs no daemon and stays as well.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from mesh.encryption.uapi import Uapi
+from mesh.encryption.uapi import (
+    DeviceState,
+    PeerConfig,
+    PeerState,
+    Uapi,
+    remove_peer,
+    set_device,
+    set_peer,
+)
 
 log = logging.getLogger(__name__)
 DEVICE = "mesh-wg0"
@@ -56,15 +67,126 @@ def kernel_has_wireguard(ip: Any) -> bool:
 
 
 def choose(ip: Any) -> str:
-    """'wireguard-go', or an error saying why no implementation can run here."""
+    """'kernel' or 'wireguard-go', or an error saying why no implementation can run here."""
     if kernel_has_wireguard(ip):
-        # Its generic netlink configuration is not built yet: wireguard-go serves there too
-        # (it takes the same name); said once, at start.
-        log.info("the kernel has WireGuard; the agent drives wireguard-go for now")
+        return "kernel"
     if shutil.which("wireguard-go") is None:
-        raise RuntimeError("no WireGuard: the kernel has none usable and wireguard-go is not "
+        raise RuntimeError("no WireGuard: the kernel has none and wireguard-go is not "
                            "installed (Debian: apt-get install wireguard-go)")
     return "wireguard-go"
+
+
+class Device(Protocol):
+    """What the encryption sink asks of a WireGuard device."""
+
+    starts: int
+
+    async def ensure(self) -> bool:
+        """The device exists; True if it was made now (its configuration is gone)."""
+        ...
+
+    async def get(self) -> DeviceState: ...
+
+    async def configure(self, private_key: bytes, port: int) -> None: ...
+
+    async def set_peer(self, peer: PeerConfig) -> None: ...
+
+    async def remove_peer(self, public_key: bytes) -> None: ...
+
+
+def device(backend: str, socket_dir: Path = Path("/var/run/wireguard"),
+           log_file: Path | None = None) -> Device:
+    if backend == "kernel":
+        return KernelWireGuard(DEVICE)
+    return WireGuardGo(DEVICE, socket_dir, log_file)
+
+
+class KernelWireGuard:
+    """The kernel's device, over generic netlink (pyroute2's WireGuard; each call in a thread
+    of its own: pyroute2 wants no running event loop in its thread)."""
+
+    def __init__(self, name: str = DEVICE) -> None:
+        self.name = name
+        self.starts = 0
+
+    async def ensure(self) -> bool:
+        return await asyncio.to_thread(self._ensure)
+
+    def _ensure(self) -> bool:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ip:
+            if ip.link_lookup(ifname=self.name):
+                return False
+            ip.link("add", ifname=self.name, kind="wireguard")
+        self.starts += 1
+        log.info("kernel WireGuard device made", extra={"device": self.name})
+        return True
+
+    def _wg(self) -> Any:
+        from pyroute2 import WireGuard
+
+        return WireGuard()
+
+    async def get(self) -> DeviceState:
+        return await asyncio.to_thread(self._get)
+
+    def _get(self) -> DeviceState:
+        state = DeviceState()
+        with self._wg() as wg:
+            messages = wg.info(self.name)
+        for msg in messages:
+            private = msg.get_attr("WGDEVICE_A_PRIVATE_KEY")
+            if private:
+                state.private_key = base64.b64decode(private)
+            port = msg.get_attr("WGDEVICE_A_LISTEN_PORT")
+            if port:
+                state.listen_port = int(port)
+            for raw in msg.get_attr("WGDEVICE_A_PEERS") or []:
+                peer = PeerState(base64.b64decode(raw.get_attr("WGPEER_A_PUBLIC_KEY")))
+                endpoint = raw.get_attr("WGPEER_A_ENDPOINT")
+                if endpoint and endpoint.get("addr") and endpoint.get("addr") != "0.0.0.0":
+                    peer.endpoint = f"{endpoint['addr']}:{endpoint['port']}"
+                for a in raw.get_attr("WGPEER_A_ALLOWEDIPS") or []:
+                    if a.get("addr"):  # pyroute2 decodes "ADDRESS/MASK" there
+                        peer.allowed_ips.append(str(a["addr"]))
+                handshake = raw.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME") or {}
+                peer.last_handshake = float(handshake.get("tv_sec", 0)) + float(
+                    handshake.get("tv_nsec", 0)) / 1e9
+                peer.rx_bytes = int(raw.get_attr("WGPEER_A_RX_BYTES") or 0)
+                peer.tx_bytes = int(raw.get_attr("WGPEER_A_TX_BYTES") or 0)
+                peer.keepalive = int(raw.get_attr(
+                    "WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0)
+                state.peers[peer.public_key] = peer
+        return state
+
+    async def configure(self, private_key: bytes, port: int) -> None:
+        def run() -> None:
+            with self._wg() as wg:
+                wg.set(self.name, private_key=base64.b64encode(private_key).decode(),
+                       listen_port=port)
+        await asyncio.to_thread(run)
+
+    async def set_peer(self, peer: PeerConfig) -> None:
+        address, _, port = (peer.endpoint or "").rpartition(":")
+
+        def run() -> None:
+            with self._wg() as wg:
+                spec: dict[str, Any] = {
+                    "public_key": base64.b64encode(peer.public_key).decode(),
+                    "persistent_keepalive": peer.keepalive,
+                    "replace_allowed_ips": True, "allowed_ips": list(peer.allowed_ips)}
+                if address:
+                    spec.update(endpoint_addr=address.strip("[]"), endpoint_port=int(port))
+                wg.set(self.name, peer=spec)
+        await asyncio.to_thread(run)
+
+    async def remove_peer(self, public_key: bytes) -> None:
+        def run() -> None:
+            with self._wg() as wg:
+                wg.set(self.name, peer={"public_key": base64.b64encode(public_key).decode(),
+                                        "remove": True})
+        await asyncio.to_thread(run)
 
 
 class WireGuardGo:
@@ -79,6 +201,18 @@ class WireGuardGo:
         self.log_file = log_file
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0
+
+    async def get(self) -> DeviceState:
+        return await self.uapi.get()
+
+    async def configure(self, private_key: bytes, port: int) -> None:
+        await self.uapi.set(set_device(private_key, port))
+
+    async def set_peer(self, peer: PeerConfig) -> None:
+        await self.uapi.set(set_peer(peer))
+
+    async def remove_peer(self, public_key: bytes) -> None:
+        await self.uapi.set(remove_peer(public_key))
 
     async def alive(self) -> bool:
         try:

@@ -51,17 +51,15 @@ from mesh.encryption.uapi import (
     PeerConfig,
     UapiError,
     endpoint,
-    remove_peer,
-    set_device,
-    set_peer,
 )
 from mesh.encryption.wireguard import (
     DEVICE,
     PORT,
     ROUTE_TABLE,
     RULE_PRIORITY,
-    WireGuardGo,
+    Device,
     choose,
+    device,
     tunnel_mtu,
 )
 from mesh.sinks.sink import Readiness
@@ -109,8 +107,7 @@ class EncryptionSink:
         self._published_for: bytes | None = None  # the key the device had when published
         self.key_changed = asyncio.Event()  # a new public key to publish
         self.desired = ir.Encryption()
-        self.daemon = WireGuardGo(DEVICE, settings.socket_dir,
-                                  settings.state_dir / "wireguard-go.log")
+        self.device: Device | None = None  # chosen at start: the kernel's, or wireguard-go
         self.backend = ""
         self.applied = _Applied()
         self.device_state = DeviceState()
@@ -151,6 +148,8 @@ class EncryptionSink:
                 return choose(ip)
 
         self.backend = await asyncio.to_thread(pick)
+        self.device = device(self.backend, self.settings.socket_dir,
+                             self.settings.state_dir / "wireguard-go.log")
         self._load_key()
         log.info("encryption", extra={"mode": "wireguard", "backend": self.backend,
                                       "device": DEVICE, "public_key": self.public_key(),
@@ -192,16 +191,17 @@ class EncryptionSink:
             except keys.InvalidKey as e:
                 log.error("the new key file is refused; the old key stays",
                           extra={"error": str(e)})
-        restarted = await self.daemon.ensure()
+        assert self.device is not None
+        dev = self.device
+        restarted = await dev.ensure()
         if restarted:
             # the old device took its routes with it; the blackholes stay
             self.applied = _Applied(rule=self.applied.rule, routes={
                 c: k for c, k in self.applied.routes.items() if k != "device"})
         assert self.pair is not None
-        uapi = self.daemon.uapi
-        state = await uapi.get()
+        state = await dev.get()
         if state.private_key != self.pair.private or state.listen_port != PORT:
-            await uapi.set(set_device(self.pair.private, PORT))
+            await dev.configure(self.pair.private, PORT)
         if self._published_for != self.pair.public:
             # published once the device has it: a peer that takes the new key and answers
             # at once finds it in place
@@ -215,17 +215,17 @@ class EncryptionSink:
         # what is up enters the routes and maps.
         entries, routes = self._wanted(up)
         await asyncio.to_thread(self._take_down, entries, routes)
-        state = await uapi.get()
+        state = await dev.get()
         for public in state.peers:
             if public not in wanted:
-                await uapi.set(remove_peer(public))
+                await dev.remove_peer(public)
         for public, config in wanted.items():
             have = state.peers.get(public)
             if have is None or have.endpoint != config.endpoint or \
                     have.keepalive != config.keepalive or \
                     sorted(have.allowed_ips) != sorted(config.allowed_ips):
-                await uapi.set(set_peer(config))
-        self.device_state = await uapi.get()
+                await dev.set_peer(config)
+        self.device_state = await dev.get()
         await asyncio.to_thread(self._bring_up, entries, routes)
 
     def _wanted(self, up: Mapping[str, ir.EncryptionPeer]
@@ -366,7 +366,7 @@ class EncryptionSink:
         return {"mode": "wireguard", "backend": self.backend, "device": DEVICE,
                 "port": PORT, "mtu": self.applied.mtu, "strict": self.settings.strict,
                 "publicKey": self.public_key(), "peers": peers, "datapath": self.drops(),
-                "deviceStarts": self.daemon.starts, "errors": self.errors,
+                "deviceStarts": self.device.starts if self.device else 0, "errors": self.errors,
                 "updated": time.time()}
 
     def _write_status(self) -> None:
