@@ -150,10 +150,10 @@ def run(command: str, timeout: float = 600, memory: int = 2048, cwd: Path | None
     if why is not None:
         raise VMError(why)
     wanted = os.environ.get("MESH_VM_KERNEL")  # a version, else the newest installed
-    found = [k for k in kernels() if wanted in (None, k.version)]
-    if not found:
+    installed = [k for k in kernels() if wanted in (None, k.version)]
+    if not installed:
         raise VMError(f"no installed kernel {wanted}")
-    kernel = kernel or found[0]
+    kernel = kernel or installed[0]
     # not under /tmp, /run or /var/tmp: the VM mounts fresh ones there
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=WORK_ROOT))
