@@ -63,3 +63,51 @@ def test_a_policy_not_enforced_as_written_gets_one_warning_event(
         events = cp.kubectl("get", "events", "-n", NAMESPACE, "--field-selector",
                             "involvedObject.kind=NetworkPolicy,involvedObject.name=v6").stdout
         assert REASON in events and "IPv6 is not enforced" in events, events
+
+
+@pytest.mark.e2e
+def test_a_node_with_a_refused_key_gets_one_warning_event(
+        control_plane: ControlPlane, tmp_path: Path) -> None:
+    """A Node publishing a WireGuard key that is not one: a Warning Event on the Node (in the
+    default namespace, where a cluster object's Events go), recorded once."""
+    from mesh.encryption.keys import ANNOTATION
+    from mesh.kube.events import KEY_REASON
+    from mesh.translate.encryption import translate_encryption
+
+    cp = control_plane
+    node = {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "bad-key-node", "annotations": {ANNOTATION: "not-a-key"}}}
+    with agent_namespace(cp, f"{NAMESPACE}-keys", tmp_path / "kubeconfig") as kubeconfig:
+        apply(cp, node)
+        try:
+            _, stored = cp.request("GET", "/api/v1/nodes/bad-key-node")
+            store = Store()
+            store.replace("api", [parse_object(stored | {"apiVersion": "v1", "kind": "Node"})])
+            encryption = translate_encryption(store.snapshot(), "another-node")
+            assert [p.node for p in encryption.problems] == ["bad-key-node"]
+
+            async def lead_twice() -> tuple[int, int]:
+                writes = []
+                async with connect(str(kubeconfig)) as http:
+                    for _ in range(2):  # a leader, then the next one
+                        sink = PolicyEvents(http.call, "node-a", lambda: True, None,
+                                            node_keys=True)
+                        sink.apply(ir.IR(encryption=encryption))
+                        task = asyncio.create_task(sink.run())
+                        for _ in range(100):
+                            if sink.recorded:
+                                break
+                            await asyncio.sleep(0.05)
+                        task.cancel()
+                        writes.append(sink.writes)
+                return writes[0], writes[1]
+
+            assert asyncio.run(lead_twice()) == (1, 0)
+            events = cp.kubectl("get", "events", "-n", "default", "--field-selector",
+                                "involvedObject.kind=Node,involvedObject.name=bad-key-node"
+                                ).stdout
+            assert KEY_REASON in events and "not base64" in events, events
+        finally:
+            cp.kubectl("delete", "node", "bad-key-node", "--ignore-not-found", check=False)
+            cp.kubectl("delete", "events", "-n", "default", "--field-selector",
+                       "involvedObject.name=bad-key-node", check=False)

@@ -139,7 +139,8 @@ class Agent:
             generated = GatewayServiceWriter(
                 kube.call, kube.apply, meshnodes.may_write, election,
                 managed_by(cfg.translator.controller_name))
-            events = PolicyEvents(kube.call, cfg.node_id, meshnodes.may_write, election)
+            events = PolicyEvents(kube.call, cfg.node_id, meshnodes.may_write, election,
+                                  node_keys=cfg.encryption != "none")
             collector = IdentityCollector(kube.call, meshnodes.may_write, election)
             source = provider
             writers.append(status)
