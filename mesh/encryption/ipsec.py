@@ -1,0 +1,245 @@
+"""IPsec between nodes: ESP in tunnel mode with `rfc4106(gcm(aes))`, a key per node pair and
+direction derived from one cluster secret, and SPI rotation without drops. The kernel part
+only (the xfrm states and policies of one node, planned purely and applied with iproute2's
+`ip xfrm`: pyroute2 has no XFRM messages); the agent's `--encryption ipsec` is not wired to
+it yet.
+
+- **Keys.** The cluster secret holds one or more keys, each with its SPI (1-255, as Cilium's
+  `N rfc4106(gcm(aes)) KEY 128`). For each SPI, each ordered node pair (A sends to B) gets its
+  own 20 bytes (16 of AES key, 4 of GCM salt): HKDF-SHA256 of the secret, salted with the
+  SPI, the info naming both nodes in order. A leaked pair key exposes one direction of one
+  pair, not the cluster.
+- **States.** For every key the secret holds, both directions with every peer: inbound states
+  for all SPIs at once, so a peer may send with any of them.
+- **Policies.** Out: this node's pod CIDRs to the peer's, through a template that names the
+  SPI to send with (`spi` in the template); in and fwd: the peer's pod CIDRs to ours, any
+  SPI of the pair's reqid.
+- **Rotation** (`plan(..., send_spi=)`): a new key is added to the secret; every node installs
+  its states (still sending with the old SPI); once every peer has them, a node switches its
+  out policies to the new SPI; once every node sends with it, the old key is removed from the
+  secret and its states go. Announcing the SPI before the states exist is what drops traffic
+  (`xfrm_error no_state` in Cilium's users' reports): the switch waits for the states.
+- **Sequence numbers** never wrap: extended sequence numbers (64 bits, `flag esn`) with a
+  replay window of 128.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+ALGORITHM = "rfc4106(gcm(aes))"
+ICV_BITS = 128
+KEY_BYTES = 20  # AES-128 key and the 4-byte GCM salt
+REQID = 0x4D45  # "ME": this project's states and policies
+REPLAY_WINDOW = 128
+
+
+class IpsecError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Key:
+    spi: int  # 1-255
+    secret: bytes
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    address: str  # the tunnel's end: its underlay address
+    cidrs: tuple[str, ...]  # its pods'
+
+
+def parse_keys(text: str) -> list[Key]:
+    """The cluster secret: lines `SPI rfc4106(gcm(aes)) HEX 128` (Cilium's format) or
+    `SPI HEX`; at most one key per SPI."""
+    keys: dict[int, Key] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) == 4 and fields[1] == ALGORITHM and fields[3] == str(ICV_BITS):
+            spi_text, hex_key = fields[0], fields[2]
+        elif len(fields) == 2:
+            spi_text, hex_key = fields
+        else:
+            raise IpsecError(f"line {n}: not `SPI {ALGORITHM} KEY {ICV_BITS}` nor `SPI KEY`")
+        try:
+            spi = int(spi_text.rstrip("+"))
+            secret = bytes.fromhex(hex_key.removeprefix("0x"))
+        except ValueError:
+            raise IpsecError(f"line {n}: the SPI is not a number or the key not hex") from None
+        if not 1 <= spi <= 255:
+            raise IpsecError(f"line {n}: SPI {spi} is not within 1-255")
+        if len(secret) < 16:
+            raise IpsecError(f"line {n}: the key is {len(secret)} bytes; at least 16")
+        if spi in keys:
+            raise IpsecError(f"line {n}: SPI {spi} given twice")
+        keys[spi] = Key(spi, secret)
+    if not keys:
+        raise IpsecError("no key")
+    return sorted(keys.values(), key=lambda k: k.spi)
+
+
+def derive(key: Key, sender: str, receiver: str) -> bytes:
+    """The 20 bytes `sender` encrypts to `receiver` with under this SPI."""
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES,
+                salt=b"mesh-ipsec-spi-" + bytes([key.spi]),
+                info=f"{sender}>{receiver}".encode()).derive(key.secret)
+
+
+def wire_spi(key_spi: int, sender: str) -> int:
+    """The SPI on the wire: the key's in the high byte, 16 bits of the sender's name's hash
+    below it. The kernel finds an inbound state by destination and SPI alone, so every peer
+    sending to a node needs SPIs of its own (`plan` refuses two peers that collide)."""
+    tag = int.from_bytes(hashlib.sha256(sender.encode()).digest()[:2], "big")
+    return key_spi << 24 | tag << 8 | 0x4D
+
+
+@dataclass(frozen=True)
+class State:
+    src: str
+    dst: str
+    spi: int
+    key: bytes
+
+    def args(self) -> list[str]:
+        return ["state", "add", "src", self.src, "dst", self.dst, "proto", "esp",
+                "spi", hex(self.spi), "reqid", str(REQID), "mode", "tunnel", "flag", "esn",
+                "replay-window", str(REPLAY_WINDOW), "aead", ALGORITHM,
+                "0x" + self.key.hex(), str(ICV_BITS)]
+
+
+@dataclass(frozen=True)
+class Policy:
+    src: str  # CIDR
+    dst: str
+    direction: str  # out | in | fwd
+    tunnel_src: str
+    tunnel_dst: str
+    spi: int | None  # out: the SPI to send with; in and fwd: any
+
+    def args(self) -> list[str]:
+        tmpl = ["tmpl", "src", self.tunnel_src, "dst", self.tunnel_dst, "proto", "esp",
+                "reqid", str(REQID), "mode", "tunnel"]
+        if self.spi is not None:
+            tmpl[7:7] = ["spi", hex(self.spi)]  # after "proto esp"
+        return ["policy", "update", "src", self.src, "dst", self.dst, "dir",
+                self.direction, *tmpl]
+
+
+@dataclass(frozen=True)
+class Plan:
+    states: tuple[State, ...]
+    policies: tuple[Policy, ...]
+
+
+def plan(me: Node, peers: Iterable[Node], keys: Iterable[Key], send_spi: int) -> Plan:
+    """This node's states (every key, both directions, every peer) and policies (sending
+    with `send_spi`, which must be among the keys)."""
+    keys = list(keys)
+    if send_spi not in {k.spi for k in keys}:
+        raise IpsecError(f"SPI {send_spi} to send with is not among the keys")
+    peers = sorted(peers, key=lambda n: n.name)
+    tags: dict[int, str] = {}
+    for node in [me, *peers]:
+        tag = wire_spi(1, node.name)
+        if tag in tags:
+            raise IpsecError(f"nodes {tags[tag]} and {node.name} would share SPIs: rename one")
+        tags[tag] = node.name
+    states, policies = [], []
+    for peer in peers:
+        for key in keys:
+            states.append(State(me.address, peer.address, wire_spi(key.spi, me.name),
+                                derive(key, me.name, peer.name)))
+            states.append(State(peer.address, me.address, wire_spi(key.spi, peer.name),
+                                derive(key, peer.name, me.name)))
+        for mine in me.cidrs:
+            for theirs in peer.cidrs:
+                if ipaddress.ip_network(mine).version != ipaddress.ip_network(theirs).version:
+                    continue
+                policies.append(Policy(mine, theirs, "out", me.address, peer.address,
+                                       wire_spi(send_spi, me.name)))
+                for direction in ("in", "fwd"):
+                    policies.append(Policy(theirs, mine, direction, peer.address,
+                                           me.address, None))
+    return Plan(tuple(states), tuple(policies))
+
+
+def kernel_has_esp() -> str | None:
+    """None if this kernel takes an ESP state with the algorithm, else why not (its words)."""
+    probe = State("192.0.2.1", "192.0.2.2", 0x100, bytes(KEY_BYTES))  # 192.0.2.0/24: TEST-NET
+    out = subprocess.run(["ip", "xfrm", *probe.args()], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        return (f"this kernel has no ESP with {ALGORITHM}: `ip xfrm state add` says "
+                f"{out.stderr.strip()!r}")
+    subprocess.run(["ip", "xfrm", "state", "delete", "src", probe.src, "dst", probe.dst,
+                    "proto", "esp", "spi", hex(probe.spi)], capture_output=True, check=False)
+    return None
+
+
+def apply(wanted: Plan, current: Plan | None = None) -> None:
+    """Write `wanted` (states first: a policy never points at a state not there yet), then
+    remove what `current` had and `wanted` has not (policies first)."""
+    for s in wanted.states:
+        if current is None or s not in current.states:
+            _state(s)
+    for p in wanted.policies:
+        _ip(p.args())
+    if current is None:
+        return
+    for p in set(current.policies) - set(wanted.policies):
+        if not any((q.src, q.dst, q.direction) == (p.src, p.dst, p.direction)
+                   for q in wanted.policies):
+            _ip(["policy", "delete", "src", p.src, "dst", p.dst, "dir", p.direction],
+                check=False)
+    for s in set(current.states) - set(wanted.states):
+        if not any((t.src, t.dst, t.spi) == (s.src, s.dst, s.spi) for t in wanted.states):
+            _ip(["state", "delete", "src", s.src, "dst", s.dst, "proto", "esp", "spi",
+                 hex(s.spi)], check=False)
+
+
+def _state(s: State) -> None:
+    """Added; if one of its SPI is there (a previous agent's, another key), updated."""
+    args = s.args()
+    try:
+        _ip(args)
+    except IpsecError as e:
+        if "File exists" not in str(e):
+            raise
+        args[1] = "update"
+        _ip(args)
+
+
+def _ip(args: list[str], check: bool = True) -> None:
+    out = subprocess.run(["ip", "xfrm", *args], capture_output=True, text=True, check=False)
+    if check and out.returncode != 0:
+        # the key material never goes into an error: only the verb and the addresses
+        shown = [a for a in args if not a.startswith("0x") or len(a) < 12]
+        raise IpsecError(f"ip xfrm {' '.join(shown)}: {out.stderr.strip()}")
+
+
+def counters() -> dict[int, int]:
+    """Packets per SPI of this node's states (`ip -s xfrm state`), for the tests and status."""
+    out = subprocess.run(["ip", "-s", "xfrm", "state"], capture_output=True, text=True,
+                         check=True).stdout
+    found: dict[int, int] = {}
+    spi = None
+    for line in out.splitlines():
+        words = line.replace(",", " ").split()
+        if "spi" in words:
+            spi = int(words[words.index("spi") + 1].split("(")[0], 16)  # "0x..(decimal)"
+        elif spi is not None and any(w.endswith("(packets)") for w in words) and \
+                any(w.endswith("(bytes)") for w in words):
+            packets = next(int(w.split("(")[0]) for w in words if w.endswith("(packets)"))
+            found[spi] = max(found.get(spi, 0), packets)
+    return found
