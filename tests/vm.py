@@ -4,7 +4,8 @@ for IPsec, the kernel's WireGuard): the VM's root is the host's filesystem, read
 
 The project builds the VM's initramfs itself (`initramfs`): a static busybox and an init that
 loads the 9p modules of the chosen kernel, mounts the host's root read-only with fresh tmpfs
-over /tmp and /run, and switches to it to run the command; the console is the serial port,
+over /run and /var/tmp (not /tmp: a project checked out there stays visible; TMPDIR points
+into /run instead), and switches to it to run the command; the console is the serial port,
 read back by `run`, which ends at the init's exit line. qemu emulates the CPU (TCG): these
 machines' /dev/kvm is nested and fails on Debian's kernel (an emulation failure as it
 decompresses); MESH_VM_KVM=1 asks for KVM where it works.
@@ -101,12 +102,13 @@ for d in proc sys dev; do /bin/busybox mkdir -p /root/$d 2>/dev/null; done
 /bin/busybox mount --move /dev /root/dev
 /bin/busybox umount /proc
 /bin/busybox mount -t proc proc /root/proc
-for d in tmp run var/tmp; do /bin/busybox mount -t tmpfs tmpfs /root/$d; done
+for d in run var/tmp; do /bin/busybox mount -t tmpfs tmpfs /root/$d; done
 exec /bin/busybox switch_root /root /bin/sh {script}
 """
 
 SCRIPT = """set +e
-mkdir -p /run/netns /var/run/wireguard
+mkdir -p /run/netns /var/run/wireguard /run/tmp
+export TMPDIR=/run/tmp
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 cd {cwd}
 {command}
@@ -154,7 +156,7 @@ def run(command: str, timeout: float = 600, memory: int = 2048, cwd: Path | None
     if not installed:
         raise VMError(f"no installed kernel {wanted}")
     kernel = kernel or installed[0]
-    # not under /tmp, /run or /var/tmp: the VM mounts fresh ones there
+    # not under /run or /var/tmp: the VM mounts fresh ones there
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=WORK_ROOT))
     try:
