@@ -127,15 +127,15 @@ static __always_inline int policy_allows(__be32 endpoint, __u8 direction,
 		struct policy_entry *e = mesh_policy.lookup(&k);
 		if (!e || !(e->flags & MESH_POLICY_ALLOW))
 			continue;
-		if (e->proxy_port && direction == MESH_POLICY_EGRESS)
-			return bpf_ntohs(e->proxy_port);
 		if (!e->proxy_port) {
 			if (direction == MESH_POLICY_INGRESS)
-				return 1;
+				return 1;  /* a plain allow wins over L7 rules */
 			verdict = 1;
-		} else {
-			verdict = bpf_ntohs(e->proxy_port);
+			continue;
 		}
+		if (direction == MESH_POLICY_EGRESS)
+			return bpf_ntohs(e->proxy_port);  /* the DNS proxy wins */
+		verdict = bpf_ntohs(e->proxy_port);
 	}
 	return verdict;
 }
@@ -296,6 +296,19 @@ static __always_inline int policy_pass(struct __sk_buff *skb, __u8 direction)
 
 #define MESH_LOOPBACK 0x7f000001
 
+/* Deliver the packet to `sk`, a proxy's socket (Envoy's or the DNS proxy's), taking the
+ * lookup's reference; the mark routes it locally (the proxy route). */
+static __always_inline int assign_to_proxy(struct __sk_buff *skb, struct bpf_sock *sk)
+{
+	long err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return TC_ACT_SHOT;
+	skb->mark = MESH_MARK_TO_PROXY;
+	count(STAT_PROXY);
+	return TC_ACT_OK;
+}
+
 /* A TCP packet for a pod whose ingress policy has L7 rules for it: to the node Envoy's
  * socket of its connection, or for a new connection to the policy listener on
  * loopback:port; the packet is not rewritten, so Envoy sees the client and the pod as the
@@ -326,13 +339,7 @@ static __always_inline int to_policy_proxy(struct __sk_buff *skb, int port)
 			return TC_ACT_SHOT;
 		}
 	}
-	long err = bpf_sk_assign(skb, sk, 0);
-	bpf_sk_release(sk);
-	if (err)
-		return TC_ACT_SHOT;
-	skb->mark = MESH_MARK_TO_PROXY;
-	count(STAT_PROXY);
-	return TC_ACT_OK;
+	return assign_to_proxy(skb, sk);
 }
 
 /* A pod's DNS query, when its egress policy has toFQDNs rules: to the node's DNS proxy on
@@ -352,13 +359,7 @@ static __always_inline int to_dns_proxy(struct __sk_buff *skb, struct flow4 *f, 
 	struct bpf_sock *sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
 		return TC_ACT_SHOT;
-	long err = bpf_sk_assign(skb, sk, 0);
-	bpf_sk_release(sk);
-	if (err)
-		return TC_ACT_SHOT;
-	skb->mark = MESH_MARK_TO_PROXY;
-	count(STAT_PROXY);
-	return TC_ACT_OK;
+	return assign_to_proxy(skb, sk);
 }
 
 /* To a pod of this node, straight into its namespace (if its ingress policy lets the packet
@@ -444,13 +445,7 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow4 *f,
 			return TC_ACT_SHOT;
 		}
 	}
-	long err = bpf_sk_assign(skb, sk, 0);
-	bpf_sk_release(sk);
-	if (err)
-		return TC_ACT_SHOT;
-	skb->mark = MESH_MARK_TO_PROXY;
-	count(STAT_PROXY);
-	return TC_ACT_OK;
+	return assign_to_proxy(skb, sk);
 #endif
 }
 
