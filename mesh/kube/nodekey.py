@@ -29,7 +29,6 @@ class NodeKeyPublisher:
         self.node = node
         self.public_key = public_key
         self.changed = changed
-        self.published: str | None = None
         self.writes = 0
 
     async def run(self) -> None:
@@ -46,7 +45,7 @@ class NodeKeyPublisher:
                         "application/merge-patch+json")
                     if code != 200:
                         raise ConnectionError(f"{code} {api_message(body)}")
-                    self.published = published = key
+                    published = key
                     self.writes += 1
                     log.info("WireGuard public key published on the Node",
                              extra={"node": self.node, "public_key": key})

@@ -215,8 +215,7 @@ class EncryptionSink:
         # what is up enters the routes and maps.
         entries, routes = self._wanted(up)
         await asyncio.to_thread(self._take_down, entries, routes)
-        state = await dev.get()
-        for public in state.peers:
+        for public in state.peers:  # as read above: setting the key leaves peers alone
             if public not in wanted:
                 await dev.remove_peer(public)
         for public, config in wanted.items():
