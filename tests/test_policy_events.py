@@ -22,6 +22,24 @@ from tests.test_kubernetes_real import agent_namespace, apply
 NAMESPACE = "policy-events"
 
 
+async def lead_twice(kubeconfig: Path, model: ir.IR, node_keys: bool = False
+                     ) -> tuple[int, int]:
+    """The Events written by a leader given `model`, then by the next leader given it."""
+    writes = []
+    async with connect(str(kubeconfig)) as http:
+        for _ in range(2):
+            sink = PolicyEvents(http.call, "node-a", lambda: True, None, node_keys=node_keys)
+            sink.apply(model)
+            task = asyncio.create_task(sink.run())
+            for _ in range(100):
+                if sink.recorded:
+                    break
+                await asyncio.sleep(0.05)
+            task.cancel()
+            writes.append(sink.writes)
+    return writes[0], writes[1]
+
+
 @pytest.mark.e2e
 def test_a_policy_not_enforced_as_written_gets_one_warning_event(
         control_plane: ControlPlane, tmp_path: Path) -> None:
@@ -43,22 +61,7 @@ def test_a_policy_not_enforced_as_written_gets_one_warning_event(
             "ipBlock 2001:db8::/64: IPv6 is not enforced (the datapath is IPv4 only); the "
             "peer selects nothing"]
 
-        async def lead_twice() -> tuple[int, int]:
-            writes = []
-            async with connect(str(kubeconfig)) as http:
-                for _ in range(2):  # a leader, then the next one
-                    sink = PolicyEvents(http.call, "node-a", lambda: True, None)
-                    sink.apply(ir.IR(network_policies=state))
-                    task = asyncio.create_task(sink.run())
-                    for _ in range(100):
-                        if sink.recorded:
-                            break
-                        await asyncio.sleep(0.05)
-                    task.cancel()
-                    writes.append(sink.writes)
-            return writes[0], writes[1]
-
-        first, second = asyncio.run(lead_twice())
+        first, second = asyncio.run(lead_twice(kubeconfig, ir.IR(network_policies=state)))
         assert (first, second) == (1, 0)
         events = cp.kubectl("get", "events", "-n", NAMESPACE, "--field-selector",
                             "involvedObject.kind=NetworkPolicy,involvedObject.name=v6").stdout
@@ -86,23 +89,8 @@ def test_a_node_with_a_refused_key_gets_one_warning_event(
             encryption = translate_encryption(store.snapshot(), "another-node")
             assert [p.node for p in encryption.problems] == ["bad-key-node"]
 
-            async def lead_twice() -> tuple[int, int]:
-                writes = []
-                async with connect(str(kubeconfig)) as http:
-                    for _ in range(2):  # a leader, then the next one
-                        sink = PolicyEvents(http.call, "node-a", lambda: True, None,
-                                            node_keys=True)
-                        sink.apply(ir.IR(encryption=encryption))
-                        task = asyncio.create_task(sink.run())
-                        for _ in range(100):
-                            if sink.recorded:
-                                break
-                            await asyncio.sleep(0.05)
-                        task.cancel()
-                        writes.append(sink.writes)
-                return writes[0], writes[1]
-
-            assert asyncio.run(lead_twice()) == (1, 0)
+            assert asyncio.run(lead_twice(kubeconfig, ir.IR(encryption=encryption),
+                                          node_keys=True)) == (1, 0)
             events = cp.kubectl("get", "events", "-n", "default", "--field-selector",
                                 "involvedObject.kind=Node,involvedObject.name=bad-key-node"
                                 ).stdout
