@@ -51,14 +51,15 @@ static __always_inline void encrypt_count(__u32 i)
 		*n += 1;
 }
 
-/* A pod's packet to another node's pod: into the WireGuard device when its peer is up; in
- * strict mode dropped (and counted) when not, as it would leave in the clear. -1: not for
- * the tunnel (not another node's pod, or encryption off): the caller goes on. */
+/* A pod's packet to another node's pod: into the WireGuard device when its peer is up (with
+ * IPsec, counted and left to the kernel's xfrm); in strict mode dropped (and counted) when
+ * not, as it would leave in the clear. -1: the caller goes on (not another node's pod,
+ * encryption off, or IPsec's up peer). */
 static __always_inline int to_tunnel(struct __sk_buff *skb)
 {
 	__u32 zero = 0;
 	struct encrypt_config *cfg = mesh_encrypt_config.lookup(&zero);
-	if (!cfg || !(cfg->ifindex || (cfg->flags & MESH_ENC_STRICT)))
+	if (!cfg || !(cfg->ifindex || cfg->flags))
 		return -1;
 	struct encrypt_entry *e = 0;
 	__u32 drop = MESH_ENC_DROP4;
@@ -77,6 +78,10 @@ static __always_inline int to_tunnel(struct __sk_buff *skb)
 	}
 	if (!e)
 		return -1;
+	if ((e->flags & MESH_ENC_PEER_UP) && (cfg->flags & MESH_ENC_XFRM)) {
+		encrypt_count(MESH_ENC_SENT);
+		return -1;
+	}
 	if ((e->flags & MESH_ENC_PEER_UP) && cfg->ifindex) {
 		encrypt_count(MESH_ENC_SENT);
 		return bpf_redirect(cfg->ifindex, 0);

@@ -79,11 +79,16 @@ _state_dir_option = click.option(
               default="sk-assign", show_default=True,
               help="How connections to Services with L7 routes reach Envoy: bpf_sk_assign "
               "at tc, or a mark and netfilter's TPROXY.")
-@click.option("--encryption", type=click.Choice(["none", "wireguard"]), default="none",
-              show_default=True,
+@click.option("--encryption", type=click.Choice(["none", "wireguard", "ipsec"]),
+              default="none", show_default=True,
               help="Encrypt pod traffic between nodes: wireguard (the kernel's, or "
-                   "wireguard-go), its key pair in STATE_DIR and its public key on the Node. "
-                   "Needs --datapath-cgroup and --datapath-underlay.")
+                   "wireguard-go), its key pair in STATE_DIR and its public key on the Node; "
+                   "or ipsec (the kernel's ESP), keys derived from --ipsec-keys. Needs "
+                   "--datapath-cgroup and --datapath-underlay.")
+@click.option("--ipsec-keys", type=click.Path(path_type=Path), metavar="FILE",
+              default=Path("/etc/mesh/ipsec/keys"), show_default=True,
+              help="With --encryption ipsec: the cluster's secret, lines `SPI "
+                   "rfc4106(gcm(aes)) HEX 128`, the newest last; read again when it changes.")
 @click.option("--encryption-strict/--no-encryption-strict", default=True, show_default=True,
               help="Drop pod traffic to other nodes' pods that would leave unencrypted "
                    "(a peer without a key yet), rather than send it in the clear.")
@@ -129,7 +134,8 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         admin_address: str | None, protocol: str, envoy_log_level: str, max_connections: int,
         echo_address: str | None, datapath_cgroup: Path | None,
         datapath_underlay: str | None, datapath_redirect: str, encryption: str,
-        encryption_strict: bool, encryption_strict_cidrs: tuple[str, ...], keep_envoy: bool,
+        ipsec_keys: Path, encryption_strict: bool, encryption_strict_cidrs: tuple[str, ...],
+        keep_envoy: bool,
         kubernetes: bool, kubeconfig: str | None, ratelimit_redis: str | None,
         envoy_mode: str, gateway_addresses: str, use_forwarded_headers: bool,
         leader_elect: bool, leader_namespace: str,
@@ -182,6 +188,7 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
             datapath_underlay=datapath_underlay,
             datapath_redirect=datapath_redirect,
             encryption=encryption,
+            ipsec_keys=ipsec_keys,
             encryption_strict=encryption_strict,
             encryption_strict_cidrs=tuple(str(ipaddress.ip_network(c))
                                           for c in encryption_strict_cidrs),

@@ -100,3 +100,23 @@ def test_a_copied_key_is_refused_for_both_nodes() -> None:
     found = encryption(node("n1", "172.30.0.11", "10.244.0.0/24", k1),
                        node("n2", "172.30.0.12", "10.244.1.0/24", k1))
     assert found.peers[0].public_key is None and "n1" in found.peers[0].problem
+
+
+def test_nodes_ipsec_announcements_are_read_and_a_bad_one_refused_by_name() -> None:
+    from mesh.encryption.ipsec import SPIS_ANNOTATION
+
+    n1 = node("n1", "172.30.0.11", "10.244.0.0/24", None)
+    n1["metadata"]["annotations"] = {SPIS_ANNOTATION: "3"}
+    n2 = node("n2", "172.30.0.12", "10.244.1.0/24", None)
+    n2["metadata"]["annotations"] = {SPIS_ANNOTATION: "3,4"}
+    n3 = node("n3", "172.30.0.13", "10.244.2.0/24", None)
+    n3["metadata"]["annotations"] = {SPIS_ANNOTATION: "3;4"}
+    found = encryption(n1, n2, n3, node("n4", "172.30.0.14", "10.244.3.0/24", None))
+    assert [(p.node, p.ipsec_spis, p.problem) for p in found.peers] == [
+        ("n2", (3, 4), ""),
+        ("n3", (), f"annotation {SPIS_ANNOTATION}: '3;4' is not SPIs separated by commas; "
+                   "nothing is sent to it through ESP"),
+        ("n4", (), "")]
+    # what IPsec needs of this node itself: its address, pod CIDRs, its own announcement
+    assert (found.address, found.pod_cidrs, found.published_spis, found.tunnel_source) == (
+        "172.30.0.11", ("10.244.0.0/24",), "3", "10.244.0.1")

@@ -37,12 +37,12 @@ def test_each_pair_direction_and_spi_gets_its_own_key() -> None:
 
 def test_a_node_plans_every_keys_states_and_sends_with_one_spi() -> None:
     keys = ipsec.parse_keys(f"1 {'11' * 20}\n2 {'22' * 20}")
-    plan = ipsec.plan(A, [C, B], keys, send_spi=2)
+    plan = ipsec.plan(A, [C, B], keys, send=2)
     pairs = {(s.src, s.dst, s.spi >> 24) for s in plan.states}
     assert pairs == {(A.address, p.address, k) for p in (B, C) for k in (1, 2)} | \
         {(p.address, A.address, k) for p in (B, C) for k in (1, 2)}
     # what A sends to B is what B receives from A: the same SPI and key on both sides
-    b_plan = ipsec.plan(B, [A], keys, send_spi=2)
+    b_plan = ipsec.plan(B, [A], keys, send=2)
     a_out = {(s.spi, s.key) for s in plan.states if s.src == A.address and s.dst == B.address}
     b_in = {(s.spi, s.key) for s in b_plan.states if s.src == A.address and s.dst == B.address}
     assert a_out == b_in
@@ -53,7 +53,7 @@ def test_a_node_plans_every_keys_states_and_sends_with_one_spi() -> None:
     assert all(p.spi is None for p in plan.policies if p.direction in ("in", "fwd"))
     assert {p.direction for p in plan.policies} == {"out", "in", "fwd"}
     with pytest.raises(ipsec.IpsecError, match="not among the keys"):
-        ipsec.plan(A, [B], keys, send_spi=3)
+        ipsec.plan(A, [B], keys, send=3)
 
 
 def test_spis_are_unique_per_sender_and_the_key_never_shows() -> None:
@@ -70,3 +70,27 @@ def test_spis_are_unique_per_sender_and_the_key_never_shows() -> None:
         assert secret not in str(e)
     else:
         pytest.fail("ip xfrm took a bad state")
+
+
+def test_a_node_sends_to_each_peer_with_the_newest_key_that_peer_announced() -> None:
+    # the secret's order says which key is newer: SPIs wrap from 255 to 1
+    keys = ipsec.parse_keys(f"255 {'11' * 20}\n1 {'22' * 20}")
+    assert [k.spi for k in keys] == [255, 1]
+    assert ipsec.send_spi(keys, [255]) == 255  # the peer has not installed the new one yet
+    assert ipsec.send_spi(keys, [255, 1]) == 1
+    assert ipsec.send_spi(keys, [7]) is None and ipsec.send_spi(keys, []) is None
+    assert ipsec.parse_spis(ipsec.format_spis(keys)) == (255, 1)
+    for bad in ("1,x", "0", "256", "1," * 600):
+        with pytest.raises(ValueError):
+            ipsec.parse_spis(bad)
+    plan = ipsec.plan(A, [B, C], keys, {"node-b": 1})
+    outs = {(p.dst, p.spi) for p in plan.policies if p.direction == "out"}
+    assert outs == {("10.244.1.0/24", ipsec.wire_spi(1, "node-a"))}  # none to C yet
+    # C may already send to A (it saw A's announcement): A takes it in, both keys' states
+    assert {p.src for p in plan.policies if p.direction == "in"} == {"10.244.1.0/24",
+                                                                      "10.244.2.0/24"}
+    assert {(s.src, s.spi >> 24) for s in plan.states if s.dst == A.address} == \
+        {(n.address, k) for n in (B, C) for k in (255, 1)}
+    # inbound templates are optional: a peer still sending in the clear is not cut off
+    inbound = next(p for p in plan.policies if p.direction == "in").args()
+    assert inbound[-2:] == ["level", "use"] and "spi" not in inbound

@@ -1,14 +1,16 @@
 /* Transparent encryption between nodes: which destinations are other nodes' pods (their pod
- * CIDRs, IPv4 and IPv6), whether the node's WireGuard device has a working peer for them, and
- * what strict mode drops.
+ * CIDRs, IPv4 and IPv6), whether the node has a working tunnel to them (a WireGuard peer, or
+ * IPsec states and an out policy), and what strict mode drops.
  *
- * The agent's encryption sink (mesh/sinks/encryption.py) writes the maps: a peer whose public
- * key is known and configured on the device has its pod CIDRs here with MESH_ENC_PEER_UP; the
- * strict mode's CIDRs without a peer (a node whose key is not known yet, or was refused, and
- * any CIDR the operator names) are here without it. A pod's packet to a destination found
- * with the flag goes straight to the device (bpf_redirect: the kernel's routing is skipped);
- * found without it, it is dropped and counted in strict mode (it would leave in the clear),
- * left to the kernel otherwise. Not found: not another node's pod, left to the kernel.
+ * The agent's encryption sink (mesh/sinks/encryption.py for WireGuard, mesh/sinks/ipsec.py
+ * for IPsec) writes the maps: a peer that is up has its pod CIDRs here with MESH_ENC_PEER_UP;
+ * the strict mode's CIDRs without a peer (a node whose key is not known yet, or was refused,
+ * and any CIDR the operator names) are here without it. A pod's packet to a destination
+ * found with the flag goes straight to the WireGuard device (bpf_redirect: the kernel's
+ * routing is skipped) or, with IPsec (MESH_ENC_XFRM), on to the kernel, whose xfrm policy
+ * encrypts it (a redirect would skip xfrm); found without it, it is dropped and counted in
+ * strict mode (it would leave in the clear), left to the kernel otherwise. Not found: not
+ * another node's pod, left to the kernel.
  *
  * The node's own traffic to other nodes' pods (Envoy's connections to backends) takes the
  * agent's routing table instead: the same CIDRs through the device, or blackholed in strict
@@ -22,11 +24,12 @@
 
 /* mesh_encrypt_config[0] */
 struct encrypt_config {
-	__u32 ifindex;       /* the WireGuard device; 0: encryption off */
-	__u32 flags;         /* MESH_ENC_STRICT */
+	__u32 ifindex;       /* the WireGuard device; 0: none (IPsec, or encryption off) */
+	__u32 flags;         /* MESH_ENC_STRICT, MESH_ENC_XFRM */
 };
 
 #define MESH_ENC_STRICT 0x1
+#define MESH_ENC_XFRM 0x2    /* IPsec: up peers' packets go on to the kernel's xfrm */
 
 struct encrypt4_key {
 	__u32 prefixlen;
@@ -54,7 +57,7 @@ BPF_TABLE_PINNED("lpm_trie", struct encrypt6_key, struct encrypt_entry, mesh_enc
 BPF_TABLE_PINNED("array", __u32, struct encrypt_config, mesh_encrypt_config, 1,
 		 MESH_PINNED(mesh_encrypt_config));
 
-/* Per CPU (mesh/datapath/layout.py ENCRYPT_STATS): [0] packets sent into the device, [1]
+/* Per CPU (mesh/datapath/layout.py ENCRYPT_STATS): [0] packets sent into the tunnel, [1]
  * IPv4 packets strict mode dropped (no peer), [2] IPv6 packets strict mode dropped. */
 #define MESH_ENC_SENT 0
 #define MESH_ENC_DROP4 1

@@ -183,20 +183,36 @@ class Agent:
                 # in a thread: pyroute2 wants no running loop in its own
                 await asyncio.to_thread(disable, datapath.forwarding.encryption_tables())
             if cfg.encryption == "wireguard":
+                from mesh.encryption.keys import ANNOTATION
                 from mesh.sinks.encryption import EncryptionSettings, EncryptionSink
 
                 assert cfg.datapath_underlay is not None
-                encryption = EncryptionSink(EncryptionSettings(
+                wireguard = EncryptionSink(EncryptionSettings(
                     cfg.state_dir, cfg.datapath_underlay, cfg.encryption_strict,
                     cfg.encryption_strict_cidrs), datapath.forwarding.encryption_tables())
-                sinks.append(encryption)
-                components.append(encryption)
+                sinks.append(wireguard)
+                components.append(wireguard)
                 if kube is not None:
-                    from mesh.kube.nodekey import NodeKeyPublisher
+                    from mesh.kube.nodekey import NodeAnnotationPublisher
 
-                    components.append(NodeKeyPublisher(kube.call, cfg.node_id,
-                                                       encryption.public_key,
-                                                       encryption.key_changed))
+                    components.append(NodeAnnotationPublisher(
+                        kube.call, cfg.node_id, ANNOTATION, wireguard.public_key,
+                        wireguard.key_changed))
+            if cfg.encryption == "ipsec":
+                from mesh.encryption.ipsec import SPIS_ANNOTATION
+                from mesh.sinks.ipsec import IpsecSettings, IpsecSink
+
+                ipsec = IpsecSink(IpsecSettings(
+                    cfg.state_dir, cfg.ipsec_keys, cfg.node_id, cfg.encryption_strict,
+                    cfg.encryption_strict_cidrs), datapath.forwarding.encryption_tables())
+                sinks.append(ipsec)
+                components.append(ipsec)
+                if kube is not None:
+                    from mesh.kube.nodekey import NodeAnnotationPublisher
+
+                    components.append(NodeAnnotationPublisher(
+                        kube.call, cfg.node_id, SPIS_ANNOTATION, ipsec.announcement,
+                        ipsec.announcement_changed))
         if cfg.ratelimit_redis is not None:
             from mesh.agent.ratelimit import RateLimitService
 

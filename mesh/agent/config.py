@@ -44,11 +44,13 @@ class AgentConfig:
     # How the datapath hands connections to Envoy: "sk-assign" (bpf_sk_assign at tc) or
     # "tproxy" (a mark at tc and netfilter's TPROXY); README "The L7 redirect" compares them.
     datapath_redirect: str = "sk-assign"
-    # Transparent encryption of pod traffic between nodes: "none" | "wireguard"; strict: what
-    # would leave in the clear is dropped (and these CIDRs too, besides other nodes' pods').
+    # Transparent encryption of pod traffic between nodes: "none" | "wireguard" | "ipsec";
+    # strict: what would leave in the clear is dropped (and these CIDRs too, besides other
+    # nodes' pods'). IPsec's keys: the cluster's secret, a file (a mounted Secret).
     encryption: str = "none"
     encryption_strict: bool = True
     encryption_strict_cidrs: tuple[str, ...] = ()
+    ipsec_keys: Path = Path("/etc/mesh/ipsec/keys")
     # Redis for the node's rate limit service (global rate limits); None: no service, and
     # policies with global limits are refused in their status.
     ratelimit_redis: str | None = None

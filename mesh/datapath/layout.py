@@ -152,6 +152,7 @@ class EncryptEntry(ctypes.Structure):
 
 ENC_PEER_UP = 0x1  # MESH_ENC_PEER_UP
 ENC_STRICT = 0x1  # MESH_ENC_STRICT
+ENC_XFRM = 0x2  # MESH_ENC_XFRM
 ENCRYPT_STATS = ("sent", "dropped_ipv4", "dropped_ipv6")  # mesh_encrypt_stats' slots
 
 EP_INGRESS_ISOLATED = 0x1  # MESH_EP_* of a policy endpoint

@@ -46,8 +46,11 @@ def summary(found: dict[str, Any]) -> str:
     """One line, for `mesh lab status`."""
     up = sum(1 for p in found.get("peers", []) if p["state"] == "up")
     drops = found.get("datapath", {})
-    return (f"{found['mode']} ({found['backend']}, {found['device']} mtu {found['mtu']}), "
-            f"{up}/{len(found.get('peers', []))} peers up, strict "
+    how = f"{found['device']} mtu {found['mtu']}" if found["mode"] == "wireguard" else \
+        f"key SPIs {','.join(map(str, found.get('keySPIs', []))) or 'none'}"
+    error = f", error: {found['error']}" if found.get("error") else ""
+    return (f"{found['mode']} ({found['backend']}, {how}), "
+            f"{up}/{len(found.get('peers', []))} peers up{error}, strict "
             f"{'on' if found.get('strict') else 'off'}, dropped "
             f"{drops.get('dropped_ipv4', 0)} IPv4 / {drops.get('dropped_ipv6', 0)} IPv6")
 
@@ -62,7 +65,8 @@ def encryption() -> None:
               show_default=True, help="The agent's state directory.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
 def status(state_dir: Path, output: str) -> None:
-    """Mode, peers (endpoint, pod CIDRs, last handshake, bytes), strict mode's drops."""
+    """Mode, peers (endpoint, pod CIDRs, last handshake and bytes, or IPsec's SPIs and
+    packets), strict mode's drops."""
     found = read_status(state_dir)
     if output == "json":
         click.echo(json.dumps(found, indent=2))
@@ -72,15 +76,30 @@ def status(state_dir: Path, output: str) -> None:
 
     now = time.time()
     console = Console(width=140)
-    console.print(f"mode {found['mode']} ({found['backend']}), device {found['device']} "
-                  f"mtu {found['mtu']}, port {found['port']}, strict "
-                  f"{'on' if found['strict'] else 'off'}; public key {found['publicKey']}")
-    peers = Table("NODE", "ENDPOINT", "ALLOWED IPS", "STATE", "HANDSHAKE", "RECEIVED", "SENT",
-                  "PROBLEM")
-    for p in found["peers"]:
-        peers.add_row(p["node"], p["endpoint"], ", ".join(p["allowedIPs"]), p["state"],
-                      _ago(p["lastHandshake"], now), _bytes(p["rxBytes"]),
-                      _bytes(p["txBytes"]), p["problem"] or "-")
+    strict = "on" if found["strict"] else "off"
+    if found["mode"] == "ipsec":
+        console.print(f"mode ipsec ({found['backend']}, {found['algorithm']}), strict {strict}; "
+                      f"key SPIs {', '.join(map(str, found['keySPIs'])) or 'none'}, "
+                      f"announced {found['announced'] or 'nothing yet'}")
+        if found.get("error"):
+            console.print(f"error: {found['error']}")
+        peers = Table("NODE", "ENDPOINT", "POD CIDRS", "STATE", "SENDS WITH", "ANNOUNCED",
+                      "PACKETS IN", "PACKETS OUT", "PROBLEM")
+        for p in found["peers"]:
+            peers.add_row(p["node"], p["endpoint"], ", ".join(p["allowedIPs"]), p["state"],
+                          f"SPI {p['sendSPI']}" if p["sendSPI"] else "-",
+                          ",".join(map(str, p["announcedSPIs"])) or "-",
+                          str(p["rxPackets"]), str(p["txPackets"]), p["problem"] or "-")
+    else:
+        console.print(f"mode {found['mode']} ({found['backend']}), device {found['device']} "
+                      f"mtu {found['mtu']}, port {found['port']}, strict {strict}; "
+                      f"public key {found['publicKey']}")
+        peers = Table("NODE", "ENDPOINT", "ALLOWED IPS", "STATE", "HANDSHAKE", "RECEIVED",
+                      "SENT", "PROBLEM")
+        for p in found["peers"]:
+            peers.add_row(p["node"], p["endpoint"], ", ".join(p["allowedIPs"]), p["state"],
+                          _ago(p["lastHandshake"], now), _bytes(p["rxBytes"]),
+                          _bytes(p["txBytes"]), p["problem"] or "-")
     console.print(peers)
     d = found.get("datapath", {})
     console.print(f"datapath: {d.get('sent', 0)} packets sent into the tunnel; strict mode "
@@ -97,7 +116,8 @@ def rotate_key(state_dir: Path) -> None:
     path = state_dir / keys.KEY_FILE
     if not path.exists():
         raise click.ClickException(f"no {path}: is the agent running with --encryption "
-                                   "there?")
+                                   "wireguard there? (IPsec's keys are the cluster's secret: "
+                                   "rotate them there)")
     pair = keys.generate()
     keys.save(path, pair)
     click.echo(f"new public key {pair.public_text}")

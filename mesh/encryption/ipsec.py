@@ -1,24 +1,29 @@
 """IPsec between nodes: ESP in tunnel mode with `rfc4106(gcm(aes))`, a key per node pair and
 direction derived from one cluster secret, and SPI rotation without drops. The kernel part
 only (the xfrm states and policies of one node, planned purely and applied with iproute2's
-`ip xfrm`: pyroute2 has no XFRM messages); the agent's `--encryption ipsec` is not wired to
-it yet.
+`ip xfrm`: pyroute2 has no XFRM messages). The agent's side (`--encryption ipsec`) is
+mesh/sinks/ipsec.py.
 
 - **Keys.** The cluster secret holds one or more keys, each with its SPI (1-255, as Cilium's
-  `N rfc4106(gcm(aes)) KEY 128`). For each SPI, each ordered node pair (A sends to B) gets its
+  `N rfc4106(gcm(aes)) KEY 128`), the newest last (SPIs may wrap from 255 to 1: order, not
+  number, says which is newer). For each SPI, each ordered node pair (A sends to B) gets its
   own 20 bytes (16 of AES key, 4 of GCM salt): HKDF-SHA256 of the secret, salted with the
   SPI, the info naming both nodes in order. A leaked pair key exposes one direction of one
   pair, not the cluster.
 - **States.** For every key the secret holds, both directions with every peer: inbound states
   for all SPIs at once, so a peer may send with any of them.
 - **Policies.** Out: this node's pod CIDRs to the peer's, through a template that names the
-  SPI to send with (`spi` in the template); in and fwd: the peer's pod CIDRs to ours, any
-  SPI of the pair's reqid.
-- **Rotation** (`plan(..., send_spi=)`): a new key is added to the secret; every node installs
-  its states (still sending with the old SPI); once every peer has them, a node switches its
-  out policies to the new SPI; once every node sends with it, the old key is removed from the
-  secret and its states go. Announcing the SPI before the states exist is what drops traffic
-  (`xfrm_error no_state` in Cilium's users' reports): the switch waits for the states.
+  SPI to send with (`spi` in the template), once the peer has announced a key; in and fwd:
+  the peer's pod CIDRs to ours, any SPI of the pair's reqid, optional (`level use`). What
+  strict mode keeps from leaving in the clear is the datapath's and the routing table's
+  (mesh/sinks/ipsec.py), as with WireGuard.
+- **Rotation** (`plan(..., send=)`): a new key is added to the secret; every node installs
+  its states and then announces the SPIs it has states for (the Node annotation
+  `mesh.dev/ipsec-spis`); a node sends to each peer with the newest key that peer announced
+  (`send_spi`), so it switches only once the peer can decrypt; once every node announces the
+  new key, the old one is removed from the secret and its states go. Sending with an SPI
+  before the receiver's states exist is what drops traffic (`xfrm_error no_state` in
+  Cilium's users' reports): the switch waits for the announcement.
 - **Sequence numbers** never wrap: extended sequence numbers (64 bits, `flag esn`) with a
   replay window of 128.
 """
@@ -27,8 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
@@ -39,6 +45,11 @@ ICV_BITS = 128
 KEY_BYTES = 20  # AES-128 key and the 4-byte GCM salt
 REQID = 0x4D45  # "ME": this project's states and policies
 REPLAY_WINDOW = 128
+# The Node annotation where a node announces the key SPIs it has states for ("1,2").
+SPIS_ANNOTATION = "mesh.dev/ipsec-spis"
+# ESP's cost in tunnel mode, IPv4: outer header 20, SPI and sequence 8, IV 8, padding up to
+# 3, pad length and next header 2, ICV 16 = 57; the same 60 as WireGuard's keeps one MTU.
+OVERHEAD = 60
 
 
 class IpsecError(RuntimeError):
@@ -60,7 +71,7 @@ class Node:
 
 def parse_keys(text: str) -> list[Key]:
     """The cluster secret: lines `SPI rfc4106(gcm(aes)) HEX 128` (Cilium's format) or
-    `SPI HEX`; at most one key per SPI."""
+    `SPI HEX`, the newest last; at most one key per SPI, at most 255 lines."""
     keys: dict[int, Key] = {}
     for n, line in enumerate(text.splitlines(), 1):
         fields = line.split()
@@ -86,7 +97,31 @@ def parse_keys(text: str) -> list[Key]:
         keys[spi] = Key(spi, secret)
     if not keys:
         raise IpsecError("no key")
-    return sorted(keys.values(), key=lambda k: k.spi)
+    return list(keys.values())  # in the file's order: the newest last
+
+
+def format_spis(keys: Iterable[Key]) -> str:
+    """The announcement: the SPIs, in the secret's order."""
+    return ",".join(str(k.spi) for k in keys)
+
+
+def parse_spis(text: str) -> tuple[int, ...]:
+    """A node's announcement; ValueError if it is not one."""
+    if len(text) > 1024:
+        raise ValueError("longer than 1024 characters")
+    try:
+        spis = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{text[:40]!r} is not SPIs separated by commas") from None
+    if any(not 1 <= s <= 255 for s in spis):
+        raise ValueError("an SPI not within 1-255")
+    return spis
+
+
+def send_spi(keys: Sequence[Key], announced: Iterable[int]) -> int | None:
+    """The SPI to send to a peer with: the newest key of ours the peer has states for."""
+    theirs = set(announced)
+    return next((k.spi for k in reversed(keys) if k.spi in theirs), None)
 
 
 def derive(key: Key, sender: str, receiver: str) -> bytes:
@@ -132,6 +167,11 @@ class Policy:
                 "reqid", str(REQID), "mode", "tunnel"]
         if self.spi is not None:
             tmpl[7:7] = ["spi", hex(self.spi)]  # after "proto esp"
+        else:
+            # Inbound, the template is optional: a packet that came through ESP must match a
+            # policy (the kernel refuses a decrypted packet no policy takes), and one in the
+            # clear still passes, as while a peer has not seen this node's announcement yet.
+            tmpl += ["level", "use"]
         return ["policy", "update", "src", self.src, "dst", self.dst, "dir",
                 self.direction, *tmpl]
 
@@ -142,13 +182,18 @@ class Plan:
     policies: tuple[Policy, ...]
 
 
-def plan(me: Node, peers: Iterable[Node], keys: Iterable[Key], send_spi: int) -> Plan:
-    """This node's states (every key, both directions, every peer) and policies (sending
-    with `send_spi`, which must be among the keys)."""
+def plan(me: Node, peers: Iterable[Node], keys: Iterable[Key],
+         send: int | Mapping[str, int]) -> Plan:
+    """This node's states (every key, both directions, every peer) and policies: to each
+    peer named in `send` (or to all, one SPI for all), sending with its SPI, which must be
+    among the keys. A peer `send` leaves out gets states and no policy: nothing is sent to
+    it through ESP."""
     keys = list(keys)
-    if send_spi not in {k.spi for k in keys}:
-        raise IpsecError(f"SPI {send_spi} to send with is not among the keys")
     peers = sorted(peers, key=lambda n: n.name)
+    sending = {p.name: send for p in peers} if isinstance(send, int) else dict(send)
+    for spi in set(sending.values()):
+        if spi not in {k.spi for k in keys}:
+            raise IpsecError(f"SPI {spi} to send with is not among the keys")
     tags: dict[int, str] = {}
     for node in [me, *peers]:
         tag = wire_spi(1, node.name)
@@ -166,8 +211,9 @@ def plan(me: Node, peers: Iterable[Node], keys: Iterable[Key], send_spi: int) ->
             for theirs in peer.cidrs:
                 if ipaddress.ip_network(mine).version != ipaddress.ip_network(theirs).version:
                     continue
-                policies.append(Policy(mine, theirs, "out", me.address, peer.address,
-                                       wire_spi(send_spi, me.name)))
+                if peer.name in sending:
+                    policies.append(Policy(mine, theirs, "out", me.address, peer.address,
+                                           wire_spi(sending[peer.name], me.name)))
                 for direction in ("in", "fwd"):
                     policies.append(Policy(theirs, mine, direction, peer.address,
                                            me.address, None))
@@ -187,14 +233,16 @@ def kernel_has_esp() -> str | None:
     return None
 
 
-def apply(wanted: Plan, current: Plan | None = None) -> None:
-    """Write `wanted` (states first: a policy never points at a state not there yet), then
-    remove what `current` had and `wanted` has not (policies first)."""
+def apply(wanted: Plan, current: Plan | None = None, rewrite: bool = False) -> None:
+    """Write what of `wanted` is not in `current` (all of it with `rewrite`: someone may
+    have flushed the kernel's), states first: a policy never points at a state not there
+    yet; then remove what `current` had and `wanted` has not (policies first)."""
     for s in wanted.states:
-        if current is None or s not in current.states:
+        if rewrite or current is None or s not in current.states:
             _state(s)
     for p in wanted.policies:
-        _ip(p.args())
+        if rewrite or current is None or p not in current.policies:
+            _ip(p.args())
     if current is None:
         return
     for p in set(current.policies) - set(wanted.policies):
@@ -226,6 +274,24 @@ def _ip(args: list[str], check: bool = True) -> None:
         # the key material never goes into an error: only the verb and the addresses
         shown = [a for a in args if not a.startswith("0x") or len(a) < 12]
         raise IpsecError(f"ip xfrm {' '.join(shown)}: {out.stderr.strip()}")
+
+
+def remove_all() -> int:
+    """This project's policies and states (its reqid) out of the kernel, as when the agent
+    runs without IPsec after it ran with it; how many policies went."""
+    out = subprocess.run(["ip", "xfrm", "policy"], capture_output=True, text=True,
+                         check=False).stdout
+    removed = 0
+    for block in re.split(r"\n(?=src )", out):
+        words = block.split()
+        if len(words) < 6 or words[0] != "src" or words[2] != "dst" or "dir" not in words:
+            continue
+        if "reqid" in words and words[words.index("reqid") + 1] == str(REQID):
+            _ip(["policy", "delete", "src", words[1], "dst", words[3], "dir",
+                 words[words.index("dir") + 1]], check=False)
+            removed += 1
+    _ip(["state", "deleteall", "reqid", str(REQID)], check=False)
+    return removed
 
 
 def counters() -> dict[int, int]:

@@ -1,5 +1,6 @@
-"""The encryption part of the IR: every other node as a WireGuard peer (where to reach it,
-what it carries, its public key as published), and what the node's own annotation says."""
+"""The encryption part of the IR: every other node as a peer (where to reach it, what it
+carries, its WireGuard public key and IPsec SPIs as published), and what the node's own
+annotations say."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class EncryptionPeer:
     allowed_ips: tuple[str, ...]
     public_key: str | None = None
     problem: str = ""
+    # IPsec: the key SPIs it announced having states for (mesh.dev/ipsec-spis)
+    ipsec_spis: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,3 +46,8 @@ class Encryption:
     # as Cilium's router IP: the peers' allowed IPs take it in, their pods' replies come
     # back through the tunnel); None: no pod CIDR yet.
     tunnel_source: str | None = None
+    # This node's underlay address and pod CIDRs (IPsec's states and policies name them).
+    address: str | None = None
+    pod_cidrs: tuple[str, ...] = ()
+    # This node's IPsec announcement as the API server has it (None: none).
+    published_spis: str | None = None

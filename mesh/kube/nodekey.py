@@ -1,6 +1,7 @@
-"""The node's WireGuard public key on its Node: the `mesh.dev/wireguard-public-key` annotation
-(as Cilium's agent writes network.cilium.io/wg-pub-key), which every other agent reads to make
-this node its peer. Written at start and after each rotation (a merge patch of the one
+"""What the node's encryption tells the other nodes, on its Node: the WireGuard public key
+(`mesh.dev/wireguard-public-key`, as Cilium's agent writes network.cilium.io/wg-pub-key), or
+the IPsec key SPIs it has states for (`mesh.dev/ipsec-spis`), which every other agent reads
+to make this node its peer. Written at start and after each change (a merge patch of the one
 annotation), retried until the API server takes it.
 """
 
@@ -11,7 +12,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mesh.encryption.keys import ANNOTATION
 from mesh.kube.client import API_ERRORS, api_message
 from mesh.kube.resources import NODES
 
@@ -20,14 +20,15 @@ RETRY = 2.0
 Patch = Callable[[str, str, Any, str], Awaitable[tuple[int, Any]]]
 
 
-class NodeKeyPublisher:
-    def __init__(self, call: Patch, node: str, public_key: Callable[[], str | None],
-                 changed: asyncio.Event) -> None:
+class NodeAnnotationPublisher:
+    def __init__(self, call: Patch, node: str, annotation: str,
+                 value: Callable[[], str | None], changed: asyncio.Event) -> None:
         """`call`: the client's (method, path, body, content type); `changed` is set when
-        `public_key()` has a new value to publish."""
+        `value()` has a new value to publish (None: nothing yet)."""
         self.call = call
         self.node = node
-        self.public_key = public_key
+        self.annotation = annotation
+        self.value = value
         self.changed = changed
         self.writes = 0
 
@@ -35,22 +36,22 @@ class NodeKeyPublisher:
         while True:
             await self.changed.wait()
             self.changed.clear()
-            key = self.public_key()
+            key = self.value()
             published = None
             while key is not None and key != published:
                 try:
                     code, body = await self.call(
                         "PATCH", NODES.item("", self.node),
-                        {"metadata": {"annotations": {ANNOTATION: key}}},
+                        {"metadata": {"annotations": {self.annotation: key}}},
                         "application/merge-patch+json")
                     if code != 200:
                         raise ConnectionError(f"{code} {api_message(body)}")
                     published = key
                     self.writes += 1
-                    log.info("WireGuard public key published on the Node",
-                             extra={"node": self.node, "public_key": key})
+                    log.info("published on the Node", extra={
+                        "node": self.node, "annotation": self.annotation, "value": key})
                 except API_ERRORS as e:
-                    log.warning("WireGuard public key not published: retrying",
-                                extra={"node": self.node, "error": str(e)})
+                    log.warning("not published on the Node: retrying", extra={
+                        "node": self.node, "annotation": self.annotation, "error": str(e)})
                     await asyncio.sleep(RETRY)
-                key = self.public_key()
+                key = self.value()

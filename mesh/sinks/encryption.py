@@ -213,7 +213,8 @@ class EncryptionSink:
             KEEPALIVE) for p in up.values() if p.public_key is not None}
         # What goes down leaves the maps and routes first, then the device changes, then
         # what is up enters the routes and maps.
-        entries, routes = self._wanted(up)
+        entries, routes = steering(self.desired.peers, set(up), self.settings.strict,
+                                   self.settings.strict_cidrs, "device")
         await asyncio.to_thread(self._take_down, entries, routes)
         for public in state.peers:  # as read above: setting the key leaves peers alone
             if public not in wanted:
@@ -226,19 +227,6 @@ class EncryptionSink:
                 await dev.set_peer(config)
         self.device_state = await dev.get()
         await asyncio.to_thread(self._bring_up, entries, routes)
-
-    def _wanted(self, up: Mapping[str, ir.EncryptionPeer]
-                ) -> tuple[dict[str, int], dict[str, str]]:
-        """The datapath's entries (CIDR -> flags) and the routing table (CIDR -> "device" |
-        "blackhole"): up peers' pod CIDRs through the device; in strict mode, the other
-        peers' and the configured CIDRs blackholed."""
-        up_cidrs = {c for p in up.values() for c in p.allowed_ips}
-        down = {c for p in self.desired.peers if p.node not in up for c in p.allowed_ips}
-        blackholed = (down | set(self.settings.strict_cidrs)) - up_cidrs \
-            if self.settings.strict else set()
-        entries = {**{c: 0 for c in blackholed}, **{c: ENC_PEER_UP for c in up_cidrs}}
-        routes = {**{c: "blackhole" for c in blackholed}, **{c: "device" for c in up_cidrs}}
-        return entries, routes
 
     def _take_down(self, entries: Mapping[str, int], routes: Mapping[str, str]) -> None:
         """What is up and should not be: out of the maps, then out of the routes."""
@@ -326,28 +314,12 @@ class EncryptionSink:
 
     def _entry(self, cidr: str, flags: int | None) -> None:
         assert self.tables is not None
-        net = ipaddress.ip_network(cidr)
-        key: ctypes.Structure
-        if net.version == 4:
-            key = Encrypt4Key(prefixlen=net.prefixlen, address=be32(str(net.network_address)))
-            table = self.tables["mesh_encrypt4"]
-        else:
-            key = Encrypt6Key(prefixlen=net.prefixlen)
-            key.address[:] = list(net.network_address.packed)
-            table = self.tables["mesh_encrypt6"]
-        if flags is None:
-            with contextlib.suppress(KeyError):
-                del table[key]
-        else:
-            table[key] = EncryptEntry(flags=flags)
+        write_entry(self.tables, cidr, flags)
 
     # -- visibility ------------------------------------------------------------------------
 
     def drops(self) -> dict[str, int]:
-        if self.tables is None:
-            return {}
-        stats = self.tables["mesh_encrypt_stats"]
-        return {name: sum(stats[ctypes.c_uint32(i)]) for i, name in enumerate(ENCRYPT_STATS)}
+        return datapath_counters(self.tables)
 
     def status(self) -> dict[str, Any]:
         peers = []
@@ -369,12 +341,57 @@ class EncryptionSink:
                 "updated": time.time()}
 
     def _write_status(self) -> None:
-        path = self.settings.state_dir / STATUS_FILE
-        tmp = path.with_suffix(".tmp")
-        with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps(self.status(), indent=2, sort_keys=True))
-            os.chmod(tmp, 0o600)
-            tmp.replace(path)
+        write_status(self.settings.state_dir, self.status())
+
+
+def steering(peers: tuple[ir.EncryptionPeer, ...], up: set[str], strict: bool,
+             strict_cidrs: tuple[str, ...], through: str
+             ) -> tuple[dict[str, int], dict[str, str]]:
+    """The datapath's entries (CIDR -> flags) and the routing table (CIDR -> `through` |
+    "blackhole"): the up peers' pod CIDRs through the tunnel; in strict mode, the other
+    peers' and the configured CIDRs blackholed."""
+    up_cidrs = {c for p in peers if p.node in up for c in p.allowed_ips}
+    down = {c for p in peers if p.node not in up for c in p.allowed_ips}
+    blackholed = (down | set(strict_cidrs)) - up_cidrs if strict else set()
+    entries = {**{c: 0 for c in blackholed}, **{c: ENC_PEER_UP for c in up_cidrs}}
+    routes = {**{c: "blackhole" for c in blackholed}, **{c: through for c in up_cidrs}}
+    return entries, routes
+
+
+def write_entry(tables: Mapping[str, Any], cidr: str, flags: int | None) -> None:
+    """The datapath's entry for `cidr` (None: none)."""
+    net = ipaddress.ip_network(cidr)
+    key: ctypes.Structure
+    if net.version == 4:
+        key = Encrypt4Key(prefixlen=net.prefixlen, address=be32(str(net.network_address)))
+        table = tables["mesh_encrypt4"]
+    else:
+        key = Encrypt6Key(prefixlen=net.prefixlen)
+        key.address[:] = list(net.network_address.packed)
+        table = tables["mesh_encrypt6"]
+    if flags is None:
+        with contextlib.suppress(KeyError):
+            del table[key]
+    else:
+        table[key] = EncryptEntry(flags=flags)
+
+
+def datapath_counters(tables: Mapping[str, Any] | None) -> dict[str, int]:
+    """Packets sent into the tunnel, and strict mode's drops."""
+    if tables is None:
+        return {}
+    stats = tables["mesh_encrypt_stats"]
+    return {name: sum(stats[ctypes.c_uint32(i)]) for i, name in enumerate(ENCRYPT_STATS)}
+
+
+def write_status(state_dir: Path, status: Mapping[str, Any]) -> None:
+    """What `mesh encryption status` reads (0600, replaced whole)."""
+    path = state_dir / STATUS_FILE
+    tmp = path.with_suffix(".tmp")
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps(status, indent=2, sort_keys=True))
+        os.chmod(tmp, 0o600)
+        tmp.replace(path)
 
 
 def _iproute() -> Any:
@@ -385,9 +402,14 @@ def _iproute() -> Any:
 
 def disable(tables: Mapping[str, Any] | None) -> None:
     """Encryption off: what an agent with it left behind (the datapath's entries, the routing
-    rule and table) goes, so that nothing is dropped, or sent to a device no one configures.
-    The device itself, if any, is left alone."""
+    rule and table, IPsec's policies and states) goes, so that nothing is dropped, or sent to
+    a device no one configures. A WireGuard device, if any, is left alone."""
     from pyroute2 import NetlinkError
+
+    from mesh.encryption import ipsec
+
+    with contextlib.suppress(OSError):  # no `ip`: nothing of IPsec's was made either
+        ipsec.remove_all()
 
     if tables is not None:
         tables["mesh_encrypt_config"][ctypes.c_uint32(0)] = EncryptConfig(ifindex=0, flags=0)

@@ -1,6 +1,6 @@
-"""Nodes to WireGuard peers (mesh/ir/encryption.py), pure: each other Node's underlay address,
-pod CIDRs and published public key (the `mesh.dev/wireguard-public-key` annotation its agent
-writes).
+"""Nodes to encryption peers (mesh/ir/encryption.py), pure: each other Node's underlay address,
+pod CIDRs, published WireGuard public key (the `mesh.dev/wireguard-public-key` annotation its
+agent writes) and IPsec announcement (`mesh.dev/ipsec-spis`: the key SPIs it has states for).
 
 A key is refused, with a problem naming the node, when it does not parse as a WireGuard public
 key (base64 of 32 bytes, not a point of low order), or when two Nodes publish the same one (a
@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 
 from mesh import ir
+from mesh.encryption.ipsec import SPIS_ANNOTATION, parse_spis
 from mesh.encryption.keys import ANNOTATION, InvalidKey, parse_public
 from mesh.store import kinds
 from mesh.store.objects import KubeObject
@@ -89,14 +90,33 @@ def translate_encryption(snapshot: StoreSnapshot, node_name: str | None) -> ir.E
         cidrs = _pod_cidrs(n)
         if endpoint is None or not cidrs:
             continue  # nothing to reach it at, or nothing to carry: not a peer yet
+        spis, problem = _spis(n)
         peers.append(ir.EncryptionPeer(n.name, endpoint, cidrs, keys.get(n.name),
-                                       problems.get(n.name, "")))
+                                       problems.get(n.name, problem), spis))
     own = snapshot.get(kinds.NODE, "", node_name) if node_name else None
-    return ir.Encryption(tuple(peers), tuple(
-        ir.KeyProblem(name, _uid(snapshot, name), message)
-        for name, message in sorted(problems.items())),
-        _text((own.annotations or {}).get(ANNOTATION)) if own is not None else None,
-        tunnel_source(own) if own is not None else None)
+    notes = (own.annotations or {}) if own is not None else {}
+    return ir.Encryption(
+        tuple(peers),
+        tuple(ir.KeyProblem(name, _uid(snapshot, name), message)
+              for name, message in sorted(problems.items())),
+        _text(notes.get(ANNOTATION)),
+        tunnel_source(own) if own is not None else None,
+        _endpoint(own) if own is not None else None,
+        _pod_cidrs(own) if own is not None else (),
+        _text(notes.get(SPIS_ANNOTATION)))
+
+
+def _spis(node: KubeObject) -> tuple[tuple[int, ...], str]:
+    """A node's IPsec announcement, and what is wrong with it ("" if nothing)."""
+    text = (node.annotations or {}).get(SPIS_ANNOTATION)
+    if text is None:
+        return (), ""
+    try:
+        if not isinstance(text, str):
+            raise ValueError("not a string")
+        return parse_spis(text), ""
+    except ValueError as e:
+        return (), f"annotation {SPIS_ANNOTATION}: {e}; nothing is sent to it through ESP"
 
 
 def _uid(snapshot: StoreSnapshot, name: str) -> str:
