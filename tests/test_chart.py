@@ -63,6 +63,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "encryption": {"datapath": {"enabled": True},
                    "encryption": {"mode": "wireguard", "strict": False,
                                   "strictCIDRs": ["fd00:10:244::/48"]}},
+    "ipsec": {"datapath": {"enabled": True},
+              "encryption": {"mode": "ipsec", "ipsecSecret": {"name": "cluster-ipsec",
+                                                              "key": "keys.txt"}}},
     "legacy-secret-podcidr": {
         "gatewayAddresses": {"source": "loadbalancer"},
         "datapath": {"enabled": True},
@@ -212,6 +215,8 @@ def _expected_args(v: dict[str, Any]) -> list[str]:
                  "--encryption-strict" if v["encryption"]["strict"] else "--no-encryption-strict"]
         for cidr in v["encryption"]["strictCIDRs"]:
             args += ["--encryption-strict-cidr", cidr]
+        if v["encryption"]["mode"] == "ipsec":
+            args += ["--ipsec-keys", "/etc/mesh/ipsec/keys"]
     return args
 
 
@@ -291,6 +296,16 @@ def test_daemonset(name: str) -> None:
     else:
         assert set(agent_mounts) == {"state"}
         assert {"bpffs", "cgroup"}.isdisjoint(volumes)
+    if v["encryption"]["mode"] == "ipsec":
+        # the operator's Secret, read-only, owner-readable only, in the agent alone
+        assert agent_mounts["ipsec-keys"] == {"name": "ipsec-keys",
+                                              "mountPath": "/etc/mesh/ipsec", "readOnly": True}
+        assert volumes["ipsec-keys"]["secret"] == {
+            "secretName": v["encryption"]["ipsecSecret"]["name"], "defaultMode": 0o400,
+            "items": [{"key": v["encryption"]["ipsecSecret"]["key"], "path": "keys"}]}
+        assert "ipsec-keys" not in {m["name"] for m in envoy["volumeMounts"]}
+    else:
+        assert "ipsec-keys" not in volumes
     assert "/lib/modules" not in json.dumps(pod)
 
     if v["cni"]["install"]:
@@ -346,7 +361,8 @@ def _invoke(*args: str) -> Any:
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (["--set", "encryption.mode=ipsec"], "/encryption/mode: value must be one of"),
+    (["--set", "encryption.mode=gre"], "/encryption/mode: value must be one of"),
+    (["--set", "encryption.ipsecSecret.name=Bad_Name"], "/encryption/ipsecSecret/name"),
     (["--set", "gatewayAddresses.source=foo"], "/gatewayAddresses/source: value must be one of"),
     (["--set", "colour=blue"], "additional properties 'colour' not allowed"),
     (["--set", "datapath.unknown=1"], "/datapath: additional properties 'unknown' not allowed"),

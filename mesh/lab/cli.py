@@ -58,9 +58,10 @@ def lab() -> None:
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for ready.")
 @click.option("--redirect", type=click.Choice(["sk-assign", "tproxy"]), default="sk-assign",
               show_default=True, help="How the nodes' datapath hands L7 flows to Envoy.")
-@click.option("--encryption", type=click.Choice(["none", "wireguard"]), default="none",
-              show_default=True, help="Encrypt pod traffic between the nodes (wireguard: "
-              "wireguard-go on each node, strict mode).")
+@click.option("--encryption", type=click.Choice(["none", "wireguard", "ipsec"]),
+              default="none", show_default=True,
+              help="Encrypt pod traffic between the nodes, strict mode (wireguard: "
+              "wireguard-go on each node; ipsec: the kernel's ESP, which it must have).")
 def up(nodes: int, manifests: Path | None, name: str, foreground: bool, timeout: float,
        redirect: str, encryption: str) -> None:
     """Build the lab and return once every node and pod is ready."""
@@ -71,6 +72,13 @@ def up(nodes: int, manifests: Path | None, name: str, foreground: bool, timeout:
     if cluster.read_state(name) is not None:
         raise click.ClickException(f"lab {name!r} is already up (`mesh lab down --name "
                                    f"{name}` first)")
+    if encryption == "ipsec":
+        from mesh.sinks.ipsec import probe_esp
+
+        missing = probe_esp()
+        if missing is not None:
+            raise click.ClickException(f"--encryption ipsec: {missing}; nothing was set up "
+                                       "(--encryption wireguard runs on any kernel)")
     args = [sys.executable, "-m", "mesh.cli", "lab", "supervise", "--nodes", str(nodes),
             "--name", name, "--redirect", redirect, "--encryption", encryption] + (
                 ["--manifests", str(manifests.resolve())] if manifests else [])

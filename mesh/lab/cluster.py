@@ -280,9 +280,25 @@ class Lab:
 
     def pod_mtu(self) -> int:
         """The pods' interface MTU: the underlay's (1500), less the tunnel's overhead."""
+        from mesh.encryption import ipsec
         from mesh.encryption.wireguard import tunnel_mtu
 
+        if self.encryption == "ipsec":
+            return 1500 - ipsec.OVERHEAD
         return tunnel_mtu(1500) if self.encryption == "wireguard" else 1500
+
+    def ipsec_keys(self) -> Path:
+        """The lab's IPsec secret (0600), made once: what the chart mounts from a Secret."""
+        import secrets
+
+        from mesh.encryption import ipsec
+
+        path = self.dir / "ipsec-keys"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"1 {ipsec.ALGORITHM} {secrets.token_hex(20)} {ipsec.ICV_BITS}\n")
+        return path
 
     def _start_agent(self, n: NodeNet) -> None:
         state = self.node_dir(n) / "agent"
@@ -304,6 +320,7 @@ class Lab:
             "--datapath-cgroup", str(CGROUP_ROOT / self.name / n.name),
             "--datapath-underlay", "eth0", "--datapath-redirect", self.redirect,
             "--encryption", self.encryption,
+            *(["--ipsec-keys", str(self.ipsec_keys())] if self.encryption == "ipsec" else []),
             # the pods' IPv6 range, were they dual-stack: never in the clear either
             *(["--encryption-strict-cidr", POD_IPV6_RANGE] if self.encryption != "none"
               else []),

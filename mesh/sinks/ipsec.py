@@ -114,7 +114,7 @@ class IpsecSink:
     # -- the component's side ------------------------------------------------------------
 
     async def run(self) -> None:
-        self.esp_missing = await asyncio.to_thread(_probe_esp)
+        self.esp_missing = await asyncio.to_thread(probe_esp)
         if self.esp_missing is not None:
             log.error("IPsec cannot run on this kernel: nothing is encrypted"
                       + (", and strict mode drops what would go to other nodes' pods"
@@ -125,7 +125,7 @@ class IpsecSink:
         while True:
             try:
                 await self._reconcile()
-                self.error = self.esp_missing or self.keys_error
+                self.error = ""
                 self.configured.set()
             except (OSError, ipsec.IpsecError, RuntimeError) as e:
                 self.errors += 1
@@ -309,7 +309,8 @@ class IpsecSink:
         return {"mode": "ipsec", "backend": "kernel xfrm", "device": "-",
                 "algorithm": ipsec.ALGORITHM, "strict": self.settings.strict,
                 "keySPIs": [k.spi for k in self.keys], "announced": self._announcement,
-                "error": self.esp_missing or self.keys_error or self.error,
+                "error": "; ".join(e for e in (self.esp_missing, self.keys_error, self.error)
+                                   if e),
                 "peers": peers, "datapath": datapath_counters(self.tables),
                 "errors": self.errors, "updated": time.time()}
 
@@ -323,7 +324,8 @@ def _pair_state(plan: ipsec.Plan | None, endpoint: str, key: ipsec.Key, me: str)
                                     for s in plan.states)
 
 
-def _probe_esp() -> str | None:
+def probe_esp() -> str | None:
+    """None if this kernel can run IPsec here, else why not."""
     # the modules load on first use on most kernels; asking first costs nothing
     with contextlib.suppress(OSError):  # no modprobe: the probe below says what is missing
         subprocess.run(["modprobe", "-q", "esp4"], capture_output=True, check=False)
