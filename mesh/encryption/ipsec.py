@@ -294,18 +294,23 @@ def remove_all() -> int:
     return removed
 
 
-def counters() -> dict[int, int]:
-    """Packets per SPI of this node's states (`ip -s xfrm state`), for the tests and status."""
+def counters() -> dict[tuple[str, str, int], int]:
+    """Packets per state of this node ((source, destination, SPI): a node sends with the
+    same SPI to every peer), from `ip -s xfrm state`, for the status and the tests."""
     out = subprocess.run(["ip", "-s", "xfrm", "state"], capture_output=True, text=True,
                          check=True).stdout
-    found: dict[int, int] = {}
-    spi = None
+    found: dict[tuple[str, str, int], int] = {}
+    ends: tuple[str, str] | None = None
+    state: tuple[str, str, int] | None = None
     for line in out.splitlines():
         words = line.replace(",", " ").split()
-        if "spi" in words:
+        if words[:1] == ["src"] and len(words) >= 4 and words[2] == "dst":
+            ends, state = (words[1], words[3]), None
+        elif "spi" in words and ends is not None:
             spi = int(words[words.index("spi") + 1].split("(")[0], 16)  # "0x..(decimal)"
-        elif spi is not None and any(w.endswith("(packets)") for w in words) and \
+            state = (*ends, spi)
+        elif state is not None and any(w.endswith("(packets)") for w in words) and \
                 any(w.endswith("(bytes)") for w in words):
             packets = next(int(w.split("(")[0]) for w in words if w.endswith("(packets)"))
-            found[spi] = max(found.get(spi, 0), packets)
+            found[state] = max(found.get(state, 0), packets)
     return found

@@ -272,9 +272,9 @@ class IpsecSink:
             endpoint = kind.removeprefix("via ")
             (found,) = ip.route("get", dst=endpoint)[:1]
             spec["oif"] = found.get_attr("RTA_OIF")
-            gateway = found.get_attr("RTA_GATEWAY")
-            if gateway is not None:
-                spec["gateway"] = gateway
+            # as the main table's route to the peer's pods: through the peer (or the
+            # router before it)
+            spec["gateway"] = found.get_attr("RTA_GATEWAY") or endpoint
             if spec["family"] == 2 and self.applied.source:
                 spec["prefsrc"] = self.applied.source
             ip.route("replace", **spec)
@@ -287,7 +287,6 @@ class IpsecSink:
             packets = ipsec.counters() if self.esp_missing is None else {}
         except (OSError, subprocess.CalledProcessError):
             packets = {}
-        me = self.settings.node
         peers = []
         for p in self.desired.peers:
             spi = self.sending.get(p.node)
@@ -302,10 +301,10 @@ class IpsecSink:
                 "node": p.node, "endpoint": p.endpoint, "allowedIPs": list(p.allowed_ips),
                 "state": "up" if spi is not None else "down", "problem": problem,
                 "sendSPI": spi, "announcedSPIs": list(p.ipsec_spis),
-                "txPackets": sum(packets.get(ipsec.wire_spi(k.spi, me), 0) for k in self.keys
-                                 if _pair_state(self.applied.plan, p.endpoint, k, me)),
-                "rxPackets": sum(packets.get(ipsec.wire_spi(k.spi, p.node), 0)
-                                 for k in self.keys)})
+                "txPackets": sum(n for (src, dst, _), n in packets.items()
+                                 if (src, dst) == (self.desired.address, p.endpoint)),
+                "rxPackets": sum(n for (src, dst, _), n in packets.items()
+                                 if (src, dst) == (p.endpoint, self.desired.address))})
         return {"mode": "ipsec", "backend": "kernel xfrm", "device": "-",
                 "algorithm": ipsec.ALGORITHM, "strict": self.settings.strict,
                 "keySPIs": [k.spi for k in self.keys], "announced": self._announcement,
@@ -317,11 +316,6 @@ class IpsecSink:
 
 def _owner(peers: tuple[ir.EncryptionPeer, ...], cidr: str) -> str:
     return next(p.node for p in peers if cidr in p.allowed_ips)
-
-
-def _pair_state(plan: ipsec.Plan | None, endpoint: str, key: ipsec.Key, me: str) -> bool:
-    return plan is not None and any(s.dst == endpoint and s.spi == ipsec.wire_spi(key.spi, me)
-                                    for s in plan.states)
 
 
 def probe_esp() -> str | None:
