@@ -69,6 +69,14 @@ def missing() -> str | None:
     return None
 
 
+def with_headers() -> Kernel | None:
+    """The newest kernel (MESH_VM_KERNEL's, if set) whose headers are installed: bcc compiles
+    the datapath's programs against the running kernel's."""
+    wanted = os.environ.get("MESH_VM_KERNEL")
+    return next((k for k in kernels() if wanted in (None, k.version) and
+                 (k.modules / "build" / "include").is_dir()), None)
+
+
 def _deps(kernel: Kernel) -> list[str]:
     """MODULES and what they need, dependencies first."""
     dep: dict[str, list[str]] = {}
