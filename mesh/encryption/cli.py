@@ -84,12 +84,13 @@ def status(state_dir: Path, output: str) -> None:
         if found.get("error"):
             console.print(f"error: {found['error']}")
         peers = Table("NODE", "ENDPOINT", "POD CIDRS", "STATE", "SENDS WITH", "ANNOUNCED",
-                      "PACKETS IN", "PACKETS OUT", "PROBLEM")
+                      "RECEIVED", "SENT", "PROBLEM")
         for p in found["peers"]:
             peers.add_row(p["node"], p["endpoint"], ", ".join(p["allowedIPs"]), p["state"],
                           f"SPI {p['sendSPI']}" if p["sendSPI"] else "-",
                           ",".join(map(str, p["announcedSPIs"])) or "-",
-                          str(p["rxPackets"]), str(p["txPackets"]), p["problem"] or "-")
+                          f"{p['rxPackets']} pkts, {_bytes(p['rxBytes'])}",
+                          f"{p['txPackets']} pkts, {_bytes(p['txBytes'])}", p["problem"] or "-")
     else:
         console.print(f"mode {found['mode']} ({found['backend']}), device {found['device']} "
                       f"mtu {found['mtu']}, port {found['port']}, strict {strict}; "

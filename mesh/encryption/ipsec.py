@@ -294,12 +294,12 @@ def remove_all() -> int:
     return removed
 
 
-def counters() -> dict[tuple[str, str, int], int]:
-    """Packets per state of this node ((source, destination, SPI): a node sends with the
-    same SPI to every peer), from `ip -s xfrm state`, for the status and the tests."""
+def traffic() -> dict[tuple[str, str, int], tuple[int, int]]:
+    """(packets, bytes) per state of this node ((source, destination, SPI): a node sends
+    with the same SPI to every peer), from `ip -s xfrm state`, for the status and tests."""
     out = subprocess.run(["ip", "-s", "xfrm", "state"], capture_output=True, text=True,
                          check=True).stdout
-    found: dict[tuple[str, str, int], int] = {}
+    found: dict[tuple[str, str, int], tuple[int, int]] = {}
     ends: tuple[str, str] | None = None
     state: tuple[str, str, int] | None = None
     for line in out.splitlines():
@@ -311,6 +311,13 @@ def counters() -> dict[tuple[str, str, int], int]:
             state = (*ends, spi)
         elif state is not None and any(w.endswith("(packets)") for w in words) and \
                 any(w.endswith("(bytes)") for w in words):
-            packets = next(int(w.split("(")[0]) for w in words if w.endswith("(packets)"))
-            found[state] = max(found.get(state, 0), packets)
+            # the first such line is the current lifetime's ("12(bytes), 1(packets)")
+            count = {w.split("(")[1].rstrip(")"): int(w.split("(")[0]) for w in words
+                     if w.endswith(("(packets)", "(bytes)"))}
+            found.setdefault(state, (count["packets"], count["bytes"]))
     return found
+
+
+def counters() -> dict[tuple[str, str, int], int]:
+    """Packets per state (see `traffic`)."""
+    return {state: packets for state, (packets, _) in traffic().items()}

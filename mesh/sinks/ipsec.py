@@ -284,9 +284,9 @@ class IpsecSink:
 
     def status(self) -> dict[str, Any]:
         try:
-            packets = ipsec.counters() if self.esp_missing is None else {}
+            counted = ipsec.traffic() if self.esp_missing is None else {}
         except (OSError, subprocess.CalledProcessError):
-            packets = {}
+            counted = {}
         peers = []
         for p in self.desired.peers:
             spi = self.sending.get(p.node)
@@ -301,10 +301,7 @@ class IpsecSink:
                 "node": p.node, "endpoint": p.endpoint, "allowedIPs": list(p.allowed_ips),
                 "state": "up" if spi is not None else "down", "problem": problem,
                 "sendSPI": spi, "announcedSPIs": list(p.ipsec_spis),
-                "txPackets": sum(n for (src, dst, _), n in packets.items()
-                                 if (src, dst) == (self.desired.address, p.endpoint)),
-                "rxPackets": sum(n for (src, dst, _), n in packets.items()
-                                 if (src, dst) == (p.endpoint, self.desired.address))})
+                **_sums(counted, self.desired.address, p.endpoint)})
         return {"mode": "ipsec", "backend": "kernel xfrm", "device": "-",
                 "algorithm": ipsec.ALGORITHM, "strict": self.settings.strict,
                 "keySPIs": [k.spi for k in self.keys], "announced": self._announcement,
@@ -312,6 +309,15 @@ class IpsecSink:
                                    if e),
                 "peers": peers, "datapath": datapath_counters(self.tables),
                 "errors": self.errors, "updated": time.time()}
+
+
+def _sums(counted: Mapping[tuple[str, str, int], tuple[int, int]], me: str | None,
+          peer: str) -> dict[str, int]:
+    """Packets and bytes of the states to the peer and from it."""
+    out = [(n, b) for (src, dst, _), (n, b) in counted.items() if (src, dst) == (me, peer)]
+    into = [(n, b) for (src, dst, _), (n, b) in counted.items() if (src, dst) == (peer, me)]
+    return {"txPackets": sum(n for n, _ in out), "txBytes": sum(b for _, b in out),
+            "rxPackets": sum(n for n, _ in into), "rxBytes": sum(b for _, b in into)}
 
 
 def _owner(peers: tuple[ir.EncryptionPeer, ...], cidr: str) -> str:
