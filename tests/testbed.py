@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from mesh.envoy.bootstrap import BootstrapConfig, Protocol
+from mesh.envoy.bootstrap import NO_ACCESSLOG, BootstrapConfig, Protocol
 from mesh.envoy.supervisor import Backoff, EnvoySupervisor
 from meshxds.acks import ResourceStatus
 from meshxds.address import ListenAddress
@@ -169,11 +169,13 @@ class Harness:
             self.server = None
 
     def start_envoy(self, node_id: str = "node1", protocol: Protocol = "delta",
-                    wait_ready: bool = True) -> EnvoySupervisor:
+                    wait_ready: bool = True, accesslog: ListenAddress | None = None
+                    ) -> EnvoySupervisor:
         d = self.dir / node_id
         sup = EnvoySupervisor(
             BootstrapConfig(node_id=node_id, xds=self.address,
-                            admin=ListenAddress.parse(f"unix:{d}/admin.sock"), protocol=protocol),
+                            admin=ListenAddress.parse(f"unix:{d}/admin.sock"), protocol=protocol,
+                            accesslog=accesslog or NO_ACCESSLOG),
             d, log_level="warning", backoff=Backoff(initial=0.05, maximum=1.0),
         )
         self.sync(sup.start)

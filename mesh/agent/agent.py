@@ -32,6 +32,8 @@ from mesh.component import Component
 from mesh.envoy.admin import EnvoyAdmin
 from mesh.envoy.bootstrap import BootstrapConfig
 from mesh.envoy.supervisor import EnvoySupervisor
+from mesh.flows.accesslog import AccessLogServer
+from mesh.flows.store import FlowStore
 from mesh.kube.client import connect
 from mesh.kube.events import PolicyEvents
 from mesh.kube.identities import IdentityAllocator, IdentityCollector
@@ -67,6 +69,7 @@ def bootstrap_config(cfg: AgentConfig) -> BootstrapConfig:
         protocol=cfg.protocol,
         max_downstream_connections=cfg.max_downstream_connections,
         ratelimit=ListenAddress(unix_path=cfg.ratelimit_socket),
+        accesslog=ListenAddress(unix_path=cfg.accesslog_socket),
     )
 
 
@@ -89,6 +92,7 @@ class Agent:
         self.cfg = cfg
         self.cache = SnapshotCache()
         self.server = XdsServer(self.cache, cfg.xds_address)
+        self.flows = FlowStore()  # the node's last flows
         self.supervisor: EnvoySupervisor | None = None
         self.ready = asyncio.Event()
         self.stopping = asyncio.Event()  # a stop on purpose: see stop()
@@ -153,6 +157,8 @@ class Agent:
             source = FileProvider(cfg.manifests, store)
         node = NodeProvider(cfg.node_id, store)
         sinks: list[Sink] = [EnvoySink(self.cache, cfg.node_id)]
+        # The node's flows: Envoy's requests through its access log service
+        components.append(AccessLogServer(cfg.accesslog_socket, self.flows, cfg.node_id))
         if generated is not None:
             sinks.append(generated)
         if identities is not None:

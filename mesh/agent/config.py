@@ -58,3 +58,8 @@ class AgentConfig:
     @property
     def ratelimit_socket(self) -> Path:
         return self.state_dir / "ratelimit.sock"
+
+    @property
+    def accesslog_socket(self) -> Path:
+        """The access log service's: Envoy's requests, as L7 flows."""
+        return self.state_dir / "accesslog.sock"

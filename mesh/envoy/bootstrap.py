@@ -24,6 +24,9 @@ XDS_CLUSTER = "mesh_xds"
 # missing and each global limit's failure mode decides.
 RATELIMIT_CLUSTER = "mesh_ratelimit"
 NO_RATELIMIT = ListenAddress.parse("unix:/nonexistent/mesh-ratelimit.sock")
+# The agent's access log service (mesh/flows/accesslog.py): the L7 flows.
+ACCESSLOG_CLUSTER = "mesh_accesslog"
+NO_ACCESSLOG = ListenAddress.parse("unix:/nonexistent/mesh-accesslog.sock")
 Protocol = Literal["delta", "sotw"]
 
 
@@ -36,6 +39,7 @@ class BootstrapConfig:
     protocol: Protocol = "delta"
     max_downstream_connections: int = 50_000
     ratelimit: ListenAddress = NO_RATELIMIT
+    accesslog: ListenAddress = NO_ACCESSLOG
 
 
 def _address(addr: ListenAddress) -> dict[str, Any]:
@@ -104,6 +108,7 @@ def bootstrap(cfg: BootstrapConfig) -> dict[str, Any]:
                 # A decision waits for the rate limit filter's timeout at most (50 ms):
                 # connecting must not take longer.
                 _grpc_cluster(RATELIMIT_CLUSTER, cfg.ratelimit, "0.05s", keepalive=False),
+                _grpc_cluster(ACCESSLOG_CLUSTER, cfg.accesslog, "1s", keepalive=True),
             ],
         },
         "overload_manager": {

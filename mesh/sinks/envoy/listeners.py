@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 
 from envoy.config.accesslog.v3 import accesslog_pb2
-from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2, substitution_format_string_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -15,9 +16,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
-from google.protobuf import wrappers_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 
 from mesh import ir
+from mesh.envoy.bootstrap import ACCESSLOG_CLUSTER
 from mesh.sinks.envoy import httpfilters
 from mesh.sinks.envoy import resources as r
 from mesh.sinks.envoy.routes import INVALID_BACKEND
@@ -39,6 +41,19 @@ def mesh_access_log() -> accesslog_pb2.AccessLog:
                                              inline_string=MESH_ACCESS_LOG)))
     log = accesslog_pb2.AccessLog(name="envoy.access_loggers.stdout")
     log.typed_config.Pack(out)
+    return log
+
+
+def flow_access_log() -> accesslog_pb2.AccessLog:
+    """Every request, to the agent's access log service (mesh/flows/accesslog.py): the L7
+    flows. Flushed every 100 ms, so a flow is at most that stale; while the agent is away,
+    Envoy buffers up to 16 KiB of entries and drops the rest (counted in its stats)."""
+    grpc_log = als_pb2.HttpGrpcAccessLogConfig(common_config=als_pb2.CommonGrpcAccessLogConfig(
+        log_name="mesh-flows", transport_api_version=config_source_pb2.V3,
+        buffer_flush_interval=duration_pb2.Duration(nanos=100_000_000)))
+    grpc_log.common_config.grpc_service.envoy_grpc.cluster_name = ACCESSLOG_CLUSTER
+    log = accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc")
+    log.typed_config.Pack(grpc_log)
     return log
 
 
@@ -65,6 +80,7 @@ def _hcm(table: str, stat_prefix: str, access_log: bool = False,
         hcm.xff_num_trusted_hops = edge_hops
     if access_log:
         hcm.access_log.append(mesh_access_log())
+    hcm.access_log.append(flow_access_log())
     f = listener_components_pb2.Filter(name=r.HCM_FILTER)
     f.typed_config.Pack(hcm)
     return f
