@@ -91,7 +91,9 @@ def test_envoys_requests_become_l7_flows(harness: Harness, echo_v1: EchoServer,
         assert http_get(free_port, "/hello?x=1", host="shop.example").status == 200
         assert http_get(free_port, "/gone").status == 503
         wait_until(lambda: len(store) >= 2, timeout=10)
-        ok, failed = harness.sync(lambda: store.last())
+        # each of Envoy's workers streams its own entries: they may arrive in either order
+        by_path = {f.http.path: f for f in harness.sync(lambda: store.last()) if f.http}
+        ok, failed = by_path["/hello?x=1"], by_path["/gone"]
         assert ok.kind == L7 and ok.verdict == FORWARDED and ok.node == "node1"
         assert ok.source.ip == "127.0.0.1" and ok.source.port > 0
         assert (ok.destination.ip, ok.destination.port) == ("127.0.0.1", echo_v1.port)
@@ -112,3 +114,66 @@ def test_envoys_requests_become_l7_flows(harness: Harness, echo_v1: EchoServer,
                 await task
 
         harness.call(stop)
+
+
+def test_the_ends_are_named_from_the_clusters_pods_and_services() -> None:
+    from mesh import ir
+    from mesh.flows.directory import FlowDirectory
+    from mesh.store.objects import parse_object
+    from mesh.store.store import Store
+    from mesh.translate.directory import translate_directory
+
+    def pod(name: str, ip: str, phase: str = "Running", **labels: object) -> dict[str, object]:
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "shop", "labels": labels},
+                "spec": {"nodeName": "node2"},
+                "status": {"phase": phase, "podIPs": [{"ip": ip}]}}
+
+    store = Store()
+    store.replace("test", [parse_object(o) for o in (
+        pod("web-1", "10.244.1.5", app="web", tier="front"),
+        pod("old", "10.244.1.9", "Succeeded", app="web"),  # done: its address is free
+        pod("odd", "10.244.1.7", app=7),  # a label that is not a string: left out
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web",
+                                                             "namespace": "shop"},
+         "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", "not-an-ip"]}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "headless",
+                                                             "namespace": "shop"},
+         "spec": {"clusterIP": "None"}})])
+    directory = translate_directory(store.snapshot())
+    assert directory == ir.Directory(
+        (ir.DirectoryPod("10.244.1.5", "shop", "web-1", ("app=web", "tier=front"), "node2"),
+         ir.DirectoryPod("10.244.1.7", "shop", "odd", (), "node2")),
+        (ir.DirectoryService("10.96.0.20", "shop", "web"),))
+    names = FlowDirectory()
+    names.apply(ir.IR(directory=directory,
+                      identities=ir.IdentityMap(endpoints=(("10.244.1.5", 4711),))))
+    assert names.endpoint("10.244.1.5", 8080) == Endpoint(
+        "10.244.1.5", 8080, "shop", "web-1", ("app=web", "tier=front"), 4711, node="node2")
+    assert names.endpoint("10.96.0.20", 80) == Endpoint("10.96.0.20", 80, service="shop/web")
+    assert names.endpoint("192.0.2.1") == Endpoint("192.0.2.1")
+    assert names.service("10.96.0.20") == "shop/web" and names.service("10.244.1.5") == ""
+    # an entry of Envoy's, as the access log service gets it: a client pod's request to the
+    # Service's ClusterIP, which Envoy sent to web-1
+    from envoy.data.accesslog.v3 import accesslog_pb2
+
+    from mesh.flows.accesslog import http_flow
+
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    common = entry.common_properties
+    common.downstream_remote_address.socket_address.address = "10.244.0.8"
+    common.downstream_remote_address.socket_address.port_value = 40000
+    common.downstream_local_address.socket_address.address = "10.96.0.20"
+    common.downstream_local_address.socket_address.port_value = 80
+    common.upstream_remote_address.socket_address.address = "10.244.1.5"
+    common.upstream_remote_address.socket_address.port_value = 8080
+    entry.request.request_method = 1  # GET
+    entry.request.path = "/cart"
+    entry.response.response_code.value = 403
+    entry.response.response_code_details = "rbac_access_denied_matched_policy[none]"
+    got = http_flow(entry, "node1", names)
+    assert got.source == Endpoint("10.244.0.8", 40000)  # not in the directory
+    assert got.destination == Endpoint("10.244.1.5", 8080, "shop", "web-1",
+                                       ("app=web", "tier=front"), 4711, "shop/web", "node2")
+    assert (got.verdict, got.drop_reason) == ("DROPPED", "POLICY_DENIED")
+    assert got.http is not None and (got.http.method, got.http.path) == ("GET", "/cart")

@@ -33,6 +33,7 @@ from mesh.envoy.admin import EnvoyAdmin
 from mesh.envoy.bootstrap import BootstrapConfig
 from mesh.envoy.supervisor import EnvoySupervisor
 from mesh.flows.accesslog import AccessLogServer
+from mesh.flows.directory import FlowDirectory
 from mesh.flows.store import FlowStore
 from mesh.kube.client import connect
 from mesh.kube.events import PolicyEvents
@@ -157,8 +158,12 @@ class Agent:
             source = FileProvider(cfg.manifests, store)
         node = NodeProvider(cfg.node_id, store)
         sinks: list[Sink] = [EnvoySink(self.cache, cfg.node_id)]
-        # The node's flows: Envoy's requests through its access log service
-        components.append(AccessLogServer(cfg.accesslog_socket, self.flows, cfg.node_id))
+        # The node's flows: Envoy's requests through its access log service, their ends
+        # named from the IR's directory
+        names = FlowDirectory()
+        sinks.append(names)
+        components.append(AccessLogServer(cfg.accesslog_socket, self.flows, cfg.node_id,
+                                          names))
         if generated is not None:
             sinks.append(generated)
         if identities is not None:

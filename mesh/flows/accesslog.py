@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mesh.flows.model import DROPPED, ERROR, FORWARDED, L7, Endpoint, Flow, Http
 from mesh.flows.store import FlowStore
@@ -25,7 +26,14 @@ log = logging.getLogger(__name__)
 LOG_NAME = "mesh-flows"
 BUFFER_FLUSH = 0.1  # seconds: how stale a flow may be when it reaches the agent
 _PROTOCOLS = {1: "HTTP/1.0", 2: "HTTP/1.1", 3: "HTTP/2", 4: "HTTP/3"}
-Enrich = Callable[[str, int], Endpoint]
+
+
+class Names(Protocol):
+    """Who is behind an address (mesh/flows/directory.py)."""
+
+    def endpoint(self, address: str, port: int = 0) -> Endpoint: ...
+
+    def service(self, address: str) -> str: ...
 
 
 def _address(addr: Any) -> tuple[str, int]:
@@ -33,16 +41,18 @@ def _address(addr: Any) -> tuple[str, int]:
     return str(sa.address), int(sa.port_value)
 
 
-def http_flow(entry: Any, node: str, enrich: Enrich | None = None) -> Flow:
-    """An `HTTPAccessLogEntry` as a flow."""
+def http_flow(entry: Any, node: str, names: Names | None = None) -> Flow:
+    """An `HTTPAccessLogEntry` as a flow; the destination names the Service the client
+    asked for when the address it connected to is one's ClusterIP."""
     from envoy.config.core.v3 import base_pb2
 
     common, request, response = entry.common_properties, entry.request, entry.response
     src = _address(common.downstream_remote_address)
+    asked = _address(common.downstream_local_address)
     dst = _address(common.upstream_remote_address) \
         if common.HasField("upstream_remote_address") and \
         common.upstream_remote_address.socket_address.address else \
-        _address(common.downstream_local_address)
+        asked
     status = response.response_code.value if response.HasField("response_code") else 0
     details = response.response_code_details
     latency = common.time_to_last_downstream_tx_byte.ToNanoseconds() / 1e6 \
@@ -54,11 +64,15 @@ def http_flow(entry: Any, node: str, enrich: Enrich | None = None) -> Flow:
         verdict = ERROR  # Envoy answered for an upstream that did not
     method = base_pb2.RequestMethod.Name(request.request_method) \
         if request.request_method else ""
-    enrich = enrich or (lambda ip, port: Endpoint(ip, port))
+    source, destination = (names.endpoint(*src), names.endpoint(*dst)) \
+        if names is not None else (Endpoint(*src), Endpoint(*dst))
+    service = names.service(asked[0]) if names is not None else ""
+    if service:
+        destination = dataclasses.replace(destination, service=service)
     return Flow(
         time=common.start_time.ToNanoseconds() / 1e9 if common.HasField("start_time") else 0.0,
         node=node, kind=L7, verdict=verdict, drop_reason=reason,
-        source=enrich(*src), destination=enrich(*dst), protocol="TCP",
+        source=source, destination=destination, protocol="TCP",
         http=Http(method=method, path=request.original_path or request.path,
                   host=request.authority, status=status, latency_ms=round(latency, 3),
                   protocol=_PROTOCOLS.get(entry.protocol_version, ""),
@@ -70,11 +84,11 @@ class AccessLogServer:
     """The service on `socket` (0600), its flows into `store`."""
 
     def __init__(self, socket: Path, store: FlowStore, node: str,
-                 enrich: Enrich | None = None) -> None:
+                 names: Names | None = None) -> None:
         self.socket = socket
         self.store = store
         self.node = node
-        self.enrich = enrich
+        self.names = names
         self.entries = 0
         self.ready = asyncio.Event()
 
@@ -91,7 +105,7 @@ class AccessLogServer:
                     for entry in message.http_logs.log_entry:
                         outer.entries += 1
                         try:
-                            outer.store.add(http_flow(entry, outer.node, outer.enrich))
+                            outer.store.add(http_flow(entry, outer.node, outer.names))
                         except (ValueError, TypeError) as e:  # an entry we cannot read
                             log.warning("access log entry skipped", extra={"error": str(e)})
                 return als_pb2.StreamAccessLogsResponse()

@@ -17,6 +17,8 @@ class Endpoint:
     pod: str = ""
     labels: tuple[str, ...] = ()  # "key=value", sorted
     identity: int = 0
+    service: str = ""  # "namespace/name": the Service the client asked for (its ClusterIP)
+    node: str = ""  # the pod's node
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mesh.ir.directory import Directory, DirectoryPod, DirectoryService
 from mesh.ir.encryption import Encryption, EncryptionPeer, KeyProblem
 from mesh.ir.infrastructure import GatewayService, GatewayServicePort
 from mesh.ir.l4 import L4Backend, ServiceFrontend
@@ -76,6 +77,9 @@ __all__ = [
     "ClientValidation",
     "Cors",
     "DirectResponse",
+    "Directory",
+    "DirectoryPod",
+    "DirectoryService",
     "Encryption",
     "EncryptionPeer",
     "Endpoint",
@@ -139,3 +143,5 @@ class IR:
     network_policies: NetworkPolicies = field(default_factory=NetworkPolicies)
     # Transparent encryption: the other nodes as WireGuard peers.
     encryption: Encryption = field(default_factory=Encryption)
+    # The cluster's pods and Services by address: the flows' names for their ends.
+    directory: Directory = field(default_factory=Directory)

@@ -20,6 +20,7 @@ from mesh.store.store import StoreSnapshot
 from mesh.translate import cluster_network_policy, model
 from mesh.translate.addressing import allocate, node_addresses, published
 from mesh.translate.config import Translation, TranslatorConfig
+from mesh.translate.directory import translate_directory
 from mesh.translate.encryption import translate_encryption
 from mesh.translate.gateway.attachment import RouteOutcome
 from mesh.translate.gateway.translator import translate_gateway_api
@@ -124,6 +125,7 @@ def translate(snapshot: StoreSnapshot, cfg: TranslatorConfig | None = None,
             identities=translate_identities(snapshot, identities),
             network_policies=network_policies,
             encryption=translate_encryption(snapshot, cfg.node_name),
+            directory=translate_directory(snapshot),
         ),
         status={**gateway_api.status, **ingress.status,
                 **cluster_network_policy.statuses(

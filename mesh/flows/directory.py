@@ -1,0 +1,49 @@
+"""The flows' names for addresses: a sink of the IR's directory (the cluster's pods and
+Services by address) and its identities, asked by each flow source for both ends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from mesh import ir
+from mesh.flows.model import Endpoint
+from mesh.sinks.sink import Readiness
+from mesh.store.objects import ObjectKey
+
+
+class FlowDirectory:
+    name = "flows"
+
+    def __init__(self) -> None:
+        self._pods: dict[str, ir.DirectoryPod] = {}
+        self._services: dict[str, str] = {}  # ClusterIP -> "namespace/name"
+        self._identities: dict[str, int] = {}
+        self._seen: tuple[ir.Directory, ir.IdentityMap] | None = None
+
+    def apply(self, model: ir.IR) -> None:
+        seen = (model.directory, model.identities)
+        if seen == self._seen:
+            return
+        self._seen = seen
+        self._pods = {p.address: p for p in model.directory.pods}
+        self._services = {s.address: f"{s.namespace}/{s.name}"
+                          for s in model.directory.services}
+        self._identities = dict(model.identities.endpoints)
+
+    def readiness(self) -> Mapping[ObjectKey, Readiness]:
+        return {}
+
+    async def wait_progress(self) -> None:
+        await asyncio.Event().wait()  # nothing here changes an object's readiness
+
+    def endpoint(self, address: str, port: int = 0) -> Endpoint:
+        pod = self._pods.get(address)
+        if pod is None:
+            return Endpoint(address, port, service=self._services.get(address, ""))
+        return Endpoint(address, port, pod.namespace, pod.name, pod.labels,
+                        self._identities.get(address, 0), node=pod.node)
+
+    def service(self, address: str) -> str:
+        """The Service whose ClusterIP this is ("namespace/name"), or ""."""
+        return self._services.get(address, "")

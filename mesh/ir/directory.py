@@ -1,0 +1,29 @@
+"""Who is behind an address, for the flows: the cluster's pods and Services by address
+(sorted), so that a flow names its ends as Hubble's do (namespace, pod, labels, Service)
+rather than as addresses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DirectoryPod:
+    address: str
+    namespace: str
+    name: str
+    labels: tuple[str, ...] = ()  # "key=value", sorted
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class DirectoryService:
+    address: str  # a ClusterIP
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Directory:
+    pods: tuple[DirectoryPod, ...] = ()
+    services: tuple[DirectoryService, ...] = ()
