@@ -193,37 +193,35 @@ class Agent:
 
                 # in a thread: pyroute2 wants no running loop in its own
                 await asyncio.to_thread(disable, datapath.forwarding.encryption_tables())
-            if cfg.encryption == "wireguard":
-                from mesh.encryption.keys import ANNOTATION
+            if cfg.encryption in ("wireguard", "ipsec"):
                 from mesh.sinks.encryption import EncryptionSettings, EncryptionSink
-
-                assert cfg.datapath_underlay is not None
-                wireguard = EncryptionSink(EncryptionSettings(
-                    cfg.state_dir, cfg.datapath_underlay, cfg.encryption_strict,
-                    cfg.encryption_strict_cidrs), datapath.forwarding.encryption_tables())
-                sinks.append(wireguard)
-                components.append(wireguard)
-                if kube is not None:
-                    from mesh.kube.nodekey import NodeAnnotationPublisher
-
-                    components.append(NodeAnnotationPublisher(
-                        kube.call, cfg.node_id, ANNOTATION, wireguard.public_key,
-                        wireguard.key_changed))
-            if cfg.encryption == "ipsec":
-                from mesh.encryption.ipsec import SPIS_ANNOTATION
                 from mesh.sinks.ipsec import IpsecSettings, IpsecSink
 
-                ipsec = IpsecSink(IpsecSettings(
-                    cfg.state_dir, cfg.ipsec_keys, cfg.node_id, cfg.encryption_strict,
-                    cfg.encryption_strict_cidrs), datapath.forwarding.encryption_tables())
-                sinks.append(ipsec)
-                components.append(ipsec)
+                tables = datapath.forwarding.encryption_tables()
+                encryption: EncryptionSink | IpsecSink
+                if cfg.encryption == "wireguard":
+                    from mesh.encryption.keys import ANNOTATION
+
+                    assert cfg.datapath_underlay is not None
+                    encryption = EncryptionSink(EncryptionSettings(
+                        cfg.state_dir, cfg.datapath_underlay, cfg.encryption_strict,
+                        cfg.encryption_strict_cidrs), tables)
+                    # what the other nodes read on this one's Node
+                    told = (ANNOTATION, encryption.public_key, encryption.key_changed)
+                else:
+                    from mesh.encryption.ipsec import SPIS_ANNOTATION
+
+                    encryption = IpsecSink(IpsecSettings(
+                        cfg.state_dir, cfg.ipsec_keys, cfg.node_id, cfg.encryption_strict,
+                        cfg.encryption_strict_cidrs), tables)
+                    told = (SPIS_ANNOTATION, encryption.announcement,
+                            encryption.announcement_changed)
+                sinks.append(encryption)
+                components.append(encryption)
                 if kube is not None:
                     from mesh.kube.nodekey import NodeAnnotationPublisher
 
-                    components.append(NodeAnnotationPublisher(
-                        kube.call, cfg.node_id, SPIS_ANNOTATION, ipsec.announcement,
-                        ipsec.announcement_changed))
+                    components.append(NodeAnnotationPublisher(kube.call, cfg.node_id, *told))
         if cfg.ratelimit_redis is not None:
             from mesh.agent.ratelimit import RateLimitService
 

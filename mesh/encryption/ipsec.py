@@ -316,8 +316,3 @@ def traffic() -> dict[tuple[str, str, int], tuple[int, int]]:
                      if w.endswith(("(packets)", "(bytes)"))}
             found.setdefault(state, (count["packets"], count["bytes"]))
     return found
-
-
-def counters() -> dict[tuple[str, str, int], int]:
-    """Packets per state (see `traffic`)."""
-    return {state: packets for state, (packets, _) in traffic().items()}

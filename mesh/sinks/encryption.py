@@ -144,7 +144,7 @@ class EncryptionSink:
 
     async def run(self) -> None:
         def pick() -> str:
-            with _iproute() as ip:  # pyroute2 wants no running loop in its thread
+            with iproute() as ip:  # pyroute2 wants no running loop in its thread
                 return choose(ip)
 
         self.backend = await asyncio.to_thread(pick)
@@ -230,19 +230,17 @@ class EncryptionSink:
 
     def _take_down(self, entries: Mapping[str, int], routes: Mapping[str, str]) -> None:
         """What is up and should not be: out of the maps, then out of the routes."""
-        for cidr, flags in list(self.applied.entries.items()):
-            if flags == ENC_PEER_UP and entries.get(cidr) != ENC_PEER_UP:
-                self._entry(cidr, entries.get(cidr))
-                self._set_applied_entry(cidr, entries.get(cidr))
+        if self.tables is not None:
+            entries_down(self.tables, self.applied.entries, entries)
         gone = [c for c, kind in self.applied.routes.items()
                 if kind == "device" and routes.get(c) != "device"]
         if gone:
-            with _iproute() as ip:
+            with iproute() as ip:
                 for cidr in gone:
                     self._route(ip, cidr, routes.get(cidr), 0)
 
     def _bring_up(self, entries: Mapping[str, int], routes: Mapping[str, str]) -> None:
-        with _iproute() as ip:
+        with iproute() as ip:
             found = ip.link_lookup(ifname=DEVICE)
             ifindex = found[0] if found else 0
             if ifindex:
@@ -262,10 +260,7 @@ class EncryptionSink:
                     self.applied.routes = {c: k for c, k in self.applied.routes.items()
                                            if k != "device"}  # again, from this source
             if not self.applied.rule:
-                from pyroute2 import NetlinkError
-
-                with contextlib.suppress(NetlinkError):  # there already
-                    ip.rule("add", table=ROUTE_TABLE, priority=RULE_PRIORITY)
+                add_rule(ip)
                 self.applied.rule = True
             for cidr, kind in routes.items():
                 if self.applied.routes.get(cidr) != kind and (kind != "device" or ifindex):
@@ -276,19 +271,8 @@ class EncryptionSink:
             return
         self.tables["mesh_encrypt_config"][ctypes.c_uint32(0)] = EncryptConfig(
             ifindex=ifindex, flags=ENC_STRICT if self.settings.strict else 0)
-        for cidr, flags in entries.items():
-            if self.applied.entries.get(cidr) != flags and (flags != ENC_PEER_UP or ifindex):
-                self._entry(cidr, flags)
-                self._set_applied_entry(cidr, flags)
-        for cidr in [c for c in self.applied.entries if c not in entries]:
-            self._entry(cidr, None)
-            self._set_applied_entry(cidr, None)
-
-    def _set_applied_entry(self, cidr: str, flags: int | None) -> None:
-        if flags is None:
-            self.applied.entries.pop(cidr, None)
-        else:
-            self.applied.entries[cidr] = flags
+        # an up entry only once the device is there to redirect into
+        entries_up(self.tables, self.applied.entries, entries, up_ready=bool(ifindex))
 
     def _route(self, ip: Any, cidr: str, kind: str | None, ifindex: int) -> None:
         """The table's route for `cidr`: through the device, blackholed, or none."""
@@ -311,10 +295,6 @@ class EncryptionSink:
         else:
             ip.route("replace", type="blackhole", **spec)
         self.applied.routes[cidr] = kind
-
-    def _entry(self, cidr: str, flags: int | None) -> None:
-        assert self.tables is not None
-        write_entry(self.tables, cidr, flags)
 
     # -- visibility ------------------------------------------------------------------------
 
@@ -358,6 +338,44 @@ def steering(peers: tuple[ir.EncryptionPeer, ...], up: set[str], strict: bool,
     return entries, routes
 
 
+def entries_down(tables: Mapping[str, Any], applied: dict[str, int],
+                 wanted: Mapping[str, int]) -> None:
+    """The datapath's up entries that `wanted` does not have up: written to what they become
+    (strict mode's drop, or none), before the tunnel to them goes."""
+    for cidr, flags in list(applied.items()):
+        if flags == ENC_PEER_UP and wanted.get(cidr) != ENC_PEER_UP:
+            _set_entry(tables, applied, cidr, wanted.get(cidr))
+
+
+def entries_up(tables: Mapping[str, Any], applied: dict[str, int],
+               wanted: Mapping[str, int], up_ready: bool = True) -> None:
+    """The datapath's entries as `wanted` (up ones only if `up_ready`), the rest removed;
+    `applied` (what the maps hold) follows."""
+    for cidr, flags in wanted.items():
+        if applied.get(cidr) != flags and (flags != ENC_PEER_UP or up_ready):
+            _set_entry(tables, applied, cidr, flags)
+    for cidr in [c for c in applied if c not in wanted]:
+        _set_entry(tables, applied, cidr, None)
+
+
+def _set_entry(tables: Mapping[str, Any], applied: dict[str, int], cidr: str,
+               flags: int | None) -> None:
+    write_entry(tables, cidr, flags)
+    if flags is None:
+        applied.pop(cidr, None)
+    else:
+        applied[cidr] = flags
+
+
+def add_rule(ip: Any) -> None:
+    """The agent's routing rule (its table, for the node's own traffic to other nodes'
+    pods), once."""
+    from pyroute2 import NetlinkError
+
+    with contextlib.suppress(NetlinkError):  # there already
+        ip.rule("add", table=ROUTE_TABLE, priority=RULE_PRIORITY)
+
+
 def write_entry(tables: Mapping[str, Any], cidr: str, flags: int | None) -> None:
     """The datapath's entry for `cidr` (None: none)."""
     net = ipaddress.ip_network(cidr)
@@ -394,7 +412,7 @@ def write_status(state_dir: Path, status: Mapping[str, Any]) -> None:
         tmp.replace(path)
 
 
-def _iproute() -> Any:
+def iproute() -> Any:
     from pyroute2 import IPRoute
 
     return IPRoute()
@@ -416,7 +434,7 @@ def disable(tables: Mapping[str, Any] | None) -> None:
         for name in ("mesh_encrypt4", "mesh_encrypt6"):
             with contextlib.suppress(Exception):
                 tables[name].clear()
-    with _iproute() as ip:
+    with iproute() as ip:
         with contextlib.suppress(NetlinkError):
             while True:
                 ip.rule("del", table=ROUTE_TABLE, priority=RULE_PRIORITY)

@@ -36,10 +36,18 @@ from pathlib import Path
 from typing import Any
 
 from mesh import ir
-from mesh.datapath.layout import ENC_PEER_UP, ENC_STRICT, ENC_XFRM, EncryptConfig
+from mesh.datapath.layout import ENC_STRICT, ENC_XFRM, EncryptConfig
 from mesh.encryption import ipsec
-from mesh.encryption.wireguard import ROUTE_TABLE, RULE_PRIORITY
-from mesh.sinks.encryption import datapath_counters, steering, write_entry, write_status
+from mesh.encryption.wireguard import ROUTE_TABLE
+from mesh.sinks.encryption import (
+    add_rule,
+    datapath_counters,
+    entries_down,
+    entries_up,
+    iproute,
+    steering,
+    write_status,
+)
 from mesh.sinks.sink import Readiness
 from mesh.store.objects import ObjectKey
 
@@ -181,11 +189,11 @@ class IpsecSink:
                 if spi is not None:
                     send[p.node] = spi
             wanted = ipsec.plan(me, peers, self.keys, send)
-        endpoints = {p.node: p.endpoint for p in self.desired.peers}
         entries, through = steering(self.desired.peers, set(send), self.settings.strict,
                                     self.settings.strict_cidrs, "tunnel")
-        routes = {cidr: f"via {endpoints[_owner(self.desired.peers, cidr)]}"
-                  if kind == "tunnel" else kind for cidr, kind in through.items()}
+        endpoint = {c: p.endpoint for p in self.desired.peers for c in p.allowed_ips}
+        routes = {cidr: f"via {endpoint[cidr]}" if kind == "tunnel" else kind
+                  for cidr, kind in through.items()}
         await asyncio.to_thread(self._take_down, entries, routes)
         await asyncio.to_thread(ipsec.apply, wanted, self.applied.plan,
                                 self.rounds % REWRITE_EVERY == 0)
@@ -202,21 +210,18 @@ class IpsecSink:
     def _take_down(self, entries: Mapping[str, int], routes: Mapping[str, str]) -> None:
         """What is up and should not be: out of the maps, then out of the routes."""
         if self.tables is not None:
-            for cidr, flags in list(self.applied.entries.items()):
-                if flags == ENC_PEER_UP and entries.get(cidr) != ENC_PEER_UP:
-                    write_entry(self.tables, cidr, entries.get(cidr))
-                    self._set_entry(cidr, entries.get(cidr))
+            entries_down(self.tables, self.applied.entries, entries)
         gone = [c for c, kind in self.applied.routes.items()
                 if kind.startswith("via") and routes.get(c) != kind]
         if gone:
-            with _iproute() as ip:
+            with iproute() as ip:
                 for cidr in gone:
                     self._route(ip, cidr, routes.get(cidr))
 
     def _bring_up(self, entries: Mapping[str, int], routes: Mapping[str, str]) -> None:
         from pyroute2 import NetlinkError
 
-        with _iproute() as ip:
+        with iproute() as ip:
             source = self.desired.tunnel_source
             if source is not None and source != self.applied.source:
                 with contextlib.suppress(NetlinkError):  # there already
@@ -226,8 +231,7 @@ class IpsecSink:
                 self.applied.routes = {c: k for c, k in self.applied.routes.items()
                                        if not k.startswith("via")}  # again, from it
             if not self.applied.rule:
-                with contextlib.suppress(NetlinkError):  # there already
-                    ip.rule("add", table=ROUTE_TABLE, priority=RULE_PRIORITY)
+                add_rule(ip)
                 self.applied.rule = True
             for cidr, kind in routes.items():
                 if self.applied.routes.get(cidr) != kind:
@@ -239,19 +243,7 @@ class IpsecSink:
         flags = ENC_XFRM | (ENC_STRICT if self.settings.strict else 0)
         self.tables["mesh_encrypt_config"][ctypes.c_uint32(0)] = EncryptConfig(
             ifindex=0, flags=flags)
-        for cidr, wanted in entries.items():
-            if self.applied.entries.get(cidr) != wanted:
-                write_entry(self.tables, cidr, wanted)
-                self._set_entry(cidr, wanted)
-        for cidr in [c for c in self.applied.entries if c not in entries]:
-            write_entry(self.tables, cidr, None)
-            self._set_entry(cidr, None)
-
-    def _set_entry(self, cidr: str, flags: int | None) -> None:
-        if flags is None:
-            self.applied.entries.pop(cidr, None)
-        else:
-            self.applied.entries[cidr] = flags
+        entries_up(self.tables, self.applied.entries, entries)
 
     def _route(self, ip: Any, cidr: str, kind: str | None) -> None:
         """The table's route for `cidr`: the way to the peer's endpoint from the tunnel
@@ -320,10 +312,6 @@ def _sums(counted: Mapping[tuple[str, str, int], tuple[int, int]], me: str | Non
             "rxPackets": sum(n for n, _ in into), "rxBytes": sum(b for _, b in into)}
 
 
-def _owner(peers: tuple[ir.EncryptionPeer, ...], cidr: str) -> str:
-    return next(p.node for p in peers if cidr in p.allowed_ips)
-
-
 def probe_esp() -> str | None:
     """None if this kernel can run IPsec here, else why not."""
     # the modules load on first use on most kernels; asking first costs nothing
@@ -333,9 +321,3 @@ def probe_esp() -> str | None:
         return ipsec.kernel_has_esp()
     except OSError as e:
         return f"cannot ask the kernel for ESP: {e}"
-
-
-def _iproute() -> Any:
-    from pyroute2 import IPRoute
-
-    return IPRoute()
