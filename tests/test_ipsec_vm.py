@@ -26,27 +26,61 @@ pytestmark = [pytest.mark.slow, pytest.mark.netns, pytest.mark.vm,
               pytest.mark.skipif(vm.missing() is not None,
                                  reason=f"no VM here: {vm.missing()}")]
 
-SCRIPT = r"""
-import json, os, socket, subprocess, threading, time
+# Both scripts' start: two node namespaces joined through a third, the wire (a bridge in a
+# namespace of its own, so that a capture there sees only what crosses it: on a node's own
+# interface the kernel shows ESP's decrypted packets again), and a capture on node a's port.
+WIRE = r"""
+import json, os, socket, subprocess, sys, threading, time
 from pyroute2.netns import setns
-from mesh.encryption import ipsec
 
 out = {}
 def sh(*a):
     subprocess.run(a, check=True)
 
 subprocess.run(["modprobe", "esp4"], check=False)
+def wire(*more):
+    for ns in ("na", "nb", "wire", *more):
+        sh("ip", "netns", "add", ns)
+    sh("ip", "-n", "wire", "link", "add", "br0", "type", "bridge")
+    sh("ip", "-n", "wire", "link", "set", "br0", "up")
+    for ns, dev, port in (("na", "ua", "wa"), ("nb", "ub", "wb")):
+        sh("ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", port,
+           "netns", "wire")
+        sh("ip", "-n", "wire", "link", "set", port, "master", "br0", "up")
+
+seen = {"esp": 0, "plain": 0, "spis": []}  # on the wire: ESP, its key SPIs, pods in clear
+stop = threading.Event()
+def capture(pods):
+    setns("/run/netns/wire")
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    s.bind(("wa", 0))  # node a's port: both ways, as received or sent by the bridge
+    s.settimeout(0.5)
+    while not stop.is_set():
+        try:
+            frame = s.recv(65535)
+        except socket.timeout:
+            continue
+        if frame[12:14] != b"\x08\x00":
+            continue
+        proto, src, dst = frame[23], frame[26:30], frame[30:34]
+        if proto == 50:
+            seen["esp"] += 1
+            spi = int.from_bytes(frame[34:38], "big") >> 24
+            if spi not in seen["spis"]:
+                seen["spis"].append(spi)
+        if src[:2] in pods or dst[:2] in pods:
+            seen["plain"] += 1
+def start_capture(*pods):
+    t = threading.Thread(target=capture, args=(pods,), daemon=True)
+    t.start()
+    return t
+"""
+
+SCRIPT = WIRE + r"""
+from mesh.encryption import ipsec
+
 out["esp_missing"] = ipsec.kernel_has_esp()
-for ns in ("na", "nb", "wire"):
-    sh("ip", "netns", "add", ns)
-# the wire: a bridge in a namespace of its own, so that a capture there sees only what
-# crosses it (on a node's own interface the kernel shows ESP's decrypted packets again)
-sh("ip", "-n", "wire", "link", "add", "br0", "type", "bridge")
-sh("ip", "-n", "wire", "link", "set", "br0", "up")
-for ns, dev, port in (("na", "ua", "pa"), ("nb", "ub", "pb")):
-    sh("ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", port,
-       "netns", "wire")
-    sh("ip", "-n", "wire", "link", "set", port, "master", "br0", "up")
+wire()
 for ns, dev, address, pod, other_pods, gw in (
         ("na", "ua", "192.0.2.1", "10.1.0.1", "10.2.0.0/24", "192.0.2.2"),
         ("nb", "ub", "192.0.2.2", "10.2.0.1", "10.1.0.0/24", "192.0.2.1")):
@@ -67,7 +101,7 @@ def install(ns, keys, send):
     wanted = ipsec.plan(nodes[ns], [other], keys, send)
     ipsec.apply(wanted, applied.get(ns))
     applied[ns] = wanted
-    found = ipsec.counters()
+    found = ipsec.traffic()
     setns(root)
     return found
 
@@ -76,28 +110,7 @@ install("na", [k1], 1)
 install("nb", [k1], 1)
 
 # the wire: ESP, and never a packet between the pod addresses
-seen = {"esp": 0, "plain": 0}
-def capture():
-    setns("/run/netns/wire")
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-    s.bind(("pa", 0))  # node a's port: both ways, as received or sent by the bridge
-    s.settimeout(0.5)
-    end = time.monotonic() + 60
-    while time.monotonic() < end and not stop.is_set():
-        try:
-            frame = s.recv(65535)
-        except socket.timeout:
-            continue
-        if frame[12:14] != b"\x08\x00":
-            continue
-        proto, src, dst = frame[23], frame[26:30], frame[30:34]
-        if proto == 50:
-            seen["esp"] += 1
-        if src[:2] == bytes([10, 1]) or dst[:2] == bytes([10, 1]):
-            seen["plain"] += 1
-stop = threading.Event()
-t = threading.Thread(target=capture)
-t.start()
+t = start_capture(bytes([10, 1]))
 time.sleep(1)
 ping = subprocess.Popen(["ip", "netns", "exec", "na", "busybox", "ping", "-c", "120", "-i",
                          "0.1", "-W", "2", "-I", "10.1.0.1", "10.2.0.1"],
@@ -114,7 +127,7 @@ before_removal = install("na", [k1, k2], 2)
 install("na", [k2], 2)       # the old key goes, everywhere
 def by_spi(found):
     spis = {}
-    for (_, _, spi), n in found.items():
+    for (_, _, spi), (n, _) in found.items():
         spis[hex(spi)] = spis.get(hex(spi), 0) + n
     return spis
 out["after"] = by_spi(install("nb", [k2], 2))
@@ -151,27 +164,13 @@ def test_esp_between_two_nodes_and_a_rotation_that_drops_nothing() -> None:
     assert got["spi1"] not in got["after"] and got["after"][got["spi2"]] > 0, got
 
 
-AGENT_SCRIPT = r"""
-import json, os, socket, subprocess, sys, threading, time
+AGENT_SCRIPT = WIRE + r"""
 from pathlib import Path
-from pyroute2.netns import setns
 
 DATAPATH = sys.argv[1:] == ["datapath"]
-out = {}
 W = Path("/run/ipsec")
 W.mkdir()
-def sh(*a):
-    subprocess.run(a, check=True)
-
-subprocess.run(["modprobe", "esp4"], check=False)
-for ns in ("na", "nb", "wire", "pa", "pb"):
-    sh("ip", "netns", "add", ns)
-sh("ip", "-n", "wire", "link", "add", "br0", "type", "bridge")
-sh("ip", "-n", "wire", "link", "set", "br0", "up")
-for ns, dev, port in (("na", "ua", "qa"), ("nb", "ub", "qb")):
-    sh("ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", port,
-       "netns", "wire")
-    sh("ip", "-n", "wire", "link", "set", port, "master", "br0", "up")
+wire("pa", "pb")
 nodes = []
 for ns, dev, address, cidr, pod_ns, pod, other, gw in (
         ("na", "ua", "192.0.2.1", "10.1.0.0/24", "pa", "10.1.0.5", "10.2.0.0/24", "192.0.2.2"),
@@ -219,7 +218,6 @@ def publish():  # the API server: the announcements onto the Nodes
     tmp = W / "nodes.tmp"
     tmp.write_text(json.dumps(nodes))
     tmp.replace(W / "nodes.json")
-stop = threading.Event()
 def api():
     while not stop.is_set():
         publish()
@@ -254,30 +252,7 @@ def datapath(n):
     except (FileNotFoundError, ValueError):
         return {}
 
-seen = {"esp": 0, "plain": 0, "spis": []}
-def capture():
-    setns("/run/netns/wire")
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-    s.bind(("qa", 0))
-    s.settimeout(0.5)
-    while not stop.is_set():
-        try:
-            frame = s.recv(65535)
-        except socket.timeout:
-            continue
-        if frame[12:14] != b"\x08\x00":
-            continue
-        proto, src, dst = frame[23], frame[26:30], frame[30:34]
-        if proto == 50:
-            seen["esp"] += 1
-            spi = int.from_bytes(frame[34:38], "big") >> 24
-            if spi not in seen["spis"]:
-                seen["spis"].append(spi)
-        pods = (bytes([10, 1]), bytes([10, 2]), bytes([10, 3]))
-        if src[:2] in pods or dst[:2] in pods:
-            seen["plain"] += 1
-t = threading.Thread(target=capture)
-t.start()
+t = start_capture(bytes([10, 1]), bytes([10, 2]), bytes([10, 3]))
 time.sleep(1)
 def ping(ns, target, count, *extra):
     return subprocess.Popen(["ip", "netns", "exec", ns, "busybox", "ping", "-c", str(count),
