@@ -19,7 +19,8 @@ size; the peer's: responses wait for its WINDOW_UPDATEs). One request message pe
 uncompressed; the answer is headers, one message, trailers, or a trailers-only error.
 Limits: message size, concurrent streams, header list size, frame size. A connection error
 is answered with GOAWAY, then our side is closed while the peer's bytes are still read for
-a moment (closing with them unread would reset the connection, GOAWAY and all).
+a moment (closing with them unread would reset the connection, GOAWAY and all); a graceful
+stop closes the same way once the calls open are answered.
 
 All of a connection's output produced within one event loop iteration goes out in one write.
 """
@@ -587,6 +588,10 @@ class _Connection(asyncio.Protocol):
         self._flush()
         self._buf = b""
         self._abandon()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close our side only; read (and drop) until the peer closes too, or LINGER."""
         transport = self._transport
         if transport is None:
             return
@@ -597,9 +602,13 @@ class _Connection(asyncio.Protocol):
             transport.close()
 
     def _close_when_idle(self) -> None:
-        if not self._streams and self._transport is not None:
+        """After GOAWAY, once every stream is answered. Like a connection error's close: a
+        frame the peer sent before it saw our GOAWAY (a stream we refuse, a WINDOW_UPDATE)
+        left unread would reset the connection and could take our last answers with it."""
+        if not self._streams and self._transport is not None and not self._closed:
             self._flush()
-            self._transport.close()
+            self._abandon()
+            self._linger()
 
     def shutdown(self) -> None:
         """Refuse new streams; close once those open are answered."""
