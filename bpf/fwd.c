@@ -21,11 +21,15 @@
  *
  * Network policy (lib/policy.h) is enforced at the pods' ends: a pod's egress where it sends
  * (mesh_from_pod), its ingress where a packet is delivered to it (to_local_pod, mesh_to_pod).
- * A packet that policy drops goes no further. */
+ * A packet that policy drops goes no further.
+ *
+ * Each entry function notes where the packet went or why it was dropped (lib/flow.h) and
+ * ends with flow_observe(), which turns changes of a connection's state into flow events. */
 #include "lib/common.h"
 #include "lib/ct.h"
 #include "lib/encrypt.h"
 #include "lib/endpoints.h"
+#include "lib/flow.h"
 #include "lib/lb.h"
 #include "lib/nat.h"
 #include "lib/policy.h"
@@ -40,6 +44,155 @@ static __always_inline void count(__u32 i)
 	__u64 *n = mesh_fwd_stats.lookup(&i);
 	if (n)
 		*n += 1;
+}
+
+/* -- flow events (lib/flow.h) -- */
+
+static __always_inline void flow_begin(__u8 point)
+{
+	__u32 zero = 0;
+	struct flow_note *n = mesh_flow_note.lookup(&zero);
+	if (n) {
+		n->point = point;
+		n->reason = 0;
+	}
+}
+
+static __always_inline void flow_point(__u8 point)
+{
+	__u32 zero = 0;
+	struct flow_note *n = mesh_flow_note.lookup(&zero);
+	if (n)
+		n->point = point;
+}
+
+/* Returns TC_ACT_SHOT, so a drop reads `return flow_drop(REASON);`. */
+static __always_inline int flow_drop(__u8 reason)
+{
+	__u32 zero = 0;
+	struct flow_note *n = mesh_flow_note.lookup(&zero);
+	if (n)
+		n->reason = reason;
+	return TC_ACT_SHOT;
+}
+
+static __always_inline __u8 flow_dropped(void)
+{
+	__u32 zero = 0;
+	struct flow_note *n = mesh_flow_note.lookup(&zero);
+	return n ? n->reason : 0;
+}
+
+static __always_inline void flow_count(__u32 i)
+{
+	__u64 *n = mesh_flow_stats.lookup(&i);
+	if (n)
+		*n += 1;
+}
+
+static __always_inline void flow_send(struct flow_key *k, struct flow_entry *e, __u8 type,
+				      __u8 verdict, __u8 reason, __u8 point, __u8 is_reply,
+				      __u8 tcp_flags, __u32 ifindex)
+{
+	struct flow_event ev = { .time_ns = bpf_ktime_get_ns(), .key = *k, .type = type,
+				 .verdict = verdict, .reason = reason, .point = point,
+				 .is_reply = is_reply, .tcp_flags = tcp_flags, .ifindex = ifindex };
+	ev.packets[0] = e->packets[0];
+	ev.packets[1] = e->packets[1];
+	ev.bytes[0] = e->bytes[0];
+	ev.bytes[1] = e->bytes[1];
+	if (mesh_flow_events.ringbuf_output(&ev, sizeof(ev), 0) < 0)
+		flow_count(MESH_FLOW_LOST);
+	else
+		flow_count(MESH_FLOW_SENT);
+}
+
+/* After a program decided (`action`, its return code): account the packet to its
+ * connection and send what changed. */
+static __always_inline void flow_observe(struct __sk_buff *skb, int action)
+{
+	__u32 zero = 0;
+	struct flow_note *note = mesh_flow_note.lookup(&zero);
+	if (!note || (!note->point && !note->reason))
+		return;
+	__u8 point = note->point;
+	__u8 reason = note->reason;
+	struct flow_config *cfg = mesh_flow_config.lookup(&zero);
+	if (!cfg || !cfg->enabled)
+		return;
+	struct flow4 f = {};
+	if (!flow4_parse(skb, &f))
+		return;
+	__u8 tcp_flags = 0;
+	if (f.proto == IPPROTO_TCP)
+		bpf_skb_load_bytes(skb, f.l4_off + 13, &tcp_flags, 1);
+	__u8 verdict = action == TC_ACT_SHOT ? MESH_VERDICT_DROPPED
+		     : point == MESH_POINT_TO_PROXY ? MESH_VERDICT_REDIRECTED
+						    : MESH_VERDICT_FORWARDED;
+	if (verdict != MESH_VERDICT_DROPPED)
+		reason = 0;
+
+	struct flow_key k = { .saddr = f.saddr, .daddr = f.daddr, .sport = f.sport,
+			      .dport = f.dport, .proto = f.proto };
+	struct flow_key rk = { .saddr = f.daddr, .daddr = f.saddr, .sport = f.dport,
+			       .dport = f.sport, .proto = f.proto };
+	__u8 dir = 0;
+	struct flow_entry *e = mesh_flows.lookup(&k);
+	if (!e) {
+		e = mesh_flows.lookup(&rk);
+		if (e) {
+			dir = 1;
+			k = rk;
+		}
+	}
+	/* A SYN (without ACK) from the initiator of an ended connection: its tuple used again. */
+	if (e && (e->flags & MESH_FLOW_ENDED) && !dir && (tcp_flags & 0x12) == 0x02)
+		e = 0;
+	if (!e) {
+		struct flow_entry fresh = {};
+		if ((tcp_flags & 0x12) == 0x12) {  /* a SYN-ACK first: the reply way */
+			dir = 1;
+			k = rk;
+		}
+		/* constant indexes: a variable one on the stack becomes pointer arithmetic the
+		 * verifier refuses */
+		if (dir) {
+			fresh.packets[1] = 1;
+			fresh.bytes[1] = skb->len;
+			fresh.verdict[1] = verdict;
+			fresh.reason[1] = reason;
+		} else {
+			fresh.packets[0] = 1;
+			fresh.bytes[0] = skb->len;
+			fresh.verdict[0] = verdict;
+			fresh.reason[0] = reason;
+		}
+		mesh_flows.update(&k, &fresh);
+		flow_send(&k, &fresh, MESH_FLOW_NEW, verdict, reason, point, dir, tcp_flags,
+			  skb->ingress_ifindex);
+		return;
+	}
+	__sync_fetch_and_add(&e->packets[dir], 1);
+	__sync_fetch_and_add(&e->bytes[dir], skb->len);
+	if (e->verdict[dir] != verdict || e->reason[dir] != reason) {
+		__u8 was = e->verdict[dir];
+		e->verdict[dir] = verdict;
+		e->reason[dir] = reason;
+		/* The replies' first verdict is no change, unless they are dropped. */
+		if (was || verdict == MESH_VERDICT_DROPPED)
+			flow_send(&k, e, MESH_FLOW_CHANGED, verdict, reason, point, dir, tcp_flags,
+				  skb->ingress_ifindex);
+	}
+	if (f.proto != IPPROTO_TCP || (e->flags & MESH_FLOW_ENDED))
+		return;
+	if (tcp_flags & 0x01)
+		e->flags |= dir ? MESH_FLOW_FIN1 : MESH_FLOW_FIN0;
+	if ((tcp_flags & 0x04) ||
+	    (e->flags & (MESH_FLOW_FIN0 | MESH_FLOW_FIN1)) == (MESH_FLOW_FIN0 | MESH_FLOW_FIN1)) {
+		e->flags |= MESH_FLOW_ENDED;
+		flow_send(&k, e, MESH_FLOW_CLOSED, verdict, reason, point, dir, tcp_flags,
+			  skb->ingress_ifindex);
+	}
 }
 
 /* -- transparent encryption (lib/encrypt.h) -- */
@@ -80,15 +233,17 @@ static __always_inline int to_tunnel(struct __sk_buff *skb)
 		return -1;
 	if ((e->flags & MESH_ENC_PEER_UP) && (cfg->flags & MESH_ENC_XFRM)) {
 		encrypt_count(MESH_ENC_SENT);
+		flow_point(MESH_POINT_TO_CRYPTO);
 		return -1;
 	}
 	if ((e->flags & MESH_ENC_PEER_UP) && cfg->ifindex) {
 		encrypt_count(MESH_ENC_SENT);
+		flow_point(MESH_POINT_TO_CRYPTO);
 		return bpf_redirect(cfg->ifindex, 0);
 	}
 	if (cfg->flags & MESH_ENC_STRICT) {
 		encrypt_count(drop);
-		return TC_ACT_SHOT;
+		return flow_drop(MESH_REASON_UNENCRYPTED);
 	}
 	return -1;
 }
@@ -234,9 +389,9 @@ static __always_inline int policy_decide(struct policy_endpoint *ep, __be32 loca
 }
 
 /* The local pod's side of a flow: `local` is the pod, `direction` what the packet is for it
- * (INGRESS: the pod receives it). Returns 0 to drop (counted), 1 to pass, above 1 to hand
- * the packet to the node's Envoy on that port (L7 rules). */
-static __always_inline int policy_check(struct flow4 *f, __u8 direction)
+ * (INGRESS: the pod receives it). Returns 0 to drop (counted, its reason noted), 1 to pass,
+ * above 1 to hand the packet to the node's Envoy on that port (L7 rules). */
+static __always_inline int policy_check(struct __sk_buff *skb, struct flow4 *f, __u8 direction)
 {
 	__be32 local = direction == MESH_POLICY_INGRESS ? f->daddr : f->saddr;
 	__be32 remote = direction == MESH_POLICY_INGRESS ? f->saddr : f->daddr;
@@ -278,12 +433,17 @@ static __always_inline int policy_check(struct flow4 *f, __u8 direction)
 			mesh_policy_ct.update(&ck, &fresh);
 			policy_count(ct ? MESH_POLICY_REDECIDED : MESH_POLICY_NEW);
 		}
-		if (!ok && peer.identity == MESH_ID_UNMANAGED)
+		if (!ok && peer.identity == MESH_ID_UNMANAGED) {
 			policy_count(MESH_DROP_NO_IDENTITY);
+			flow_drop(MESH_REASON_INVALID_IDENTITY);
+		}
 	}
-	if (!ok)
+	if (!ok) {
 		policy_count(decide_dir == MESH_POLICY_INGRESS ? MESH_DROP_INGRESS
 							       : MESH_DROP_EGRESS);
+		if (!flow_dropped())
+			flow_drop(MESH_REASON_POLICY_DENIED);
+	}
 	/* Through a proxy is for the flow's own way (to Envoy what the pod receives, to the DNS
 	 * proxy what it sends); its replies pass. */
 	return ok > 1 && decide_dir != direction ? 1 : ok;
@@ -296,7 +456,7 @@ static __always_inline int policy_pass(struct __sk_buff *skb, __u8 direction)
 	struct flow4 f = {};
 	if (!policy_parse(skb, &f))
 		return 1; /* not IPv4: policy is IPv4 only for now */
-	return policy_check(&f, direction);
+	return policy_check(skb, &f, direction);
 }
 
 #define MESH_LOOPBACK 0x7f000001
@@ -308,7 +468,7 @@ static __always_inline int assign_to_proxy(struct __sk_buff *skb, struct bpf_soc
 	long err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
 	if (err)
-		return TC_ACT_SHOT;
+		return flow_drop(MESH_REASON_SOCKET_ASSIGN);
 	skb->mark = MESH_MARK_TO_PROXY;
 	count(STAT_PROXY);
 	return TC_ACT_OK;
@@ -321,8 +481,9 @@ static __always_inline int assign_to_proxy(struct __sk_buff *skb, struct bpf_soc
 static __always_inline int to_policy_proxy(struct __sk_buff *skb, int port)
 {
 	struct flow4 f = {};
+	flow_point(MESH_POINT_TO_PROXY);
 	if (!flow4_parse(skb, &f) || f.proto != IPPROTO_TCP)
-		return TC_ACT_SHOT;
+		return flow_drop(MESH_REASON_POLICY_DENIED);  /* L7 rules: TCP only */
 	struct bpf_sock_tuple t = {};
 	t.ipv4.saddr = f.saddr;
 	t.ipv4.daddr = f.daddr;
@@ -338,10 +499,10 @@ static __always_inline int to_policy_proxy(struct __sk_buff *skb, int port)
 		t.ipv4.dport = bpf_htons(port);
 		sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
 		if (!sk)
-			return TC_ACT_SHOT;
+			return flow_drop(MESH_REASON_NO_SOCKET);
 		if (sk->state != BPF_TCP_LISTEN) {
 			bpf_sk_release(sk);
-			return TC_ACT_SHOT;
+			return flow_drop(MESH_REASON_NO_SOCKET);
 		}
 	}
 	return assign_to_proxy(skb, sk);
@@ -354,8 +515,9 @@ static __always_inline int to_dns_proxy(struct __sk_buff *skb, struct flow4 *f, 
 {
 	if (f->proto == IPPROTO_TCP)
 		return to_policy_proxy(skb, port);
+	flow_point(MESH_POINT_TO_PROXY);
 	if (f->proto != IPPROTO_UDP)
-		return TC_ACT_SHOT;
+		return flow_drop(MESH_REASON_POLICY_DENIED);
 	struct bpf_sock_tuple t = {};
 	t.ipv4.saddr = f->saddr;
 	t.ipv4.sport = f->sport;
@@ -363,7 +525,7 @@ static __always_inline int to_dns_proxy(struct __sk_buff *skb, struct flow4 *f, 
 	t.ipv4.dport = bpf_htons(port);
 	struct bpf_sock *sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
-		return TC_ACT_SHOT;
+		return flow_drop(MESH_REASON_NO_SOCKET);
 	return assign_to_proxy(skb, sk);
 }
 
@@ -376,6 +538,7 @@ static __always_inline int to_local_pod(struct __sk_buff *skb, __be32 daddr)
 		count(STAT_KERNEL);
 		return TC_ACT_OK; /* a pod's own packet back to it: mesh_to_pod decides */
 	}
+	flow_point(MESH_POINT_TO_ENDPOINT);
 	int verdict = policy_pass(skb, MESH_POLICY_INGRESS);
 	if (!verdict)
 		return TC_ACT_SHOT;
@@ -383,7 +546,7 @@ static __always_inline int to_local_pod(struct __sk_buff *skb, __be32 daddr)
 		return to_policy_proxy(skb, verdict);
 	if (bpf_skb_store_bytes(skb, 0, ep->pod_mac, ETH_ALEN, 0) < 0 ||
 	    bpf_skb_store_bytes(skb, ETH_ALEN, ep->host_mac, ETH_ALEN, 0) < 0)
-		return TC_ACT_SHOT;
+		return flow_drop(MESH_REASON_ERROR_WRITING);
 	count(STAT_LOCAL);
 	return bpf_redirect_peer(ep->ifindex, 0);
 }
@@ -405,7 +568,7 @@ static __always_inline int reverse_nat(struct __sk_buff *skb, struct flow4 *f,
 	struct ct4_rev r = *rev;
 	if (flow4_rewrite(skb, f, 0, r.saddr, r.sport) < 0 ||
 	    flow4_rewrite(skb, f, 1, r.daddr, r.dport) < 0)
-		return TC_ACT_SHOT;
+		return flow_drop(MESH_REASON_ERROR_WRITING);
 	count(STAT_NODEPORT);
 	return flow4_redirect_fib(skb, f);
 }
@@ -425,6 +588,7 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow4 *f,
 		return -1;
 	skb->mark = MESH_MARK_TO_PROXY;
 	count(STAT_PROXY);
+	flow_point(MESH_POINT_TO_PROXY);
 	return TC_ACT_OK;
 #else
 	struct bpf_sock_tuple t = {};
@@ -443,18 +607,20 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow4 *f,
 		t.ipv4.daddr = bpf_htonl(MESH_LOOPBACK);
 		t.ipv4.dport = svc->proxy_port;
 		sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+		flow_point(MESH_POINT_TO_PROXY);
 		if (!sk)
-			return TC_ACT_SHOT;
+			return flow_drop(MESH_REASON_NO_SOCKET);
 		if (sk->state != BPF_TCP_LISTEN) {
 			bpf_sk_release(sk);
-			return TC_ACT_SHOT;
+			return flow_drop(MESH_REASON_NO_SOCKET);
 		}
 	}
+	flow_point(MESH_POINT_TO_PROXY);
 	return assign_to_proxy(skb, sk);
 #endif
 }
 
-int mesh_from_pod(struct __sk_buff *skb)
+static __always_inline int from_pod(struct __sk_buff *skb)
 {
 	struct flow4 f = {};
 	if ((skb->mark & MESH_MARK_MASK) == MESH_MARK_FROM_PROXY)
@@ -479,7 +645,7 @@ int mesh_from_pod(struct __sk_buff *skb)
 				return verdict;
 		}
 	}
-	int verdict = policy_check(&f, MESH_POLICY_EGRESS);
+	int verdict = policy_check(skb, &f, MESH_POLICY_EGRESS);
 	if (!verdict)
 		return TC_ACT_SHOT;
 	if (verdict > 1)
@@ -495,13 +661,27 @@ int mesh_from_pod(struct __sk_buff *skb)
 	return to_local_pod(skb, f.daddr);  /* parsed already: no second read of the header */
 }
 
+int mesh_from_pod(struct __sk_buff *skb)
+{
+	flow_begin(MESH_POINT_TO_STACK);  /* unless it goes elsewhere: to the kernel */
+	int action = from_pod(skb);
+	flow_observe(skb, action);
+	return action;
+}
+
 /* Packets the kernel routes to a pod (from the node itself, or not redirected here): the
  * pod's ingress policy. */
 int mesh_to_pod(struct __sk_buff *skb)
 {
+	flow_begin(MESH_POINT_TO_ENDPOINT);
 	/* Here (tc egress) a flow cannot be handed to Envoy: one with L7 rules is dropped rather
 	 * than let through unchecked (the kernel path carries none but the host's own). */
-	return policy_pass(skb, MESH_POLICY_INGRESS) == 1 ? TC_ACT_OK : TC_ACT_SHOT;
+	int verdict = policy_pass(skb, MESH_POLICY_INGRESS);
+	int action = verdict == 1 ? TC_ACT_OK : TC_ACT_SHOT;
+	if (verdict > 1)
+		flow_drop(MESH_REASON_POLICY_DENIED);
+	flow_observe(skb, action);
+	return action;
 }
 
 /* A new flow to an external frontend: its backend (Maglev or random), or 0. */
@@ -571,7 +751,7 @@ static __always_inline int nodeport_track(struct flow4 *f, struct ct4_key *fk,
 	return 0;
 }
 
-int mesh_from_underlay(struct __sk_buff *skb)
+static __always_inline int from_underlay(struct __sk_buff *skb)
 {
 	struct flow4 f = {};
 	if (!flow4_parse(skb, &f))
@@ -594,16 +774,28 @@ int mesh_from_underlay(struct __sk_buff *skb)
 		ct = *known;
 	} else {
 		struct lb4_backend be = {};
-		if (svc->count == 0 || !nodeport_select(&f, svc, &be) ||
-		    nodeport_track(&f, &key, &be, &ct) < 0)
-			return TC_ACT_SHOT; /* a NodePort with no backend: refused, as kube-proxy */
+		if (svc->count == 0 || !nodeport_select(&f, svc, &be))
+			/* a NodePort with no backend: refused, as kube-proxy */
+			return flow_drop(MESH_REASON_NO_BACKEND);
+		if (nodeport_track(&f, &key, &be, &ct) < 0)  /* no NAT port free: the client retries */
+			return flow_drop(MESH_REASON_NO_NAT_PORT);
 	}
 	count(STAT_NODEPORT);
 	if (flow4_rewrite(skb, &f, 1, ct.backend_address, ct.backend_port) < 0)
-		return TC_ACT_SHOT;
+		return flow_drop(MESH_REASON_ERROR_WRITING);
 	if (!ct.nat_port)
 		return to_local_pod(skb, f.daddr);
 	if (flow4_rewrite(skb, &f, 0, ct.nat_address, ct.nat_port) < 0)
-		return TC_ACT_SHOT;
+		return flow_drop(MESH_REASON_ERROR_WRITING);
 	return flow4_redirect_fib(skb, &f);
+}
+
+/* Packets from other nodes and from outside: only those for this node's pods (and
+ * NodePorts refused) are flows of ours; the node's own traffic is not tracked. */
+int mesh_from_underlay(struct __sk_buff *skb)
+{
+	flow_begin(0);
+	int action = from_underlay(skb);
+	flow_observe(skb, action);
+	return action;
 }

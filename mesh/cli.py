@@ -95,6 +95,12 @@ _state_dir_option = click.option(
 @click.option("--encryption-strict-cidr", "encryption_strict_cidrs", multiple=True,
               metavar="CIDR", help="Also never send traffic to this CIDR (IPv4 or IPv6) in "
                                    "the clear; repeatable.")
+@click.option("--flows", "flow_capacity", default=4095, show_default=True, metavar="N",
+              type=click.IntRange(1, 1_000_000),
+              help="How many of the node's last flows the agent keeps (what `mesh observe` "
+                   "and Hubble's API serve from).")
+@click.option("--flow-events/--no-flow-events", default=True, show_default=True,
+              help="With a datapath: track connections and report them as L3/L4 flows.")
 @click.option("--keep-envoy", is_flag=True,
               help="When stopped, leave Envoy serving its last configuration; the next "
                    "`mesh run` with this --state-dir adopts it.")
@@ -135,7 +141,7 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         echo_address: str | None, datapath_cgroup: Path | None,
         datapath_underlay: str | None, datapath_redirect: str, encryption: str,
         ipsec_keys: Path, encryption_strict: bool, encryption_strict_cidrs: tuple[str, ...],
-        keep_envoy: bool,
+        flow_capacity: int, flow_events: bool, keep_envoy: bool,
         kubernetes: bool, kubeconfig: str | None, ratelimit_redis: str | None,
         envoy_mode: str, gateway_addresses: str, use_forwarded_headers: bool,
         leader_elect: bool, leader_namespace: str,
@@ -193,6 +199,8 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
             encryption_strict_cidrs=tuple(str(ipaddress.ip_network(c))
                                           for c in encryption_strict_cidrs),
             ratelimit_redis=ratelimit_redis,
+            flow_capacity=flow_capacity,
+            flow_events=flow_events,
             kubernetes=kubernetes,
             kubeconfig=kubeconfig,
             lease=lease,

@@ -93,7 +93,7 @@ class Agent:
         self.cfg = cfg
         self.cache = SnapshotCache()
         self.server = XdsServer(self.cache, cfg.xds_address)
-        self.flows = FlowStore()  # the node's last flows
+        self.flows = FlowStore(cfg.flow_capacity)  # the node's last flows
         self.supervisor: EnvoySupervisor | None = None
         self.ready = asyncio.Event()
         self.stopping = asyncio.Event()  # a stop on purpose: see stop()
@@ -185,6 +185,12 @@ class Agent:
             sinks.append(datapath)
             components.append(datapath)  # it also follows the node's pods
             assert datapath.forwarding is not None
+            from mesh.flows.datapath import DatapathFlows
+
+            forwarding = datapath.forwarding
+            components.append(DatapathFlows(  # the datapath's connections, as L3/L4 flows
+                forwarding.flow_events(), self.flows, cfg.node_id, names,
+                forwarding.is_local, enabled=cfg.flow_events))
             fqdn = datapath.forwarding.fqdn
             # toFQDNs: the pods' DNS, learned into the datapath
             components.append(DnsProxy(DNS_PROXY_PORT, fqdn.learn, fqdn.expire))

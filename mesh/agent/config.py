@@ -54,6 +54,10 @@ class AgentConfig:
     # Redis for the node's rate limit service (global rate limits); None: no service, and
     # policies with global limits are refused in their status.
     ratelimit_redis: str | None = None
+    # The node's flows: how many of the last the agent keeps; with a datapath, whether it
+    # tracks connections (L3/L4 flows; L7 flows come from Envoy either way).
+    flow_capacity: int = 4095
+    flow_events: bool = True
 
     @property
     def ratelimit_socket(self) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.cni.interfaces import HOST_PREFIX
+from mesh.datapath.flowevents import FlowEvents
 from mesh.datapath.fqdn import FqdnReconciler
 from mesh.datapath.layout import EndpointInfo, address_of, be32
 from mesh.datapath.policy import PolicyReconciler
@@ -199,6 +200,13 @@ class Forwarding:
         except NetlinkError as e:
             log.error("cannot attach the forwarding program", extra={"ifindex": index,
                                                                      "error": str(e)})
+
+    def is_local(self, address: str) -> bool:
+        """Whether the address is one of this node's pods (as of the last sync)."""
+        return address in self._written
+
+    def flow_events(self) -> FlowEvents:
+        return FlowEvents(self.loaded)
 
     def encryption_tables(self) -> dict[str, Any]:
         """The maps the encryption sink writes (bpf/lib/encrypt.h)."""

@@ -1,5 +1,5 @@
-"""The maps' key and value layouts, mirrored from bpf/lib/lb.h, ct.h, endpoints.h and policy.h in
-one place.
+"""The maps' key and value layouts, mirrored from bpf/lib/lb.h, ct.h, endpoints.h, policy.h,
+encrypt.h and flow.h in one place.
 
 Each ctypes structure here is the C struct of the same name, field for field; the test
 tests/test_datapath.py compares them with the types bcc builds from the C. Addresses and
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+import struct
 from typing import Any
 
 IPPROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
@@ -177,6 +178,30 @@ POLICY_STATS = ("denied_ingress", "denied_egress", "denied_no_identity", "allowe
                 "decided_again")
 
 
+class FlowKey(ctypes.Structure):
+    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class FlowEntry(ctypes.Structure):
+    _fields_ = [("packets", ctypes.c_uint64 * 2), ("bytes", ctypes.c_uint64 * 2),
+                ("verdict", ctypes.c_uint8 * 2), ("reason", ctypes.c_uint8 * 2),
+                ("flags", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class FlowConfig(ctypes.Structure):
+    _fields_ = [("enabled", ctypes.c_uint32)]
+
+
+# struct flow_event, as the ring buffer carries it: time_ns, the key (addresses and ports
+# in network byte order, kept as bytes), packets and bytes each way, ifindex, type, verdict,
+# reason, point, is_reply, tcp_flags.
+FLOW_EVENT = struct.Struct("=Q4s4s2s2sB3xQQQQIBBBBBB6x")
+FLOW_NEW, FLOW_CHANGED, FLOW_CLOSED = 1, 2, 3  # MESH_FLOW_*
+FLOW_STATS = ("sent", "lost")  # mesh_flow_stats' slots
+
+
 # map name -> (key type, value type), as lb.h declares them
 MAPS: dict[str, tuple[type[ctypes._SimpleCData] | type[ctypes.Structure],  # type: ignore[type-arg]
                       type[ctypes.Structure]]] = {
@@ -201,4 +226,6 @@ FWD_MAPS: dict[str, tuple[Any, type[ctypes.Structure] | Any]] = {
     "mesh_encrypt4": (Encrypt4Key, EncryptEntry),
     "mesh_encrypt6": (Encrypt6Key, EncryptEntry),
     "mesh_encrypt_config": (ctypes.c_uint32, EncryptConfig),
+    "mesh_flows": (FlowKey, FlowEntry),
+    "mesh_flow_config": (ctypes.c_uint32, FlowConfig),
 }

@@ -37,9 +37,25 @@ class Http:
     details: str = ""  # Envoy's response code details ("via_upstream", "rbac_access_denied...")
 
 
+@dataclass(frozen=True)
+class Connection:
+    """What the datapath told of an L3/L4 flow's connection: the event (NEW: its first
+    packet; CHANGED: a direction's verdict changed; CLOSED: its end, with the counts), where
+    the packet went (Hubble's observation point), and the packets and bytes each way so far
+    (initiator to responder, then the replies)."""
+
+    event: str  # NEW | CHANGED | CLOSED
+    point: str  # TO_ENDPOINT, TO_STACK, TO_PROXY, TO_CRYPTO, or "" (dropped before a point)
+    is_reply: bool  # the packet went responder -> initiator
+    tcp_flags: tuple[str, ...] = ()  # of that packet: "SYN", "ACK", "FIN", "RST", "PSH"
+    packets: tuple[int, int] = (0, 0)
+    bytes: tuple[int, int] = (0, 0)
+
+
 # Verdicts and drop reasons as Hubble names them (flow.proto's Verdict and DropReason).
-FORWARDED, DROPPED, ERROR = "FORWARDED", "DROPPED", "ERROR"
+FORWARDED, DROPPED, ERROR, REDIRECTED = "FORWARDED", "DROPPED", "ERROR", "REDIRECTED"
 L3_L4, L7 = "L3_L4", "L7"
+INGRESS, EGRESS = "INGRESS", "EGRESS"
 
 
 @dataclass(frozen=True)
@@ -47,9 +63,11 @@ class Flow:
     time: float  # seconds since the epoch
     node: str
     kind: str  # L3_L4 | L7
-    verdict: str  # FORWARDED | DROPPED | ERROR
+    verdict: str  # FORWARDED | DROPPED | ERROR | REDIRECTED (to the node's Envoy)
     source: Endpoint
     destination: Endpoint
     protocol: str  # "TCP", "UDP", "ICMP"
     drop_reason: str = ""  # with DROPPED: "POLICY_DENIED", ...
     http: Http | None = None
+    connection: Connection | None = None  # L3_L4 flows from the datapath
+    direction: str = ""  # INGRESS (to a pod of the node) | EGRESS (from one) | ""

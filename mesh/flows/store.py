@@ -19,11 +19,18 @@ DEFAULT_CAPACITY = 4095  # Hubble's default ring (2^12 - 1)
 FOLLOWER_QUEUE = 1024
 
 
+# Where flows were lost (flow.proto's LostEventSource names): a follower's queue was full,
+# or the datapath's ring buffer was (the events never reached the store).
+FOLLOWER_LOST = "HUBBLE_RING_BUFFER"
+RING_LOST = "PERF_EVENT_RING_BUFFER"
+
+
 @dataclass(frozen=True)
 class Lost:
-    """Flows a follower did not get (its queue was full)."""
+    """Flows a follower did not get, and where they were lost."""
 
     count: int
+    source: str = FOLLOWER_LOST
 
 
 class Follower:
@@ -31,14 +38,14 @@ class Follower:
         self.queue: asyncio.Queue[Flow | Lost] = asyncio.Queue(size)
         self.pending_lost = 0
 
-    def offer(self, flow: Flow) -> bool:
+    def offer(self, item: Flow | Lost) -> bool:
         if self.pending_lost and not self.queue.full():
             self.queue.put_nowait(Lost(self.pending_lost))
             self.pending_lost = 0
         if self.queue.full():
-            self.pending_lost += 1
+            self.pending_lost += item.count if isinstance(item, Lost) else 1
             return False
-        self.queue.put_nowait(flow)
+        self.queue.put_nowait(item)
         return True
 
 
@@ -53,6 +60,7 @@ class FlowStore:
         self._followers: set[Follower] = set()
         self.seen = 0  # flows added since the start
         self.lost = 0  # flows some follower did not get
+        self.lost_at_source = 0  # flows that never reached the store (add_lost)
 
     def add(self, flow: Flow) -> None:
         self._ring.append(flow)
@@ -60,6 +68,12 @@ class FlowStore:
         for f in self._followers:
             if not f.offer(flow):
                 self.lost += 1
+
+    def add_lost(self, count: int, source: str) -> None:
+        """Flows lost before they reached the store: counted, and told to every follower."""
+        self.lost_at_source += count
+        for f in self._followers:
+            f.offer(Lost(count, source))
 
     def __len__(self) -> int:
         return len(self._ring)
