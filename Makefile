@@ -29,7 +29,8 @@ VM_PACKAGES := qemu-system-x86 busybox-static linux-image-amd64
 MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
 SITE := .site
 
-.PHONY: install system debian run run-host test test-fast bench docs clean lock upgrade kube-bin conformance
+.PHONY: install system debian run run-host test test-fast bench docs clean lock upgrade kube-bin conformance \
+	hubble-bin
 
 # The real Kubernetes control plane (kube-apiserver, kube-controller-manager, kube-scheduler),
 # kubectl and etcd, built from the Go modules pinned in hack/kube (go.mod, go.sum) into
@@ -66,6 +67,20 @@ $(CONFORMANCE_TEST): hack/kube/go.mod hack/kube/go.sum
 	@echo "building the Gateway API conformance suite from hack/kube (about 4 minutes cold)"
 	cd hack/kube && go test -c -trimpath -o ../../$@ sigs.k8s.io/gateway-api/conformance
 
+# Hubble's Observer API: the Python modules generated from the protos of the cilium/cilium
+# module hack/hubble/go.sum pins (hack/hubble/generate.py, into mesh/hubble/api, git-ignored),
+# and the `hubble` CLI built from the same module (the tests and the docs run it against the
+# agent and the relay).
+HUBBLE_API := mesh/hubble/api/README
+$(HUBBLE_API): hack/hubble/go.mod hack/hubble/go.sum hack/hubble/generate.py $(STAMP)
+	@command -v go >/dev/null || { echo "error: Go (1.26) is needed to fetch Hubble's protos" >&2; exit 1; }
+	$(PY) hack/hubble/generate.py
+HUBBLE_BIN := $(KUBE_BIN)/hubble
+$(HUBBLE_BIN): hack/hubble/go.mod hack/hubble/go.sum
+	@mkdir -p $(KUBE_BIN)
+	@echo "building the hubble CLI from hack/hubble (about 3 minutes cold)"
+	cd hack/hubble && go build -trimpath -ldflags "-s -w" -o ../../$@ github.com/cilium/cilium/hubble
+hubble-bin: $(HUBBLE_BIN)
 
 $(UV): requirements-uv.txt
 	python3 -m venv $(UV_VENV)
@@ -124,12 +139,12 @@ debian:
 		  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_OPTS) $$missing \
 		  >/dev/null; }; fi
 
-install: $(STAMP) $(SYSTEM_STAMP)
+install: $(STAMP) $(SYSTEM_STAMP) $(HUBBLE_API)
 system: $(SYSTEM_STAMP)
 
 # The embedded default: a lab of two nodes on a real control plane (built from source by
 # kube-bin), with examples/lab deployed, left running.
-run: $(STAMP) $(SYSTEM_STAMP) $(KUBE_BIN)/.built
+run: $(STAMP) $(SYSTEM_STAMP) $(HUBBLE_API) $(KUBE_BIN)/.built $(HUBBLE_BIN)
 	@$(VENV)/bin/mesh lab down --name demo >/dev/null 2>&1 || true
 	$(VENV)/bin/mesh lab up --nodes 2 --manifests examples/lab --name demo
 	@$(VENV)/bin/mesh lab status --name demo
@@ -151,24 +166,25 @@ conformance: $(STAMP) $(SYSTEM_STAMP) $(KUBE_BIN)/.built $(CONFORMANCE_TEST)
 	$(PY) -m tests.conformance.upstream
 
 # The agent and its Envoy on this host alone, on examples/gateway (no lab).
-run-host: $(STAMP)
+run-host: $(STAMP) $(HUBBLE_API)
 	$(VENV)/bin/mesh run --manifests examples/gateway --echo 127.0.0.1:18080
 
-test: $(STAMP) $(SYSTEM_STAMP) $(KUBE_BIN)/.built $(CONFORMANCE_TEST) $(IMAGE_DIR)/.built
+test: $(STAMP) $(SYSTEM_STAMP) $(HUBBLE_API) $(KUBE_BIN)/.built $(HUBBLE_BIN) $(CONFORMANCE_TEST) \
+		$(IMAGE_DIR)/.built
 	$(VENV)/bin/ruff check mesh meshxds tests benchmarks docs
 	$(VENV)/bin/mypy
 	$(MKDOCS) build --strict --quiet --site-dir $(SITE)
 	$(PY) -m pytest -q -ra
 
-test-fast: $(STAMP) $(SYSTEM_STAMP)
+test-fast: $(STAMP) $(SYSTEM_STAMP) $(HUBBLE_API)
 	$(PY) -m pytest -q -ra -m 'not slow'
 
 # The documentation site (mkdocs.yml, docs/): strict, so a broken link, anchor or generated
 # reference fails the build; served on loopback only.
-docs: $(STAMP)
+docs: $(STAMP) $(HUBBLE_API)
 	$(MKDOCS) serve --strict -a 127.0.0.1:8000
 
-bench: $(STAMP)
+bench: $(STAMP) $(HUBBLE_API)
 	$(PY) benchmarks/xds_push.py --quick
 
 # The image the chart runs, built without a container engine (as root): hack/image/build.sh
@@ -178,7 +194,7 @@ bench: $(STAMP)
 # same with Docker or Buildah. Rebuilt only when its inputs change; about 2 minutes cold.
 IMAGE_INPUTS := pyproject.toml uv.lock requirements-uv.txt Containerfile $(wildcard hack/image/*) \
 	$(wildcard $(shell git ls-files -co --exclude-standard mesh meshxds 2>/dev/null))
-$(IMAGE_DIR)/.built: $(IMAGE_INPUTS)
+$(IMAGE_DIR)/.built: $(IMAGE_INPUTS) $(HUBBLE_API)
 	@$(MAKE) --no-print-directory debian PACKAGES="mmdebstrap umoci"
 	hack/image/build.sh $(IMAGE_DIR)
 	@touch $@
@@ -186,4 +202,5 @@ image: $(IMAGE_DIR)/.built
 .PHONY: image
 
 clean:
-	rm -rf $(VENV) $(UV_VENV) .kube $(IMAGE_DIR) .mypy_cache .pytest_cache .ruff_cache $(SITE)
+	rm -rf $(VENV) $(UV_VENV) .kube $(IMAGE_DIR) .mypy_cache .pytest_cache .ruff_cache $(SITE) \
+		mesh/hubble/api

@@ -35,6 +35,7 @@ from mesh.envoy.supervisor import EnvoySupervisor
 from mesh.flows.accesslog import AccessLogServer
 from mesh.flows.directory import FlowDirectory
 from mesh.flows.store import FlowStore
+from mesh.hubble.observer import Observer, ObserverServer
 from mesh.kube.client import connect
 from mesh.kube.events import PolicyEvents
 from mesh.kube.identities import IdentityAllocator, IdentityCollector
@@ -164,6 +165,8 @@ class Agent:
         sinks.append(names)
         components.append(AccessLogServer(cfg.accesslog_socket, self.flows, cfg.node_id,
                                           names))
+        components.append(ObserverServer(cfg.hubble_socket, Observer(
+            self.flows, cfg.node_id, names.namespaces)))  # Hubble's API of the node's flows
         if generated is not None:
             sinks.append(generated)
         if identities is not None:

@@ -64,6 +64,11 @@ class AgentConfig:
         return self.state_dir / "ratelimit.sock"
 
     @property
+    def hubble_socket(self) -> Path:
+        """Hubble's Observer API: the node's flows (`mesh observe`, `hubble observe`)."""
+        return self.state_dir / "hubble.sock"
+
+    @property
     def accesslog_socket(self) -> Path:
         """The access log service's: Envoy's requests, as L7 flows."""
         return self.state_dir / "accesslog.sock"

@@ -44,6 +44,10 @@ class FlowDirectory:
         return Endpoint(address, port, pod.namespace, pod.name, pod.labels,
                         self._identities.get(address, 0), node=pod.node)
 
+    def namespaces(self) -> set[str]:
+        """The namespaces of the cluster's pods."""
+        return {p.namespace for p in self._pods.values()}
+
     def service(self, address: str) -> str:
         """The Service whose ClusterIP this is ("namespace/name"), or ""."""
         return self._services.get(address, "")

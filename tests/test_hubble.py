@@ -1,0 +1,250 @@
+"""Hubble's Observer API on the node's flows: the filters with Hubble's meaning, the flows as
+Hubble's messages, the gRPC service on its unix socket, and the real `hubble` CLI (built
+from its Go module by make) reading them unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import stat
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from mesh.flows.model import (
+    DROPPED,
+    EGRESS,
+    FORWARDED,
+    INGRESS,
+    L3_L4,
+    L7,
+    Connection,
+    Endpoint,
+    Flow,
+    Http,
+)
+from mesh.flows.store import RING_LOST, FlowStore
+from mesh.hubble.api.flow import flow_pb2
+from mesh.hubble.api.observer import observer_pb2, observer_pb2_grpc
+from mesh.hubble.convert import to_proto
+from mesh.hubble.filters import FilterError, compile_filters
+from mesh.hubble.observer import Observer, ObserverServer
+
+HUBBLE = Path(__file__).resolve().parent.parent / ".kube" / "bin" / "hubble"
+T0 = 1_800_000_000.0
+
+CLIENT = Endpoint("10.1.0.5", 40000, "demo", "client-7d9f", ("app=client",), 1001,
+                  node="node1")
+ECHO = Endpoint("10.1.1.7", 8080, "demo", "echo-v1-5c6b", ("app=echo", "version=v1"), 1002,
+                node="node2")
+
+
+def l4(t: float, src: Endpoint = CLIENT, dst: Endpoint = ECHO, verdict: str = FORWARDED,
+       reason: str = "", event: str = "NEW", flags: tuple[str, ...] = ("SYN",),
+       protocol: str = "TCP") -> Flow:
+    return Flow(time=T0 + t, node="node1", kind=L3_L4, verdict=verdict, drop_reason=reason,
+                source=src, destination=dst, protocol=protocol, direction=EGRESS,
+                connection=Connection(event=event, point="" if reason else "TO_STACK",
+                                      is_reply=False, tcp_flags=flags))
+
+
+def http(t: float, status: int, method: str = "GET", path: str = "/") -> Flow:
+    return Flow(time=T0 + t, node="node1", kind=L7, verdict=FORWARDED, source=CLIENT,
+                destination=ECHO.__class__(**{**ECHO.__dict__, "service": "demo/echo"}),
+                protocol="TCP", direction=INGRESS,
+                http=Http(method, path, "echo", status, 1.5, "HTTP/1.1"))
+
+
+FLOWS = [
+    l4(1),
+    l4(2, verdict=DROPPED, reason="POLICY_DENIED"),
+    http(3, 200),
+    http(4, 503, "POST", "/api/v1/items"),
+    l4(5, src=ECHO, dst=Endpoint("10.96.0.10", 53), protocol="UDP", flags=()),
+]
+
+
+def matching(*filters: dict[str, Any], blacklist: tuple[dict[str, Any], ...] = ()
+             ) -> list[int]:
+    """The indexes in FLOWS of the flows the filters take."""
+    match = compile_filters([flow_pb2.FlowFilter(**f) for f in filters],
+                            [flow_pb2.FlowFilter(**f) for f in blacklist])
+    return [i for i, f in enumerate(FLOWS) if match(to_proto(f))]
+
+
+def test_filters_mean_what_hubble_means() -> None:
+    assert matching() == [0, 1, 2, 3, 4]
+    # pods: namespace/prefix; a bare name is in "default"; L7 flows are responses
+    # (from the server), as Hubble's
+    assert matching({"source_pod": ["demo/client"]}) == [0, 1]
+    assert matching({"source_pod": ["demo/"]}) == [0, 1, 2, 3, 4]
+    assert matching({"source_pod": ["client"]}) == []
+    assert matching({"source_pod": ["demo/echo"]}, {"destination_pod": ["demo/echo"]}) == \
+        [0, 1, 2, 3, 4]
+    # labels, with or without Cilium's source; set operations; negation
+    assert matching({"destination_label": ["app=echo"]}) == [0, 1]
+    assert matching({"destination_label": ["k8s:app=echo,version in (v1,v2)"]}) == [0, 1]
+    assert matching({"source_label": ["app=echo,!version"]}) == []
+    assert matching({"source_label": ["k8s:io.kubernetes.pod.namespace=demo"]}) == \
+        [0, 1, 2, 3, 4]
+    # addresses and CIDRs; ports; protocols
+    assert matching({"destination_ip": ["10.96.0.0/16"]}) == [4]
+    assert matching({"destination_port": ["8080"]}) == [0, 1]
+    assert matching({"protocol": ["udp"]}) == [4]
+    assert matching({"protocol": ["http"]}) == [2, 3]
+    # verdicts, reasons, HTTP
+    assert matching({"verdict": [flow_pb2.DROPPED]}) == [1]
+    assert matching({"drop_reason_desc": [flow_pb2.POLICY_DENIED]}) == [1]
+    assert matching({"http_status_code": ["5+"]}) == [3]
+    assert matching({"http_status_code": ["200"]}) == [2]
+    assert matching({"http_method": ["post"]}) == [3]
+    assert matching({"http_path": ["^/api/v[0-9]+/"]}) == [3]
+    assert matching({"destination_service": ["demo/echo"]}) == []  # a response's is the client
+    assert matching({"source_service": ["demo/echo"]}) == [2, 3]
+    # fields within one filter: all; filters: any; the blacklist (--not) takes away
+    assert matching({"source_pod": ["demo/client"], "verdict": [flow_pb2.FORWARDED]}) == [0]
+    assert matching({"protocol": ["udp"]}, {"http_status_code": ["5+"]}) == [3, 4]
+    assert matching(blacklist=({"protocol": ["http"]},)) == [0, 1, 4]
+    tcp_syn = flow_pb2.TCPFlags(SYN=True)
+    assert matching({"tcp_flags": [tcp_syn]}) == [0, 1]
+    assert matching({"event_type": [flow_pb2.EventTypeFilter(type=1)]}) == [1]
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"source_ip": ["10.0.0.300"]}, "source_ip"),
+    ({"http_status_code": ["5xx"]}, "neither a code"),
+    ({"http_path": ["("]}, "http_path"),
+    ({"source_label": ["app in (a"]}, "label selector"),
+    ({"protocol": ["quic"]}, "unknown protocol"),
+    ({"source_fqdn": ["*.example.com"]}, "source_fqdn: this filter is not supported"),
+    ({"destination_port": ["http"]}, "destination_port"),
+])
+def test_a_filter_it_cannot_use_is_refused_with_its_name(bad: dict[str, Any], says: str
+                                                         ) -> None:
+    with pytest.raises(FilterError, match=says):
+        compile_filters([flow_pb2.FlowFilter(**bad)], [])
+
+
+def test_flows_read_as_hubbles() -> None:
+    dropped = to_proto(FLOWS[1])
+    assert (dropped.verdict, dropped.drop_reason_desc, dropped.event_type.type) == \
+        (flow_pb2.DROPPED, flow_pb2.POLICY_DENIED, 1)
+    assert dropped.source.pod_name == "client-7d9f" and dropped.l4.TCP.flags.SYN
+    assert "k8s:app=client" in dropped.source.labels
+    assert dropped.traffic_direction == flow_pb2.EGRESS
+    response = to_proto(FLOWS[3])
+    assert response.Type == flow_pb2.L7 and response.l7.type == flow_pb2.RESPONSE
+    assert (response.l7.http.code, response.l7.http.method, response.l7.http.url) == \
+        (503, "POST", "http://echo/api/v1/items")
+    assert response.l7.latency_ns == 1_500_000 and response.is_reply.value
+    assert (response.source.pod_name, response.destination.pod_name) == \
+        ("echo-v1-5c6b", "client-7d9f")
+    forwarded = to_proto(FLOWS[0])
+    assert forwarded.trace_observation_point == flow_pb2.TO_STACK
+    assert forwarded.time.ToNanoseconds() == int((T0 + 1) * 1e9)
+
+
+@contextlib.asynccontextmanager
+async def served(tmp_path: Path) -> AsyncIterator[tuple[FlowStore, Path]]:
+    """FLOWS in a store, its Observer on a unix socket."""
+    store = FlowStore(capacity=100)
+    for f in FLOWS:
+        store.add(f)
+    socket = tmp_path / "hubble.sock"
+    server = ObserverServer(socket, Observer(store, "node1", lambda: {"demo"}))
+    task = asyncio.create_task(server.run())
+    try:
+        await asyncio.wait_for(server.ready.wait(), 10)
+        yield store, socket
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_the_api_on_its_socket(tmp_path: Path) -> None:
+    asyncio.run(api_on_its_socket(tmp_path))
+
+
+async def api_on_its_socket(tmp_path: Path) -> None:
+    async with served(tmp_path) as (store, socket):
+        await calls(store, socket)
+
+
+async def calls(store: FlowStore, socket: Path) -> None:
+    assert stat.S_IMODE(os.stat(socket).st_mode) == 0o600
+    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
+        stub = observer_pb2_grpc.ObserverStub(channel)  # type: ignore[no-untyped-call]
+        status = await stub.ServerStatus(observer_pb2.ServerStatusRequest())
+        assert (status.num_flows, status.max_flows, status.seen_flows) == (5, 100, 5)
+        last = [r async for r in stub.GetFlows(observer_pb2.GetFlowsRequest(number=2))]
+        assert [r.flow.time.seconds for r in last] == [int(T0) + 4, int(T0) + 5]
+        first = [r async for r in stub.GetFlows(observer_pb2.GetFlowsRequest(
+            number=2, first=True))]
+        assert [r.flow.time.seconds for r in first] == [int(T0) + 1, int(T0) + 2]
+        since = observer_pb2.GetFlowsRequest(number=10)
+        since.since.FromSeconds(int(T0) + 3)
+        assert len([r async for r in stub.GetFlows(since)]) == 3
+        # follow: the last one that matches, then new ones as they come, a loss told
+        call = stub.GetFlows(observer_pb2.GetFlowsRequest(
+            number=1, follow=True, whitelist=[flow_pb2.FlowFilter(verdict=[flow_pb2.DROPPED])]))
+        got = [await call.read()]
+        store.add(l4(6))  # forwarded: not for this follower
+        store.add(l4(7, verdict=DROPPED, reason="UNENCRYPTED_TRAFFIC"))
+        store.add_lost(3, RING_LOST)
+        got += [await call.read(), await call.read()]
+        call.cancel()
+        assert [g.flow.drop_reason_desc for g in got[:2]] == \
+            [flow_pb2.POLICY_DENIED, flow_pb2.UNENCRYPTED_TRAFFIC]
+        assert (got[2].lost_events.source, got[2].lost_events.num_events_lost) == \
+            (flow_pb2.PERF_EVENT_RING_BUFFER, 3)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in stub.GetFlows(observer_pb2.GetFlowsRequest(
+                    whitelist=[flow_pb2.FlowFilter(http_status_code=["abc"])])):
+                pass
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "http_status_code" in (e.value.details() or "")
+        nodes = await stub.GetNodes(observer_pb2.GetNodesRequest())
+        assert [n.name for n in nodes.nodes] == ["node1"]
+        namespaces = await stub.GetNamespaces(observer_pb2.GetNamespacesRequest())
+        assert [n.namespace for n in namespaces.namespaces] == ["demo"]
+
+
+def hubble(socket: Path, *args: str) -> str:
+    out = subprocess.run([str(HUBBLE), *args, "--server", f"unix://{socket}"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.mark.skipif(not HUBBLE.exists(), reason="the hubble CLI is built by make (hubble-bin)")
+def test_the_hubble_cli_reads_the_flows_unchanged(tmp_path: Path) -> None:
+    asyncio.run(hubble_cli(tmp_path))
+
+
+async def hubble_cli(tmp_path: Path) -> None:
+    async with served(tmp_path) as (_, socket):
+        compact = await asyncio.to_thread(hubble, socket, "observe", "--last", "10")
+        lines = compact.strip().splitlines()
+        assert len(lines) == 5, compact
+        assert "demo/client-7d9f:40000" in lines[1] and "demo/echo-v1-5c6b:8080" in lines[1]
+        assert "DROPPED" in lines[1] and "Policy denied" in lines[1]
+        assert "http-response" in lines[3] and "503" in lines[3] and "POST" in lines[3]
+        as_json = await asyncio.to_thread(hubble, socket, "observe", "--last", "10", "-o",
+                                          "jsonpb", "--http-status", "5+")
+        (only,) = [json.loads(line) for line in as_json.strip().splitlines()]
+        assert only["flow"]["l7"]["http"]["code"] == 503
+        assert only["flow"]["source"]["pod_name"] == "echo-v1-5c6b"
+        dropped = await asyncio.to_thread(hubble, socket, "observe", "--last", "10", "--not",
+                                          "--verdict", "FORWARDED", "-o", "json")
+        assert len(dropped.strip().splitlines()) == 1 and "POLICY_DENIED" in dropped
+        status = await asyncio.to_thread(hubble, socket, "status")
+        assert "Current/Max Flows: 5/100" in status, status
+        pods = await asyncio.to_thread(hubble, socket, "observe", "--last", "10", "--pod",
+                                       "demo/client", "-o", "compact")
+        assert len(pods.strip().splitlines()) == 4, pods  # to or from the client
