@@ -248,3 +248,57 @@ async def hubble_cli(tmp_path: Path) -> None:
         pods = await asyncio.to_thread(hubble, socket, "observe", "--last", "10", "--pod",
                                        "demo/client", "-o", "compact")
         assert len(pods.strip().splitlines()) == 4, pods  # to or from the client
+
+
+def test_observe_builds_filters_as_hubbles_cli() -> None:
+    from mesh.hubble.cli import FilterUsage, parse_filters
+
+    f = parse_filters(["--from-pod", "demo/client", "--verdict", "dropped"])
+    assert f.whitelist == [{"source_pod": ["demo/client"], "verdict": [flow_pb2.DROPPED]}]
+    # an either-end filter: one filter per end, the others in both; a second value joins
+    f = parse_filters(["--namespace", "demo", "--http-status", "5+", "--namespace", "prod"])
+    assert f.whitelist == [
+        {"source_pod": ["demo/", "prod/"], "http_status_code": ["5+"]},
+        {"destination_pod": ["demo/", "prod/"], "http_status_code": ["5+"]}]
+    # --not: the next filter excludes
+    f = parse_filters(["--to-port", "8080", "--not", "--verdict", "FORWARDED"])
+    assert f.whitelist == [{"destination_port": ["8080"]}]
+    assert f.blacklist == [{"verdict": [flow_pb2.FORWARDED]}]
+    for bad in (["--from-planet", "x"], ["--verdict", "MAYBE"], ["--not"], ["--pod"]):
+        with pytest.raises(FilterUsage):
+            parse_filters(bad)
+
+
+def mesh_observe(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    mesh = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "mesh"
+    return subprocess.run([str(mesh), "observe", "--server", f"unix://{socket}", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_mesh_observe_reads_the_api(tmp_path: Path) -> None:
+    asyncio.run(observe_api(tmp_path))
+
+
+async def observe_api(tmp_path: Path) -> None:
+    async with served(tmp_path) as (_, socket):
+        out = await asyncio.to_thread(mesh_observe, socket)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert len(lines) == 5
+        assert "demo/client-7d9f:40000 -> demo/echo-v1-5c6b:8080 DROPPED POLICY_DENIED " \
+               "(drop TCP Flags: SYN)" in lines[1]
+        # the response printed with the client on the left, as Hubble does
+        assert "demo/client-7d9f:40000 <- demo/echo-v1-5c6b:8080 FORWARDED (http-response " \
+               "HTTP/1.1 503 1ms (POST http://echo/api/v1/items))" in lines[3]
+        out = await asyncio.to_thread(mesh_observe, socket, "--namespace", "demo", "--not",
+                                      "--protocol", "http", "--last", "2", "-o", "json")
+        assert out.returncode == 0, out.stderr
+        got = [json.loads(line) for line in out.stdout.splitlines()]
+        assert [g["flow"]["l4"].keys() for g in got] == [{"TCP"}, {"UDP"}]
+        out = await asyncio.to_thread(mesh_observe, socket, "--http-status", "nope")
+        assert out.returncode != 0 and "http_status_code" in out.stderr
+        out = await asyncio.to_thread(mesh_observe, socket, "-o", "table", "--to-ip",
+                                      "10.96.0.0/12")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines()[0].split()[:3] == ["TIME", "NODE", "SOURCE"]
+        assert len(out.stdout.splitlines()) == 2 and "UDP" in out.stdout
