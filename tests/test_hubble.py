@@ -302,3 +302,65 @@ async def observe_api(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         assert out.stdout.splitlines()[0].split()[:3] == ["TIME", "NODE", "SOURCE"]
         assert len(out.stdout.splitlines()) == 2 and "UDP" in out.stdout
+
+
+def test_the_relay_joins_the_nodes(tmp_path: Path) -> None:
+    asyncio.run(relay_joins(tmp_path))
+
+
+async def relay_joins(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from mesh.hubble.relay import Relay, RelayServer
+
+    stores = {"node1": FlowStore(), "node2": FlowStore()}
+    for i, f in enumerate(FLOWS):  # alternately on each node, in time order overall
+        node = "node1" if i % 2 == 0 else "node2"
+        stores[node].add(replace(f, node=node))
+    tasks = []
+    servers = {}
+    for node, store in stores.items():
+        (tmp_path / node).mkdir()
+        servers[node] = ObserverServer(tmp_path / node / "hubble.sock", Observer(store, node))
+        tasks.append(asyncio.create_task(servers[node].run()))
+    peers = {n: f"unix://{s.socket}" for n, s in servers.items()}
+    peers["node3"] = f"unix://{tmp_path / 'node3.sock'}"  # never up
+    relay = RelayServer(f"unix://{tmp_path / 'relay.sock'}", Relay(peers))
+    tasks.append(asyncio.create_task(relay.run()))
+    try:
+        for s in (*servers.values(), relay):
+            await asyncio.wait_for(s.ready.wait(), 10)
+        assert stat.S_IMODE(os.stat(tmp_path / "relay.sock").st_mode) == 0o600
+        async with grpc.aio.insecure_channel(f"unix://{tmp_path / 'relay.sock'}") as ch:
+            stub = observer_pb2_grpc.ObserverStub(ch)  # type: ignore[no-untyped-call]
+            got = [r async for r in stub.GetFlows(observer_pb2.GetFlowsRequest(number=10))]
+            flows = [r for r in got if r.WhichOneof("response_types") == "flow"]
+            assert [(r.flow.node_name, r.flow.time.seconds - int(T0)) for r in flows] == \
+                [("node1", 1), ("node2", 2), ("node1", 3), ("node2", 4), ("node1", 5)]
+            (down,) = [r.node_status for r in got
+                       if r.WhichOneof("response_types") == "node_status"]
+            assert list(down.node_names) == ["node3"]
+            status = await stub.ServerStatus(observer_pb2.ServerStatusRequest())
+            assert (status.num_flows, status.num_connected_nodes.value,
+                    list(status.unavailable_nodes)) == (5, 2, ["node3"])
+            # following: each node's new flows as they come
+            call = stub.GetFlows(observer_pb2.GetFlowsRequest(follow=True))
+            await asyncio.sleep(0.5)
+            stores["node2"].add(replace(l4(9), node="node2"))
+            seen = []
+            while len(seen) < 1:
+                r = await asyncio.wait_for(call.read(), 10)
+                if r.WhichOneof("response_types") == "flow":
+                    seen.append(r.flow.node_name)
+            call.cancel()
+            assert seen == ["node2"]
+        if HUBBLE.exists():  # Hubble's own CLI against the relay: every node's flows
+            out = await asyncio.to_thread(hubble, tmp_path / "relay.sock", "observe",
+                                          "--last", "10", "--print-node-name")
+            assert out.count("node1") == 3 and out.count("node2") == 3, out
+            nodes = await asyncio.to_thread(hubble, tmp_path / "relay.sock", "list", "nodes")
+            assert "node1" in nodes and "node3" in nodes and "Unavailable" in nodes, nodes
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

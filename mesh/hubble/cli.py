@@ -309,3 +309,37 @@ def observe(server: str | None, lab_name: str | None, node: str | None, number: 
             raise click.ClickException(f"{target}: {e.details()}") from e
         except KeyboardInterrupt:
             sys.exit(130)
+
+
+def _peer(value: str) -> tuple[str, str]:
+    name, sep, target = value.partition("=")
+    if not sep or not name or not target:
+        raise click.BadParameter(f"{value!r}: NODE=unix:///PATH or NODE=HOST:PORT")
+    return name, target
+
+
+@click.command()
+@click.option("--listen", default="unix:///run/mesh/hubble-relay.sock", show_default=True,
+              help="unix:///PATH (made 0600), or HOST:PORT.")
+@click.option("--peer", "peers", multiple=True, required=True, metavar="NODE=ADDRESS",
+              help="A node's Observer API (its agent's hubble.sock); repeat for each node.")
+def relay(listen: str, peers: tuple[str, ...]) -> None:
+    """The cluster's flows in one Observer API: every node's joined (as Hubble Relay)."""
+    import asyncio
+    import contextlib
+    import signal
+
+    from mesh.hubble.relay import Relay, RelayServer
+
+    named = dict(_peer(p) for p in peers)
+
+    async def serve() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        await RelayServer(listen, Relay(named)).run()
+
+    with contextlib.suppress(asyncio.CancelledError):
+        asyncio.run(serve())

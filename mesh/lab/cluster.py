@@ -98,6 +98,7 @@ class State:
     kubeconfig: str = ""  # the admin's
     server: str = ""
     relay: int = 0
+    hubble_relay: int = 0  # the flows of every node in one Observer API (hubble-relay.sock)
     kubelets: dict[str, int] = field(default_factory=dict)
     agents: dict[str, int] = field(default_factory=dict)
     dns: dict[str, int] = field(default_factory=dict)  # node -> its cluster DNS's pid
@@ -230,6 +231,7 @@ class Lab:
             self._start_kubelet(n)
             self._start_dns(n)
             self._start_agent(n)
+        self._start_hubble_relay()
         self.save()
 
     def _spawn(self, key: str, args: list[str], logf: Path) -> subprocess.Popen[bytes]:
@@ -245,6 +247,17 @@ class Lab:
                                      str(self.cp.port), *[n.name for n in self.nodes]],
                            self.dir / "apirelay.log")
         self.state.relay = proc.pid
+        self.save()
+
+    def _start_hubble_relay(self) -> None:
+        """`mesh relay` on the lab's hubble-relay.sock, joining every node agent's Observer
+        API (what `mesh observe` and `hubble observe` ask by default in a lab)."""
+        proc = self._spawn("hubble-relay", [
+            sys.executable, "-m", "mesh.cli", "relay",
+            "--listen", f"unix://{self.dir / 'hubble-relay.sock'}",
+            *(f"--peer={n.name}=unix://{self.node_dir(n) / 'agent' / 'hubble.sock'}"
+              for n in self.nodes)], self.dir / "hubble-relay.log")
+        self.state.hubble_relay = proc.pid
         self.save()
 
     def _start_redis(self) -> None:
@@ -550,6 +563,10 @@ class Lab:
         if relay is not None and relay.poll() is not None:
             log.error("the API relay exited, restarting", extra={"code": relay.returncode})
             self._start_relay()
+        flows = self.procs.get("hubble-relay")
+        if flows is not None and flows.poll() is not None:
+            log.error("the flows relay exited, restarting", extra={"code": flows.returncode})
+            self._start_hubble_relay()
 
     def tick(self) -> None:
         """One round of supervision."""
@@ -681,7 +698,8 @@ def teardown(name: str, keep_log: bool = False) -> list[str]:
         out = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True,
                              check=False)
         _stop([int(p) for p in out.stdout.split() if p.isdigit()], 5)
-    _stop([p for p in (int(state.get("redis") or 0), int(state.get("relay") or 0)) if p], 5)
+    _stop([p for p in (int(state.get("redis") or 0), int(state.get("relay") or 0),
+                       int(state.get("hubble_relay") or 0)) if p], 5)
     if state.get("control_plane"):
         ControlPlane.cleanup(Path(state["control_plane"]))
     for mount in state.get("mounts", []):
