@@ -89,6 +89,8 @@ class NodeState:
     # What was written to this node's streams, for benchmarks and debugging.
     bytes_sent: int = 0
     responses_sent: dict[str, int] = field(default_factory=dict)  # by type URL
+    acks_received: dict[str, int] = field(default_factory=dict)  # responses ACKed, by type URL
+    nacks_received: dict[str, int] = field(default_factory=dict)  # ... and NACKed
     _progress: asyncio.Event | None = None
 
     # -- producer side -------------------------------------------------------------------

@@ -132,6 +132,8 @@ class Stream:
     def _answer(self, type_url: str, st: TypeState, pending: Pending, nack: str | None) -> None:
         now = time.time()
         acks = self.node.acks
+        answers = self.node.acks_received if nack is None else self.node.nacks_received
+        answers[type_url] = answers.get(type_url, 0) + 1
         if nack is None:
             for r in pending.resources:
                 st.acked[r.name] = r.hash

@@ -142,14 +142,16 @@ def test_the_ends_are_named_from_the_clusters_pods_and_services() -> None:
          "spec": {"clusterIP": "None"}})])
     directory = translate_directory(store.snapshot())
     assert directory == ir.Directory(
-        (ir.DirectoryPod("10.244.1.5", "shop", "web-1", ("app=web", "tier=front"), "node2"),
-         ir.DirectoryPod("10.244.1.7", "shop", "odd", (), "node2")),
+        (ir.DirectoryPod("10.244.1.5", "shop", "web-1", ("app=web", "tier=front"), "node2",
+                         "web-1", "Pod"),
+         ir.DirectoryPod("10.244.1.7", "shop", "odd", (), "node2", "odd", "Pod")),
         (ir.DirectoryService("10.96.0.20", "shop", "web"),))
     names = FlowDirectory()
     names.apply(ir.IR(directory=directory,
                       identities=ir.IdentityMap(endpoints=(("10.244.1.5", 4711),))))
     assert names.endpoint("10.244.1.5", 8080) == Endpoint(
-        "10.244.1.5", 8080, "shop", "web-1", ("app=web", "tier=front"), 4711, node="node2")
+        "10.244.1.5", 8080, "shop", "web-1", ("app=web", "tier=front"), 4711, node="node2",
+        workload="web-1", workload_kind="Pod")
     assert names.endpoint("10.96.0.20", 80) == Endpoint("10.96.0.20", 80, service="shop/web")
     assert names.endpoint("192.0.2.1") == Endpoint("192.0.2.1")
     assert names.service("10.96.0.20") == "shop/web" and names.service("10.244.1.5") == ""

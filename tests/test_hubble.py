@@ -328,8 +328,8 @@ async def relay_joins(tmp_path: Path) -> None:
     relay = RelayServer(f"unix://{tmp_path / 'relay.sock'}", Relay(peers))
     tasks.append(asyncio.create_task(relay.run()))
     try:
-        for s in (*servers.values(), relay):
-            await asyncio.wait_for(s.ready.wait(), 10)
+        for ready in (*(s.ready for s in servers.values()), relay.ready):
+            await asyncio.wait_for(ready.wait(), 10)
         assert stat.S_IMODE(os.stat(tmp_path / "relay.sock").st_mode) == 0o600
         async with grpc.aio.insecure_channel(f"unix://{tmp_path / 'relay.sock'}") as ch:
             stub = observer_pb2_grpc.ObserverStub(ch)  # type: ignore[no-untyped-call]
@@ -347,7 +347,7 @@ async def relay_joins(tmp_path: Path) -> None:
             call = stub.GetFlows(observer_pb2.GetFlowsRequest(follow=True))
             await asyncio.sleep(0.5)
             stores["node2"].add(replace(l4(9), node="node2"))
-            seen = []
+            seen: list[str] = []
             while len(seen) < 1:
                 r = await asyncio.wait_for(call.read(), 10)
                 if r.WhichOneof("response_types") == "flow":
@@ -364,3 +364,18 @@ async def relay_joins(tmp_path: Path) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_a_pods_workload_is_its_deployment_as_hubble_names_it() -> None:
+    from mesh.translate.directory import workload
+
+    replica = {"ownerReferences": [{"kind": "ReplicaSet", "name": "echo-v1-7f49b47fdb",
+                                    "controller": True}]}
+    assert workload("echo-v1-7f49b47fdb-g7cmw", replica,
+                    {"pod-template-hash": "7f49b47fdb"}) == ("echo-v1", "Deployment")
+    assert workload("db-0", {"ownerReferences": [{"kind": "StatefulSet", "name": "db",
+                                                  "controller": True}]}, {}) == \
+        ("db", "StatefulSet")
+    assert workload("client", {}, {}) == ("client", "Pod")
+    assert workload("x", {"ownerReferences": [{"kind": 3, "controller": True}]}, {}) == \
+        ("x", "Pod")

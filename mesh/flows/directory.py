@@ -42,7 +42,8 @@ class FlowDirectory:
         if pod is None:
             return Endpoint(address, port, service=self._services.get(address, ""))
         return Endpoint(address, port, pod.namespace, pod.name, pod.labels,
-                        self._identities.get(address, 0), node=pod.node)
+                        self._identities.get(address, 0), node=pod.node,
+                        workload=pod.workload, workload_kind=pod.workload_kind)
 
     def namespaces(self) -> set[str]:
         """The namespaces of the cluster's pods."""

@@ -19,6 +19,8 @@ class Endpoint:
     identity: int = 0
     service: str = ""  # "namespace/name": the Service the client asked for (its ClusterIP)
     node: str = ""  # the pod's node
+    workload: str = ""  # its Deployment (or other controller), or the pod
+    workload_kind: str = ""
 
 
 @dataclass(frozen=True)

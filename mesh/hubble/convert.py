@@ -32,8 +32,10 @@ def _endpoint(e: Endpoint) -> flow_pb2.Endpoint:
     labels = [f"k8s:{label}" for label in e.labels]
     if e.namespace:
         labels.append(f"k8s:{NAMESPACE_LABEL}={e.namespace}")
+    workloads = [flow_pb2.Workload(name=e.workload, kind=e.workload_kind)] \
+        if e.workload else []
     return flow_pb2.Endpoint(identity=e.identity, namespace=e.namespace,
-                             labels=sorted(labels), pod_name=e.pod)
+                             labels=sorted(labels), pod_name=e.pod, workloads=workloads)
 
 
 def _service(name: str) -> flow_pb2.Service | None:

@@ -14,6 +14,8 @@ class DirectoryPod:
     name: str
     labels: tuple[str, ...] = ()  # "key=value", sorted
     node: str = ""
+    workload: str = ""  # its controller's name (a ReplicaSet's Deployment), else the pod's
+    workload_kind: str = ""  # "Deployment", "StatefulSet", ..., "Pod"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,26 @@ from mesh.store.store import StoreSnapshot
 from mesh.translate import addressing, model
 
 
+def workload(name: str, metadata: Mapping[str, object], labels: Mapping[str, object]
+             ) -> tuple[str, str]:
+    """(name, kind) of the workload a pod belongs to, as Hubble names it: its controlling
+    owner, a ReplicaSet made by a Deployment (named with the pod template's hash) being the
+    Deployment; without an owner, the pod itself."""
+    owners = metadata.get("ownerReferences")
+    for owner in owners if isinstance(owners, list) else []:
+        if not isinstance(owner, Mapping) or not owner.get("controller"):
+            continue
+        kind, owner_name = owner.get("kind"), owner.get("name")
+        if not isinstance(kind, str) or not isinstance(owner_name, str):
+            continue
+        template = labels.get("pod-template-hash")
+        if kind == "ReplicaSet" and isinstance(template, str) and \
+                owner_name.endswith(f"-{template}"):
+            return owner_name[:-len(template) - 1], "Deployment"
+        return owner_name, kind
+    return name, "Pod"
+
+
 def translate_directory(snapshot: StoreSnapshot) -> ir.Directory:
     pods = []
     for pod in snapshot.of_kind(kinds.POD):
@@ -21,9 +41,12 @@ def translate_directory(snapshot: StoreSnapshot) -> ir.Directory:
         labels = tuple(sorted(f"{k}={v}" for k, v in (pod.labels or {}).items()
                               if isinstance(k, str) and isinstance(v, str)))
         node = pod.spec.get("nodeName")
+        metadata = pod.body.get("metadata")
+        owner, kind = workload(pod.name, metadata if isinstance(metadata, Mapping) else {},
+                               pod.labels or {})
         for address in model.pod_ips(status):
             pods.append(ir.DirectoryPod(address, pod.namespace, pod.name, labels,
-                                        node if isinstance(node, str) else ""))
+                                        node if isinstance(node, str) else "", owner, kind))
     services = []
     for svc in snapshot.of_kind(kinds.SERVICE):
         raw = svc.spec.get("clusterIPs")
