@@ -176,6 +176,7 @@ def test_the_ends_are_named_from_the_clusters_pods_and_services() -> None:
     got = http_flow(entry, "node1", names)
     assert got.source == Endpoint("10.244.0.8", 40000)  # not in the directory
     assert got.destination == Endpoint("10.244.1.5", 8080, "shop", "web-1",
-                                       ("app=web", "tier=front"), 4711, "shop/web", "node2")
+                                       ("app=web", "tier=front"), 4711, "shop/web", "node2",
+                                       "web-1", "Pod")
     assert (got.verdict, got.drop_reason) == ("DROPPED", "POLICY_DENIED")
     assert got.http is not None and (got.http.method, got.http.path) == ("GET", "/cart")
