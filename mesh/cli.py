@@ -24,6 +24,15 @@ def _default_state_dir() -> Path:
     return Path(runtime) / "mesh" if runtime else Path(f"/tmp/mesh-{os.getuid()}")
 
 
+def _host_port(value: str, option: str) -> tuple[str, int] | None:
+    if value == "none":
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise click.UsageError(f"{option} {value}: HOST:PORT or none")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def _address(value: str | None, state_dir: Path, sock: str) -> str:
     return value or f"unix:{state_dir / sock}"
 
@@ -101,6 +110,10 @@ _state_dir_option = click.option(
                    "and Hubble's API serve from).")
 @click.option("--flow-events/--no-flow-events", default=True, show_default=True,
               help="With a datapath: track connections and report them as L3/L4 flows.")
+@click.option("--metrics-address", default="127.0.0.1:9965", show_default=True,
+              metavar="HOST:PORT|none",
+              help="Where Prometheus scrapes the agent (/metrics) and its Envoy "
+                   "(/metrics/envoy); loopback unless you say otherwise.")
 @click.option("--keep-envoy", is_flag=True,
               help="When stopped, leave Envoy serving its last configuration; the next "
                    "`mesh run` with this --state-dir adopts it.")
@@ -141,7 +154,7 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         echo_address: str | None, datapath_cgroup: Path | None,
         datapath_underlay: str | None, datapath_redirect: str, encryption: str,
         ipsec_keys: Path, encryption_strict: bool, encryption_strict_cidrs: tuple[str, ...],
-        flow_capacity: int, flow_events: bool, keep_envoy: bool,
+        flow_capacity: int, flow_events: bool, metrics_address: str, keep_envoy: bool,
         kubernetes: bool, kubeconfig: str | None, ratelimit_redis: str | None,
         envoy_mode: str, gateway_addresses: str, use_forwarded_headers: bool,
         leader_elect: bool, leader_namespace: str,
@@ -201,6 +214,7 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
             ratelimit_redis=ratelimit_redis,
             flow_capacity=flow_capacity,
             flow_events=flow_events,
+            metrics_address=_host_port(metrics_address, "--metrics-address"),
             kubernetes=kubernetes,
             kubeconfig=kubeconfig,
             lease=lease,

@@ -27,6 +27,13 @@ from typing import Any
 from mesh.addresses import AddressBook
 from mesh.agent.config import AgentConfig
 from mesh.agent.health import SOCKET, HealthServer
+from mesh.agent.metrics import (
+    AgentMetrics,
+    DatapathCollector,
+    MetricsServer,
+    StoreCollector,
+    XdsCollector,
+)
 from mesh.agent.pipeline import Pipeline
 from mesh.component import Component
 from mesh.envoy.admin import EnvoyAdmin
@@ -94,7 +101,10 @@ class Agent:
         self.cfg = cfg
         self.cache = SnapshotCache()
         self.server = XdsServer(self.cache, cfg.xds_address)
-        self.flows = FlowStore(cfg.flow_capacity)  # the node's last flows
+        self.metrics = AgentMetrics()
+        self.flows = FlowStore(cfg.flow_capacity, listener=self.metrics.flow)  # the last flows
+        self.metrics.registry.register(StoreCollector(self.flows))
+        self.metrics.registry.register(XdsCollector(lambda: self.cache.node(cfg.node_id)))
         self.supervisor: EnvoySupervisor | None = None
         self.ready = asyncio.Event()
         self.stopping = asyncio.Event()  # a stop on purpose: see stop()
@@ -191,9 +201,13 @@ class Agent:
             from mesh.flows.datapath import DatapathFlows
 
             forwarding = datapath.forwarding
+            flow_events = forwarding.flow_events()
             components.append(DatapathFlows(  # the datapath's connections, as L3/L4 flows
-                forwarding.flow_events(), self.flows, cfg.node_id, names,
-                forwarding.is_local, enabled=cfg.flow_events))
+                flow_events, self.flows, cfg.node_id, names, forwarding.is_local,
+                enabled=cfg.flow_events))
+            self.metrics.registry.register(DatapathCollector(
+                {**forwarding.metered_tables(), **datapath.metered_tables()},
+                flow_events.counters))
             fqdn = datapath.forwarding.fqdn
             # toFQDNs: the pods' DNS, learned into the datapath
             components.append(DnsProxy(DNS_PROXY_PORT, fqdn.learn, fqdn.expire))
@@ -236,11 +250,17 @@ class Agent:
 
             components.append(RateLimitService(cfg.ratelimit_socket, cfg.ratelimit_redis,
                                                cfg.state_dir / "ratelimit.log"))
+        if cfg.metrics_address is not None:
+            admin = EnvoyAdmin(cfg.admin_address)
+            components.append(MetricsServer(
+                *cfg.metrics_address, self.metrics.registry,
+                lambda: admin.get("/stats/prometheus")))
         pipeline = Pipeline(
             store, replace(cfg.translator, node_name=cfg.node_id,
                            global_rate_limits=cfg.ratelimit_redis is not None), sinks,
             Writers(*writers), AddressBook(cfg.state_dir / "addresses.json"),
-            synced=[source.synced, node.synced], sources=readiness)
+            synced=[source.synced, node.synced], sources=readiness,
+            on_built=self.metrics.translated)
         return [source, node, pipeline, *components], pipeline.built
 
     async def run(self) -> None:

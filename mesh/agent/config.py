@@ -58,6 +58,9 @@ class AgentConfig:
     # tracks connections (L3/L4 flows; L7 flows come from Envoy either way).
     flow_capacity: int = 4095
     flow_events: bool = True
+    # Prometheus metrics (the agent's at /metrics, Envoy's at /metrics/envoy): HOST:PORT,
+    # loopback by default (Hubble's metrics port); None: not served.
+    metrics_address: tuple[str, int] | None = ("127.0.0.1", 9965)
 
     @property
     def ratelimit_socket(self) -> Path:

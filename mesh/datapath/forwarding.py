@@ -205,6 +205,12 @@ class Forwarding:
         """Whether the address is one of this node's pods (as of the last sync)."""
         return address in self._written
 
+    def metered_tables(self) -> dict[str, Any]:
+        """The maps whose fill the metrics report."""
+        return {name: self.loaded.table(name) for name in (
+            "mesh_endpoints", "mesh_ct4", "mesh_ct4_rev", "mesh_policy_ct", "mesh_flows",
+            "mesh_ipcache")}
+
     def flow_events(self) -> FlowEvents:
         return FlowEvents(self.loaded)
 

@@ -51,10 +51,13 @@ class Follower:
 
 class FlowStore:
     def __init__(self, capacity: int = DEFAULT_CAPACITY,
-                 follower_queue: int = FOLLOWER_QUEUE) -> None:
+                 follower_queue: int = FOLLOWER_QUEUE,
+                 listener: Callable[[Flow], None] | None = None) -> None:
+        """`listener`: told of each flow added (the metrics)."""
         if capacity < 1:
             raise ValueError("the ring holds at least one flow")
         self.capacity = capacity
+        self.listener = listener
         self.follower_queue = follower_queue
         self._ring: collections.deque[Flow] = collections.deque(maxlen=capacity)
         self._followers: set[Follower] = set()
@@ -65,6 +68,8 @@ class FlowStore:
     def add(self, flow: Flow) -> None:
         self._ring.append(flow)
         self.seen += 1
+        if self.listener is not None:
+            self.listener(flow)
         for f in self._followers:
             if not f.offer(flow):
                 self.lost += 1

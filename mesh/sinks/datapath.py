@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from mesh.datapath.forwarding import Forwarding
 from mesh.datapath.programs import Loaded, compile_program
@@ -81,6 +82,11 @@ class DatapathSink:
         self._sync_due.set()  # run() looks at the node's pods now (netlink, on a thread)
         self._progress.set()
         self._progress = asyncio.Event()
+
+    def metered_tables(self) -> dict[str, Any]:
+        """The maps whose fill the metrics report."""
+        return {name: self.loaded.table(name) for name in (
+            "mesh_services", "mesh_backends", "mesh_sock_rev")}
 
     def readiness(self) -> Mapping[ObjectKey, Readiness]:
         out: dict[ObjectKey, Readiness] = {}
