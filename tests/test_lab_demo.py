@@ -7,12 +7,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import subprocess
 import sys
 import urllib.error
 import urllib.request
+from typing import Any
 
 import pytest
 
+from mesh.lab import cluster
 from tests.test_lab import ROOT, deployment_of, exec_in, kubectl, mesh, state
 from tests.testbed import wait_until
 
@@ -100,5 +104,69 @@ for _ in range(100):
         # The Deployments' pods are the ReplicaSets' (named by them), placed by the scheduler.
         echo = [k.split("/")[1] for k in state(name)["pods"] if k != "default/client"]
         assert sorted(map(deployment_of, echo)) == ["echo-v1", "echo-v1", "echo-v2"], echo
+        observability(name)
     finally:
         assert mesh("lab", "down", "--name", name).returncode == 0
+
+
+def observed(name: str, *args: str) -> list[dict[str, Any]]:
+    """`mesh observe` through the lab's relay, as JSON lines: the flows."""
+    out = mesh("observe", "--lab", name, "--last", "2000", "-o", "json", *args, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [r["flow"] for r in map(json.loads, out.stdout.splitlines()) if "flow" in r]
+
+
+def observability(name: str) -> None:
+    """The demo's traffic as flows through the relay (`mesh observe`, and Hubble's own CLI):
+    the GAMMA requests with their status and workloads, a connection to the echo pods'
+    closed admin port dropped by their policy (examples/lab/network-policy.yaml), each
+    node's metrics."""
+    closed = """
+import socket
+try:
+    socket.create_connection(("echo-admin", 9000), timeout=2)
+    print("connected")
+except OSError:
+    print("refused")
+"""
+    assert exec_in(name, "client", closed) == ["refused"]
+    dropped: list[dict[str, Any]] = []
+
+    def seen_dropped() -> bool:
+        dropped[:] = observed(name, "--verdict", "DROPPED", "--from-pod", "default/client",
+                              "--to-port", "9000")
+        return bool(dropped)
+    wait_until(seen_dropped, timeout=15, what="the dropped connection as a flow")
+    flow = dropped[0]
+    assert flow["drop_reason_desc"] == "POLICY_DENIED", flow
+    assert flow["destination"]["pod_name"].startswith("echo-"), flow
+    assert flow["traffic_direction"] == "INGRESS"  # the echo pod's ingress policy
+    # The GAMMA requests of the test: responses from the echo pods to the client, their
+    # status and workload named.
+    http = observed(name, "--protocol", "http", "--to-pod", "default/client")
+    assert len(http) >= 50, len(http)
+    assert {f["l7"]["http"]["code"] for f in http} == {200}
+    assert {w["name"] for f in http for w in f["source"]["workloads"]} <= \
+        {"echo-v1", "echo-v2"}
+    assert {f["destination_service"]["name"] for f in http if "destination_service" in f} \
+        <= {"echo"}
+    # Hubble's own CLI, against the relay, unchanged
+    relay = cluster.lab_dir(name) / "hubble-relay.sock"
+    hubble = subprocess.run([str(ROOT / ".kube" / "bin" / "hubble"), "observe", "--server",
+                             f"unix://{relay}", "--last", "1000", "--verdict", "DROPPED",
+                             "--to-port", "9000", "-o", "json"],
+                            capture_output=True, text=True, timeout=60)
+    assert hubble.returncode == 0, hubble.stderr
+    assert "POLICY_DENIED" in hubble.stdout
+    # Each node's metrics, on its own loopback
+    metrics = """
+import urllib.request
+print(urllib.request.urlopen("http://127.0.0.1:9965/metrics", timeout=5).read().decode())
+"""
+    node = next(n for n in state(name)["nodes"]
+                if n == dropped[0]["node_name"])
+    out = subprocess.run(["ip", "netns", "exec", node, sys.executable, "-c", metrics],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r'hubble_drop_total\{protocol="TCP",reason="POLICY_DENIED"\} [1-9]',
+                     out.stdout), out.stdout[:3000]

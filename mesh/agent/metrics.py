@@ -38,7 +38,7 @@ from mesh.flows.store import FOLLOWER_LOST, RING_LOST, FlowStore
 log = logging.getLogger(__name__)
 # No `_created` series beside each counter (Hubble exports none; they double the series).
 # The library's switch is process-wide: the agent's process has this registry alone.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 _SUBTYPES = {"TO_ENDPOINT": "to-endpoint", "TO_STACK": "to-stack", "TO_PROXY": "to-proxy",
              "TO_CRYPTO": "to-crypto"}
 # Request durations: 1 ms to 10 s (Hubble's buckets are Prometheus's defaults; these fit a
