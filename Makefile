@@ -158,6 +158,9 @@ run: $(STAMP) $(SYSTEM_STAMP) $(HUBBLE_API) $(KUBE_BIN)/.built $(HUBBLE_BIN)
 	@echo "  curl -s http://172.30.0.12:30080/                                  # from this host: the echo NodePort on node2 (Maglev)"
 	@echo "  curl -si -H 'Host: echo.example' -H 'x-user: me' http://172.30.0.12:8080/   # 5 a minute per x-user, shared by both nodes (429 after)"
 	@echo "  kubectl scale deployment echo-v1 --replicas=3                      # the real controllers, scheduler and the lab's kubelets"
+	@echo "  $(VENV)/bin/mesh lab exec client -- curl -s -m 2 http://echo-admin:9000/   # closed by the echo pods' NetworkPolicy"
+	@echo "  $(VENV)/bin/mesh observe --verdict DROPPED                          # ... the flows say why; --protocol http for requests"
+	@echo "  hubble observe --server unix:///run/mesh/lab/demo/hubble-relay.sock   # Hubble's own CLI, against the lab's relay"
 	@echo "  $(VENV)/bin/mesh lab down"
 
 # The upstream Gateway API conformance suite against a lab of its own (GATEWAY-HTTP,

@@ -244,11 +244,11 @@ def print_flows(responses: Iterator[Any], output: str, echo: Callable[[str], Non
             t, node, src, arrow, dst, verdict, summary = cells
             echo(f"{t} [{node}]: {src} {arrow} {dst} {verdict} ({summary})")
         else:  # table
-            if count == 1:
-                echo("TIME                    NODE     SOURCE                         "
-                     "   DESTINATION                         VERDICT         SUMMARY")
             t, node, src, arrow, dst, verdict, summary = cells
-            echo(f"{t:<23} {node:<8} {src:<33} {arrow} {dst:<35} {verdict:<15} {summary}")
+            if count == 1:
+                echo(f"{'TIME':<19} {'NODE':<12} {'SOURCE':<36}    {'DESTINATION':<48} "
+                     f"{'VERDICT':<24} SUMMARY")
+            echo(f"{t:<19} {node:<12} {src:<36} {arrow} {dst:<48} {verdict:<24} {summary}")
     return count
 
 
