@@ -150,6 +150,20 @@ except OSError:
         {"echo-v1", "echo-v2"}
     assert {f["destination_service"]["name"] for f in http if "destination_service" in f} \
         <= {"echo"}
+    # L7 visibility without a route: echo-v2 (eBPF only, no route) annotated, its requests
+    # are seen by the client's node Envoy and become HTTP flows
+    assert kubectl(name, "annotate", "service", "echo-v2",
+                   "mesh.dev/l7-visibility=http").returncode == 0
+    request = """
+import urllib.request
+print(urllib.request.urlopen("http://echo-v2/", timeout=5).status)
+"""
+
+    def seen_by_envoy() -> bool:
+        assert exec_in(name, "client", request) == ["200"]
+        return any(w["name"] == "echo-v2" for f in observed(name, "--protocol", "http")
+                   for w in f["source"].get("workloads", []))
+    wait_until(seen_by_envoy, timeout=30, what="echo-v2's requests as HTTP flows")
     # Hubble's own CLI, against the relay, unchanged
     relay = cluster.lab_dir(name) / "hubble-relay.sock"
     hubble = subprocess.run([str(ROOT / ".kube" / "bin" / "hubble"), "observe", "--server",

@@ -603,6 +603,16 @@ class RouteBuilder:
         self._tables[name] = ir.RouteTable(name, tuple(vhosts), frozenset(owners))
         return name
 
+    def passthrough_table(self, name: str, backend: str | None,
+                          owners: frozenset[ObjectKey]) -> str:
+        """A table of one route, every request to `backend`: a Service port whose HTTP is
+        only to be seen (L7 visibility), not routed."""
+        route = ir.Route(name=f"{name}/all", path=ir.StringMatch("Prefix", "/"),
+                         action=ir.Forward((ir.WeightedBackend(backend, 1),)), owners=owners)
+        vhost = ir.VirtualHost(name=f"{name}/*", domains=("*",), routes=(route,))
+        self._tables[name] = ir.RouteTable(name, (vhost,), owners)
+        return name
+
     def present_client_certificate(self, table: str, cert: str) -> None:
         """Make the table's routes to TLS backends present `cert` (a Gateway's backend
         client certificate): they go to variants of those backends that do. Backends are

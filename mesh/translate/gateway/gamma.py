@@ -61,13 +61,51 @@ def pod_addresses(snapshot: StoreSnapshot) -> dict[str, list[str]]:
     return {ns: sorted(set(v)) for ns, v in out.items()}
 
 
+VISIBILITY = "mesh.dev/l7-visibility"  # on a Service or a Namespace: "http" (or "none")
+_HTTP_APP_PROTOCOLS = frozenset({"http", "http2", "kubernetes.io/h2c", "grpc"})
+
+
+def _speaks_http(port: model.ServicePort) -> bool:
+    """A port that says it carries HTTP: its appProtocol, else its name (`http`, `http-*`,
+    `grpc`, `grpc-*`, as meshes read port names). Proxying another protocol as HTTP would
+    break it, so nothing is assumed."""
+    if port.app_protocol:
+        return port.app_protocol.lower() in _HTTP_APP_PROTOCOLS
+    name = (port.name or "").lower()
+    return any(name == p or name.startswith(p + "-") for p in ("http", "http2", "grpc"))
+
+
+def visible_services(snapshot: StoreSnapshot) -> set[tuple[str, str]]:
+    """(namespace, name) of the Services whose HTTP is to be seen: annotated `http`, or in a
+    namespace annotated so (a Service's own `none` wins)."""
+    namespaces = {ns.name for ns in snapshot.of_kind(kinds.NAMESPACE)
+                  if (ns.annotations or {}).get(VISIBILITY) == "http"}
+    out = set()
+    for svc in snapshot.of_kind(kinds.SERVICE):
+        own = (svc.annotations or {}).get(VISIBILITY)
+        if own == "http" or (own is None and svc.namespace in namespaces):
+            out.add((svc.namespace, svc.name))
+    return out
+
+
 def listener(snapshot: StoreSnapshot, routes: RouteBuilder, parents: Iterable[MeshParent]
              ) -> tuple[ir.Listener | None, dict[tuple[str, int], int]]:
-    """The mesh listener (None: no mesh route), and the Service frontends (ClusterIP, port)
-    whose connections the datapath must hand to it, with its port."""
+    """The mesh listener (None: no mesh route and nothing to see), and the Service frontends
+    (ClusterIP, port) whose connections the datapath must hand to it, with its port. A
+    Service with L7 visibility gets, on each of its HTTP ports no route has, a chain whose
+    one route sends every request to the Service as the datapath would have: Envoy is there
+    to log the requests (flows), not to route them."""
     by_port: dict[tuple[str, str, int], set[str]] = {}
     for p in parents:
         by_port.setdefault((p.namespace, p.name, p.port), set()).add(p.consumer)
+    visible: dict[tuple[str, str, int], None] = {}
+    for ns, name in sorted(visible_services(snapshot)):
+        svc = routes.service(ns, name)
+        for vport in svc.ports if svc is not None else ():
+            if vport.protocol == "TCP" and _speaks_http(vport) and \
+                    (ns, name, vport.port) not in by_port:
+                by_port[(ns, name, vport.port)] = set()
+                visible[(ns, name, vport.port)] = None
     pods: dict[str, list[str]] | None = None
     chains: list[ir.FilterChain] = []
     redirects: dict[tuple[str, int], int] = {}
@@ -81,7 +119,13 @@ def listener(snapshot: StoreSnapshot, routes: RouteBuilder, parents: Iterable[Me
         dest = (address, port)
         base = f"mesh/{ns}/{name}:{port}"
         owners = frozenset({svc.obj.key})
-        if "" in consumers:
+        if (ns, name, port) in visible:
+            ref = model.BackendObjectRef("", "Service", ns, name, port)
+            table = routes.passthrough_table(
+                base, routes.backend(ref, svc.obj, Resolution()), owners)
+            chains.append(ir.FilterChain(name=base, route_table=table, destination=dest,
+                                         owners=owners))
+        elif "" in consumers:
             chains.append(_chain(routes, MeshParent(ns, name, port, ""), base, dest, owners))
         else:
             ref = model.BackendObjectRef("", "Service", ns, name, port)
