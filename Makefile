@@ -22,6 +22,8 @@ export UV_PYTHON_DOWNLOADS := never
 DEBIAN_PACKAGES := python3-bpfcc linux-headers-amd64 containernetworking-plugins iproute2 procps \
 	curl redis-server wireguard-go
 BENCH_PACKAGES := iperf3 sockperf iptables wrk
+# `mesh map --png` and the service map's tests: Debian's Chromium, headless.
+BROWSER_PACKAGES := chromium
 # Debian's kernel under qemu, for what this machine's kernel lacks (tests/vm.py): without
 # their Recommends (qemu's would bring a desktop's worth).
 VM_PACKAGES := qemu-system-x86 busybox-static linux-image-amd64
@@ -112,6 +114,9 @@ $(SYSTEM_STAMP): $(STAMP) Makefile
 	@$(MAKE) --no-print-directory debian PACKAGES="$(DEBIAN_PACKAGES)"
 	@$(MAKE) --no-print-directory debian PACKAGES="$(BENCH_PACKAGES)" || \
 		echo "warning: $(BENCH_PACKAGES) not installed: the benchmarks that use them will fail"
+	@$(MAKE) --no-print-directory debian PACKAGES="$(BROWSER_PACKAGES)" \
+		APT_OPTS=--no-install-recommends || \
+		echo "warning: $(BROWSER_PACKAGES) not installed: mesh map --png and its tests will fail"
 	@$(MAKE) --no-print-directory debian PACKAGES="$(VM_PACKAGES)" \
 		APT_OPTS=--no-install-recommends || \
 		echo "warning: $(VM_PACKAGES) not installed: the tests under qemu will be skipped"

@@ -453,7 +453,7 @@ def echo(listen: tuple[str, ...], tls_listen: tuple[str, ...], cert: str | None,
 def _add_commands() -> None:
     from mesh.cni.install import cni_install
     from mesh.encryption.cli import encryption
-    from mesh.hubble.cli import observe, relay
+    from mesh.hubble.cli import observe, relay, service_map
     from mesh.ingress_nginx_check import ingress_nginx
     from mesh.install import install
     from mesh.lab.cli import lab
@@ -465,6 +465,7 @@ def _add_commands() -> None:
     main.add_command(encryption)  # `mesh encryption status|rotate-key`
     main.add_command(observe)  # the flows, through Hubble's API (an agent's or the relay's)
     main.add_command(relay)  # the cluster's flows: the nodes' Observer APIs joined
+    main.add_command(service_map)  # `mesh map`: the observed graph, HTML and PNG
     main.add_command(ratelimit)  # the node's rate limit service (mesh run starts it)
     main.add_command(install)  # the Helm chart rendered (charts/mesh)
     main.add_command(cni_install)  # the chart's init container: the CNI plugin on the node

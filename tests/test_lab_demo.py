@@ -10,12 +10,15 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mesh.hubble.servicemap import browse
 from mesh.lab import cluster
 from tests.test_lab import ROOT, deployment_of, exec_in, kubectl, mesh, state
 from tests.testbed import wait_until
@@ -172,6 +175,17 @@ print(urllib.request.urlopen("http://echo-v2/", timeout=5).status)
                             capture_output=True, text=True, timeout=60)
     assert hubble.returncode == 0, hubble.stderr
     assert "POLICY_DENIED" in hubble.stdout
+    # The service map of what was seen, in a real headless Chromium
+    with tempfile.TemporaryDirectory() as tmp:
+        page, png = Path(tmp) / "map.html", Path(tmp) / "map.png"
+        made = mesh("map", "--lab", name, "-o", str(page), "--png", str(png), timeout=120)
+        assert made.returncode == 0, made.stderr
+        dom = browse(page, "--dump-dom")
+        assert 'data-ready="1"' in dom.stdout, dom.stderr[-2000:]
+        for workload in ("default/client", "default/echo-v1", "default/echo-v2"):
+            assert f'data-name="{workload}"' in dom.stdout, workload
+        assert "dropped (POLICY_DENIED)" in dom.stdout and "req/s" in dom.stdout
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Each node's metrics, on its own loopback
     metrics = """
 import urllib.request

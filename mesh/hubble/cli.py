@@ -343,3 +343,46 @@ def relay(listen: str, peers: tuple[str, ...]) -> None:
 
     with contextlib.suppress(asyncio.CancelledError):
         asyncio.run(serve())
+
+
+@click.command("map")
+@click.option("--server", help="The Observer API (default: as mesh observe).")
+@click.option("--lab", "lab_name", help="The lab whose relay to ask.")
+@click.option("--last", "number", type=click.IntRange(1, 1_000_000), default=4095,
+              show_default=True, help="The last N flows of each node.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("map.html"),
+              show_default=True, help="The page (self-contained HTML).")
+@click.option("--png", type=click.Path(path_type=Path),
+              help="Also a picture of it (headless Chromium).")
+@click.argument("filters", nargs=-1, type=click.UNPROCESSED)
+def service_map(server: str | None, lab_name: str | None, number: int, output: Path,
+                png: Path | None, filters: tuple[str, ...]) -> None:
+    """The observed service map: workloads, and who calls whom with request rate, error rate
+    and p50 latency; dropped connections in red. FILTERS as for mesh observe."""
+    import grpc
+
+    from mesh.hubble.api.observer import observer_pb2, observer_pb2_grpc
+    from mesh.hubble.servicemap import graph, render_html, render_png
+
+    parsed = parse_filters(filters)
+    whitelist, blacklist = parsed.protos()
+    target = server or default_server(lab_name, None)
+    request = observer_pb2.GetFlowsRequest(number=number, whitelist=whitelist,
+                                           blacklist=blacklist)
+    with grpc.insecure_channel(target) as channel:
+        stub = observer_pb2_grpc.ObserverStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            flows = [r.flow for r in stub.GetFlows(request)
+                     if r.WhichOneof("response_types") == "flow"]
+        except grpc.RpcError as e:
+            raise click.ClickException(f"{target}: {e.details()}") from e
+    g = graph(flows)
+    output.write_text(render_html(g))
+    click.echo(f"{output}: {len(g.nodes)} workloads, {len(g.edges)} edges "
+               f"from {len(flows)} flows")
+    if png is not None:
+        try:
+            render_png(output, png)
+        except RuntimeError as e:
+            raise click.ClickException(str(e)) from e
+        click.echo(f"{png}: its picture")
