@@ -59,8 +59,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "retry": {"numRetries": 3}}}],
     },
     # A gateway only: the datapath turned off (no eBPF, no bpffs or cgroup mounts).
-    "gateway-only": {"datapath": {"enabled": False}},
+    "gateway-only": {"datapath": {"enabled": False}, "metrics": {"enabled": False}},
     "encryption": {"datapath": {"enabled": True},
+                   "metrics": {"nodeAddress": True, "port": 9100},
                    "encryption": {"mode": "wireguard", "strict": False,
                                   "strictCIDRs": ["fd00:10:244::/48"]}},
     "ipsec": {"datapath": {"enabled": True},
@@ -210,6 +211,10 @@ def _expected_args(v: dict[str, Any]) -> list[str]:
         args += ["--datapath-cgroup", "/sys/fs/cgroup",
                  "--datapath-underlay", v["datapath"]["underlay"],
                  "--datapath-redirect", v["datapath"]["redirect"]]
+    metrics = v["metrics"]
+    args += ["--metrics-address", "none" if not metrics["enabled"] else
+             f"$(HOST_IP):{metrics['port']}" if metrics["nodeAddress"] else
+             f"127.0.0.1:{metrics['port']}"]
     if v["encryption"]["mode"] != "none":
         args += ["--encryption", v["encryption"]["mode"],
                  "--encryption-strict" if v["encryption"]["strict"] else "--no-encryption-strict"]
@@ -253,6 +258,10 @@ def test_daemonset(name: str) -> None:
     assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    if v["metrics"]["nodeAddress"]:
+        assert env["HOST_IP"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+    else:
+        assert "HOST_IP" not in env
     if v["rateLimit"]["redisFromSecret"]["name"]:
         assert env["MESH_RATELIMIT_REDIS"] == {"secretKeyRef": {"name": "redis-url",
                                                                 "key": "url"}}
