@@ -55,6 +55,7 @@ static __always_inline void flow_begin(__u8 point)
 	if (n) {
 		n->point = point;
 		n->reason = 0;
+		n->policy = 0;
 	}
 }
 
@@ -76,6 +77,18 @@ static __always_inline int flow_drop(__u8 reason)
 	return TC_ACT_SHOT;
 }
 
+/* A policy's drop: its reason, and whose policy it was. */
+static __always_inline void flow_policy_drop(__u8 reason, __u8 direction)
+{
+	__u32 zero = 0;
+	struct flow_note *n = mesh_flow_note.lookup(&zero);
+	if (n) {
+		n->reason = reason;
+		n->policy = direction == MESH_POLICY_INGRESS ? MESH_FLOW_POLICY_INGRESS
+							     : MESH_FLOW_POLICY_EGRESS;
+	}
+}
+
 static __always_inline __u8 flow_dropped(void)
 {
 	__u32 zero = 0;
@@ -91,12 +104,13 @@ static __always_inline void flow_count(__u32 i)
 }
 
 static __always_inline void flow_send(struct flow_key *k, struct flow_entry *e, __u8 type,
-				      __u8 verdict, __u8 reason, __u8 point, __u8 is_reply,
+				      __u8 verdict, struct flow_note *note, __u8 is_reply,
 				      __u8 tcp_flags, __u32 ifindex)
 {
 	struct flow_event ev = { .time_ns = bpf_ktime_get_ns(), .key = *k, .type = type,
-				 .verdict = verdict, .reason = reason, .point = point,
-				 .is_reply = is_reply, .tcp_flags = tcp_flags, .ifindex = ifindex };
+				 .verdict = verdict, .reason = note->reason, .point = note->point,
+				 .is_reply = is_reply, .tcp_flags = tcp_flags, .ifindex = ifindex,
+				 .policy = note->policy };
 	ev.packets[0] = e->packets[0];
 	ev.packets[1] = e->packets[1];
 	ev.bytes[0] = e->bytes[0];
@@ -129,8 +143,11 @@ static __always_inline void flow_observe(struct __sk_buff *skb, int action)
 	__u8 verdict = action == TC_ACT_SHOT ? MESH_VERDICT_DROPPED
 		     : point == MESH_POINT_TO_PROXY ? MESH_VERDICT_REDIRECTED
 						    : MESH_VERDICT_FORWARDED;
-	if (verdict != MESH_VERDICT_DROPPED)
+	if (verdict != MESH_VERDICT_DROPPED) {
 		reason = 0;
+		note->reason = 0;
+		note->policy = 0;
+	}
 
 	struct flow_key k = { .saddr = f.saddr, .daddr = f.daddr, .sport = f.sport,
 			      .dport = f.dport, .proto = f.proto };
@@ -168,7 +185,7 @@ static __always_inline void flow_observe(struct __sk_buff *skb, int action)
 			fresh.reason[0] = reason;
 		}
 		mesh_flows.update(&k, &fresh);
-		flow_send(&k, &fresh, MESH_FLOW_NEW, verdict, reason, point, dir, tcp_flags,
+		flow_send(&k, &fresh, MESH_FLOW_NEW, verdict, note, dir, tcp_flags,
 			  skb->ingress_ifindex);
 		return;
 	}
@@ -180,7 +197,7 @@ static __always_inline void flow_observe(struct __sk_buff *skb, int action)
 		e->reason[dir] = reason;
 		/* The replies' first verdict is no change, unless they are dropped. */
 		if (was || verdict == MESH_VERDICT_DROPPED)
-			flow_send(&k, e, MESH_FLOW_CHANGED, verdict, reason, point, dir, tcp_flags,
+			flow_send(&k, e, MESH_FLOW_CHANGED, verdict, note, dir, tcp_flags,
 				  skb->ingress_ifindex);
 	}
 	if (f.proto != IPPROTO_TCP || (e->flags & MESH_FLOW_ENDED))
@@ -190,7 +207,7 @@ static __always_inline void flow_observe(struct __sk_buff *skb, int action)
 	if ((tcp_flags & 0x04) ||
 	    (e->flags & (MESH_FLOW_FIN0 | MESH_FLOW_FIN1)) == (MESH_FLOW_FIN0 | MESH_FLOW_FIN1)) {
 		e->flags |= MESH_FLOW_ENDED;
-		flow_send(&k, e, MESH_FLOW_CLOSED, verdict, reason, point, dir, tcp_flags,
+		flow_send(&k, e, MESH_FLOW_CLOSED, verdict, note, dir, tcp_flags,
 			  skb->ingress_ifindex);
 	}
 }
@@ -435,14 +452,14 @@ static __always_inline int policy_check(struct __sk_buff *skb, struct flow4 *f, 
 		}
 		if (!ok && peer.identity == MESH_ID_UNMANAGED) {
 			policy_count(MESH_DROP_NO_IDENTITY);
-			flow_drop(MESH_REASON_INVALID_IDENTITY);
+			flow_policy_drop(MESH_REASON_INVALID_IDENTITY, decide_dir);
 		}
 	}
 	if (!ok) {
 		policy_count(decide_dir == MESH_POLICY_INGRESS ? MESH_DROP_INGRESS
 							       : MESH_DROP_EGRESS);
 		if (!flow_dropped())
-			flow_drop(MESH_REASON_POLICY_DENIED);
+			flow_policy_drop(MESH_REASON_POLICY_DENIED, decide_dir);
 	}
 	/* Through a proxy is for the flow's own way (to Envoy what the pod receives, to the DNS
 	 * proxy what it sends); its replies pass. */
@@ -679,7 +696,7 @@ int mesh_to_pod(struct __sk_buff *skb)
 	int verdict = policy_pass(skb, MESH_POLICY_INGRESS);
 	int action = verdict == 1 ? TC_ACT_OK : TC_ACT_SHOT;
 	if (verdict > 1)
-		flow_drop(MESH_REASON_POLICY_DENIED);
+		flow_policy_drop(MESH_REASON_POLICY_DENIED, MESH_POLICY_INGRESS);
 	flow_observe(skb, action);
 	return action;
 }

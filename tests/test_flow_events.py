@@ -117,3 +117,23 @@ def test_each_connection_is_reported_on_its_state_changes_only(lab: Lab, pins: P
     assert result["seen"] == 41 == len(flows)  # off: the last 5 connections left no flow
     assert result["counters"] == {"sent": 41, "lost": 0}
     assert result["received"] == 41
+
+
+def test_a_drops_direction_is_its_policys() -> None:
+    from mesh.datapath.flowevents import FlowEvent
+    from mesh.datapath.layout import FLOW_NEW, FLOW_POLICY_EGRESS, FLOW_POLICY_INGRESS
+    from mesh.flows.datapath import direction
+
+    def event(policy: int) -> FlowEvent:
+        return FlowEvent(0, "10.0.0.1", "10.0.0.2", 40000, 80, 6, (1, 0), (60, 0), 3,
+                         FLOW_NEW, 2 if policy else 1, 133 if policy else 0, 101, False, 2,
+                         policy)
+
+    def local(address: str) -> bool:
+        return True  # both ends pods of this node
+
+    # the receiver's ingress policy dropped it, though the sender is a pod of this node
+    assert direction(event(FLOW_POLICY_INGRESS), local) == "INGRESS"
+    assert direction(event(FLOW_POLICY_EGRESS), local) == "EGRESS"
+    assert direction(event(0), local) == "EGRESS"
+    assert direction(event(0), lambda a: a == "10.0.0.2") == "INGRESS"

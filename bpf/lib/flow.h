@@ -88,7 +88,8 @@ struct flow_event {
 	__u8 point;          /* where that packet went */
 	__u8 is_reply;       /* it went responder -> initiator */
 	__u8 tcp_flags;      /* its TCP flags (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) */
-	__u8 pad[6];
+	__u8 policy;         /* with a policy drop: whose (MESH_FLOW_POLICY_*), else 0 */
+	__u8 pad[5];
 };
 
 /* [0] enabled (1) or not (0): the agent's switch; off, nothing is tracked or sent. */
@@ -115,7 +116,10 @@ BPF_RINGBUF_OUTPUT(mesh_flow_events, MESH_FLOW_RING_PAGES);
 struct flow_note {
 	__u8 point;
 	__u8 reason;
+	__u8 policy;         /* with a policy drop: which side's (MESH_FLOW_POLICY_*) */
 };
+#define MESH_FLOW_POLICY_INGRESS 1  /* the receiving pod's ingress policy */
+#define MESH_FLOW_POLICY_EGRESS 2   /* the sending pod's egress policy */
 BPF_PERCPU_ARRAY(mesh_flow_note, struct flow_note, 1);
 
 #endif

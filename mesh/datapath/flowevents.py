@@ -40,16 +40,17 @@ class FlowEvent:
     point: int  # flow.proto's TraceObservationPoint number
     is_reply: bool
     tcp_flags: int
+    policy: int = 0  # with a policy drop: whose (layout.FLOW_POLICY_INGRESS, _EGRESS)
 
 
 def decode(raw: bytes) -> FlowEvent:
     (time_ns, saddr, daddr, sport, dport, proto, p0, p1, b0, b1, ifindex, type_, verdict,
-     reason, point, is_reply, tcp_flags) = FLOW_EVENT.unpack_from(raw)
+     reason, point, is_reply, tcp_flags, policy) = FLOW_EVENT.unpack_from(raw)
     return FlowEvent(time_ns, address_of(int.from_bytes(saddr, "little")),
                      address_of(int.from_bytes(daddr, "little")),
                      int.from_bytes(sport, "big"), int.from_bytes(dport, "big"), proto,
                      (p0, p1), (b0, b1), ifindex, type_, verdict, reason, point,
-                     bool(is_reply), tcp_flags)
+                     bool(is_reply), tcp_flags, policy)
 
 
 class FlowEvents:

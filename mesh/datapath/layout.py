@@ -196,8 +196,9 @@ class FlowConfig(ctypes.Structure):
 
 # struct flow_event, as the ring buffer carries it: time_ns, the key (addresses and ports
 # in network byte order, kept as bytes), packets and bytes each way, ifindex, type, verdict,
-# reason, point, is_reply, tcp_flags.
-FLOW_EVENT = struct.Struct("=Q4s4s2s2sB3xQQQQIBBBBBB6x")
+# reason, point, is_reply, tcp_flags, policy.
+FLOW_EVENT = struct.Struct("=Q4s4s2s2sB3xQQQQIBBBBBBB5x")
+FLOW_POLICY_INGRESS, FLOW_POLICY_EGRESS = 1, 2  # MESH_FLOW_POLICY_*
 FLOW_NEW, FLOW_CHANGED, FLOW_CLOSED = 1, 2, 3  # MESH_FLOW_*
 FLOW_STATS = ("sent", "lost")  # mesh_flow_stats' slots
 

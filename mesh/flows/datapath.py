@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from mesh.datapath.flowevents import FlowEvent, FlowEvents, decode
-from mesh.datapath.layout import FLOW_CHANGED, FLOW_CLOSED, FLOW_NEW
+from mesh.datapath.layout import FLOW_CHANGED, FLOW_CLOSED, FLOW_NEW, FLOW_POLICY_INGRESS
 from mesh.flows.accesslog import Names
 from mesh.flows.model import EGRESS, INGRESS, L3_L4, Connection, Endpoint, Flow
 from mesh.flows.store import RING_LOST, FlowStore
@@ -39,11 +39,20 @@ def tcp_flags(bits: int) -> tuple[str, ...]:
     return tuple(name for bit, name in _TCP_FLAGS if bits & bit)
 
 
+def direction(ev: FlowEvent, local: Callable[[str], bool]) -> str:
+    """A policy drop's is its policy's (the receiver's ingress, the sender's egress).
+    Otherwise the connection's, seen from this node's pod: EGRESS when it opened the
+    connection (also when both ends are pods of the node: Hubble's egress event of the
+    source), INGRESS when it was opened to it."""
+    if ev.policy:
+        return INGRESS if ev.policy == FLOW_POLICY_INGRESS else EGRESS
+    return EGRESS if local(ev.saddr) else INGRESS
+
+
 def connection_flow(ev: FlowEvent, node: str, names: Names | None,
                     local: Callable[[str], bool], epoch_offset: float) -> Flow:
     """An event as a flow. As in Hubble, the source is the packet's sender (the responder for
-    a reply); the direction is the connection's, seen from this node's pod: EGRESS when it
-    opened the connection, INGRESS when it was opened to it."""
+    a reply)."""
     initiator, responder = (ev.saddr, ev.sport), (ev.daddr, ev.dport)
     sender, receiver = (responder, initiator) if ev.is_reply else (initiator, responder)
     if names is not None:
@@ -56,7 +65,7 @@ def connection_flow(ev: FlowEvent, node: str, names: Names | None,
         drop_reason=DROP_REASONS.get(ev.reason, str(ev.reason)) if ev.reason else "",
         source=source, destination=destination,
         protocol=PROTOCOLS.get(ev.proto, str(ev.proto)),
-        direction=EGRESS if local(ev.saddr) else INGRESS,
+        direction=direction(ev, local),
         connection=Connection(event=EVENTS.get(ev.type, str(ev.type)),
                               point=POINTS.get(ev.point, ""), is_reply=ev.is_reply,
                               tcp_flags=tcp_flags(ev.tcp_flags), packets=ev.packets,
