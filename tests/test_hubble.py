@@ -327,9 +327,14 @@ async def relay_joins(tmp_path: Path) -> None:
     peers["node3"] = f"unix://{tmp_path / 'node3.sock'}"  # never up
     relay = RelayServer(f"unix://{tmp_path / 'relay.sock'}", Relay(peers))
     tasks.append(asyncio.create_task(relay.run()))
+    umask = os.umask(0o022)
+    os.umask(umask)
     try:
         for ready in (*(s.ready for s in servers.values()), relay.ready):
             await asyncio.wait_for(ready.wait(), 10)
+        # three servers started at once leave the process's umask as it was (each changes
+        # it around its bind alone)
+        assert os.umask(umask) == umask
         assert stat.S_IMODE(os.stat(tmp_path / "relay.sock").st_mode) == 0o600
         async with grpc.aio.insecure_channel(f"unix://{tmp_path / 'relay.sock'}") as ch:
             stub = observer_pb2_grpc.ObserverStub(ch)  # type: ignore[no-untyped-call]

@@ -11,16 +11,15 @@ Envoy reached, or, with none, the address the client asked for.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from mesh.flows.model import DROPPED, ERROR, FORWARDED, L7, Endpoint, Flow, Http
 from mesh.flows.store import FlowStore
+from mesh.unixsocket import add_private_port
 
 log = logging.getLogger(__name__)
 LOG_NAME = "mesh-flows"
@@ -110,16 +109,10 @@ class AccessLogServer:
                             log.warning("access log entry skipped", extra={"error": str(e)})
                 return als_pb2.StreamAccessLogsResponse()
 
-        with contextlib.suppress(FileNotFoundError):
-            self.socket.unlink()
         server = grpc.aio.server()
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(Servicer(), server)
-        old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
-        try:
-            server.add_insecure_port(f"unix:{self.socket}")
-            await server.start()
-        finally:
-            os.umask(old)
+        add_private_port(server, self.socket)
+        await server.start()
         self.ready.set()
         try:
             await server.wait_for_termination()

@@ -13,9 +13,7 @@ not produced here (UNIMPLEMENTED).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,6 +23,7 @@ from mesh.flows.model import Flow
 from mesh.flows.store import FlowStore, Lost
 from mesh.hubble.convert import lost_event, to_proto
 from mesh.hubble.filters import FilterError, compile_filters
+from mesh.unixsocket import add_private_port
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"  # what ServerStatus and the flows' emitter say
@@ -160,8 +159,6 @@ class ObserverServer:
                 return observer_pb2.GetNamespacesResponse(namespaces=[
                     observer_pb2.Namespace(namespace=n) for n in sorted(outer.namespaces())])
 
-        with contextlib.suppress(FileNotFoundError):
-            self.socket.unlink()
         server = grpc.aio.server()
         observer_pb2_grpc.add_ObserverServicer_to_server(  # type: ignore[no-untyped-call]
             Servicer(), server)
@@ -170,12 +167,8 @@ class ObserverServer:
         checks = aio_health.HealthServicer()
         await checks.set("hubble.server.Observer", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-        old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
-        try:
-            server.add_insecure_port(f"unix:{self.socket}")
-            await server.start()
-        finally:
-            os.umask(old)
+        add_private_port(server, self.socket)
+        await server.start()
         self.ready.set()
         log.info("hubble observer API", extra={"socket": str(self.socket)})
         try:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from mesh.hubble.observer import VERSION
+from mesh.unixsocket import add_private_port
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT = 5.0  # seconds a unary call to a node may take
@@ -193,17 +193,10 @@ class RelayServer:
         await checks.set("hubble.server.Observer", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(checks, server)
         if self.listen.startswith("unix://"):
-            path = Path(self.listen[len("unix://"):])
-            await asyncio.to_thread(path.unlink, missing_ok=True)  # a predecessor's
-            old = os.umask(0o177)
-            try:
-                server.add_insecure_port(f"unix:{path}")
-                await server.start()
-            finally:
-                os.umask(old)
+            add_private_port(server, Path(self.listen[len("unix://"):]))
         else:
             server.add_insecure_port(self.listen)
-            await server.start()
+        await server.start()
         self.ready.set()
         log.info("hubble relay", extra={"listen": self.listen, "nodes": sorted(relay.peers)})
         try:
