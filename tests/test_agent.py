@@ -7,11 +7,13 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -209,13 +211,20 @@ def test_mesh_run_serves_follows_and_survives_a_broken_file(tmp_path: Path) -> N
          "--node-id", "cli-node", "--echo", f"127.0.0.1:{backend}"],
         stderr=subprocess.PIPE, text=True, cwd=ROOT)
     lines: list[str] = []
-    try:
+    ready = threading.Event()
+
+    def read() -> None:  # on a thread: a silent agent fails the test with what it said
         assert proc.stderr is not None
         for line in proc.stderr:
             lines.append(line)
             if "node ready" in line:
-                break
-        assert "node ready" in lines[-1], "".join(lines)
+                ready.set()
+                return
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(90), "no 'node ready' in 90 s:\n" + "".join(lines)
+        reader.join(5)
         assert http_get(listen, "/hello").body == "hello from the node Envoy\n"
         assert http_get(listen, "/echo").json()["path"] == "/echo"
 
@@ -240,6 +249,7 @@ def test_mesh_run_serves_follows_and_survives_a_broken_file(tmp_path: Path) -> N
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
         lines.append(err)
+        shutil.rmtree(state, ignore_errors=True)
     log = "".join(lines)
     assert proc.returncode == 0, log
     assert "resource file rejected, keeping the last good config" in log
