@@ -133,8 +133,6 @@ class ObserverServer:
 
     async def run(self) -> None:
         import grpc
-        from grpc_health.v1 import _async as aio_health
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         from mesh.hubble.api.observer import observer_pb2, observer_pb2_grpc
 
@@ -159,19 +157,33 @@ class ObserverServer:
                 return observer_pb2.GetNamespacesResponse(namespaces=[
                     observer_pb2.Namespace(namespace=n) for n in sorted(outer.namespaces())])
 
-        server = grpc.aio.server()
-        observer_pb2_grpc.add_ObserverServicer_to_server(  # type: ignore[no-untyped-call]
-            Servicer(), server)
-        # the standard health service (`hubble status` asks it first, of the name Hubble gives
-        # its server)
-        checks = aio_health.HealthServicer()
-        await checks.set("hubble.server.Observer", health_pb2.HealthCheckResponse.SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-        add_private_port(server, self.socket)
-        await server.start()
-        self.ready.set()
         log.info("hubble observer API", extra={"socket": str(self.socket)})
-        try:
-            await server.wait_for_termination()
-        finally:
-            await asyncio.shield(server.stop(0.5))
+        await serve(Servicer(), address, self.ready)
+
+
+async def serve(servicer: Any, listen: str, ready: asyncio.Event) -> None:
+    """An Observer servicer on `listen` (unix:///PATH, made 0600, or HOST:PORT) with the
+    standard health service (`hubble status` asks it first, of the name Hubble gives its
+    server), until cancelled; `ready` set once it listens."""
+    import grpc
+    from grpc_health.v1 import _async as aio_health
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from mesh.hubble.api.observer import observer_pb2_grpc
+
+    server = grpc.aio.server()
+    observer_pb2_grpc.add_ObserverServicer_to_server(  # type: ignore[no-untyped-call]
+        servicer, server)
+    checks = aio_health.HealthServicer()
+    await checks.set("hubble.server.Observer", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    if listen.startswith("unix://"):
+        add_private_port(server, Path(listen[len("unix://"):]))
+    else:
+        server.add_insecure_port(listen)
+    await server.start()
+    ready.set()
+    try:
+        await server.wait_for_termination()
+    finally:
+        await asyncio.shield(server.stop(0.5))

@@ -13,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
-from pathlib import Path
 from typing import Any
 
-from mesh.hubble.observer import VERSION
-from mesh.unixsocket import add_private_port
+from mesh.hubble.observer import VERSION, serve
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT = 5.0  # seconds a unary call to a node may take
@@ -162,8 +160,6 @@ class RelayServer:
 
     async def run(self) -> None:
         import grpc
-        from grpc_health.v1 import _async as aio_health
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         from mesh.hubble.api.observer import observer_pb2_grpc
 
@@ -186,21 +182,8 @@ class RelayServer:
             async def GetNamespaces(self, request: Any, context: Any) -> Any:
                 return await relay.namespaces()
 
-        server = grpc.aio.server()
-        observer_pb2_grpc.add_ObserverServicer_to_server(  # type: ignore[no-untyped-call]
-            Servicer(), server)
-        checks = aio_health.HealthServicer()
-        await checks.set("hubble.server.Observer", health_pb2.HealthCheckResponse.SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-        if self.listen.startswith("unix://"):
-            add_private_port(server, Path(self.listen[len("unix://"):]))
-        else:
-            server.add_insecure_port(self.listen)
-        await server.start()
-        self.ready.set()
         log.info("hubble relay", extra={"listen": self.listen, "nodes": sorted(relay.peers)})
         try:
-            await server.wait_for_termination()
+            await serve(Servicer(), self.listen, self.ready)
         finally:
-            await asyncio.shield(server.stop(0.5))
             await relay.close()
