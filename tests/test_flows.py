@@ -69,6 +69,22 @@ def _listener(port: int) -> listener_pb2.Listener:
     return listener
 
 
+def serve_two_routes(harness: Harness, echo_port: int, port: int, accesslog: Path) -> int:
+    """A real Envoy logging to `accesslog`, listening on `port`: `/gone` to a backend nobody
+    listens on (its port returned), the rest to the echo server."""
+    dead = port + 1 if port < 65000 else port - 1
+    harness.set_snapshot("node1", [
+        r.eds_cluster("v1"), r.load_assignment("v1", [("127.0.0.1", echo_port)]),
+        r.eds_cluster("dead"), r.load_assignment("dead", [("127.0.0.1", dead)]),
+        _listener(port),
+        r.route_configuration("rc", [r.virtual_host("all", ["*"], [
+            r.prefix_route("/gone", "dead", name="to-dead"),
+            r.prefix_route("/", "v1", name="to-v1")])])])
+    harness.start_envoy(accesslog=ListenAddress(unix_path=accesslog))
+    harness.wait_settled()
+    return dead
+
+
 def test_envoys_requests_become_l7_flows(harness: Harness, echo_v1: EchoServer,
                                          free_port: int) -> None:
     store = FlowStore()
@@ -77,16 +93,7 @@ def test_envoys_requests_become_l7_flows(harness: Harness, echo_v1: EchoServer,
     task = harness.sync(lambda: asyncio.ensure_future(server.run()))
     harness.call(server.ready.wait())
     assert stat.S_IMODE(os.stat(socket).st_mode) == 0o600
-    dead = free_port + 1 if free_port < 65000 else free_port - 1
-    harness.set_snapshot("node1", [
-        r.eds_cluster("v1"), r.load_assignment("v1", [("127.0.0.1", echo_v1.port)]),
-        r.eds_cluster("dead"), r.load_assignment("dead", [("127.0.0.1", dead)]),
-        _listener(free_port),
-        r.route_configuration("rc", [r.virtual_host("all", ["*"], [
-            r.prefix_route("/gone", "dead", name="to-dead"),
-            r.prefix_route("/", "v1", name="to-v1")])])])
-    harness.start_envoy(accesslog=ListenAddress(unix_path=Path(socket)))
-    harness.wait_settled()
+    dead = serve_two_routes(harness, echo_v1.port, free_port, socket)
     try:
         assert http_get(free_port, "/hello?x=1", host="shop.example").status == 200
         assert http_get(free_port, "/gone").status == 503

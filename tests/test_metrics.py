@@ -30,9 +30,8 @@ from mesh.echo import EchoServer
 from mesh.envoy.admin import EnvoyAdmin
 from mesh.flows.accesslog import AccessLogServer
 from mesh.flows.store import FlowStore
-from mesh.sinks.envoy import resources as r
 from meshxds.address import ListenAddress
-from tests.test_flows import _listener
+from tests.test_flows import serve_two_routes
 from tests.testbed import Harness, http_get, wait_until
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "dashboards" / "mesh.json"
@@ -131,16 +130,7 @@ def test_metrics_and_the_dashboard(harness: Harness, echo_v1: EchoServer, free_p
                                       asyncio.ensure_future(server.run())])
         harness.call(accesslog.ready.wait())
         harness.call(server.ready.wait())
-        dead = free_port + 1 if free_port < 65000 else free_port - 1
-        harness.set_snapshot("node1", [
-            r.eds_cluster("v1"), r.load_assignment("v1", [("127.0.0.1", echo_v1.port)]),
-            r.eds_cluster("dead"), r.load_assignment("dead", [("127.0.0.1", dead)]),
-            _listener(free_port),
-            r.route_configuration("rc", [r.virtual_host("all", ["*"], [
-                r.prefix_route("/gone", "dead", name="to-dead"),
-                r.prefix_route("/", "v1", name="to-v1")])])])
-        harness.start_envoy(accesslog=ListenAddress(unix_path=Path(socket)))
-        harness.wait_settled()
+        serve_two_routes(harness, echo_v1.port, free_port, socket)
         try:
             for _ in range(3):
                 assert http_get(free_port, "/").status == 200
