@@ -103,7 +103,7 @@ static __always_inline void flow_count(__u32 i)
 		*n += 1;
 }
 
-static __always_inline void flow_send(struct flow_key *k, struct flow_entry *e, __u8 type,
+static __always_inline void flow_send(struct ct4_key *k, struct flow_entry *e, __u8 type,
 				      __u8 verdict, struct flow_note *note, __u8 is_reply,
 				      __u8 tcp_flags, __u32 ifindex)
 {
@@ -149,9 +149,9 @@ static __always_inline void flow_observe(struct __sk_buff *skb, int action)
 		note->policy = 0;
 	}
 
-	struct flow_key k = { .saddr = f.saddr, .daddr = f.daddr, .sport = f.sport,
+	struct ct4_key k = { .saddr = f.saddr, .daddr = f.daddr, .sport = f.sport,
 			      .dport = f.dport, .proto = f.proto };
-	struct flow_key rk = { .saddr = f.daddr, .daddr = f.saddr, .sport = f.dport,
+	struct ct4_key rk = { .saddr = f.daddr, .daddr = f.saddr, .sport = f.dport,
 			       .dport = f.sport, .proto = f.proto };
 	__u8 dir = 0;
 	struct flow_entry *e = mesh_flows.lookup(&k);

@@ -17,6 +17,7 @@
 #define MESH_FLOW_H
 
 #include "common.h"
+#include "ct.h"
 #include "nat.h"
 #include <uapi/linux/tcp.h>
 
@@ -55,16 +56,9 @@
 #define MESH_FLOW_FIN1 0x2     /* the responder sent its FIN */
 #define MESH_FLOW_ENDED 0x4    /* CLOSED was sent */
 
-/* A connection, by its initiator's tuple (its first packet's; a SYN-ACK seen first is a
- * reply, and keys its connection the other way round). */
-struct flow_key {
-	__be32 saddr;
-	__be32 daddr;
-	__be16 sport;
-	__be16 dport;
-	__u8 proto;
-	__u8 pad[3];
-};
+/* A connection is keyed by its initiator's tuple (its first packet's; a SYN-ACK seen first
+ * is a reply, and keys its connection the other way round): a struct ct4_key, the tuple as
+ * the wire carries it (lib/ct.h). */
 
 struct flow_entry {
 	__u64 packets[2];    /* [0] initiator -> responder, [1] the replies */
@@ -78,7 +72,7 @@ struct flow_entry {
 /* What the agent reads from the ring. */
 struct flow_event {
 	__u64 time_ns;       /* CLOCK_MONOTONIC */
-	struct flow_key key;
+	struct ct4_key key;
 	__u64 packets[2];
 	__u64 bytes[2];
 	__u32 ifindex;       /* the device the packet came in on */
@@ -98,7 +92,7 @@ struct flow_config {
 };
 
 /* The connections seen, LRU: an idle one ages out when the table is full. */
-BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_entry, mesh_flows, MESH_FLOW_MAX,
+BPF_TABLE_PINNED("lru_hash", struct ct4_key, struct flow_entry, mesh_flows, MESH_FLOW_MAX,
 		 MESH_PINNED(mesh_flows));
 BPF_TABLE_PINNED("array", __u32, struct flow_config, mesh_flow_config, 1,
 		 MESH_PINNED(mesh_flow_config));

@@ -178,12 +178,6 @@ POLICY_STATS = ("denied_ingress", "denied_egress", "denied_no_identity", "allowe
                 "decided_again")
 
 
-class FlowKey(ctypes.Structure):
-    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
-                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
-                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
-
-
 class FlowEntry(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64 * 2), ("bytes", ctypes.c_uint64 * 2),
                 ("verdict", ctypes.c_uint8 * 2), ("reason", ctypes.c_uint8 * 2),
@@ -227,6 +221,6 @@ FWD_MAPS: dict[str, tuple[Any, type[ctypes.Structure] | Any]] = {
     "mesh_encrypt4": (Encrypt4Key, EncryptEntry),
     "mesh_encrypt6": (Encrypt6Key, EncryptEntry),
     "mesh_encrypt_config": (ctypes.c_uint32, EncryptConfig),
-    "mesh_flows": (FlowKey, FlowEntry),
+    "mesh_flows": (Ct4Key, FlowEntry),  # keyed by the connection's tuple, as mesh_ct4
     "mesh_flow_config": (ctypes.c_uint32, FlowConfig),
 }
