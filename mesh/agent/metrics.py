@@ -167,6 +167,10 @@ class DatapathCollector(Collector):
         self._counted_at = 0.0
         self._lock = threading.Lock()
 
+    def describe(self) -> Iterator[Any]:
+        # without it, registering would collect: a walk over every map at the agent's start
+        return iter(())
+
     def _count(self) -> dict[str, int]:
         with self._lock:
             if time.monotonic() - self._counted_at >= MAP_COUNT_EVERY:
