@@ -275,13 +275,15 @@ IPSEC = """
 import ctypes, subprocess, sys
 from pathlib import Path
 from mesh.datapath.forwarding import Forwarding
-from mesh.datapath.layout import ENC_PEER_UP, ENC_STRICT, ENC_XFRM, EncryptConfig
+from mesh.datapath.layout import (ENC_PEER_UP, ENC_STRICT, ENC_XFRM, EncryptConfig, FlowConfig,
+                                  address_of)
 from mesh.sinks.encryption import datapath_counters, write_entry
 fwd = Forwarding(Path(sys.argv[1]), underlay=None)
 fwd.sync()
 tables = fwd.encryption_tables()
 tables["mesh_encrypt_config"][ctypes.c_uint32(0)] = EncryptConfig(
     ifindex=0, flags=ENC_XFRM | ENC_STRICT)
+fwd.loaded.table("mesh_flow_config")[ctypes.c_uint32(0)] = FlowConfig(enabled=1)
 write_entry(tables, "10.213.0.0/24", ENC_PEER_UP)  # a peer whose xfrm policy is in
 write_entry(tables, "10.214.0.0/24", 0)  # a peer without one yet
 def send(target):
@@ -290,8 +292,14 @@ def send(target):
                     "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
                     f"[s.sendto(b'x', ('{target}', 9)) for _ in range(10)]"], check=True)
     after = fwd.stats()[1], datapath_counters(tables)
+    # The connection's own record (the node's kernel counter also counts whatever else the
+    # node's interfaces carry meanwhile, such as IPv6 neighbour discovery).
+    flow = [e for k, e in fwd.loaded.table("mesh_flows").items()
+            if address_of(k.daddr) == target]
+    assert len(flow) == 1, flow
     return [after[0] - before[0]] + [after[1][k] - before[1][k] for k in
-                                     ("sent", "dropped_ipv4")]
+                                     ("sent", "dropped_ipv4")] + [
+        flow[0].packets[0], flow[0].verdict[0], flow[0].reason[0]]
 print(*send("10.213.0.9"), *send("10.214.0.9"))
 """
 
@@ -306,10 +314,13 @@ def test_with_ipsec_an_up_peers_packets_go_on_to_the_kernel_and_a_down_ones_are_
         ["ip", "netns", "exec", lab.node.name, sys.executable, "-c", IPSEC, str(pins),
          f"{lab.node.name}-client"],
         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
-    up_kernel, up_sent, up_dropped, down_kernel, down_sent, down_dropped = \
-        map(int, out.stdout.split())
+    up_kernel, up_sent, up_dropped, *up_flow = map(int, out.stdout.split()[:6])
+    _, down_sent, down_dropped, *down_flow = map(int, out.stdout.split()[6:])
+    forwarded, dropped = 1, 2  # flow.proto's Verdict
     assert (up_sent, up_dropped) == (10, 0) and up_kernel >= 10
-    assert (down_kernel, down_sent, down_dropped) == (0, 0, 10)
+    assert up_flow == [10, forwarded, 0]
+    assert (down_sent, down_dropped) == (0, 10)
+    assert down_flow == [10, dropped, 195]  # UNENCRYPTED_TRAFFIC: never left in the clear
 
 
 class _Mem(dict[bytes, Any]):
