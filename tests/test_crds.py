@@ -195,8 +195,13 @@ def hashed(**consistent: Any) -> dict[str, Any]:
     return lb(type="ConsistentHash", consistentHash=consistent)
 
 
+SERVICE = {"group": "", "kind": "Service", "name": "echo"}
+
 VALID: dict[str, dict[str, Any]] = {
     "retry-only": spec(retry={"numRetries": 1}),
+    "l7-visibility": {"targetRefs": [SERVICE, {**SERVICE, "name": "api", "sectionName": "http"}],
+                      "l7Visibility": "HTTP"},
+    "l7-visibility-none": {"targetRefs": [SERVICE], "l7Visibility": "None"},
     "every-target-kind": {
         "targetRefs": [{"group": GW, "kind": "Gateway", "name": "gw", "sectionName": "api"},
                        {"group": GW, "kind": "ListenerSet", "name": "team"},
@@ -280,6 +285,11 @@ VALID: dict[str, dict[str, Any]] = {
 
 # Refused by both: the spec, and a part of the parser's message (refused for that reason).
 INVALID: dict[str, tuple[dict[str, Any], str]] = {
+    "l7-visibility-on-a-route": (spec(l7Visibility="HTTP"), "applies to Services only"),
+    "l7-visibility-with-a-route": ({"targetRefs": [SERVICE, ROUTE], "l7Visibility": "HTTP"},
+                                   "applies to Services only"),
+    "l7-visibility-value": ({"targetRefs": [SERVICE], "l7Visibility": "http"},
+                            "must be one of HTTP, None"),
     "no-targets": ({"targetRefs": [], "retry": {"numRetries": 1}}, "at least one target"),
     "no-target-list": ({"retry": {"numRetries": 1}}, "at least one target"),
     "targets-not-a-list": ({"targetRefs": "shop", "retry": {"numRetries": 1}}, "a list"),
@@ -723,6 +733,7 @@ def test_bounds_and_enums_are_the_parsers() -> None:
         assert NODES[rule + "[].limit.requests"]["maximum"] == policies.MAX_REQUESTS
         assert NODES[rule + "[].limit.unit"]["enum"] == list(ir.UNIT_SECONDS)
     assert set(NODES[".spec.retry.retryOn.triggers[]"]["enum"]) == policies.RETRY_TRIGGERS
+    assert tuple(NODES[".spec.l7Visibility"]["enum"]) == policies.VISIBILITY_VALUES
     names = [p for p, n in NODES.items() if p.startswith(".spec") and
              p.endswith((".name", "sessionName")) and "targetRefs" not in p]
     assert len(names) == 5

@@ -144,7 +144,8 @@ class PolicyIndex:
         xp = self.backend_policies.get((ns, name))
         return xp.session if xp is not None else None
 
-    def decide(self, scope: Scope, features: Iterable[str] = traffic_policy.FEATURES) -> Decision:
+    def decide(self, scope: Scope,
+               features: Iterable[str] = traffic_policy.ROUTE_FEATURES) -> Decision:
         return self._decide(scope.levels(), features)
 
     def _decide(self, levels: list[Target], features: Iterable[str]) -> Decision:
@@ -174,6 +175,16 @@ class PolicyIndex:
                 retry_budget_percent=xp.budget_percent,
                 retry_budget_min_concurrency=xp.min_retry_concurrency))
         return out
+
+    def visibility(self, namespace: str, name: str, port_name: str | None) -> str | None:
+        """A Service port's l7Visibility (HTTP or None) from the policies that target it
+        (the port's before the Service's); None when no policy sets it."""
+        levels: list[Target] = []
+        if port_name:
+            levels.append(("", "Service", namespace, name, port_name))
+        levels.append(("", "Service", namespace, name, None))
+        decided = self._decide(levels, ("l7Visibility",)).get("l7Visibility")
+        return decided if isinstance(decided, str) else None
 
     # -- status ------------------------------------------------------------------------------
 

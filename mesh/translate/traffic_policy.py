@@ -4,7 +4,8 @@ A policy attaches the Gateway API way (GEP-713): `targetRefs` to a Gateway (or o
 by `sectionName`), a ListenerSet, an HTTPRoute or GRPCRoute (or one rule by name), or a
 Service (or one port by name). Its fields keep the shapes Envoy Gateway's
 BackendTrafficPolicy users know (rateLimit, retry, timeout, circuitBreaker, healthCheck,
-loadBalancer), plus sessionPersistence in the Gateway API's shape. The CRD's schema is
+loadBalancer), plus sessionPersistence in the Gateway API's shape and l7Visibility (a
+Service's HTTP seen by the node's Envoy, with no route or rule). The CRD's schema is
 `gateway-api/trafficpolicy.yaml`; this parser holds the same bounds, so a policy that did not
 go through an API server (a file) is refused the same way, with a message for its status.
 """
@@ -26,7 +27,13 @@ from mesh.translate.model import Invalid
 __all__ = ["MESH_GROUP", "TRAFFIC_POLICY", "TrafficPolicy", "parse_traffic_policy"]
 # Features merged independently: the most specific policy that sets one decides it.
 FEATURES = ("rateLimit", "retry", "timeout", "circuitBreaker", "healthCheck", "loadBalancer",
-            "sessionPersistence")
+            "sessionPersistence", "l7Visibility")
+# The features a route's traffic takes from its policies (l7Visibility is a Service's alone).
+ROUTE_FEATURES = FEATURES[:-1]
+# l7Visibility's values: HTTP (the Service's HTTP ports go through the node's Envoy, whose
+# access log makes their requests flows) or None (they stay in the kernel, whatever the
+# Service's or its namespace's annotation says).
+VISIBILITY_VALUES = ("HTTP", "None")
 TARGET_KINDS = frozenset({("gateway.networking.k8s.io", "Gateway"),
                           ("gateway.networking.k8s.io", "ListenerSet"),
                           ("gateway.networking.x-k8s.io", "XListenerSet"),
@@ -98,6 +105,7 @@ class TrafficPolicy:
     health_check: HealthChecks | None = None
     load_balancer: Balancing | None = None
     session: ir.SessionPersistence | None = None
+    l7_visibility: str | None = None  # one of VISIBILITY_VALUES
 
     def sets(self, feature: str) -> bool:
         return self.feature(feature) is not None
@@ -106,7 +114,8 @@ class TrafficPolicy:
         return {"rateLimit": self.rate_limits, "retry": self.retry, "timeout": self.timeout,
                 "circuitBreaker": self.circuit_breaker, "healthCheck": self.health_check,
                 "loadBalancer": self.load_balancer,
-                "sessionPersistence": self.session}[feature]
+                "sessionPersistence": self.session,
+                "l7Visibility": self.l7_visibility}[feature]
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -192,7 +201,13 @@ def parse_traffic_policy(obj: KubeObject) -> TrafficPolicy:
         circuit_breaker=_circuit_breaker(spec.get("circuitBreaker")),
         health_check=_health_checks(spec.get("healthCheck")),
         load_balancer=_load_balancer(spec.get("loadBalancer")),
-        session=_session(spec.get("sessionPersistence")))
+        session=_session(spec.get("sessionPersistence")),
+        l7_visibility=None if spec.get("l7Visibility") is None else
+        _enum(spec.get("l7Visibility"), "spec.l7Visibility", VISIBILITY_VALUES))
+    if policy.l7_visibility is not None and any(t.kind != "Service" for t in targets):
+        # A Gateway's or a route's requests go through Envoy already, and are flows.
+        raise Invalid("spec.l7Visibility applies to Services only: a Gateway's or a route's "
+                      "requests pass through Envoy and are seen already")
     if not any(policy.sets(f) for f in FEATURES):
         raise Invalid("the policy sets nothing: give at least one of " + ", ".join(FEATURES))
     return policy

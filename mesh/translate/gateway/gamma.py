@@ -20,6 +20,7 @@ from mesh.store import kinds
 from mesh.store.objects import ObjectKey
 from mesh.store.store import StoreSnapshot
 from mesh.translate import model
+from mesh.translate.policy_attachment import PolicyIndex
 from mesh.translate.route_builder import Resolution, RouteBuilder
 
 # The mesh listener. Bound to the any-address: only there does Envoy read each accepted
@@ -75,9 +76,11 @@ def _speaks_http(port: model.ServicePort) -> bool:
     return any(name == p or name.startswith(p + "-") for p in ("http", "http2", "grpc"))
 
 
-def visible_services(snapshot: StoreSnapshot) -> set[tuple[str, str]]:
-    """(namespace, name) of the Services whose HTTP is to be seen: annotated `http`, or in a
-    namespace annotated so (a Service's own `none` wins)."""
+def visible_services(snapshot: StoreSnapshot, policies: PolicyIndex | None
+                     ) -> set[tuple[str, str]]:
+    """(namespace, name) of the Services some of whose HTTP may be seen: annotated `http`,
+    in a namespace annotated so, or the target of a TrafficPolicy's l7Visibility (each
+    port's answer is `port_visible`'s)."""
     namespaces = {ns.name for ns in snapshot.of_kind(kinds.NAMESPACE)
                   if (ns.annotations or {}).get(VISIBILITY) == "http"}
     out = set()
@@ -85,7 +88,25 @@ def visible_services(snapshot: StoreSnapshot) -> set[tuple[str, str]]:
         own = (svc.annotations or {}).get(VISIBILITY)
         if own == "http" or (own is None and svc.namespace in namespaces):
             out.add((svc.namespace, svc.name))
+    for p in policies.policies if policies else ():
+        if p.l7_visibility is not None:
+            out.update((p.obj.namespace, t.name) for t in p.targets)
     return out
+
+
+def port_visible(svc: model.Service, port: model.ServicePort, snapshot: StoreSnapshot,
+                 policies: PolicyIndex | None) -> bool:
+    """A Service port's HTTP is seen: a TrafficPolicy's l7Visibility decides (the port's,
+    then the Service's), else the Service's annotation, else its namespace's."""
+    obj = svc.obj
+    decided = policies.visibility(obj.namespace, obj.name, port.name) if policies else None
+    if decided is not None:
+        return decided == "HTTP"
+    own = (obj.annotations or {}).get(VISIBILITY)
+    if own is not None:
+        return bool(own == "http")
+    ns = snapshot.get(kinds.NAMESPACE, "", obj.namespace)
+    return ns is not None and bool((ns.annotations or {}).get(VISIBILITY) == "http")
 
 
 def listener(snapshot: StoreSnapshot, routes: RouteBuilder, parents: Iterable[MeshParent]
@@ -99,11 +120,14 @@ def listener(snapshot: StoreSnapshot, routes: RouteBuilder, parents: Iterable[Me
     for p in parents:
         by_port.setdefault((p.namespace, p.name, p.port), set()).add(p.consumer)
     visible: dict[tuple[str, str, int], None] = {}
-    for ns, name in sorted(visible_services(snapshot)):
+    for ns, name in sorted(visible_services(snapshot, routes.policies)):
         svc = routes.service(ns, name)
-        for vport in svc.ports if svc is not None else ():
+        if svc is None:
+            continue
+        for vport in svc.ports:
             if vport.protocol == "TCP" and _speaks_http(vport) and \
-                    (ns, name, vport.port) not in by_port:
+                    (ns, name, vport.port) not in by_port and \
+                    port_visible(svc, vport, snapshot, routes.policies):
                 by_port[(ns, name, vport.port)] = set()
                 visible[(ns, name, vport.port)] = None
     pods: dict[str, list[str]] | None = None
