@@ -33,6 +33,29 @@ def _host_port(value: str, option: str) -> tuple[str, int] | None:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _hubble_listen(value: str | None, tls: Path | None) -> str | None:
+    from mesh.hubble.observer import check_listen
+    from mesh.hubble.tls import TLSFiles
+
+    if value is None:
+        if tls is not None:
+            raise click.UsageError("--hubble-tls-dir goes with --hubble-listen-address")
+        return None
+    if _host_port(value, "--hubble-listen-address") is None:
+        raise click.UsageError("--hubble-listen-address: HOST:PORT")
+    from mesh.hubble.tls import TLSError
+
+    try:
+        check_listen(value, TLSFiles(tls) if tls is not None else None)
+        if tls is not None:
+            TLSFiles(tls).read()
+    except ValueError as e:
+        raise click.UsageError(f"--hubble-listen-address {e}") from None
+    except TLSError as e:
+        raise click.UsageError(f"--hubble-tls-dir {e}") from None
+    return value
+
+
 def _address(value: str | None, state_dir: Path, sock: str) -> str:
     return value or f"unix:{state_dir / sock}"
 
@@ -114,6 +137,14 @@ _state_dir_option = click.option(
               metavar="HOST:PORT|none",
               help="Where Prometheus scrapes the agent (/metrics) and its Envoy "
                    "(/metrics/envoy); loopback unless you say otherwise.")
+@click.option("--hubble-listen-address", "hubble_listen", metavar="HOST:PORT",
+              help="Also serve Hubble's Observer API here, for the cluster's relay (the "
+                   "node's unix socket STATE_DIR/hubble.sock is always served). Off the "
+                   "loopback only with --hubble-tls-dir.")
+@click.option("--hubble-tls-dir", "hubble_tls", metavar="DIR",
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Mutual TLS for --hubble-listen-address: ca.crt (the relay's "
+                   "certificate must be of this CA), tls.crt and tls.key (this agent's).")
 @click.option("--keep-envoy", is_flag=True,
               help="When stopped, leave Envoy serving its last configuration; the next "
                    "`mesh run` with this --state-dir adopts it.")
@@ -154,7 +185,8 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
         echo_address: str | None, datapath_cgroup: Path | None,
         datapath_underlay: str | None, datapath_redirect: str, encryption: str,
         ipsec_keys: Path, encryption_strict: bool, encryption_strict_cidrs: tuple[str, ...],
-        flow_capacity: int, flow_events: bool, metrics_address: str, keep_envoy: bool,
+        flow_capacity: int, flow_events: bool, metrics_address: str,
+        hubble_listen: str | None, hubble_tls: Path | None, keep_envoy: bool,
         kubernetes: bool, kubeconfig: str | None, ratelimit_redis: str | None,
         envoy_mode: str, gateway_addresses: str, use_forwarded_headers: bool,
         leader_elect: bool, leader_namespace: str,
@@ -215,6 +247,8 @@ def run(manifests: Path | None, resources_file: Path | None, address_pool: str,
             flow_capacity=flow_capacity,
             flow_events=flow_events,
             metrics_address=_host_port(metrics_address, "--metrics-address"),
+            hubble_listen=_hubble_listen(hubble_listen, hubble_tls),
+            hubble_tls=hubble_tls,
             kubernetes=kubernetes,
             kubeconfig=kubeconfig,
             lease=lease,

@@ -43,6 +43,7 @@ from mesh.flows.accesslog import AccessLogServer
 from mesh.flows.directory import FlowDirectory
 from mesh.flows.store import FlowStore
 from mesh.hubble.observer import Observer, ObserverServer
+from mesh.hubble.tls import TLSFiles
 from mesh.kube.client import connect
 from mesh.kube.events import PolicyEvents
 from mesh.kube.identities import IdentityAllocator, IdentityCollector
@@ -175,8 +176,12 @@ class Agent:
         sinks.append(names)
         components.append(AccessLogServer(cfg.accesslog_socket, self.flows, cfg.node_id,
                                           names))
-        components.append(ObserverServer(cfg.hubble_socket, Observer(
-            self.flows, cfg.node_id, names.namespaces)))  # Hubble's API of the node's flows
+        observer = Observer(self.flows, cfg.node_id, names.namespaces)
+        components.append(ObserverServer(cfg.hubble_socket, observer))  # the node's flows
+        if cfg.hubble_listen is not None:  # for the cluster's relay
+            components.append(ObserverServer(
+                cfg.hubble_socket, observer, cfg.hubble_listen,
+                TLSFiles(cfg.hubble_tls) if cfg.hubble_tls is not None else None))
         if generated is not None:
             sinks.append(generated)
         if identities is not None:

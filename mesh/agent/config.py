@@ -61,6 +61,10 @@ class AgentConfig:
     # Prometheus metrics (the agent's at /metrics, Envoy's at /metrics/envoy): HOST:PORT,
     # loopback by default (Hubble's metrics port); None: not served.
     metrics_address: tuple[str, int] | None = ("127.0.0.1", 9965)
+    # Hubble's Observer API on the network too, for the cluster's relay: HOST:PORT, with
+    # mutual TLS from this directory (ca.crt, tls.crt, tls.key) off the loopback.
+    hubble_listen: str | None = None
+    hubble_tls: Path | None = None
 
     @property
     def ratelimit_socket(self) -> Path:

@@ -320,18 +320,52 @@ def _peer(value: str) -> tuple[str, str]:
 
 @click.command()
 @click.option("--listen", default="unix:///run/mesh/hubble-relay.sock", show_default=True,
-              help="unix:///PATH (made 0600), or HOST:PORT.")
-@click.option("--peer", "peers", multiple=True, required=True, metavar="NODE=ADDRESS",
-              help="A node's Observer API (its agent's hubble.sock); repeat for each node.")
-def relay(listen: str, peers: tuple[str, ...]) -> None:
+              help="unix:///PATH (made 0600), or HOST:PORT (off the loopback with "
+                   "--server-tls-dir only).")
+@click.option("--peer", "peers", multiple=True, metavar="NODE=ADDRESS",
+              help="A node's Observer API (its agent's hubble.sock, or HOST:PORT); repeat "
+                   "for each node.")
+@click.option("--peers-from-kubernetes", is_flag=True,
+              help="Find the nodes in the API server instead: every Node, at its "
+                   "InternalIP and --peer-port, followed as nodes join and leave (in-cluster "
+                   "configuration unless --kubeconfig).")
+@click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False),
+              help="With --peers-from-kubernetes: the kubeconfig to use.")
+@click.option("--peer-port", default=4244, show_default=True, type=click.IntRange(1, 65535),
+              help="With --peers-from-kubernetes: the agents' --hubble-listen-address port.")
+@click.option("--tls-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Mutual TLS towards the agents on the network: ca.crt (theirs must be of "
+                   "this CA), tls.crt and tls.key (the relay's).")
+@click.option("--server-tls-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Mutual TLS for --listen off the loopback: ca.crt (the clients'), "
+                   "tls.crt, tls.key (the relay's server certificate).")
+def relay(listen: str, peers: tuple[str, ...], peers_from_kubernetes: bool,
+          kubeconfig: str | None, peer_port: int, tls_dir: Path | None,
+          server_tls_dir: Path | None) -> None:
     """The cluster's flows in one Observer API: every node's joined (as Hubble Relay)."""
     import asyncio
     import contextlib
     import signal
 
-    from mesh.hubble.relay import Relay, RelayServer
+    from mesh.hubble.observer import check_listen
+    from mesh.hubble.relay import NodePeers, Relay, RelayServer
+    from mesh.hubble.tls import TLSError, TLSFiles
+    from mesh.kube.client import connect
 
+    if bool(peers) == peers_from_kubernetes:
+        raise click.UsageError("give either --peer (one per node) or --peers-from-kubernetes")
+    if kubeconfig is not None and not peers_from_kubernetes:
+        raise click.UsageError("--kubeconfig goes with --peers-from-kubernetes")
     named = dict(_peer(p) for p in peers)
+    client_tls = TLSFiles(tls_dir) if tls_dir is not None else None
+    server_tls = TLSFiles(server_tls_dir) if server_tls_dir is not None else None
+    try:
+        check_listen(listen, server_tls)
+        for files in (client_tls, server_tls):
+            if files is not None:
+                files.read()
+    except (ValueError, TLSError) as e:
+        raise click.UsageError(str(e)) from None
 
     async def serve() -> None:
         task = asyncio.current_task()
@@ -339,7 +373,14 @@ def relay(listen: str, peers: tuple[str, ...]) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
-        await RelayServer(listen, Relay(named)).run()
+        relay = Relay(named, client_tls)
+        server = RelayServer(listen, relay, server_tls)
+        if not peers_from_kubernetes:
+            await server.run()
+            return
+        async with connect(kubeconfig) as http, asyncio.TaskGroup() as tg:
+            tg.create_task(NodePeers(http, relay, peer_port).run())
+            tg.create_task(server.run())
 
     with contextlib.suppress(asyncio.CancelledError):
         asyncio.run(serve())

@@ -1,7 +1,8 @@
 """Hubble's Observer gRPC API served from the node's flow store, on a unix socket of the
 agent's state directory (0600 from birth, as every agent endpoint: local only), so that
 Hubble's own clients (`hubble observe --server unix://...`) and `mesh observe` read the
-node's flows.
+node's flows. For the cluster's relay, the agent may serve it on the network too, with
+mutual TLS only (mesh/hubble/tls.py).
 
 GetFlows: the last `number` flows the filters take (or the first, with `first`), within
 `since`/`until`, then, with `follow`, each new one as it comes; a follower that falls
@@ -13,6 +14,7 @@ not produced here (UNIMPLEMENTED).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +25,7 @@ from mesh.flows.model import Flow
 from mesh.flows.store import FlowStore, Lost
 from mesh.hubble.convert import lost_event, to_proto
 from mesh.hubble.filters import FilterError, compile_filters
+from mesh.hubble.tls import TLSFiles, server_credentials
 from mesh.unixsocket import add_private_port
 
 log = logging.getLogger(__name__)
@@ -124,11 +127,16 @@ class Observer:
 
 
 class ObserverServer:
-    """The agent's component: Observer on `socket`."""
+    """The agent's component: Observer on `socket`, or on HOST:PORT (`listen`) for the
+    cluster's relay, with mutual TLS off the loopback."""
 
-    def __init__(self, socket: Path, observer: Observer) -> None:
+    def __init__(self, socket: Path, observer: Observer, listen: str | None = None,
+                 tls: TLSFiles | None = None) -> None:
         self.socket = socket
         self.observer = observer
+        self.listen = listen or f"unix://{socket}"
+        self.tls = tls
+        check_listen(self.listen, tls)
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
@@ -137,7 +145,7 @@ class ObserverServer:
         from mesh.hubble.api.observer import observer_pb2, observer_pb2_grpc
 
         outer = self.observer
-        address = f"unix://{self.socket}"
+        address = self.listen
 
         class Servicer(observer_pb2_grpc.ObserverServicer):
             async def GetFlows(self, request: Any, context: Any) -> AsyncIterator[Any]:
@@ -157,14 +165,32 @@ class ObserverServer:
                 return observer_pb2.GetNamespacesResponse(namespaces=[
                     observer_pb2.Namespace(namespace=n) for n in sorted(outer.namespaces())])
 
-        log.info("hubble observer API", extra={"socket": str(self.socket)})
-        await serve(Servicer(), address, self.ready)
+        log.info("hubble observer API", extra={"listen": address, "tls": self.tls is not None})
+        await serve(Servicer(), address, self.ready, self.tls)
 
 
-async def serve(servicer: Any, listen: str, ready: asyncio.Event) -> None:
-    """An Observer servicer on `listen` (unix:///PATH, made 0600, or HOST:PORT) with the
-    standard health service (`hubble status` asks it first, of the name Hubble gives its
-    server), until cancelled; `ready` set once it listens."""
+def check_listen(listen: str, tls: TLSFiles | None) -> None:
+    """Flows name every workload and its traffic: off the node's loopback they are served
+    with mutual TLS only."""
+    if listen.startswith("unix://") or tls is not None:
+        return
+    host = listen.rpartition(":")[0].strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise ValueError(f"{listen}: an address off the loopback needs TLS (a directory "
+                         "with ca.crt, tls.crt, tls.key)")
+
+
+async def serve(servicer: Any, listen: str, ready: asyncio.Event,
+                tls: TLSFiles | None = None) -> None:
+    """An Observer servicer on `listen` (unix:///PATH, made 0600, or HOST:PORT: loopback,
+    or any address with mutual TLS) with the standard health service (`hubble status` asks
+    it first, of the name Hubble gives its server), until cancelled; `ready` set once it
+    listens."""
+    check_listen(listen, tls)
     import grpc
     from grpc_health.v1 import _async as aio_health
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -179,6 +205,8 @@ async def serve(servicer: Any, listen: str, ready: asyncio.Event) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     if listen.startswith("unix://"):
         add_private_port(server, Path(listen[len("unix://"):]))
+    elif tls is not None:
+        server.add_secure_port(listen, server_credentials(tls))
     else:
         server.add_insecure_port(listen)
     await server.start()

@@ -3,7 +3,10 @@ does), so that `mesh observe` and `hubble observe` see every node's flows in one
 
 GetFlows asks every node with the same request: without `follow`, the flows of all are
 sorted by time (`number` is per node, as with Hubble Relay); with it, each node's flows go
-on as they come. A node that cannot be reached is reported in the stream (a NodeStatusEvent,
+on as they come, and a node that joins meanwhile is followed too. The nodes are given
+(`--peer`), or found in the API server: every Node, at its InternalIP and the agents' port,
+over mutual TLS (mesh/hubble/tls.py), followed as nodes join and leave (`NodePeers`). A
+node that cannot be reached is reported in the stream (a NodeStatusEvent,
 NODE_UNAVAILABLE, with the error) and the others keep going. ServerStatus adds the nodes'
 counts and names the unavailable ones; GetNodes lists every node with its state.
 """
@@ -12,31 +15,70 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
-from mesh.hubble.observer import VERSION, serve
+from mesh.hubble.observer import VERSION, check_listen, serve
+from mesh.hubble.tls import TLSFiles, channel_credentials, peer_name
+from mesh.kube.resources import NODES
+from mesh.kube.watch import KindWatch
+from mesh.store.objects import KubeObject
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT = 5.0  # seconds a unary call to a node may take
 
 
 class Relay:
-    def __init__(self, peers: Mapping[str, str]) -> None:
-        """`peers`: node name -> its Observer API (unix:///path or host:port)."""
+    """The nodes' Observer APIs as one. Its peers may change while it serves (nodes found in
+    the API server join and leave): a following stream takes in a node that joins."""
+
+    def __init__(self, peers: Mapping[str, str] | None = None, tls: TLSFiles | None = None
+                 ) -> None:
+        """`peers`: node name -> its Observer API (unix:///path or host:port); `tls`: the
+        relay's certificate and the agents' CA, for peers on the network (host:port)."""
+        self.tls = tls
+        self._credentials = channel_credentials(tls) if tls is not None else None
+        self.peers: dict[str, str] = {}
+        self._channels: dict[str, Any] = {}
+        self._stubs: dict[str, Any] = {}
+        self._changed = asyncio.Event()
+        self._closing: set[asyncio.Task[None]] = set()
+        self.set_peers(peers or {})
+
+    def _channel(self, name: str, target: str) -> Any:
         import grpc
 
+        if self._credentials is None or target.startswith("unix:"):
+            return grpc.aio.insecure_channel(target)
+        return grpc.aio.secure_channel(target, self._credentials, options=[
+            ("grpc.ssl_target_name_override", peer_name(name))])
+
+    def set_peers(self, peers: Mapping[str, str]) -> None:
+        """Make `peers` the relay's nodes: new ones connected, gone or moved ones closed."""
         from mesh.hubble.api.observer import observer_pb2_grpc
 
-        self.peers = dict(peers)
-        self._channels = {name: grpc.aio.insecure_channel(target)
-                          for name, target in self.peers.items()}
-        self._stubs = {name: observer_pb2_grpc.ObserverStub(ch)  # type: ignore[no-untyped-call]
-                       for name, ch in self._channels.items()}
+        if dict(peers) == self.peers:
+            return
+        for name in [n for n, t in self.peers.items() if peers.get(n) != t]:
+            channel = self._channels.pop(name)
+            del self._stubs[name], self.peers[name]
+            task = asyncio.get_running_loop().create_task(channel.close(None))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        for name, target in peers.items():
+            if name not in self.peers:
+                self.peers[name] = target
+                self._channels[name] = self._channel(name, target)
+                self._stubs[name] = observer_pb2_grpc.ObserverStub(  # type: ignore[no-untyped-call]
+                    self._channels[name])
+        log.info("relay peers", extra={"nodes": sorted(self.peers)})
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def close(self) -> None:
         for ch in self._channels.values():
             await ch.close(None)
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _unavailable(self, names: list[str], error: str) -> Any:
         from mesh.hubble.api.observer import observer_pb2
@@ -51,15 +93,17 @@ class Relay:
         import grpc
 
         if not request.follow:
+            stubs = dict(self._stubs)
+
             async def collect(name: str) -> list[Any]:
                 try:
-                    return [r async for r in self._stubs[name].GetFlows(
+                    return [r async for r in stubs[name].GetFlows(
                         request, timeout=CALL_TIMEOUT)]
                 except grpc.aio.AioRpcError as e:
                     if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                         raise  # the request's fault, the same on every node
                     return [self._unavailable([name], e.details() or str(e.code()))]
-            batches = await asyncio.gather(*(collect(n) for n in self.peers))
+            batches = await asyncio.gather(*(collect(n) for n in stubs))
             merged = [r for batch in batches for r in batch]
             merged.sort(key=lambda r: (r.flow.time.ToNanoseconds()
                                        if r.WhichOneof("response_types") == "flow"
@@ -70,41 +114,66 @@ class Relay:
         queue: asyncio.Queue[Any] = asyncio.Queue(1024)
         errors: list[BaseException] = []
 
-        async def pump(name: str) -> None:
+        async def pump(name: str, stub: Any) -> None:
             try:
-                async for r in self._stubs[name].GetFlows(request):
+                async for r in stub.GetFlows(request):
                     await queue.put(r)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     errors.append(e)
                     await queue.put(None)
                     return
-                await queue.put(self._unavailable([name], e.details() or str(e.code())))
+                if e.code() != grpc.StatusCode.CANCELLED:
+                    await queue.put(self._unavailable([name], e.details() or str(e.code())))
 
-        tasks = [asyncio.create_task(pump(n)) for n in self.peers]
+        pumps: dict[str, tuple[Any, asyncio.Task[None]]] = {}
+
+        def follow_peers() -> None:
+            """A pump per node: started for a node that joined, stopped for one that left."""
+            for name in list(pumps):
+                if self._stubs.get(name) is not pumps[name][0]:
+                    pumps.pop(name)[1].cancel()
+            for name, stub in self._stubs.items():
+                if name not in pumps:
+                    pumps[name] = (stub, asyncio.create_task(pump(name, stub)))
+
+        follow_peers()
+        changed = asyncio.ensure_future(self._changed.wait())
+        item_task: asyncio.Future[Any] = asyncio.ensure_future(queue.get())
         try:
             while True:
-                item = await queue.get()
+                await asyncio.wait({item_task, changed}, return_when=asyncio.FIRST_COMPLETED)
+                if changed.done():
+                    follow_peers()
+                    changed = asyncio.ensure_future(self._changed.wait())
+                if not item_task.done():
+                    continue
+                item = item_task.result()
                 if item is None and errors:
                     raise errors[0]
                 if item is not None:
                     yield item
+                item_task = asyncio.ensure_future(queue.get())
         finally:
-            for t in tasks:
+            item_task.cancel()
+            changed.cancel()
+            for _, t in pumps.values():
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(t for _, t in pumps.values()), return_exceptions=True)
 
     async def _each(self, call: str, request: Any) -> dict[str, Any]:
         """Each node's answer to a unary call, or the error (a str) it got."""
         import grpc
 
+        stubs = dict(self._stubs)  # the peers may change meanwhile
+
         async def one(name: str) -> Any:
             try:
-                return await getattr(self._stubs[name], call)(request, timeout=CALL_TIMEOUT)
+                return await getattr(stubs[name], call)(request, timeout=CALL_TIMEOUT)
             except grpc.aio.AioRpcError as e:
                 return e.details() or str(e.code())
-        answers = await asyncio.gather(*(one(n) for n in self.peers))
-        return dict(zip(self.peers, answers, strict=True))
+        answers = await asyncio.gather(*(one(n) for n in stubs))
+        return dict(zip(stubs, answers, strict=True))
 
     async def status(self) -> Any:
         from google.protobuf.wrappers_pb2 import UInt32Value
@@ -132,11 +201,11 @@ class Relay:
         out = observer_pb2.GetNodesResponse()
         for name, a in answers.items():
             if isinstance(a, str):
-                out.nodes.append(observer_pb2.Node(name=name, address=self.peers[name],
+                out.nodes.append(observer_pb2.Node(name=name, address=self.peers.get(name, ""),
                                                    state=relay_pb2.NODE_UNAVAILABLE))
             else:
                 for node in a.nodes:
-                    node.address = self.peers[name]
+                    node.address = self.peers.get(name, "")
                     out.nodes.append(node)
         return out
 
@@ -151,11 +220,14 @@ class Relay:
 
 
 class RelayServer:
-    """The relay's Observer API on `listen`: a unix socket (0600), or HOST:PORT."""
+    """The relay's Observer API on `listen`: a unix socket (0600), or HOST:PORT (off the
+    loopback with mutual TLS only, `tls`)."""
 
-    def __init__(self, listen: str, relay: Relay) -> None:
+    def __init__(self, listen: str, relay: Relay, tls: TLSFiles | None = None) -> None:
+        check_listen(listen, tls)
         self.listen = listen
         self.relay = relay
+        self.tls = tls
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
@@ -184,6 +256,40 @@ class RelayServer:
 
         log.info("hubble relay", extra={"listen": self.listen, "nodes": sorted(relay.peers)})
         try:
-            await serve(Servicer(), self.listen, self.ready)
+            await serve(Servicer(), self.listen, self.ready, self.tls)
         finally:
             await relay.close()
+
+
+def node_address(node: Mapping[str, Any], port: int) -> str | None:
+    """A Node's agent's Observer API: its InternalIP (else ExternalIP) and `port`."""
+    addresses = [a for a in (node.get("status") or {}).get("addresses") or []
+                 if isinstance(a, Mapping)]
+    for kind in ("InternalIP", "ExternalIP"):
+        found = next((str(a.get("address")) for a in addresses
+                      if a.get("type") == kind and a.get("address")), None)
+        if found is not None:
+            return f"[{found}]:{port}" if ":" in found else f"{found}:{port}"
+    return None
+
+
+class NodePeers:
+    """The relay's peers from the API server: every Node (list+watch), its agent at the
+    Node's address and `port`. Needs only to list and watch Nodes."""
+
+    def __init__(self, http: Any, relay: Relay, port: int) -> None:
+        self.http = http
+        self.relay = relay
+        self.port = port
+
+    def replace(self, source: str, objects: Iterable[KubeObject]) -> bool:
+        peers = {}
+        for obj in objects:
+            address = node_address(obj.body, self.port)
+            if address is not None:
+                peers[obj.name] = address
+        self.relay.set_peers(peers)
+        return True
+
+    async def run(self) -> None:
+        await KindWatch(NODES, self.http, self, follow_status=True).run()

@@ -68,3 +68,10 @@ def namespace_rules() -> list[dict[str, list[str]]]:
     """The rules in the agent's own namespace: the leader election's Lease."""
     return [{"apiGroups": [LEASE.group], "resources": [LEASE.plural],
              "verbs": ["get", "create", "update"]}]
+
+
+def relay_rules() -> list[dict[str, list[str]]]:
+    """The Hubble relay's (`mesh relay --peers-from-kubernetes`, mesh/hubble/relay.py): it
+    finds the agents by listing and watching Nodes, and reads nothing else."""
+    return [{"apiGroups": [NODES.group], "resources": [NODES.plural],
+             "verbs": ["list", "watch"]}]
