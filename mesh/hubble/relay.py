@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from mesh.hubble.observer import VERSION, check_listen, serve
@@ -89,7 +89,7 @@ class Relay:
         out.time.GetCurrentTime()
         return out
 
-    async def flows(self, request: Any) -> AsyncIterator[Any]:
+    async def flows(self, request: Any) -> AsyncGenerator[Any, None]:
         import grpc
 
         if not request.follow:
