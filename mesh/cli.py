@@ -426,9 +426,27 @@ def envoy_cmd(node_id: str, state_dir: Path, protocol: str, envoy_log_level: str
               "liveness.")
 @click.option("--envoy", "envoy", is_flag=True, help="Ask the node's Envoy instead (its admin "
               "socket in the state directory): alive if it answers, ready once it serves.")
-def health_cmd(state_dir: Path, ready: bool, envoy: bool) -> None:
+@click.option("--hubble", "hubble", metavar="ADDRESS", help="Ask a Hubble Observer API "
+              "instead (the relay's: HOST:PORT on the loopback, or unix:///PATH): its gRPC "
+              "health service.")
+def health_cmd(state_dir: Path, ready: bool, envoy: bool, hubble: str | None) -> None:
     """Ask the agent how it is (its unix socket): exit 0 if healthy (or ready), else 1.
-    The chart's liveness and readiness probes; with --envoy, the Envoy container's."""
+    The chart's liveness and readiness probes; with --envoy, the Envoy container's; with
+    --hubble, the relay's."""
+    if hubble is not None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(hubble) as channel:
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="hubble.server.Observer"), timeout=3)
+            except grpc.RpcError as e:
+                click.echo(json.dumps({"hubble": "unreachable", "error": e.details()}))
+                sys.exit(1)
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+        click.echo(json.dumps({"hubble": status}))
+        sys.exit(0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1)
     if envoy:
         from mesh.envoy.admin import EnvoyAdmin
         from meshxds.address import ListenAddress

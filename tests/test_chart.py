@@ -9,6 +9,7 @@ runs into temporary directories; its Node lookup runs against tests/kubeapi.py.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -28,7 +29,8 @@ from mesh.cli import main
 from mesh.cni import install as cni
 from mesh.cni.runtime import NetworkList
 from mesh.install import CHART_DIR, InstallError, Manifest, render
-from mesh.kube.rbac import cluster_rules, namespace_rules
+from mesh.hubble.tls import CLIENT_NAME, SERVER_NAME
+from mesh.kube.rbac import cluster_rules, namespace_rules, relay_rules
 from mesh.lab.controlplane import ControlPlane, gateway_api_crds
 from mesh.translate.config import DEFAULT_CONTROLLER, DEFAULT_INGRESS_CONTROLLER
 from tests.kubeapi import BackgroundAPI
@@ -64,6 +66,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                    "metrics": {"nodeAddress": True, "port": 9100},
                    "encryption": {"mode": "wireguard", "strict": False,
                                   "strictCIDRs": ["fd00:10:244::/48"]}},
+    "hubble-relay": {"hubble": {"relay": {"enabled": True, "agentPort": 14244},
+                                "tls": {"validityDays": 30}}},
     "ipsec": {"datapath": {"enabled": True},
               "encryption": {"mode": "ipsec", "ipsecSecret": {"name": "cluster-ipsec",
                                                               "key": "keys.txt"}}},
@@ -186,8 +190,12 @@ def test_manifests_validate(name: str) -> None:
             "DaemonSet", "IngressClass"]
     if VALUE_SETS[name].get("gatewayClass", {}).get("create", True):
         want.append("GatewayClass")
+    if VALUE_SETS[name].get("hubble", {}).get("relay", {}).get("enabled"):
+        want[5:5] = ["Secret", "Secret", "ServiceAccount"]
+        want[-2:-2] = ["ClusterRole", "ClusterRoleBinding"]
+        want.insert(want.index("DaemonSet") + 1, "Deployment")
     want += ["TrafficPolicy"] * len(VALUE_SETS[name].get("trafficPolicies", []))
-    assert kinds == want
+    assert sorted(kinds) == sorted(want)
 
 
 # -- the DaemonSet ---------------------------------------------------------------------------
@@ -215,6 +223,9 @@ def _expected_args(v: dict[str, Any]) -> list[str]:
     args += ["--metrics-address", "none" if not metrics["enabled"] else
              f"$(HOST_IP):{metrics['port']}" if metrics["nodeAddress"] else
              f"127.0.0.1:{metrics['port']}"]
+    if v["hubble"]["relay"]["enabled"]:
+        args += ["--hubble-listen-address", f"$(HOST_IP):{v['hubble']['relay']['agentPort']}",
+                 "--hubble-tls-dir", "/etc/mesh/hubble-tls"]
     if v["encryption"]["mode"] != "none":
         args += ["--encryption", v["encryption"]["mode"],
                  "--encryption-strict" if v["encryption"]["strict"] else "--no-encryption-strict"]
@@ -258,7 +269,7 @@ def test_daemonset(name: str) -> None:
     assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
-    if v["metrics"]["nodeAddress"]:
+    if v["metrics"]["nodeAddress"] or v["hubble"]["relay"]["enabled"]:
         assert env["HOST_IP"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
     else:
         assert "HOST_IP" not in env
@@ -305,6 +316,14 @@ def test_daemonset(name: str) -> None:
     else:
         assert set(agent_mounts) == {"state"}
         assert {"bpffs", "cgroup"}.isdisjoint(volumes)
+    if v["hubble"]["relay"]["enabled"]:
+        assert agent_mounts["hubble-tls"] == {"name": "hubble-tls", "readOnly": True,
+                                              "mountPath": "/etc/mesh/hubble-tls"}
+        assert volumes["hubble-tls"]["secret"] == {
+            "secretName": "mesh-agent-hubble-server-certs", "defaultMode": 0o400}
+        assert "hubble-tls" not in {m["name"] for m in envoy["volumeMounts"]}
+    else:
+        assert "hubble-tls" not in volumes
     if v["encryption"]["mode"] == "ipsec":
         # the operator's Secret, read-only, owner-readable only, in the agent alone
         assert agent_mounts["ipsec-keys"] == {"name": "ipsec-keys",
@@ -329,6 +348,65 @@ def test_daemonset(name: str) -> None:
                                                                  "/host/etc/cni/net.d"}
         assert volumes["cni-bin"]["hostPath"]["path"] == "/opt/cni/bin"
         assert volumes["cni-conf"]["hostPath"]["path"] == "/etc/cni/net.d"
+
+
+# -- the Hubble relay --------------------------------------------------------------------------
+
+def test_the_hubble_relay_and_its_certificates() -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    name = "hubble-relay"
+    assert not [m for m in _rendered("default") if "hubble" in m.object["metadata"]["name"]]
+    secrets = {s["metadata"]["name"]: s for s in _objects(name, "Secret")}
+    assert set(secrets) == {"mesh-agent-hubble-server-certs",
+                            "mesh-agent-hubble-relay-client-certs"}
+
+    def files(secret: str) -> dict[str, bytes]:
+        assert secrets[secret]["type"] == "kubernetes.io/tls"
+        return {k: base64.b64decode(v) for k, v in secrets[secret]["data"].items()}
+
+    server, client = files("mesh-agent-hubble-server-certs"), files(
+        "mesh-agent-hubble-relay-client-certs")
+    assert set(server) == set(client) == {"ca.crt", "tls.crt", "tls.key"}  # no CA key
+    assert server["ca.crt"] == client["ca.crt"]
+    ca = x509.load_pem_x509_certificate(server["ca.crt"])
+    for data, dns in ((server, SERVER_NAME), (client, CLIENT_NAME)):
+        cert = x509.load_pem_x509_certificate(data["tls.crt"])
+        cert.verify_directly_issued_by(ca)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.DNSName) == [dns]
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert ExtendedKeyUsageOID.SERVER_AUTH in usage and \
+            ExtendedKeyUsageOID.CLIENT_AUTH in usage
+        days = (cert.not_valid_after_utc - cert.not_valid_before_utc).days
+        assert days == 30  # hubble.tls.validityDays
+
+    relay = _one(name, "Deployment")
+    pod = relay["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"] == ["--log-level", "info", "--log-format", "json", "relay",
+                         "--peers-from-kubernetes", "--peer-port", "14244",
+                         "--tls-dir", "/etc/mesh/hubble-tls", "--listen", "127.0.0.1:4245"]
+    assert "ports" not in c and "hostNetwork" not in pod  # the loopback of its own pod
+    health = ["mesh", "health", "--hubble", "127.0.0.1:4245"]
+    assert c["livenessProbe"]["exec"]["command"] == c["readinessProbe"]["exec"]["command"] \
+        == health
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False,
+                                    "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}}
+    assert pod["volumes"] == [{"name": "tls", "secret": {
+        "secretName": "mesh-agent-hubble-relay-client-certs", "defaultMode": 0o440}}]
+    # RBAC: Nodes listed and watched, nothing else, for the relay's own ServiceAccount
+    roles = {r["metadata"]["name"]: r for r in _objects(name, "ClusterRole")}
+    assert _triples(roles["mesh-hubble-relay"]["rules"]) == _triples(relay_rules())
+    bindings = {b["metadata"]["name"]: b for b in _objects(name, "ClusterRoleBinding")}
+    assert bindings["mesh-hubble-relay"]["subjects"] == [
+        {"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+         "namespace": "mesh-system"}]
+    assert pod["serviceAccountName"] == "mesh-hubble-relay"
 
 
 # -- RBAC --------------------------------------------------------------------------------------
