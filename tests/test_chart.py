@@ -28,8 +28,8 @@ from click.testing import CliRunner
 from mesh.cli import main
 from mesh.cni import install as cni
 from mesh.cni.runtime import NetworkList
-from mesh.install import CHART_DIR, InstallError, Manifest, render
 from mesh.hubble.tls import CLIENT_NAME, SERVER_NAME
+from mesh.install import CHART_DIR, InstallError, Manifest, render
 from mesh.kube.rbac import cluster_rules, namespace_rules, relay_rules
 from mesh.lab.controlplane import ControlPlane, gateway_api_crds
 from mesh.translate.config import DEFAULT_CONTROLLER, DEFAULT_INGRESS_CONTROLLER
