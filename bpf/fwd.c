@@ -105,12 +105,16 @@ static __always_inline void flow_count(__u32 i)
 
 static __always_inline void flow_send(struct ct4_key *k, struct flow_entry *e, __u8 type,
 				      __u8 verdict, struct flow_note *note, __u8 is_reply,
-				      __u8 tcp_flags, __u32 ifindex)
+				      __u8 tcp_flags, __u32 ifindex, struct lb4_xlate *xlate)
 {
 	struct flow_event ev = { .time_ns = bpf_ktime_get_ns(), .key = *k, .type = type,
 				 .verdict = verdict, .reason = note->reason, .point = note->point,
 				 .is_reply = is_reply, .tcp_flags = tcp_flags, .ifindex = ifindex,
 				 .policy = note->policy };
+	if (xlate) {
+		ev.xlate_address = xlate->address;
+		ev.xlate_port = xlate->port;
+	}
 	ev.packets[0] = e->packets[0];
 	ev.packets[1] = e->packets[1];
 	ev.bytes[0] = e->bytes[0];
@@ -119,6 +123,23 @@ static __always_inline void flow_send(struct ct4_key *k, struct flow_entry *e, _
 		flow_count(MESH_FLOW_LOST);
 	else
 		flow_count(MESH_FLOW_SENT);
+}
+
+/* The frontend the socket load balancer translated a new connection from (lib/lb.h), taken
+ * out of mesh_lb_xlate into `out`; 0 when it was not balanced at its socket. */
+static __always_inline int flow_xlate(struct ct4_key *k, struct lb4_xlate *out)
+{
+	struct ct4_key found = *k;
+	struct lb4_xlate *x = mesh_lb_xlate.lookup(&found);
+	if (!x && k->proto == IPPROTO_UDP) {
+		found.saddr = 0;  /* a datagram socket bound to any address */
+		x = mesh_lb_xlate.lookup(&found);
+	}
+	if (!x)
+		return 0;
+	*out = *x;
+	mesh_lb_xlate.delete(&found);
+	return 1;
 }
 
 /* After a program decided (`action`, its return code): account the packet to its
@@ -185,8 +206,10 @@ static __always_inline void flow_observe(struct __sk_buff *skb, int action)
 			fresh.reason[0] = reason;
 		}
 		mesh_flows.update(&k, &fresh);
+		struct lb4_xlate xlate = {};
+		int translated = !dir && flow_xlate(&k, &xlate);
 		flow_send(&k, &fresh, MESH_FLOW_NEW, verdict, note, dir, tcp_flags,
-			  skb->ingress_ifindex);
+			  skb->ingress_ifindex, translated ? &xlate : 0);
 		return;
 	}
 	__sync_fetch_and_add(&e->packets[dir], 1);
@@ -198,7 +221,7 @@ static __always_inline void flow_observe(struct __sk_buff *skb, int action)
 		/* The replies' first verdict is no change, unless they are dropped. */
 		if (was || verdict == MESH_VERDICT_DROPPED)
 			flow_send(&k, e, MESH_FLOW_CHANGED, verdict, note, dir, tcp_flags,
-				  skb->ingress_ifindex);
+				  skb->ingress_ifindex, 0);
 	}
 	if (f.proto != IPPROTO_TCP || (e->flags & MESH_FLOW_ENDED))
 		return;
@@ -208,7 +231,7 @@ static __always_inline void flow_observe(struct __sk_buff *skb, int action)
 	    (e->flags & (MESH_FLOW_FIN0 | MESH_FLOW_FIN1)) == (MESH_FLOW_FIN0 | MESH_FLOW_FIN1)) {
 		e->flags |= MESH_FLOW_ENDED;
 		flow_send(&k, e, MESH_FLOW_CLOSED, verdict, note, dir, tcp_flags,
-			  skb->ingress_ifindex);
+			  skb->ingress_ifindex, 0);
 	}
 }
 

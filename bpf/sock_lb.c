@@ -3,7 +3,9 @@
  * Attached to the pods' cgroup: connect() and sendmsg() to a ClusterIP:port are rewritten,
  * once per connection (per datagram for unconnected UDP), to a backend's address; the
  * packets then go straight to the backend with no per-packet NAT. getpeername() and a UDP
- * reply's source show the ClusterIP again, as the application asked for it. */
+ * reply's source show the ClusterIP again, as the application asked for it. Each
+ * translation is also told to the flow tracking (mesh_lb_xlate), which names the Service on
+ * the connection's flows. */
 #include "lib/common.h"
 #include "lib/lb.h"
 
@@ -43,7 +45,25 @@ static __always_inline int lb4_pick(struct bpf_sock_addr *ctx, struct lb4_backen
 	return 1;
 }
 
-static __always_inline int lb4_translate(struct bpf_sock_addr *ctx)
+/* Tell the flow tracking which frontend the datagrams from this socket to the backend were
+ * balanced from. The socket's port is bound by the time sendmsg() runs the program; its
+ * address may be 0 (bound to any): fwd.c then looks the tuple up without it. */
+static __always_inline void lb4_xlate_udp(struct bpf_sock_addr *ctx, struct lb4_sock_rev *r)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return;
+	struct ct4_key k = {};
+	k.saddr = ctx->msg_src_ip4 ? ctx->msg_src_ip4 : sk->src_ip4;
+	k.daddr = r->backend_address;
+	k.sport = bpf_htons((__u16)sk->src_port);
+	k.dport = r->backend_port;
+	k.proto = IPPROTO_UDP;
+	struct lb4_xlate x = { .address = r->address, .port = r->port };
+	mesh_lb_xlate.update(&k, &x);
+}
+
+static __always_inline int lb4_translate(struct bpf_sock_addr *ctx, int sendmsg)
 {
 	struct lb4_backend be = {};
 	__u16 rev = 0;
@@ -60,18 +80,50 @@ static __always_inline int lb4_translate(struct bpf_sock_addr *ctx)
 	ctx->user_port = be.port;
 	struct lb4_sock_rev r = { .address = frontend, .port = fport, .rev_nat_index = rev,
 				  .backend_address = be.address, .backend_port = be.port };
+	/* An unconnected socket sends each datagram through here: its translation is told
+	 * when it changes (a new destination, another backend), not per datagram. */
+	struct lb4_sock_rev *old = mesh_sock_rev.lookup(&cookie);
+	int changed = !old || old->address != r.address || old->port != r.port ||
+		      old->backend_address != r.backend_address ||
+		      old->backend_port != r.backend_port;
 	mesh_sock_rev.update(&cookie, &r);
+	if (sendmsg && changed)
+		lb4_xlate_udp(ctx, &r);
 	return 1;
 }
 
 int mesh_connect4(struct bpf_sock_addr *ctx)
 {
-	return lb4_translate(ctx);
+	return lb4_translate(ctx, 0);
 }
 
 int mesh_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return lb4_translate(ctx);
+	return lb4_translate(ctx, 1);
+}
+
+/* TCP: connect() has picked the socket's own address and port by the time it calls this
+ * (before its SYN is sent): a balanced socket's translation is told to the flow tracking
+ * by the tuple its packets will carry. */
+int mesh_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB || skops->family != 2 /* AF_INET */)
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct lb4_sock_rev *r = mesh_sock_rev.lookup(&cookie);
+	if (!r)
+		return 1;
+	struct ct4_key k = {};
+	k.saddr = skops->local_ip4;
+	k.daddr = skops->remote_ip4;
+	k.sport = bpf_htons((__u16)skops->local_port);       /* host order */
+	k.dport = (__be16)(skops->remote_port >> 16);         /* network order, upper half */
+	k.proto = IPPROTO_TCP;
+	if (k.daddr != r->backend_address || k.dport != r->backend_port)
+		return 1;  /* connected elsewhere since */
+	struct lb4_xlate x = { .address = r->address, .port = r->port };
+	mesh_lb_xlate.update(&k, &x);
+	return 1;
 }
 
 /* Show the frontend again where the socket's peer is the backend it was sent to. */

@@ -137,3 +137,109 @@ def test_a_drops_direction_is_its_policys() -> None:
     assert direction(event(FLOW_POLICY_EGRESS), local) == "EGRESS"
     assert direction(event(0), local) == "EGRESS"
     assert direction(event(0), lambda a: a == "10.0.0.2") == "INGRESS"
+
+
+# In the node's namespace: the agent's datapath sink (the socket load balancer on the
+# client's cgroup, the forwarding at the veths), a TCP Service (two backends) and a UDP one
+# (one backend) on the ClusterIP, the directory naming it; from the client pod (in that
+# cgroup): 6 connections to the TCP Service, one to a backend straight, and 10 datagrams of
+# one socket to the UDP Service. Prints the flows as JSON.
+TRANSLATIONS = """
+import asyncio, dataclasses, json, os, subprocess, sys
+from pathlib import Path
+from mesh import ir
+from mesh.flows.datapath import DatapathFlows
+from mesh.flows.directory import FlowDirectory
+from mesh.flows.store import FlowStore
+from mesh.sinks.datapath import DatapathSink
+
+pins, cgroup, client_ns, cluster_ip = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+backends = sys.argv[5:8]
+CONNECT = '''
+import socket, sys
+for _ in range(int(sys.argv[3])):
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as c:
+        c.sendall(b"hi"); c.recv(100)
+'''
+SEND = '''
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(10): s.sendto(b"x", (sys.argv[1], 5353))
+'''
+
+def join():
+    with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+
+def in_client(*args):
+    subprocess.run(["ip", "netns", "exec", client_ns, sys.executable, "-c", *args],
+                   check=True, preexec_fn=join)
+
+sink = DatapathSink(pins, Path(cgroup), forwarding=True)
+model = ir.IR(
+    services=(ir.ServiceFrontend(cluster_ip, 80, "TCP", tuple(
+                  ir.L4Backend(b, 8080) for b in backends[:2])),
+              ir.ServiceFrontend(cluster_ip, 5353, "UDP", (ir.L4Backend(backends[2], 53),))),
+    directory=ir.Directory(services=(ir.DirectoryService(cluster_ip, "default", "web"),)))
+sink.apply(model)
+sink.forwarding.sync()
+names = FlowDirectory()
+names.apply(model)
+
+async def main():
+    store = FlowStore()
+    flows = DatapathFlows(sink.forwarding.flow_events(), store, "node-1", names,
+                          local=sink.forwarding.is_local)
+    task = asyncio.create_task(flows.run())
+    await flows.ready.wait()
+    await asyncio.to_thread(in_client, CONNECT, cluster_ip, "80", "6")
+    await asyncio.to_thread(in_client, CONNECT, backends[0], "8080", "1")
+    await asyncio.to_thread(in_client, SEND, cluster_ip)
+    await asyncio.sleep(0.5)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    print(json.dumps([dataclasses.asdict(f) for f in store.last()]))
+
+asyncio.run(main())
+sink.close()
+"""
+
+
+def test_a_connection_balanced_at_its_socket_names_its_service(lab: Lab, pins: Path) -> None:  # noqa: F811
+    """The socket load balancer tells the flow tracking what it translated (TCP: by sock_ops
+    once connect() has its port; UDP: at sendmsg()): each such connection's first flow is
+    preceded by a TRANSLATED SOCK flow (the client to the backend, the Service named, as
+    Hubble's socket trace after translation) and names the Service; a connection made to a
+    backend straight has neither; an unconnected UDP socket's datagrams to one backend are
+    one translation."""
+    from tests.test_datapath import CLUSTER_IP
+
+    backends = [lab.pods[n] for n in ("backend-a", "backend-b", "backend-c")]
+    out = subprocess.run(
+        ["ip", "netns", "exec", lab.node.name, sys.executable, "-c", TRANSLATIONS, str(pins),
+         str(lab.cgroup), f"{lab.node.name}-client", CLUSTER_IP, *backends],
+        capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    flows = json.loads(out.stdout)
+    client = lab.pods["client"]
+    new = [f for f in flows if f["kind"] == "L3_L4" and f["connection"]["event"] == "NEW"]
+    socks = [f for f in flows if f["kind"] == "SOCK"]
+    tcp_new = [f for f in new if f["protocol"] == "TCP"]
+    assert len(tcp_new) == 7, tcp_new
+    balanced = [f for f in tcp_new if f["destination"]["service"]]
+    assert len(balanced) == 6
+    for f in balanced:
+        assert f["destination"]["service"] == "default/web"
+        assert f["destination"]["ip"] in backends[:2] and f["destination"]["port"] == 8080
+    (straight,) = [f for f in tcp_new if not f["destination"]["service"]]
+    assert straight["destination"]["ip"] == backends[0]
+    (udp,) = [f for f in new if f["protocol"] == "UDP"]
+    assert (udp["destination"]["ip"], udp["destination"]["port"],
+            udp["destination"]["service"]) == (backends[2], 53, "default/web")
+    # one translation per balanced connection, just before its first flow, with its tuple
+    assert len(socks) == 7
+    for s in socks:
+        assert s["verdict"] == "TRANSLATED" and s["source"]["ip"] == client
+        (first,) = [f for f in new if (f["source"], f["destination"]) ==
+                    (s["source"], s["destination"])]
+        assert flows.index(first) == flows.index(s) + 1

@@ -250,6 +250,41 @@ async def hubble_cli(tmp_path: Path) -> None:
         assert len(pods.strip().splitlines()) == 4, pods  # to or from the client
 
 
+def translation(t: float) -> Flow:
+    """A socket's translation: the client to echo's backend, balanced from its Service."""
+    backend = Endpoint(**{**ECHO.__dict__, "service": "demo/echo"})
+    return Flow(time=T0 + t, node="node1", kind="SOCK", verdict="TRANSLATED", source=CLIENT,
+                destination=backend, protocol="TCP", direction=EGRESS,
+                connection=Connection(event="TRANSLATED", point="", is_reply=False))
+
+
+def test_a_translation_reads_as_hubbles_socket_trace(tmp_path: Path) -> None:
+    from mesh.hubble.cli import row
+
+    f = to_proto(translation(1))
+    assert (f.Type, f.verdict, f.sock_xlate_point) == (
+        flow_pb2.SOCK, flow_pb2.TRANSLATED, flow_pb2.SOCK_XLATE_POINT_POST_DIRECTION_FWD)
+    assert (f.event_type.type, f.event_type.sub_type) == (7, 2)  # TraceSock, post-xlate-fwd
+    assert f.destination_service.name == "echo" and not f.l4.TCP.HasField("flags")
+    response = observer_pb2.GetFlowsResponse(flow=f)
+    assert row(response)[2:] == ("demo/client-7d9f:40000", "->",
+                                 "demo/echo-v1-5c6b:8080 (demo/echo)", "TRANSLATED",
+                                 "post-xlate-fwd TCP")
+    if HUBBLE.exists():  # Hubble's own CLI prints it as it prints Cilium's
+        asyncio.run(translation_in_hubble(tmp_path))
+
+
+async def translation_in_hubble(tmp_path: Path) -> None:
+    async with served(tmp_path) as (store, socket):
+        store.add(translation(9))
+        out = await asyncio.to_thread(hubble, socket, "observe", "--last", "1")
+        assert "demo/client-7d9f:40000 (ID:1001) -> demo/echo-v1-5c6b:8080 (ID:1002) " \
+            "post-xlate-fwd TRANSLATED (TCP)" in out, out
+        typed = await asyncio.to_thread(hubble, socket, "observe", "--last", "10", "--type",
+                                        "trace-sock", "-o", "json")
+        assert len(typed.strip().splitlines()) == 1, typed
+
+
 def test_observe_builds_filters_as_hubbles_cli() -> None:
     from mesh.hubble.cli import FilterUsage, parse_filters
 

@@ -21,6 +21,18 @@
 
 #define MESH_PINNED(name) MESH_PIN_DIR "/" #name
 
+/* A packet's tuple as it is seen on the wire, in network byte order: the key of connection
+ * tracking (ct.h), of the flows (flow.h) and of the socket load balancer's translations
+ * (lb.h). */
+struct ct4_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
 /* Packet marks (Cilium's layout: the magic in bits 8-11).
  * TO_PROXY: set on a packet handed to the node's Envoy, so that the policy route
  * (fwmark 0x200/0xf00 -> table 2004: local default dev lo) delivers it locally although its

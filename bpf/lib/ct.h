@@ -17,16 +17,6 @@
 #define MESH_NAT_PORT_COUNT 4536
 #define MESH_NAT_PORT_TRIES 8
 
-/* A packet's tuple as it is seen on the wire, in network byte order. */
-struct ct4_key {
-	__be32 saddr;
-	__be32 daddr;
-	__be16 sport;
-	__be16 dport;
-	__u8 proto;
-	__u8 pad[3];
-};
-
 /* Forward: client -> frontend becomes client (or this node, SNAT) -> backend. */
 struct ct4_entry {
 	__be32 backend_address;

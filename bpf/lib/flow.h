@@ -83,7 +83,11 @@ struct flow_event {
 	__u8 is_reply;       /* it went responder -> initiator */
 	__u8 tcp_flags;      /* its TCP flags (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) */
 	__u8 policy;         /* with a policy drop: whose (MESH_FLOW_POLICY_*), else 0 */
-	__u8 pad[5];
+	__u8 pad;
+	__be16 xlate_port;   /* NEW of a connection balanced at its socket: the frontend it */
+	__u16 pad2;          /* was translated from (lib/lb.h), else 0 */
+	__be32 xlate_address;
+	__u32 pad3;
 };
 
 /* [0] enabled (1) or not (0): the agent's switch; off, nothing is tracked or sent. */

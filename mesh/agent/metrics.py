@@ -32,7 +32,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from mesh.flows.model import DROPPED, L7, Flow
+from mesh.flows.model import DROPPED, L7, SOCK, Flow
 from mesh.flows.store import FOLLOWER_LOST, RING_LOST, FlowStore
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,8 @@ class AgentMetrics:
         conn = f.connection
         if f.kind == L7:
             kind, subtype = "L7", "HTTP"
+        elif f.kind == SOCK:
+            kind, subtype = "Sock", "post-xlate-fwd"
         else:
             kind = "Drop" if f.verdict == DROPPED else "Trace"
             subtype = _SUBTYPES.get(conn.point, "") if conn is not None else ""

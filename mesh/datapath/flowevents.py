@@ -41,16 +41,22 @@ class FlowEvent:
     is_reply: bool
     tcp_flags: int
     policy: int = 0  # with a policy drop: whose (layout.FLOW_POLICY_INGRESS, _EGRESS)
+    # NEW of a connection balanced at its socket: the frontend it was translated from
+    xlate_address: str = ""
+    xlate_port: int = 0
 
 
 def decode(raw: bytes) -> FlowEvent:
     (time_ns, saddr, daddr, sport, dport, proto, p0, p1, b0, b1, ifindex, type_, verdict,
-     reason, point, is_reply, tcp_flags, policy) = FLOW_EVENT.unpack_from(raw)
+     reason, point, is_reply, tcp_flags, policy, xport, xaddr) = FLOW_EVENT.unpack_from(raw)
+    xlated = xaddr != b"\0\0\0\0"
     return FlowEvent(time_ns, address_of(int.from_bytes(saddr, "little")),
                      address_of(int.from_bytes(daddr, "little")),
                      int.from_bytes(sport, "big"), int.from_bytes(dport, "big"), proto,
                      (p0, p1), (b0, b1), ifindex, type_, verdict, reason, point,
-                     bool(is_reply), tcp_flags, policy)
+                     bool(is_reply), tcp_flags, policy,
+                     address_of(int.from_bytes(xaddr, "little")) if xlated else "",
+                     int.from_bytes(xport, "big") if xlated else 0)
 
 
 class FlowEvents:

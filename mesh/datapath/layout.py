@@ -63,6 +63,11 @@ class Lb4SockRev(ctypes.Structure):
                 ("backend_port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
+class Lb4Xlate(ctypes.Structure):
+    _fields_ = [("address", ctypes.c_uint32), ("port", ctypes.c_uint16),
+                ("pad", ctypes.c_uint16)]
+
+
 class Lb4Maglev(ctypes.Structure):
     _fields_ = [("backend_ids", ctypes.c_uint32 * MAGLEV_M)]
 
@@ -190,8 +195,9 @@ class FlowConfig(ctypes.Structure):
 
 # struct flow_event, as the ring buffer carries it: time_ns, the key (addresses and ports
 # in network byte order, kept as bytes), packets and bytes each way, ifindex, type, verdict,
-# reason, point, is_reply, tcp_flags, policy.
-FLOW_EVENT = struct.Struct("=Q4s4s2s2sB3xQQQQIBBBBBBB5x")
+# reason, point, is_reply, tcp_flags, policy, and the frontend a NEW connection was
+# balanced from at its socket (port, address; network byte order, zero when none).
+FLOW_EVENT = struct.Struct("=Q4s4s2s2sB3xQQQQIBBBBBBBx2s2x4s4x")
 FLOW_POLICY_INGRESS, FLOW_POLICY_EGRESS = 1, 2  # MESH_FLOW_POLICY_*
 FLOW_NEW, FLOW_CHANGED, FLOW_CLOSED = 1, 2, 3  # MESH_FLOW_*
 FLOW_STATS = ("sent", "lost")  # mesh_flow_stats' slots
@@ -205,6 +211,7 @@ MAPS: dict[str, tuple[type[ctypes._SimpleCData] | type[ctypes.Structure],  # typ
     "mesh_rev_nat": (ctypes.c_uint16, Lb4ReverseNat),
     "mesh_sock_rev": (ctypes.c_uint64, Lb4SockRev),
     "mesh_maglev": (ctypes.c_uint16, Lb4Maglev),
+    "mesh_lb_xlate": (Ct4Key, Lb4Xlate),
 }
 # ... and as endpoints.h and ct.h declare them (bpf/fwd.c)
 FWD_MAPS: dict[str, tuple[Any, type[ctypes.Structure] | Any]] = {

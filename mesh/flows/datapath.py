@@ -1,5 +1,6 @@
 """L3/L4 flows: the datapath's connection events (bpf/lib/flow.h), read from its ring buffer
-on a thread of their own, named, into the node's flow store.
+on a thread of their own, named, into the node's flow store; a new connection the socket
+load balancer translated from a Service also gives a SOCK flow (TRANSLATED).
 
 The events a full ring could not take are counted by the programs; each second their
 count is compared with the last, and what was lost is told to the store's followers (as
@@ -13,11 +14,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from mesh.datapath.flowevents import FlowEvent, FlowEvents, decode
 from mesh.datapath.layout import FLOW_CHANGED, FLOW_CLOSED, FLOW_NEW, FLOW_POLICY_INGRESS
 from mesh.flows.accesslog import Names
-from mesh.flows.model import EGRESS, INGRESS, L3_L4, Connection, Endpoint, Flow
+from mesh.flows.model import (
+    EGRESS,
+    INGRESS,
+    L3_L4,
+    SOCK,
+    TRANSLATED,
+    Connection,
+    Endpoint,
+    Flow,
+)
 from mesh.flows.store import RING_LOST, FlowStore
 
 log = logging.getLogger(__name__)
@@ -72,6 +83,23 @@ def connection_flow(ev: FlowEvent, node: str, names: Names | None,
                               bytes=ev.bytes))
 
 
+def event_flows(ev: FlowEvent, node: str, names: Names | None, local: Callable[[str], bool],
+                epoch_offset: float) -> list[Flow]:
+    """An event's flows: its connection's, and before it, for a new connection the socket
+    load balancer translated, the translation (as Hubble's SOCK flow after the translation:
+    the client to the backend, the Service named); the connection's flow names the Service
+    too."""
+    flow = connection_flow(ev, node, names, local, epoch_offset)
+    if not ev.xlate_address:
+        return [flow]
+    service = names.service(ev.xlate_address) if names is not None else ""
+    destination = replace(flow.destination, service=service)
+    flow = replace(flow, destination=destination)
+    translation = replace(flow, kind=SOCK, verdict=TRANSLATED, drop_reason="",
+                          connection=Connection(event="TRANSLATED", point="", is_reply=False))
+    return [translation, flow]
+
+
 class DatapathFlows:
     """The component: the ring read on a thread (`events.read`), batches handed to the loop,
     decoded and named there."""
@@ -95,8 +123,9 @@ class DatapathFlows:
         self.received += len(batch)
         for raw in batch:
             try:
-                self.store.add(connection_flow(decode(raw), self.node, self.names,
-                                               self.local, offset))
+                for flow in event_flows(decode(raw), self.node, self.names, self.local,
+                                        offset):
+                    self.store.add(flow)
             except (ValueError, TypeError) as e:  # not expected: the layout is ours
                 log.warning("flow event skipped", extra={"error": str(e)})
 

@@ -56,7 +56,10 @@ class Connection:
 
 # Verdicts and drop reasons as Hubble names them (flow.proto's Verdict and DropReason).
 FORWARDED, DROPPED, ERROR, REDIRECTED = "FORWARDED", "DROPPED", "ERROR", "REDIRECTED"
-L3_L4, L7 = "L3_L4", "L7"
+TRANSLATED = "TRANSLATED"  # a socket balanced from a Service to a backend (a SOCK flow)
+# Flow kinds (flow.proto's FlowType): a connection's event, a request, a socket's
+# translation by the socket load balancer.
+L3_L4, L7, SOCK = "L3_L4", "L7", "SOCK"
 INGRESS, EGRESS = "INGRESS", "EGRESS"
 
 
@@ -64,8 +67,8 @@ INGRESS, EGRESS = "INGRESS", "EGRESS"
 class Flow:
     time: float  # seconds since the epoch
     node: str
-    kind: str  # L3_L4 | L7
-    verdict: str  # FORWARDED | DROPPED | ERROR | REDIRECTED (to the node's Envoy)
+    kind: str  # L3_L4 | L7 | SOCK
+    verdict: str  # FORWARDED | DROPPED | ERROR | REDIRECTED (to the node's Envoy) | TRANSLATED
     source: Endpoint
     destination: Endpoint
     protocol: str  # "TCP", "UDP", "ICMP"

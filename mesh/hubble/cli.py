@@ -180,6 +180,8 @@ def _what(flow: Any) -> str:
         return "http-response" if flow.l7.type == flow_pb2.RESPONSE else "http-request"
     if flow.verdict == flow_pb2.DROPPED:
         return "drop"
+    if flow.Type == flow_pb2.SOCK:
+        return "post-xlate-fwd"  # as Hubble prints a socket's translation
     point = flow.trace_observation_point
     return flow_pb2.TraceObservationPoint.Name(point).lower().replace("_", "-") \
         if point else "trace"

@@ -5,7 +5,8 @@ Where Hubble has a convention, it is followed: an L7 flow is the response (`RESP
 the server to the client, `is_reply`), which carries the status code and the latency
 besides the method and URL; labels are `k8s:key=value` with the pod's namespace as
 `k8s:io.kubernetes.pod.namespace`; the event type is the Cilium monitor's (4 trace, with
-the observation point as subtype; 1 drop, with the reason; 129 access log).
+the observation point as subtype; 1 drop, with the reason; 129 access log; 7 a socket's
+translation, as Hubble's SOCK flow after it).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from typing import Any
 
 from google.protobuf.wrappers_pb2 import BoolValue
 
-from mesh.flows.model import DROPPED, L7, Connection, Endpoint, Flow
+from mesh.flows.model import DROPPED, L7, SOCK, Connection, Endpoint, Flow
 from mesh.flows.store import Lost
 from mesh.hubble.api.flow import flow_pb2
 
 EMITTER = "mesh"
 # Cilium's monitor message types and trace subtypes (pkg/monitor/api/types.go).
-MESSAGE_DROP, MESSAGE_TRACE, MESSAGE_ACCESS_LOG = 1, 4, 129
+MESSAGE_DROP, MESSAGE_TRACE, MESSAGE_TRACE_SOCK, MESSAGE_ACCESS_LOG = 1, 4, 7, 129
+POST_XLATE_FWD = 2  # flow.proto's SOCK_XLATE_POINT_POST_DIRECTION_FWD
 _TRACE_SUBTYPE = {"TO_ENDPOINT": 0, "TO_PROXY": 1, "TO_STACK": 3, "TO_CRYPTO": 13}
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 _FLAG_ORDER = ("SYN", "ACK", "RST", "FIN", "PSH")
@@ -61,7 +63,7 @@ def to_proto(flow: Flow, version: str = "") -> flow_pb2.Flow:
     fields: dict[str, Any] = dict(
         uuid=str(uuid.uuid4()), emitter=flow_pb2.Emitter(name=EMITTER, version=version),
         verdict=flow.verdict, node_name=flow.node,
-        Type="L7" if flow.kind == L7 else "L3_L4",
+        Type=flow.kind,
         IP=flow_pb2.IP(source=src.ip, destination=dst.ip, ipVersion=_ip_version(src.ip),
                        encrypted=flow.connection is not None and
                        flow.connection.point == "TO_CRYPTO"),
@@ -75,7 +77,7 @@ def to_proto(flow: Flow, version: str = "") -> flow_pb2.Flow:
         fields["drop_reason_desc"] = flow.drop_reason
         fields["drop_reason"] = reason
     conn = flow.connection
-    if conn is not None and flow.kind != L7 and conn.point and flow.verdict != DROPPED:
+    if conn is not None and flow.kind == "L3_L4" and conn.point and flow.verdict != DROPPED:
         fields["trace_observation_point"] = conn.point
     out = flow_pb2.Flow(**fields)
     out.time.FromNanoseconds(int(flow.time * 1e9))
@@ -99,6 +101,16 @@ def to_proto(flow: Flow, version: str = "") -> flow_pb2.Flow:
         out.event_type.type = MESSAGE_ACCESS_LOG
         out.Summary = f"{http.protocol} {http.status} {int(http.latency_ms)}ms " \
             f"({http.method} {out.l7.http.url})"
+    elif flow.kind == SOCK:
+        # as Hubble's socket trace after the translation: no TCP flags; from the client
+        out.ClearField("traffic_direction")
+        out.is_reply.CopyFrom(BoolValue(value=False))
+        out.sock_xlate_point = flow_pb2.SOCK_XLATE_POINT_POST_DIRECTION_FWD
+        out.event_type.type = MESSAGE_TRACE_SOCK
+        out.event_type.sub_type = POST_XLATE_FWD
+        if flow.protocol == "TCP":
+            out.l4.TCP.ClearField("flags")
+        out.Summary = flow.protocol
     elif conn is not None:
         out.is_reply.CopyFrom(BoolValue(value=conn.is_reply))
         if flow.verdict == DROPPED:

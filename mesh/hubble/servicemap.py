@@ -71,6 +71,8 @@ def graph(flows: Iterable[Any]) -> Graph:
     """The graph of Hubble `flow.Flow` messages."""
     g = Graph()
     for f in flows:
+        if f.Type == 3:  # SOCK: a socket's translation, its connection's flow counts
+            continue
         src, src_kind = _name(f.source, f.IP.source)
         dst, dst_kind = _name(f.destination, f.IP.destination)
         if f.HasField("is_reply") and f.is_reply.value:

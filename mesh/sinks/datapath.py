@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 _SOCK_LB = (("mesh_connect4", 10), ("mesh_sendmsg4", 14), ("mesh_recvmsg4", 19),
             ("mesh_getpeername4", 29))
 _CGROUP_SOCK_ADDR = 18
+# bpf/sock_lb.c's sock_ops program (BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS): the
+# translations of TCP connections, told to the flow tracking by tuple.
+_SOCK_OPS = ("mesh_sockops", 13, 3)
 FOLLOW = 2.0  # seconds between looks at the node's pods
 
 
@@ -62,6 +65,9 @@ class DatapathSink:
             for name, attach_type in _SOCK_LB:
                 fn = self.loaded.function(name, _CGROUP_SOCK_ADDR, attach_type)
                 BPF.attach_func(fn, fd, attach_type)
+            name, prog_type, attach_type = _SOCK_OPS
+            BPF.attach_func(self.loaded.function(name, prog_type, attach_type), fd,
+                            attach_type)
         finally:
             os.close(fd)
 
