@@ -148,6 +148,7 @@ TRANSLATIONS = """
 import asyncio, dataclasses, json, os, subprocess, sys
 from pathlib import Path
 from mesh import ir
+from mesh.flows.connections import Connections
 from mesh.flows.datapath import DatapathFlows
 from mesh.flows.directory import FlowDirectory
 from mesh.flows.store import FlowStore
@@ -189,7 +190,7 @@ names.apply(model)
 async def main():
     store = FlowStore()
     flows = DatapathFlows(sink.forwarding.flow_events(), store, "node-1", names,
-                          local=sink.forwarding.is_local)
+                          local=sink.forwarding.is_local, connections=Connections())
     task = asyncio.create_task(flows.run())
     await flows.ready.wait()
     await asyncio.to_thread(in_client, CONNECT, cluster_ip, "80", "6")
@@ -243,3 +244,7 @@ def test_a_connection_balanced_at_its_socket_names_its_service(lab: Lab, pins: P
         (first,) = [f for f in new if (f["source"], f["destination"]) ==
                     (s["source"], s["destination"])]
         assert flows.index(first) == flows.index(s) + 1
+        assert s["connection_id"] == first["connection_id"] != ""
+    # every flow of a connection carries its id: one id per connection
+    ids = {f["connection_id"] for f in flows}
+    assert len(ids) == len(new) == 8 and "" not in ids

@@ -187,3 +187,57 @@ def test_the_ends_are_named_from_the_clusters_pods_and_services() -> None:
                                        "web-1", "Pod")
     assert (got.verdict, got.drop_reason) == ("DROPPED", "POLICY_DENIED")
     assert got.http is not None and (got.http.method, got.http.path) == ("GET", "/cart")
+
+
+def test_a_request_is_joined_to_its_connection() -> None:
+    """The datapath's events of a connection handed to Envoy (client to a ClusterIP) and the
+    requests Envoy logged on it carry one connection id, also in Hubble's flow (its
+    extensions); a request on a connection the datapath never saw carries none."""
+    from envoy.data.accesslog.v3 import accesslog_pb2
+    from google.protobuf.struct_pb2 import Struct
+
+    from mesh.datapath.flowevents import FlowEvent
+    from mesh.datapath.layout import FLOW_CLOSED, FLOW_NEW
+    from mesh.flows.accesslog import http_flow
+    from mesh.flows.connections import Connections
+    from mesh.flows.datapath import event_flows
+    from mesh.hubble.convert import to_proto
+
+    connections = Connections()
+
+    def event(type_: int, sport: int = 40000) -> Flow:
+        ev = FlowEvent(time_ns=1, saddr="10.244.0.8", daddr="10.96.0.20", sport=sport,
+                       dport=80, proto=6, packets=(1, 0), bytes=(60, 0), ifindex=3,
+                       type=type_, verdict=5, reason=0, point=1, is_reply=False,
+                       tcp_flags=0x02)
+        (flow,) = event_flows(ev, "node1", None, lambda _a: True, 0.0, connections)
+        return flow
+
+    def request(sport: int = 40000) -> Flow:
+        entry = accesslog_pb2.HTTPAccessLogEntry()
+        common = entry.common_properties
+        common.downstream_remote_address.socket_address.address = "10.244.0.8"
+        common.downstream_remote_address.socket_address.port_value = sport
+        common.downstream_local_address.socket_address.address = "10.96.0.20"
+        common.downstream_local_address.socket_address.port_value = 80
+        entry.response.response_code.value = 200
+        return http_flow(entry, "node1", None, connections)
+
+    opened = event(FLOW_NEW)
+    first, second = request(), request()
+    closed = event(FLOW_CLOSED)
+    assert opened.connection_id and len({opened.connection_id, first.connection_id,
+                                         second.connection_id, closed.connection_id}) == 1
+    assert len({opened.id, first.id, second.id, closed.id}) == 4  # each flow its own id
+    assert request(sport=40001).connection_id == ""
+    reopened = event(FLOW_NEW)  # the tuple used again: another connection
+    assert reopened.connection_id not in ("", opened.connection_id)
+    proto = to_proto(first)
+    assert proto.uuid == first.id
+    extension = Struct()
+    assert proto.extensions.Unpack(extension)
+    assert extension["connection_id"] == opened.connection_id
+    small = Connections(capacity=2)
+    for port in (1, 2, 3):
+        small.open(("10.0.0.1", port, "10.0.0.2", 80, "TCP"))
+    assert len(small) == 2 and small.get(("10.0.0.1", 1, "10.0.0.2", 80, "TCP")) == ""

@@ -266,8 +266,8 @@ def test_a_translation_reads_as_hubbles_socket_trace(tmp_path: Path) -> None:
         flow_pb2.SOCK, flow_pb2.TRANSLATED, flow_pb2.SOCK_XLATE_POINT_POST_DIRECTION_FWD)
     assert (f.event_type.type, f.event_type.sub_type) == (7, 2)  # TraceSock, post-xlate-fwd
     assert f.destination_service.name == "echo" and not f.l4.TCP.HasField("flags")
-    response = observer_pb2.GetFlowsResponse(flow=f)
-    assert row(response)[2:] == ("demo/client-7d9f:40000", "->",
+    shown = row(observer_pb2.GetFlowsResponse(flow=f))
+    assert shown is not None and shown[2:] == ("demo/client-7d9f:40000", "->",
                                  "demo/echo-v1-5c6b:8080 (demo/echo)", "TRANSLATED",
                                  "post-xlate-fwd TCP")
     if HUBBLE.exists():  # Hubble's own CLI prints it as it prints Cilium's

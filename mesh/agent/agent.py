@@ -40,6 +40,7 @@ from mesh.envoy.admin import EnvoyAdmin
 from mesh.envoy.bootstrap import BootstrapConfig
 from mesh.envoy.supervisor import EnvoySupervisor
 from mesh.flows.accesslog import AccessLogServer
+from mesh.flows.connections import Connections
 from mesh.flows.directory import FlowDirectory
 from mesh.flows.store import FlowStore
 from mesh.hubble.observer import Observer, ObserverServer
@@ -174,8 +175,9 @@ class Agent:
         # named from the IR's directory
         names = FlowDirectory()
         sinks.append(names)
+        connections = Connections()  # the datapath's connections, joined to their requests
         components.append(AccessLogServer(cfg.accesslog_socket, self.flows, cfg.node_id,
-                                          names))
+                                          names, connections))
         observer = Observer(self.flows, cfg.node_id, names.namespaces)
         components.append(ObserverServer(cfg.hubble_socket, observer))  # the node's flows
         if cfg.hubble_listen is not None:  # for the cluster's relay
@@ -209,7 +211,7 @@ class Agent:
             flow_events = forwarding.flow_events()
             components.append(DatapathFlows(  # the datapath's connections, as L3/L4 flows
                 flow_events, self.flows, cfg.node_id, names, forwarding.is_local,
-                enabled=cfg.flow_events))
+                enabled=cfg.flow_events, connections=connections))
             self.metrics.registry.register(DatapathCollector(
                 {**forwarding.metered_tables(), **datapath.metered_tables()},
                 flow_events.counters))

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from mesh.flows.connections import Connections
 from mesh.flows.model import DROPPED, ERROR, FORWARDED, L7, Endpoint, Flow, Http
 from mesh.flows.store import FlowStore
 from mesh.unixsocket import add_private_port
@@ -40,9 +42,12 @@ def _address(addr: Any) -> tuple[str, int]:
     return str(sa.address), int(sa.port_value)
 
 
-def http_flow(entry: Any, node: str, names: Names | None = None) -> Flow:
+def http_flow(entry: Any, node: str, names: Names | None = None,
+              connections: Connections | None = None) -> Flow:
     """An `HTTPAccessLogEntry` as a flow; the destination names the Service the client
-    asked for when the address it connected to is one's ClusterIP."""
+    asked for when the address it connected to is one's ClusterIP; with `connections`, it
+    carries the id of the connection the datapath saw (the client's tuple to that
+    address)."""
     from envoy.config.core.v3 import base_pb2
 
     common, request, response = entry.common_properties, entry.request, entry.response
@@ -68,7 +73,9 @@ def http_flow(entry: Any, node: str, names: Names | None = None) -> Flow:
     service = names.service(asked[0]) if names is not None else ""
     if service:
         destination = dataclasses.replace(destination, service=service)
+    cid = connections.get((*src, *asked, "TCP")) if connections is not None else ""
     return Flow(
+        id=str(uuid.uuid4()), connection_id=cid,
         time=common.start_time.ToNanoseconds() / 1e9 if common.HasField("start_time") else 0.0,
         node=node, kind=L7, verdict=verdict, drop_reason=reason,
         source=source, destination=destination, protocol="TCP",
@@ -83,8 +90,9 @@ class AccessLogServer:
     """The service on `socket` (0600), its flows into `store`."""
 
     def __init__(self, socket: Path, store: FlowStore, node: str,
-                 names: Names | None = None) -> None:
+                 names: Names | None = None, connections: Connections | None = None) -> None:
         self.socket = socket
+        self.connections = connections
         self.store = store
         self.node = node
         self.names = names
@@ -104,7 +112,8 @@ class AccessLogServer:
                     for entry in message.http_logs.log_entry:
                         outer.entries += 1
                         try:
-                            outer.store.add(http_flow(entry, outer.node, outer.names))
+                            outer.store.add(http_flow(entry, outer.node, outer.names,
+                                                      outer.connections))
                         except (ValueError, TypeError) as e:  # an entry we cannot read
                             log.warning("access log entry skipped", extra={"error": str(e)})
                 return als_pb2.StreamAccessLogsResponse()

@@ -13,12 +13,14 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
 from mesh.datapath.flowevents import FlowEvent, FlowEvents, decode
 from mesh.datapath.layout import FLOW_CHANGED, FLOW_CLOSED, FLOW_NEW, FLOW_POLICY_INGRESS
 from mesh.flows.accesslog import Names
+from mesh.flows.connections import Connections
 from mesh.flows.model import (
     EGRESS,
     INGRESS,
@@ -71,6 +73,7 @@ def connection_flow(ev: FlowEvent, node: str, names: Names | None,
     else:
         source, destination = Endpoint(*sender), Endpoint(*receiver)
     return Flow(
+        id=str(uuid.uuid4()),
         time=ev.time_ns / 1e9 + epoch_offset, node=node, kind=L3_L4,
         verdict=VERDICTS.get(ev.verdict, "VERDICT_UNKNOWN"),
         drop_reason=DROP_REASONS.get(ev.reason, str(ev.reason)) if ev.reason else "",
@@ -84,18 +87,23 @@ def connection_flow(ev: FlowEvent, node: str, names: Names | None,
 
 
 def event_flows(ev: FlowEvent, node: str, names: Names | None, local: Callable[[str], bool],
-                epoch_offset: float) -> list[Flow]:
+                epoch_offset: float, connections: Connections | None = None) -> list[Flow]:
     """An event's flows: its connection's, and before it, for a new connection the socket
     load balancer translated, the translation (as Hubble's SOCK flow after the translation:
     the client to the backend, the Service named); the connection's flow names the Service
-    too."""
+    too. With `connections`, they carry their connection's id."""
     flow = connection_flow(ev, node, names, local, epoch_offset)
+    if connections is not None:
+        key = (ev.saddr, ev.sport, ev.daddr, ev.dport, flow.protocol)
+        cid = connections.open(key) if ev.type == FLOW_NEW else connections.get(key)
+        flow = replace(flow, connection_id=cid)
     if not ev.xlate_address:
         return [flow]
     service = names.service(ev.xlate_address) if names is not None else ""
     destination = replace(flow.destination, service=service)
     flow = replace(flow, destination=destination)
     translation = replace(flow, kind=SOCK, verdict=TRANSLATED, drop_reason="",
+                          id=str(uuid.uuid4()),
                           connection=Connection(event="TRANSLATED", point="", is_reply=False))
     return [translation, flow]
 
@@ -106,14 +114,16 @@ class DatapathFlows:
 
     def __init__(self, events: FlowEvents, store: FlowStore, node: str,
                  names: Names | None = None, local: Callable[[str], bool] | None = None,
-                 enabled: bool = True) -> None:
-        """`local`: whether an address is a pod of this node (the direction of a flow)."""
+                 enabled: bool = True, connections: Connections | None = None) -> None:
+        """`local`: whether an address is a pod of this node (the direction of a flow);
+        `connections`: the node's connection ids, shared with the access log's flows."""
         self.events = events
         self.store = store
         self.node = node
         self.names = names
         self.local = local or (lambda _address: False)
         self.enabled = enabled
+        self.connections = connections
         self.received = 0  # events read from the ring
         self.lost = 0  # events the ring could not take, told to the store
         self.ready = asyncio.Event()
@@ -124,7 +134,7 @@ class DatapathFlows:
         for raw in batch:
             try:
                 for flow in event_flows(decode(raw), self.node, self.names, self.local,
-                                        offset):
+                                        offset, self.connections):
                     self.store.add(flow)
             except (ValueError, TypeError) as e:  # not expected: the layout is ours
                 log.warning("flow event skipped", extra={"error": str(e)})

@@ -76,3 +76,5 @@ class Flow:
     http: Http | None = None
     connection: Connection | None = None  # L3_L4 flows from the datapath
     direction: str = ""  # INGRESS (to a pod of the node) | EGRESS (from one) | ""
+    id: str = ""  # this flow's (Hubble's uuid)
+    connection_id: str = ""  # its connection's: shared by its L3/L4, SOCK and L7 flows

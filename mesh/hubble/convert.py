@@ -15,6 +15,7 @@ import ipaddress
 import uuid
 from typing import Any
 
+from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from mesh.flows.model import DROPPED, L7, SOCK, Connection, Endpoint, Flow
@@ -61,7 +62,7 @@ def to_proto(flow: Flow, version: str = "") -> flow_pb2.Flow:
         src, dst = dst, src  # the response: from the server to the client
     # enums by name: the generated constructors take them so, and typed
     fields: dict[str, Any] = dict(
-        uuid=str(uuid.uuid4()), emitter=flow_pb2.Emitter(name=EMITTER, version=version),
+        uuid=flow.id or str(uuid.uuid4()), emitter=flow_pb2.Emitter(name=EMITTER, version=version),
         verdict=flow.verdict, node_name=flow.node,
         Type=flow.kind,
         IP=flow_pb2.IP(source=src.ip, destination=dst.ip, ipVersion=_ip_version(src.ip),
@@ -81,6 +82,11 @@ def to_proto(flow: Flow, version: str = "") -> flow_pb2.Flow:
         fields["trace_observation_point"] = conn.point
     out = flow_pb2.Flow(**fields)
     out.time.FromNanoseconds(int(flow.time * 1e9))
+    if flow.connection_id:
+        # Hubble's Flow has no field for it: its extensions hold the connection's id
+        extension = Struct()
+        extension.update({"connection_id": flow.connection_id})
+        out.extensions.Pack(extension)
     if flow.protocol == "TCP":
         tcp = out.l4.TCP
         tcp.source_port, tcp.destination_port = src.port, dst.port
