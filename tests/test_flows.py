@@ -241,3 +241,31 @@ def test_a_request_is_joined_to_its_connection() -> None:
     for port in (1, 2, 3):
         small.open(("10.0.0.1", port, "10.0.0.2", 80, "TCP"))
     assert len(small) == 2 and small.get(("10.0.0.1", 1, "10.0.0.2", 80, "TCP")) == ""
+
+
+def test_a_nodes_address_is_the_host_or_a_remote_node_as_hubble_names_them() -> None:
+    from mesh import ir
+    from mesh.flows.directory import FlowDirectory
+    from mesh.hubble.convert import to_proto
+    from mesh.store.objects import parse_object
+    from mesh.store.store import Store
+    from mesh.translate.directory import translate_directory
+
+    store = Store()
+    store.replace("test", [parse_object(
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+         "status": {"addresses": [{"type": "InternalIP", "address": address},
+                                  {"type": "Hostname", "address": name}]}})
+        for name, address in (("node1", "172.30.0.11"), ("node2", "172.30.0.12"))])
+    directory = translate_directory(store.snapshot())
+    assert directory.nodes == (ir.DirectoryNode("172.30.0.11", "node1"),
+                               ir.DirectoryNode("172.30.0.12", "node2"))
+    names = FlowDirectory("node1")
+    names.apply(ir.IR(directory=directory))
+    host, remote = names.endpoint("172.30.0.11", 40000), names.endpoint("172.30.0.12")
+    assert (host.identity, host.labels, host.node) == (1, ("reserved:host",), "node1")
+    assert (remote.identity, remote.labels, remote.node) == (6, ("reserved:remote-node",),
+                                                             "node2")
+    probe = Flow(time=1.0, node="node1", kind="L3_L4", verdict="FORWARDED", source=host,
+                 destination=names.endpoint("10.244.0.9", 8080), protocol="TCP")
+    assert list(to_proto(probe).source.labels) == ["reserved:host"]

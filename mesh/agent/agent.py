@@ -173,7 +173,7 @@ class Agent:
         sinks: list[Sink] = [EnvoySink(self.cache, cfg.node_id)]
         # The node's flows: Envoy's requests through its access log service, their ends
         # named from the IR's directory
-        names = FlowDirectory()
+        names = FlowDirectory(cfg.node_id)
         sinks.append(names)
         connections = Connections()  # the datapath's connections, joined to their requests
         components.append(AccessLogServer(cfg.accesslog_socket, self.flows, cfg.node_id,

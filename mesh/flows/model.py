@@ -15,7 +15,7 @@ class Endpoint:
     port: int = 0
     namespace: str = ""
     pod: str = ""
-    labels: tuple[str, ...] = ()  # "key=value", sorted
+    labels: tuple[str, ...] = ()  # "key=value", sorted; a node's: "reserved:host" or ":remote-node"
     identity: int = 0
     service: str = ""  # "namespace/name": the Service the client asked for (its ClusterIP)
     node: str = ""  # the pod's node

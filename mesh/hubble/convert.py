@@ -32,7 +32,7 @@ _FLAG_ORDER = ("SYN", "ACK", "RST", "FIN", "PSH")
 
 
 def _endpoint(e: Endpoint) -> flow_pb2.Endpoint:
-    labels = [f"k8s:{label}" for label in e.labels]
+    labels = [label if label.startswith("reserved:") else f"k8s:{label}" for label in e.labels]
     if e.namespace:
         labels.append(f"k8s:{NAMESPACE_LABEL}={e.namespace}")
     workloads = [flow_pb2.Workload(name=e.workload, kind=e.workload_kind)] \

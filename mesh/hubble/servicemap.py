@@ -64,6 +64,8 @@ def _name(endpoint: Any, ip: str) -> tuple[str, str]:
         return f"{endpoint.namespace}/{endpoint.workloads[0].name}", "workload"
     if endpoint.pod_name:
         return f"{endpoint.namespace}/{endpoint.pod_name}", "workload"
+    if {"reserved:host", "reserved:remote-node"} & set(endpoint.labels):
+        return f"node {ip}", "node"  # a node's own address (its kubelet's probes, say)
     return ip or "unknown", "world"
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mesh.ir.directory import Directory, DirectoryPod, DirectoryService
+from mesh.ir.directory import Directory, DirectoryNode, DirectoryPod, DirectoryService
 from mesh.ir.encryption import Encryption, EncryptionPeer, KeyProblem
 from mesh.ir.infrastructure import GatewayService, GatewayServicePort
 from mesh.ir.l4 import L4Backend, ServiceFrontend
@@ -78,6 +78,7 @@ __all__ = [
     "Cors",
     "DirectResponse",
     "Directory",
+    "DirectoryNode",
     "DirectoryPod",
     "DirectoryService",
     "Encryption",

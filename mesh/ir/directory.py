@@ -1,6 +1,6 @@
-"""Who is behind an address, for the flows: the cluster's pods and Services by address
-(sorted), so that a flow names its ends as Hubble's do (namespace, pod, labels, Service)
-rather than as addresses."""
+"""Who is behind an address, for the flows: the cluster's pods, Services and nodes by
+address (sorted), so that a flow names its ends as Hubble's do (namespace, pod, labels,
+Service, a node as the host or a remote node) rather than as addresses."""
 
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ class DirectoryService:
 
 
 @dataclass(frozen=True)
+class DirectoryNode:
+    address: str  # one of its Node's addresses (InternalIP, ExternalIP)
+    name: str
+
+
+@dataclass(frozen=True)
 class Directory:
     pods: tuple[DirectoryPod, ...] = ()
     services: tuple[DirectoryService, ...] = ()
+    nodes: tuple[DirectoryNode, ...] = ()

@@ -54,8 +54,16 @@ def translate_directory(snapshot: StoreSnapshot) -> ir.Directory:
         for ip in ips:
             if isinstance(ip, str) and model.is_ip(ip):
                 services.append(ir.DirectoryService(ip, svc.namespace, svc.name))
+    nodes = set()
+    for node in snapshot.of_kind(kinds.NODE):
+        status = node.body.get("status")
+        for a in (status.get("addresses") if isinstance(status, Mapping) else None) or []:
+            if isinstance(a, Mapping) and a.get("type") in ("InternalIP", "ExternalIP") and \
+                    isinstance(a.get("address"), str) and model.is_ip(a["address"]):
+                nodes.add(ir.DirectoryNode(a["address"], node.name))
     return ir.Directory(
         tuple(sorted(pods, key=lambda p: (addressing.address_order(p.address), p.namespace,
                                           p.name))),
         tuple(sorted(services, key=lambda s: (addressing.address_order(s.address),
-                                              s.namespace, s.name))))
+                                              s.namespace, s.name))),
+        tuple(sorted(nodes, key=lambda n: (addressing.address_order(n.address), n.name))))
