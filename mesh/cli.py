@@ -41,8 +41,11 @@ def _hubble_listen(value: str | None, tls: Path | None) -> str | None:
         if tls is not None:
             raise click.UsageError("--hubble-tls-dir goes with --hubble-listen-address")
         return None
-    if _host_port(value, "--hubble-listen-address") is None:
+    parsed = _host_port(value, "--hubble-listen-address")
+    if parsed is None:
         raise click.UsageError("--hubble-listen-address: HOST:PORT")
+    host, port = parsed
+    value = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 bracketed
     from mesh.hubble.tls import TLSError
 
     try:
