@@ -315,7 +315,9 @@ def test_mesh_observe_reads_the_api(tmp_path: Path) -> None:
 
 
 async def observe_api(tmp_path: Path) -> None:
-    async with served(tmp_path) as (_, socket):
+    from dataclasses import replace
+
+    async with served(tmp_path) as (store, socket):
         out = await asyncio.to_thread(mesh_observe, socket)
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
@@ -337,6 +339,17 @@ async def observe_api(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         assert out.stdout.splitlines()[0].split()[:3] == ["TIME", "NODE", "SOURCE"]
         assert len(out.stdout.splitlines()) == 2 and "UDP" in out.stdout
+        # a flow joined to its connection: the id in its JSON, the node named as Hubble does
+        host = Endpoint("172.30.0.11", 0, labels=("reserved:host",), identity=1)
+        store.add(replace(l4(20, src=host), id="f-1", connection_id="c-1"))
+        out = await asyncio.to_thread(mesh_observe, socket, "--last", "1", "-o", "json")
+        assert out.returncode == 0, out.stderr
+        flow = json.loads(out.stdout)["flow"]
+        assert flow["uuid"] == "f-1"
+        assert flow["extensions"] == {"@type": "type.googleapis.com/google.protobuf.Struct",
+                                      "value": {"connection_id": "c-1"}}
+        out = await asyncio.to_thread(mesh_observe, socket, "--last", "1")
+        assert "172.30.0.11 (host) -> demo/echo-v1-5c6b:8080" in out.stdout, out.stdout
 
 
 def test_the_relay_joins_the_nodes(tmp_path: Path) -> None:

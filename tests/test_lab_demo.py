@@ -144,10 +144,33 @@ except OSError:
     assert flow["drop_reason_desc"] == "POLICY_DENIED", flow
     assert flow["destination"]["pod_name"].startswith("echo-"), flow
     assert flow["traffic_direction"] == "INGRESS"  # the echo pod's ingress policy
+    # The socket load balancer sent it from the echo-admin Service straight to that pod:
+    # told as a translation, on the client's node, the Service named, one connection id
+    translated = observed(name, "--verdict", "TRANSLATED", "--from-pod", "default/client",
+                          "--to-port", "9000")
+    ids = {f["extensions"]["value"]["connection_id"] for f in translated}
+    client_node = [f for f in observed(name, "--from-pod", "default/client", "--to-port",
+                                       "9000", "--not", "--verdict", "TRANSLATED")
+                   if f["extensions"]["value"]["connection_id"] in ids]
+    assert translated and client_node, translated
+    for f in translated:
+        assert f["destination_service"] == {"namespace": "default", "name": "echo-admin"}
+        assert f["destination"]["pod_name"].startswith("echo-"), f
+    assert all(f.get("destination_service", {}).get("name") == "echo-admin"
+               for f in client_node)
+    # The relay found the agents in the API server and asks them over mutual TLS
+    relay_log = (cluster.lab_dir(name) / "hubble-relay.log").read_text()
+    assert re.search(r'relay peers nodes=\["[^"]+", "[^"]+"\]', relay_log), relay_log
     # The GAMMA requests of the test: responses from the echo pods to the client, their
-    # status and workload named.
+    # status and workload named, each joined to the connection it came on.
     http = observed(name, "--protocol", "http", "--to-pod", "default/client")
     assert len(http) >= 50, len(http)
+    connections = {f["extensions"]["value"]["connection_id"]
+                   for f in observed(name, "--from-pod", "default/client", "--to-port", "80")
+                   if "extensions" in f}
+    joined = [f for f in http if f.get("extensions", {}).get("value", {}).get(
+        "connection_id") in connections]
+    assert len(joined) >= len(http) // 2, (len(joined), len(http))
     assert {f["l7"]["http"]["code"] for f in http} == {200}
     assert {w["name"] for f in http for w in f["source"]["workloads"]} <= \
         {"echo-v1", "echo-v2"}

@@ -151,9 +151,14 @@ def parse_filters(args: tuple[str, ...] | list[str]) -> Filters:
 # -- output
 
 
+_RESERVED = {1: "host", 6: "remote-node"}  # Hubble's reserved identities of nodes
+
+
 def _end(ep: Any, ip: str, port: int) -> str:
     name = f"{ep.namespace}/{ep.pod_name}" if ep.pod_name else ip
-    return f"{name}:{port}" if port else name
+    end = f"{name}:{port}" if port else name
+    reserved = _RESERVED.get(ep.identity) if not ep.pod_name else None
+    return f"{end} ({reserved})" if reserved else end
 
 
 def _ports(flow: Any) -> tuple[int, int]:
@@ -234,6 +239,9 @@ def print_flows(responses: Iterator[Any], output: str, echo: Callable[[str], Non
             click.echo(note, err=True)
             continue
         if output == "json":
+            # a flow's extensions (its connection's id) are a Struct: its type must be known
+            from google.protobuf import struct_pb2  # noqa: F401
+
             echo(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True),
                             separators=(",", ":")))
             count += 1

@@ -1,15 +1,18 @@
 """What a fresh control plane gets before the lab's agents run on it, as a cluster gets it
 from its administrator: the Gateway API's CRDs (from its Go module) and ours, and the chart's
-own objects (`mesh install`'s rendering: its Namespace, ServiceAccount, ClusterRole, Role,
-their bindings, the GatewayClass and IngressClass), the DaemonSet aside since the lab runs
-each node's agent itself. The agents then authenticate with a token of the chart's
-ServiceAccount, so a permission the agent uses and the chart lacks fails in the lab as on a
-cluster.
+own objects (`mesh install`'s rendering with the Hubble relay on: its Namespace,
+ServiceAccounts, ClusterRoles, Role, their bindings, the relay's certificates, the
+GatewayClass and IngressClass), the DaemonSet and the relay's Deployment aside since the lab
+runs each node's agent and the relay itself. The agents and the relay then authenticate with
+tokens of the chart's ServiceAccounts, and talk with the chart's certificates, so a
+permission the code uses and the chart lacks fails in the lab as on a cluster.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.install import render, to_stream
@@ -41,14 +44,29 @@ def install_crds(cp: ControlPlane) -> None:
                "crd/clusternetworkpolicies.policy.networking.k8s.io")
 
 
+@dataclass(frozen=True)
+class Installed:
+    agent_account: str  # the agents' ServiceAccount
+    relay_account: str  # the Hubble relay's
+    # The chart's certificate Secrets: name -> file (ca.crt, tls.crt, tls.key) -> content.
+    secrets: dict[str, dict[str, bytes]]
+
+    def tls(self, component: str) -> dict[str, bytes]:
+        """The files of the Secret for `component` ("server": the agents', "relay")."""
+        suffix = {"server": "-hubble-server-certs", "relay": "-hubble-relay-client-certs"}
+        return next(v for k, v in self.secrets.items() if k.endswith(suffix[component]))
+
+
 def install_chart(cp: ControlPlane, namespace: str = NAMESPACE,
-                  encryption: str = "none") -> str:
-    """The chart's objects but its DaemonSet (its CRDs included), applied in Helm's order,
-    rendered for the lab's encryption mode (its RBAC follows it); the name of the agents'
-    ServiceAccount."""
-    values = {"encryption": {"mode": encryption}, "datapath": {"enabled": True}}
+                  encryption: str = "none") -> Installed:
+    """The chart's objects but its DaemonSet and the relay's Deployment (its CRDs included),
+    applied in Helm's order, rendered for the lab's encryption mode (its RBAC follows it)
+    and with the Hubble relay on."""
+    values = {"encryption": {"mode": encryption}, "datapath": {"enabled": True},
+              "hubble": {"relay": {"enabled": True}}}
     manifests = [m for m in render(values, release=RELEASE, namespace=namespace,
-                                   create_namespace=True) if m.kind != "DaemonSet"]
+                                   create_namespace=True)
+                 if m.kind not in ("DaemonSet", "Deployment")]
     crds = [m for m in manifests if m.kind == "CustomResourceDefinition"]
     rest = [m for m in manifests if m.kind != "CustomResourceDefinition"]
     _apply(cp, to_stream(crds))
@@ -56,8 +74,21 @@ def install_chart(cp: ControlPlane, namespace: str = NAMESPACE,
                "crd/meshnodes.mesh.dev", "crd/trafficpolicies.mesh.dev",
                "crd/meshidentities.mesh.dev")
     _apply(cp, to_stream(rest))
-    account = next(m.object for m in rest if m.kind == "ServiceAccount")
-    return str(account["metadata"]["name"])
+    accounts = [str(m.object["metadata"]["name"]) for m in rest if m.kind == "ServiceAccount"]
+    secrets = {str(m.object["metadata"]["name"]): {
+        k: base64.b64decode(v) for k, v in m.object["data"].items()}
+        for m in rest if m.kind == "Secret"}
+    return Installed(agent_account=next(a for a in accounts if "relay" not in a),
+                     relay_account=next(a for a in accounts if "relay" in a), secrets=secrets)
+
+
+def write_tls(directory: Path, files: dict[str, bytes]) -> Path:
+    """A Secret's certificate files in `directory`, as a pod would have them mounted (the
+    key 0600)."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name, data in files.items():
+        write_file(directory / name, data, 0o600 if name.endswith(".key") else 0o644)
+    return directory
 
 
 def _apply(cp: ControlPlane, stream: str) -> None:

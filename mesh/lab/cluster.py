@@ -52,6 +52,7 @@ from mesh.lab.network import LabError, NodeNet
 log = logging.getLogger(__name__)
 ROOT = Path("/run/mesh/lab")
 REDIS_PORT = 6379  # on the host's underlay address, one per lab
+HUBBLE_PORT = 4244  # the agents' Observer API for the relay, on each node's address (the chart's)
 # The cgroup2 hierarchy, mounted under /run: `ip netns exec` gives the agents a /sys of
 # their node's namespace, where the host's cgroup mount is not to be seen.
 CGROUP_MOUNT = Path("/run/mesh/lab-cgroup2")
@@ -219,7 +220,7 @@ class Lab:
         self._start_relay()
         began = time.monotonic()
         bootstrap.install_crds(self.cp)
-        account = bootstrap.install_chart(self.cp, encryption=self.encryption)
+        installed = bootstrap.install_chart(self.cp, encryption=self.encryption)
         log.info("CRDs and the chart installed",
                  extra={"seconds": round(time.monotonic() - began, 2)})
         self._start_redis()
@@ -227,10 +228,15 @@ class Lab:
             node_kubeconfig(self.cp.certs, self.cp.server, n.name,
                             self.node_dir(n) / "kubelet.kubeconfig")
             serving_certificate(self.cp.certs, n.name, n.underlay_ip, self.node_dir(n))
-            bootstrap.token_kubeconfig(self.cp, self.node_dir(n) / "agent.kubeconfig", account)
+            bootstrap.token_kubeconfig(self.cp, self.node_dir(n) / "agent.kubeconfig",
+                                       installed.agent_account)
+            bootstrap.write_tls(self.node_dir(n) / "hubble-tls", installed.tls("server"))
             self._start_kubelet(n)
             self._start_dns(n)
             self._start_agent(n)
+        bootstrap.token_kubeconfig(self.cp, self.dir / "hubble-relay.kubeconfig",
+                                   installed.relay_account)
+        bootstrap.write_tls(self.dir / "hubble-relay-tls", installed.tls("relay"))
         self._start_hubble_relay()
         self.save()
 
@@ -251,12 +257,15 @@ class Lab:
 
     def _start_hubble_relay(self) -> None:
         """`mesh relay` on the lab's hubble-relay.sock, joining every node agent's Observer
-        API (what `mesh observe` and `hubble observe` ask by default in a lab)."""
+        API (what `mesh observe` and `hubble observe` ask by default in a lab) as the chart
+        deploys it: the agents found from the Nodes with the relay's own token, each asked
+        at its node's address with mutual TLS (the chart's certificates)."""
         proc = self._spawn("hubble-relay", [
             sys.executable, "-m", "mesh.cli", "relay",
             "--listen", f"unix://{self.dir / 'hubble-relay.sock'}",
-            *(f"--peer={n.name}=unix://{self.node_dir(n) / 'agent' / 'hubble.sock'}"
-              for n in self.nodes)], self.dir / "hubble-relay.log")
+            "--peers-from-kubernetes", "--kubeconfig", str(self.dir / "hubble-relay.kubeconfig"),
+            "--peer-port", str(HUBBLE_PORT), "--tls-dir", str(self.dir / "hubble-relay-tls")],
+            self.dir / "hubble-relay.log")
         self.state.hubble_relay = proc.pid
         self.save()
 
@@ -333,6 +342,8 @@ class Lab:
             "--datapath-cgroup", str(CGROUP_ROOT / self.name / n.name),
             "--datapath-underlay", "eth0", "--datapath-redirect", self.redirect,
             "--encryption", self.encryption,
+            "--hubble-listen-address", f"{n.underlay_ip}:{HUBBLE_PORT}",
+            "--hubble-tls-dir", str(self.node_dir(n) / "hubble-tls"),
             *(["--ipsec-keys", str(self.ipsec_keys())] if self.encryption == "ipsec" else []),
             # the pods' IPv6 range, were they dual-stack: never in the clear either
             *(["--encryption-strict-cidr", POD_IPV6_RANGE] if self.encryption != "none"
