@@ -21,6 +21,7 @@ import pytest
 
 from mesh.flows.store import FlowStore
 from mesh.hubble.api.observer import observer_pb2, observer_pb2_grpc
+from mesh.hubble.api.relay import relay_pb2
 from mesh.hubble.observer import Observer, ObserverServer, check_listen
 from mesh.hubble.relay import Relay
 from mesh.hubble.tls import CLIENT_NAME, SERVER_NAME, TLSFiles, peer_name
@@ -165,6 +166,33 @@ async def joins(tmp_path: Path) -> None:
             await relay.close()
 
 
+def test_a_following_stream_waits_for_a_node_that_is_down(tmp_path: Path) -> None:
+    asyncio.run(comes_up(tmp_path))
+
+
+async def comes_up(tmp_path: Path) -> None:
+    """A node whose agent is not up yet is reported unavailable once, asked again, and
+    followed once it answers (its new flows, not its old ones again)."""
+    ca = make_ca()
+    served = agent_files(tmp_path / "agent", ca)
+    nodes = {"node1": f"127.0.0.1:{free_port()}"}
+    relay = Relay(nodes, relay_files(tmp_path / "relay", ca))
+    stream = relay.flows(observer_pb2.GetFlowsRequest(number=5, follow=True))
+    try:
+        first = await asyncio.wait_for(anext(stream), 10)
+        assert first.node_status.state_change == relay_pb2.NODE_UNAVAILABLE
+        assert list(first.node_status.node_names) == ["node1"]
+        async with agents(served, nodes) as stores:  # l4(1) stored before it listens
+            up = await asyncio.wait_for(anext(stream), 10)
+            stores["node1"].add(replace(l4(60), node="node1"))
+            assert up.node_status.state_change == relay_pb2.NODE_CONNECTED, up
+            new = await asyncio.wait_for(anext(stream), 10)
+            assert new.flow.time.seconds == int(T0) + 60  # not l4(1) again
+    finally:
+        await stream.aclose()
+        await relay.close()
+
+
 # -- the relay against the real API server -------------------------------------------------
 
 def relay_kubeconfig(cp: ControlPlane, path: Path) -> Path:
@@ -247,7 +275,6 @@ async def discovery(cp: ControlPlane, tmp_path: Path) -> None:
                     await asyncio.sleep(0.2)
                 raise AssertionError(f"{what}: the relay saw {seen}")
 
-            from mesh.hubble.api.relay import relay_pb2
             seen = await until("node a", lambda s: "hubble-peer-a" in s)
             assert seen["hubble-peer-a"] == (f"127.5.16.1:{port}", relay_pb2.NODE_CONNECTED)
             # the Nodes of the other tests' (no agent there) are reported, not fatal

@@ -149,6 +149,9 @@ class ObserverServer:
 
         class Servicer(observer_pb2_grpc.ObserverServicer):
             async def GetFlows(self, request: Any, context: Any) -> AsyncIterator[Any]:
+                # At once, not with the first flow: a relay following this node knows
+                # it is connected although no flow comes for a while.
+                await context.send_initial_metadata(())
                 try:
                     async for r in outer.flows(request):
                         yield r

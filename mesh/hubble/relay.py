@@ -26,6 +26,7 @@ from mesh.store.objects import KubeObject
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT = 5.0  # seconds a unary call to a node may take
+FOLLOW_RETRY = 2.0  # seconds between tries of a node a following stream lost
 
 
 class Relay:
@@ -81,11 +82,14 @@ class Relay:
         await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _unavailable(self, names: list[str], error: str) -> Any:
+        return self._node_state(names, "NODE_UNAVAILABLE", error)
+
+    def _node_state(self, names: list[str], state: str, message: str) -> Any:
         from mesh.hubble.api.observer import observer_pb2
         from mesh.hubble.api.relay import relay_pb2
 
         out = observer_pb2.GetFlowsResponse(node_status=relay_pb2.NodeStatusEvent(
-            state_change=relay_pb2.NODE_UNAVAILABLE, node_names=names, message=error))
+            state_change=state, node_names=names, message=message))
         out.time.GetCurrentTime()
         return out
 
@@ -115,16 +119,36 @@ class Relay:
         errors: list[BaseException] = []
 
         async def pump(name: str, stub: Any) -> None:
-            try:
-                async for r in stub.GetFlows(request):
-                    await queue.put(r)
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    errors.append(e)
-                    await queue.put(None)
-                    return
-                if e.code() != grpc.StatusCode.CANCELLED:
-                    await queue.put(self._unavailable([name], e.details() or str(e.code())))
+            """A node's flows into the queue. A node that cannot be reached (or goes away:
+            its agent restarts) is reported once and asked again every FOLLOW_RETRY seconds,
+            then for its new flows only (its old ones were sent, or are not wanted)."""
+            asked, down = request, False
+            while True:
+                try:
+                    call = stub.GetFlows(asked)
+                    await call.initial_metadata()  # the node's agents send it at once
+                    if down and not call.done():
+                        await queue.put(self._node_state([name], "NODE_CONNECTED", ""))
+                        down = False
+                    async for r in call:
+                        await queue.put(r)
+                    error = "the node ended the stream"
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                        errors.append(e)
+                        await queue.put(None)
+                        return
+                    if e.code() == grpc.StatusCode.CANCELLED:
+                        return
+                    error = e.details() or str(e.code())
+                if not down:
+                    await queue.put(self._unavailable([name], error))
+                    down = True
+                await asyncio.sleep(FOLLOW_RETRY)
+                asked = type(request)()
+                asked.CopyFrom(request)
+                asked.number, asked.first = 0, False
+                asked.ClearField("since")
 
         pumps: dict[str, tuple[Any, asyncio.Task[None]]] = {}
 
