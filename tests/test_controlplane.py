@@ -255,6 +255,9 @@ def judge(cp: ControlPlane, spec_: dict[str, Any], name: str = "example") -> tup
 # The refused ones are valid but for that rule (CEL runs only on a value the schema takes).
 CEL_EXAMPLES: dict[tuple[str, int], tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
     (".spec", 0): ([VALID["retry-only"], VALID["round-robin"]], [INVALID["sets-nothing"][0]]),
+    (".spec", 1): ([VALID["l7-visibility"], VALID["l7-visibility-none"]],
+                   [INVALID["l7-visibility-on-a-route"][0],
+                    INVALID["l7-visibility-with-a-route"][0]]),
     (".spec.targetRefs", 0): (
         [VALID["every-target-kind"]],
         [SCHEMA_ONLY["duplicate-targets"][0],
