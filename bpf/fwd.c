@@ -105,7 +105,7 @@ static __always_inline void flow_count(__u32 i)
 
 static __always_inline void flow_send(struct ct4_key *k, struct flow_entry *e, __u8 type,
 				      __u8 verdict, struct flow_note *note, __u8 is_reply,
-				      __u8 tcp_flags, __u32 ifindex, struct lb4_xlate *xlate)
+				      __u8 tcp_flags, __u32 ifindex, struct lb4_reverse_nat *xlate)
 {
 	struct flow_event ev = { .time_ns = bpf_ktime_get_ns(), .key = *k, .type = type,
 				 .verdict = verdict, .reason = note->reason, .point = note->point,
@@ -127,10 +127,10 @@ static __always_inline void flow_send(struct ct4_key *k, struct flow_entry *e, _
 
 /* The frontend the socket load balancer translated a new connection from (lib/lb.h), taken
  * out of mesh_lb_xlate into `out`; 0 when it was not balanced at its socket. */
-static __always_inline int flow_xlate(struct ct4_key *k, struct lb4_xlate *out)
+static __always_inline int flow_xlate(struct ct4_key *k, struct lb4_reverse_nat *out)
 {
 	struct ct4_key found = *k;
-	struct lb4_xlate *x = mesh_lb_xlate.lookup(&found);
+	struct lb4_reverse_nat *x = mesh_lb_xlate.lookup(&found);
 	if (!x && k->proto == IPPROTO_UDP) {
 		found.saddr = 0;  /* a datagram socket bound to any address */
 		x = mesh_lb_xlate.lookup(&found);
@@ -206,7 +206,7 @@ static __always_inline void flow_observe(struct __sk_buff *skb, int action)
 			fresh.reason[0] = reason;
 		}
 		mesh_flows.update(&k, &fresh);
-		struct lb4_xlate xlate = {};
+		struct lb4_reverse_nat xlate = {};
 		int translated = !dir && flow_xlate(&k, &xlate);
 		flow_send(&k, &fresh, MESH_FLOW_NEW, verdict, note, dir, tcp_flags,
 			  skb->ingress_ifindex, translated ? &xlate : 0);

@@ -59,7 +59,7 @@ static __always_inline void lb4_xlate_udp(struct bpf_sock_addr *ctx, struct lb4_
 	k.sport = bpf_htons((__u16)sk->src_port);
 	k.dport = r->backend_port;
 	k.proto = IPPROTO_UDP;
-	struct lb4_xlate x = { .address = r->address, .port = r->port };
+	struct lb4_reverse_nat x = { .address = r->address, .port = r->port };
 	mesh_lb_xlate.update(&k, &x);
 }
 
@@ -121,7 +121,7 @@ int mesh_sockops(struct bpf_sock_ops *skops)
 	k.proto = IPPROTO_TCP;
 	if (k.daddr != r->backend_address || k.dport != r->backend_port)
 		return 1;  /* connected elsewhere since */
-	struct lb4_xlate x = { .address = r->address, .port = r->port };
+	struct lb4_reverse_nat x = { .address = r->address, .port = r->port };
 	mesh_lb_xlate.update(&k, &x);
 	return 1;
 }

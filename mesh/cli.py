@@ -35,7 +35,7 @@ def _host_port(value: str, option: str) -> tuple[str, int] | None:
 
 def _hubble_listen(value: str | None, tls: Path | None) -> str | None:
     from mesh.hubble.observer import check_listen
-    from mesh.hubble.tls import TLSFiles
+    from mesh.hubble.tls import TLSError, TLSFiles
 
     if value is None:
         if tls is not None:
@@ -46,12 +46,11 @@ def _hubble_listen(value: str | None, tls: Path | None) -> str | None:
         raise click.UsageError("--hubble-listen-address: HOST:PORT")
     host, port = parsed
     value = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 bracketed
-    from mesh.hubble.tls import TLSError
-
+    files = TLSFiles(tls) if tls is not None else None
     try:
-        check_listen(value, TLSFiles(tls) if tls is not None else None)
-        if tls is not None:
-            TLSFiles(tls).read()
+        check_listen(value, files)
+        if files is not None:
+            files.read()
     except ValueError as e:
         raise click.UsageError(f"--hubble-listen-address {e}") from None
     except TLSError as e:

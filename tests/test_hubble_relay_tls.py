@@ -26,6 +26,7 @@ from mesh.hubble.observer import Observer, ObserverServer, check_listen
 from mesh.hubble.relay import Relay
 from mesh.hubble.tls import CLIENT_NAME, SERVER_NAME, TLSFiles, peer_name
 from mesh.kube.rbac import relay_rules
+from mesh.lab.bootstrap import token_kubeconfig
 from mesh.lab.controlplane import ControlPlane, Issued, issue, make_ca, write_file
 from tests.test_hubble import T0, l4
 
@@ -211,15 +212,7 @@ def relay_kubeconfig(cp: ControlPlane, path: Path) -> Path:
          "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": "default"}]}]
     cp.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                       "items": manifest}))
-    token = cp.kubectl("create", "token", name, "-n", "default").stdout.strip()
-    config = {"apiVersion": "v1", "kind": "Config", "current-context": "relay",
-              "clusters": [{"name": "lab", "cluster": {
-                  "server": cp.server, "certificate-authority": str(cp.certs / "ca.crt")}}],
-              "users": [{"name": "relay", "user": {"token": token}}],
-              "contexts": [{"name": "relay", "context": {"cluster": "lab", "user": "relay"}}]}
-    path.touch(mode=0o600)
-    path.write_text(json.dumps(config))
-    return path
+    return token_kubeconfig(cp, path, name, namespace="default")
 
 
 def node(cp: ControlPlane, name: str, address: str) -> None:

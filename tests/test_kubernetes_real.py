@@ -17,6 +17,7 @@ import pytest
 
 from mesh.echo import EchoIdentity, EchoServer
 from mesh.kube.rbac import cluster_rules, namespace_rules
+from mesh.lab.bootstrap import token_kubeconfig
 from mesh.lab.controlplane import ControlPlane, gateway_api_crds
 from tests import manifests
 from tests.meshrun import ROOT, MeshRun
@@ -127,15 +128,7 @@ def agent_kubeconfig(cp: ControlPlane, path: Path, namespace: str = NAMESPACE) -
           {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
            "metadata": {"name": name, "namespace": namespace},
            "roleRef": {**role, "kind": "Role"}, "subjects": subject})
-    token = cp.kubectl("create", "token", "mesh-agent", "-n", namespace).stdout.strip()
-    config = {"apiVersion": "v1", "kind": "Config", "current-context": "agent",
-              "clusters": [{"name": "lab", "cluster": {
-                  "server": cp.server, "certificate-authority": str(cp.certs / "ca.crt")}}],
-              "users": [{"name": "agent", "user": {"token": token}}],
-              "contexts": [{"name": "agent", "context": {"cluster": "lab", "user": "agent"}}]}
-    path.touch(mode=0o600)
-    path.write_text(json.dumps(config))
-    return path
+    return token_kubeconfig(cp, path, "mesh-agent", namespace=namespace)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@
 #define MESH_FLOW_H
 
 #include "common.h"
-#include "ct.h"
 #include "nat.h"
 #include <uapi/linux/tcp.h>
 
@@ -58,7 +57,7 @@
 
 /* A connection is keyed by its initiator's tuple (its first packet's; a SYN-ACK seen first
  * is a reply, and keys its connection the other way round): a struct ct4_key, the tuple as
- * the wire carries it (lib/ct.h). */
+ * the wire carries it (lib/common.h). */
 
 struct flow_entry {
 	__u64 packets[2];    /* [0] initiator -> responder, [1] the replies */

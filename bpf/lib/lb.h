@@ -68,17 +68,6 @@ struct lb4_sock_rev {
 	__u16 pad;
 };
 
-/* A socket's translation, told to the flow tracking (flow.h): the frontend a connection was
- * balanced from, by the tuple its packets carry (client, backend). Written by the socket
- * load balancer once the socket's own port is known (TCP: sock_ops when connect() has
- * picked it; UDP: sendmsg(), the socket bound by then, its address 0 when bound to any),
- * taken (read and removed) by fwd.c at the connection's first packet. */
-struct lb4_xlate {
-	__be32 address;          /* the frontend */
-	__be16 port;
-	__u16 pad;
-};
-
 /* A Maglev service's lookup table: entry i is the backend of the flows hashing to i. The
  * agent computes it (the same backends give the same table on every node) and replaces it
  * whole with one map update, so a packet sees the old table or the new one, never a mix. */
@@ -99,9 +88,13 @@ BPF_TABLE_PINNED("hash", __u16, struct lb4_reverse_nat, mesh_rev_nat, MESH_LB_MA
 BPF_TABLE_PINNED("lru_hash", __u64, struct lb4_sock_rev, mesh_sock_rev, MESH_LB_MAX_SOCKETS,
 		 MESH_PINNED(mesh_sock_rev));
 
-/* Translations not yet seen by the flow tracking (LRU: one whose connection never showed, or
- * written while flow tracking is off, ages out). */
-BPF_TABLE_PINNED("lru_hash", struct ct4_key, struct lb4_xlate, mesh_lb_xlate,
+/* Sockets' translations, told to the flow tracking (flow.h): the frontend a connection was
+ * balanced from, by the tuple its packets carry (client, backend). Written by the socket
+ * load balancer once the socket's own port is known (TCP: sock_ops when connect() has
+ * picked it; UDP: sendmsg(), the socket bound by then, its address 0 when bound to any),
+ * taken (read and removed) by fwd.c at the connection's first packet. LRU: one whose
+ * connection never showed, or written while flow tracking is off, ages out. */
+BPF_TABLE_PINNED("lru_hash", struct ct4_key, struct lb4_reverse_nat, mesh_lb_xlate,
 		 MESH_LB_MAX_XLATE, MESH_PINNED(mesh_lb_xlate));
 
 /* Maglev tables by the frontend's reverse-NAT index (no prealloc: 64 KiB each, made only

@@ -63,11 +63,6 @@ class Lb4SockRev(ctypes.Structure):
                 ("backend_port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
-class Lb4Xlate(ctypes.Structure):
-    _fields_ = [("address", ctypes.c_uint32), ("port", ctypes.c_uint16),
-                ("pad", ctypes.c_uint16)]
-
-
 class Lb4Maglev(ctypes.Structure):
     _fields_ = [("backend_ids", ctypes.c_uint32 * MAGLEV_M)]
 
@@ -211,7 +206,7 @@ MAPS: dict[str, tuple[type[ctypes._SimpleCData] | type[ctypes.Structure],  # typ
     "mesh_rev_nat": (ctypes.c_uint16, Lb4ReverseNat),
     "mesh_sock_rev": (ctypes.c_uint64, Lb4SockRev),
     "mesh_maglev": (ctypes.c_uint16, Lb4Maglev),
-    "mesh_lb_xlate": (Ct4Key, Lb4Xlate),
+    "mesh_lb_xlate": (Ct4Key, Lb4ReverseNat),  # a frontend, by the balanced tuple
 }
 # ... and as endpoints.h and ct.h declare them (bpf/fwd.c)
 FWD_MAPS: dict[str, tuple[Any, type[ctypes.Structure] | Any]] = {

@@ -18,11 +18,12 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from typing import Any
 
-from mesh.hubble.observer import VERSION, check_listen, serve
+from mesh.hubble.observer import VERSION, serve
 from mesh.hubble.tls import TLSFiles, channel_credentials, peer_name
 from mesh.kube.resources import NODES
 from mesh.kube.watch import KindWatch
 from mesh.store.objects import KubeObject
+from mesh.translate.addressing import node_address_entries
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT = 5.0  # seconds a unary call to a node may take
@@ -248,7 +249,6 @@ class RelayServer:
     loopback with mutual TLS only, `tls`)."""
 
     def __init__(self, listen: str, relay: Relay, tls: TLSFiles | None = None) -> None:
-        check_listen(listen, tls)
         self.listen = listen
         self.relay = relay
         self.tls = tls
@@ -285,13 +285,11 @@ class RelayServer:
             await relay.close()
 
 
-def node_address(node: Mapping[str, Any], port: int) -> str | None:
+def node_address(node: KubeObject, port: int) -> str | None:
     """A Node's agent's Observer API: its InternalIP (else ExternalIP) and `port`."""
-    addresses = [a for a in (node.get("status") or {}).get("addresses") or []
-                 if isinstance(a, Mapping)]
+    entries = node_address_entries(node)
     for kind in ("InternalIP", "ExternalIP"):
-        found = next((str(a.get("address")) for a in addresses
-                      if a.get("type") == kind and a.get("address")), None)
+        found = next((a for t, a in entries if t == kind), None)
         if found is not None:
             return f"[{found}]:{port}" if ":" in found else f"{found}:{port}"
     return None
@@ -309,7 +307,7 @@ class NodePeers:
     def replace(self, source: str, objects: Iterable[KubeObject]) -> bool:
         peers = {}
         for obj in objects:
-            address = node_address(obj.body, self.port)
+            address = node_address(obj, self.port)
             if address is not None:
                 peers[obj.name] = address
         self.relay.set_peers(peers)

@@ -61,7 +61,7 @@ def address_order(a: str) -> tuple[int, Any]:
     return ip.version, ip
 
 
-def _node_address_entries(node: KubeObject) -> list[tuple[Any, str]]:
+def node_address_entries(node: KubeObject) -> list[tuple[Any, str]]:
     """A Node's status.addresses as (type, address), entries of the wrong shape left out."""
     status = node.body.get("status")
     entries = status.get("addresses") if isinstance(status, Mapping) else None
@@ -71,7 +71,7 @@ def _node_address_entries(node: KubeObject) -> list[tuple[Any, str]]:
 
 def reachable_addresses(node: KubeObject) -> list[str]:
     """The addresses a Node is reached at (InternalIP, ExternalIP: not its Hostname)."""
-    return [a for t, a in _node_address_entries(node) if t in ("InternalIP", "ExternalIP")]
+    return [a for t, a in node_address_entries(node) if t in ("InternalIP", "ExternalIP")]
 
 
 def node_addresses(snapshot: StoreSnapshot, node_name: str | None) -> frozenset[str] | None:
@@ -80,4 +80,4 @@ def node_addresses(snapshot: StoreSnapshot, node_name: str | None) -> frozenset[
     node = snapshot.get(kinds.NODE, "", node_name) if node_name else None
     if node is None:
         return None
-    return frozenset(a for _, a in _node_address_entries(node))
+    return frozenset(a for _, a in node_address_entries(node))

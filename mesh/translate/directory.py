@@ -56,11 +56,9 @@ def translate_directory(snapshot: StoreSnapshot) -> ir.Directory:
                 services.append(ir.DirectoryService(ip, svc.namespace, svc.name))
     nodes = set()
     for node in snapshot.of_kind(kinds.NODE):
-        status = node.body.get("status")
-        for a in (status.get("addresses") if isinstance(status, Mapping) else None) or []:
-            if isinstance(a, Mapping) and a.get("type") in ("InternalIP", "ExternalIP") and \
-                    isinstance(a.get("address"), str) and model.is_ip(a["address"]):
-                nodes.add(ir.DirectoryNode(a["address"], node.name))
+        for address in addressing.reachable_addresses(node):
+            if model.is_ip(address):
+                nodes.add(ir.DirectoryNode(address, node.name))
     return ir.Directory(
         tuple(sorted(pods, key=lambda p: (addressing.address_order(p.address), p.namespace,
                                           p.name))),
